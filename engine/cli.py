@@ -1,0 +1,63 @@
+"""The ``fiona`` command line: a thin shell over the engine's functions.
+
+Each sub-command imports its implementation lazily so ``fiona validate`` does not pay for
+pynetdicom and ``fiona serve`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine import __version__
+
+
+def _add_site_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="site config file (YAML or JSON)")
+    p.add_argument("--projects", type=Path, help="folder of project files (default: projects/)")
+    p.add_argument("--data", type=Path, help="data folder: archive, quarantine, index (default: var/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fiona", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fiona {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the DICOM receiver (Storage SCP) and the engine")
+    _add_site_args(serve)
+    serve.add_argument("--port", type=int, help="TCP port to listen on (default 11112)")
+    serve.add_argument("--ae-title", help="our AE title (default FIONA)")
+    serve.add_argument("--bind", help="address to bind (default 0.0.0.0)")
+
+    validate = sub.add_parser("validate", help="check config files; exit 1 on any error")
+    validate.add_argument("paths", nargs="*", type=Path, help="project files or folders")
+    validate.add_argument("--config", type=Path, help="site config file to check as well")
+    validate.add_argument("--projects", type=Path, help="folder of project files")
+
+    ingest = sub.add_parser("ingest", help="import DICOM files from folders (a CD, a USB copy)")
+    _add_site_args(ingest)
+    ingest.add_argument("paths", nargs="+", type=Path, help="files or folders, read recursively")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "validate":
+        from engine.config.validate import run_validate
+
+        return run_validate(args.paths, site_path=args.config, projects_dir=args.projects)
+    if args.command == "serve":
+        from engine.service import run_serve
+
+        return run_serve(args)
+    if args.command == "ingest":
+        from engine.ingest import run_ingest
+
+        return run_ingest(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

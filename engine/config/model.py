@@ -1,0 +1,105 @@
+"""Typed, frozen configuration objects.
+
+The JSON Schemas in ``schemas/`` are the one description of what a config file may say; these
+dataclasses are what the rest of the engine reads after a file has passed its schema. They are
+built only by :mod:`engine.config.loader`, which applies the schema defaults first, so every field
+here has a value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class DuplicatePolicy(str, Enum):
+    """What to do when a SOP Instance UID arrives again with different bytes.
+
+    Identical bytes are always a no-op; this policy only decides the conflicting case.
+    """
+
+    KEEP_FIRST = "keep_first"
+    REPLACE = "replace"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Optional TLS for the Storage SCP (PEM files)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits the receiver enforces before acknowledging an instance.
+
+    ``min_free_disk_mb``: below this many MiB free in the data dir, C-STORE answers 0xA700.
+    ``max_instance_mb``: a larger dataset is refused with 0xA700 (protects the spool).
+    """
+
+    min_free_disk_mb: int = 1024
+    max_instance_mb: int = 4096
+    max_associations: int = 32
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Network timeouts in seconds (pynetdicom's ACSE, DIMSE and network timeouts)."""
+
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 120.0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
+
+    ``allowed_calling_aes``: empty means every calling AE title is accepted.
+    ``max_pdu``: the maximum PDU length (bytes) advertised to peers; 0 means unlimited.
+    ``index_url``: ``sqlite:///PATH`` or empty for ``<data_dir>/index.sqlite``.
+    """
+
+    source: Path | None = None
+    ae_title: str = "FIONA"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("var")
+    projects_dir: Path = Path("projects")
+    index_url: str = ""
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_pdu: int = 0
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    log_level: str = "INFO"
+
+    @property
+    def index_path(self) -> Path:
+        """Path of the SQLite index file resolved from ``index_url`` and ``data_dir``."""
+        prefix = "sqlite:///"
+        if self.index_url.startswith(prefix):
+            return Path(self.index_url[len(prefix) :])
+        return self.data_dir / "index.sqlite"
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """One research project, read from one file in ``projects/``.
+
+    ``raw`` keeps the validated document (defaults applied) so later layers (rules, pipeline,
+    destinations) can read their own sections without this class knowing their shape.
+    """
+
+    name: str
+    source: Path
+    description: str = ""
+    enabled: bool = True
+    raw: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
