@@ -16,7 +16,9 @@ from engine import __version__
 def _add_site_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="site config file (YAML or JSON)")
     p.add_argument("--projects", type=Path, help="folder of project files (default: projects/)")
-    p.add_argument("--data", type=Path, help="data folder: archive, quarantine, index (default: var/)")
+    p.add_argument(
+        "--data", type=Path, help="data folder: archive, quarantine, index (default: var/)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         from engine.config.validate import run_validate
 
-        return run_validate(args.paths, site_path=args.config, projects_dir=args.projects)
+        return int(run_validate(args.paths, site_path=args.config, projects_dir=args.projects))
     if args.command == "serve":
         from engine.service import run_serve
 

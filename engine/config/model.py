@@ -9,11 +9,11 @@ here has a value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 
-class DuplicatePolicy(str, Enum):
+class DuplicatePolicy(StrEnum):
     """What to do when a SOP Instance UID arrives again with different bytes.
 
     Identical bytes are always a no-op; this policy only decides the conflicting case.

@@ -1,0 +1,152 @@
+"""``fiona serve``: load config, open the store, start the SCP and the scheduled jobs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config.model import ProjectConfig, SiteConfig
+from engine.store.archive import Archive
+from engine.store.index import SqliteIndex, open_index
+
+log = logging.getLogger("fiona")
+
+
+def site_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """CLI flags that override the site config (validated with it)."""
+    mapping = {
+        "port": "port",
+        "ae_title": "ae_title",
+        "data": "data_dir",
+        "projects": "projects_dir",
+        "bind": "bind_address",
+    }
+    out: dict[str, object] = {}
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO/DEBUG; its warnings and errors are what operators need.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@dataclass
+class Store:
+    """The open storage layer: index plus archive."""
+
+    site: SiteConfig
+    index: SqliteIndex
+    archive: Archive
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def open_store(site: SiteConfig) -> Store:
+    """Open the index and the archive in the site's data dir."""
+    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    archive = Archive(
+        site.data_dir,
+        index,
+        duplicate_policy=site.duplicate_policy,
+        min_free_disk_mb=site.limits.min_free_disk_mb,
+        max_instance_mb=site.limits.max_instance_mb,
+    )
+    return Store(site, index, archive)
+
+
+def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
+    """The site config with CLI overrides, or None after printing every problem."""
+    from engine.config.loader import ConfigError, load_site
+
+    try:
+        return load_site(getattr(args, "config", None), site_overrides(args))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        print("fiona: the site config is invalid; not starting", file=sys.stderr)
+        return None
+
+
+def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
+    """Valid, enabled projects; each invalid one is logged with its reasons and left out."""
+    from engine.config.loader import load_projects
+
+    projects, issues = load_projects(site.projects_dir)
+    for issue in issues:
+        log.error("project disabled: %s", issue)
+    enabled = [p for p in projects if p.enabled]
+    log.info("projects: %s", ", ".join(p.name for p in enabled) or "(none)")
+    return enabled
+
+
+def _start_jobs(store: Store) -> Any:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from engine.store.summary import write_pending_summaries
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(
+        write_pending_summaries,
+        "interval",
+        seconds=2,
+        args=(store.index, store.site.data_dir, 2.0),
+        id="series-summaries",
+        name="write series summaries",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.start()
+    return scheduler
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    site = load_site_or_exit(args)
+    if site is None:
+        return 2
+    setup_logging(site.log_level)
+    from engine.net.scp import start_scp
+
+    load_enabled_projects(site)
+    store = open_store(site)
+    try:
+        server, _handlers = start_scp(site, store.archive)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
+        store.close()
+        return 1
+    scheduler = _start_jobs(store)
+    log.info(
+        "fiona serving AE %s on %s:%d, data in %s",
+        site.ae_title,
+        site.bind_address,
+        site.port,
+        site.data_dir.resolve(),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    scheduler.shutdown(wait=True)
+    from engine.store.summary import write_pending_summaries
+
+    write_pending_summaries(store.index, site.data_dir, 0.0)
+    store.close()
+    return 0

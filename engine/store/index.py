@@ -1,0 +1,431 @@
+"""The index of everything received: SQLite (stdlib, WAL) behind one small interface.
+
+Callers use :class:`Index` only, so a PostgreSQL implementation can be added behind
+:func:`open_index` without touching them. Schema changes are numbered SQL files in
+``migrations/``, applied in order and recorded in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.dicom.header import InstanceHeader
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from: the association's AE titles and peer, or a local ingest."""
+
+    via: str  # 'dimse' or 'ingest'
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer_ip: str = ""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An indexed instance: where its file is (relative to the data dir) and its checksum."""
+
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What adding an instance created: a new study or series gets its views and summary."""
+
+    new_study: bool
+    new_series: bool
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """One quarantined item (bytes at ``path``, reason code and detail beside it)."""
+
+    qid: str
+    reason: str
+    detail: str
+    path: str
+    size: int
+    sha256: str
+    received_at: float
+    origin: Origin
+    sop_instance_uid: str | None = None
+    study_uid: str | None = None
+
+
+class Index(Protocol):
+    """The storage interface the rest of the engine uses."""
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None: ...
+
+    def add_instance(
+        self, header: InstanceHeader, path: str, size: int, origin: Origin
+    ) -> AddResult: ...
+
+    def replace_instance(
+        self, header: InstanceHeader, path: str, size: int, origin: Origin
+    ) -> None: ...
+
+    def record_duplicate(
+        self, sop_instance_uid: str, identical: bool, action: str, origin: Origin
+    ) -> None: ...
+
+    def add_quarantine(self, record: QuarantineRecord) -> None: ...
+
+    def series_needing_summary(self, quiet_seconds: float) -> list[str]: ...
+
+    def series_for_summary(self, series_uid: str) -> dict[str, Any]: ...
+
+    def mark_summary_written(self, series_uid: str, at: float) -> None: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+MIGRATIONS_PACKAGE = "engine.store.migrations"
+
+
+def _migrations() -> list[tuple[int, str]]:
+    files = resources.files(MIGRATIONS_PACKAGE)
+    found = []
+    for entry in files.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class SqliteIndex:
+    """:class:`Index` on one SQLite file in WAL mode, committing with ``synchronous=FULL``.
+
+    One connection is shared by all receiver threads under a lock: SQLite serialises writers
+    anyway, and a single connection keeps the commit path short.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=10.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk when it returns, so a C-STORE Success is never premature.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            current = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for version, sql in _migrations():
+                if version <= current:
+                    continue
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _split_sql(sql):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version={version}")
+                    self._db.execute("COMMIT")
+                except Exception:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT i.sop_instance_uid, st.study_uid, se.series_uid, i.path, i.size"
+                " FROM instances i JOIN series se ON se.id = i.series_ref"
+                " JOIN studies st ON st.id = se.study_ref WHERE i.sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        return StoredInstance(*row) if row else None
+
+    def _patient_ref(self, h: InstanceHeader) -> int:
+        key = (h.patient_id, h.patient_name, h.birth_date)
+        row = self._db.execute(
+            "SELECT id FROM patients WHERE patient_id=? AND patient_name=? AND birth_date=?", key
+        ).fetchone()
+        if row:
+            return int(row[0])
+        cur = self._db.execute(
+            "INSERT INTO patients(patient_id, patient_name, birth_date, sex) VALUES (?,?,?,?)",
+            (*key, h.sex),
+        )
+        return int(cur.lastrowid or 0)
+
+    def _study_ref(self, h: InstanceHeader, now: float) -> tuple[int, bool]:
+        row = self._db.execute(
+            "SELECT id FROM studies WHERE study_uid=?", (h.study_uid,)
+        ).fetchone()
+        if row:
+            self._db.execute(
+                "UPDATE studies SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
+                (now, row[0]),
+            )
+            return int(row[0]), False
+        cur = self._db.execute(
+            "INSERT INTO studies(study_uid, patient_ref, study_date, study_time, accession_number,"
+            " description, first_received_at, last_received_at, n_instances)"
+            " VALUES (?,?,?,?,?,?,?,?,1)",
+            (
+                h.study_uid,
+                self._patient_ref(h),
+                h.study_date,
+                h.study_time,
+                h.accession_number,
+                h.study_description,
+                now,
+                now,
+            ),
+        )
+        return int(cur.lastrowid or 0), True
+
+    def _series_ref(self, h: InstanceHeader, study_ref: int, now: float) -> tuple[int, bool]:
+        row = self._db.execute(
+            "SELECT id FROM series WHERE series_uid=?", (h.series_uid,)
+        ).fetchone()
+        if row:
+            self._db.execute(
+                "UPDATE series SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
+                (now, row[0]),
+            )
+            return int(row[0]), False
+        cur = self._db.execute(
+            "INSERT INTO series(series_uid, study_ref, modality, series_number, description,"
+            " first_received_at, last_received_at, n_instances) VALUES (?,?,?,?,?,?,?,1)",
+            (h.series_uid, study_ref, h.modality, h.series_number, h.series_description, now, now),
+        )
+        return int(cur.lastrowid or 0), True
+
+    def add_instance(
+        self, header: InstanceHeader, path: str, size: int, origin: Origin
+    ) -> AddResult:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                study_ref, new_study = self._study_ref(header, now)
+                series_ref, new_series = self._series_ref(header, study_ref, now)
+                self._db.execute(
+                    "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_ref,"
+                    " instance_number, transfer_syntax, path, size, received_at,"
+                    " calling_ae, called_ae, peer_ip, via, attrs)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        header.sop_instance_uid,
+                        header.sop_class_uid,
+                        series_ref,
+                        header.instance_number,
+                        header.transfer_syntax_uid,
+                        path,
+                        size,
+                        now,
+                        origin.calling_ae,
+                        origin.called_ae,
+                        origin.peer_ip,
+                        origin.via,
+                        json.dumps(header.attrs, separators=(",", ":")),
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return AddResult(new_study=new_study, new_series=new_series)
+
+    def replace_instance(
+        self, header: InstanceHeader, path: str, size: int, origin: Origin
+    ) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "UPDATE instances SET sop_class_uid=?, instance_number=?, transfer_syntax=?,"
+                " path=?, size=?, received_at=?, calling_ae=?, called_ae=?, peer_ip=?,"
+                " via=?, attrs=? WHERE sop_instance_uid=?",
+                (
+                    header.sop_class_uid,
+                    header.instance_number,
+                    header.transfer_syntax_uid,
+                    path,
+                    size,
+                    now,
+                    origin.calling_ae,
+                    origin.called_ae,
+                    origin.peer_ip,
+                    origin.via,
+                    json.dumps(header.attrs, separators=(",", ":")),
+                    header.sop_instance_uid,
+                ),
+            )
+            self._db.execute(
+                "UPDATE series SET last_received_at=?, summary_written_at=NULL WHERE series_uid=?",
+                (now, header.series_uid),
+            )
+
+    def record_duplicate(
+        self, sop_instance_uid: str, identical: bool, action: str, origin: Origin
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO duplicates(sop_instance_uid, identical, action, received_at,"
+                " calling_ae, peer_ip) VALUES (?,?,?,?,?,?)",
+                (
+                    sop_instance_uid,
+                    int(identical),
+                    action,
+                    time.time(),
+                    origin.calling_ae,
+                    origin.peer_ip,
+                ),
+            )
+
+    def add_quarantine(self, record: QuarantineRecord) -> None:
+        r, o = record, record.origin
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO quarantine(qid, reason, detail, path, size, sha256, received_at,"
+                " calling_ae, called_ae, peer_ip, via, sop_instance_uid, study_uid)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    r.qid,
+                    r.reason,
+                    r.detail,
+                    r.path,
+                    r.size,
+                    r.sha256,
+                    r.received_at,
+                    o.calling_ae,
+                    o.called_ae,
+                    o.peer_ip,
+                    o.via,
+                    r.sop_instance_uid,
+                    r.study_uid,
+                ),
+            )
+
+    def list_quarantine(self) -> list[QuarantineRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT qid, reason, detail, path, size, sha256, received_at, via, calling_ae,"
+                " called_ae, peer_ip, sop_instance_uid, study_uid FROM quarantine ORDER BY id"
+            ).fetchall()
+        return [
+            QuarantineRecord(q, r, d, p, s, h, t, Origin(v, ca, cd, ip), sop, st)
+            for q, r, d, p, s, h, t, v, ca, cd, ip, sop, st in rows
+        ]
+
+    def series_needing_summary(self, quiet_seconds: float) -> list[str]:
+        """Series whose JSON is missing or older than their last instance, quiet for a while."""
+        cutoff = time.time() - quiet_seconds
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT series_uid FROM series WHERE last_received_at <= ? AND"
+                " (summary_written_at IS NULL OR summary_written_at < last_received_at)",
+                (cutoff,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def series_for_summary(self, series_uid: str) -> dict[str, Any]:
+        """Study, patient and series fields plus every instance's ``attrs`` of one series."""
+        with self._lock:
+            head = self._db.execute(
+                "SELECT se.id, se.series_uid, se.modality, se.series_number, se.description,"
+                " se.first_received_at, se.last_received_at, st.study_uid, st.study_date,"
+                " st.study_time, st.accession_number, st.description, p.patient_id,"
+                " p.patient_name, p.birth_date, p.sex"
+                " FROM series se JOIN studies st ON st.id = se.study_ref"
+                " JOIN patients p ON p.id = st.patient_ref WHERE se.series_uid = ?",
+                (series_uid,),
+            ).fetchone()
+            if head is None:
+                raise KeyError(series_uid)
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, instance_number, transfer_syntax, size,"
+                " calling_ae, called_ae, peer_ip, attrs FROM instances WHERE series_ref = ?"
+                " ORDER BY instance_number, id",
+                (head[0],),
+            ).fetchall()
+        keys = (
+            "series_uid",
+            "modality",
+            "series_number",
+            "series_description",
+            "first_received_at",
+            "last_received_at",
+            "study_uid",
+            "study_date",
+            "study_time",
+            "accession_number",
+            "study_description",
+            "patient_id",
+            "patient_name",
+            "birth_date",
+            "sex",
+        )
+        out: dict[str, Any] = dict(zip(keys, head[1:], strict=True))
+        out["instances"] = [
+            {
+                "sop_instance_uid": r[0],
+                "sop_class_uid": r[1],
+                "instance_number": r[2],
+                "transfer_syntax": r[3],
+                "size": r[4],
+                "calling_ae": r[5],
+                "called_ae": r[6],
+                "peer_ip": r[7],
+                "attrs": json.loads(r[8]),
+            }
+            for r in rows
+        ]
+        return out
+
+    def mark_summary_written(self, series_uid: str, at: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE series SET summary_written_at=? WHERE series_uid=?", (at, series_uid)
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                table: int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("patients", "studies", "series", "instances", "quarantine")
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (they contain no semicolons inside literals)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def open_index(url: str, default_path: Path) -> SqliteIndex:
+    """Open the index named by ``url`` (``sqlite:///PATH``; empty means ``default_path``)."""
+    if url and not url.startswith("sqlite:///"):
+        raise ValueError(
+            f"unsupported index URL scheme in {url.split(':', 1)[0]!r}; use sqlite:///"
+        )
+    path = Path(url[len("sqlite:///") :]) if url else default_path
+    return SqliteIndex(path)

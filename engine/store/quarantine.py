@@ -1,0 +1,80 @@
+"""The quarantine: whatever fails a policy is kept here with a machine-readable reason.
+
+Each item is two files in ``quarantine/<YYYYMMDD>/``: the bytes as received (``<qid>.dcm``) and
+``<qid>.json`` with the reason code, a detail that quotes no header value, and the origin. Both are
+written durably and the item is indexed before the sender gets its answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from enum import StrEnum
+from pathlib import Path
+
+from engine.store.fsio import write_durable
+from engine.store.index import Index, Origin, QuarantineRecord
+
+
+class Reason(StrEnum):
+    """Quarantine reason codes (the fixed, documented set; later layers add theirs here)."""
+
+    UNPARSEABLE = "unparseable"  # not DICOM, truncated, or a header that cannot be decoded
+    INVALID_UID = "invalid_uid"  # a required UID is missing or not digits-and-dots <= 64
+    DUPLICATE_CONFLICT = "duplicate_conflict"  # same SOP Instance UID, different bytes
+
+
+class Quarantine:
+    """Writes quarantined items under ``<data_dir>/quarantine`` and indexes them."""
+
+    def __init__(self, data_dir: Path, index: Index) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "quarantine"
+        self.index = index
+
+    def put(
+        self,
+        data: bytes,
+        reason: Reason,
+        detail: str,
+        origin: Origin,
+        *,
+        sop_instance_uid: str | None = None,
+        study_uid: str | None = None,
+    ) -> QuarantineRecord:
+        now = time.time()
+        qid = uuid.uuid4().hex
+        folder = self.root / time.strftime("%Y%m%d", time.gmtime(now))
+        bytes_path = folder / f"{qid}.dcm"
+        record = QuarantineRecord(
+            qid=qid,
+            reason=reason.value,
+            detail=detail,
+            path=str(bytes_path.relative_to(self.data_dir)),
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            received_at=now,
+            origin=origin,
+            sop_instance_uid=sop_instance_uid,
+            study_uid=study_uid,
+        )
+        write_durable(bytes_path, data)
+        sidecar = {
+            "qid": qid,
+            "reason": record.reason,
+            "detail": detail,
+            "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "size": record.size,
+            "sha256": record.sha256,
+            "via": origin.via,
+            "calling_ae": origin.calling_ae,
+            "called_ae": origin.called_ae,
+            "peer_ip": origin.peer_ip,
+            "sop_instance_uid": sop_instance_uid,
+            "study_uid": study_uid,
+        }
+        write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
+        self.index.add_quarantine(record)
+        return record
