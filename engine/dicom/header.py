@@ -6,6 +6,7 @@ Parsing stops before the pixel data, so its cost does not grow with image size.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,16 +126,87 @@ def _summary_attrs(ds: Dataset) -> dict[str, Any]:
     return attrs
 
 
+#: VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_UNDEFINED = 0xFFFFFFFF
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _skip_undefined(data: bytes, pos: int, little: bool) -> int:
+    """Position after the items and Sequence Delimitation Item that start at ``pos``."""
+    fmt = "<HHL" if little else ">HHL"
+    while True:
+        if pos + 8 > len(data):
+            raise HeaderError("unparseable", "file ends inside an undefined-length element")
+        group, elem, length = struct.unpack_from(fmt, data, pos)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise HeaderError("unparseable", "malformed item in an undefined-length element")
+        if length == _UNDEFINED:
+            # A nested undefined-length item (only in rare trailing sequences such as Digital
+            # Signatures): its end cannot be found without a full parse; the pixel data,
+            # which is what truncation cuts, came before it.
+            return len(data)
+        else:
+            pos += length
+
+
+def check_complete(data: bytes, pos: int, implicit: bool, little: bool) -> None:
+    """Raise :class:`HeaderError` if the top-level elements from ``pos`` do not fit in ``data``.
+
+    The header parse stops before the pixel data, so a file cut inside its pixels would look
+    whole; walking the remaining elements' declared lengths catches that without reading them.
+    """
+    end = len(data)
+    fmt_tag = "<HH" if little else ">HH"
+    while pos < end:
+        if pos + 8 > end:
+            raise HeaderError("unparseable", "file ends inside an element header")
+        group, elem = struct.unpack_from(fmt_tag, data, pos)
+        vr = data[pos + 4 : pos + 6]
+        if group == 0xFFFE or implicit:
+            length = struct.unpack_from("<L" if little else ">L", data, pos + 4)[0]
+            pos += 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise HeaderError("unparseable", "file ends inside an element header")
+            length = struct.unpack_from("<L" if little else ">L", data, pos + 8)[0]
+            pos += 12
+        else:
+            length = struct.unpack_from("<H" if little else ">H", data, pos + 6)[0]
+            pos += 8
+        if length == _UNDEFINED:
+            pos = _skip_undefined(data, pos, little)
+        elif pos + length > end:
+            raise HeaderError(
+                "unparseable",
+                f"truncated: element ({group:04X},{elem:04X}) needs {length} bytes,"
+                f" {end - pos} remain",
+            )
+        else:
+            pos += length
+
+
 def read_dataset(data: bytes) -> Dataset:
-    """Parse a Part 10 file (preamble, meta, dataset) up to the pixel data."""
+    """Parse a Part 10 file (preamble, meta, dataset) up to the pixel data; check the rest fits."""
+    fp = io.BytesIO(data)
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
     except InvalidDicomError as exc:
         raise HeaderError("unparseable", "not a DICOM Part 10 file (no DICM prefix)") from exc
     except Exception as exc:
         raise HeaderError(
             "unparseable", f"header could not be parsed: {type(exc).__name__}"
         ) from exc
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise HeaderError("unparseable", "file meta has no Transfer Syntax UID")
+    if str(meta.TransferSyntaxUID) != _DEFLATED:
+        implicit, little = ds.original_encoding
+        check_complete(data, fp.tell(), bool(implicit), bool(little))
+    return ds
 
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:

@@ -114,12 +114,12 @@ class SqliteIndex:
     anyway, and a single connection keeps the commit path short.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
-            str(path), check_same_thread=False, isolation_level=None, timeout=10.0
+            str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk when it returns, so a C-STORE Success is never premature.

@@ -1,0 +1,46 @@
+"""Shared fixtures: real peers, a running `fiona serve`, synthetic studies."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import FionaServer, PeerMissing, dcmtk
+
+
+def need_peer(name: str) -> str:
+    """dcmtk's ``name``; skips locally when missing, fails under CI (CI=true)."""
+    try:
+        return dcmtk(name)
+    except PeerMissing as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def storescu() -> str:
+    return need_peer("storescu")
+
+
+@pytest.fixture
+def echoscu() -> str:
+    return need_peer("echoscu")
+
+
+@pytest.fixture
+def empty_projects(tmp_path: Path) -> Path:
+    folder = tmp_path / "projects"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def fiona(tmp_path: Path, empty_projects: Path) -> Iterator[FionaServer]:
+    """`fiona serve` on a free loopback port with a fresh data folder."""
+    server = FionaServer(data_dir=tmp_path / "data", projects_dir=empty_projects).start()
+    yield server
+    server.stop()

@@ -1,0 +1,112 @@
+"""Real peers for tests and benchmarks: dcmtk binaries, free ports, a ``fiona serve`` process.
+
+pynetdicom installs Python apps named ``storescu``/``echoscu``/``storescp`` that can shadow
+dcmtk's on PATH (pyenv shims do), so dcmtk is looked up by asking each candidate its version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PeerMissing(RuntimeError):
+    """A required external peer (a dcmtk binary) is not installed."""
+
+
+def dcmtk(name: str) -> str:
+    """Absolute path of dcmtk's ``name`` (storescu, echoscu, storescp, dcmdump...)."""
+    candidates = [f"/usr/bin/{name}", f"/usr/local/bin/{name}"]
+    found = shutil.which(name)
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        if not os.access(path, os.X_OK):
+            continue
+        try:
+            out = subprocess.run(
+                [path, "--version"], capture_output=True, text=True, timeout=10
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in out.lower():
+            return path
+    raise PeerMissing(f"dcmtk's {name} is not installed (Debian: apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def nodelay_env() -> dict[str, str]:
+    """Environment for dcmtk tools with Nagle off (dcmtk reads TCP_NODELAY)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class FionaServer:
+    """``fiona serve`` as a subprocess on a free loopback port, logging to a file."""
+
+    data_dir: Path
+    projects_dir: Path
+    port: int = field(default_factory=free_port)
+    ae_title: str = "FIONA"
+    config: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> FionaServer:
+        args = [
+            sys.executable, "-m", "engine.cli", "serve",
+            "--data", str(self.data_dir), "--projects", str(self.projects_dir),
+            "--port", str(self.port), "--ae-title", self.ae_title, "--bind", "127.0.0.1",
+        ]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
