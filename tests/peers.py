@@ -110,3 +110,55 @@ class FionaServer:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def send_raw_c_store(
+    port: int,
+    dataset_bytes: bytes,
+    *,
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.4",
+    sop_instance: str = "1.2.826.0.1.3680043.8.498.1",
+    transfer_syntax: str = "1.2.840.10008.1.2.1",
+    calling_ae: str = "RAWSCU",
+    called_ae: str = "FIONA",
+) -> int:
+    """Send ``dataset_bytes`` as they are in one C-STORE; return the response status.
+
+    dcmtk's storescu refuses to send files it cannot parse, so bad input reaches the receiver
+    through this pynetdicom client instead: a real association over a real socket, with the
+    dataset bytes put on the wire unexamined.
+    """
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(sop_class, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError("association was not accepted")
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.Priority = 2
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.DataSet = BytesIO(dataset_bytes)
+        context = assoc.accepted_contexts[0]
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        if rsp is None:
+            raise ConnectionError("no C-STORE response")
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def dataset_part(file_bytes: bytes) -> bytes:
+    """The bytes of a Part 10 file after its preamble and file meta group."""
+    if file_bytes[128:132] != b"DICM":
+        raise ValueError("not a Part 10 file")
+    # (0002,0000) File Meta Information Group Length: explicit VR LE 'UL', value at 140.
+    group_length = int.from_bytes(file_bytes[140:144], "little")
+    return file_bytes[144 + group_length :]

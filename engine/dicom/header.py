@@ -132,61 +132,117 @@ _UNDEFINED = 0xFFFFFFFF
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def _skip_undefined(data: bytes, pos: int, little: bool) -> int:
-    """Position after the items and Sequence Delimitation Item that start at ``pos``."""
-    fmt = "<HHL" if little else ">HHL"
-    while True:
-        if pos + 8 > len(data):
-            raise HeaderError("unparseable", "file ends inside an undefined-length element")
-        group, elem, length = struct.unpack_from(fmt, data, pos)
-        pos += 8
-        if (group, elem) == (0xFFFE, 0xE0DD):
-            return pos
-        if (group, elem) != (0xFFFE, 0xE000):
-            raise HeaderError("unparseable", "malformed item in an undefined-length element")
-        if length == _UNDEFINED:
-            # A nested undefined-length item (only in rare trailing sequences such as Digital
-            # Signatures): its end cannot be found without a full parse; the pixel data,
-            # which is what truncation cuts, came before it.
-            return len(data)
-        else:
-            pos += length
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data (stop_before_pixels stops at any).
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQ_END = (0xFFFE, 0xE0DD)
 
 
-def check_complete(data: bytes, pos: int, implicit: bool, little: bool) -> None:
-    """Raise :class:`HeaderError` if the top-level elements from ``pos`` do not fit in ``data``.
+class _Walker:
+    """Walks element headers and declared lengths without decoding any value.
 
-    The header parse stops before the pixel data, so a file cut inside its pixels would look
-    whole; walking the remaining elements' declared lengths catches that without reading them.
+    pydicom reads a file cut short inside a value or header as a shorter dataset without
+    complaint; walking every declared length to the end of the bytes is what tells a whole file
+    from a truncated one. Undefined lengths (sequences, encapsulated pixel data) are followed
+    item by item.
     """
-    end = len(data)
-    fmt_tag = "<HH" if little else ">HH"
-    while pos < end:
-        if pos + 8 > end:
-            raise HeaderError("unparseable", "file ends inside an element header")
-        group, elem = struct.unpack_from(fmt_tag, data, pos)
+
+    def __init__(self, data: bytes, little: bool) -> None:
+        self.data = data
+        self.e = "<" if little else ">"
+
+    def _need(self, pos: int, n: int) -> None:
+        if pos + n > len(self.data):
+            raise HeaderError("unparseable", "truncated: the file ends inside an element")
+
+    def tag(self, pos: int) -> tuple[int, int]:
+        self._need(pos, 8)
+        group, elem = struct.unpack_from(self.e + "HH", self.data, pos)
+        return group, elem
+
+    def one(self, pos: int, implicit: bool) -> int:
+        """Position after the element that starts at ``pos``."""
+        data, e = self.data, self.e
+        group, _ = self.tag(pos)
         vr = data[pos + 4 : pos + 6]
-        if group == 0xFFFE or implicit:
-            length = struct.unpack_from("<L" if little else ">L", data, pos + 4)[0]
+        if implicit or group == 0xFFFE:
+            length = struct.unpack_from(e + "L", data, pos + 4)[0]
             pos += 8
         elif vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise HeaderError("unparseable", "file ends inside an element header")
-            length = struct.unpack_from("<L" if little else ">L", data, pos + 8)[0]
+            self._need(pos, 12)
+            length = struct.unpack_from(e + "L", data, pos + 8)[0]
             pos += 12
         else:
-            length = struct.unpack_from("<H" if little else ">H", data, pos + 6)[0]
+            length = struct.unpack_from(e + "H", data, pos + 6)[0]
             pos += 8
         if length == _UNDEFINED:
-            pos = _skip_undefined(data, pos, little)
-        elif pos + length > end:
-            raise HeaderError(
-                "unparseable",
-                f"truncated: element ({group:04X},{elem:04X}) needs {length} bytes,"
-                f" {end - pos} remain",
-            )
-        else:
-            pos += length
+            # An explicit 'UN' of undefined length holds implicit VR little endian content.
+            return self.items(pos, implicit or vr == b"UN")
+        self._need(pos, length)
+        return int(pos + length)
+
+    def elements(self, pos: int, implicit: bool, until_item_end: bool = False) -> int:
+        """Walk elements from ``pos`` to the end (or past the Item Delimitation Item)."""
+        while pos < len(self.data):
+            if until_item_end and self.tag(pos) == _ITEM_END:
+                return pos + 8
+            pos = self.one(pos, implicit)
+        if until_item_end:
+            raise HeaderError("unparseable", "truncated: the file ends inside a sequence item")
+        return pos
+
+    def items(self, pos: int, implicit: bool) -> int:
+        """Walk the items of an undefined-length element up to its Sequence Delimitation Item."""
+        while True:
+            tag = self.tag(pos)
+            length = struct.unpack_from(self.e + "L", self.data, pos + 4)[0]
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise HeaderError("unparseable", "malformed item in an undefined-length element")
+            if length == _UNDEFINED:
+                pos = self.elements(pos, implicit, until_item_end=True)
+            else:
+                self._need(pos, length)
+                pos += length
+
+
+def _dataset_start(data: bytes) -> int:
+    """Offset of the first dataset element after the preamble, 'DICM' and the file meta group.
+
+    The meta group (always explicit VR little endian) is walked rather than trusting its group
+    length, which some writers get wrong.
+    """
+    walker = _Walker(data, little=True)
+    pos = 132
+    while pos + 2 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        pos = walker.one(pos, implicit=False)
+    return pos
+
+
+def check_complete(data: bytes, implicit: bool, little: bool) -> bool:
+    """Raise :class:`HeaderError` unless every element's declared length fits ``data`` exactly.
+
+    Returns whether the dataset has a top-level pixel data element.
+    """
+    walker = _Walker(data, little)
+    pos = _dataset_start(data)
+    has_pixels = False
+    while pos < len(data):
+        group, elem = walker.tag(pos)
+        has_pixels = has_pixels or (group << 16 | elem) in _PIXEL_TAGS
+        pos = walker.one(pos, implicit)
+    return has_pixels
+
+
+def _requires_pixels(ds: Dataset) -> bool:
+    """True for images: Rows present, or a SOP class whose PS3.6 name says 'Image Storage'."""
+    if "Rows" in ds:
+        return True
+    sop_class = ds.get("SOPClassUID")
+    return sop_class is not None and "Image Storage" in getattr(sop_class, "name", "")
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -203,9 +259,14 @@ def read_dataset(data: bytes) -> Dataset:
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         raise HeaderError("unparseable", "file meta has no Transfer Syntax UID")
-    if str(meta.TransferSyntaxUID) != _DEFLATED:
-        implicit, little = ds.original_encoding
-        check_complete(data, fp.tell(), bool(implicit), bool(little))
+    if str(meta.TransferSyntaxUID) == _DEFLATED:
+        return ds  # compressed as a whole: pydicom's inflate reports a cut
+    implicit, little = ds.original_encoding
+    has_pixels = check_complete(data, bool(implicit), bool(little))
+    # A cut exactly at an element boundary leaves a well-formed but shorter dataset; for an
+    # image that shows as a missing pixel data element.
+    if not has_pixels and _requires_pixels(ds):
+        raise HeaderError("unparseable", "truncated: an image without pixel data")
     return ds
 
 
