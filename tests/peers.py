@@ -49,7 +49,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -81,9 +83,20 @@ class FionaServer:
 
     def start(self, timeout: float = 30.0) -> FionaServer:
         args = [
-            sys.executable, "-m", "engine.cli", "serve",
-            "--data", str(self.data_dir), "--projects", str(self.projects_dir),
-            "--port", str(self.port), "--ae-title", self.ae_title, "--bind", "127.0.0.1",
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--data",
+            str(self.data_dir),
+            "--projects",
+            str(self.projects_dir),
+            "--port",
+            str(self.port),
+            "--ae-title",
+            self.ae_title,
+            "--bind",
+            "127.0.0.1",
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
@@ -138,6 +151,11 @@ def send_raw_c_store(
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError("association was not accepted")
+    # Pause the association's reactor as pynetdicom's own send_c_store does, or the reactor
+    # takes the response off the queue before we read it.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
     try:
         req = C_STORE()
         req.MessageID = 1
@@ -152,6 +170,7 @@ def send_raw_c_store(
             raise ConnectionError("no C-STORE response")
         return int(rsp.Status)
     finally:
+        assoc._reactor_checkpoint.set()
         assoc.release()
 
 

@@ -40,8 +40,12 @@ def _encode(ds: Dataset, transfer_syntax: str) -> bytes:
     for elem in ds.iterall():
         if elem.VR == "SQ":
             elem.is_undefined_length = True
-    ds.save_as(buf, enforce_file_format=True, little_endian=transfer_syntax != ExplicitVRBigEndian,
-               implicit_vr=transfer_syntax == ImplicitVRLittleEndian)
+    ds.save_as(
+        buf,
+        enforce_file_format=True,
+        little_endian=transfer_syntax != ExplicitVRBigEndian,
+        implicit_vr=transfer_syntax == ImplicitVRLittleEndian,
+    )
     return buf.getvalue()
 
 
@@ -86,8 +90,9 @@ def test_every_cut_is_caught(instance: Dataset, transfer_syntax: str) -> None:
 def test_synth_partial_header_cut_is_caught(tmp_path: Path, instance: Dataset) -> None:
     src = synth.write_dataset(instance, tmp_path / "whole.dcm")
     for fraction in (0.2, 0.5, 0.8):
-        cut = synth.write_truncated(src, tmp_path / f"cut{fraction}.dcm", fraction,
-                                    where="header_partial")
+        cut = synth.write_truncated(
+            src, tmp_path / f"cut{fraction}.dcm", fraction, where="header_partial"
+        )
         with pytest.raises(HeaderError):
             parse_header(cut.read_bytes())
 

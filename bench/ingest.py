@@ -1,0 +1,123 @@
+"""Ingest benchmark: the same corpus sent by dcmtk storescu to dcmtk storescp and to fiona serve.
+
+Run from the repo root: ``python bench/ingest.py [--files N] [--sizes 512,64] [--repeat R]``.
+Prints files/s and MB/s per receiver and fiona's ratio to storescp, for each image size, and for
+a sender with Nagle on (as most scanners are) as well as one with TCP_NODELAY.
+
+storescp writes each file with no fsync; fiona answers only after fsync, rename and an index
+commit (see README), so the ratio prices that durability in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.peers import FionaServer, dcmtk, free_port, wait_for_port  # noqa: E402
+from tests.synth import make_corpus  # noqa: E402
+
+
+def send(files: list[Path], port: int, *, nodelay: bool, aec: str = "ANY-SCP") -> float:
+    """Seconds for one storescu association carrying every file."""
+    env = {**os.environ, "TCP_NODELAY": "1" if nodelay else "0"}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [dcmtk("storescu"), "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
+    return elapsed
+
+
+def with_storescp(work: Path, fn: Callable[[int], float]) -> float:
+    out = work / "storescp-out"
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 10, proc)  # type: ignore[arg-type]
+        return fn(port)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def with_fiona(work: Path, fn: Callable[[int], float]) -> float:
+    data = work / "fiona-data"
+    projects = work / "projects"
+    projects.mkdir(parents=True, exist_ok=True)
+    server = FionaServer(data_dir=data, projects_dir=projects).start()
+    try:
+        return fn(server.port)
+    finally:
+        server.stop()
+
+
+def measure(
+    receiver: Callable[[Path, Callable[[int], float]], float],
+    files: list[Path],
+    work: Path,
+    repeat: int,
+    *,
+    nodelay: bool,
+    aec: str,
+) -> float:
+    """Median seconds over ``repeat`` runs, each into a fresh receiver and data folder."""
+    times = []
+    for i in range(repeat):
+        run_dir = work / f"run-{time.monotonic_ns()}-{i}"
+        times.append(receiver(run_dir, lambda port: send(files, port, nodelay=nodelay, aec=aec)))
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=400, help="files per corpus")
+    parser.add_argument("--sizes", default="512,64", help="image sizes (pixels per side)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fiona-bench-", dir=os.environ.get("BENCH_TMP")) as t:
+        tmp = Path(t)
+        print(
+            f"{'image':>8} {'sender':>8} {'receiver':>10} {'files/s':>9} {'MB/s':>8} {'ratio':>6}"
+        )
+        for size in (int(s) for s in args.sizes.split(",")):
+            files = make_corpus(tmp / f"corpus-{size}", args.files, size, seed=size)
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            for nodelay in (True, False):
+                ref = measure(with_storescp, files, tmp, args.repeat, nodelay=nodelay, aec="ANY")
+                ours = measure(with_fiona, files, tmp, args.repeat, nodelay=nodelay, aec="FIONA")
+                sender = "nodelay" if nodelay else "nagle"
+                label = f"{size}x{size}"
+                print(
+                    f"{label:>8} {sender:>8} {'storescp':>10} {len(files) / ref:9.0f}"
+                    f" {mb / ref:8.1f} {'1.00':>6}"
+                )
+                print(
+                    f"{label:>8} {sender:>8} {'fiona':>10} {len(files) / ours:9.0f}"
+                    f" {mb / ours:8.1f} {ref / ours:6.2f}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up and start `fiona serve` on the embedded defaults: AE title FIONA, port 11112,
+# data in ./var (archive, quarantine, SQLite index), projects from ./projects. Extra arguments
+# go to `fiona serve` (for example --port 4242 or --config site.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/fiona serve "$@"
