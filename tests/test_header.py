@@ -63,7 +63,7 @@ ENCODINGS = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("transfer_syntax", ENCODINGS)
 def test_whole_files_parse(instance: Dataset, transfer_syntax: str) -> None:
     header = parse_header(_encode(instance, transfer_syntax))
@@ -71,7 +71,7 @@ def test_whole_files_parse(instance: Dataset, transfer_syntax: str) -> None:
     assert header.transfer_syntax_uid == transfer_syntax
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("transfer_syntax", ENCODINGS)
 def test_every_cut_is_caught(instance: Dataset, transfer_syntax: str) -> None:
     data = _encode(instance, transfer_syntax)
