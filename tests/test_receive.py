@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests import synth
-from tests.peers import FionaServer, dataset_part, nodelay_env, send_raw_c_store
+from tests.peers import REPO, FionaServer, dataset_part, nodelay_env, send_raw_c_store
 
 
 def echo(
@@ -212,3 +213,44 @@ def test_several_associations_at_once(
         "SCU1",
         "SCU2",
     }
+
+
+def test_serve_refuses_an_invalid_site_config(tmp_path: Path, empty_projects: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("ae_title: FIONA\nport: 99999\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--config",
+            str(site),
+            "--data",
+            str(tmp_path / "data"),
+            "--projects",
+            str(empty_projects),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert f"{site}:2 port: expected at most 65535, found 99999" in result.stderr
+    assert "not starting" in result.stderr
+
+
+def test_an_invalid_project_is_disabled_and_the_others_run(tmp_path: Path, echoscu: str) -> None:
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "good.yaml").write_text("name: good\n")
+    (projects / "broken.yaml").write_text("name: broken\nenabeld: true\n")
+    server = FionaServer(tmp_path / "data", projects).start()
+    try:
+        assert echo(echoscu, server).returncode == 0
+        log = server.log_text()
+        assert "project disabled" in log and "'enabeld' is not allowed" in log
+        assert "projects: good" in log
+    finally:
+        server.stop()
