@@ -65,6 +65,11 @@ def as_part10(data: bytes) -> bytes | None:
 
 def ingest_file(archive: Archive, path: Path) -> StoreOutcome:
     """Archive one file; a DICOMDIR is reported as skipped."""
+    size = path.stat().st_size
+    if size > archive.max_instance_bytes:
+        # Refused before reading: a huge file (a viewer's installer, a video) must not be loaded.
+        detail = f"{size} bytes exceeds limits.max_instance_mb"
+        return StoreOutcome("rejected", Status.OUT_OF_RESOURCES, "too_large", detail)
     data = path.read_bytes()
     if data[128:132] == b"DICM":
         if MEDIA_STORAGE_DIRECTORY.encode() in data[132:512]:

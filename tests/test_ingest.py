@@ -95,3 +95,34 @@ def test_ingest_missing_path_is_an_error(tmp_path: Path, empty_projects: Path) -
     result = run_ingest(tmp_path / "data", empty_projects, tmp_path / "nope")
     assert result.returncode == 2
     assert "no such file or folder" in result.stderr
+
+
+def test_ingest_refuses_oversized_files_before_reading_them(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("limits:\n  max_instance_mb: 1\n")
+    big = synth.write_garbage(tmp_path / "in" / "BIG.BIN", 2 * 1024 * 1024, seed=1)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "ingest",
+            "--no-progress",
+            "--config",
+            str(site),
+            "--data",
+            str(tmp_path / "data"),
+            "--projects",
+            str(empty_projects),
+            str(big),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "1 rejected" in result.stdout and "too_large" in result.stdout
+    assert not list((tmp_path / "data" / "quarantine").rglob("*.dcm"))
