@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -47,6 +48,29 @@ SUMMARY_KEYWORDS: tuple[str, ...] = (
     "ConvolutionKernel",
     "ContrastBolusAgent",
 )
+
+
+_OTHER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "SeriesDescription",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+_TAGS: dict[str, int] = {
+    keyword: int(tag_for_keyword(keyword) or 0) for keyword in SUMMARY_KEYWORDS + _OTHER_KEYWORDS
+}
 
 
 class HeaderError(ValueError):
@@ -90,14 +114,20 @@ class InstanceHeader:
     attrs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword`` or None, looked up by tag (cheaper than attribute access)."""
+    elem = ds.get(_TAGS[keyword])
+    return None if elem is None else elem.value
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
+    value = _value(ds, keyword)
     return "" if value is None else str(value).strip()
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
         return None if value in (None, "") else int(value)
     except (TypeError, ValueError):
         return None
@@ -118,7 +148,7 @@ def _summary_attrs(ds: Dataset) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for keyword in SUMMARY_KEYWORDS:
         try:
-            value = ds.get(keyword)
+            value = _value(ds, keyword)
         except Exception:
             continue
         if value is not None and value != "":
@@ -276,10 +306,13 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
         meta = getattr(ds, "file_meta", None)
         meta_ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         uids = {
-            "SOPClassUID": str(ds.get("SOPClassUID", "") or ""),
-            "SOPInstanceUID": str(ds.get("SOPInstanceUID", "") or ""),
-            "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
-            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
+            keyword: str(_value(ds, keyword) or "")
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+            )
         }
         fields = {
             "patient_id": _text(ds, "PatientID"),
