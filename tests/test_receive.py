@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from tests import synth
+from tests.conftest import need_peer
 from tests.peers import REPO, FionaServer, dataset_part, nodelay_env, send_raw_c_store
 
 
@@ -254,3 +255,48 @@ def test_an_invalid_project_is_disabled_and_the_others_run(tmp_path: Path, echos
         assert "projects: good" in log
     finally:
         server.stop()
+
+
+def test_compressed_data_is_stored_as_it_comes(
+    tmp_path: Path, storescu: str, fiona: FionaServer, mr_ct_study: list[Path]
+) -> None:
+    dcmcjpeg = need_peer("dcmcjpeg")
+    jpeg = tmp_path / "jpeg-lossless.dcm"
+    subprocess.run([dcmcjpeg, "+e1", str(mr_ct_study[0]), str(jpeg)], check=True, timeout=60)
+    sent = subprocess.run(
+        [storescu, "--propose-lossless", "-aec", "FIONA", "127.0.0.1", str(fiona.port), str(jpeg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    ds = pydicom.dcmread(jpeg, stop_before_pixels=True)
+    stored = (
+        fiona.data_dir
+        / "archive"
+        / ds.StudyInstanceUID
+        / ds.SeriesInstanceUID
+        / f"{ds.SOPInstanceUID}.dcm"
+    )
+    assert dataset_part(stored.read_bytes()) == dataset_part(jpeg.read_bytes())
+    assert index_rows(fiona, "SELECT transfer_syntax FROM instances") == [
+        ("1.2.840.10008.1.2.4.70",)
+    ]
+
+
+def test_pynetdicom_client(fiona: FionaServer, mr_ct_study: list[Path]) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    ae = AE("PYSCU")
+    for sop_class in (MRImageStorage, CTImageStorage, Verification):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", fiona.port, ae_title="FIONA")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0
+        statuses = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in mr_ct_study[:4]]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0, 0, 0]
+    assert index_rows(fiona, "SELECT count(*) FROM instances WHERE calling_ae='PYSCU'") == [(4,)]
