@@ -41,8 +41,10 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU at INFO/DEBUG; its warnings and errors are what operators need.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom logs every PDU and APScheduler every job run at INFO; their warnings and errors
+    # are what operators need.
+    for noisy in ("pynetdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
