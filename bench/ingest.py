@@ -1,8 +1,9 @@
 """Ingest benchmark: the same corpus sent by dcmtk storescu to dcmtk storescp and to fiona serve.
 
 Run from the repo root: ``python bench/ingest.py [--files N] [--sizes 512,64] [--repeat R]``.
-Prints files/s and MB/s per receiver and fiona's ratio to storescp, for each image size, and for
-a sender with Nagle on (as most scanners are) as well as one with TCP_NODELAY.
+Prints files/s and MB/s per receiver (Orthanc too, when installed) and each one's ratio to
+storescp, for each image size, with a sender that has Nagle on (as most scanners do) and one
+with TCP_NODELAY.
 
 storescp writes each file with no fsync; fiona answers only after fsync, rename and an index
 commit (see README), so the ratio prices that durability in.
@@ -23,7 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.peers import FionaServer, dcmtk, free_port, wait_for_port  # noqa: E402
+from tests.peers import (  # noqa: E402
+    FionaServer,
+    OrthancServer,
+    PeerMissing,
+    dcmtk,
+    free_port,
+    wait_for_port,
+)
 from tests.synth import make_corpus  # noqa: E402
 
 
@@ -72,6 +80,14 @@ def with_fiona(work: Path, fn: Callable[[int], float]) -> float:
         server.stop()
 
 
+def with_orthanc(work: Path, fn: Callable[[int], float]) -> float:
+    server = OrthancServer(work / "orthanc").start()
+    try:
+        return fn(server.dicom_port)
+    finally:
+        server.stop()
+
+
 def measure(
     receiver: Callable[[Path, Callable[[int], float]], float],
     files: list[Path],
@@ -94,7 +110,19 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=400, help="files per corpus")
     parser.add_argument("--sizes", default="512,64", help="image sizes (pixels per side)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument(
+        "--no-orthanc",
+        dest="orthanc",
+        action="store_false",
+        help="leave Orthanc out (it is measured when installed)",
+    )
     args = parser.parse_args()
+    if args.orthanc:
+        try:
+            OrthancServer(Path(tempfile.mkdtemp(prefix="orthanc-probe-"))).start().stop()
+        except PeerMissing as exc:
+            print(f"note: {exc}; Orthanc is left out", file=sys.stderr)
+            args.orthanc = False
     with tempfile.TemporaryDirectory(prefix="fiona-bench-", dir=os.environ.get("BENCH_TMP")) as t:
         tmp = Path(t)
         print(
@@ -104,18 +132,36 @@ def main() -> int:
             files = make_corpus(tmp / f"corpus-{size}", args.files, size, seed=size)
             mb = sum(f.stat().st_size for f in files) / 1e6
             for nodelay in (True, False):
-                ref = measure(with_storescp, files, tmp, args.repeat, nodelay=nodelay, aec="ANY")
-                ours = measure(with_fiona, files, tmp, args.repeat, nodelay=nodelay, aec="FIONA")
                 sender = "nodelay" if nodelay else "nagle"
                 label = f"{size}x{size}"
-                print(
-                    f"{label:>8} {sender:>8} {'storescp':>10} {len(files) / ref:9.0f}"
-                    f" {mb / ref:8.1f} {'1.00':>6}"
+                ref = measure(with_storescp, files, tmp, args.repeat, nodelay=nodelay, aec="ANY")
+                rows = [("storescp", ref)]
+                rows.append(
+                    (
+                        "fiona",
+                        measure(with_fiona, files, tmp, args.repeat, nodelay=nodelay, aec="FIONA"),
+                    )
                 )
-                print(
-                    f"{label:>8} {sender:>8} {'fiona':>10} {len(files) / ours:9.0f}"
-                    f" {mb / ours:8.1f} {ref / ours:6.2f}"
-                )
+                if args.orthanc:
+                    rows.append(
+                        (
+                            "orthanc",
+                            measure(
+                                with_orthanc,
+                                files,
+                                tmp,
+                                args.repeat,
+                                nodelay=nodelay,
+                                aec="ORTHANC",
+                            ),
+                        )
+                    )
+                for name, seconds in rows:
+                    print(
+                        f"{label:>8} {sender:>8} {name:>10} {len(files) / seconds:9.0f}"
+                        f" {mb / seconds:8.1f} {ref / seconds:6.2f}",
+                        flush=True,
+                    )
     return 0
 
 

@@ -6,6 +6,7 @@ dcmtk's on PATH (pyenv shims do), so dcmtk is looked up by asking each candidate
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -181,3 +182,52 @@ def dataset_part(file_bytes: bytes) -> bytes:
     # (0002,0000) File Meta Information Group Length: explicit VR LE 'UL', value at 140.
     group_length = int.from_bytes(file_bytes[140:144], "little")
     return file_bytes[144 + group_length :]
+
+
+@dataclass
+class OrthancServer:
+    """Orthanc (Debian package) on free loopback ports with a temp config and storage."""
+
+    work_dir: Path
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    ae_title: str = "ORTHANC"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> OrthancServer:
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not os.access(binary, os.X_OK):
+            raise PeerMissing("Orthanc is not installed (Debian: apt-get install orthanc)")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "fiona-test",
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.work_dir / "storage"),
+            "IndexDirectory": str(self.work_dir / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "Plugins": [],
+        }
+        path = self.work_dir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        log = (self.work_dir / "orthanc.log").open("ab")
+        # Orthanc uses dcmtk's network layer, which leaves Nagle on unless TCP_NODELAY is set.
+        self.proc = subprocess.Popen(
+            [binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=nodelay_env()
+        )
+        wait_for_port(self.dicom_port, timeout, self.proc)
+        wait_for_port(self.http_port, timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
