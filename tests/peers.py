@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,17 @@ def send_raw_c_store(
     finally:
         assoc._reactor_checkpoint.set()
         assoc.release()
+
+
+def archived_path(data_dir: Path, ds: Any) -> Path:
+    """Where fiona archives the instance ``ds`` (a pydicom Dataset) under ``data_dir``."""
+    return (
+        data_dir
+        / "archive"
+        / ds.StudyInstanceUID
+        / ds.SeriesInstanceUID
+        / f"{ds.SOPInstanceUID}.dcm"
+    )
 
 
 def dataset_part(file_bytes: bytes) -> bytes:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from tests import synth
-from tests.peers import REPO
+from tests.peers import REPO, archived_path
 
 
 def run_ingest(data: Path, projects: Path, *paths: Path) -> subprocess.CompletedProcess[str]:
@@ -76,13 +76,7 @@ def test_ingest_a_cd_copy(tmp_path: Path, empty_projects: Path) -> None:
     assert vias == {"ingest"}
     # Part 10 files are archived byte for byte.
     for path, ds in zip(files, study, strict=True):
-        stored = (
-            data
-            / "archive"
-            / ds.StudyInstanceUID
-            / ds.SeriesInstanceUID
-            / f"{ds.SOPInstanceUID}.dcm"
-        )
+        stored = archived_path(data, ds)
         assert stored.read_bytes() == path.read_bytes()
     # Series summaries are written at the end of an ingest.
     assert len(list((data / "archive" / study[0].StudyInstanceUID).glob("*.json"))) == 2

@@ -16,7 +16,14 @@ import pytest
 
 from tests import synth
 from tests.conftest import need_peer
-from tests.peers import REPO, FionaServer, dataset_part, nodelay_env, send_raw_c_store
+from tests.peers import (
+    REPO,
+    FionaServer,
+    archived_path,
+    dataset_part,
+    nodelay_env,
+    send_raw_c_store,
+)
 
 
 def echo(
@@ -82,13 +89,7 @@ def test_study_is_stored_byte_identical_indexed_and_viewable(
     assert result.returncode == 0, result.stderr
     datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in mr_ct_study]
     for path, ds in zip(mr_ct_study, datasets, strict=True):
-        stored = (
-            fiona.data_dir
-            / "archive"
-            / ds.StudyInstanceUID
-            / ds.SeriesInstanceUID
-            / f"{ds.SOPInstanceUID}.dcm"
-        )
+        stored = archived_path(fiona.data_dir, ds)
         assert dataset_part(stored.read_bytes()) == dataset_part(path.read_bytes()), path
     rows = index_rows(
         fiona, "SELECT sop_instance_uid, calling_ae, called_ae, peer_ip, via FROM instances"
@@ -271,13 +272,7 @@ def test_compressed_data_is_stored_as_it_comes(
     )
     assert sent.returncode == 0, sent.stderr
     ds = pydicom.dcmread(jpeg, stop_before_pixels=True)
-    stored = (
-        fiona.data_dir
-        / "archive"
-        / ds.StudyInstanceUID
-        / ds.SeriesInstanceUID
-        / f"{ds.SOPInstanceUID}.dcm"
-    )
+    stored = archived_path(fiona.data_dir, ds)
     assert dataset_part(stored.read_bytes()) == dataset_part(jpeg.read_bytes())
     assert index_rows(fiona, "SELECT transfer_syntax FROM instances") == [
         ("1.2.840.10008.1.2.4.70",)

@@ -17,6 +17,7 @@ from engine.store.archive import Archive, Status, safe_component
 from engine.store.index import Origin, SqliteIndex
 from engine.store.summary import summary_path, write_pending_summaries
 from tests import synth
+from tests.peers import archived_path
 
 ORIGIN = Origin(via="dimse", calling_ae="SCANNER", called_ae="FIONA", peer_ip="127.0.0.1")
 
@@ -46,8 +47,7 @@ def test_stores_every_instance_byte_identical_with_index_rows_and_views(
     assert {o.action for o in outcomes} == {"stored"}
     assert {o.status for o in outcomes} == {Status.SUCCESS}
     for ds, blob in zip(study, blobs, strict=True):
-        path = tmp_path / "archive" / ds.StudyInstanceUID / ds.SeriesInstanceUID
-        assert (path / f"{ds.SOPInstanceUID}.dcm").read_bytes() == blob
+        assert archived_path(tmp_path, ds).read_bytes() == blob
     counts = archive.index.counts()
     assert counts["instances"] == len(study)
     assert counts["series"] == 2 and counts["studies"] == 1 and counts["patients"] == 1

@@ -171,17 +171,32 @@ class SqliteIndex:
         )
         return int(cur.lastrowid or 0)
 
-    def _study_ref(self, h: InstanceHeader, now: float) -> tuple[int, bool]:
-        row = self._db.execute(
-            "SELECT id FROM studies WHERE study_uid=?", (h.study_uid,)
-        ).fetchone()
+    def _touch_or_insert(
+        self,
+        table: str,
+        uid_column: str,
+        uid: str,
+        now: float,
+        insert: str,
+        values: tuple[Any, ...],
+    ) -> tuple[int, bool]:
+        """Count one more instance in an existing study/series row, or insert it; (id, created)."""
+        row = self._db.execute(f"SELECT id FROM {table} WHERE {uid_column}=?", (uid,)).fetchone()
         if row:
             self._db.execute(
-                "UPDATE studies SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
+                f"UPDATE {table} SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
                 (now, row[0]),
             )
             return int(row[0]), False
-        cur = self._db.execute(
+        cur = self._db.execute(insert, values)
+        return int(cur.lastrowid or 0), True
+
+    def _study_ref(self, h: InstanceHeader, now: float) -> tuple[int, bool]:
+        return self._touch_or_insert(
+            "studies",
+            "study_uid",
+            h.study_uid,
+            now,
             "INSERT INTO studies(study_uid, patient_ref, study_date, study_time, accession_number,"
             " description, first_received_at, last_received_at, n_instances)"
             " VALUES (?,?,?,?,?,?,?,?,1)",
@@ -196,24 +211,17 @@ class SqliteIndex:
                 now,
             ),
         )
-        return int(cur.lastrowid or 0), True
 
     def _series_ref(self, h: InstanceHeader, study_ref: int, now: float) -> tuple[int, bool]:
-        row = self._db.execute(
-            "SELECT id FROM series WHERE series_uid=?", (h.series_uid,)
-        ).fetchone()
-        if row:
-            self._db.execute(
-                "UPDATE series SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
-                (now, row[0]),
-            )
-            return int(row[0]), False
-        cur = self._db.execute(
+        return self._touch_or_insert(
+            "series",
+            "series_uid",
+            h.series_uid,
+            now,
             "INSERT INTO series(series_uid, study_ref, modality, series_number, description,"
             " first_received_at, last_received_at, n_instances) VALUES (?,?,?,?,?,?,?,1)",
             (h.series_uid, study_ref, h.modality, h.series_number, h.series_description, now, now),
         )
-        return int(cur.lastrowid or 0), True
 
     def add_instance(
         self, header: InstanceHeader, path: str, size: int, origin: Origin
