@@ -107,6 +107,40 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+#: Instance columns written on receipt (besides the UID and the series reference).
+_FIELDS = (
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax",
+    "path",
+    "size",
+    "received_at",
+    "calling_ae",
+    "called_ae",
+    "peer_ip",
+    "via",
+    "attrs",
+)
+
+
+def _values(h: InstanceHeader, path: str, size: int, now: float, origin: Origin) -> tuple[Any, ...]:
+    """Values for :data:`_FIELDS`, in order."""
+    attrs = json.dumps(h.attrs, separators=(",", ":"))
+    return (
+        h.sop_class_uid,
+        h.instance_number,
+        h.transfer_syntax_uid,
+        path,
+        size,
+        now,
+        origin.calling_ae,
+        origin.called_ae,
+        origin.peer_ip,
+        origin.via,
+        attrs,
+    )
+
+
 class SqliteIndex:
     """:class:`Index` on one SQLite file in WAL mode, committing with ``synchronous=FULL``.
 
@@ -233,24 +267,12 @@ class SqliteIndex:
                 study_ref, new_study = self._study_ref(header, now)
                 series_ref, new_series = self._series_ref(header, study_ref, now)
                 self._db.execute(
-                    "INSERT INTO instances(sop_instance_uid, sop_class_uid, series_ref,"
-                    " instance_number, transfer_syntax, path, size, received_at,"
-                    " calling_ae, called_ae, peer_ip, via, attrs)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO instances(sop_instance_uid, series_ref, {', '.join(_FIELDS)})"
+                    f" VALUES (?,?,{','.join('?' * len(_FIELDS))})",
                     (
                         header.sop_instance_uid,
-                        header.sop_class_uid,
                         series_ref,
-                        header.instance_number,
-                        header.transfer_syntax_uid,
-                        path,
-                        size,
-                        now,
-                        origin.calling_ae,
-                        origin.called_ae,
-                        origin.peer_ip,
-                        origin.via,
-                        json.dumps(header.attrs, separators=(",", ":")),
+                        *_values(header, path, size, now, origin),
                     ),
                 )
                 self._db.execute("COMMIT")
@@ -265,23 +287,9 @@ class SqliteIndex:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "UPDATE instances SET sop_class_uid=?, instance_number=?, transfer_syntax=?,"
-                " path=?, size=?, received_at=?, calling_ae=?, called_ae=?, peer_ip=?,"
-                " via=?, attrs=? WHERE sop_instance_uid=?",
-                (
-                    header.sop_class_uid,
-                    header.instance_number,
-                    header.transfer_syntax_uid,
-                    path,
-                    size,
-                    now,
-                    origin.calling_ae,
-                    origin.called_ae,
-                    origin.peer_ip,
-                    origin.via,
-                    json.dumps(header.attrs, separators=(",", ":")),
-                    header.sop_instance_uid,
-                ),
+                f"UPDATE instances SET {', '.join(f + '=?' for f in _FIELDS)}"
+                " WHERE sop_instance_uid=?",
+                (*_values(header, path, size, now, origin), header.sop_instance_uid),
             )
             self._db.execute(
                 "UPDATE series SET last_received_at=?, summary_written_at=NULL WHERE series_uid=?",
