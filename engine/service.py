@@ -127,7 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
     load_enabled_projects(site)
     store = open_store(site)
     try:
-        server, _handlers = start_scp(site, store.archive)
+        server, _ = start_scp(site, store.archive)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
         store.close()

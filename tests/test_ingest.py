@@ -16,7 +16,9 @@ from tests import synth
 from tests.peers import REPO, archived_path
 
 
-def run_ingest(data: Path, projects: Path, *paths: Path) -> subprocess.CompletedProcess[str]:
+def run_ingest(
+    data: Path, projects: Path, *paths: Path, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -28,6 +30,7 @@ def run_ingest(data: Path, projects: Path, *paths: Path) -> subprocess.Completed
             str(data),
             "--projects",
             str(projects),
+            *extra,
             *map(str, paths),
         ],
         capture_output=True,
@@ -97,26 +100,7 @@ def test_ingest_refuses_oversized_files_before_reading_them(
     site = tmp_path / "site.yaml"
     site.write_text("limits:\n  max_instance_mb: 1\n")
     big = synth.write_garbage(tmp_path / "in" / "BIG.BIN", 2 * 1024 * 1024, seed=1)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "ingest",
-            "--no-progress",
-            "--config",
-            str(site),
-            "--data",
-            str(tmp_path / "data"),
-            "--projects",
-            str(empty_projects),
-            str(big),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_ingest(tmp_path / "data", empty_projects, big, extra=("--config", str(site)))
     assert result.returncode == 1
     assert "1 rejected" in result.stdout and "too_large" in result.stdout
     assert not list((tmp_path / "data" / "quarantine").rglob("*.dcm"))

@@ -44,12 +44,10 @@ def supported_contexts() -> list[PresentationContext]:
 
 
 class StorageHandler:
-    """Answers C-ECHO and files C-STOREs; counters are for status output only."""
+    """Answers C-ECHO and files C-STOREs."""
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
-        self.received = 0
-        self.failed = 0
 
     def on_message(
         self,
@@ -63,15 +61,10 @@ class StorageHandler:
         if command.command_field != C_STORE_RQ or dataset is None:
             return UNRECOGNIZED_OPERATION
         try:
-            status = self._store(peer, context, command, dataset)
-        except Exception:
+            return int(self._store(peer, context, command, dataset))
+        except Exception:  # the guard: a handler failure is a status, not a crash
             log.exception("C-STORE handler failed")
-            status = Status.OUT_OF_RESOURCES
-        if status == Status.SUCCESS:
-            self.received += 1
-        else:
-            self.failed += 1
-        return int(status)
+            return int(Status.OUT_OF_RESOURCES)
 
     def _store(
         self, peer: Peer, context: PresentationContext, command: Command, dataset: list[memoryview]
@@ -102,7 +95,6 @@ def start_scp(site: SiteConfig, archive: Archive) -> tuple[AssociationServer, St
     """Start the SCP in background threads; return the server and its handler."""
     handler = StorageHandler(archive)
     config = AcceptorConfig(
-        ae_title=site.ae_title,
         contexts=supported_contexts(),
         max_pdu=site.max_pdu,
         allowed_calling_aes=frozenset(site.allowed_calling_aes),

@@ -89,7 +89,6 @@ class AcceptorConfig:
     Timeouts are in seconds.
     """
 
-    ae_title: str
     contexts: Sequence[PresentationContext]
     max_pdu: int = 0
     allowed_calling_aes: frozenset[str] = field(default_factory=frozenset)
