@@ -13,7 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from engine.dicom.header import HeaderError, parse_header
+from engine.dicom.header import HeaderError, header_from_dataset, parse_header, read_dataset
 from tests import synth
 
 
@@ -106,3 +106,45 @@ def test_not_dicom() -> None:
 def test_pydicom_reads_what_we_accept(instance: Dataset) -> None:
     data = _encode(instance, "1.2.840.10008.1.2.1")
     assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == instance.SOPInstanceUID
+
+
+def _all_series_instances() -> list[Dataset]:
+    spec = synth.make_study_spec(11)
+    series = list(synth.MR_SERIES.values()) + list(synth.CT_SERIES.values())
+    return [_with_sequence(ds) for ds in synth.make_study(spec, series, size=8)[::7]]
+
+
+def _with_charset(ds: Dataset, charset: list[str], name: str, description: str) -> Dataset:
+    ds = copy.deepcopy(ds)
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.StudyDescription = description
+    return ds
+
+
+CHARSET_CASES = [
+    (["ISO_IR 100"], "Müller^Jörg", "Kopf/Hals Übersicht"),
+    (["ISO_IR 192"], "Ærøe^Åsa", "Hode – oversikt"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "頭部 MRI"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("transfer_syntax", ENCODINGS)
+def test_fast_path_reads_what_pydicom_reads(transfer_syntax: str) -> None:
+    """The walk-based reader and pydicom agree on every field, attrs included."""
+    datasets = _all_series_instances()
+    datasets += [_with_charset(datasets[0], *case) for case in CHARSET_CASES]
+    for ds in datasets:
+        data = _encode(ds, transfer_syntax)
+        fast = parse_header(data)
+        slow = header_from_dataset(read_dataset(data))
+        assert fast == slow
+        assert fast.attrs == slow.attrs
+    assert parse_header(_encode(datasets[-1], transfer_syntax)).patient_name.startswith("Yamada")
+    assert "山田" in parse_header(_encode(datasets[-1], transfer_syntax)).patient_name
+
+
+def test_deflated_file_is_read_through_pydicom(instance: Dataset) -> None:
+    data = _encode(instance, "1.2.840.10008.1.2.1.99")
+    assert parse_header(data).sop_instance_uid == instance.SOPInstanceUID

@@ -1,12 +1,16 @@
 """Read the header fields the engine needs from one instance's bytes.
 
-Parsing stops before the pixel data, so its cost does not grow with image size.
+The receive path reads them in the same walk that proves the file whole
+(:func:`engine.dicom.walk.scan`), with no pydicom Dataset; a file that walk cannot read as
+declared (a deflated dataset, or bytes whose encoding disagrees with their transfer syntax,
+which pydicom detects) is read with pydicom instead, with the same completeness check.
+Either way the cost does not grow with image size: pixel data is skipped, not decoded.
 """
 
 from __future__ import annotations
 
 import io
-import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +18,14 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
+from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
+from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder
+from engine.dicom.walk import DEFLATED, check_complete, scan
+
+__all__ = ["SUMMARY_KEYWORDS", "HeaderError", "InstanceHeader", "parse_header", "read_dataset"]
 
 #: Header fields kept per instance in the index (``attrs``) and aggregated into series summaries.
 SUMMARY_KEYWORDS: tuple[str, ...] = (
@@ -73,19 +83,6 @@ _TAGS: dict[str, int] = {
 }
 
 
-class HeaderError(ValueError):
-    """The bytes are not a DICOM dataset the engine can file.
-
-    ``code`` is the quarantine reason code (``unparseable`` or ``invalid_uid``); ``detail`` says
-    what was wrong without quoting header values (they may carry PHI).
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 @dataclass(frozen=True)
 class InstanceHeader:
     """Identifying and descriptive fields of one instance.
@@ -114,27 +111,21 @@ class InstanceHeader:
     attrs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-def _value(ds: Dataset, keyword: str) -> Any:
-    """The value of ``keyword`` or None, looked up by tag (cheaper than attribute access)."""
-    elem = ds.get(_TAGS[keyword])
-    return None if elem is None else elem.value
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = _value(ds, keyword)
+def _text(values: Mapping[str, Any], keyword: str) -> str:
+    value = values.get(keyword)
     return "" if value is None else str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(values: Mapping[str, Any], keyword: str) -> int | None:
     try:
-        value = _value(ds, keyword)
+        value = values.get(keyword)
         return None if value in (None, "") else int(value)
     except (TypeError, ValueError):
         return None
 
 
 def _json_value(value: Any) -> Any:
-    """A JSON-friendly copy of a pydicom value (multi-values become lists)."""
+    """A JSON-friendly copy of a value (multi-values become lists, bytes are dropped)."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return [_json_value(v) for v in value]
     if isinstance(value, (int, float)):
@@ -144,139 +135,63 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def _summary_attrs(ds: Dataset) -> dict[str, Any]:
+def _summary_attrs(values: Mapping[str, Any]) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for keyword in SUMMARY_KEYWORDS:
-        try:
-            value = _value(ds, keyword)
-        except Exception:
-            continue
+        value = values.get(keyword)
         if value is not None and value != "":
             attrs[keyword] = _json_value(value)
     return attrs
 
 
-#: VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_UNDEFINED = 0xFFFFFFFF
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-#: Pixel Data, Float Pixel Data, Double Float Pixel Data (stop_before_pixels stops at any).
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-_ITEM = (0xFFFE, 0xE000)
-_ITEM_END = (0xFFFE, 0xE00D)
-_SEQ_END = (0xFFFE, 0xE0DD)
-
-
-class _Walker:
-    """Walks element headers and declared lengths without decoding any value.
-
-    pydicom reads a file cut short inside a value or header as a shorter dataset without
-    complaint; walking every declared length to the end of the bytes is what tells a whole file
-    from a truncated one. Undefined lengths (sequences, encapsulated pixel data) are followed
-    item by item.
-    """
-
-    def __init__(self, data: bytes, little: bool) -> None:
-        self.data = data
-        self.e = "<" if little else ">"
-
-    def _need(self, pos: int, n: int) -> None:
-        if pos + n > len(self.data):
-            raise HeaderError("unparseable", "truncated: the file ends inside an element")
-
-    def tag(self, pos: int) -> tuple[int, int]:
-        self._need(pos, 8)
-        group, elem = struct.unpack_from(self.e + "HH", self.data, pos)
-        return group, elem
-
-    def one(self, pos: int, implicit: bool) -> int:
-        """Position after the element that starts at ``pos``."""
-        data, e = self.data, self.e
-        group, _ = self.tag(pos)
-        vr = data[pos + 4 : pos + 6]
-        if implicit or group == 0xFFFE:
-            length = struct.unpack_from(e + "L", data, pos + 4)[0]
-            pos += 8
-        elif vr in _LONG_VRS:
-            self._need(pos, 12)
-            length = struct.unpack_from(e + "L", data, pos + 8)[0]
-            pos += 12
-        else:
-            length = struct.unpack_from(e + "H", data, pos + 6)[0]
-            pos += 8
-        if length == _UNDEFINED:
-            # An explicit 'UN' of undefined length holds implicit VR little endian content.
-            return self.items(pos, implicit or vr == b"UN")
-        self._need(pos, length)
-        return int(pos + length)
-
-    def elements(self, pos: int, implicit: bool, until_item_end: bool = False) -> int:
-        """Walk elements from ``pos`` to the end (or past the Item Delimitation Item)."""
-        while pos < len(self.data):
-            if until_item_end and self.tag(pos) == _ITEM_END:
-                return pos + 8
-            pos = self.one(pos, implicit)
-        if until_item_end:
-            raise HeaderError("unparseable", "truncated: the file ends inside a sequence item")
-        return pos
-
-    def items(self, pos: int, implicit: bool) -> int:
-        """Walk the items of an undefined-length element up to its Sequence Delimitation Item."""
-        while True:
-            tag = self.tag(pos)
-            length = struct.unpack_from(self.e + "L", self.data, pos + 4)[0]
-            pos += 8
-            if tag == _SEQ_END:
-                return pos
-            if tag != _ITEM:
-                raise HeaderError("unparseable", "malformed item in an undefined-length element")
-            if length == _UNDEFINED:
-                pos = self.elements(pos, implicit, until_item_end=True)
-            else:
-                self._need(pos, length)
-                pos += length
-
-
-def _dataset_start(data: bytes) -> int:
-    """Offset of the first dataset element after the preamble, 'DICM' and the file meta group.
-
-    The meta group (always explicit VR little endian) is walked rather than trusting its group
-    length, which some writers get wrong.
-    """
-    walker = _Walker(data, little=True)
-    pos = 132
-    while pos + 2 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
-        pos = walker.one(pos, implicit=False)
-    return pos
-
-
-def check_complete(data: bytes, implicit: bool, little: bool) -> bool:
-    """Raise :class:`HeaderError` unless every element's declared length fits ``data`` exactly.
-
-    Returns whether the dataset has a top-level pixel data element.
-    """
-    walker = _Walker(data, little)
-    pos = _dataset_start(data)
-    has_pixels = False
-    while pos < len(data):
-        group, elem = walker.tag(pos)
-        has_pixels = has_pixels or (group << 16 | elem) in _PIXEL_TAGS
-        pos = walker.one(pos, implicit)
-    return has_pixels
-
-
-def _requires_pixels(ds: Dataset) -> bool:
+def _requires_pixels(sop_class_uid: object, has_rows: bool) -> bool:
     """True for images: Rows present, or a SOP class whose PS3.6 name says 'Image Storage'."""
-    if "Rows" in ds:
-        return True
-    sop_class = ds.get("SOPClassUID")
-    return sop_class is not None and "Image Storage" in getattr(sop_class, "name", "")
+    return has_rows or "Image Storage" in UID(str(sop_class_uid or "")).name
+
+
+# --------------------------------------------------------------------------- fast path
+
+_WANTED = frozenset(_TAGS.values()) | {SPECIFIC_CHARACTER_SET}
+_KEYWORD_OF = {tag: keyword for keyword, tag in _TAGS.items()}
+
+
+def parse_header(data: bytes) -> InstanceHeader:
+    """Parse and validate the header of a Part 10 file held in memory.
+
+    Raises :class:`HeaderError` (``unparseable`` or ``invalid_uid``) for anything that is not a
+    whole DICOM file with valid UIDs.
+    """
+    try:
+        found = scan(data, _WANTED)
+    except HeaderError as exc:
+        if exc.detail.startswith("not a DICOM"):
+            raise
+        return header_from_dataset(read_dataset(data))  # pydicom may know the real encoding
+    if found.transfer_syntax == DEFLATED:
+        return header_from_dataset(read_dataset(data))
+    try:
+        decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
+        values = {
+            _KEYWORD_OF[tag]: decoder.decode(tag, raw)
+            for tag, raw in found.elements.items()
+            if tag != SPECIFIC_CHARACTER_SET
+        }
+    except Exception as exc:
+        raise HeaderError(
+            "unparseable", f"header could not be decoded: {type(exc).__name__}"
+        ) from exc
+    # A cut exactly at an element boundary leaves a well-formed but shorter dataset; for an
+    # image that shows as a missing pixel data element.
+    if not found.has_pixels and _requires_pixels(values.get("SOPClassUID"), "Rows" in values):
+        raise HeaderError("unparseable", "truncated: an image without pixel data")
+    return header_from_values(values, found.transfer_syntax)
+
+
+# --------------------------------------------------------------------------- pydicom path
 
 
 def read_dataset(data: bytes) -> Dataset:
-    """Parse a Part 10 file (preamble, meta, dataset) up to the pixel data; check the rest fits."""
+    """Parse a Part 10 file with pydicom up to the pixel data; check the rest fits."""
     fp = io.BytesIO(data)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
@@ -289,46 +204,56 @@ def read_dataset(data: bytes) -> Dataset:
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         raise HeaderError("unparseable", "file meta has no Transfer Syntax UID")
-    if str(meta.TransferSyntaxUID) == _DEFLATED:
+    if str(meta.TransferSyntaxUID) == DEFLATED:
         return ds  # compressed as a whole: pydicom's inflate reports a cut
     implicit, little = ds.original_encoding
     has_pixels = check_complete(data, bool(implicit), bool(little))
-    # A cut exactly at an element boundary leaves a well-formed but shorter dataset; for an
-    # image that shows as a missing pixel data element.
-    if not has_pixels and _requires_pixels(ds):
+    if not has_pixels and _requires_pixels(ds.get("SOPClassUID", ""), "Rows" in ds):
         raise HeaderError("unparseable", "truncated: an image without pixel data")
     return ds
 
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
-    """Build an :class:`InstanceHeader`; raise :class:`HeaderError` on missing or bad UIDs."""
+    """Build an :class:`InstanceHeader` from a pydicom Dataset."""
     try:
+        values = {}
+        for keyword, tag in _TAGS.items():
+            elem = ds.get(tag)
+            if elem is not None:
+                values[keyword] = elem.value
         meta = getattr(ds, "file_meta", None)
         meta_ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-        uids = {
-            keyword: str(_value(ds, keyword) or "")
-            for keyword in (
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "SeriesInstanceUID",
-            )
-        }
+    except Exception as exc:
+        raise HeaderError(
+            "unparseable", f"header could not be decoded: {type(exc).__name__}"
+        ) from exc
+    return header_from_values(values, meta_ts)
+
+
+# --------------------------------------------------------------------------- both paths
+
+_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def header_from_values(values: Mapping[str, Any], transfer_syntax: str) -> InstanceHeader:
+    """Build an :class:`InstanceHeader`; raise :class:`HeaderError` on missing or bad UIDs."""
+    try:
+        uids = {keyword: str(values.get(keyword) or "").strip() for keyword in _UID_KEYWORDS}
         fields = {
-            "patient_id": _text(ds, "PatientID"),
-            "patient_name": _text(ds, "PatientName"),
-            "birth_date": _text(ds, "PatientBirthDate"),
-            "sex": _text(ds, "PatientSex"),
-            "study_date": _text(ds, "StudyDate"),
-            "study_time": _text(ds, "StudyTime"),
-            "accession_number": _text(ds, "AccessionNumber"),
-            "study_description": _text(ds, "StudyDescription"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "modality": _text(ds, "Modality"),
-            "series_number": _int(ds, "SeriesNumber"),
-            "instance_number": _int(ds, "InstanceNumber"),
+            "patient_id": _text(values, "PatientID"),
+            "patient_name": _text(values, "PatientName"),
+            "birth_date": _text(values, "PatientBirthDate"),
+            "sex": _text(values, "PatientSex"),
+            "study_date": _text(values, "StudyDate"),
+            "study_time": _text(values, "StudyTime"),
+            "accession_number": _text(values, "AccessionNumber"),
+            "study_description": _text(values, "StudyDescription"),
+            "series_description": _text(values, "SeriesDescription"),
+            "modality": _text(values, "Modality"),
+            "series_number": _int(values, "SeriesNumber"),
+            "instance_number": _int(values, "InstanceNumber"),
         }
-        attrs = _summary_attrs(ds)
+        attrs = _summary_attrs(values)
     except Exception as exc:
         raise HeaderError(
             "unparseable", f"header could not be decoded: {type(exc).__name__}"
@@ -341,19 +266,14 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
             raise HeaderError(
                 "invalid_uid", f"{keyword} is not a valid UID (digits and dots, <= 64)"
             )
-    if meta_ts and not is_valid_uid(meta_ts):
+    if transfer_syntax and not is_valid_uid(transfer_syntax):
         raise HeaderError("invalid_uid", "TransferSyntaxUID is not a valid UID")
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=meta_ts,
+        transfer_syntax_uid=transfer_syntax,
         attrs=attrs,
         **fields,  # type: ignore[arg-type]
     )
-
-
-def parse_header(data: bytes) -> InstanceHeader:
-    """Parse and validate the header of a Part 10 file held in memory."""
-    return header_from_dataset(read_dataset(data))
