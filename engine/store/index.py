@@ -7,10 +7,12 @@ Callers use :class:`Index` only, so a PostgreSQL implementation can be added beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -90,6 +92,10 @@ class Index(Protocol):
     def mark_summary_written(self, series_uid: str, at: float) -> None: ...
 
     def counts(self) -> dict[str, int]: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
 
     def close(self) -> None: ...
 
@@ -425,6 +431,28 @@ class SqliteIndex:
                 table: int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
                 for table in ("patients", "studies", "series", "instances", "quarantine")
             }
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The shared connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
+
+        For the other stores of the engine (pipeline runs, routes) that keep their tables in the
+        same database file: one connection, one lock, one durable commit.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The shared connection under the lock, for reads (autocommit, no transaction)."""
+        with self._lock:
+            yield self._db
 
     def close(self) -> None:
         with self._lock:
