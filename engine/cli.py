@@ -41,6 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_site_args(ingest)
     ingest.add_argument("paths", nargs="+", type=Path, help="files or folders, read recursively")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    test_rules = sub.add_parser(
+        "test-rules", help="run the golden cases of rule sets; exit 1 on any mismatch"
+    )
+    test_rules.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="rule set files or folders (default: every rule set under rulesets/classify/)",
+    )
+
+    explain = sub.add_parser(
+        "explain", help="dry run: which projects claim a study and why, its labels, its steps"
+    )
+    _add_site_args(explain)
+    explain.add_argument("targets", nargs="+", help="DICOM files, folders, or study UIDs")
+    explain.add_argument("--calling-ae", help="for files: the sender's AE title to assume")
+    explain.add_argument("--called-ae", help="for files: the called AE title (default ours)")
+    explain.add_argument("--calling-ip", help="for files: the sender's address to assume")
     return parser
 
 
@@ -58,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         from engine.ingest import run_ingest
 
         return run_ingest(args)
+    if args.command == "test-rules":
+        from engine.rules.testing import run_test_rules
+
+        return run_test_rules(args.paths)
+    if args.command == "explain":
+        from engine.route.explain import run_explain
+
+        return run_explain(args)
     raise AssertionError(args.command)
 
 

@@ -97,12 +97,63 @@ def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
     return enabled
 
 
-def _start_jobs(store: Store) -> Any:
+def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:
+    """Names and modification times of the project files (and their folder)."""
+    from engine.config.loader import project_files
+
+    folder = site.projects_dir
+    try:
+        files = project_files(folder)
+        stamps = [(f.name, f.stat().st_mtime_ns) for f in files]
+        return ((str(folder), folder.stat().st_mtime_ns), *stamps)
+    except OSError:
+        return ()
+
+
+class WorkflowJob:
+    """The scheduled scan; rebuilds the workflow when a project file is added or changed.
+
+    Coordinators drop project files into ``projects/`` while the service runs: the next scan
+    picks them up (an invalid one is logged and left out, as at start).
+    """
+
+    def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
+        from engine.workflow import Workflow, site_labeller
+
+        self.store = store
+        self.labeller = site_labeller(store.site)
+        self.signature = _projects_signature(store.site)
+        self.workflow = Workflow(store.index, store.site, projects, labeller=self.labeller)
+
+    def __call__(self) -> None:
+        from engine.workflow import Workflow
+
+        signature = _projects_signature(self.store.site)
+        if signature != self.signature:
+            self.signature = signature
+            log.info("project files changed; reloading projects")
+            projects = load_enabled_projects(self.store.site)
+            self.workflow = Workflow(
+                self.store.index, self.store.site, projects, labeller=self.labeller
+            )
+        self.workflow.scan()
+
+
+def _start_jobs(store: Store, projects: list[ProjectConfig]) -> Any:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(
+        WorkflowJob(store, projects),
+        "interval",
+        seconds=store.site.scan_interval,
+        id="workflow",
+        name="route, label and complete studies; run pipelines",
+        max_instances=1,
+        coalesce=True,
+    )
     scheduler.add_job(
         write_pending_summaries,
         "interval",
@@ -124,7 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(site.log_level)
     from engine.net.scp import start_scp
 
-    load_enabled_projects(site)
+    projects = load_enabled_projects(site)
     store = open_store(site)
     try:
         server, _ = start_scp(site, store.archive)
@@ -132,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
         store.close()
         return 1
-    scheduler = _start_jobs(store)
+    scheduler = _start_jobs(store, projects)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,

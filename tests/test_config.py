@@ -170,7 +170,8 @@ def test_overrides_replace_file_values(
             {"colour": "red"},
             "(command line) (root): 'colour' is not allowed (allowed: $comment, ae_title, "
             "allowed_calling_aes, bind_address, data_dir, duplicate_policy, index_url, "
-            "limits, log_level, max_pdu, port, projects_dir, timeouts, tls)",
+            "limits, log_level, max_pdu, port, projects_dir, routing, scan_interval_seconds,"
+            " timeouts, tls)",
         ),
     ],
 )

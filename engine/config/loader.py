@@ -27,12 +27,15 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from engine.config.model import (
+    AmbiguousPolicy,
     DuplicatePolicy,
     Limits,
     ProjectConfig,
+    RoutingPolicy,
     SiteConfig,
     Timeouts,
     TlsConfig,
+    UnroutedPolicy,
 )
 
 __all__ = [
@@ -524,6 +527,13 @@ def _site_issues(
             ca_file=tls_path("ca_file"),
             require_client_cert=bool(tls_doc["require_client_cert"]),
         ),
+        routing=RoutingPolicy(
+            unrouted=UnroutedPolicy(doc["routing"]["unrouted"]),
+            ambiguous=AmbiguousPolicy(doc["routing"]["ambiguous"]),
+            unrouted_after=float(doc["routing"]["unrouted_after_seconds"]),
+            classify_rulesets=tuple(doc["routing"]["classify_rulesets"]),
+        ),
+        scan_interval=float(doc["scan_interval_seconds"]),
         log_level=doc["log_level"],
     )
     issues += sorted(_check_tls(site.tls, parsed), key=_issue_order)
@@ -611,7 +621,25 @@ def _project_issues(path: Path) -> tuple[ProjectConfig | None, list[ConfigIssue]
         enabled=bool(doc["enabled"]),
         raw=doc,
     )
+    issues = sorted(_project_semantic_issues(project, parsed), key=_issue_order)
+    if issues:
+        return None, issues, None
     return project, [], parsed.line_of(("name",))
+
+
+def _project_semantic_issues(project: ProjectConfig, parsed: _Parsed) -> list[ConfigIssue]:
+    """Checks of the sections other layers own: routing rules and the pipeline's steps."""
+    # Imported here: those layers build on this module, not the other way round.
+    from engine.pipeline.validate import check_pipeline
+    from engine.route.config import check_routing
+
+    pipeline = project.raw.get("pipeline", [])
+    return check_routing(project, parsed.lines) + check_pipeline(
+        pipeline if isinstance(pipeline, list) else [],
+        project.source,
+        ("pipeline",),
+        parsed.line_of,
+    )
 
 
 def load_project(path: Path) -> ProjectConfig:

@@ -57,6 +57,35 @@ class Timeouts:
     network: float = 120.0
 
 
+class UnroutedPolicy(StrEnum):
+    """What happens to a study no project claims."""
+
+    QUARANTINE = "quarantine"
+    IGNORE = "ignore"
+
+
+class AmbiguousPolicy(StrEnum):
+    """What happens to a study several projects claim."""
+
+    ALL = "all"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """Site-wide routing policy.
+
+    ``unrouted_after``: seconds without a new instance before an unclaimed study is judged.
+    ``classify_rulesets``: rule set names or files (relative to the site file) labelling every
+    series on arrival; empty means every rule set in ``rulesets/classify/``.
+    """
+
+    unrouted: UnroutedPolicy = UnroutedPolicy.QUARANTINE
+    ambiguous: AmbiguousPolicy = AmbiguousPolicy.ALL
+    unrouted_after: float = 300.0
+    classify_rulesets: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
@@ -79,6 +108,8 @@ class SiteConfig:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    scan_interval: float = 2.0
     log_level: str = "INFO"
 
     @property

@@ -15,22 +15,41 @@ from engine.config.loader import (
 from engine.config.loader import ConfigError as _ConfigError
 
 DEFAULT_PROJECTS_DIR = Path("projects")
+#: A file or folder with a folder of this name in its path holds rule sets, not projects.
+RULESETS_FOLDER = "rulesets"
 
 
-def _collect(targets: list[Path]) -> tuple[list[Path], list[ConfigIssue]]:
-    """Project files named by ``targets`` (files, or folders of files), in order, once each."""
+def is_ruleset_path(path: Path) -> bool:
+    """Whether ``path`` is under a ``rulesets/`` folder (judged on its path relative to the
+    current folder when it is inside it, else on the path as given)."""
+    try:
+        parts = path.resolve().relative_to(Path.cwd().resolve()).parts
+    except ValueError:
+        parts = path.parts
+    return RULESETS_FOLDER in parts
+
+
+def _collect(targets: list[Path]) -> tuple[list[Path], list[Path], list[ConfigIssue]]:
+    """(project files, rule set files, issues) named by ``targets`` (files, or folders of
+    files; a rule set folder is read recursively), in order, once each."""
+    from engine.rules import ruleset_files  # the rules package builds on config
+
     files: list[Path] = []
+    rulesets: list[Path] = []
     issues: list[ConfigIssue] = []
     for target in targets:
         if target.is_dir():
-            found = project_files(target)
+            ruleset = is_ruleset_path(target)
+            found = ruleset_files(target) if ruleset else project_files(target)
         elif target.is_file():
+            ruleset = is_ruleset_path(target)
             found = [target]
         else:
             issues.append(ConfigIssue(target, None, format_path(()), "no such file or folder"))
             continue
-        files += [f for f in found if f not in files]
-    return files, issues
+        into = rulesets if ruleset else files
+        into += [f for f in found if f not in into]
+    return files, rulesets, issues
 
 
 def run_validate(
@@ -40,8 +59,10 @@ def run_validate(
 
     ``paths`` are project files or folders of them, checked together with ``projects_dir``;
     with neither, the site's ``projects_dir`` (when a valid site file is given) or
-    ``projects/``. Project names must be unique across everything checked. Returns 1 if any
-    problem was found, else 0.
+    ``projects/``. Project names must be unique across everything checked. Paths under a
+    ``rulesets/`` folder are rule set files (a folder: every one under it, recursively),
+    checked with :func:`engine.rules.check_ruleset`. Returns 1 if any problem was found,
+    else 0.
     """
     issues: list[ConfigIssue] = []
     checked = 0
@@ -56,15 +77,22 @@ def run_validate(
     targets = list(paths) + ([projects_dir] if projects_dir is not None else [])
     if not targets:
         targets = [default_dir]
-    files, missing = _collect(targets)
+    files, rulesets, missing = _collect(targets)
     issues += missing
     for target in targets:
         if target.is_file() and target.suffix.lower() not in PROJECT_SUFFIXES:
-            message = f"not a project file (expected {', '.join(PROJECT_SUFFIXES)})"
+            what = "rule set" if is_ruleset_path(target) else "project"
+            message = f"not a {what} file (expected {', '.join(PROJECT_SUFFIXES)})"
             issues.append(ConfigIssue(target, None, format_path(()), message))
     _, project_issues = check_project_files(files)
     issues += project_issues
     checked += len(files)
+    if rulesets:
+        from engine.rules import check_ruleset
+
+        for ruleset in rulesets:
+            issues += check_ruleset(ruleset)
+        checked += len(rulesets)
 
     for issue in issues:
         print(issue)

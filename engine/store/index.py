@@ -64,6 +64,7 @@ class QuarantineRecord:
     origin: Origin
     sop_instance_uid: str | None = None
     study_uid: str | None = None
+    project: str = ""  # for a study held by a project's routing or pipeline
 
 
 class Index(Protocol):
@@ -324,8 +325,8 @@ class SqliteIndex:
         with self._lock:
             self._db.execute(
                 "INSERT INTO quarantine(qid, reason, detail, path, size, sha256, received_at,"
-                " calling_ae, called_ae, peer_ip, via, sop_instance_uid, study_uid)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " calling_ae, called_ae, peer_ip, via, sop_instance_uid, study_uid, project)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     r.qid,
                     r.reason,
@@ -340,6 +341,7 @@ class SqliteIndex:
                     o.via,
                     r.sop_instance_uid,
                     r.study_uid,
+                    r.project,
                 ),
             )
 
@@ -372,7 +374,7 @@ class SqliteIndex:
                 "SELECT se.id, se.series_uid, se.modality, se.series_number, se.description,"
                 " se.first_received_at, se.last_received_at, st.study_uid, st.study_date,"
                 " st.study_time, st.accession_number, st.description, p.patient_id,"
-                " p.patient_name, p.birth_date, p.sex"
+                " p.patient_name, p.birth_date, p.sex, se.labels"
                 " FROM series se JOIN studies st ON st.id = se.study_ref"
                 " JOIN patients p ON p.id = st.patient_ref WHERE se.series_uid = ?",
                 (series_uid,),
@@ -402,7 +404,8 @@ class SqliteIndex:
             "birth_date",
             "sex",
         )
-        out: dict[str, Any] = dict(zip(keys, head[1:], strict=True))
+        out: dict[str, Any] = dict(zip(keys, head[1:-1], strict=True))
+        out["labels"] = json.loads(head[-1] or "[]")
         out["instances"] = [
             {
                 "sop_instance_uid": r[0],

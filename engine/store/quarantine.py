@@ -24,6 +24,10 @@ class Reason(StrEnum):
     UNPARSEABLE = "unparseable"  # not DICOM, truncated, or a header that cannot be decoded
     INVALID_UID = "invalid_uid"  # a required UID is missing or not digits-and-dots <= 64
     DUPLICATE_CONFLICT = "duplicate_conflict"  # same SOP Instance UID, different bytes
+    UNROUTED = "unrouted"  # a complete study no project claims (site policy 'quarantine')
+    AMBIGUOUS = "ambiguous"  # several projects claim a study (site policy 'quarantine')
+    NOTHING_SELECTED = "nothing_selected"  # a select step kept no series (if_empty: quarantine)
+    STEP_FAILED = "step_failed"  # a pipeline step kept failing; its attempts are used up
 
 
 class Quarantine:
@@ -74,6 +78,42 @@ class Quarantine:
             "peer_ip": origin.peer_ip,
             "sop_instance_uid": sop_instance_uid,
             "study_uid": study_uid,
+        }
+        write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
+        self.index.add_quarantine(record)
+        return record
+
+    def hold_study(
+        self, study_uid: str, reason: str, detail: str, *, project: str = ""
+    ) -> QuarantineRecord:
+        """Hold a whole study: its files stay in the archive, the reason is filed here.
+
+        ``study_uid`` was validated when the study was archived. ``reason`` is a
+        :class:`Reason` code or a pipeline step's own code; ``detail`` quotes no header value.
+        """
+        now = time.time()
+        qid = uuid.uuid4().hex
+        folder = self.root / time.strftime("%Y%m%d", time.gmtime(now))
+        record = QuarantineRecord(
+            qid=qid,
+            reason=str(reason),
+            detail=detail,
+            path=str(Path("archive") / study_uid),
+            size=0,
+            sha256="",
+            received_at=now,
+            origin=Origin("engine"),
+            study_uid=study_uid,
+            project=project,
+        )
+        sidecar = {
+            "qid": qid,
+            "reason": record.reason,
+            "detail": detail,
+            "held_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "study_uid": study_uid,
+            "project": project,
+            "files": record.path,
         }
         write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
         self.index.add_quarantine(record)

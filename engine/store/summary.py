@@ -54,6 +54,7 @@ def aggregate(series: dict[str, Any]) -> dict[str, Any]:
         "SeriesDescription": series["series_description"],
         "SeriesNumber": series["series_number"],
         "Modality": series["modality"],
+        "ClassifyType": series.get("labels", []),
         "NumFiles": len(instances),
         "SOPClassUID": _distinct([i["sop_class_uid"] for i in instances]),
         "TransferSyntaxUID": _distinct([i["transfer_syntax"] for i in instances]),

@@ -1,0 +1,190 @@
+"""The pipeline interpreter: runs each runnable run's steps, in order, recording every outcome.
+
+For each runnable run (:meth:`RunStore.runnable`) the runner starts at the first step not yet
+done (a restart resumes there; a finished step is never repeated) and, after each step, records
+its outcome durably (with the steps' shared state) before the next one starts:
+
+* ``Done``: on to the next step; after the last one the run is ``done``;
+* ``Quarantined(reason, detail)``: the run stops, ``quarantine_hook(run, reason, detail)`` files
+  the study in the quarantine, and the run is ``quarantined``;
+* ``Retry(reason, after)``: the run waits ``after`` seconds and then resumes at this step;
+* an exception: a retry with exponential backoff (``backoff * 2**attempts``, at most
+  ``max_backoff``; ``attempts`` counts the step's unfinished tries) and reason
+  ``step_error: <ExceptionType>`` (never the message: it may quote a header value); after
+  ``max_attempts`` unfinished tries of the step, the study is quarantined with reason
+  ``step_failed``.
+
+Log lines name the run id, project and step only: never a UID, name or header value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from engine.pipeline.context import RunContext
+from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry, is_outcome
+from engine.pipeline.steps import Step
+from engine.pipeline.store import RunRecord, RunState, RunStore
+from engine.store.index import Index
+from engine.store.quarantine import Reason
+
+__all__ = ["MAX_ATTEMPTS", "PipelineRunner", "QuarantineHook"]
+
+log = logging.getLogger(__name__)
+
+#: Tries of a step that raises before its study is quarantined as ``step_failed``.
+MAX_ATTEMPTS = 5
+
+#: Files a held study in the quarantine: (run, reason code, detail).
+QuarantineHook = Callable[[RunRecord, str, str], None]
+
+
+class PipelineRunner:
+    """Runs the pipelines of ``pipelines`` (project name -> compiled steps) over ``store``.
+
+    ``data_dir`` is the engine's data folder (archive paths and relative step paths are under
+    it). Runs of a project not in ``pipelines`` (disabled or removed) wait untouched.
+    """
+
+    def __init__(
+        self,
+        store: RunStore,
+        index: Index,
+        data_dir: Path,
+        pipelines: Mapping[str, Sequence[Step]],
+        quarantine_hook: QuarantineHook,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        backoff: float = 60.0,
+        max_backoff: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.data_dir = data_dir
+        self.pipelines = {name: tuple(steps) for name, steps in pipelines.items()}
+        self.quarantine_hook = quarantine_hook
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._waiting: set[int] = set()  # runs of unknown projects, logged once
+
+    def run_pending(self, now: float | None = None) -> int:
+        """Work through every runnable run; the number of runs worked on."""
+        now = time.time() if now is None else now
+        count = 0
+        for run in self.store.runnable(now):
+            steps = self.pipelines.get(run.project)
+            if steps is None:
+                if run.id not in self._waiting:
+                    self._waiting.add(run.id)
+                    log.warning(
+                        "run %d: project %s has no pipeline here; waiting", run.id, run.project
+                    )
+                continue
+            count += 1
+            try:
+                self.run_one(run, steps, now)
+            except Exception as exc:  # the store failed: the run stays runnable
+                log.error(
+                    "run %d (project %s): could not record progress (%s); retrying next scan",
+                    run.id,
+                    run.project,
+                    type(exc).__name__,
+                )
+        return count
+
+    def run_one(self, run: RunRecord, steps: Sequence[Step], now: float) -> RunState:
+        """Run ``run`` from its first step not done until it finishes, waits or is held."""
+        self.store.start(run.id, now)
+        ctx = RunContext(
+            run_id=run.id,
+            project=run.project,
+            study_uid=run.study_uid,
+            subject=run.subject,
+            event=run.event,
+            follow_up=run.follow_up,
+            series=self.store.series_inputs(run, self.data_dir),
+            data_dir=self.data_dir,
+            state=json.loads(json.dumps(run.step_state)),
+        )
+        done = self.store.done_steps(run.id)
+        attempts = run.attempts
+        for idx, step in enumerate(steps):
+            if idx in done:
+                continue
+            outcome, error = self._call(step, ctx, attempts)
+            where = (run.id, run.project, idx, step.name)
+            if isinstance(outcome, Done):
+                self.store.record_step(run.id, idx, step.name, outcome, state=ctx.state, now=now)
+                log.info("run %d (project %s) step %d %s: done (%s)", *where, outcome.detail)
+                attempts = 0
+                continue
+            if isinstance(outcome, Quarantined):
+                self.store.record_step(run.id, idx, step.name, outcome, now=now)
+                log.warning(
+                    "run %d (project %s) step %d %s: quarantined (%s)", *where, outcome.reason
+                )
+                return self._hold(run, outcome.reason, outcome.detail, now)
+            if error and attempts + 1 >= self.max_attempts:
+                failed = Quarantined(Reason.STEP_FAILED.value, self._failed(step, idx, outcome))
+                self.store.record_step(run.id, idx, step.name, outcome, error=True, now=now)
+                log.error("run %d (project %s) step %d %s: failed %d times", *where, attempts + 1)
+                return self._hold(run, failed.reason, failed.detail, now)
+            self.store.record_step(run.id, idx, step.name, outcome, error=error, now=now)
+            log.warning(
+                "run %d (project %s) step %d %s: retry in %g s (%s)",
+                *where,
+                outcome.after,
+                outcome.reason,
+            )
+            return RunState.PENDING
+        self.store.finish(run.id, RunState.DONE, "", f"{len(steps)} steps done", now=now)
+        log.info("run %d (project %s): done", run.id, run.project)
+        return RunState.DONE
+
+    def _call(self, step: Step, ctx: RunContext, attempts: int) -> tuple[Outcome, bool]:
+        """(the step's outcome, whether it raised): an exception or a wrong return value becomes
+        a Retry after ``backoff * 2**attempts`` seconds (``attempts``: earlier unfinished tries).
+        ``ctx.state`` is restored when the step does not finish."""
+        saved = json.dumps(ctx.state)
+        try:
+            outcome = step.run(ctx)
+            if not is_outcome(outcome):
+                raise TypeError(
+                    f"step {step.name} returned {type(outcome).__name__}, not an outcome"
+                )
+            json.dumps(ctx.state)  # the state must stay JSON
+        except Exception as exc:
+            ctx.state.clear()
+            ctx.state.update(json.loads(saved))
+            delay = min(self.max_backoff, self.backoff * 2**attempts)
+            return Retry(f"step_error: {type(exc).__name__}", delay), True
+        if not isinstance(outcome, Done):
+            ctx.state.clear()
+            ctx.state.update(json.loads(saved))
+        return outcome, False
+
+    def _failed(self, step: Step, idx: int, last: Outcome) -> str:
+        reason = last.reason if isinstance(last, Retry) else ""
+        return f"step {idx} ({step.name}) failed {self.max_attempts} times; last: {reason}"
+
+    def _hold(self, run: RunRecord, reason: str, detail: str, now: float) -> RunState:
+        """File the quarantine, then end the run (a crash in between files it again: a held
+        study is never lost, at worst held twice)."""
+        try:
+            self.quarantine_hook(run, reason, detail)
+        except Exception as exc:
+            log.error(
+                "run %d (project %s): could not quarantine (%s); retrying later",
+                run.id,
+                run.project,
+                type(exc).__name__,
+            )
+            self.store.postpone(run.id, now + self.backoff, now=now)
+            return RunState.PENDING
+        self.store.finish(run.id, RunState.QUARANTINED, reason, detail, now=now)
+        return RunState.QUARANTINED

@@ -1,0 +1,337 @@
+"""Durable pipeline runs: tables ``pipeline_runs`` and ``pipeline_steps`` of the index database.
+
+A run is created once per (study, project, follow-up) when the study is complete for the project
+(``follow_up`` counts the runs for series that arrived later). The runner records every step's
+outcome, together with the steps' shared state, in one transaction before it starts the next
+step, so a restart resumes at the first step not done and never repeats a finished one.
+
+Run states: ``pending`` (waiting, possibly until ``next_try_at``), ``running`` (a runner is at
+it, or was when the engine stopped: such runs are resumed), ``done``, ``quarantined`` (the study
+was held with ``reason``), ``failed`` (reserved for runs given up without a quarantine).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from engine.pipeline.context import SeriesInput
+from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
+from engine.store.index import Index
+
+__all__ = ["RunRecord", "RunState", "RunStore", "StepRecord", "StepState"]
+
+
+class RunState(StrEnum):
+    """Where a run is (``pipeline_runs.state``)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+
+
+class StepState(StrEnum):
+    """A step's last outcome (``pipeline_steps.state``); ``error``: it raised."""
+
+    DONE = "done"
+    QUARANTINED = "quarantined"
+    RETRY = "retry"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of ``pipeline_runs``; times in seconds since the epoch (UTC)."""
+
+    id: int
+    study_uid: str
+    project: str
+    subject: str
+    event: str
+    follow_up: int
+    series: tuple[str, ...]
+    state: RunState
+    reason: str
+    detail: str
+    attempts: int
+    next_try_at: float | None
+    step_state: dict[str, Any] = field(compare=False, hash=False)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One row of ``pipeline_steps``."""
+
+    run_id: int
+    idx: int
+    name: str
+    state: StepState
+    reason: str
+    detail: str
+    finished_at: float
+
+
+_RUN_COLUMNS = (
+    "id, study_uid, project, subject, event, follow_up, series, state, reason, detail, attempts,"
+    " next_try_at, state_json, created_at, updated_at"
+)
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        id=int(row[0]),
+        study_uid=str(row[1]),
+        project=str(row[2]),
+        subject=str(row[3]),
+        event=str(row[4]),
+        follow_up=int(row[5]),
+        series=tuple(json.loads(row[6])),
+        state=RunState(row[7]),
+        reason=str(row[8]),
+        detail=str(row[9]),
+        attempts=int(row[10]),
+        next_try_at=None if row[11] is None else float(row[11]),
+        step_state=json.loads(row[12]),
+        created_at=float(row[13]),
+        updated_at=float(row[14]),
+    )
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class RunStore:
+    """Pipeline runs in the index's database, through its shared connection."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        study_uid: str,
+        project: str,
+        subject: str,
+        event: str,
+        follow_up: int,
+        series_uids: Sequence[str],
+    ) -> int:
+        """The id of the run of (study, project, follow-up), created pending if it is new (a
+        second call with the same key changes nothing)."""
+        now = time.time()
+        with self.index.transaction() as db:
+            db.execute(
+                "INSERT INTO pipeline_runs(study_uid, project, subject, event, follow_up, series,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(study_uid, project, follow_up) DO NOTHING",
+                (study_uid, project, subject, event, follow_up, _json(list(series_uids)), now, now),
+            )
+            row = db.execute(
+                "SELECT id FROM pipeline_runs WHERE study_uid=? AND project=? AND follow_up=?",
+                (study_uid, project, follow_up),
+            ).fetchone()
+        return int(row[0])
+
+    def get(self, run_id: int) -> RunRecord | None:
+        """One run, or None."""
+        with self.index.reading() as db:
+            row = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM pipeline_runs WHERE id=?", (run_id,)
+            ).fetchone()
+        return _run(row) if row else None
+
+    def runnable(self, now: float) -> list[RunRecord]:
+        """Pending and interrupted runs whose time has come, oldest first."""
+        with self.index.reading() as db:
+            rows = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM pipeline_runs WHERE state IN ('pending', 'running')"
+                " AND (next_try_at IS NULL OR next_try_at <= ?) ORDER BY id",
+                (now,),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
+    def runs_for_study(self, study_uid: str) -> list[RunRecord]:
+        """Every run of a study (all projects), in creation order."""
+        with self.index.reading() as db:
+            rows = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM pipeline_runs WHERE study_uid=? ORDER BY id",
+                (study_uid,),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
+    def start(self, run_id: int, now: float | None = None) -> None:
+        """Mark a run as being worked on."""
+        self._update(run_id, now, "state='running'")
+
+    def postpone(self, run_id: int, until: float, now: float | None = None) -> None:
+        """Leave a run pending until ``until`` without counting an attempt."""
+        self._update(run_id, now, "state='pending', next_try_at=?", until)
+
+    def save_state(self, run_id: int, state: Mapping[str, Any], now: float | None = None) -> None:
+        """Store the steps' shared state (JSON)."""
+        self._update(run_id, now, "state_json=?", _json(state))
+
+    def finish(
+        self,
+        run_id: int,
+        state: RunState | str,
+        reason: str = "",
+        detail: str = "",
+        now: float | None = None,
+    ) -> None:
+        """End a run as ``done``, ``quarantined`` or ``failed``."""
+        final = RunState(state)
+        if final in (RunState.PENDING, RunState.RUNNING):
+            raise ValueError(f"a run finishes as done, quarantined or failed, not {final}")
+        self._update(
+            run_id,
+            now,
+            "state=?, reason=?, detail=?, next_try_at=NULL",
+            final.value,
+            reason,
+            detail,
+        )
+
+    def _update(self, run_id: int, now: float | None, assignments: str, *values: object) -> None:
+        with self.index.transaction() as db:
+            db.execute(
+                f"UPDATE pipeline_runs SET {assignments}, updated_at=? WHERE id=?",
+                (*values, time.time() if now is None else now, run_id),
+            )
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def done_steps(self, run_id: int) -> set[int]:
+        """Positions of the run's steps that finished (Done)."""
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT idx FROM pipeline_steps WHERE run_id=? AND state='done'", (run_id,)
+            ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def steps(self, run_id: int) -> list[StepRecord]:
+        """The recorded steps of a run, in pipeline order."""
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT run_id, idx, name, state, reason, detail, finished_at FROM pipeline_steps"
+                " WHERE run_id=? ORDER BY idx",
+                (run_id,),
+            ).fetchall()
+        return [StepRecord(int(r[0]), int(r[1]), r[2], StepState(r[3]), *r[4:]) for r in rows]
+
+    def record_step(
+        self,
+        run_id: int,
+        idx: int,
+        name: str,
+        outcome: Outcome,
+        *,
+        state: Mapping[str, Any] | None = None,
+        error: bool = False,
+        now: float | None = None,
+    ) -> int:
+        """Record a step's outcome durably, with what it means for the run, in one transaction.
+
+        Done: the step is done, the run's attempts go back to 0 and ``state`` (the steps'
+        shared state after the step) is stored. Retry (``error``: the step raised): the run
+        waits until ``now + outcome.after`` and counts one more attempt. Quarantined: only the
+        step is recorded (the runner files the quarantine, then calls :meth:`finish`).
+        Returns the run's attempts after the update.
+        """
+        now = time.time() if now is None else now
+        if isinstance(outcome, Done):
+            row = (StepState.DONE, "", outcome.detail)
+        elif isinstance(outcome, Quarantined):
+            row = (StepState.QUARANTINED, outcome.reason, outcome.detail)
+        else:
+            kind = StepState.ERROR if error else StepState.RETRY
+            row = (kind, outcome.reason, f"retry in {outcome.after:g} s")
+        with self.index.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
+                " finished_at) VALUES (?,?,?,?,?,?,?)",
+                (run_id, idx, name, row[0].value, row[1], row[2], now),
+            )
+            self._apply(db, run_id, f"step {idx} ({name})", outcome, state, now)
+            found = db.execute(
+                "SELECT attempts FROM pipeline_runs WHERE id=?", (run_id,)
+            ).fetchone()
+        return int(found[0]) if found else 0
+
+    @staticmethod
+    def _apply(
+        db: sqlite3.Connection,
+        run_id: int,
+        step: str,
+        outcome: Outcome,
+        state: Mapping[str, Any] | None,
+        now: float,
+    ) -> None:
+        if isinstance(outcome, Done):
+            db.execute(
+                "UPDATE pipeline_runs SET attempts=0, reason='', detail='', updated_at=?"
+                + (", state_json=?" if state is not None else "")
+                + " WHERE id=?",
+                (now, _json(state), run_id) if state is not None else (now, run_id),
+            )
+        elif isinstance(outcome, Retry):
+            db.execute(
+                "UPDATE pipeline_runs SET state='pending', attempts=attempts+1, next_try_at=?,"
+                " reason=?, detail=?, updated_at=? WHERE id=?",
+                (
+                    now + outcome.after,
+                    outcome.reason,
+                    f"{step}: retry in {outcome.after:g} s",
+                    now,
+                    run_id,
+                ),
+            )
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def series_inputs(self, run: RunRecord, data_dir: Path) -> tuple[SeriesInput, ...]:
+        """The run's series as indexed (in the run's order; a series no longer indexed is left
+        out), with their files under ``data_dir`` in Instance Number order."""
+        out = []
+        with self.index.reading() as db:
+            for uid in run.series:
+                head = db.execute(
+                    "SELECT se.id, se.series_number, se.modality, se.description FROM series se"
+                    " JOIN studies st ON st.id = se.study_ref"
+                    " WHERE se.series_uid=? AND st.study_uid=?",
+                    (uid, run.study_uid),
+                ).fetchone()
+                if head is None:
+                    continue
+                rows = db.execute(
+                    "SELECT id, path, calling_ae, called_ae, peer_ip FROM instances"
+                    " WHERE series_ref=? ORDER BY instance_number, id",
+                    (head[0],),
+                ).fetchall()
+                first = min(rows, key=lambda r: int(r[0])) if rows else (0, "", "", "", "")
+                out.append(
+                    SeriesInput(
+                        series_uid=uid,
+                        series_number=None if head[1] is None else int(head[1]),
+                        modality=str(head[2]),
+                        description=str(head[3]),
+                        n_instances=len(rows),
+                        files=tuple(data_dir / str(r[1]) for r in rows),
+                        calling_ae=str(first[2]),
+                        called_ae=str(first[3]),
+                        peer_ip=str(first[4]),
+                    )
+                )
+        return tuple(out)

@@ -1,0 +1,203 @@
+"""Check a project's ``pipeline`` section, and build its steps.
+
+Checks run in layers and collect every problem (:class:`~engine.config.loader.ConfigIssue`,
+``file:line path: message``, what was expected and what was found):
+
+1. each item names a known step type (else: the known ones, and a "did you mean");
+2. its options against the step's schema fragment ``schemas/steps/<step>.schema.json`` (every
+   error, with its JSON path: ``pipeline[2].to``);
+3. the step's own :meth:`~engine.pipeline.steps.base.Step.check` (files exist, rules compile),
+   on the options with the fragment's defaults applied;
+4. across steps: labels a step reads (``select``) must come from a ``classify`` step before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from engine.config.loader import (
+    ConfigError,
+    ConfigIssue,
+    _apply_defaults,
+    _found,
+    _issue_order,
+    _messages,
+    _schema,
+    format_path,
+    schema_dir,
+)
+from engine.pipeline.steps import STEPS, JsonPath, Step
+
+__all__ = ["build_pipeline", "check_pipeline", "step_options", "step_schema"]
+
+LineOf = Callable[[JsonPath], int | None]
+
+
+class _AnyLabel:
+    """A labelling step whose labels are unknown (it has problems of its own)."""
+
+
+_ANY = _AnyLabel()
+
+
+def step_schema(name: str) -> dict[str, Any]:
+    """The options schema of step type ``name`` (``schemas/steps/<name>.schema.json``)."""
+    return _schema(name, schema_dir() / "steps")
+
+
+def step_options(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a (valid) step item with its schema fragment's defaults applied."""
+    schema = step_schema(str(item["step"]))
+    options = copy.deepcopy(dict(item))
+    _apply_defaults(schema, options, schema)
+    return options
+
+
+def _subpaths(value: object, path: JsonPath) -> Iterator[JsonPath]:
+    yield path
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            yield from _subpaths(sub, (*path, str(key)))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            yield from _subpaths(sub, (*path, i))
+
+
+def _close(word: str, choices: Sequence[str]) -> str:
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{found[0]}'?)" if found else ""
+
+
+class _Checker:
+    """Collects the issues of one pipeline."""
+
+    def __init__(self, file: Path, line_of: LineOf | None) -> None:
+        self.file = file
+        self.line_of = line_of
+        self.issues: list[ConfigIssue] = []
+
+    def add(self, path: JsonPath, message: str) -> None:
+        line = self.line_of(path) if self.line_of is not None else None
+        self.issues.append(ConfigIssue(self.file, line, format_path(path), message))
+
+    def step(
+        self, item: object, where: JsonPath
+    ) -> tuple[type[Step], dict[str, Any] | None] | None:
+        """(step class, defaulted options) of an item; options None when its own check found
+        problems; None when the item is not even a known step with valid options."""
+        if not isinstance(item, Mapping):
+            self.add(where, f"expected object, {_found(item)}")
+            return None
+        name = item.get("step")
+        if name is None:
+            self.add(where, "missing required key 'step'")
+            return None
+        if not isinstance(name, str):
+            self.add((*where, "step"), f"expected string, {_found(name)}")
+            return None
+        cls = STEPS.get(name)
+        if cls is None:
+            known = sorted(STEPS)
+            message = (
+                f"unknown step '{name}'{_close(name, known)}; expected one of {', '.join(known)}"
+            )
+            self.add((*where, "step"), message)
+            return None
+        schema = step_schema(name)
+        found = []
+        for error in Draft202012Validator(schema).iter_errors(item):
+            for path, line_path, message in _messages(error, schema):
+                line = self.line_of((*where, *line_path)) if self.line_of is not None else None
+                found.append(ConfigIssue(self.file, line, format_path((*where, *path)), message))
+        if found:
+            self.issues += sorted(found, key=_issue_order)
+            return None
+        options = step_options(item)
+        own = cls.check(options, self.file, where)
+        if own:
+            self._locate(own, options, where)
+            return cls, None
+        return cls, options
+
+    def _locate(
+        self, issues: list[ConfigIssue], options: Mapping[str, Any], where: JsonPath
+    ) -> None:
+        """Add a step's own issues, giving the ones in this file the line of their path."""
+        paths = {format_path(p): p for p in _subpaths(options, where)}
+        for issue in issues:
+            if issue.line is None and issue.file == self.file and self.line_of is not None:
+                path = paths.get(issue.path, where)
+                issue = ConfigIssue(issue.file, self.line_of(path), issue.path, issue.message)
+            self.issues.append(issue)
+
+    def labels(
+        self, cls: type[Step], options: Mapping[str, Any], where: JsonPath, known: object
+    ) -> None:
+        """Labels the step reads must be given by a labelling step before it."""
+        used = cls.uses_labels(options)
+        if not used or known is _ANY:
+            return
+        if not isinstance(known, frozenset):
+            self.add(
+                where,
+                f"'{cls.name}' reads series labels, so expected a classify step before it,"
+                " found none",
+            )
+            return
+        choices = sorted(known)
+        for sub, label in used:
+            if label in known:
+                continue
+            hint = _close(label, choices) or f"; they give {', '.join(choices) or 'none'}"
+            message = f"expected a label given by the classify step(s) before, found '{label}'"
+            self.add((*where, *sub), message + hint)
+
+
+def check_pipeline(
+    pipeline: Sequence[object],
+    file: Path,
+    base: JsonPath = ("pipeline",),
+    line_of: LineOf | None = None,
+) -> list[ConfigIssue]:
+    """Every problem of the ``pipeline`` list found at JSON path ``base`` of ``file``.
+
+    ``line_of`` maps a JSON path to its line in ``file`` (``LineLoader``'s lines); None leaves
+    lines out. Issues of a rule set file a step names are reported against that file.
+    """
+    checker = _Checker(file, line_of)
+    known: object = None  # None: no labelling step yet; _ANY: unknown labels; else frozenset
+    for i, item in enumerate(pipeline):
+        where = (*base, i)
+        found = checker.step(item, where)
+        if found is None:
+            continue
+        cls, options = found
+        if options is None:
+            if cls.gives_labels:
+                known = _ANY  # its labels are unknown: do not report every label as unknown
+            continue
+        checker.labels(cls, options, where, known)
+        produced = cls.produces_labels(options, file)
+        if produced is not None and known is not _ANY:
+            known = produced | (known if isinstance(known, frozenset) else frozenset())
+    return checker.issues
+
+
+def build_pipeline(pipeline: Sequence[object], project_file: Path) -> list[Step]:
+    """The compiled steps of a project's ``pipeline`` list; raises
+    :class:`~engine.config.loader.ConfigError` with every problem when it does not check."""
+    issues = check_pipeline(pipeline, project_file)
+    if issues:
+        raise ConfigError(issues)
+    steps: list[Step] = []
+    for item in pipeline:
+        assert isinstance(item, Mapping)  # checked above
+        options = step_options(item)
+        steps.append(STEPS[str(options["step"])](options, project_file))
+    return steps

@@ -1,0 +1,174 @@
+"""``fiona explain FILE|DIR|STUDY_UID``: a dry run of routing, labelling and the pipeline.
+
+Prints, for each study found, its series with their labels, every enabled project's routing
+criteria with the values seen and whether they held, and the steps each claiming project would
+run. Nothing is written. It shows header values, so it prints to the operator's terminal only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from engine.config.model import ProjectConfig, SiteConfig
+from engine.dicom.uids import is_valid_uid
+from engine.route.router import Router, SeriesFacts
+from engine.rules import RuleSet
+
+
+@dataclass
+class _Series:
+    uid: str
+    first: Dataset
+    datasets: list[Dataset] = field(default_factory=list)
+    origin: tuple[str, str, str] = ("", "", "")
+
+
+@dataclass
+class _Study:
+    uid: str
+    accession: str
+    series: dict[str, _Series] = field(default_factory=dict)
+
+
+def _from_files(paths: Iterable[Path], origin: tuple[str, str, str]) -> dict[str, _Study]:
+    studies: dict[str, _Study] = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        except Exception:
+            print(f"skipped {path}: not a readable DICOM file with study and series UIDs")
+            continue
+        study = studies.setdefault(study_uid, _Study(study_uid, str(ds.get("AccessionNumber", ""))))
+        series = study.series.setdefault(series_uid, _Series(series_uid, ds, origin=origin))
+        series.datasets.append(ds)
+    return studies
+
+
+def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
+    from engine.store.index import open_index
+
+    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    try:
+        with index.reading() as db:
+            rows = db.execute(
+                "SELECT i.path, i.calling_ae, i.called_ae, i.peer_ip FROM instances i"
+                " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+                " WHERE st.study_uid = ? ORDER BY i.id",
+                (study_uid,),
+            ).fetchall()
+    finally:
+        index.close()
+    studies: dict[str, _Study] = {}
+    for path, calling, called, ip in rows:
+        found = _from_files([site.data_dir / path], (calling, called, ip))
+        for uid, study in found.items():
+            mine = studies.setdefault(uid, _Study(uid, study.accession))
+            for s_uid, series in study.series.items():
+                target = mine.series.setdefault(s_uid, series)
+                if target is not series:
+                    target.datasets += series.datasets
+    return studies
+
+
+def _files(target: Path) -> list[Path]:
+    if target.is_dir():
+        return sorted(p for p in target.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    return [target]
+
+
+def _labels(labeller: RuleSet | None, series: _Series, facts: SeriesFacts) -> list[str]:
+    if labeller is None:
+        return []
+    acc = labeller.series_labels()
+    for ds in series.datasets:
+        acc.add(labeller.classify(SeriesFacts(**{**facts.__dict__, "dataset": ds}).rule_input()))
+    return sorted(acc.labels)
+
+
+def _describe_steps(project: ProjectConfig) -> str:
+    steps = project.raw.get("pipeline") or []
+    if not isinstance(steps, list) or not steps:
+        return "(no pipeline steps)"
+    parts = []
+    for step in steps:
+        options = {k: v for k, v in step.items() if k != "step"}
+        parts.append(f"{step['step']} {json.dumps(options)}" if options else str(step["step"]))
+    return " -> ".join(parts)
+
+
+def explain_studies(
+    studies: dict[str, _Study],
+    projects: Sequence[ProjectConfig],
+    labeller: RuleSet | None,
+) -> list[str]:
+    """The explanation, as lines."""
+    router = Router(projects)
+    by_name = {p.name: p for p in projects}
+    out: list[str] = []
+    for study in studies.values():
+        out.append(f"study {study.uid} ({len(study.series)} series)")
+        claimed: dict[str, list[str]] = {}
+        for series in study.series.values():
+            calling, called, ip = series.origin
+            facts = SeriesFacts(
+                study.uid, study.accession, series.first, calling, called, ip, len(series.datasets)
+            )
+            labels = _labels(labeller, series, facts)
+            description = str(series.first.get("SeriesDescription", ""))
+            out.append(
+                f"  series {series.uid} '{description}': {len(series.datasets)} files,"
+                f" labels: {', '.join(labels) or '(none)'}"
+            )
+            for match in router.match(facts):
+                claimed.setdefault(match.project, list(match.reasons))
+            for name in sorted(router.routings):
+                out.append(f"    project {name}:")
+                checks = router.checks(name, facts)
+                if not checks:
+                    out.append("      no routing criteria (only its coupling list can claim)")
+                for check in checks:
+                    seen = check.seen.replace("\n", "\n        ")
+                    out.append(f"      {check.criterion}: {'yes' if check.held else 'no'}")
+                    if seen:
+                        out.append(f"        {seen}")
+        if not claimed:
+            out.append("  no project claims this study: it would be held as 'unrouted'")
+        for name, reasons in sorted(claimed.items()):
+            out.append(f"  claimed by {name} ({', '.join(reasons)})")
+            out.append(f"    steps: {_describe_steps(by_name[name])}")
+    return out
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from engine.service import load_enabled_projects, load_site_or_exit
+    from engine.workflow import site_labeller
+
+    site = load_site_or_exit(args)
+    if site is None:
+        return 2
+    origin = (args.calling_ae or "", args.called_ae or site.ae_title, args.calling_ip or "")
+    studies: dict[str, _Study] = {}
+    for target in args.targets:
+        path = Path(target)
+        if path.exists():
+            studies.update(_from_files(_files(path), origin))
+        elif is_valid_uid(target):
+            studies.update(_from_index(site, target))
+        else:
+            print(f"{target}: neither a file, a folder nor a study UID")
+            return 1
+    if not studies:
+        print("no studies found")
+        return 1
+    projects = load_enabled_projects(site)
+    for line in explain_studies(studies, projects, site_labeller(site)):
+        print(line)
+    return 0

@@ -1,0 +1,344 @@
+"""The scheduled scan that turns received instances into complete studies with pipeline runs.
+
+Each scan (an APScheduler job, one at a time) does three things, with all state in the index so
+a restart carries on where the last scan stopped:
+
+1. **see new instances**: every instance with an id above its study's ``routed_upto`` is read
+   (header only) and labelled with the site's rule sets (series labels accumulate, series-level
+   rules included); the first new instance of each series is routed to the projects that claim
+   it. A study whose routes were complete gets them reopened: a follow-up.
+2. **complete**: an open route completes after its project's quiet time, or once every expected
+   label has arrived and the series quiet time passed, or at the force-complete deadline. A
+   pipeline run is created for the series not handed to an earlier run.
+3. **judge the unclaimed**: a study no project claimed, quiet for the site's
+   ``unrouted_after``, goes to quarantine as ``unrouted`` (or is let be, by site policy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, UnroutedPolicy
+from engine.pipeline.store import RunStore
+from engine.route.config import Completeness, completeness_of
+from engine.route.router import Router, SeriesFacts
+from engine.rules import RuleSet, SeriesLabels
+from engine.store.index import Index
+from engine.store.quarantine import Quarantine, Reason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _NewInstance:
+    id: int
+    path: str
+    series_id: int
+    series_uid: str
+    first_of_series: bool
+    calling_ae: str
+    called_ae: str
+    peer_ip: str
+    n_instances: int
+
+
+def read_header(path: Path) -> Dataset:
+    """An archived instance's header (no pixel data)."""
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+class Tracker:
+    """Routes, labels and completes studies; creates pipeline runs (see the module doc)."""
+
+    def __init__(
+        self,
+        index: Index,
+        data_dir: Path,
+        site: SiteConfig,
+        projects: Sequence[ProjectConfig],
+        labeller: RuleSet | None,
+        runs: RunStore,
+    ) -> None:
+        self.index = index
+        self.data_dir = data_dir
+        self.site = site
+        self.router = Router(projects)
+        self.completeness: dict[str, Completeness] = {
+            p.name: completeness_of(p) for p in projects if p.enabled
+        }
+        self.labeller = labeller
+        self.runs = runs
+        self.quarantine = Quarantine(data_dir, index)
+
+    def scan(self, now: float | None = None) -> None:
+        """One pass of the three stages."""
+        now = time.time() if now is None else now
+        for study_id, study_uid, accession, upto in self._studies_with_new_instances():
+            self._see_new_instances(study_id, study_uid, accession, upto, now)
+        self._complete_routes(now)
+        self._judge_unclaimed(now)
+
+    # -- 1. new instances ---------------------------------------------------------------------
+
+    def _studies_with_new_instances(self) -> list[tuple[int, str, str, int]]:
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto FROM studies st"
+                " WHERE EXISTS (SELECT 1 FROM series se JOIN instances i ON i.series_ref = se.id"
+                " WHERE se.study_ref = st.id AND i.id > st.routed_upto)"
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    def _new_instances(self, study_id: int, upto: int) -> list[_NewInstance]:
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT i.id, i.path, se.id, se.series_uid,"
+                " NOT EXISTS (SELECT 1 FROM instances j WHERE j.series_ref = se.id AND j.id <= ?),"
+                " i.calling_ae, i.called_ae, i.peer_ip, se.n_instances"
+                " FROM instances i JOIN series se ON se.id = i.series_ref"
+                " WHERE se.study_ref = ? AND i.id > ? ORDER BY i.id",
+                (upto, study_id, upto),
+            ).fetchall()
+        found: list[_NewInstance] = []
+        routed: set[int] = set()
+        for r in rows:
+            first = bool(r[4]) and int(r[2]) not in routed
+            routed.add(int(r[2]))
+            found.append(_NewInstance(int(r[0]), str(r[1]), int(r[2]), str(r[3]), first, *r[5:]))
+        return found
+
+    def _see_new_instances(
+        self, study_id: int, study_uid: str, accession: str, upto: int, now: float
+    ) -> None:
+        new = self._new_instances(study_id, upto)
+        labels: dict[int, SeriesLabels] = {}
+        claims: dict[str, tuple[str, str, list[str]]] = {}
+        for inst in new:
+            try:
+                dataset = read_header(self.data_dir / inst.path)
+            except Exception as exc:  # archived files were checked on receipt; be safe anyway
+                log.error("cannot read archived instance %d: %s", inst.id, type(exc).__name__)
+                continue
+            facts = SeriesFacts(
+                study_uid,
+                accession,
+                dataset,
+                inst.calling_ae,
+                inst.called_ae,
+                inst.peer_ip,
+                inst.n_instances,
+            )
+            if self.labeller is not None:
+                acc = labels.get(inst.series_id) or self._label_state(inst.series_id)
+                acc.add(self.labeller.classify(facts.rule_input()))
+                labels[inst.series_id] = acc
+            if inst.first_of_series:
+                for match in self.router.match(facts):
+                    subject, event, reasons = claims.get(match.project, (match.subject, "", []))
+                    claims[match.project] = (
+                        subject or match.subject,
+                        event or match.event,
+                        sorted(set(reasons) | set(match.reasons)),
+                    )
+        self._save(study_uid, study_id, max(i.id for i in new), labels, claims, now)
+
+    def _label_state(self, series_id: int) -> SeriesLabels:
+        assert self.labeller is not None
+        with self.index.reading() as db:
+            row = db.execute("SELECT label_state FROM series WHERE id=?", (series_id,)).fetchone()
+        if row and row[0]:
+            try:
+                return SeriesLabels.from_json(json.loads(row[0]))
+            except ValueError:
+                log.warning("series %d: stored label state unreadable; labelling afresh", series_id)
+        return self.labeller.series_labels()
+
+    def _save(
+        self,
+        study_uid: str,
+        study_id: int,
+        upto: int,
+        labels: Mapping[int, SeriesLabels],
+        claims: Mapping[str, tuple[str, str, list[str]]],
+        now: float,
+    ) -> None:
+        with self.index.transaction() as db:
+            for series_id, acc in labels.items():
+                db.execute(
+                    "UPDATE series SET labels=?, label_state=?, summary_written_at=NULL WHERE id=?",
+                    (json.dumps(sorted(acc.labels)), json.dumps(acc.to_json()), series_id),
+                )
+            for project, (subject, event, reasons) in claims.items():
+                db.execute(
+                    "INSERT INTO study_routes(study_uid, project, subject, event, reasons,"
+                    " opened_at) VALUES (?,?,?,?,?,?) ON CONFLICT(study_uid, project) DO NOTHING",
+                    (study_uid, project, subject, event, json.dumps(reasons), now),
+                )
+            # New instances reopen a completed route: the next run is a follow-up.
+            db.execute(
+                "UPDATE study_routes SET state='open', opened_at=? WHERE study_uid=?"
+                " AND state='complete' AND done_upto < ?",
+                (now, study_uid, upto),
+            )
+            db.execute(
+                "UPDATE studies SET routed_upto=?, judged_at=NULL WHERE id=?", (upto, study_id)
+            )
+        for project in claims:
+            log.info("study routed to project %s", project)
+
+    # -- 2. completeness ----------------------------------------------------------------------
+
+    def _complete_routes(self, now: float) -> None:
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT r.study_uid, r.project, r.subject, r.event, r.opened_at, r.runs,"
+                " r.done_upto, st.first_received_at, st.last_received_at, st.id,"
+                " (SELECT count(*) FROM study_routes o WHERE o.study_uid = r.study_uid)"
+                " FROM study_routes r JOIN studies st ON st.study_uid = r.study_uid"
+                " WHERE r.state = 'open' AND st.routed_upto > r.done_upto"
+            ).fetchall()
+        held: set[str] = set()
+        for row in rows:
+            study_uid, project, subject, event, opened_at, runs, done_upto = row[:7]
+            if study_uid in held:
+                continue
+            first_at, last_at, study_id, n_routes = row[7:]
+            rule = self.completeness.get(project)
+            if rule is None:
+                continue  # the project was removed or disabled; its route waits
+            why = self._why_complete(rule, study_id, done_upto, first_at, last_at, opened_at, now)
+            if why is None:
+                continue
+            if n_routes > 1 and self.site.routing.ambiguous is AmbiguousPolicy.QUARANTINE:
+                self._hold_ambiguous(study_uid, study_id, now)
+                held.add(study_uid)
+                continue
+            self._start_run(study_uid, project, subject, event, runs, done_upto, study_id, now)
+            log.info("study complete for project %s (%s); run %d created", project, why, runs)
+
+    def _why_complete(
+        self,
+        rule: Completeness,
+        study_id: int,
+        done_upto: int,
+        first_at: float,
+        last_at: float,
+        opened_at: float,
+        now: float,
+    ) -> str | None:
+        quiet = now - last_at
+        if quiet >= rule.study_quiet:
+            return "quiet"
+        early = rule.expected_labels and quiet >= rule.series_quiet
+        if early and rule.expected_labels <= self._study_labels(study_id):
+            return "expected labels arrived"
+        if rule.force_complete and now - min(first_at, opened_at) >= rule.force_complete:
+            return "forced"
+        return None
+
+    def _study_labels(self, study_id: int) -> frozenset[str]:
+        with self.index.reading() as db:
+            rows = db.execute("SELECT labels FROM series WHERE study_ref=?", (study_id,)).fetchall()
+        return frozenset(label for (text,) in rows for label in json.loads(text or "[]"))
+
+    def _start_run(
+        self,
+        study_uid: str,
+        project: str,
+        subject: str,
+        event: str,
+        runs: int,
+        done_upto: int,
+        study_id: int,
+        now: float,
+    ) -> None:
+        with self.index.reading() as db:
+            series = [
+                str(r[0])
+                for r in db.execute(
+                    "SELECT se.series_uid FROM series se WHERE se.study_ref=? AND EXISTS"
+                    " (SELECT 1 FROM instances i WHERE i.series_ref = se.id AND i.id > ?)"
+                    " ORDER BY se.series_number, se.series_uid",
+                    (study_id, done_upto),
+                )
+            ]
+            upto = int(
+                db.execute(
+                    "SELECT max(i.id) FROM instances i JOIN series se ON se.id = i.series_ref"
+                    " WHERE se.study_ref=?",
+                    (study_id,),
+                ).fetchone()[0]
+            )
+        # The run is created before the route is marked: a crash in between creates the
+        # same run again, which create_run ignores (it is unique per study, project, run).
+        self.runs.create_run(study_uid, project, subject, event, runs, series)
+        with self.index.transaction() as db:
+            db.execute(
+                "UPDATE study_routes SET state='complete', completed_at=?, runs=runs+1,"
+                " done_upto=? WHERE study_uid=? AND project=?",
+                (now, upto, study_uid, project),
+            )
+
+    def _hold_ambiguous(self, study_uid: str, study_id: int, now: float) -> None:
+        with self.index.reading() as db:
+            upto = int(
+                db.execute("SELECT routed_upto FROM studies WHERE id=?", (study_id,)).fetchone()[0]
+            )
+            names = [
+                str(r[0])
+                for r in db.execute(
+                    "SELECT project FROM study_routes WHERE study_uid=? ORDER BY project",
+                    (study_uid,),
+                )
+            ]
+        self.quarantine.hold_study(
+            study_uid, Reason.AMBIGUOUS, f"claimed by {len(names)} projects: {', '.join(names)}"
+        )
+        with self.index.transaction() as db:
+            db.execute(
+                "UPDATE study_routes SET state='complete', completed_at=?, done_upto=?"
+                " WHERE study_uid=?",
+                (now, upto, study_uid),
+            )
+        log.warning("study held as ambiguous (%d projects claim it)", len(names))
+
+    # -- 3. unclaimed studies -----------------------------------------------------------------
+
+    def _judge_unclaimed(self, now: float) -> None:
+        policy = self.site.routing
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT st.id, st.study_uid FROM studies st WHERE st.judged_at IS NULL"
+                " AND st.routed_upto > 0 AND st.last_received_at <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM study_routes r WHERE r.study_uid = st.study_uid)"
+                " AND NOT EXISTS (SELECT 1 FROM series se JOIN instances i"
+                " ON i.series_ref = se.id WHERE se.study_ref = st.id AND i.id > st.routed_upto)",
+                (now - policy.unrouted_after,),
+            ).fetchall()
+        for study_id, study_uid in rows:
+            if policy.unrouted is UnroutedPolicy.QUARANTINE:
+                self.quarantine.hold_study(
+                    study_uid, Reason.UNROUTED, "no project's routing claims this study"
+                )
+                log.warning("study held as unrouted: no project claims it")
+            else:
+                log.info("study left in the archive: no project claims it (policy 'ignore')")
+            with self.index.transaction() as db:
+                db.execute("UPDATE studies SET judged_at=? WHERE id=?", (now, study_id))
+
+
+def labeller_for(paths: Sequence[Path]) -> RuleSet | None:
+    """The site's labelling rule set, or None when there are no rule sets at all."""
+    if not paths:
+        return None
+    from engine.rules import load_rulesets
+
+    return load_rulesets(paths)

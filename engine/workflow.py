@@ -1,0 +1,84 @@
+"""The engine behind the receiver: routing, labels, completeness and pipelines, wired once.
+
+:class:`Workflow` is what the scheduler calls every ``scan_interval`` seconds: the tracker turns
+new instances into complete studies and pipeline runs, then the runner works through the runs.
+Both keep all state in the index, so a restart resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.rulesets import resolve_rulesets
+from engine.pipeline.runner import PipelineRunner
+from engine.pipeline.store import RunRecord, RunStore
+from engine.pipeline.validate import build_pipeline
+from engine.route.tracker import Tracker, labeller_for
+from engine.rules import RuleSet
+from engine.store.index import Index
+from engine.store.quarantine import Quarantine
+
+log = logging.getLogger(__name__)
+
+
+def site_labeller(site: SiteConfig) -> RuleSet | None:
+    """The rule sets that label every series on arrival (``routing.classify_rulesets``)."""
+    from engine.config.loader import ConfigError
+
+    base = site.source.parent if site.source is not None else Path.cwd()
+    try:
+        return labeller_for(resolve_rulesets(site.routing.classify_rulesets, base))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            log.error("series labelling disabled: %s", issue)
+        return None
+
+
+class Workflow:
+    """Tracker plus pipeline runner over one index and data dir."""
+
+    def __init__(
+        self,
+        index: Index,
+        site: SiteConfig,
+        projects: Sequence[ProjectConfig],
+        *,
+        labeller: RuleSet | None = None,
+    ) -> None:
+        self.index = index
+        self.data_dir = site.data_dir
+        self.quarantine = Quarantine(site.data_dir, index)
+        self.runs = RunStore(index)
+        enabled = [p for p in projects if p.enabled]
+        self.tracker = Tracker(
+            index,
+            site.data_dir,
+            site,
+            enabled,
+            labeller if labeller is not None else site_labeller(site),
+            self.runs,
+        )
+        pipelines = {
+            p.name: build_pipeline(list(p.raw.get("pipeline", [])), p.source)  # type: ignore[call-overload]
+            for p in enabled
+        }
+        self.runner = PipelineRunner(self.runs, index, site.data_dir, pipelines, self._hold)
+
+    def _hold(self, run: RunRecord, reason: str, detail: str) -> None:
+        self.quarantine.hold_study(run.study_uid, reason, detail, project=run.project)
+
+    def scan(self, now: float | None = None) -> None:
+        """One pass: route, label and complete; then run what is runnable."""
+        now = time.time() if now is None else now
+        try:
+            self.tracker.scan(now)
+        except Exception:
+            log.exception("routing and completeness scan failed; retrying next scan")
+        try:
+            self.runner.run_pending(now)
+        except Exception:
+            log.exception("pipeline scan failed; retrying next scan")
