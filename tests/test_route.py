@@ -161,3 +161,56 @@ def test_coupling_lookup_prefers_study_uid(tmp_path: Path) -> None:
     assert coupling.lookup("A1", "1.2.3").subject == "by-uid"  # type: ignore[union-attr]
     assert coupling.lookup("A1", "9.9").subject == "by-accession"  # type: ignore[union-attr]
     assert coupling.lookup("", "9.9") is None
+
+
+def test_explain_prints_claims_labels_and_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    doc = {
+        "name": "neuro",
+        "routing": {"calling_ae": ["MR1"], "rules": BRAIN_RULE},
+        "pipeline": [{"step": "classify"}, {"step": "copy", "to": "export/neuro"}],
+    }
+    (projects / "neuro.yaml").write_text(yaml.safe_dump(doc))
+    (projects / "knee.yaml").write_text(
+        yaml.safe_dump({"name": "knee", "routing": {"rules": KNEE_RULE}})
+    )
+    spec = synth.make_study_spec(5, study_description="SYNTH BRAIN MRI")
+    files = synth.write_study(
+        synth.make_study(spec, [synth.MR_SERIES["t1_mprage"]], size=8), tmp_path / "study"
+    )
+    code = main(
+        ["explain", "--projects", str(projects), "--data", str(tmp_path / "data"),
+         "--calling-ae", "MR1", str(files[0].parent)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "labels: " in out and "t1" in out.split("labels: ")[1].splitlines()[0]
+    assert "claimed by neuro (calling AE title, rule 'match')" in out
+    assert "steps: classify -> copy" in out
+    assert "claimed by knee" not in out
+    assert not (tmp_path / "data" / "export").exists()  # a dry run writes nothing
+
+
+def test_explain_says_when_no_project_claims(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "knee.yaml").write_text(
+        yaml.safe_dump({"name": "knee", "routing": {"rules": KNEE_RULE}})
+    )
+    spec = synth.make_study_spec(5, study_description="SYNTH BRAIN MRI")
+    files = synth.write_study(
+        synth.make_study(spec, [synth.MR_SERIES["flair"]], size=8), tmp_path / "study"
+    )
+    assert main(["explain", "--projects", str(projects), str(files[0])]) == 0
+    out = capsys.readouterr().out
+    assert "no project claims this study" in out
+    assert "rule 'match': no" in out

@@ -77,25 +77,46 @@ class Tracker:
         self.labeller = labeller
         self.runs = runs
         self.quarantine = Quarantine(data_dir, index)
+        self._next_mark = 0
 
     def scan(self, now: float | None = None) -> None:
         """One pass of the three stages."""
         now = time.time() if now is None else now
         for study_id, study_uid, accession, upto in self._studies_with_new_instances():
             self._see_new_instances(study_id, study_uid, accession, upto, now)
+        self._advance_mark()
         self._complete_routes(now)
         self._judge_unclaimed(now)
 
     # -- 1. new instances ---------------------------------------------------------------------
 
     def _studies_with_new_instances(self) -> list[tuple[int, str, str, int]]:
+        """Studies with instances beyond their ``routed_upto``, found from the scan mark.
+
+        The mark (the highest instance id any scan has seen) keeps this query on the newest
+        instances, whatever the size of the archive.
+        """
         with self.index.reading() as db:
+            row = db.execute("SELECT value FROM engine_state WHERE key='tracker_mark'").fetchone()
+            mark = int(row[0]) if row else 0
+            top = int(db.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0])
             rows = db.execute(
                 "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto FROM studies st"
-                " WHERE EXISTS (SELECT 1 FROM series se JOIN instances i ON i.series_ref = se.id"
-                " WHERE se.study_ref = st.id AND i.id > st.routed_upto)"
+                " WHERE st.id IN (SELECT DISTINCT se.study_ref FROM instances i"
+                " JOIN series se ON se.id = i.series_ref WHERE i.id > ? AND i.id <= ?)"
+                " AND st.routed_upto < ?",
+                (mark, top, top),
             ).fetchall()
+        self._next_mark = top
         return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    def _advance_mark(self) -> None:
+        with self.index.transaction() as db:
+            db.execute(
+                "INSERT INTO engine_state(key, value) VALUES ('tracker_mark', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(self._next_mark),),
+            )
 
     def _new_instances(self, study_id: int, upto: int) -> list[_NewInstance]:
         with self.index.reading() as db:
@@ -188,8 +209,11 @@ class Tracker:
                 " AND state='complete' AND done_upto < ?",
                 (now, study_uid, upto),
             )
+            # A claimed study is judged; an unclaimed one (again) awaits judgement.
             db.execute(
-                "UPDATE studies SET routed_upto=?, judged_at=NULL WHERE id=?", (upto, study_id)
+                "UPDATE studies SET routed_upto=?, judged_at=CASE WHEN EXISTS"
+                " (SELECT 1 FROM study_routes WHERE study_uid=?) THEN ? ELSE NULL END WHERE id=?",
+                (upto, study_uid, now, study_id),
             )
         for project in claims:
             log.info("study routed to project %s", project)
@@ -318,7 +342,6 @@ class Tracker:
             rows = db.execute(
                 "SELECT st.id, st.study_uid FROM studies st WHERE st.judged_at IS NULL"
                 " AND st.routed_upto > 0 AND st.last_received_at <= ?"
-                " AND NOT EXISTS (SELECT 1 FROM study_routes r WHERE r.study_uid = st.study_uid)"
                 " AND NOT EXISTS (SELECT 1 FROM series se JOIN instances i"
                 " ON i.series_ref = se.id WHERE se.study_ref = st.id AND i.id > st.routed_upto)",
                 (now - policy.unrouted_after,),

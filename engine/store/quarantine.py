@@ -28,6 +28,7 @@ class Reason(StrEnum):
     AMBIGUOUS = "ambiguous"  # several projects claim a study (site policy 'quarantine')
     NOTHING_SELECTED = "nothing_selected"  # a select step kept no series (if_empty: quarantine)
     STEP_FAILED = "step_failed"  # a pipeline step kept failing; its attempts are used up
+    COPY_CONFLICT = "copy_conflict"  # a copy target holds something fiona did not write
 
 
 class Quarantine:

@@ -100,7 +100,9 @@ class CopyStep(Step):
         labels_file = root / LABELS_FILE
         labels = self._read_labels(labels_file)
         if labels is None:
-            return Quarantined("copy_conflict", f"{LABELS_FILE} in the target is not a JSON object")
+            return Quarantined(
+                Reason.COPY_CONFLICT.value, f"{LABELS_FILE} in the target is not a JSON object"
+            )
         labels.update({s.series_uid: ctx.labels_of(s.series_uid) for s in series})
         text = json.dumps(labels, indent=2, sort_keys=True) + "\n"
         write_durable(labels_file, text.encode())

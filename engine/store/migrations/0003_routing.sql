@@ -1,7 +1,8 @@
 -- fiona index, version 3: series labels, study routes to projects, completeness.
 -- Instance ids (instances.id) only grow, so "up to id N" marks what a scan has seen.
 ALTER TABLE studies ADD COLUMN routed_upto INTEGER NOT NULL DEFAULT 0; -- instances seen by routing
-ALTER TABLE studies ADD COLUMN judged_at REAL;  -- when an unclaimed study was quarantined or let be
+ALTER TABLE studies ADD COLUMN judged_at REAL;  -- when routing was decided (claimed, held or let be)
+CREATE INDEX studies_unjudged ON studies(last_received_at) WHERE judged_at IS NULL;
 
 ALTER TABLE series ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'; -- JSON list, site rule sets
 ALTER TABLE series ADD COLUMN label_state TEXT; -- engine.rules.SeriesLabels as JSON
@@ -23,3 +24,9 @@ CREATE TABLE study_routes (
     PRIMARY KEY (study_uid, project)
 );
 CREATE INDEX study_routes_by_state ON study_routes(state);
+
+-- Small engine state: 'tracker_mark' is the highest instances.id a routing scan has seen.
+CREATE TABLE engine_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
