@@ -10,7 +10,9 @@ Public API::
     load_ruleset(path) -> RuleSet              # raises ConfigError (every problem, with lines)
     load_rulesets(paths) -> RuleSet            # several files, one namespace
     check_ruleset(path) -> list[ConfigIssue]
+    check_rulesets(paths) -> (RuleSet | None, list[ConfigIssue])
     compile_rules(data, source, base=(), lines=None) -> RuleSet   # rules embedded elsewhere
+    ruleset_files(folder) -> list[Path]        # *.yaml|yml|json under it, not in *.cases/
     RuleInput(dataset, summary=None)
     RuleSet.classify(instance) -> frozenset[str]     # labels
     RuleSet.matching(instance) -> frozenset[str]     # names of non-internal rules that hold

@@ -19,15 +19,15 @@ from jsonschema import Draft202012Validator
 from engine.config.loader import (
     ConfigIssue,
     JsonPath,
-    _issue_order,
     _load_schema,
     _messages,
     _norm,
     format_path,
 )
 from engine.rules.attributes import AttrPath, parse_attr
-from engine.rules.nodes import AttrTest, Group, JmesTest, Node, Not, RuleRef, Truthy
-from engine.rules.nodes import compile_jmespath as _compile_jmespath
+from engine.rules.jmes import JmesTest, Truthy
+from engine.rules.jmes import compile_jmespath as _compile_jmespath
+from engine.rules.nodes import AttrTest, Group, Node, Not, RuleRef
 from engine.rules.operators import (
     DEFAULT_OPERATOR,
     DEFAULT_TOLERANCE,
@@ -36,7 +36,15 @@ from engine.rules.operators import (
     item_problems,
 )
 
-__all__ = ["CONDITION_KEYS", "KINDS", "Rule", "Source", "check_rules", "link", "schema_issues"]
+__all__ = [
+    "CONDITION_KEYS",
+    "KINDS",
+    "Rule",
+    "Source",
+    "check_rules",
+    "close_match",
+    "schema_issues",
+]
 
 #: The keys that give a condition its kind; a condition has exactly one.
 KINDS = ("attr", "jmespath", "any", "all", "not", "rule", "not_rule")
@@ -89,7 +97,7 @@ class Rule:
         return [n for n in self.nodes() if isinstance(n, RuleRef)]
 
 
-def _close(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+def close_match(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean '{found[0]}'?)" if found else ""
 
@@ -198,7 +206,7 @@ class _Checker:
             known = ", ".join(OPERATORS)
             self.add(
                 (*path, "op"),
-                f"unknown operator '{name}'{_close(name, OPERATORS)}; operators: {known}",
+                f"unknown operator '{name}'{close_match(name, OPERATORS)}; operators: {known}",
             )
             return None
         ok = True
@@ -308,71 +316,3 @@ def schema_issues(data: object, source: Source, definition: str = "rules") -> li
                 )
             )
     return issues
-
-
-def _cycles(graph: Mapping[str, list[tuple[str, RuleRef]]]) -> list[tuple[list[str], RuleRef, str]]:
-    """Every back edge of a depth-first walk: (cycle, the reference closing it, its rule)."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    found = []
-    for start in graph:
-        if start in state:
-            continue
-        state[start] = 1
-        path, stack = [start], [(start, iter(graph[start]))]
-        while stack:
-            name, edges = stack[-1]
-            edge = next(edges, None)
-            if edge is None:
-                state[name] = 2
-                stack.pop()
-                path.pop()
-                continue
-            target, ref = edge
-            if target not in graph:
-                continue
-            if state.get(target) == 1:
-                found.append(([*path[path.index(target) :], target], ref, name))
-            elif target not in state:
-                state[target] = 1
-                path.append(target)
-                stack.append((target, iter(graph[target])))
-    return found
-
-
-def link(rules: list[Rule]) -> list[ConfigIssue]:
-    """Checks across rules: unique names, defined and acyclic references, label agreement."""
-    issues: list[ConfigIssue] = []
-    by_name: dict[str, Rule] = {}
-    for rule in rules:
-        first = by_name.get(rule.name)
-        if first is None:
-            by_name[rule.name] = rule
-            continue
-        where = f"{first.source.file}:{first.source.line_of((first.name,))}"
-        issues.append(
-            rule.source.issue((rule.name,), f"rule '{rule.name}' is already defined in {where}")
-        )
-    graph: dict[str, list[tuple[str, RuleRef]]] = {}
-    for rule in by_name.values():
-        graph[rule.name] = []
-        for ref in rule.refs():
-            if ref.name in by_name:
-                graph[rule.name].append((ref.name, ref))
-                continue
-            message = f"rule '{ref.name}' is not defined{_close(ref.name, by_name)}"
-            issues.append(rule.source.issue((*ref.path, ref.keyword), message))
-    for cycle, ref, owner in _cycles(graph):
-        message = f"rule reference cycle: {' -> '.join(cycle)}"
-        issues.append(by_name[owner].source.issue((*ref.path, ref.keyword), message))
-    labels: dict[str, Rule] = {}
-    for rule in by_name.values():
-        if rule.label is None:
-            continue
-        other = labels.setdefault(rule.label, rule)
-        if other.series_level != rule.series_level:
-            message = (
-                f"label '{rule.label}' is also produced by rule '{other.name}' with series_level: "
-                f"{'true' if other.series_level else 'false'}; rules sharing a label must agree"
-            )
-            issues.append(rule.source.issue((rule.name,), message))
-    return sorted(issues, key=_issue_order)

@@ -41,13 +41,14 @@ class RuleInput:
     """One instance as the rules see it.
 
     ``dataset`` is a pydicom ``Dataset`` as read by ``dcmread(path, stop_before_pixels=True)``
-    (or built with ``Dataset.from_json``); it is only read. ``summary`` holds the series summary
+    (or built with ``Dataset.from_json``); rules never change it (pydicom may decode an element
+    in place, as reading one through pydicom does). ``summary`` holds the series summary
     fields of :data:`~engine.rules.attributes.SUMMARY_FIELDS` (``num_files``, ``calling_ae``,
     ``called_ae``, ``calling_ip``); a list value (a series sent from several AE titles) is a
     multi-valued value; an absent or None field is missing. Unknown fields are a ValueError.
 
-    Values read, fingerprints and the DICOM JSON model are computed once per instance and
-    kept here, so one RuleInput can go through several rule sets at the cost of one.
+    Values read, memo keys and the DICOM JSON model are computed once per instance and kept
+    here, so rule sets asked about one RuleInput share that work.
     """
 
     __slots__ = (
@@ -55,7 +56,6 @@ class RuleInput:
         "_json",
         "_unkeyable",
         "dataset",
-        "fingerprints",
         "results",
         "summary",
         "values",
@@ -68,8 +68,11 @@ class RuleInput:
             if field not in SUMMARY_FIELDS:
                 fields = ", ".join(sorted(SUMMARY_FIELDS))
                 raise ValueError(f"unknown summary field {field!r} (fields: {fields})")
-            if type(value) is str:  # the common case, as _summary_value would do it
+            if type(value) is str:  # the common cases, as _summary_value would do them
                 self.summary[field] = value.strip(" \x00")
+                continue
+            if type(value) is int:
+                self.summary[field] = value
                 continue
             normalised = _summary_value(field, value)
             if normalised is not None:
@@ -77,8 +80,6 @@ class RuleInput:
         self._ascii: bool | None = None
         #: attribute path key -> candidate values (see AttrPath.read)
         self.values: dict[object, tuple[Value, ...]] = {}
-        #: tag -> fingerprint (see values.fingerprint)
-        self.fingerprints: dict[int, object] = {}
         #: evaluator -> its result for this instance
         self.results: dict[object, Any] = {}
         self._json: object = _NO_JSON
@@ -99,36 +100,33 @@ class RuleInput:
         return cls(dataset, fields)
 
     def fingerprints_of(self, tags: tuple[int, ...]) -> tuple[object, ...] | None:
-        """:func:`~engine.rules.values.fingerprint` of each tag (each computed once per
-        instance), or None when one of them cannot be keyed.
+        """:func:`~engine.rules.values.fingerprint` of each tag, or None when one of them
+        cannot be keyed.
 
-        A raw element (not yet decoded) is keyed by its VR, bytes and byte order, read straight
-        from the namedtuple; this is the hot path of every memo lookup.
+        This is the hot path of every memo lookup: a raw element (not yet decoded) is keyed by
+        its VR, bytes and byte order read straight from pydicom's namedtuple, in one list
+        comprehension; anything else goes through :func:`fingerprint`.
         """
-        cache = self.fingerprints
-        try:
-            found = tuple([cache[tag] for tag in tags])
-        except KeyError:
-            found = self._fingerprint_all(tags)
+        raw = RawDataElement
+        slow = self._slow_fingerprint
+        elements = cast(dict[int, Any], self.dataset._dict)
+        found = tuple(
+            [
+                (elem[1], elem[3], elem[6])  # VR, value bytes, is_little_endian
+                if type(elem) is raw and elem[3] is not None
+                else (() if elem is None and tag >> 16 != 2 else slow(tag))
+                for tag, elem in zip(tags, map(elements.get, tags), strict=True)
+            ]
+        )
         if self._unkeyable and NOT_MEMOISABLE in found:
             return None
         return found
 
-    def _fingerprint_all(self, tags: tuple[int, ...]) -> tuple[object, ...]:
-        cache = self.fingerprints
-        todo = [tag for tag in tags if tag not in cache] if cache else tags
-        raw = RawDataElement
-        elements = cast(dict[int, object], self.dataset._dict)
-        for tag, elem in zip(todo, map(elements.get, todo), strict=True):
-            if type(elem) is raw and elem[3] is not None:
-                cache[tag] = (elem[1], elem[3], elem[6])  # VR, value bytes, is_little_endian
-            elif elem is None and tag >> 16 != 2:
-                cache[tag] = ()
-            else:
-                found = cache[tag] = fingerprint(self.dataset, tag)
-                if found is NOT_MEMOISABLE:
-                    self._unkeyable = True
-        return tuple([cache[tag] for tag in tags])
+    def _slow_fingerprint(self, tag: int) -> object:
+        found = fingerprint(self.dataset, tag)
+        if found is NOT_MEMOISABLE:
+            self._unkeyable = True
+        return found
 
     def json_model(self) -> dict[str, Any] | None:
         """The DICOM JSON model of the dataset (PS3.18 F.2), computed on first use only.

@@ -27,7 +27,8 @@ from engine.config.loader import (
     _issue_order,
     _parse,
 )
-from engine.rules.compiler import Rule, Source, check_rules, link, schema_issues
+from engine.rules.compiler import Rule, Source, check_rules, schema_issues
+from engine.rules.linking import link
 from engine.rules.ruleset import RuleSet
 
 __all__ = [

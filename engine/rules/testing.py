@@ -29,7 +29,15 @@ from engine.rules.instance import RuleInput
 from engine.rules.loader import CASES_SUFFIX, check_rulesets, ruleset_files
 from engine.rules.ruleset import RuleSet, RuleTrace
 
-__all__ = ["DEFAULT_RULESETS", "Case", "CaseError", "cases_dir", "load_case", "run_test_rules"]
+__all__ = [
+    "DEFAULT_RULESETS",
+    "Case",
+    "CaseError",
+    "cases_dir",
+    "check_cases",
+    "load_case",
+    "run_test_rules",
+]
 
 #: What ``fiona test-rules`` checks when given nothing.
 DEFAULT_RULESETS = Path("rulesets/classify")
