@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--calling-ae", help="for files: the sender's AE title to assume")
     explain.add_argument("--called-ae", help="for files: the called AE title (default ours)")
     explain.add_argument("--calling-ip", help="for files: the sender's address to assume")
+
+    reid = sub.add_parser(
+        "reidentify", help="admin: the original Patient ID behind a pseudonym (audited)"
+    )
+    _add_site_args(reid)
+    reid.add_argument("--project", required=True, help="the project the pseudonym belongs to")
+    reid.add_argument("--reason", required=True, help="why (a ticket or approval number)")
+    reid.add_argument("pseudonym", help="the pseudonym as exported")
     return parser
 
 
@@ -85,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.route.explain import run_explain
 
         return run_explain(args)
+    if args.command == "reidentify":
+        from engine.manage.reidentify import run_reidentify
+
+        return run_reidentify(args)
     raise AssertionError(args.command)
 
 

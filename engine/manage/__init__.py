@@ -1,0 +1,1 @@
+"""Management: the audit log, and later status, heartbeat and retention."""

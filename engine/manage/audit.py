@@ -1,0 +1,64 @@
+"""The audit log: append-only JSON lines, one per decision, with no PHI in them.
+
+``<data_dir>/audit/audit-YYYYMM.jsonl``. Each entry is written and fsynced before the action it
+records takes effect for the user (a re-identification is logged before the answer is shown).
+Callers pass only values that identify nobody: pseudonyms, project names, reason codes, counts,
+and UIDs through :func:`uid_token`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.store.fsio import ensure_dir
+
+_LOCK = threading.Lock()
+
+
+def uid_token(uid: str) -> str:
+    """A short, stable stand-in for a UID in the audit log (SHA-256, first 16 hex digits)."""
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:16]
+
+
+def operator() -> str:
+    """Who runs this process (the OS account), for entries made by an admin command."""
+    try:
+        return getpass.getuser()
+    except Exception:
+        return f"uid:{os.getuid()}"
+
+
+class AuditLog:
+    """Appends entries under ``<data_dir>/audit/``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.folder = data_dir / "audit"
+
+    def write(self, event: str, **fields: Any) -> None:
+        now = time.time()
+        entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "event": event}
+        entry.update(fields)
+        line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        path = self.folder / time.strftime("audit-%Y%m.jsonl", time.gmtime(now))
+        with _LOCK:
+            ensure_dir(self.folder)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, oldest first."""
+        out: list[dict[str, Any]] = []
+        for path in sorted(self.folder.glob("audit-*.jsonl")):
+            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return out

@@ -1,0 +1,45 @@
+"""``fiona reidentify --project P --reason TEXT PSEUDONYM``: the one way back to an original.
+
+Re-identification is an explicit, audited admin action: the audit entry (operator, project,
+pseudonym, reason, whether it was found) is fsynced before the original is printed. The
+original itself never goes into the audit log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.manage.audit import AuditLog, operator
+from engine.store.index import open_index
+from engine.store.pseudonyms import reidentify
+
+
+def run_reidentify(args: argparse.Namespace) -> int:
+    from engine.service import load_site_or_exit
+
+    site = load_site_or_exit(args)
+    if site is None:
+        return 2
+    reason = (args.reason or "").strip()
+    if len(reason) < 5:
+        print("fiona: --reason is required: say why (a ticket or approval number)", file=sys.stderr)
+        return 2
+    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    try:
+        original = reidentify(index, args.project, args.pseudonym)
+    finally:
+        index.close()
+    AuditLog(site.data_dir).write(
+        "reidentified",
+        operator=operator(),
+        project=args.project,
+        pseudonym=args.pseudonym,
+        reason=reason,
+        found=original is not None,
+    )
+    if original is None:
+        print(f"no pseudonym {args.pseudonym!r} in project {args.project!r}", file=sys.stderr)
+        return 1
+    print(original)
+    return 0
