@@ -5,21 +5,26 @@ A step reads the series of the run from :class:`RunContext` and leaves what late
 (so a restart resumes with it). The keys used by the steps of this package:
 
 * ``labels``: ``{series_uid: [label, ...]}``, written by ``classify``;
-* ``selected``: ``[series_uid, ...]``, written by ``select`` (absent: every series).
+* ``selected``: ``[series_uid, ...]``, written by ``select`` (absent: every series);
+* ``deidentified``: ``{"study_uid": new, "series": {series_uid: {"uid": new, "files": [...]}}}``,
+  written by ``anonymize``: the de-identified copies (paths relative to the data dir) that later
+  steps export instead of the archived originals.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LABELS", "SELECTED", "RunContext", "SeriesInput"]
+__all__ = ["DEIDENTIFIED", "LABELS", "SELECTED", "RunContext", "SeriesInput"]
 
 #: ``RunContext.state`` key of the series labels (classify).
 LABELS = "labels"
 #: ``RunContext.state`` key of the selected series UIDs (select).
 SELECTED = "selected"
+#: ``RunContext.state`` key of the de-identified copies (anonymize).
+DEIDENTIFIED = "deidentified"
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,33 @@ class RunContext:
             return self.series
         keep = set(selected)
         return tuple(s for s in self.series if s.series_uid in keep)
+
+    def _deidentified(self) -> dict[str, Any] | None:
+        found = self.state.get(DEIDENTIFIED)
+        return found if isinstance(found, dict) else None
+
+    def export_study_uid(self) -> str:
+        """The Study Instance UID exports carry: the new one once ``anonymize`` ran."""
+        found = self._deidentified()
+        return str(found["study_uid"]) if found else self.study_uid
+
+    def exported_series(self) -> tuple[tuple[SeriesInput, SeriesInput], ...]:
+        """(archived series, series as exported) for each selected series.
+
+        Once ``anonymize`` ran, the exported one has the new Series Instance UID and the
+        de-identified files; a series it left out (quarantined files) is not exported. Without
+        ``anonymize`` both are the archived series.
+        """
+        found = self._deidentified()
+        if found is None:
+            return tuple((s, s) for s in self.selected_series())
+        out = []
+        for s in self.selected_series():
+            entry = found.get("series", {}).get(s.series_uid)
+            if not entry or not entry.get("files"):
+                continue
+            files = tuple(self.data_dir / str(f) for f in entry["files"])
+            out.append(
+                (s, replace(s, series_uid=str(entry["uid"]), files=files, n_instances=len(files)))
+            )
+        return tuple(out)

@@ -85,16 +85,16 @@ class CopyStep(Step):
         return self.to if self.to.is_absolute() else data_dir / self.to
 
     def run(self, ctx: RunContext) -> Outcome:
-        series = ctx.selected_series()
+        pairs = ctx.exported_series()
+        series = [exported for _, exported in pairs]
         if not series:
             return Done("no series to copy")
+        study_uid = ctx.export_study_uid()
         bad = [s for s in series if not is_valid_uid(s.series_uid)]
-        if not is_valid_uid(ctx.study_uid) or bad:
-            what = (
-                "the study UID" if not is_valid_uid(ctx.study_uid) else f"{len(bad)} series UID(s)"
-            )
+        if not is_valid_uid(study_uid) or bad:
+            what = "the study UID" if not is_valid_uid(study_uid) else f"{len(bad)} series UID(s)"
             return Quarantined(Reason.INVALID_UID.value, f"{what} cannot name a folder")
-        root = self.target(ctx.data_dir) / ctx.study_uid
+        root = self.target(ctx.data_dir) / study_uid
         ensure_dir(root)
         copied = sum(self._copy_series(s, root / s.series_uid) for s in series)
         labels_file = root / LABELS_FILE
@@ -103,7 +103,7 @@ class CopyStep(Step):
             return Quarantined(
                 Reason.COPY_CONFLICT.value, f"{LABELS_FILE} in the target is not a JSON object"
             )
-        labels.update({s.series_uid: ctx.labels_of(s.series_uid) for s in series})
+        labels.update({new.series_uid: ctx.labels_of(old.series_uid) for old, new in pairs})
         text = json.dumps(labels, indent=2, sort_keys=True) + "\n"
         write_durable(labels_file, text.encode())
         return Done(f"{len(series)} series copied ({copied} files written)")
