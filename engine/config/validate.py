@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.config.loader import (
@@ -27,6 +28,34 @@ def is_ruleset_path(path: Path) -> bool:
     except ValueError:
         parts = path.parts
     return RULESETS_FOLDER in parts
+
+
+def _kind_folder(path: Path) -> str:
+    """The folder right under the last ``rulesets/`` of ``path`` ('' when there is none)."""
+    parts = path.resolve().parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == RULESETS_FOLDER:
+            return parts[i + 1] if i + 2 < len(parts) else ""
+    return ""
+
+
+def ruleset_kind(path: Path) -> Callable[[Path], list[ConfigIssue]] | None:
+    """The checker of a file under ``rulesets/``, by the folder it is in.
+
+    ``pixels/``: pixel cleaning rules; ``anonymize/``: the generated profile data, checked by
+    the test suite against its generator (None: nothing to check here); anything else: a
+    classification rule set.
+    """
+    folder = _kind_folder(path)
+    if folder == "anonymize":
+        return None
+    if folder == "pixels":
+        from engine.deid.pixels import check_pixel_rules
+
+        return lambda p: check_pixel_rules([p])[1]
+    from engine.rules import check_ruleset
+
+    return check_ruleset
 
 
 def _collect(targets: list[Path]) -> tuple[list[Path], list[Path], list[ConfigIssue]]:
@@ -87,12 +116,11 @@ def run_validate(
     _, project_issues = check_project_files(files)
     issues += project_issues
     checked += len(files)
-    if rulesets:
-        from engine.rules import check_ruleset
-
-        for ruleset in rulesets:
-            issues += check_ruleset(ruleset)
-        checked += len(rulesets)
+    for ruleset in rulesets:
+        kind = ruleset_kind(ruleset)
+        if kind is not None:
+            issues += kind(ruleset)
+            checked += 1
 
     for issue in issues:
         print(issue)

@@ -28,6 +28,8 @@ class Reason(StrEnum):
     AMBIGUOUS = "ambiguous"  # several projects claim a study (site policy 'quarantine')
     NOTHING_SELECTED = "nothing_selected"  # a select step kept no series (if_empty: quarantine)
     STEP_FAILED = "step_failed"  # a pipeline step kept failing; its attempts are used up
+    BURNED_IN = "burned_in"  # pixels likely to carry burned-in text, and no cleaning rule fits
+    VERIFICATION_FAILED = "verification_failed"  # an original identifying value survived
     COPY_CONFLICT = "copy_conflict"  # a copy target holds something fiona did not write
 
 

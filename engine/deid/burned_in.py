@@ -1,0 +1,194 @@
+"""The burned-in PHI gate: which image files may carry text in their pixels, and what to do.
+
+A file is *held* when its BurnedInAnnotation (0028,0301) is YES, or when the project's
+:class:`BurnedInPolicy` lists its SOP class, modality, an ImageType value, its ConversionType
+or a SeriesDescription pattern (the defaults, documented in ``schemas/pixels.schema.json``
+``$defs/burned_in_policy``, cover secondary capture, ultrasound, endoscopy and microscopy,
+screen captures and dose screens). :func:`check_burned_in` decides:
+
+* a pixel cleaning rule matches the file (device and size): :class:`Clean` with its regions
+  (whether or not the file is held: the rule says the device burns text there);
+* held and no rule matches: :class:`Quarantine` (reason ``burned_in``) naming the policy
+  entries that held it, never a header value beyond the matched policy entry;
+* otherwise, or without pixel data (SR, dose SR, encapsulated PDF: text objects are the
+  verification gate's business): :class:`Pass`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from engine.config.loader import _apply_defaults, _load_schema, format_path
+from engine.deid.pixels import PixelRuleSet, Region
+
+__all__ = [
+    "REASON",
+    "BurnedInPolicy",
+    "Clean",
+    "Pass",
+    "Quarantine",
+    "Verdict",
+    "check_burned_in",
+    "policy_schema",
+]
+
+#: Quarantine reason code of this gate.
+REASON = "burned_in"
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def policy_schema() -> dict[str, Any]:
+    """The JSON Schema fragment of the policy (``pixels.schema.json`` ``$defs``)."""
+    schema: dict[str, Any] = _load_schema("pixels")["$defs"]["burned_in_policy"]
+    return schema
+
+
+@dataclass(frozen=True)
+class BurnedInPolicy:
+    """A project's burned-in PHI policy; see ``schemas/pixels.schema.json`` for each field.
+
+    Construct with :meth:`from_mapping` (the schema's defaults fill missing keys);
+    ``BurnedInPolicy()`` is the default policy.
+    """
+
+    sop_classes: frozenset[str] = field(default_factory=lambda: _default("sop_classes"))
+    modalities: frozenset[str] = field(default_factory=lambda: _default("modalities"))
+    image_types: frozenset[str] = field(default_factory=lambda: _default("image_types"))
+    conversion_types: frozenset[str] = field(default_factory=lambda: _default("conversion_types"))
+    series_descriptions: tuple[str, ...] = field(
+        default_factory=lambda: tuple(sorted(_default("series_descriptions")))
+    )
+    trust_burned_in_no: bool = False
+    pixel_rulesets: tuple[str, ...] = ()
+    _patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        patterns = []
+        for text in self.series_descriptions:
+            try:
+                patterns.append(re.compile(text, re.IGNORECASE))
+            except re.error as exc:
+                raise ValueError(
+                    f"series_descriptions: invalid regular expression {text!r}: {exc.msg}"
+                ) from None
+        object.__setattr__(self, "_patterns", tuple(patterns))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> BurnedInPolicy:
+        """The policy from a project's mapping; raises ValueError naming every bad key."""
+        schema = policy_schema()
+        doc = copy.deepcopy(dict(data or {}))
+        errors = [
+            f"{format_path(e.absolute_path)}: {e.message}"
+            for e in Draft202012Validator(schema).iter_errors(doc)
+        ]
+        if errors:
+            raise ValueError("; ".join(errors))
+        _apply_defaults(schema, doc, schema)
+        return cls(
+            sop_classes=frozenset(doc["sop_classes"]),
+            modalities=frozenset(doc["modalities"]),
+            image_types=frozenset(v.upper() for v in doc["image_types"]),
+            conversion_types=frozenset(doc["conversion_types"]),
+            series_descriptions=tuple(doc["series_descriptions"]),
+            trust_burned_in_no=bool(doc["trust_burned_in_no"]),
+            pixel_rulesets=tuple(doc["pixel_rulesets"]),
+        )
+
+    def held_because(self, ds: Dataset) -> list[str]:
+        """Why the policy takes ``ds`` to carry burned-in text ([] when it does not).
+
+        Each entry names the rule, with the value only when it is the policy's own entry
+        (a SOP class by name, a modality code), never free text from the header.
+        """
+        burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+        if burned == "YES":
+            return ["BurnedInAnnotation YES"]
+        if burned == "NO" and self.trust_burned_in_no:
+            return []
+        why = []
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        if sop_class in self.sop_classes:
+            why.append(f"SOP class {UID(sop_class).name}")
+        modality = str(ds.get("Modality", "") or "")
+        if modality in self.modalities:
+            why.append(f"modality {modality}")
+        image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
+        why += [f"ImageType {v}" for v in sorted(image_type & self.image_types)]
+        conversion = str(ds.get("ConversionType", "") or "")
+        if conversion in self.conversion_types:
+            why.append(f"ConversionType {conversion}")
+        description = str(ds.get("SeriesDescription", "") or "")
+        for pattern in self._patterns:
+            if pattern.search(description):
+                why.append(f"SeriesDescription matches '{pattern.pattern}'")
+        return why
+
+
+def _default(key: str) -> frozenset[str]:
+    return frozenset(policy_schema()["properties"][key]["default"])
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple | MultiValue):
+        return list(value)
+    return [value]
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Pass:
+    """No burned-in text expected: export as is."""
+
+
+@dataclass(frozen=True)
+class Clean:
+    """Blank ``regions`` (from pixel rule ``rule``) with :func:`engine.deid.pixels.clean_pixels`."""
+
+    rule: str
+    regions: tuple[Region, ...]
+    covers_all_text: bool = False
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """Hold the file: reason :data:`REASON`, ``detail`` naming the policy rules (no values)."""
+
+    detail: str
+    reason: str = REASON
+
+
+Verdict = Pass | Clean | Quarantine
+
+
+def check_burned_in(
+    ds: Dataset, policy: BurnedInPolicy, cleaner: PixelRuleSet | None = None
+) -> Verdict:
+    """The gate's decision for one instance.
+
+    The header is enough (pixels are not read): a dataset read with ``stop_before_pixels``
+    counts as an image when it has Rows and Columns.
+    """
+    is_image = any(tag in ds for tag in _PIXEL_TAGS) or ("Rows" in ds and "Columns" in ds)
+    if not is_image:
+        return Pass()
+    rule = cleaner.match(ds) if cleaner is not None else None
+    if rule is not None:
+        return Clean(rule.name, rule.regions, rule.covers_all_text)
+    why = policy.held_because(ds)
+    if not why:
+        return Pass()
+    return Quarantine("; ".join(why) + "; no pixel cleaning rule matches")
