@@ -61,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--called-ae", help="for files: the called AE title (default ours)")
     explain.add_argument("--calling-ip", help="for files: the sender's address to assume")
 
+    anon = sub.add_parser(
+        "anonymize", help="de-identify a folder of DICOM files (PS3.15 profile), with a report"
+    )
+    anon.add_argument("in_dir", type=Path, help="folder (or file) of DICOM files")
+    anon.add_argument("out_dir", type=Path, help="output folder: <Study>/<Series>/<SOP>.dcm")
+    anon.add_argument("--profile", default="basic", help="'basic' or a profile JSON file")
+    anon.add_argument(
+        "--option", action="append", help="a PS3.15 option, e.g. retain_longitudinal_modified_dates"
+    )
+    anon.add_argument("--secret-file", required=True, help="the project key (>= 32 bytes, 0600)")
+    anon.add_argument("--quarantine", help="folder for held files (default OUT_DIR-quarantine)")
+    anon.add_argument("--pixel-rules", action="append", help="pixel cleaning rule files")
+    anon.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    anon.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     reid = sub.add_parser(
         "reidentify", help="admin: the original Patient ID behind a pseudonym (audited)"
     )
@@ -93,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.route.explain import run_explain
 
         return run_explain(args)
+    if args.command == "anonymize":
+        from engine.deid.run import run_anonymize
+
+        return run_anonymize(args)
     if args.command == "reidentify":
         from engine.manage.reidentify import run_reidentify
 

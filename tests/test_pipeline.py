@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
@@ -354,6 +355,63 @@ def test_copy_writes_selected_series_and_labels(world: World) -> None:
     assert world.store.steps(run_id)[2].detail == "2 series copied (28 files written)"
 
 
+def test_anonymize_then_copy_exports_new_uids_and_table_pseudonyms(world: World) -> None:
+    import os
+
+    key = world.project.parent / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    datasets = _study()
+    world.receive(datasets)
+    study, series = _uids(datasets)
+    run_id = _new_run(world, datasets)
+    steps = world.steps(
+        [
+            {"step": "classify"},
+            {"step": "select", "labels": ["t1"]},
+            {"step": "anonymize", "secret_file": "p.key", "pseudonyms": {"prefix": "P"}},
+            {"step": "copy", "to": "export/p"},
+        ]
+    )
+    world.runner(steps).run_pending(NOW)
+    assert world.run(run_id).state == RunState.DONE
+    [study_dir] = list((world.data / "export" / "p").iterdir())
+    assert study_dir.name != study
+    [series_dir] = [p for p in study_dir.iterdir() if p.is_dir()]
+    assert series_dir.name != series["t1_mprage"]
+    copied = sorted(series_dir.iterdir())
+    assert len(copied) == synth.MR_SERIES["t1_mprage"].n_instances
+    ds = pydicom.dcmread(copied[0])
+    # The run's subject (a coupling list's research ID) is the preferred pseudonym.
+    assert (ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID) == (
+        "S01",
+        study_dir.name,
+        series_dir.name,
+    )
+    assert "t1" in json.loads((study_dir / "labels.json").read_text())[series_dir.name]
+
+
+def test_anonymize_holds_the_whole_study_when_one_file_is_held(world: World) -> None:
+    import os
+
+    key = world.project.parent / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    datasets = _study()
+    datasets[0].BurnedInAnnotation = "YES"
+    world.receive(datasets)
+    run_id = _new_run(world, datasets)
+    out = world.data / "export" / "p"
+    steps = world.steps(
+        [{"step": "anonymize", "secret_file": "p.key"}, {"step": "copy", "to": str(out)}]
+    )
+    world.runner(steps).run_pending(NOW)
+    assert world.run(run_id).state == RunState.QUARANTINED
+    [(_, reason, detail)] = world.held
+    assert reason == "burned_in" and detail.startswith("1 of ")
+    assert not out.exists()
+
+
 def test_copy_is_idempotent_and_recovers_from_a_crash(world: World) -> None:
     datasets = _study(1, [MR["localizer"], MR["t1_mprage"]])
     world.receive(datasets)
@@ -600,14 +658,14 @@ P = Path("projects/p.yaml")
             [{"step": "clasify"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'clasify' (did you mean"
-                " 'classify'?); expected one of classify, copy, select"
+                " 'classify'?); expected one of anonymize, classify, copy, select"
             ],
         ),
         (
-            [{"step": "anonymise"}],
+            [{"step": "transmit"}],
             [
-                "projects/p.yaml pipeline[0].step: unknown step 'anonymise';"
-                " expected one of classify, copy, select"
+                "projects/p.yaml pipeline[0].step: unknown step 'transmit';"
+                " expected one of anonymize, classify, copy, select"
             ],
         ),
         (
@@ -703,7 +761,7 @@ def test_project_files_report_pipeline_problems_with_lines(tmp_path: Path) -> No
     assert [str(i) for i in issues] == [
         f"{path}:6 pipeline[1].if_empty: expected one of 'done', 'quarantine'; found 'maybe'",
         f"{path}:7 pipeline[2].step: unknown step 'cpoy' (did you mean 'copy'?);"
-        " expected one of classify, copy, select",
+        " expected one of anonymize, classify, copy, select",
     ]
 
 

@@ -184,3 +184,53 @@ def test_studies_are_routed_completed_copied_and_late_series_follow(
     assert [r[0] for r in runs] == [0, 1]
     assert json.loads(str(runs[1][1])) == [late_uid]  # the follow-up ran for the new series only
     assert "Traceback" not in server.log_text()
+
+
+def test_anonymized_study_leaves_under_new_uids_and_a_pseudonym(
+    tmp_path: Path, storescu: str
+) -> None:
+    import os
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    key = projects / "neuro.key"
+    key.write_bytes(os.urandom(48))
+    os.chmod(key, 0o600)
+    out = tmp_path / "out"
+    _write(
+        projects / "neuro.yaml",
+        {
+            "name": "neuro",
+            "routing": {"calling_ae": ["SCANNER_A"]},
+            "completeness": {"study_quiet_seconds": QUIET},
+            "pipeline": [
+                {"step": "classify"},
+                {"step": "anonymize", "secret_file": "neuro.key", "pseudonyms": {"prefix": "NEU"}},
+                {"step": "copy", "to": str(out)},
+            ],
+        },
+    )
+    site = _write(tmp_path / "site.yaml", {"scan_interval_seconds": 0.5})
+    server = FionaServer(data_dir=tmp_path / "data", projects_dir=projects, config=site).start()
+    try:
+        spec = synth.make_study_spec(21)
+        files = _study(tmp_path, 21, [synth.MR_SERIES["t1_mprage"], synth.MR_SERIES["flair"]])
+        result = store(storescu, server, files, aet="SCANNER_A")
+        assert result.returncode == 0, result.stderr
+        _wait_for("the de-identified copy", lambda: len(list(out.rglob("*.dcm"))) == len(files))
+        original = pydicom.dcmread(files[0], stop_before_pixels=True)
+        [study_dir] = list(out.iterdir())
+        assert study_dir.name != original.StudyInstanceUID
+        for path in out.rglob("*.dcm"):
+            data = path.read_bytes()
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert (ds.PatientID, str(ds.PatientName)) == ("NEU0001", "NEU0001")
+            assert ds.PatientIdentityRemoved == "YES"
+            for value in (spec.patient_id, spec.patient_name.split("^")[0], spec.accession_number):
+                assert value.encode() not in data
+            assert original.StudyInstanceUID.encode() not in data
+        labels = json.loads((study_dir / "labels.json").read_text())
+        assert [label for v in labels.values() for label in v].count("t1") == 1
+        assert "Traceback" not in server.log_text()
+    finally:
+        server.stop()

@@ -137,7 +137,7 @@ class Walker:
                 pos += length
 
 
-def _meta(data: bytes) -> tuple[int, str]:
+def read_meta(data: bytes) -> tuple[int, str]:
     """(offset of the first dataset element, transfer syntax UID) after preamble and meta.
 
     The meta group (always explicit VR little endian) is walked rather than trusting its group
@@ -162,7 +162,7 @@ def scan(data: bytes, wanted: frozenset[int]) -> Scan:
     A deflated dataset cannot be walked: it is returned with no elements for the caller to read
     another way.
     """
-    pos, syntax = _meta(data)
+    pos, syntax = read_meta(data)
     implicit, little = syntax == IMPLICIT_LITTLE, syntax != EXPLICIT_BIG
     if not syntax:
         raise HeaderError("unparseable", "file meta has no Transfer Syntax UID")
@@ -187,7 +187,7 @@ def check_complete(data: bytes, implicit: bool, little: bool) -> bool:
     For files whose transfer syntax does not match their encoding (pydicom detects that): the
     caller passes the encoding pydicom found.
     """
-    pos, _ = _meta(data)
+    pos, _ = read_meta(data)
     walker = Walker(data, little)
     has_pixels = False
     while pos < walker.size:

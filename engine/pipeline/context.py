@@ -69,6 +69,9 @@ class RunContext:
     series: tuple[SeriesInput, ...]
     data_dir: Path
     state: dict[str, Any] = field(default_factory=dict)
+    #: The engine's index (:class:`engine.store.index.Index`), for steps that keep tables in
+    #: it (the pseudonym table); None in contexts built without one.
+    index: Any = None
 
     def labels_of(self, series_uid: str) -> list[str]:
         """The labels ``classify`` gave a series (empty when it did not run or gave none)."""

@@ -110,6 +110,7 @@ class PipelineRunner:
             series=self.store.series_inputs(run, self.data_dir),
             data_dir=self.data_dir,
             state=json.loads(json.dumps(run.step_state)),
+            index=self.index,
         )
         done = self.store.done_steps(run.id)
         attempts = run.attempts

@@ -48,8 +48,7 @@ class PseudonymTable:
                     n += 1
                     chosen = f"{self.prefix}{n:0{self.digits}d}"
             db.execute(
-                "INSERT INTO pseudonyms(project, original, pseudonym, created_at)"
-                " VALUES (?,?,?,?)",
+                "INSERT INTO pseudonyms(project, original, pseudonym, created_at) VALUES (?,?,?,?)",
                 (self.project, original, chosen, time.time()),
             )
             return chosen

@@ -8,6 +8,7 @@ in :data:`STEPS` is an error at ``fiona validate``, never a silent skip at run t
 
 from __future__ import annotations
 
+from engine.pipeline.steps.anonymize import AnonymizeStep
 from engine.pipeline.steps.base import JsonPath, Step, step_schema_file
 from engine.pipeline.steps.classify import ClassifyStep
 from engine.pipeline.steps.copy import CopyStep
@@ -15,6 +16,7 @@ from engine.pipeline.steps.select import SelectStep
 
 __all__ = [
     "STEPS",
+    "AnonymizeStep",
     "ClassifyStep",
     "CopyStep",
     "JsonPath",
@@ -27,6 +29,7 @@ __all__ = [
 STEPS: dict[str, type[Step]] = {
     "classify": ClassifyStep,
     "select": SelectStep,
+    "anonymize": AnonymizeStep,
     "copy": CopyStep,
 }
 

@@ -1,0 +1,207 @@
+"""The public entry points: de-identify a pydicom Dataset, or Part 10 bytes in and out.
+
+:meth:`Deidentifier.deidentify_file` reads only the header with pydicom
+(``stop_before_pixels``), cleans it, writes it, and appends the top-level pixel data element's
+bytes exactly as they were (found with :mod:`engine.deid.rawfile`), so a 0.5 MB image costs
+little more than a small one. A pixel hook (burned-in text cleaning) can replace those bytes.
+
+After cleaning, the top-level dataset gets Patient Identity Removed (0012,0062) ``YES``,
+De-identification Method (0012,0063) (one value per profile and option), De-identification
+Method Code Sequence (0012,0064) (CID 7050, scheme DCM) and Longitudinal Temporal Information
+Modified (0028,0303). The file meta is rebuilt: Media Storage SOP Class/Instance UID (0002,0002),
+(0002,0003) from the cleaned dataset, the same Transfer Syntax UID (0002,0010), fiona's
+Implementation Class UID (0002,0012) and Version Name (0002,0013); nothing else (no Source
+Application Entity Title (0002,0016), no private meta).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as PydicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from engine import __version__
+from engine.deid.apply import Cleaner, start_run, text_of
+from engine.deid.keys import (
+    DEFAULT_DATE_RANGE,
+    DateShifter,
+    HashPseudonyms,
+    PseudonymSource,
+    UidMapper,
+)
+from engine.deid.ops import REPORT_NAMES, Op
+from engine.deid.profile import Profile
+from engine.deid.rawfile import split_pixels
+from engine.deid.scrub import Scrubber
+from engine.deid.writer import write_part10
+
+#: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
+IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
+IMPLEMENTATION_VERSION_NAME = f"FIONA_{__version__}"[:16]
+_LONGITUDINAL = {"full": "UNMODIFIED", "modified": "MODIFIED", "removed": "REMOVED"}
+
+#: Called with the cleaned header and the original pixel data element (tag, VR, length and
+#: value bytes, exactly as in the file); returns replacement element bytes, or None to keep them.
+PixelHook = Callable[[Dataset, memoryview], bytes | None]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One de-identified instance: the Part 10 bytes and how many elements got each action."""
+
+    data: bytes
+    counts: dict[str, int]
+
+
+class Deidentifier:
+    """De-identifies instances with one profile and one project's secret.
+
+    ``secret`` is the project key (see :func:`engine.deid.keys.load_secret`); ``pseudonyms``
+    defaults to :class:`~engine.deid.keys.HashPseudonyms` with that key. ``uid_root`` and
+    ``date_range`` (days, inclusive) configure :class:`UidMapper` and :class:`DateShifter`.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        secret: bytes,
+        pseudonyms: PseudonymSource | None = None,
+        project: str = "",
+        *,
+        uid_root: str = "2.25",
+        date_range: tuple[int, int] = DEFAULT_DATE_RANGE,
+        pixel_hook: PixelHook | None = None,
+    ) -> None:
+        if len(secret) < 32:
+            raise ValueError("the project secret must be at least 32 bytes")
+        self.profile = profile
+        self.project = project
+        self.pixel_hook = pixel_hook
+        self.uids = UidMapper(secret, uid_root)
+        self.cleaner = Cleaner(
+            profile,
+            secret,
+            self.uids,
+            DateShifter(secret, *date_range),
+            pseudonyms or HashPseudonyms(secret),
+            project,
+        )
+
+    # ------------------------------------------------------------------ datasets
+
+    def process_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> dict[str, int]:
+        """De-identify ``ds`` in place (header, sequences, file meta); return action counts."""
+        counts = self._clean(ds, subject, event)
+        self._rebuild_meta(ds)
+        return counts
+
+    def deidentify_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> Dataset:
+        """De-identify ``ds`` in place (header, sequences, file meta) and return it."""
+        self.process_dataset(ds, subject=subject, event=event)
+        return ds
+
+    def _clean(self, ds: Dataset, subject: str, event: str) -> dict[str, int]:
+        run = start_run(ds, subject, event)
+        if self.profile.cleans_text:
+            run.scrubber = Scrubber()
+            self.cleaner.collect(ds, run.scrubber)
+        self.cleaner.walk(ds, run)
+        ds[0x00120062] = DataElement(0x00120062, "CS", "YES")
+        ds[0x00120063] = DataElement(0x00120063, "LO", list(self.profile.method_text))
+        ds[0x00120064] = DataElement(0x00120064, "SQ", PydicomSequence(self._method_items()))
+        mode = _LONGITUDINAL[self.profile.date_mode]
+        ds[0x00280303] = DataElement(0x00280303, "CS", mode)
+        return {REPORT_NAMES[Op(i)]: n for i, n in enumerate(run.counts) if n}
+
+    def _method_items(self) -> list[Dataset]:
+        return [_code_item(c.value, c.scheme, c.meaning) for c in self.profile.method_codes]
+
+    @staticmethod
+    def _rebuild_meta(ds: Dataset) -> None:
+        old = getattr(ds, "file_meta", None)
+        syntax = old.get("TransferSyntaxUID") if old is not None else None
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+        meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+        meta.TransferSyntaxUID = UID(syntax or ExplicitVRLittleEndian)
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        ds.file_meta = meta
+
+    # ------------------------------------------------------------------ files
+
+    def process_file(self, data: bytes, *, subject: str = "", event: str = "") -> Result:
+        """Part 10 bytes in, de-identified Part 10 bytes and action counts out.
+
+        Pixel data is copied raw; elements after it (Data Set Trailing Padding (FFFC,FFFC),
+        Digital Signatures Sequence (FFFA,FFFA)) are dropped and counted as removed.
+        """
+        split = split_pixels(data)
+        if split is None:  # deflated: read (and write) the whole dataset with pydicom
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            counts = self.process_dataset(ds, subject=subject, event=event)
+            return Result(_write(ds), counts)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if not split.little:  # big endian (retired): pydicom writes it
+            counts = self.process_dataset(ds, subject=subject, event=event)
+            header = _write(ds)
+        else:
+            counts = self._clean(ds, subject, event)
+            header = write_part10(ds, self._meta(ds, split.syntax), split.implicit)
+        if split.pixel_start == split.pixel_end:
+            out = header
+        else:
+            pixels: bytes | memoryview = memoryview(data)[split.pixel_start : split.pixel_end]
+            if self.pixel_hook is not None:
+                pixels = (
+                    self.pixel_hook(ds, memoryview(data)[split.pixel_start : split.pixel_end])
+                    or pixels
+                )
+            out = b"".join((header, pixels))
+        if split.trailing:
+            counts["X"] = counts.get("X", 0) + split.trailing
+        return Result(out, counts)
+
+    @staticmethod
+    def _meta(ds: Dataset, syntax: str) -> list[tuple[int, str, bytes]]:
+        """File meta: (0002,0001), (0002,0002), (0002,0003), (0002,0010), (0002,0012-13)."""
+        return [
+            (0x00020001, "OB", b"\x00\x01"),
+            (0x00020002, "UI", _uid_bytes(ds, 0x00080016)),
+            (0x00020003, "UI", _uid_bytes(ds, 0x00080018)),
+            (0x00020010, "UI", syntax.encode("ascii")),
+            (0x00020012, "UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            (0x00020013, "SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+        ]
+
+    def deidentify_file(self, data: bytes, *, subject: str = "", event: str = "") -> bytes:
+        """Part 10 bytes in, de-identified Part 10 bytes out."""
+        return self.process_file(data, subject=subject, event=event).data
+
+
+def _uid_bytes(ds: Dataset, tag: int) -> bytes:
+    return text_of(ds[tag].value).encode("ascii") if tag in ds else b""
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _write(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()

@@ -1,0 +1,193 @@
+"""One instance on its way out: burned-in gate, de-identification, verification.
+
+:meth:`Exporter.export` is what both ``fiona anonymize`` and the ``anonymize`` pipeline step
+call for every file. It returns either the de-identified bytes with their new UIDs, or a
+:class:`Held` item with a reason code and a detail that quotes no header value:
+
+1. the burned-in gate (:mod:`engine.deid.burned_in`): a file likely to carry text in its
+   pixels is held as ``burned_in`` unless a pixel rule cleans it;
+2. de-identification (:class:`engine.deid.Deidentifier`), pixel data copied raw;
+3. the verification gate (:mod:`engine.deid.verify`): the output bytes (all but pixel data)
+   are searched for the original identifying values; a hit is held as
+   ``verification_failed`` with the element paths where they were found.
+
+Compiling a study's values into one search costs milliseconds, so it is done once per study
+and patient (the values of its first file) and kept for the next files; what differs from file
+to file, the instance's own UIDs and those it references, is searched for separately: every
+UID-shaped token of the original header that is not a UID the standard defines must not appear
+in the output header.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from engine.deid.burned_in import BurnedInPolicy, Clean, Quarantine, check_burned_in
+from engine.deid.deidentifier import Deidentifier
+from engine.deid.keys import is_well_known_uid
+from engine.deid.pixels import PixelRuleSet, clean_pixels
+from engine.deid.rawfile import split_pixels
+from engine.deid.verify import IdentifyingValues, find_leaks, find_leaks_in_bytes, leak_reason
+from engine.dicom.header import HeaderError, parse_header
+
+#: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
+OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
+    "retain_uids": ("original_uid",),
+    "retain_longitudinal_full_dates": ("original_date",),
+    "retain_device_identity": ("device_serial",),
+    "retain_institution_identity": ("institution",),
+}
+VERIFICATION_FAILED = "verification_failed"
+#: A UID-shaped token: digits and dots, at least 10 characters with 3 dots (not a date or number).
+_UID_TOKEN = re.compile(rb"(?<![0-9.])[0-9]+(?:\.[0-9]+){3,}(?![0-9])")
+_STUDIES_KEPT = 64
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A de-identified instance: Part 10 bytes, its new UIDs, and action counts (no values)."""
+
+    data: bytes
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Held:
+    """An instance that must not leave: a quarantine reason code and a detail without PHI."""
+
+    reason: str
+    detail: str
+
+
+class Exporter:
+    """The gates and the de-identifier of one project (or one ``fiona anonymize`` run)."""
+
+    def __init__(
+        self,
+        deidentifier: Deidentifier,
+        policy: BurnedInPolicy | None = None,
+        pixel_rules: PixelRuleSet | None = None,
+        *,
+        allow_kinds: Collection[str] = (),
+    ) -> None:
+        self.deid = deidentifier
+        self.policy = policy or BurnedInPolicy()
+        self.pixel_rules = pixel_rules
+        allowed = set(allow_kinds)
+        for option in deidentifier.profile.options:
+            allowed.update(OPTION_ALLOWS.get(option, ()))
+        self.allow_kinds = frozenset(allowed)
+        self._studies: OrderedDict[tuple[str, str], IdentifyingValues] = OrderedDict()
+
+    def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
+        """De-identify one Part 10 file held in memory, or say why it is held."""
+        try:
+            original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except Exception as exc:
+            return Held("unparseable", f"header could not be read: {type(exc).__name__}")
+        verdict = check_burned_in(original, self.policy, self.pixel_rules)
+        if isinstance(verdict, Quarantine):
+            return Held(verdict.reason, verdict.detail)
+        try:
+            if isinstance(verdict, Clean):
+                result = self._cleaned(data, verdict, subject, event)
+                if isinstance(result, Held):
+                    return result
+                out, counts = result
+            else:
+                done = self.deid.process_file(data, subject=subject, event=event)
+                out, counts = done.data, done.counts
+        except Exception as exc:  # a file the profile cannot handle is held, never passed
+            return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
+        held = self._verify(original, data, out)
+        if held is not None:
+            return held
+        try:
+            header = parse_header(out)
+        except HeaderError as exc:
+            return Held("deidentification_failed", f"output is not valid: {exc.detail}")
+        return Exported(
+            out, header.study_uid, header.series_uid, header.sop_instance_uid, dict(counts)
+        )
+
+    def _cleaned(
+        self, data: bytes, verdict: Clean, subject: str, event: str
+    ) -> tuple[bytes, dict[str, int]] | Held:
+        """Blank the rule's regions in the decoded pixels, then de-identify the whole dataset."""
+        full = pydicom.dcmread(io.BytesIO(data))
+        failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
+        if failed is not None:
+            return Held("burned_in", failed.detail)
+        counts = self.deid.process_dataset(full, subject=subject, event=event)
+        buffer = io.BytesIO()
+        full.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue(), counts
+
+    def _study_values(self, original: Dataset) -> IdentifyingValues:
+        """The identifying values of the file's study, compiled once per study and patient."""
+        key = (str(original.get("StudyInstanceUID", "")), str(original.get("PatientID", "")))
+        found = self._studies.get(key)
+        if found is None:
+            found = self._studies[key] = IdentifyingValues.from_dataset(original)
+            if len(self._studies) > _STUDIES_KEPT:
+                self._studies.popitem(last=False)
+        else:
+            self._studies.move_to_end(key)
+        return found
+
+    def _verify(self, original: Dataset, data: bytes, out: bytes) -> Held | None:
+        values = self._study_values(original)
+        leaks: list[object] = list(find_leaks_in_bytes(out, values, allow_kinds=self.allow_kinds))
+        if not leaks and "original_uid" not in self.allow_kinds:
+            leaks = _uid_leaks(_header(data), _header(out))
+        if not leaks:
+            return None
+        # Rare: name the element paths (the byte scans only know offsets).
+        try:
+            parsed = pydicom.dcmread(io.BytesIO(out), stop_before_pixels=True)
+            own = IdentifyingValues.from_dataset(original)
+            paths = find_leaks(parsed, own, allow_kinds=self.allow_kinds)
+            leaks = list(paths) or leaks
+        except Exception:
+            pass
+        return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
+
+
+def _header(data: bytes) -> bytes:
+    """The bytes before the pixel data (all of them when there is none or no walk is possible)."""
+    try:
+        split = split_pixels(data)
+    except HeaderError:
+        return data
+    return data[: split.pixel_start] if split is not None and split.pixel_start else data
+
+
+@dataclass(frozen=True)
+class _UidLeak:
+    offset: int
+    kind: str = "original_uid"
+
+    def __str__(self) -> str:
+        return f"byte {self.offset} ({self.kind})"
+
+
+def _uid_leaks(original_header: bytes, out_header: bytes) -> list[object]:
+    """Original UIDs (not defined by the standard) found again in the output header."""
+    leaks: list[object] = []
+    for uid in {m.group() for m in _UID_TOKEN.finditer(original_header)}:
+        if len(uid) < 10 or is_well_known_uid(uid.decode("ascii")):
+            continue
+        for m in re.finditer(re.escape(uid) + rb"(?![0-9])", out_header):
+            if m.start() == 0 or out_header[m.start() - 1] not in b"0123456789.":
+                leaks.append(_UidLeak(m.start()))
+    return leaks

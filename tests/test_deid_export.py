@@ -1,0 +1,122 @@
+"""The way out: burned-in gate, de-identification and verification, and `fiona anonymize`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from engine.cli import main
+from engine.deid import Deidentifier, load_profile
+from engine.deid.export import Exported, Exporter, Held
+from tests import synth
+
+SECRET = b"s" * 48
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _instance(seed: int = 7, **changes: object) -> Dataset:
+    ds = synth.make_study(synth.make_study_spec(seed), [synth.MR_SERIES["t2_tse"]], size=16)[0]
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _exporter(**overrides: object) -> Exporter:
+    return Exporter(Deidentifier(load_profile("basic", (), overrides), SECRET, project="p"))
+
+
+def test_a_clean_export_has_new_uids_and_no_original_values() -> None:
+    ds = _instance()
+    result = _exporter().export(_bytes(ds))
+    assert isinstance(result, Exported)
+    assert result.study_uid != ds.StudyInstanceUID and result.sop_instance_uid != ds.SOPInstanceUID
+    out = pydicom.dcmread(io.BytesIO(result.data))
+    assert out.SOPInstanceUID == result.sop_instance_uid
+    assert str(ds.PatientName).split("^")[0].encode() not in result.data
+    assert out.PixelData == ds.PixelData
+
+
+def test_a_name_kept_by_an_override_is_caught_by_verification() -> None:
+    ds = _instance(StudyDescription="BRAIN FOR DOE^JANE^SYNTH", PatientName="DOE^JANE^SYNTH")
+    result = _exporter(StudyDescription="keep").export(_bytes(ds))
+    assert isinstance(result, Held)
+    assert result.reason == "verification_failed"
+    assert "StudyDescription" in result.detail and "patient_name" in result.detail
+    assert "DOE" not in result.detail  # the reason never quotes the value
+
+
+def test_an_original_uid_kept_by_an_override_is_caught() -> None:
+    ds = _instance()
+    ds.ImageComments = f"see {ds.SeriesInstanceUID}"
+    result = _exporter(ImageComments="keep").export(_bytes(ds))
+    assert isinstance(result, Held) and result.reason == "verification_failed"
+
+
+def test_burned_in_annotation_yes_is_held() -> None:
+    result = _exporter().export(_bytes(_instance(BurnedInAnnotation="YES")))
+    assert isinstance(result, Held) and result.reason == "burned_in"
+
+
+def test_not_dicom_is_held_not_passed() -> None:
+    result = _exporter().export(b"\0" * 128 + b"DICM" + b"junk" * 10)
+    assert isinstance(result, Held)
+
+
+def test_fiona_anonymize_writes_new_layout_report_and_quarantine(tmp_path: Path) -> None:
+    spec = synth.make_study_spec(3)
+    datasets = synth.make_study(
+        spec, [synth.MR_SERIES["localizer"], synth.MR_SERIES["flair"]], size=16
+    )
+    datasets[0].BurnedInAnnotation = "YES"
+    synth.write_study(datasets, tmp_path / "in")
+    (tmp_path / "in" / "README.TXT").write_text("not dicom")
+    key = tmp_path / "key"
+    key.write_bytes(SECRET)
+    os.chmod(key, 0o600)
+    out = tmp_path / "out"
+    code = main(
+        ["anonymize", str(tmp_path / "in"), str(out), "--secret-file", str(key), "--no-progress"]
+    )
+    assert code == 0
+    report = json.loads((out / "deid-report.json").read_text())
+    assert (report["files"], report["exported"], report["held"]) == (
+        len(datasets) + 1,
+        len(datasets) - 1,
+        1,
+    )
+    assert report["held_files"][0]["reason"] == "burned_in"
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == len(datasets) - 1
+    first = pydicom.dcmread(written[0])
+    assert written[0].parent.name == first.SeriesInstanceUID
+    assert written[0].parent.parent.name == first.StudyInstanceUID
+    assert first.StudyInstanceUID not in {d.StudyInstanceUID for d in datasets}
+    held = out.parent / "out-quarantine"
+    assert len(list(held.glob("*.dcm"))) == 1 and len(list(held.glob("*.json"))) == 1
+    text = (out / "deid-report.json").read_text()
+    assert spec.patient_name.split("^")[0] not in text and spec.patient_id not in text
+
+
+def test_fiona_anonymize_refuses_a_weak_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"short")
+    os.chmod(key, 0o600)
+    (tmp_path / "in").mkdir()
+    assert (
+        main(["anonymize", str(tmp_path / "in"), str(tmp_path / "out"), "--secret-file", str(key)])
+        == 2
+    )
+    assert "secret" in capsys.readouterr().err.lower()
