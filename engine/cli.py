@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     anon.add_argument("--pixel-rules", action="append", help="pixel cleaning rule files")
     anon.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     anon.add_argument("--no-progress", action="store_true", help="no progress bar")
+    anon.add_argument(
+        "--no-sync", action="store_true", help="do not flush the output to disk before reporting"
+    )
 
     reid = sub.add_parser(
         "reidentify", help="admin: the original Patient ID behind a pseudonym (audited)"

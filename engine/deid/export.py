@@ -27,6 +27,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from engine.deid.burned_in import BurnedInPolicy, Clean, Quarantine, check_burned_in
@@ -34,8 +36,10 @@ from engine.deid.deidentifier import Deidentifier
 from engine.deid.keys import is_well_known_uid
 from engine.deid.pixels import PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
-from engine.deid.verify import IdentifyingValues, find_leaks, find_leaks_in_bytes, leak_reason
+from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
 from engine.dicom.header import HeaderError, parse_header
+from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder, dictionary_vr
+from engine.dicom.walk import DEFLATED, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
 OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
@@ -91,10 +95,12 @@ class Exporter:
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
-        try:
-            original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except Exception as exc:
-            return Held("unparseable", f"header could not be read: {type(exc).__name__}")
+        original = _gate_view(data)  # the few elements the gate reads, without pydicom's parse
+        if original is None:
+            try:
+                original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            except Exception as exc:
+                return Held("unparseable", f"header could not be read: {type(exc).__name__}")
         verdict = check_burned_in(original, self.policy, self.pixel_rules)
         if isinstance(verdict, Quarantine):
             return Held(verdict.reason, verdict.detail)
@@ -133,12 +139,14 @@ class Exporter:
         full.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue(), counts
 
-    def _study_values(self, original: Dataset) -> IdentifyingValues:
-        """The identifying values of the file's study, compiled once per study and patient."""
+    def _study_values(self, original: Dataset, data: bytes) -> IdentifyingValues:
+        """The identifying values of the file's study, compiled once per study and patient
+        (from the whole header of the study's first file)."""
         key = (str(original.get("StudyInstanceUID", "")), str(original.get("PatientID", "")))
         found = self._studies.get(key)
         if found is None:
-            found = self._studies[key] = IdentifyingValues.from_dataset(original)
+            full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            found = self._studies[key] = IdentifyingValues.from_dataset(full)
             if len(self._studies) > _STUDIES_KEPT:
                 self._studies.popitem(last=False)
         else:
@@ -146,21 +154,59 @@ class Exporter:
         return found
 
     def _verify(self, original: Dataset, data: bytes, out: bytes) -> Held | None:
-        values = self._study_values(original)
-        leaks: list[object] = list(find_leaks_in_bytes(out, values, allow_kinds=self.allow_kinds))
+        values = self._study_values(original, data)
+        matcher = values.matcher((), self.allow_kinds)
+        out_header = _header(out)
+        leaks: list[object] = []
+        if not matcher.empty:
+            leaks = [
+                _Leak(m.start(), matcher.byte_kind(m.group()))
+                for m in matcher.bytes.finditer(out_header)
+            ]
         if not leaks and "original_uid" not in self.allow_kinds:
-            leaks = _uid_leaks(_header(data), _header(out))
+            leaks = _uid_leaks(_header(data), out_header)
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
         try:
             parsed = pydicom.dcmread(io.BytesIO(out), stop_before_pixels=True)
-            own = IdentifyingValues.from_dataset(original)
+            full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            own = IdentifyingValues.from_dataset(full)
             paths = find_leaks(parsed, own, allow_kinds=self.allow_kinds)
             leaks = list(paths) or leaks
         except Exception:
             pass
         return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
+
+
+#: What the burned-in gate and the study cache read of an original (see :func:`_gate_view`).
+_GATE_TAGS = {
+    tag_for_keyword(k) or 0: k
+    for k in (
+        "BurnedInAnnotation", "SOPClassUID", "Modality", "ImageType", "ConversionType",
+        "SeriesDescription", "Rows", "Columns", "Manufacturer", "ManufacturerModelName",
+        "StudyInstanceUID", "PatientID",
+    )
+}  # fmt: skip
+_WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET}
+
+
+def _gate_view(data: bytes) -> Dataset | None:
+    """A small Dataset of the gate's elements, read in one walk (None: let pydicom read it)."""
+    try:
+        found = scan(data, _WANTED)
+    except HeaderError:
+        return None
+    if found.transfer_syntax == DEFLATED:
+        return None
+    decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
+    ds = Dataset()
+    for tag, raw in found.elements.items():
+        if tag in _GATE_TAGS:
+            ds[tag] = DataElement(tag, dictionary_vr(tag), decoder.decode(tag, raw))
+    if found.has_pixels:
+        ds[0x7FE00010] = DataElement(0x7FE00010, "OB", b"")
+    return ds
 
 
 def _header(data: bytes) -> bytes:
@@ -173,7 +219,9 @@ def _header(data: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class _UidLeak:
+class _Leak:
+    """Where a byte scan found an original value: an offset and a kind, never the value."""
+
     offset: int
     kind: str = "original_uid"
 
@@ -189,5 +237,5 @@ def _uid_leaks(original_header: bytes, out_header: bytes) -> list[object]:
             continue
         for m in re.finditer(re.escape(uid) + rb"(?![0-9])", out_header):
             if m.start() == 0 or out_header[m.start() - 1] not in b"0123456789.":
-                leaks.append(_UidLeak(m.start()))
+                leaks.append(_Leak(m.start()))
     return leaks

@@ -8,7 +8,8 @@ report, ``OUT_DIR/deid-report.json``, records the profile, options, counts per a
 held files with their reasons: never a header value.
 
 Files are written under a temporary name and renamed; the whole output is flushed to disk
-(``os.sync``) before the command reports success. Held files are not an error: the exit status
+(``os.sync``, unless ``--no-sync``) before the command reports success. Held files are not an
+error: the exit status
 is 0 once every file was exported or held, 2 for a bad profile, option or secret. ``--jobs N``
 spreads files over N processes.
 """
@@ -145,7 +146,8 @@ def run_anonymize(args: argparse.Namespace) -> int:
         else:
             # The quarantine id, not the input file name: names of files may carry PHI.
             held.append({"qid": done.qid, "reason": done.reason, "detail": done.detail})
-    os.sync()  # the output is on disk before we say so
+    if not args.no_sync:
+        os.sync()  # the output is on disk before we say so
     report = {
         "profile": args.profile,
         "options": sorted(job.options),
