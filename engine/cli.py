@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine import __version__
 
@@ -19,6 +20,39 @@ def _add_site_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", type=Path, help="data folder: archive, quarantine, index (default: var/)"
     )
+
+
+def _add_transfers_parser(sub: Any) -> None:
+    """The ``transfers`` sub-command and its actions."""
+    transfers = sub.add_parser("transfers", help="the outbox: list, show, retry, cancel transfers")
+    actions = transfers.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="transfers, newest first")
+    _add_site_args(listing)
+    listing.add_argument(
+        "--state",
+        action="append",
+        choices=["queued", "sending", "done", "failed", "cancelled"],
+        help="only transfers in this state (repeatable)",
+    )
+    listing.add_argument("--project", help="only this project's transfers")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = actions.add_parser("show", help="one transfer with its instances' states")
+    _add_site_args(show)
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    for name, text in (
+        ("retry", "queue failed, cancelled or waiting transfers now, with fresh attempts"),
+        ("cancel", "stop transfers (instances sent stay sent; retry resumes them)"),
+    ):
+        action = actions.add_parser(name, help=text)
+        _add_site_args(action)
+        action.add_argument("ids", type=int, nargs="*", help="transfer ids")
+        if name == "retry":
+            action.add_argument(
+                "--failed", action="store_true", help="every failed transfer (with --project)"
+            )
+            action.add_argument("--project", help="with --failed: only this project")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     reid.add_argument("--project", required=True, help="the project the pseudonym belongs to")
     reid.add_argument("--reason", required=True, help="why (a ticket or approval number)")
     reid.add_argument("pseudonym", help="the pseudonym as exported")
+    _add_transfers_parser(sub)
     return parser
 
 
@@ -119,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.manage.reidentify import run_reidentify
 
         return run_reidentify(args)
+    if args.command == "transfers":
+        from engine.transfer.cli import run_transfers
+
+        return run_transfers(args)
     raise AssertionError(args.command)
 
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,16 @@ class WorkflowJob:
     picks them up (an invalid one is logged and left out, as at start).
     """
 
-    def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        projects: list[ProjectConfig],
+        on_reload: Callable[[list[ProjectConfig]], None] | None = None,
+    ) -> None:
         from engine.workflow import Workflow, site_labeller
 
         self.store = store
+        self.on_reload = on_reload
         self.labeller = site_labeller(store.site)
         self.signature = _projects_signature(store.site)
         self.workflow = Workflow(store.index, store.site, projects, labeller=self.labeller)
@@ -136,17 +143,58 @@ class WorkflowJob:
             self.workflow = Workflow(
                 self.store.index, self.store.site, projects, labeller=self.labeller
             )
+            if self.on_reload is not None:
+                self.on_reload(projects)
         self.workflow.scan()
 
 
-def _start_jobs(store: Store, projects: list[ProjectConfig]) -> Any:
+class OutboxJob:
+    """The scheduled outbox tick: starts due transfers on the projects' destinations.
+
+    At start, transfers a stopped engine left half-sent are queued again (their confirmed
+    instances are not sent twice).
+    """
+
+    def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
+        from engine.manage.audit import AuditLog
+        from engine.store.quarantine import Quarantine
+        from engine.transfer.config import destinations_of
+        from engine.transfer.outbox import Outbox
+        from engine.transfer.worker import OutboxWorker
+
+        data_dir = store.site.data_dir
+        quarantine = Quarantine(data_dir, store.index)
+
+        def hold(project: str, study_uid: str, detail: str) -> None:
+            quarantine.hold_study(study_uid, "transfer_failed", detail, project=project)
+
+        outbox = Outbox(store.index, data_dir)
+        resumed = outbox.resume()
+        if resumed:
+            log.info("resuming %d interrupted transfers", resumed)
+        self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
+
+    def configure(self, projects: list[ProjectConfig]) -> None:
+        from engine.transfer.config import destinations_of
+
+        self.worker.configure(destinations_of(projects))
+
+    def __call__(self) -> None:
+        try:
+            self.worker.tick()
+        except Exception:
+            log.exception("outbox scan failed; retrying next scan")
+
+
+def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, OutboxJob]:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")
+    outbox = OutboxJob(store, projects)
     scheduler.add_job(
-        WorkflowJob(store, projects),
+        WorkflowJob(store, projects, outbox.configure),
         "interval",
         seconds=store.site.scan_interval,
         id="workflow",
@@ -164,8 +212,17 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> Any:
         max_instances=1,
         coalesce=True,
     )
+    scheduler.add_job(
+        outbox,
+        "interval",
+        seconds=1,
+        id="outbox",
+        name="deliver due transfers",
+        max_instances=1,
+        coalesce=True,
+    )
     scheduler.start()
-    return scheduler
+    return scheduler, outbox
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -183,7 +240,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
         store.close()
         return 1
-    scheduler = _start_jobs(store, projects)
+    scheduler, outbox = _start_jobs(store, projects)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,
@@ -198,6 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     server.shutdown()
     scheduler.shutdown(wait=True)
+    outbox.worker.close()
     from engine.store.summary import write_pending_summaries
 
     write_pending_summaries(store.index, site.data_dir, 0.0)

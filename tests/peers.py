@@ -222,6 +222,8 @@ class OrthancServer:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
+            # Queries (a dicom destination's verify_count) only from AEs it knows, as a PACS.
+            "DicomModalities": {"fiona": ["FIONA", "127.0.0.1", 104]},
             "Plugins": [],
         }
         path = self.work_dir / "orthanc.json"
@@ -243,3 +245,56 @@ class OrthancServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@dataclass
+class StorescpServer:
+    """dcmtk's ``storescp`` on a free loopback port, writing what it receives to ``out_dir``.
+
+    ``args`` are extra storescp options (``+B`` to write data sets exactly as received, ``+xi``
+    to accept Implicit VR Little Endian only, ``+tls key cert`` ...). ``nodelay`` sets dcmtk's
+    TCP_NODELAY variable (Nagle off). storescp accepts any called AE title; it names each file
+    ``<modality prefix>.<SOP Instance UID>``. Its log goes to ``<out_dir>.log``.
+    """
+
+    out_dir: Path
+    args: tuple[str, ...] = ()
+    nodelay: bool = True
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> StorescpServer:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TCP_NODELAY": "1" if self.nodelay else "0"}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-od", str(self.out_dir), *self.args, str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir.with_name(self.out_dir.name + ".log")
+
+    def files(self) -> list[Path]:
+        """The files received so far, by name."""
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> StorescpServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,10 @@ def test_missing_projects_dir_is_an_issue(tmp_path: Path) -> None:
     ],
 )
 def test_console_script(args: list[str], status: int, last_line: str | None) -> None:
-    done = subprocess.run(["fiona", *args], capture_output=True, text=True, check=False)
+    # The console script installed beside this interpreter (the venv's), not whatever is on PATH.
+    script = Path(sys.executable).parent / "fiona"
+    command = str(script) if script.exists() else "fiona"
+    done = subprocess.run([command, *args], capture_output=True, text=True, check=False)
     assert done.returncode == status, done.stdout + done.stderr
     if last_line is not None:
         assert done.stdout.splitlines()[-1] == last_line

@@ -412,6 +412,52 @@ def test_anonymize_holds_the_whole_study_when_one_file_is_held(world: World) -> 
     assert not out.exists()
 
 
+def test_send_queues_the_de_identified_copies_once_per_destination(world: World) -> None:
+    import os
+
+    from engine.transfer.outbox import Outbox
+
+    key = world.project.parent / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    datasets = _study()
+    world.receive(datasets)
+    study, _ = _uids(datasets)
+    run_id = _new_run(world, datasets)
+    steps = world.steps(
+        [
+            {"step": "anonymize", "secret_file": "p.key", "pseudonyms": {"prefix": "P"}},
+            {"step": "send", "to": ["pacs", "share"]},
+        ]
+    )
+    world.runner(steps).run_pending(NOW)
+    assert world.run(run_id).state == RunState.DONE
+    outbox = Outbox(world.index, world.data)
+    transfers = sorted(outbox.find(), key=lambda t: t.destination)
+    assert [t.destination for t in transfers] == ["pacs", "share"]
+    for transfer in transfers:
+        # Filed under the archived study, sent under the new UID and the pseudonym.
+        assert (transfer.study_uid, transfer.subject, transfer.run_id) == (study, "S01", run_id)
+        assert transfer.export_uid != study and transfer.n_items == len(datasets)
+        batch = outbox.batch(transfer)
+        for item in batch.instances:
+            ds = pydicom.dcmread(item.path, stop_before_pixels=True)
+            assert (ds.SOPInstanceUID, ds.StudyInstanceUID) == (
+                item.sop_instance_uid,
+                transfer.export_uid,
+            )
+            assert ds.PatientID == "S01" and item.path.is_relative_to(world.data / "work")
+    # Run again (a crash after the step, say): still one transfer per destination.
+    run = world.run(run_id)
+    ctx = RunContext(
+        run.id, "p", run.study_uid, run.subject, run.event, run.follow_up,
+        world.store.series_inputs(run, world.data), world.data, dict(run.step_state),
+        index=world.index,
+    )
+    world.steps([{"step": "send", "to": "pacs"}])[0].run(ctx)
+    assert len(outbox.find()) == 2
+
+
 def test_copy_is_idempotent_and_recovers_from_a_crash(world: World) -> None:
     datasets = _study(1, [MR["localizer"], MR["t1_mprage"]])
     world.receive(datasets)
@@ -658,14 +704,14 @@ P = Path("projects/p.yaml")
             [{"step": "clasify"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'clasify' (did you mean"
-                " 'classify'?); expected one of anonymize, classify, copy, select"
+                " 'classify'?); expected one of anonymize, classify, copy, select, send"
             ],
         ),
         (
             [{"step": "transmit"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'transmit';"
-                " expected one of anonymize, classify, copy, select"
+                " expected one of anonymize, classify, copy, select, send"
             ],
         ),
         (
@@ -761,7 +807,7 @@ def test_project_files_report_pipeline_problems_with_lines(tmp_path: Path) -> No
     assert [str(i) for i in issues] == [
         f"{path}:6 pipeline[1].if_empty: expected one of 'done', 'quarantine'; found 'maybe'",
         f"{path}:7 pipeline[2].step: unknown step 'cpoy' (did you mean 'copy'?);"
-        " expected one of anonymize, classify, copy, select",
+        " expected one of anonymize, classify, copy, select, send",
     ]
 
 

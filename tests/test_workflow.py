@@ -31,13 +31,21 @@ def _write(path: Path, doc: object) -> Path:
     return path
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    timeout: float = 90.0,
+    server: FionaServer | None = None,
+) -> None:
+    """Poll ``check`` every 0.25 s until it holds; fail naming ``what`` after ``timeout`` s,
+    with the end of ``server``'s log when given (what the engine was doing)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    tail = "\n".join(server.log_text().splitlines()[-40:]) if server is not None else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 @pytest.fixture
@@ -136,19 +144,21 @@ def test_studies_are_routed_completed_copied_and_late_series_follow(
 
     t1 = neuro_series["t1_mprage_sag_p2_iso"]
     flair = neuro_series["t2_tirm_tra_dark-fluid"]
-    _wait_for(
-        "the neuro study's copy", lambda: len(_series_folders(out / "neuro" / neuro_uid)) == 2
+    wait_for(
+        "the neuro study's copy",
+        lambda: len(_series_folders(out / "neuro" / neuro_uid)) == 2,
+        server=server,
     )
     copied = _series_folders(out / "neuro" / neuro_uid)
     assert set(copied) == {t1, flair}  # select kept t1 and flair; localizer and t2 are left out
     assert "t1" in copied[t1] and "flair" in copied[flair]
     assert len(list((out / "neuro" / neuro_uid / t1).iterdir())) == mr["t1_mprage"].n_instances
 
-    _wait_for("the head CT copy", lambda: len(_series_folders(out / "headct" / ct_uid)) == 1)
+    wait_for("the head CT copy", lambda: len(_series_folders(out / "headct" / ct_uid)) == 1)
     assert "ct" in _series_folders(out / "headct" / ct_uid)[ct_series["SYNTH HEAD 5mm"]]
     assert not (out / "headct" / neuro_uid).exists() and not (out / "neuro" / ct_uid).exists()
 
-    _wait_for(
+    wait_for(
         "the unclaimed study to be held",
         lambda: bool(_index(server, "SELECT 1 FROM quarantine WHERE study_uid=?", other_uid)),
     )
@@ -171,7 +181,7 @@ def test_studies_are_routed_completed_copied_and_late_series_follow(
     late_uid = str(late[0].SeriesInstanceUID)
     result = store(storescu, server, late_files, aet="SCANNER_A")
     assert result.returncode == 0, result.stderr
-    _wait_for(
+    wait_for(
         "the late series' copy", lambda: late_uid in _series_folders(out / "neuro" / neuro_uid)
     )
     assert set(_series_folders(out / "neuro" / neuro_uid)) == {t1, flair, late_uid}
@@ -217,7 +227,7 @@ def test_anonymized_study_leaves_under_new_uids_and_a_pseudonym(
         files = _study(tmp_path, 21, [synth.MR_SERIES["t1_mprage"], synth.MR_SERIES["flair"]])
         result = store(storescu, server, files, aet="SCANNER_A")
         assert result.returncode == 0, result.stderr
-        _wait_for("the de-identified copy", lambda: len(list(out.rglob("*.dcm"))) == len(files))
+        wait_for("the de-identified copy", lambda: len(list(out.rglob("*.dcm"))) == len(files))
         original = pydicom.dcmread(files[0], stop_before_pixels=True)
         [study_dir] = list(out.iterdir())
         assert study_dir.name != original.StudyInstanceUID

@@ -628,17 +628,23 @@ def _project_issues(path: Path) -> tuple[ProjectConfig | None, list[ConfigIssue]
 
 
 def _project_semantic_issues(project: ProjectConfig, parsed: _Parsed) -> list[ConfigIssue]:
-    """Checks of the sections other layers own: routing rules and the pipeline's steps."""
+    """Checks of the sections other layers own: routing rules, the pipeline's steps and the
+    destinations."""
     # Imported here: those layers build on this module, not the other way round.
     from engine.pipeline.validate import check_pipeline
     from engine.route.config import check_routing
+    from engine.transfer.config import check_destinations
 
     pipeline = project.raw.get("pipeline", [])
-    return check_routing(project, parsed.lines) + check_pipeline(
-        pipeline if isinstance(pipeline, list) else [],
-        project.source,
-        ("pipeline",),
-        parsed.line_of,
+    return (
+        check_routing(project, parsed.lines)
+        + check_pipeline(
+            pipeline if isinstance(pipeline, list) else [],
+            project.source,
+            ("pipeline",),
+            parsed.line_of,
+        )
+        + check_destinations(project, parsed.line_of)
     )
 
 

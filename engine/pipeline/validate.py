@@ -34,7 +34,7 @@ from engine.config.loader import (
 )
 from engine.pipeline.steps import STEPS, JsonPath, Step
 
-__all__ = ["build_pipeline", "check_pipeline", "step_options", "step_schema"]
+__all__ = ["build_pipeline", "check_pipeline", "step_options", "step_schema", "subpaths"]
 
 LineOf = Callable[[JsonPath], int | None]
 
@@ -59,14 +59,15 @@ def step_options(item: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _subpaths(value: object, path: JsonPath) -> Iterator[JsonPath]:
+def subpaths(value: object, path: JsonPath) -> Iterator[JsonPath]:
+    """``path`` and the JSON path of everything below it in ``value``."""
     yield path
     if isinstance(value, Mapping):
         for key, sub in value.items():
-            yield from _subpaths(sub, (*path, str(key)))
+            yield from subpaths(sub, (*path, str(key)))
     elif isinstance(value, list):
         for i, sub in enumerate(value):
-            yield from _subpaths(sub, (*path, i))
+            yield from subpaths(sub, (*path, i))
 
 
 def _close(word: str, choices: Sequence[str]) -> str:
@@ -129,7 +130,7 @@ class _Checker:
         self, issues: list[ConfigIssue], options: Mapping[str, Any], where: JsonPath
     ) -> None:
         """Add a step's own issues, giving the ones in this file the line of their path."""
-        paths = {format_path(p): p for p in _subpaths(options, where)}
+        paths = {format_path(p): p for p in subpaths(options, where)}
         for issue in issues:
             if issue.line is None and issue.file == self.file and self.line_of is not None:
                 path = paths.get(issue.path, where)

@@ -31,6 +31,7 @@ class Reason(StrEnum):
     BURNED_IN = "burned_in"  # pixels likely to carry burned-in text, and no cleaning rule fits
     VERIFICATION_FAILED = "verification_failed"  # an original identifying value survived
     COPY_CONFLICT = "copy_conflict"  # a copy target holds something fiona did not write
+    TRANSFER_FAILED = "transfer_failed"  # a destination kept failing; its attempts are used up
 
 
 class Quarantine:

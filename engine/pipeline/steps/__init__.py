@@ -13,6 +13,7 @@ from engine.pipeline.steps.base import JsonPath, Step, step_schema_file
 from engine.pipeline.steps.classify import ClassifyStep
 from engine.pipeline.steps.copy import CopyStep
 from engine.pipeline.steps.select import SelectStep
+from engine.pipeline.steps.send import SendStep
 
 __all__ = [
     "STEPS",
@@ -21,6 +22,7 @@ __all__ = [
     "CopyStep",
     "JsonPath",
     "SelectStep",
+    "SendStep",
     "Step",
     "step_schema_file",
 ]
@@ -31,6 +33,7 @@ STEPS: dict[str, type[Step]] = {
     "select": SelectStep,
     "anonymize": AnonymizeStep,
     "copy": CopyStep,
+    "send": SendStep,
 }
 
 

@@ -1,0 +1,197 @@
+"""The outbox worker: claims due transfers and runs each on its destination in a thread.
+
+:meth:`OutboxWorker.tick` is what the scheduler calls every second: it claims as many due
+transfers as each destination has free slots (its ``concurrency``) and starts them; it never
+waits for a send. :meth:`OutboxWorker.run_due` does the same and waits, for commands and tests.
+
+A transfer ends ``done`` only when its destination confirmed every instance and its ``verify``
+passed. Anything else is a failed attempt (retried with backoff, a dead letter at the limit,
+quarantining its study as ``transfer_failed``); the error text is kept for ``fiona transfers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from engine.manage.audit import AuditLog, uid_token
+from engine.transfer.base import DeliveryError, Destination, InstanceResult
+from engine.transfer.outbox import Outbox, RetryPolicy, TransferRecord, TransferState
+
+__all__ = ["DestinationEntry", "OutboxWorker"]
+
+log = logging.getLogger(__name__)
+
+#: Called with (project, archived study UID, detail) when a transfer becomes a dead letter.
+HoldStudy = Callable[[str, str, str], None]
+
+
+@dataclass(frozen=True)
+class DestinationEntry:
+    """A configured destination with the outbox's settings for it."""
+
+    destination: Destination
+    retry: RetryPolicy
+    concurrency: int = 1
+
+
+class OutboxWorker:
+    """Runs the outbox's due transfers on the configured destinations."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Mapping[tuple[str, str], DestinationEntry],
+        hold: HoldStudy,
+        audit: AuditLog | None = None,
+        max_threads: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        #: Seconds since the epoch; the outbox's schedule follows it (tests set their own).
+        self.clock = clock
+        self.hold = hold
+        self.audit = audit
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], int] = {}
+        self._destinations: dict[tuple[str, str], DestinationEntry] = dict(destinations)
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="outbox")
+
+    def configure(self, destinations: Mapping[tuple[str, str], DestinationEntry]) -> None:
+        """New destinations (project files changed); transfers in flight finish on the old."""
+        with self._lock:
+            self._destinations = dict(destinations)
+
+    def tick(self, now: float | None = None) -> list[Future[TransferState]]:
+        """Start every due transfer there is a free slot for; returns their futures."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            slots = {
+                key: entry.concurrency - self._running.get(key, 0)
+                for key, entry in self._destinations.items()
+            }
+            claimed = self.outbox.claim_due(now, slots)
+            started = []
+            for record in claimed:
+                key = (record.project, record.destination)
+                entry = self._destinations[key]
+                self._running[key] = self._running.get(key, 0) + 1
+                started.append(self._pool.submit(self._run, record, entry, key))
+        return started
+
+    def run_due(self, now: float | None = None, timeout: float | None = None) -> int:
+        """Start the due transfers and wait for them; returns how many ran."""
+        futures = self.tick(now)
+        wait(futures, timeout=timeout)
+        return len(futures)
+
+    def close(self, wait_for: bool = True) -> None:
+        self._pool.shutdown(wait=wait_for, cancel_futures=True)
+        for entry in self._destinations.values():
+            try:
+                entry.destination.close()
+            except Exception:
+                log.exception("closing destination %s", entry.destination.name)
+
+    # -- one transfer ---------------------------------------------------------------------------
+
+    def _run(
+        self, record: TransferRecord, entry: DestinationEntry, key: tuple[str, str]
+    ) -> TransferState:
+        try:
+            return self._attempt(record, entry)
+        except Exception as exc:  # a bug, not the peer: counted as a failed attempt all the same
+            log.exception("transfer %d to %s failed unexpectedly", record.id, record.destination)
+            return self._failed(record, entry, f"internal error: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._running[key] = max(0, self._running.get(key, 1) - 1)
+
+    def _attempt(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
+        batch = self.outbox.batch(record)
+        missing = [i for i in batch.instances if not i.path.is_file()]
+        if missing:
+            return self._failed(record, entry, f"{len(missing)} files to send are missing")
+        already = self.outbox.already_sent(record)
+
+        def confirm(result: InstanceResult) -> None:
+            self.outbox.confirm(record.id, result, self.clock())
+
+        started = time.monotonic()
+        try:
+            entry.destination.send(batch, already, confirm)
+        except DeliveryError as exc:
+            return self._failed(record, entry, str(exc) or type(exc).__name__)
+        if self.outbox.state_of(record.id) is TransferState.CANCELLED:
+            return TransferState.CANCELLED
+        left = self.outbox.unconfirmed(record.id)
+        if left:
+            statuses = sorted({f"0x{i.status:04X}" for i in left if i.status is not None})
+            detail = next((i.detail for i in left if i.detail), "")
+            why = f"{len(left)} of {len(batch.instances)} instances not accepted"
+            extra = ", ".join(x for x in (", ".join(statuses), detail) if x)
+            return self._failed(record, entry, f"{why} ({extra})" if extra else why)
+        problem = entry.destination.verify(batch)
+        if problem:
+            return self._failed(record, entry, f"verification failed: {problem}")
+        self.outbox.finish(record.id, self.clock())
+        seconds = time.monotonic() - started
+        log.info(
+            "transfer %d: %d instances to %s/%s in %.1f s",
+            record.id,
+            len(batch.instances) - len(already),
+            record.project,
+            record.destination,
+            seconds,
+        )
+        self._audit("sent", record, instances=len(batch.instances))
+        return TransferState.DONE
+
+    def _failed(self, record: TransferRecord, entry: DestinationEntry, error: str) -> TransferState:
+        state = self.outbox.fail_attempt(record.id, error, entry.retry, self.clock())
+        if state is TransferState.FAILED:
+            log.error(
+                "transfer %d to %s/%s given up after %d attempts: %s",
+                record.id,
+                record.project,
+                record.destination,
+                entry.retry.max_attempts,
+                error,
+            )
+            self._audit("transfer_failed", record, error=error)
+            self.hold(
+                record.project,
+                record.study_uid,
+                f"transfer {record.id} to destination '{record.destination}' failed"
+                f" {entry.retry.max_attempts} times; last error: {error}",
+            )
+        else:
+            log.warning(
+                "transfer %d to %s/%s failed (%s); will retry",
+                record.id,
+                record.project,
+                record.destination,
+                error,
+            )
+        return state
+
+    def _audit(self, event: str, record: TransferRecord, **fields: object) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.write(
+                event,
+                project=record.project,
+                destination=record.destination,
+                transfer=record.id,
+                study=uid_token(record.study_uid),
+                subject=record.subject,
+                follow_up=record.follow_up,
+                **fields,
+            )
+        except OSError:
+            log.exception("could not write the audit log")
