@@ -316,6 +316,21 @@ def test_nothing_selected_quarantines_the_run_and_stops_it(world: World) -> None
     ]
     assert not out.exists()
     assert world.runner(steps).run_pending(NOW + 1e6) == 0
+    # After a config fix the run is reopened: it resumes at the step that held it.
+    fixed = world.steps(
+        [
+            {"step": "classify"},
+            {"step": "select", "labels": ["t1"], "if_empty": "quarantine"},
+            {"step": "copy", "to": str(out)},
+        ]
+    )
+    assert world.store.reopen(run_id, now=NOW) == 1
+    with pytest.raises(ValueError):
+        world.store.reopen(run_id)  # pending now, not held
+    world.runner(fixed).run_pending(NOW + 1)
+    assert world.run(run_id).state == RunState.DONE
+    assert [s.idx for s in world.store.steps(run_id)] == [0, 1, 2]
+    assert len(list(out.rglob("*.dcm"))) == MR["t1_mprage"].n_instances
 
 
 # --------------------------------------------------------------------------- copy

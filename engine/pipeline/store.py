@@ -204,6 +204,34 @@ class RunStore:
             detail,
         )
 
+    def reopen(self, run_id: int, now: float | None = None) -> int | None:
+        """Queue a quarantined (or failed) run again from the step that stopped it.
+
+        The stopping step's record is removed, so the runner calls it again with the project's
+        current config; steps done before it stay done (their state is kept). Returns the index
+        of the step the run resumes at (None when no step had stopped it: it starts over from
+        its first step not done). Raises ``ValueError`` for a run that is not held.
+        """
+        now = time.time() if now is None else now
+        with self.index.transaction() as db:
+            row = db.execute("SELECT state FROM pipeline_runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no pipeline run {run_id}")
+            if row[0] not in (RunState.QUARANTINED, RunState.FAILED):
+                raise ValueError(f"pipeline run {run_id} is {row[0]}, not held")
+            found = db.execute(
+                "SELECT MIN(idx) FROM pipeline_steps WHERE run_id=? AND state != 'done'",
+                (run_id,),
+            ).fetchone()
+            resume_at = None if found is None or found[0] is None else int(found[0])
+            db.execute("DELETE FROM pipeline_steps WHERE run_id=? AND state != 'done'", (run_id,))
+            db.execute(
+                "UPDATE pipeline_runs SET state='pending', reason='', detail='', attempts=0,"
+                " next_try_at=NULL, updated_at=? WHERE id=?",
+                (now, run_id),
+            )
+        return resume_at
+
     def _update(self, run_id: int, now: float | None, assignments: str, *values: object) -> None:
         with self.index.transaction() as db:
             db.execute(
