@@ -55,6 +55,48 @@ def _add_transfers_parser(sub: Any) -> None:
             action.add_argument("--project", help="with --failed: only this project")
 
 
+def _add_status_parser(sub: Any) -> None:
+    """The ``status`` sub-command: health, counts, outbox and jobs; exit 1 when unhealthy."""
+    status = sub.add_parser(
+        "status", help="health (heartbeat, disk), per-project counts, outbox, scheduled jobs"
+    )
+    _add_site_args(status)
+    status.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
+def _add_quarantine_parser(sub: Any) -> None:
+    """The ``quarantine`` sub-command (list, show, release, discard) and ``audit``."""
+    q = sub.add_parser("quarantine", help="held items: list, show, release, discard (audited)")
+    actions = q.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="quarantine items, oldest first, reasons explained")
+    _add_site_args(listing)
+    listing.add_argument("--reason", help="only this reason code")
+    listing.add_argument("--project", help="only this project's items")
+    listing.add_argument(
+        "--state", choices=["held", "released", "discarded", "all"], default="held"
+    )
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = actions.add_parser("show", help="one item: sidecar, pipeline runs, transfers")
+    _add_site_args(show)
+    show.add_argument("qid", help="the item's id (or its first 6+ characters)")
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    for name, text in (
+        ("release", "undo holds: rerun, retry, route again or archive again"),
+        ("discard", "give items up: delete held bytes, end held studies' runs"),
+    ):
+        action = actions.add_parser(name, help=text)
+        _add_site_args(action)
+        action.add_argument("qids", nargs="+", help="item ids (or their first 6+ characters)")
+        action.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    audit = sub.add_parser("audit", help="the audit log: decisions about studies, no PHI")
+    _add_site_args(audit)
+    audit.add_argument("study_uid", nargs="?", help="only this study (matched by its token)")
+    audit.add_argument("--project", help="only this project's entries")
+    audit.add_argument("--event", action="append", help="only this event (repeatable)")
+    audit.add_argument("--since", help="from this day on (YYYY-MM-DD, UTC)")
+    audit.add_argument("--json", action="store_true", help="JSON lines instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fiona", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fiona {__version__}")
@@ -121,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     reid.add_argument("--reason", required=True, help="why (a ticket or approval number)")
     reid.add_argument("pseudonym", help="the pseudonym as exported")
     _add_transfers_parser(sub)
+    _add_status_parser(sub)
+    _add_quarantine_parser(sub)
     return parser
 
 
@@ -158,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         from engine.transfer.cli import run_transfers
 
         return run_transfers(args)
+    if args.command == "status":
+        from engine.manage.status import run_status
+
+        return run_status(args)
+    if args.command == "quarantine":
+        from engine.manage.quarantine_cli import run_quarantine
+
+        return run_quarantine(args)
+    if args.command == "audit":
+        from engine.manage.audit_cli import run_audit
+
+        return run_audit(args)
     raise AssertionError(args.command)
 
 

@@ -73,6 +73,21 @@ def open_store(site: SiteConfig) -> Store:
     return Store(site, index, archive)
 
 
+def run_with_index(
+    args: argparse.Namespace, command: Callable[[SiteConfig, SqliteIndex], int]
+) -> int:
+    """For commands on the site's index: load the site config (exit status 2 when it is
+    invalid), open the index, run ``command`` on both, close the index."""
+    site = load_site_or_exit(args)
+    if site is None:
+        return 2
+    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    try:
+        return command(site, index)
+    finally:
+        index.close()
+
+
 def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
     """The site config with CLI overrides, or None after printing every problem."""
     from engine.config.loader import ConfigError, load_site
@@ -157,6 +172,7 @@ class OutboxJob:
 
     def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
         from engine.manage.audit import AuditLog
+        from engine.manage.quarantine_policy import Holder, policies_of
         from engine.store.quarantine import Quarantine
         from engine.transfer.config import destinations_of
         from engine.transfer.outbox import Outbox
@@ -164,9 +180,11 @@ class OutboxJob:
 
         data_dir = store.site.data_dir
         quarantine = Quarantine(data_dir, store.index)
+        # The projects' quarantine policy decides whether a dead letter holds its study.
+        self.holder = Holder(quarantine, policies_of(projects), AuditLog(data_dir))
 
         def hold(project: str, study_uid: str, detail: str) -> None:
-            quarantine.hold_study(study_uid, "transfer_failed", detail, project=project)
+            self.holder.hold(study_uid, "transfer_failed", detail, project)
 
         outbox = Outbox(store.index, data_dir)
         resumed = outbox.resume()
@@ -175,9 +193,11 @@ class OutboxJob:
         self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
 
     def configure(self, projects: list[ProjectConfig]) -> None:
+        from engine.manage.quarantine_policy import policies_of
         from engine.transfer.config import destinations_of
 
         self.worker.configure(destinations_of(projects))
+        self.holder.policies = policies_of(projects)
 
     def __call__(self) -> None:
         try:
@@ -221,8 +241,44 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
         max_instances=1,
         coalesce=True,
     )
+    _add_watch_jobs(scheduler, store)
+    from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
+
+    add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
     scheduler.start()
     return scheduler, outbox
+
+
+def _add_watch_jobs(scheduler: Any, store: Store) -> None:
+    """The service watching itself: the heartbeat (first beat at once, so the status file
+    exists from the start) and retention."""
+    from datetime import UTC, datetime
+
+    from engine.manage.heartbeat import HeartbeatJob
+    from engine.manage.retention import RetentionJob
+
+    site = store.site
+    scheduler.add_job(
+        HeartbeatJob(site, store.index, scheduler),
+        "interval",
+        seconds=site.heartbeat.interval,
+        next_run_time=datetime.now(UTC),
+        id="heartbeat",
+        name="echo our own SCP; record disk, queues and last receipt/send",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        RetentionJob(
+            site.data_dir, site.projects_dir, store.index, site.retention.min_free_percent
+        ),
+        "interval",
+        seconds=site.retention.interval,
+        id="retention",
+        name="delete finished studies past keep_days or under the disk watermark",
+        max_instances=1,
+        coalesce=True,
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -230,6 +286,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if site is None:
         return 2
     setup_logging(site.log_level)
+    # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
+    # be sending) must still end in the clean shutdown below, not in Python's default exit.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     from engine.net.scp import start_scp
 
     projects = load_enabled_projects(site)
@@ -241,6 +302,9 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         return 1
     scheduler, outbox = _start_jobs(store, projects)
+    from engine.manage.status_http import start_for_site
+
+    status_page = start_for_site(site, store.index)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,
@@ -248,13 +312,17 @@ def run_serve(args: argparse.Namespace) -> int:
         site.port,
         site.data_dir.resolve(),
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down")
+    # No new job runs from here on: a heartbeat would record the SCP we are stopping as down.
+    scheduler.pause()
     server.shutdown()
     scheduler.shutdown(wait=True)
+    if status_page is not None:
+        status_page.stop()
+    from engine.manage.heartbeat import mark_stopped
+
+    mark_stopped(site.data_dir)
     outbox.worker.close()
     from engine.store.summary import write_pending_summaries
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.config.rulesets import resolve_rulesets
+from engine.manage.audit import AuditLog
+from engine.manage.quarantine_policy import Holder, policies_of
 from engine.pipeline.runner import PipelineRunner
 from engine.pipeline.store import RunRecord, RunStore
 from engine.pipeline.validate import build_pipeline
@@ -54,6 +56,8 @@ class Workflow:
         self.quarantine = Quarantine(site.data_dir, index)
         self.runs = RunStore(index)
         enabled = [p for p in projects if p.enabled]
+        audit = AuditLog(site.data_dir)
+        self.holder = Holder(self.quarantine, policies_of(enabled), audit)
         self.tracker = Tracker(
             index,
             site.data_dir,
@@ -66,10 +70,13 @@ class Workflow:
             p.name: build_pipeline(list(p.raw.get("pipeline", [])), p.source)  # type: ignore[call-overload]
             for p in enabled
         }
-        self.runner = PipelineRunner(self.runs, index, site.data_dir, pipelines, self._hold)
+        self.runner = PipelineRunner(
+            self.runs, index, site.data_dir, pipelines, self._hold, audit=audit
+        )
 
-    def _hold(self, run: RunRecord, reason: str, detail: str) -> None:
-        self.quarantine.hold_study(run.study_uid, reason, detail, project=run.project)
+    def _hold(self, run: RunRecord, reason: str, detail: str) -> bool:
+        """Hold the study, or drop it when the project's quarantine policy says so (False)."""
+        return self.holder.hold(run.study_uid, reason, detail, run.project)
 
     def scan(self, now: float | None = None) -> None:
         """One pass: route, label and complete; then run what is runnable."""

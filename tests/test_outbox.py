@@ -248,3 +248,29 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter() -> None:
         delays = [policy.delay(attempts, rng) for _ in range(50)]
         assert all(base * 0.8 <= d <= base * 1.2 for d in delays)
         assert max(delays) - min(delays) > 0  # spread, so a crowd does not retry in step
+
+
+def test_the_transfers_command_lists_shows_retries_and_cancels(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    tid = rig.enqueue()
+    for n in range(3):  # the share is missing: a dead letter after 3 attempts
+        rig.run_due(T0 + 10_000 * n)
+    data = ["--data", str(rig.data)]
+    assert main(["transfers", "list", *data]) == 0
+    out = capsys.readouterr().out
+    assert "share" in out and "failed" in out and f"0/{len(rig.files)}" in out
+    assert main(["transfers", "show", str(tid), "--json", *data]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "failed" and len(shown["items"]) == len(rig.files)
+    assert "does not exist" in shown["last_error"]
+    assert main(["transfers", "retry", "--failed", *data]) == 0
+    assert capsys.readouterr().out.strip() == f"transfer {tid}: queued"
+    assert main(["transfers", "cancel", str(tid), *data]) == 0
+    assert main(["transfers", "cancel", str(tid), *data]) == 1  # already cancelled
+    assert "nothing to cancel" in capsys.readouterr().err
+    assert main(["transfers", "show", "999", *data]) == 1
+    events = [e["event"] for e in AuditLog(rig.data).entries()]
+    assert "transfer_retry" in events and "transfer_cancel" in events

@@ -719,14 +719,14 @@ P = Path("projects/p.yaml")
             [{"step": "clasify"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'clasify' (did you mean"
-                " 'classify'?); expected one of anonymize, classify, copy, select, send"
+                " 'classify'?); expected one of anonymize, classify, consent, copy, select, send"
             ],
         ),
         (
             [{"step": "transmit"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'transmit';"
-                " expected one of anonymize, classify, copy, select, send"
+                " expected one of anonymize, classify, consent, copy, select, send"
             ],
         ),
         (
@@ -822,7 +822,7 @@ def test_project_files_report_pipeline_problems_with_lines(tmp_path: Path) -> No
     assert [str(i) for i in issues] == [
         f"{path}:6 pipeline[1].if_empty: expected one of 'done', 'quarantine'; found 'maybe'",
         f"{path}:7 pipeline[2].step: unknown step 'cpoy' (did you mean 'copy'?);"
-        " expected one of anonymize, classify, copy, select, send",
+        " expected one of anonymize, classify, consent, copy, select, send",
     ]
 
 
@@ -854,3 +854,11 @@ def test_every_registered_step_has_a_schema_fragment_and_a_test() -> None:
             assert prop.get("description"), (name, key)
             assert key in schema.get("required", []) or "default" in prop, (name, key)
         assert f'"step": "{name}"' in source, f"no test builds a {name} step"
+
+
+def test_consent_step_needs_the_projects_redcap_section(world: World) -> None:
+    # The step's REDCap behaviour is tested in tests/test_redcap_pipeline.py (REDCap stand-in).
+    step = {"step": "consent", "key": {"field": "mrn", "from": "patient_id"}, "consent_field": "c"}
+    assert [i.message for i in check_pipeline([step], world.project)] == [
+        "a consent step needs the project's 'redcap' section (url, token_file); found none"
+    ]

@@ -93,6 +93,27 @@ def test_identical_resend_is_a_no_op(tmp_path: Path, study: list[pydicom.Dataset
     assert archive.index.counts()["instances"] == 1
 
 
+def test_a_study_sent_again_after_retention_deleted_it_is_filed_again(
+    tmp_path: Path, study: list[pydicom.Dataset]
+) -> None:
+    import shutil
+
+    archive = open_archive(tmp_path)
+    blob = part10(study[0])
+    assert archive.receive(blob, ORIGIN).action == "stored"
+    path = archived_path(tmp_path, study[0])
+    # What retention does: the files go, the index rows stay (marked deleted).
+    shutil.rmtree(path.parent.parent)
+    with archive.index.transaction() as db:
+        db.execute("UPDATE studies SET deleted_at=1, deleted_reason='age'")
+    again = archive.receive(blob, ORIGIN)
+    assert (again.action, again.status) == ("stored", Status.SUCCESS)
+    assert path.read_bytes() == blob
+    with archive.index.reading() as db:
+        assert db.execute("SELECT deleted_at FROM studies").fetchall() == [(None,)]
+    assert archive.index.counts()["instances"] == 1
+
+
 @pytest.mark.parametrize(
     ("policy", "action", "kept", "quarantined"),
     [

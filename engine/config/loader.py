@@ -29,10 +29,13 @@ from jsonschema import Draft202012Validator
 from engine.config.model import (
     AmbiguousPolicy,
     DuplicatePolicy,
+    HeartbeatConfig,
     Limits,
     ProjectConfig,
+    RetentionPolicy,
     RoutingPolicy,
     SiteConfig,
+    StatusHttp,
     Timeouts,
     TlsConfig,
     UnroutedPolicy,
@@ -535,9 +538,29 @@ def _site_issues(
         ),
         scan_interval=float(doc["scan_interval_seconds"]),
         log_level=doc["log_level"],
+        heartbeat=_heartbeat(doc["heartbeat"]),
+        retention=RetentionPolicy(
+            interval=float(doc["retention"]["interval_seconds"]),
+            min_free_percent=float(doc["retention"]["min_free_percent"]),
+        ),
+        status_http=StatusHttp(
+            port=int(doc["status_http"]["port"]), bind=str(doc["status_http"]["bind"])
+        ),
     )
     issues += sorted(_check_tls(site.tls, parsed), key=_issue_order)
     return (None if issues else site), issues
+
+
+def _heartbeat(doc: Mapping[str, Any]) -> HeartbeatConfig:
+    """The ``heartbeat`` section (defaults applied) as its dataclass."""
+    return HeartbeatConfig(
+        interval=float(doc["interval_seconds"]),
+        keep=int(doc["keep"]),
+        echo_timeout=float(doc["echo_timeout_seconds"]),
+        calling_ae=doc["calling_ae"],
+        url=doc["url"],
+        url_timeout=float(doc["url_timeout_seconds"]),
+    )
 
 
 def _check_tls(tls: TlsConfig, parsed: _Parsed) -> list[ConfigIssue]:

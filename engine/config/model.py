@@ -87,6 +87,43 @@ class RoutingPolicy:
 
 
 @dataclass(frozen=True)
+class HeartbeatConfig:
+    """The heartbeat job (:mod:`engine.manage.heartbeat`).
+
+    ``interval``, ``echo_timeout``, ``url_timeout``: seconds. ``keep``: heartbeat rows kept in
+    the index. ``calling_ae``: the C-ECHO's calling AE title (None: the site's own). ``url``:
+    where each heartbeat is POSTed as JSON (None: nowhere).
+    """
+
+    interval: float = 60.0
+    keep: int = 1440
+    echo_timeout: float = 10.0
+    calling_ae: str | None = None
+    url: str | None = None
+    url_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """The retention job (:mod:`engine.manage.retention`).
+
+    ``interval``: seconds between runs. ``min_free_percent``: below this percentage of free disk
+    in the data folder, already-sent studies are evicted oldest first (0: off).
+    """
+
+    interval: float = 3600.0
+    min_free_percent: float = 10.0
+
+
+@dataclass(frozen=True)
+class StatusHttp:
+    """The read-only status page of ``fiona serve``; ``port`` 0 means off."""
+
+    port: int = 0
+    bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
 
@@ -111,6 +148,9 @@ class SiteConfig:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     scan_interval: float = 2.0
     log_level: str = "INFO"
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    status_http: StatusHttp = field(default_factory=StatusHttp)
 
     @property
     def index_path(self) -> Path:

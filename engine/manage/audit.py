@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.store.fsio import ensure_dir
+
+log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 
@@ -55,6 +58,17 @@ class AuditLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def try_write(self, event: str, **fields: Any) -> bool:
+        """:meth:`write` for the engine's own decisions: a failure is logged and False returned,
+        so a full disk never stops the receiver or a pipeline (admin commands use ``write``,
+        which must succeed before they act)."""
+        try:
+            self.write(event, **fields)
+        except Exception as exc:
+            log.error("could not write the audit entry %s: %s", event, type(exc).__name__)
+            return False
+        return True
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, oldest first."""

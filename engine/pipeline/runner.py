@@ -6,7 +6,8 @@ its outcome durably (with the steps' shared state) before the next one starts:
 
 * ``Done``: on to the next step; after the last one the run is ``done``;
 * ``Quarantined(reason, detail)``: the run stops, ``quarantine_hook(run, reason, detail)`` files
-  the study in the quarantine, and the run is ``quarantined``;
+  the study in the quarantine, and the run is ``quarantined`` (or ``failed`` when the hook
+  returns False: the project's quarantine policy drops that reason instead of holding it);
 * ``Retry(reason, after)``: the run waits ``after`` seconds and then resumes at this step;
 * an exception: a retry with exponential backoff (``backoff * 2**attempts``, at most
   ``max_backoff``; ``attempts`` counts the step's unfinished tries) and reason
@@ -14,7 +15,9 @@ its outcome durably (with the steps' shared state) before the next one starts:
   ``max_attempts`` unfinished tries of the step, the study is quarantined with reason
   ``step_failed``.
 
-Log lines name the run id, project and step only: never a UID, name or header value.
+Log lines name the run id, project and step only: never a UID, name or header value. The
+``classify`` and ``anonymize`` steps' results are audit entries (``classified``, ``anonymized``,
+``verified``) with counts and the study as a token.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from engine.pipeline.context import RunContext
+from engine.manage.audit import AuditLog, uid_token
+from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry, is_outcome
 from engine.pipeline.steps import Step
 from engine.pipeline.store import RunRecord, RunState, RunStore
@@ -39,8 +43,11 @@ log = logging.getLogger(__name__)
 #: Tries of a step that raises before its study is quarantined as ``step_failed``.
 MAX_ATTEMPTS = 5
 
-#: Files a held study in the quarantine: (run, reason code, detail).
-QuarantineHook = Callable[[RunRecord, str, str], None]
+#: Files a held study in the quarantine: (run, reason code, detail); False: dropped by policy.
+QuarantineHook = Callable[[RunRecord, str, str], bool | None]
+
+#: Audit events for steps that finished (step type -> event).
+_AUDITED_STEPS = {"classify": "classified", "anonymize": "anonymized"}
 
 
 class PipelineRunner:
@@ -61,6 +68,7 @@ class PipelineRunner:
         max_attempts: int = MAX_ATTEMPTS,
         backoff: float = 60.0,
         max_backoff: float = 3600.0,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.index = index
@@ -70,6 +78,7 @@ class PipelineRunner:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.audit = audit
         self._waiting: set[int] = set()  # runs of unknown projects, logged once
 
     def run_pending(self, now: float | None = None) -> int:
@@ -122,6 +131,7 @@ class PipelineRunner:
             if isinstance(outcome, Done):
                 self.store.record_step(run.id, idx, step.name, outcome, state=ctx.state, now=now)
                 log.info("run %d (project %s) step %d %s: done (%s)", *where, outcome.detail)
+                self._audit_step(run, step.name, outcome, ctx)
                 attempts = 0
                 continue
             if isinstance(outcome, Quarantined):
@@ -169,6 +179,25 @@ class PipelineRunner:
             ctx.state.update(json.loads(saved))
         return outcome, False
 
+    def _audit_step(self, run: RunRecord, name: str, outcome: Done, ctx: RunContext) -> None:
+        """An audit entry for a finished classify or anonymize step (never fails the run)."""
+        event = _AUDITED_STEPS.get(name)
+        if self.audit is None or event is None:
+            return
+        fields: dict[str, object] = {
+            "study": uid_token(run.study_uid),
+            "project": run.project,
+            "run": run.id,
+            "detail": outcome.detail,
+        }
+        self.audit.try_write(event, **fields)
+        if name == "anonymize":
+            # Done means every file passed the verification gate (one hit holds the study).
+            found = ctx.state.get(DEIDENTIFIED)
+            series = found.get("series", {}) if isinstance(found, dict) else {}
+            files = sum(len(s.get("files", ())) for s in series.values())
+            self.audit.try_write("verified", **fields, series=len(series), files=files)
+
     def _failed(self, step: Step, idx: int, last: Outcome) -> str:
         reason = last.reason if isinstance(last, Retry) else ""
         return f"step {idx} ({step.name}) failed {self.max_attempts} times; last: {reason}"
@@ -177,7 +206,7 @@ class PipelineRunner:
         """File the quarantine, then end the run (a crash in between files it again: a held
         study is never lost, at worst held twice)."""
         try:
-            self.quarantine_hook(run, reason, detail)
+            held = self.quarantine_hook(run, reason, detail)
         except Exception as exc:
             log.error(
                 "run %d (project %s): could not quarantine (%s); retrying later",
@@ -187,5 +216,6 @@ class PipelineRunner:
             )
             self.store.postpone(run.id, now + self.backoff, now=now)
             return RunState.PENDING
-        self.store.finish(run.id, RunState.QUARANTINED, reason, detail, now=now)
-        return RunState.QUARANTINED
+        final = RunState.FAILED if held is False else RunState.QUARANTINED
+        self.store.finish(run.id, final, reason, detail, now=now)
+        return final

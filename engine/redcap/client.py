@@ -278,6 +278,15 @@ class RedcapClient:
         rows = self.records(ids, [key_field, *fields], id_field=key)
         return {v: [r for rec in owners[v] for r in rows.get(rec, [])] for v in owners}
 
+    def select(
+        self, fields: Sequence[str], logic: str, *, events: Sequence[str] | None = None
+    ) -> list[dict[str, str]]:
+        """Every row for which REDCap's filter ``logic`` holds, with the ID field and
+        ``fields`` (one export). ``logic`` must be built from field names and constants only,
+        never from record data (REDCap's logic has no escapes): for small sets such as open
+        transfer requests, not for subjects (use :meth:`find`)."""
+        return self._export(_fields([self.id_field(), *fields]), events=events, filter_logic=logic)
+
     def write(self, rows: Sequence[Mapping[str, str]], *, overwrite: bool = False) -> int:
         """Import ``rows`` (flat: the ID field, ``redcap_event_name`` / repeat columns when
         needed, then fields); the number of records REDCap reports touched.

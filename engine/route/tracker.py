@@ -27,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, UnroutedPolicy
+from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.store import RunStore
 from engine.route.config import Completeness, completeness_of
 from engine.route.router import Router, SeriesFacts
@@ -77,6 +78,8 @@ class Tracker:
         self.labeller = labeller
         self.runs = runs
         self.quarantine = Quarantine(data_dir, index)
+        self.audit = AuditLog(data_dir)
+        self._received: dict[str, str] = {}  # study UID -> day of its last 'received' entry
         self._next_mark = 0
 
     def scan(self, now: float | None = None) -> None:
@@ -107,8 +110,15 @@ class Tracker:
                 " AND st.routed_upto < ?",
                 (mark, top, top),
             ).fetchall()
+            # Studies whose routing was reset (fiona quarantine release of an unrouted or
+            # ambiguous study) lie below the mark: found through the unjudged-studies index.
+            rows += db.execute(
+                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto FROM studies st"
+                " WHERE st.judged_at IS NULL AND st.routed_upto = 0"
+            ).fetchall()
         self._next_mark = top
-        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+        unique = {int(r[0]): (int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows}
+        return list(unique.values())
 
     def _advance_mark(self) -> None:
         with self.index.transaction() as db:
@@ -140,6 +150,9 @@ class Tracker:
         self, study_id: int, study_uid: str, accession: str, upto: int, now: float
     ) -> None:
         new = self._new_instances(study_id, upto)
+        if not new:
+            return
+        self._audit_received(study_uid, new, first=upto == 0, now=now)
         labels: dict[int, SeriesLabels] = {}
         claims: dict[str, tuple[str, str, list[str]]] = {}
         for inst in new:
@@ -171,6 +184,25 @@ class Tracker:
                     )
         self._save(study_uid, study_id, max(i.id for i in new), labels, claims, now)
 
+    def _audit_received(
+        self, study_uid: str, new: Sequence[_NewInstance], *, first: bool, now: float
+    ) -> None:
+        """One ``received`` entry when a study is first seen, then at most one a day (a study
+        arriving over minutes is seen by many scans; the C-STORE path writes none)."""
+        day = time.strftime("%Y%m%d", time.gmtime(now))
+        if not first and self._received.get(study_uid) == day:
+            return
+        if len(self._received) > 10000:
+            self._received.clear()  # a bound on memory; at worst one more entry a day
+        self._received[study_uid] = day
+        self.audit.try_write(
+            "received",
+            study=uid_token(study_uid),
+            instances=len(new),
+            series=len({i.series_id for i in new}),
+            first=first,
+        )
+
     def _label_state(self, series_id: int) -> SeriesLabels:
         assert self.labeller is not None
         with self.index.reading() as db:
@@ -192,6 +224,12 @@ class Tracker:
         now: float,
     ) -> None:
         with self.index.transaction() as db:
+            known = {
+                str(r[0])
+                for r in db.execute(
+                    "SELECT project FROM study_routes WHERE study_uid=?", (study_uid,)
+                )
+            }
             for series_id, acc in labels.items():
                 db.execute(
                     "UPDATE series SET labels=?, label_state=?, summary_written_at=NULL WHERE id=?",
@@ -217,6 +255,9 @@ class Tracker:
             )
         for project in claims:
             log.info("study routed to project %s", project)
+        new_routes = sorted(set(claims) - known)
+        if new_routes:
+            self.audit.try_write("routed", study=uid_token(study_uid), projects=new_routes)
 
     # -- 2. completeness ----------------------------------------------------------------------
 
@@ -310,6 +351,13 @@ class Tracker:
                 " done_upto=? WHERE study_uid=? AND project=?",
                 (now, upto, study_uid, project),
             )
+        self.audit.try_write(
+            "completed",
+            study=uid_token(study_uid),
+            project=project,
+            follow_up=runs,
+            series=len(series),
+        )
 
     def _hold_ambiguous(self, study_uid: str, study_id: int, now: float) -> None:
         with self.index.reading() as db:
@@ -323,6 +371,9 @@ class Tracker:
                     (study_uid,),
                 )
             ]
+        self.audit.try_write(
+            "routed", study=uid_token(study_uid), projects=names, outcome="ambiguous"
+        )
         self.quarantine.hold_study(
             study_uid, Reason.AMBIGUOUS, f"claimed by {len(names)} projects: {', '.join(names)}"
         )
@@ -347,6 +398,9 @@ class Tracker:
                 (now - policy.unrouted_after,),
             ).fetchall()
         for study_id, study_uid in rows:
+            self.audit.try_write(
+                "routed", study=uid_token(study_uid), projects=[], outcome="unrouted"
+            )
             if policy.unrouted is UnroutedPolicy.QUARANTINE:
                 self.quarantine.hold_study(
                     study_uid, Reason.UNROUTED, "no project's routing claims this study"

@@ -165,6 +165,8 @@ class Archive:
     def _file(self, data: bytes, header: InstanceHeader, origin: Origin) -> StoreOutcome:
         existing = self.index.find_instance(header.sop_instance_uid)
         if existing is not None:
+            if not (self.data_dir / existing.path).is_file():
+                return self._refile(data, header, origin)
             return self._duplicate(data, header, origin, self.data_dir / existing.path)
         path = self.instance_path(header)
         write_durable(path, data)
@@ -176,6 +178,17 @@ class Archive:
             raise
         if added.new_study:
             self._make_views(header)
+        return StoreOutcome("stored", Status.SUCCESS)
+
+    def _refile(self, data: bytes, header: InstanceHeader, origin: Origin) -> StoreOutcome:
+        """An indexed instance whose file is gone (retention deleted its study): file it again,
+        so a study sent again after deletion is on disk again, not answered and dropped."""
+        path = self.instance_path(header)
+        write_durable(path, data)
+        self.index.replace_instance(header, self._rel(path), len(data), origin)
+        self.index.mark_study_present(header.study_uid)
+        self._make_views(header)
+        log.info("instance filed again: its earlier copy had been deleted")
         return StoreOutcome("stored", Status.SUCCESS)
 
     def _duplicate(

@@ -84,6 +84,8 @@ class Index(Protocol):
         self, sop_instance_uid: str, identical: bool, action: str, origin: Origin
     ) -> None: ...
 
+    def mark_study_present(self, study_uid: str) -> None: ...
+
     def add_quarantine(self, record: QuarantineRecord) -> None: ...
 
     def series_needing_summary(self, quiet_seconds: float) -> list[str]: ...
@@ -301,6 +303,14 @@ class SqliteIndex:
             self._db.execute(
                 "UPDATE series SET last_received_at=?, summary_written_at=NULL WHERE series_uid=?",
                 (now, header.series_uid),
+            )
+
+    def mark_study_present(self, study_uid: str) -> None:
+        """A study deleted by retention has files again (it was sent again)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE studies SET deleted_at=NULL, deleted_reason='' WHERE study_uid=?",
+                (study_uid,),
             )
 
     def record_duplicate(

@@ -31,7 +31,40 @@ class Reason(StrEnum):
     BURNED_IN = "burned_in"  # pixels likely to carry burned-in text, and no cleaning rule fits
     VERIFICATION_FAILED = "verification_failed"  # an original identifying value survived
     COPY_CONFLICT = "copy_conflict"  # a copy target holds something fiona did not write
+    DEIDENTIFICATION_FAILED = "deidentification_failed"  # the profile could not be applied
+    NO_CONSENT = "no_consent"  # the consent step found no (or a withdrawn) consent
+    NO_PSEUDONYM = "no_pseudonym"  # REDCap holds no research ID for the subject
     TRANSFER_FAILED = "transfer_failed"  # a destination kept failing; its attempts are used up
+
+
+#: One line per code, for ``fiona quarantine`` and the README table (same words).
+MEANINGS: dict[str, str] = {
+    Reason.UNPARSEABLE: "not DICOM Part 10, truncated, or a header that cannot be decoded",
+    Reason.INVALID_UID: "a required UID (study, series, SOP instance, class) missing or malformed",
+    Reason.DUPLICATE_CONFLICT: "a SOP Instance UID received again with different bytes",
+    Reason.UNROUTED: "a complete study no project claims",
+    Reason.AMBIGUOUS: "a study several projects claim",
+    Reason.NOTHING_SELECTED: "a select step kept no series",
+    Reason.STEP_FAILED: "a pipeline step kept failing; its attempts are used up",
+    Reason.BURNED_IN: "pixels likely to carry burned-in text and no pixel cleaning rule fits",
+    Reason.VERIFICATION_FAILED: "an original identifying value survived de-identification",
+    Reason.COPY_CONFLICT: "a copy target holds something fiona did not write",
+    Reason.DEIDENTIFICATION_FAILED: "the de-identification profile could not be applied to a file",
+    Reason.NO_CONSENT: "the consent step found no valid consent for the subject",
+    Reason.NO_PSEUDONYM: "REDCap holds no (or no single) research ID for the subject",
+    Reason.TRANSFER_FAILED: "a destination kept failing; the transfer used up its attempts",
+}
+
+#: Held whatever a project's ``quarantine.hold`` says: what de-identification could not make
+#: safe must never be dropped silently (a DPO wants every such study looked at).
+ALWAYS_HELD: frozenset[str] = frozenset(
+    {Reason.BURNED_IN, Reason.VERIFICATION_FAILED, Reason.DEIDENTIFICATION_FAILED}
+)
+
+
+def meaning(code: str) -> str:
+    """The one-line meaning of a reason code (a step's own code has none here)."""
+    return MEANINGS.get(code, "a pipeline step's own reason code")
 
 
 class Quarantine:
@@ -85,6 +118,7 @@ class Quarantine:
         }
         write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
         self.index.add_quarantine(record)
+        self._audit(record)
         return record
 
     def hold_study(
@@ -121,4 +155,19 @@ class Quarantine:
         }
         write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
         self.index.add_quarantine(record)
+        self._audit(record)
         return record
+
+    def _audit(self, record: QuarantineRecord) -> None:
+        """A ``quarantined`` audit entry; a failure is logged, never raised: the item is already
+        durable and indexed, and the receiver or runner must carry on."""
+        from engine.manage.audit import AuditLog, uid_token
+
+        AuditLog(self.data_dir).try_write(
+            "quarantined",
+            qid=record.qid,
+            reason=record.reason,
+            project=record.project,
+            study=uid_token(record.study_uid) if record.study_uid else "",
+            kind="study" if record.path.startswith("archive") else "instance",
+        )

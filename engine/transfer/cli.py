@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from engine.config.model import SiteConfig
 from engine.manage.audit import AuditLog, operator, uid_token
-from engine.store.index import open_index
+from engine.store.index import Index
 from engine.transfer.outbox import Outbox, TransferRecord, TransferState
 
 __all__ = ["run_transfers"]
@@ -126,18 +127,14 @@ def _change(outbox: Outbox, args: argparse.Namespace, audit: AuditLog) -> int:
 
 
 def run_transfers(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
+    from engine.service import run_with_index
 
-    site = load_site_or_exit(args)
-    if site is None:
-        return 2
-    index = open_index(site.index_url, site.data_dir / "index.sqlite")
-    try:
+    def command(site: SiteConfig, index: Index) -> int:
         outbox = Outbox(index, site.data_dir)
         if args.action == "list":
             return _list(outbox, args)
         if args.action == "show":
             return _show(outbox, args)
         return _change(outbox, args, AuditLog(site.data_dir))
-    finally:
-        index.close()
+
+    return run_with_index(args, command)

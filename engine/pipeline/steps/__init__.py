@@ -11,6 +11,7 @@ from __future__ import annotations
 from engine.pipeline.steps.anonymize import AnonymizeStep
 from engine.pipeline.steps.base import JsonPath, Step, step_schema_file
 from engine.pipeline.steps.classify import ClassifyStep
+from engine.pipeline.steps.consent import ConsentStep
 from engine.pipeline.steps.copy import CopyStep
 from engine.pipeline.steps.select import SelectStep
 from engine.pipeline.steps.send import SendStep
@@ -19,6 +20,7 @@ __all__ = [
     "STEPS",
     "AnonymizeStep",
     "ClassifyStep",
+    "ConsentStep",
     "CopyStep",
     "JsonPath",
     "SelectStep",
@@ -31,6 +33,7 @@ __all__ = [
 STEPS: dict[str, type[Step]] = {
     "classify": ClassifyStep,
     "select": SelectStep,
+    "consent": ConsentStep,
     "anonymize": AnonymizeStep,
     "copy": CopyStep,
     "send": SendStep,

@@ -7,6 +7,8 @@ Options (``schemas/steps/anonymize.schema.json``)::
       options: [retain_longitudinal_modified_dates]
       secret_file: secrets/neuro.key       # relative to the project file, mode 600
       pseudonyms: {source: table, prefix: NEU}
+      # or the research ID the project's REDCap holds for the subject (never invented):
+      # pseudonyms: {source: redcap, field: research_id, key: {field: mrn, from: patient_id}}
 
 Every selected file goes through :class:`engine.deid.export.Exporter` (burned-in gate,
 de-identification, verification). The copies are written durably under
@@ -26,10 +28,13 @@ from engine.config.loader import ConfigIssue, format_path
 from engine.deid import Deidentifier, Pseudonym, load_profile, load_secret
 from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter
+from engine.deid.keys import PseudonymSource
 from engine.deid.pixels import load_pixel_rules, resolve_pixel_rulesets
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined
 from engine.pipeline.steps.base import JsonPath, Step
+from engine.pipeline.steps.consent import require_redcap
+from engine.redcap.research_ids import FixedPseudonym, ResearchIds
 from engine.store.fsio import write_durable
 from engine.store.pseudonyms import PseudonymTable
 
@@ -77,11 +82,17 @@ class AnonymizeStep(Step):
         paths = resolve_pixel_rulesets(refs, project_file.parent) if refs else []
         self.pixel_rules = load_pixel_rules(paths) if paths else None
         self.pseudonyms = dict(options.get("pseudonyms", {}))
+        self.research_ids = (
+            ResearchIds(self.pseudonyms, project_file)
+            if self.pseudonyms.get("source") == "redcap"
+            else None
+        )
         self.verify_allow = tuple(options.get("verify_allow", []))
 
-    def _exporter(self, ctx: RunContext) -> Exporter:
-        source = None
-        if self.pseudonyms.get("source", "table") == "table" and ctx.index is not None:
+    def _exporter(self, ctx: RunContext, source: PseudonymSource | None = None) -> Exporter:
+        """The run's exporter; ``source`` (REDCap's research ID) wins over the table."""
+        table_source = self.pseudonyms.get("source", "table") == "table"
+        if source is None and table_source and ctx.index is not None:
             table = PseudonymTable(
                 ctx.index,
                 ctx.project,
@@ -93,7 +104,13 @@ class AnonymizeStep(Step):
         return Exporter(deid, self.policy, self.pixel_rules, allow_kinds=self.verify_allow)
 
     def run(self, ctx: RunContext) -> Outcome:
-        exporter = self._exporter(ctx)
+        source: PseudonymSource | None = None
+        if self.research_ids is not None:  # before any file: an outage or a hold stops here
+            lookup = self.research_ids.source_for(ctx)
+            if not isinstance(lookup, FixedPseudonym):
+                return lookup
+            source = lookup
+        exporter = self._exporter(ctx, source)
         work = ctx.data_dir / "work" / ctx.project / f"run-{ctx.run_id}"
         found = ctx.state.get(DEIDENTIFIED)
         done: dict[str, Any] = dict(found) if isinstance(found, dict) else {"series": {}}
@@ -147,4 +164,13 @@ class AnonymizeStep(Step):
                 attempt()
             except (ValueError, OSError) as exc:
                 issues.append(ConfigIssue(file, None, format_path((*base_path, key)), str(exc)))
+        pseudonyms = dict(options.get("pseudonyms", {}))
+        if pseudonyms.get("source") == "redcap":
+            where = (*base_path, "pseudonyms")
+            missing = [k for k in ("field", "key") if k not in pseudonyms]
+            if missing:
+                found = " and ".join(f"'{k}'" for k in missing)
+                message = f"source redcap needs 'field' and 'key'; {found} missing"
+                issues.append(cls.issue(file, where, message))
+            issues += require_redcap(file, (*where, "source"), "pseudonyms from redcap")[1]
         return issues

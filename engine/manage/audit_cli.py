@@ -1,0 +1,77 @@
+"""``fiona audit [STUDY_UID] [--project P] [--event E] [--since YYYY-MM-DD] [--json]``.
+
+Reads the audit log (``<data>/audit/audit-YYYYMM.jsonl``). The log never holds a UID, only its
+token (:func:`engine.manage.audit.uid_token`): a study UID given here is turned into its token
+and matched against the entries' ``study`` field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from engine.manage.audit import AuditLog, uid_token
+
+__all__ = ["matching", "run_audit"]
+
+#: Columns shown first in text output, with their widths.
+_SHOWN_FIRST = {"at": 20, "event": 14, "project": 14, "study": 16}
+
+
+def matching(
+    entries: Iterable[dict[str, Any]],
+    *,
+    study_uid: str | None = None,
+    project: str | None = None,
+    events: Iterable[str] = (),
+    since: str | None = None,
+) -> list[dict[str, Any]]:
+    """Entries for a study (by UID), project, event(s) and from a day (``YYYY-MM-DD``) on."""
+    token = uid_token(study_uid) if study_uid else None
+    wanted = set(events)
+    out = []
+    for e in entries:
+        if token and e.get("study") != token:
+            continue
+        if project and e.get("project") != project and project not in e.get("projects", ()):
+            continue
+        if wanted and e.get("event") not in wanted:
+            continue
+        if since and str(e.get("at", "")) < since:
+            continue
+        out.append(e)
+    return out
+
+
+def _line(entry: dict[str, Any]) -> str:
+    head = " ".join(f"{entry.get(k) or '-'!s:<{w}}" for k, w in _SHOWN_FIRST.items())
+    rest = " ".join(
+        f"{k}={json.dumps(v)}" for k, v in sorted(entry.items()) if k not in _SHOWN_FIRST
+    )
+    return f"{head} {rest}".rstrip()
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from engine.service import load_site_or_exit
+
+    site = load_site_or_exit(args)
+    if site is None:
+        return 2
+    if args.since and (len(args.since) != 10 or args.since[4] != "-" or args.since[7] != "-"):
+        print("fiona: --since takes a day, YYYY-MM-DD", file=sys.stderr)
+        return 2
+    found = matching(
+        AuditLog(site.data_dir).entries(),
+        study_uid=args.study_uid,
+        project=args.project,
+        events=args.event or (),
+        since=args.since,
+    )
+    for entry in found:
+        print(json.dumps(entry, sort_keys=True) if args.json else _line(entry))
+    if not found and not args.json:
+        print("no audit entries", file=sys.stderr)
+    return 0

@@ -1,0 +1,183 @@
+"""``fiona quarantine list|show|release|discard``: the quarantine, for operators.
+
+Works on the site's index while ``fiona serve`` runs (SQLite in WAL mode): what a release
+queues (a reopened run, a retried transfer, a study to route again) is picked up by the
+service's next scan. Study UIDs are shown because operators need them to find the study; the
+audit entries carry them only as tokens. Release and discard ask to type the action's name
+unless ``--yes`` is given; their audit entry is written before anything happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.config.model import SiteConfig
+from engine.manage.audit import AuditLog, operator
+from engine.manage.release import Item, Releaser, find_items, get_item
+from engine.pipeline.store import RunStore, StepState
+from engine.store.index import Index
+from engine.store.quarantine import meaning
+from engine.transfer.outbox import Outbox
+
+__all__ = ["confirm", "run_quarantine"]
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _list(index: Index, args: argparse.Namespace) -> int:
+    state = None if args.state == "all" else args.state
+    items = find_items(index, state=state, reason=args.reason, project=args.project)
+    if args.json:
+        for item in items:
+            print(json.dumps(item.as_json(), sort_keys=True))
+        return 0
+    if not items:
+        print("no quarantine items")
+        return 0
+    print(f"{'qid':<12} {'held at':<19} {'reason':<23} {'project':<14} {'state':<9} study")
+    for i in items:
+        study = i.study_uid or i.sop_instance_uid or "-"
+        print(
+            f"{i.qid[:12]:<12} {_when(i.received_at):<19} {i.reason:<23.23}"
+            f" {i.project or '-':<14.14} {i.state:<9} {study}\n{'':<12} {i.detail}"
+        )
+    print()
+    for code in sorted({i.reason for i in items}):
+        print(f"{code}: {meaning(code)}")
+    return 0
+
+
+def _sidecar(data_dir: Path, item: Item) -> dict[str, Any] | None:
+    try:
+        found = json.loads((data_dir / item.sidecar).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _details(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
+    """Everything about an item: its row, sidecar, and for a held study its runs (with the step
+    that stopped each) and transfers."""
+    out = item.as_json()
+    out["meaning"] = meaning(item.reason)
+    out["sidecar"] = _sidecar(data_dir, item)
+    if item.kind != "study" or not item.study_uid:
+        return out
+    runs = RunStore(index)
+    out["runs"] = []
+    for run in runs.runs_for_study(item.study_uid):
+        if item.project and run.project != item.project:
+            continue
+        steps = runs.steps(run.id)
+        stopped = next((s for s in steps if s.state != StepState.DONE), None)
+        out["runs"].append(
+            {
+                "id": run.id,
+                "project": run.project,
+                "follow_up": run.follow_up,
+                "state": run.state.value,
+                "reason": run.reason,
+                "detail": run.detail,
+                "stopped_at": None
+                if stopped is None
+                else {"idx": stopped.idx, "step": stopped.name, "state": stopped.state.value},
+            }
+        )
+    transfers = Outbox(index, data_dir).find(study_uid=item.study_uid, project=item.project or None)
+    out["transfers"] = [
+        {"id": t.id, "destination": t.destination, "state": t.state.value, "error": t.last_error}
+        for t in transfers
+    ]
+    return out
+
+
+def _show(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
+    try:
+        item = get_item(index, args.qid)
+    except KeyError as exc:
+        print(f"fiona: {exc.args[0]}", file=sys.stderr)
+        return 1
+    info = _details(index, data_dir, item)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    lines = [
+        f"quarantine item {item.qid}: {item.state}",
+        f"  reason      {item.reason}: {info['meaning']}",
+        f"  detail      {item.detail}",
+        f"  held at     {_when(item.received_at)}",
+        f"  project     {item.project or '-'}",
+        f"  study       {item.study_uid or '-'}",
+        f"  kind        {item.kind} ({item.path})",
+        f"  origin      {item.origin.via} {item.origin.calling_ae} -> {item.origin.called_ae}"
+        f" {item.origin.peer_ip}",
+    ]
+    if item.state != "held":
+        lines.append(
+            f"  {item.state:<11} {_when(item.resolved_at)} by {item.resolved_by}: {item.resolution}"
+        )
+    for run in info.get("runs", []):
+        stop = run["stopped_at"]
+        where = f"; stopped at step {stop['idx']} ({stop['step']})" if stop else ""
+        lines.append(
+            f"  run {run['id']:<7} {run['project']} follow-up {run['follow_up']}: {run['state']}"
+            f" {run['reason']}{where}"
+        )
+    for t in info.get("transfers", []):
+        lines.append(f"  transfer {t['id']:<3} {t['destination']}: {t['state']} {t['error']}")
+    lines.append("  sidecar     " + json.dumps(info["sidecar"], indent=2).replace("\n", "\n  "))
+    print("\n".join(lines))
+    return 0
+
+
+def confirm(word: str, count: int, stdin: TextIO | None = None) -> bool:
+    """Ask to type ``word`` (stdin: a terminal or a pipe; EOF or anything else is a no)."""
+    stdin = stdin or sys.stdin
+    print(f"type '{word}' to {word} {count} item(s): ", end="", flush=True, file=sys.stderr)
+    answer = stdin.readline()
+    return answer.strip() == word
+
+
+def _change(index: Index, site: SiteConfig, args: argparse.Namespace) -> int:
+    try:
+        items = [get_item(index, qid) for qid in args.qids]
+    except KeyError as exc:
+        print(f"fiona: {exc.args[0]}", file=sys.stderr)
+        return 1
+    if not args.yes and not confirm(args.action, len(items)):
+        print(f"fiona: nothing done (type '{args.action}' to confirm, or --yes)", file=sys.stderr)
+        return 1
+    releaser = Releaser(site, index, AuditLog(site.data_dir), operator())
+    past = "released" if args.action == "release" else "discarded"
+    status = 0
+    for item in items:
+        try:
+            outcome = releaser.release(item) if args.action == "release" else releaser.discard(item)
+        except OSError as exc:  # the audit log could not be written: nothing was done
+            print(f"fiona: {item.qid}: not {past}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"{item.qid}: {'' if outcome.done else 'not '}{past}: {outcome.message}")
+        status = status if outcome.done else 1
+    return status
+
+
+def run_quarantine(args: argparse.Namespace) -> int:
+    from engine.service import run_with_index
+
+    def command(site: SiteConfig, index: Index) -> int:
+        if args.action == "list":
+            return _list(index, args)
+        if args.action == "show":
+            return _show(index, site.data_dir, args)
+        return _change(index, site, args)
+
+    return run_with_index(args, command)

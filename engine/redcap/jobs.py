@@ -1,0 +1,60 @@
+"""The REDCap scheduler jobs of ``fiona serve``, built from the loaded projects.
+
+* ``consent-recheck`` (:mod:`engine.redcap.recheck`): studies held ``no_consent``, looked up
+  again every ``redcap.consent_recheck_seconds``;
+* ``redcap-requests`` (:mod:`engine.redcap.requests`): transfer requests polled every
+  ``redcap.requests.poll_seconds``.
+
+A job is added only when some project needs it. Each job catches its own failures (an outage is
+logged and tried again at the next tick); APScheduler never sees an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.config.model import ProjectConfig
+from engine.redcap.recheck import consent_recheck_job
+from engine.redcap.requests import transfer_requests_job
+from engine.store.index import Index
+
+__all__ = ["add_redcap_jobs"]
+
+log = logging.getLogger(__name__)
+
+
+def add_redcap_jobs(
+    scheduler: Any, index: Index, data_dir: Path, projects: Sequence[ProjectConfig]
+) -> list[str]:
+    """Add the jobs ``projects`` need to an APScheduler ``scheduler``; their ids."""
+    added = []
+    recheck = consent_recheck_job(index, data_dir, projects)
+    if recheck is not None:
+        scheduler.add_job(
+            recheck,
+            "interval",
+            seconds=recheck.interval,
+            id="consent-recheck",
+            name="look up studies held for want of consent again; release the consented",
+            max_instances=1,
+            coalesce=True,
+        )
+        added.append("consent-recheck")
+    requests = transfer_requests_job(index, projects)
+    if requests is not None:
+        scheduler.add_job(
+            requests,
+            "interval",
+            seconds=requests.interval,
+            id="redcap-requests",
+            name="queue the transfer requests of REDCap; write their status back",
+            max_instances=1,
+            coalesce=True,
+        )
+        added.append("redcap-requests")
+    if added:
+        log.info("REDCap jobs: %s", ", ".join(added))
+    return added
