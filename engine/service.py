@@ -209,12 +209,19 @@ class OutboxJob:
 def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, OutboxJob]:
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
     from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = OutboxJob(store, projects)
+
+    def reload(changed: list[ProjectConfig]) -> None:
+        """Project files changed: new destinations, and the REDCap jobs they now need."""
+        outbox.configure(changed)
+        add_redcap_jobs(scheduler, store.index, store.site.data_dir, changed)
+
     scheduler.add_job(
-        WorkflowJob(store, projects, outbox.configure),
+        WorkflowJob(store, projects, reload),
         "interval",
         seconds=store.site.scan_interval,
         id="workflow",
@@ -242,8 +249,6 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
         coalesce=True,
     )
     _add_watch_jobs(scheduler, store)
-    from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
-
     add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
     scheduler.start()
     return scheduler, outbox

@@ -363,3 +363,23 @@ def test_keep_days_purge_deletes_expired_files_only(
     assert not sidecars[old].exists() and sidecars[young].exists() and sidecars[kept].exists()
     assert expired_items(world.index, now, {}) == []  # purged once
     assert any(e["event"] == "purged" and e["qid"] == old for e in world.audit())
+
+
+def test_the_retention_job_purges_expired_quarantine_items(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.manage.retention import RetentionJob
+
+    world = World(tmp_path, [], {})
+    old = _garbage(world, 1)
+    world.cli(capsys, "quarantine", "discard", old, "--yes")
+    sidecar = next(world.data.glob(f"quarantine/*/{old}.json"))
+    with world.index.transaction() as db:  # discarded 100 days ago
+        db.execute(
+            "UPDATE quarantine SET resolved_at=? WHERE qid=?", (time.time() - 100 * 86400, old)
+        )
+    projects = tmp_path / "no-projects"
+    projects.mkdir()
+    RetentionJob(world.data, projects, world.index, 0.0)()
+    assert not sidecar.exists()
+    assert any(e["event"] == "purged" and e["qid"] == old for e in world.audit())

@@ -473,22 +473,21 @@ def test_a_held_run_is_reported_as_error_and_an_outage_waits(world: World) -> No
 
 
 def test_service_adds_the_jobs_the_projects_need(world: World) -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     from engine.redcap.jobs import add_redcap_jobs
 
-    class Scheduler:
-        def __init__(self) -> None:
-            self.jobs: dict[str, float] = {}
+    def jobs(scheduler: BackgroundScheduler) -> dict[str, float]:
+        return {j.id: j.trigger.interval.total_seconds() for j in scheduler.get_jobs()}
 
-        def add_job(self, fn: Any, trigger: str, *, seconds: float, id: str, **_: Any) -> None:
-            assert callable(fn) and trigger == "interval"
-            self.jobs[id] = seconds
-
-    none = Scheduler()
-    assert add_redcap_jobs(none, world.index, world.data, [world.write_project([])]) == []
-    both = Scheduler()
+    scheduler = BackgroundScheduler(timezone="UTC")  # real, not started
+    assert add_redcap_jobs(scheduler, world.index, world.data, [world.write_project([])]) == []
     project = world.write_project([CONSENT], requests=REQUESTS, consent_recheck_seconds=900)
-    add_redcap_jobs(both, world.index, world.data, [project])
-    assert both.jobs == {"consent-recheck": 900, "redcap-requests": 60}
+    add_redcap_jobs(scheduler, world.index, world.data, [project])
+    assert jobs(scheduler) == {"consent-recheck": 900, "redcap-requests": 60}
+    # The project files change (reload): the jobs follow, and an unneeded one goes.
+    add_redcap_jobs(scheduler, world.index, world.data, [world.write_project([CONSENT])])
+    assert set(jobs(scheduler)) == {"consent-recheck"}
 
 
 def test_logs_and_details_carry_no_phi_or_token(

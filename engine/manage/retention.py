@@ -279,6 +279,15 @@ class RetentionJob:
 
         return disk_usage(self.data_dir).free_percent
 
+    def _purge_quarantine(self, projects: list[ProjectConfig]) -> None:
+        """Released and discarded quarantine items past their project's ``keep_days``."""
+        from engine.manage.quarantine_policy import expired_items, policies_of, purge
+
+        expired = expired_items(self.index, time.time(), policies_of(projects))
+        if expired:
+            purged = purge(self.index, self.data_dir, expired)
+            log.info("purged %d expired quarantine items", purged)
+
     def __call__(self) -> None:
         from engine.config.loader import load_projects
 
@@ -287,5 +296,6 @@ class RetentionJob:
             projects, _ = load_projects(self.projects_dir)
             expire(self.index, self.data_dir, self.audit, keep_days_of(projects))
             evict(self.index, self.data_dir, self.audit, self.min_free_percent, self._free_percent)
+            self._purge_quarantine(projects)
         except Exception:
             log.exception("retention run failed; trying again next interval")

@@ -21,7 +21,10 @@ from engine.redcap.recheck import consent_recheck_job
 from engine.redcap.requests import transfer_requests_job
 from engine.store.index import Index
 
-__all__ = ["add_redcap_jobs"]
+__all__ = ["JOB_IDS", "add_redcap_jobs"]
+
+#: The ids of the jobs this module adds.
+JOB_IDS = ("consent-recheck", "redcap-requests")
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,13 @@ log = logging.getLogger(__name__)
 def add_redcap_jobs(
     scheduler: Any, index: Index, data_dir: Path, projects: Sequence[ProjectConfig]
 ) -> list[str]:
-    """Add the jobs ``projects`` need to an APScheduler ``scheduler``; their ids."""
+    """Add the jobs ``projects`` need to an APScheduler ``scheduler``; their ids.
+
+    Called again when project files change: the jobs are replaced, and one no project needs
+    any more is removed."""
+    for job_id in JOB_IDS:
+        if scheduler.get_job(job_id) is not None:
+            scheduler.remove_job(job_id)
     added = []
     recheck = consent_recheck_job(index, data_dir, projects)
     if recheck is not None:
