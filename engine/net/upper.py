@@ -19,7 +19,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -96,6 +96,18 @@ class AcceptorConfig:
     acse_timeout: float = 30.0
     network_timeout: float = 120.0
     ssl_context: ssl.SSLContext | None = None
+
+
+def our_user_items(max_pdu: int) -> list[Any]:
+    """The user information items fiona sends in an A-ASSOCIATE (RQ or AC): the maximum PDU
+    length it receives (bytes; 0 = no limit) and its implementation class UID and version."""
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    impl_name = ImplementationVersionNameNotification()
+    impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [max_length, impl_uid, impl_name]
 
 
 class ProtocolError(Exception):
@@ -193,12 +205,6 @@ class Association:
         self.contexts = {
             cx.context_id: cx for cx in results if cx.result == 0x00 and cx.context_id is not None
         }
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = self.config.max_pdu
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         primitive = A_ASSOCIATE()
         primitive.application_context_name = APPLICATION_CONTEXT
         primitive.calling_ae_title = request.calling_ae_title
@@ -206,7 +212,7 @@ class Association:
         primitive.result = 0x00
         primitive.result_source = 0x01
         primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [max_length, impl_uid, impl_name, *role_items]
+        primitive.user_information = [*our_user_items(self.config.max_pdu), *role_items]
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(primitive)
         self.conn.send(ac.encode())
