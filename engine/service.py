@@ -42,9 +42,9 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU and APScheduler every job run at INFO; their warnings and errors
-    # are what operators need.
-    for noisy in ("pynetdicom", "apscheduler"):
+    # pynetdicom logs every PDU, APScheduler every job run and paramiko every SFTP connection
+    # (with remote paths at DEBUG); their warnings and errors are what operators need.
+    for noisy in ("pynetdicom", "apscheduler", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
