@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from engine.cli import main
 from engine.deid import Deidentifier, load_profile
-from engine.deid.export import Exported, Exporter, Held
+from engine.deid.export import Exported, Exporter, Held, _uid_leaks
 from tests import synth
 
 SECRET = b"s" * 48
@@ -61,6 +61,23 @@ def test_an_original_uid_kept_by_an_override_is_caught() -> None:
     ds.ImageComments = f"see {ds.SeriesInstanceUID}"
     result = _exporter(ImageComments="keep").export(_bytes(ds))
     assert isinstance(result, Held) and result.reason == "verification_failed"
+
+
+@pytest.mark.parametrize(
+    ("output", "hits"),
+    [
+        (b"UI 1.2.826.0.1.3680043.8.498.1 end", 1),
+        (b"x1.2.826.0.1.3680043.8.498.1.7", 1),  # a UID made from the original is a hit too
+        (b"1.2.826.0.1.3680043.8.498.1\\1.2.826.0.1.3680043.8.498.1", 2),
+        (b"1.2.826.0.1.3680043.8.498.12", 0),  # another UID that starts with the same digits
+        (b"91.2.826.0.1.3680043.8.498.1", 0),
+        (b"5.1.2.826.0.1.3680043.8.498.1", 0),
+        (b"1.2.840.10008.5.1.4.1.1.4", 0),  # a UID of the standard is never a leak
+    ],
+)
+def test_original_uid_byte_scan_respects_digit_boundaries(output: bytes, hits: int) -> None:
+    original = b"\x00UI1.2.826.0.1.3680043.8.498.1\x00UI1.2.840.10008.5.1.4.1.1.4\x00"
+    assert len(_uid_leaks(original, output)) == hits
 
 
 def test_burned_in_annotation_yes_is_held() -> None:

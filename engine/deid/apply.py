@@ -13,6 +13,7 @@ whose low element byte matches is kept; such a Private Creator is kept too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +40,9 @@ DUMMY: dict[str, Any] = {
 }  # fmt: skip
 #: Maximum value length (characters) for keyed hashes and templates.
 MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "AS": 4, "DS": 16, "IS": 12, "TM": 14, "DA": 8}
-_COLLECT_VRS = TEXT_VRS | {"AE", "DA", "DT", "CS", "UR"}
-_CHANGING = frozenset(Op) - {Op.KEEP, Op.RECURSE, Op.CLEAN}
+#: What :meth:`Cleaner.collect` gathers: VRs that hold text, of elements the profile changes.
+COLLECT_VRS = TEXT_VRS | {"AE", "DA", "DT", "CS", "UR"}
+CHANGING = frozenset(Op) - {Op.KEEP, Op.RECURSE, Op.CLEAN}
 
 
 @dataclass
@@ -95,29 +97,31 @@ class Cleaner:
 
     def op(self, ds: Dataset, tag: int, vr: str) -> Op:
         """The action for ``tag`` in ``ds`` (``ds`` is needed for private creators)."""
+        return self.op_of(tag, vr, lambda creator_tag: self._creator(ds, creator_tag))
+
+    def op_of(self, tag: int, vr: str, creator: Callable[[int], str | None]) -> Op:
+        """The action for ``tag`` with VR ``vr`` as found; ``creator`` as for :meth:`private_op`."""
         op = self._ops.get(tag)
         if op is not None:
             return op
         if tag & 0x10000:
-            return self._private_op(ds, tag)
+            return self.private_op(tag, vr, creator)
         return self.profile.op(tag, vr)
 
-    def _private_op(self, ds: Dataset, tag: int) -> Op:
+    def private_op(self, tag: int, vr: str, creator: Callable[[int], str | None]) -> Op:
+        """The action for private ``tag`` (VR ``vr``); ``creator`` gives the stripped value of
+        a Private Creator element (gggg,00bb) still present at the same level, or None."""
         if not self.profile.retain_private:
             return Op.REMOVE
         group, elem = tag >> 16, tag & 0xFFFF
         if elem < 0x10:
             return Op.REMOVE
         if elem < 0x100:
-            return (
-                Op.KEEP
-                if (group, self._creator(ds, tag)) in self.profile.safe_creators
-                else Op.REMOVE
-            )
-        creator = self._creator(ds, (group << 16) | (elem >> 8))
-        if (group, creator, elem & 0xFF) not in self.profile.safe_private:
+            return Op.KEEP if (group, creator(tag)) in self.profile.safe_creators else Op.REMOVE
+        block_creator = creator((group << 16) | (elem >> 8))
+        if (group, block_creator, elem & 0xFF) not in self.profile.safe_private:
             return Op.REMOVE
-        return Op.RECURSE if _vr(ds.get_item(tag), tag) == "SQ" else Op.KEEP
+        return Op.RECURSE if vr == "SQ" else Op.KEEP
 
     @staticmethod
     def _creator(ds: Dataset, tag: int) -> str | None:
@@ -151,37 +155,38 @@ class Cleaner:
                 self._replace(ds, tag, vr, op, run)
 
     def _replace(self, ds: Dataset, tag: int, vr: str, op: Op, run: Run) -> None:
+        value = "" if op is Op.DUMMY else text_of(ds[tag].value)
+        ds[tag] = DataElement(tag, vr, self.replacement(tag, vr, op, value, run))
+
+    def replacement(self, tag: int, vr: str, op: Op, value: str, run: Run) -> Any:
+        """The new value of an element ``op`` replaces (not KEEP, REMOVE, EMPTY or RECURSE);
+        ``value`` is its current value as DICOM text (:func:`text_of`)."""
         if op is Op.DUMMY:
-            ds[tag] = DataElement(tag, vr, DUMMY.get(vr, b"\0\0"))
-            return
-        value = text_of(ds[tag].value)
-        new: Any
+            return DUMMY.get(vr, b"\0\0")
         if op is Op.UID:
             uids = [self.uids.map(u) for u in value.split("\\")]
             new = uids if len(uids) > 1 else uids[0]
-            if not new:
-                new = self.uids.map(f"empty:{tag:08x}:{run.patient_id}")
-        elif op is Op.SHIFT:
+            return new or self.uids.map(f"empty:{tag:08x}:{run.patient_id}")
+        if op is Op.SHIFT:
             days = self.days(run)
-            new = (
+            return (
                 self.dates.shift_da(value, days) if vr == "DA" else self.dates.shift_dt(value, days)
             )
-        elif op is Op.CLEAN:
+        if op is Op.CLEAN:
             if run.scrubber is None:
                 run.scrubber = Scrubber()
-            new = run.scrubber.clean(value)
-        elif op is Op.HASH:
-            new = keyed_hash(self.secret, tag, value, MAX_LENGTH.get(vr, 64)) if value else ""
-        elif op is Op.SET:
+            return run.scrubber.clean(value)
+        if op is Op.HASH:
+            return keyed_hash(self.secret, tag, value, MAX_LENGTH.get(vr, 64)) if value else ""
+        if op is Op.SET:
             alias = self.alias(run)
-            new = self.profile.templates[tag].format(
+            return self.profile.templates[tag].format(
                 pseudonym=alias.id, project=self.project, subject=run.subject, event=run.event
             )[: MAX_LENGTH.get(vr, 64)]
-        elif op is Op.PSEUDO_ID:
-            new = self.alias(run).id
-        else:  # Op.PSEUDO_NAME
-            new = PersonName(self.alias(run).name) if vr == "PN" else self.alias(run).name
-        ds[tag] = DataElement(tag, vr, new)
+        if op is Op.PSEUDO_ID:
+            return self.alias(run).id
+        # Op.PSEUDO_NAME
+        return PersonName(self.alias(run).name) if vr == "PN" else self.alias(run).name
 
     def days(self, run: Run) -> int:
         if run.days is None:
@@ -204,7 +209,7 @@ class Cleaner:
             if vr == "SQ":
                 for item in ds[tag].value or ():
                     self.collect(item, scrubber)
-            elif op in _CHANGING and (vr in _COLLECT_VRS or (vr == "UN" and tag & 0x10000)):
+            elif op in CHANGING and (vr in COLLECT_VRS or (vr == "UN" and tag & 0x10000)):
                 value = text_of(ds[tag].value)
                 if value.isprintable():
                     scrubber.add(value, vr)

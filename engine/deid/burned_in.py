@@ -20,10 +20,9 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from jsonschema import Draft202012Validator
-from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -44,6 +43,15 @@ __all__ = [
 #: Quarantine reason code of this gate.
 REASON = "burned_in"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class HeaderFields(Protocol):
+    """What the gate reads of an instance, by keyword: a pydicom Dataset, or a plain dict of
+    keyword -> value as pydicom decodes it (see :func:`engine.deid.export.gate_fields`)."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __contains__(self, key: str, /) -> bool: ...
 
 
 def policy_schema() -> dict[str, Any]:
@@ -104,7 +112,7 @@ class BurnedInPolicy:
             pixel_rulesets=tuple(doc["pixel_rulesets"]),
         )
 
-    def held_because(self, ds: Dataset) -> list[str]:
+    def held_because(self, ds: HeaderFields) -> list[str]:
         """Why the policy takes ``ds`` to carry burned-in text ([] when it does not).
 
         Each entry names the rule, with the value only when it is the policy's own entry
@@ -175,7 +183,7 @@ Verdict = Pass | Clean | Quarantine
 
 
 def check_burned_in(
-    ds: Dataset, policy: BurnedInPolicy, cleaner: PixelRuleSet | None = None
+    ds: HeaderFields, policy: BurnedInPolicy, cleaner: PixelRuleSet | None = None
 ) -> Verdict:
     """The gate's decision for one instance.
 

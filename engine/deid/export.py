@@ -25,20 +25,26 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
 
-from engine.deid.burned_in import BurnedInPolicy, Clean, Quarantine, check_burned_in
-from engine.deid.deidentifier import Deidentifier
+from engine.deid.burned_in import (
+    BurnedInPolicy,
+    Clean,
+    HeaderFields,
+    Quarantine,
+    check_burned_in,
+)
+from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.keys import is_well_known_uid
 from engine.deid.pixels import PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
 from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
-from engine.dicom.header import HeaderError, parse_header
-from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder, dictionary_vr
+from engine.dicom.errors import HeaderError
+from engine.dicom.uids import is_valid_uid
+from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder
 from engine.dicom.walk import DEFLATED, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
@@ -52,6 +58,8 @@ VERIFICATION_FAILED = "verification_failed"
 #: A UID-shaped token: digits and dots, at least 10 characters with 3 dots (not a date or number).
 _UID_TOKEN = re.compile(rb"(?<![0-9.])[0-9]+(?:\.[0-9]+){3,}(?![0-9])")
 _STUDIES_KEPT = 64
+_DIGITS = frozenset(b"0123456789")
+_DIGITS_AND_DOT = _DIGITS | {ord(".")}
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ class Exporter:
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
-        original = _gate_view(data)  # the few elements the gate reads, without pydicom's parse
+        original: HeaderFields | None = gate_fields(data)
         if original is None:
             try:
                 original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -107,28 +115,23 @@ class Exporter:
         try:
             if isinstance(verdict, Clean):
                 result = self._cleaned(data, verdict, subject, event)
-                if isinstance(result, Held):
-                    return result
-                out, counts = result
             else:
-                done = self.deid.process_file(data, subject=subject, event=event)
-                out, counts = done.data, done.counts
+                result = self.deid.process_file(data, subject=subject, event=event)
         except Exception as exc:  # a file the profile cannot handle is held, never passed
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
-        held = self._verify(original, data, out)
+        if isinstance(result, Held):
+            return result
+        held = self._verify(
+            original, data[: result.source_header_size], result.data[: result.header_size]
+        )
         if held is not None:
             return held
-        try:
-            header = parse_header(out)
-        except HeaderError as exc:
-            return Held("deidentification_failed", f"output is not valid: {exc.detail}")
-        return Exported(
-            out, header.study_uid, header.series_uid, header.sop_instance_uid, dict(counts)
-        )
+        uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
+        if not all(is_valid_uid(uid) for uid in uids):  # they become paths on the way out
+            return Held("deidentification_failed", "output has no valid study, series or SOP UID")
+        return Exported(result.data, *uids, dict(result.counts))
 
-    def _cleaned(
-        self, data: bytes, verdict: Clean, subject: str, event: str
-    ) -> tuple[bytes, dict[str, int]] | Held:
+    def _cleaned(self, data: bytes, verdict: Clean, subject: str, event: str) -> Result | Held:
         """Blank the rule's regions in the decoded pixels, then de-identify the whole dataset."""
         full = pydicom.dcmread(io.BytesIO(data))
         failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
@@ -137,9 +140,14 @@ class Exporter:
         counts = self.deid.process_dataset(full, subject=subject, event=event)
         buffer = io.BytesIO()
         full.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue(), counts
+        out = buffer.getvalue()
+        study, series, instance = (
+            str(full.get(k, ""))
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        )
+        return Result(out, counts, _header_size(out), _header_size(data), study, series, instance)
 
-    def _study_values(self, original: Dataset, data: bytes) -> IdentifyingValues:
+    def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
         """The identifying values of the file's study, compiled once per study and patient
         (from the whole header of the study's first file)."""
         key = (str(original.get("StudyInstanceUID", "")), str(original.get("PatientID", "")))
@@ -153,10 +161,12 @@ class Exporter:
             self._studies.move_to_end(key)
         return found
 
-    def _verify(self, original: Dataset, data: bytes, out: bytes) -> Held | None:
-        values = self._study_values(original, data)
+    def _verify(
+        self, original: HeaderFields, source_header: bytes, out_header: bytes
+    ) -> Held | None:
+        """Search the output header for the original's identifying values (see the module)."""
+        values = self._study_values(original, source_header)
         matcher = values.matcher((), self.allow_kinds)
-        out_header = _header(out)
         leaks: list[object] = []
         if not matcher.empty:
             leaks = [
@@ -164,13 +174,13 @@ class Exporter:
                 for m in matcher.bytes.finditer(out_header)
             ]
         if not leaks and "original_uid" not in self.allow_kinds:
-            leaks = _uid_leaks(_header(data), out_header)
+            leaks = _uid_leaks(source_header, out_header)
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
         try:
-            parsed = pydicom.dcmread(io.BytesIO(out), stop_before_pixels=True)
-            full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            parsed = pydicom.dcmread(io.BytesIO(out_header))
+            full = pydicom.dcmread(io.BytesIO(source_header))
             own = IdentifyingValues.from_dataset(full)
             paths = find_leaks(parsed, own, allow_kinds=self.allow_kinds)
             leaks = list(paths) or leaks
@@ -179,7 +189,7 @@ class Exporter:
         return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
 
 
-#: What the burned-in gate and the study cache read of an original (see :func:`_gate_view`).
+#: What the burned-in gate and the study cache read of an original (see :func:`gate_fields`).
 _GATE_TAGS = {
     tag_for_keyword(k) or 0: k
     for k in (
@@ -191,8 +201,9 @@ _GATE_TAGS = {
 _WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET}
 
 
-def _gate_view(data: bytes) -> Dataset | None:
-    """A small Dataset of the gate's elements, read in one walk (None: let pydicom read it)."""
+def gate_fields(data: bytes) -> dict[str, Any] | None:
+    """The gate's elements by keyword, decoded as pydicom would, read in one walk without
+    building a Dataset (None: a deflated file, or one the walk cannot read; use pydicom)."""
     try:
         found = scan(data, _WANTED)
     except HeaderError:
@@ -200,22 +211,23 @@ def _gate_view(data: bytes) -> Dataset | None:
     if found.transfer_syntax == DEFLATED:
         return None
     decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
-    ds = Dataset()
-    for tag, raw in found.elements.items():
-        if tag in _GATE_TAGS:
-            ds[tag] = DataElement(tag, dictionary_vr(tag), decoder.decode(tag, raw))
+    fields = {
+        _GATE_TAGS[tag]: decoder.decode(tag, raw)
+        for tag, raw in found.elements.items()
+        if tag in _GATE_TAGS
+    }
     if found.has_pixels:
-        ds[0x7FE00010] = DataElement(0x7FE00010, "OB", b"")
-    return ds
+        fields["PixelData"] = b""
+    return fields
 
 
-def _header(data: bytes) -> bytes:
-    """The bytes before the pixel data (all of them when there is none or no walk is possible)."""
+def _header_size(data: bytes) -> int:
+    """Bytes before the pixel data (all of them when there is none or no walk is possible)."""
     try:
         split = split_pixels(data)
     except HeaderError:
-        return data
-    return data[: split.pixel_start] if split is not None and split.pixel_start else data
+        return len(data)
+    return split.pixel_start if split is not None and split.pixel_start else len(data)
 
 
 @dataclass(frozen=True)
@@ -235,7 +247,14 @@ def _uid_leaks(original_header: bytes, out_header: bytes) -> list[object]:
     for uid in {m.group() for m in _UID_TOKEN.finditer(original_header)}:
         if len(uid) < 10 or is_well_known_uid(uid.decode("ascii")):
             continue
-        for m in re.finditer(re.escape(uid) + rb"(?![0-9])", out_header):
-            if m.start() == 0 or out_header[m.start() - 1] not in b"0123456789.":
-                leaks.append(_Leak(m.start()))
+        # bytes.find, not a regex per UID: every instance brings new UIDs, and compiling
+        # a pattern for each cost more than the rest of the verification.
+        at = out_header.find(uid)
+        while at >= 0:
+            after = at + len(uid)
+            if (at == 0 or out_header[at - 1] not in _DIGITS_AND_DOT) and (
+                after == len(out_header) or out_header[after] not in _DIGITS
+            ):
+                leaks.append(_Leak(at))
+            at = out_header.find(uid, at + 1)
     return leaks

@@ -24,10 +24,13 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from engine.deid.burned_in import HeaderFields
 
 from engine.config.loader import (
     PROJECT_SUFFIXES,
@@ -83,7 +86,7 @@ class PixelRule:
     description: str = ""
     source: Path | None = None
 
-    def matches(self, ds: Dataset) -> bool:
+    def matches(self, ds: HeaderFields) -> bool:
         """Whether ``ds`` is an image of this rule's device and size."""
         if ds.get("Rows") != self.rows or ds.get("Columns") != self.columns:
             return False
@@ -101,7 +104,7 @@ class PixelRuleSet:
 
     rules: tuple[PixelRule, ...] = ()
 
-    def match(self, ds: Dataset) -> PixelRule | None:
+    def match(self, ds: HeaderFields) -> PixelRule | None:
         return next((rule for rule in self.rules if rule.matches(ds)), None)
 
     def __add__(self, other: PixelRuleSet) -> PixelRuleSet:

@@ -23,14 +23,16 @@ _LONG_VRS = frozenset(
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
 _EXPLICIT_LONG = struct.Struct("<HH2sHL")
 _IMPLICIT = struct.Struct("<HHL")
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_SEQ_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+UNDEFINED = 0xFFFFFFFF
+#: An item / item end / sequence end, all of undefined or zero length (PS3.5 7.5).
+ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+SEQ_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _CHARSET = 0x00080005
 
 
-def _header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
+def element_header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
+    """Tag, VR (explicit only) and length of one little-endian element (PS3.5 7.1)."""
     if implicit:
         return _IMPLICIT.pack(tag >> 16, tag & 0xFFFF, length)
     if vr in _LONG_VRS:
@@ -56,20 +58,20 @@ def write_dataset(fp: DicomBytesIO, ds: Dataset, implicit: bool, inherited: list
     encodings = _encodings(ds, inherited)
     for tag in sorted(ds.keys()):
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED:
+        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED:
             value = elem.value or b""
-            fp.write(_header(tag, elem.VR or "UN", len(value), implicit))
+            fp.write(element_header(tag, elem.VR or "UN", len(value), implicit))
             fp.write(value)
             continue
         if not isinstance(elem, DataElement):  # raw undefined-length: let pydicom decode it
             elem = ds[tag]
         if elem.VR == "SQ":
-            fp.write(_header(tag, "SQ", _UNDEFINED, implicit))
+            fp.write(element_header(tag, "SQ", UNDEFINED, implicit))
             for item in elem.value or ():
-                fp.write(_ITEM)
+                fp.write(ITEM)
                 write_dataset(fp, item, implicit, encodings)
-                fp.write(_ITEM_END)
-            fp.write(_SEQ_END)
+                fp.write(ITEM_END)
+            fp.write(SEQ_END)
         else:
             write_data_element(fp, elem, encodings)
 
@@ -80,9 +82,9 @@ def write_meta(fp: DicomBytesIO, elements: Sequence[tuple[int, str, bytes]]) -> 
     for tag, vr, value in elements:
         if len(value) % 2:
             value += b"\0" if vr in ("UI", "OB") else b" "
-        body += _header(tag, vr, len(value), implicit=False) + value
+        body += element_header(tag, vr, len(value), implicit=False) + value
     fp.write(b"\0" * 128 + b"DICM")
-    fp.write(_header(0x00020000, "UL", 4, implicit=False) + struct.pack("<L", len(body)))
+    fp.write(element_header(0x00020000, "UL", 4, implicit=False) + struct.pack("<L", len(body)))
     fp.write(bytes(body))
 
 
