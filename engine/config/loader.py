@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from jsonschema import Draft202012Validator
 
 from engine.config.model import (
     AmbiguousPolicy,
@@ -40,6 +39,7 @@ from engine.config.model import (
     TlsConfig,
     UnroutedPolicy,
 )
+from engine.config.rulesets import PROJECT_SUFFIXES
 
 __all__ = [
     "COMMAND_LINE",
@@ -57,7 +57,6 @@ __all__ = [
 #: ``ConfigIssue.file`` of a problem in a command-line override (``--port 0``).
 COMMAND_LINE = Path("(command line)")
 #: File name endings read as project files.
-PROJECT_SUFFIXES = (".yaml", ".yml", ".json")
 
 JsonPath = tuple[str | int, ...]
 
@@ -419,6 +418,10 @@ def _schema_issues(
     ``blame`` maps top-level keys that did not come from the file (overrides) to the
     ``file`` their issues are reported against.
     """
+    # Imported here: jsonschema costs ~0.1 s of start-up, and commands that only read
+    # rule sets and profiles (fiona anonymize) never validate a config.
+    from jsonschema import Draft202012Validator
+
     issues: list[ConfigIssue] = []
     for error in Draft202012Validator(schema).iter_errors(doc):
         for path, where, message in _messages(error, schema):

@@ -11,7 +11,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.config.loader import PROJECT_SUFFIXES
+#: Suffixes of config files: project files, rule sets, profiles (YAML or JSON). Defined here,
+#: not in the loader, so reading a rule set does not import the schema machinery.
+PROJECT_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def rulesets_dir() -> Path:

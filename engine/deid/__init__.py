@@ -9,7 +9,7 @@ Public API::
     out_bytes = deid.deidentify_file(in_bytes)
 """
 
-from engine.deid.deidentifier import Deidentifier, PixelHook, Result
+from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.keys import (
     DateShifter,
     HashPseudonyms,
@@ -27,7 +27,6 @@ __all__ = [
     "Deidentifier",
     "HashPseudonyms",
     "Override",
-    "PixelHook",
     "Profile",
     "ProfileError",
     "Pseudonym",

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from jsonschema import Draft202012Validator
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -93,6 +92,8 @@ class BurnedInPolicy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> BurnedInPolicy:
         """The policy from a project's mapping; raises ValueError naming every bad key."""
+        from jsonschema import Draft202012Validator  # start-up cost: see engine.config.loader
+
         schema = policy_schema()
         doc = copy.deepcopy(dict(data or {}))
         errors = [

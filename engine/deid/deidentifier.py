@@ -1,9 +1,11 @@
 """The public entry points: de-identify a pydicom Dataset, or Part 10 bytes in and out.
 
-:meth:`Deidentifier.deidentify_file` reads only the header with pydicom
-(``stop_before_pixels``), cleans it, writes it, and appends the top-level pixel data element's
-bytes exactly as they were (found with :mod:`engine.deid.rawfile`), so a 0.5 MB image costs
-little more than a small one. A pixel hook (burned-in text cleaning) can replace those bytes.
+:meth:`Deidentifier.process_file` cleans the header and appends the top-level pixel data
+element's bytes exactly as they were, so a 0.5 MB image costs little more than a small one.
+Little-endian files are cleaned on their bytes (:mod:`engine.deid.rawclean`); the rest, and the
+reference the tests hold that path to, read only the header with pydicom
+(``stop_before_pixels``), clean the Dataset and write it (:mod:`engine.deid.writer`). Burned-in
+text in the pixels is the export gate's business (:mod:`engine.deid.export`).
 
 After cleaning, the top-level dataset gets Patient Identity Removed (0012,0062) ``YES``,
 De-identification Method (0012,0063) (one value per profile and option), De-identification
@@ -19,7 +21,6 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pydicom
@@ -54,28 +55,30 @@ _LONGITUDINAL = {"full": "UNMODIFIED", "modified": "MODIFIED", "removed": "REMOV
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _STUDY, _SERIES = 0x0020000D, 0x0020000E
 
-#: Called with the cleaned header and the original pixel data element (tag, VR, length and
-#: value bytes, exactly as in the file); returns replacement element bytes, or None to keep them.
-PixelHook = Callable[[Dataset, memoryview], bytes | None]
-
 
 @dataclass(frozen=True)
 class Result:
-    """One de-identified instance: the Part 10 bytes and how many elements got each action.
+    """One de-identified instance, in two parts, and how many elements got each action.
 
-    ``header_size`` is the number of bytes before the output's pixel data element, and
-    ``source_header_size`` the same in the input (the whole length when there is none);
-    ``study_uid``, ``series_uid`` and ``sop_instance_uid`` are the values written (empty when
-    the profile removed them).
+    The output is ``header`` (preamble, meta and every element before the pixel data) followed
+    by ``pixels`` (the pixel data element, usually a view of the input: a 0.5 MB image is not
+    copied until it is written); :attr:`data` joins them. ``source_header_size`` is where the
+    input's pixel data element starts (its length when there is none). ``study_uid``,
+    ``series_uid`` and ``sop_instance_uid`` are the values written (empty when removed).
     """
 
-    data: bytes
+    header: bytes
+    pixels: bytes | memoryview
     counts: dict[str, int]
-    header_size: int
     source_header_size: int
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+
+    @property
+    def data(self) -> bytes:
+        """The whole de-identified Part 10 file."""
+        return b"".join((self.header, self.pixels))
 
 
 class Deidentifier:
@@ -95,13 +98,11 @@ class Deidentifier:
         *,
         uid_root: str = "2.25",
         date_range: tuple[int, int] = DEFAULT_DATE_RANGE,
-        pixel_hook: PixelHook | None = None,
     ) -> None:
         if len(secret) < 32:
             raise ValueError("the project secret must be at least 32 bytes")
         self.profile = profile
         self.project = project
-        self.pixel_hook = pixel_hook
         self.uids = UidMapper(secret, uid_root)
         self.cleaner = Cleaner(
             profile,
@@ -185,7 +186,7 @@ class Deidentifier:
         take the byte path (:mod:`engine.deid.rawclean`); the rest, and every file when
         ``byte_path`` is False (the reference the tests compare it with), are read with pydicom.
         """
-        if byte_path and self.pixel_hook is None:
+        if byte_path:
             try:
                 raw = self.raw.clean(data, subject, event)
             except (NotRaw, HeaderError, struct.error, UnicodeError, ValueError):
@@ -204,9 +205,9 @@ class Deidentifier:
         if raw.trailing:
             counts["X"] = counts.get("X", 0) + raw.trailing
         return Result(
-            b"".join((header, memoryview(data)[raw.pixel_start : raw.pixel_end])),
+            header,
+            memoryview(data)[raw.pixel_start : raw.pixel_end],
             counts,
-            len(header),
             raw.pixel_start,
             raw.uids.get(_STUDY, ""),
             raw.uids.get(_SERIES, ""),
@@ -219,8 +220,7 @@ class Deidentifier:
         if split is None:  # deflated: read (and write) the whole dataset with pydicom
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
             counts = self.process_dataset(ds, subject=subject, event=event)
-            out = _write(ds)
-            return _result(out, counts, len(out), len(data), ds)
+            return _result(_write(ds), b"", counts, len(data), ds)
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         if not split.little:  # big endian (retired): pydicom writes it
             counts = self.process_dataset(ds, subject=subject, event=event)
@@ -229,19 +229,10 @@ class Deidentifier:
             counts = self._clean(ds, subject, event)
             meta = self._meta(_uid_text(ds, _SOP_CLASS), _uid_text(ds, _SOP_INSTANCE), split.syntax)
             header = write_part10(ds, meta, split.implicit)
-        if split.pixel_start == split.pixel_end:
-            out = header
-        else:
-            pixels: bytes | memoryview = memoryview(data)[split.pixel_start : split.pixel_end]
-            if self.pixel_hook is not None:
-                pixels = (
-                    self.pixel_hook(ds, memoryview(data)[split.pixel_start : split.pixel_end])
-                    or pixels
-                )
-            out = b"".join((header, pixels))
+        pixels = memoryview(data)[split.pixel_start : split.pixel_end]
         if split.trailing:
             counts["X"] = counts.get("X", 0) + split.trailing
-        return _result(out, counts, len(header), split.pixel_start, ds)
+        return _result(header, pixels, counts, split.pixel_start, ds)
 
     @staticmethod
     def _meta(sop_class: str, sop_instance: str, syntax: str) -> list[tuple[int, str, bytes]]:
@@ -269,9 +260,11 @@ def _report(counts: list[int]) -> dict[str, int]:
     return {REPORT_NAMES[Op(i)]: n for i, n in enumerate(counts) if n}
 
 
-def _result(out: bytes, counts: dict[str, int], header: int, source: int, ds: Dataset) -> Result:
-    uids = (_uid_text(ds, tag) for tag in (_STUDY, _SERIES, _SOP_INSTANCE))
-    return Result(out, counts, header, source, *uids)
+def _result(
+    header: bytes, pixels: bytes | memoryview, counts: dict[str, int], source: int, ds: Dataset
+) -> Result:
+    study, series, instance = (_uid_text(ds, tag) for tag in (_STUDY, _SERIES, _SOP_INSTANCE))
+    return Result(header, pixels, counts, source, study, series, instance)
 
 
 def _code_item(value: str, scheme: str, meaning: str) -> Dataset:

@@ -64,13 +64,20 @@ _DIGITS_AND_DOT = _DIGITS | {ord(".")}
 
 @dataclass(frozen=True)
 class Exported:
-    """A de-identified instance: Part 10 bytes, its new UIDs, and action counts (no values)."""
+    """A de-identified instance: Part 10 bytes in two parts (as in
+    :class:`~engine.deid.deidentifier.Result`), its new UIDs, and action counts (no values)."""
 
-    data: bytes
+    header: bytes
+    pixels: bytes | memoryview
     study_uid: str
     series_uid: str
     sop_instance_uid: str
     counts: dict[str, int]
+
+    @property
+    def data(self) -> bytes:
+        """The whole de-identified Part 10 file."""
+        return b"".join((self.header, self.pixels))
 
 
 @dataclass(frozen=True)
@@ -121,15 +128,13 @@ class Exporter:
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
             return result
-        held = self._verify(
-            original, data[: result.source_header_size], result.data[: result.header_size]
-        )
+        held = self._verify(original, data[: result.source_header_size], result.header)
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
         if not all(is_valid_uid(uid) for uid in uids):  # they become paths on the way out
             return Held("deidentification_failed", "output has no valid study, series or SOP UID")
-        return Exported(result.data, *uids, dict(result.counts))
+        return Exported(result.header, result.pixels, *uids, dict(result.counts))
 
     def _cleaned(self, data: bytes, verdict: Clean, subject: str, event: str) -> Result | Held:
         """Blank the rule's regions in the decoded pixels, then de-identify the whole dataset."""
@@ -145,7 +150,9 @@ class Exporter:
             str(full.get(k, ""))
             for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
         )
-        return Result(out, counts, _header_size(out), _header_size(data), study, series, instance)
+        size = _header_size(out)
+        pixels = memoryview(out)[size:]
+        return Result(out[:size], pixels, counts, _header_size(data), study, series, instance)
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
         """The identifying values of the file's study, compiled once per study and patient

@@ -2,8 +2,7 @@
 
 The header (everything before the element) goes through pydicom and the profile; the element
 itself (Pixel Data (7FE0,0010), Float Pixel Data (7FE0,0008) or Double Float Pixel Data
-(7FE0,0009): tag, VR, length and value, native or encapsulated) is copied as bytes, or handed
-to a pixel hook (burned-in text cleaning) that returns replacement element bytes.
+(7FE0,0009): tag, VR, length and value, native or encapsulated) is copied as bytes.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ from pathlib import Path
 from engine.deid.export import Exported, Exporter
 
 _EXPORTER: Exporter | None = None
+#: Folders this process made already (one mkdir per series, not per file).
+_MADE: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,14 @@ def _init(job: _Job) -> None:
     _EXPORTER = _build(job)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_write(path: Path, *parts: bytes | memoryview) -> None:
+    if path.parent not in _MADE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _MADE.add(path.parent)
     tmp = path.parent / f".tmp-{secrets.token_hex(6)}"
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        for part in parts:  # header and pixel data: the image is not copied to join them
+            f.write(part)
     os.replace(tmp, path)
 
 
@@ -82,7 +88,7 @@ def _one(source: str, out_dir: str, quarantine: str) -> _Done:
         target = Path(
             out_dir, result.study_uid, result.series_uid, f"{result.sop_instance_uid}.dcm"
         )
-        _atomic_write(target, result.data)
+        _atomic_write(target, result.header, result.pixels)
         return _Done("", "", result.counts)
     qid = secrets.token_hex(8)
     _atomic_write(Path(quarantine, f"{qid}.dcm"), data)
