@@ -108,15 +108,12 @@ class RawCleaner:
             walk.run.scrubber = Scrubber()
             walk.collect(pos, len(data), None, top=True)
         pixel_start = walk.dataset(pos, len(data), None, top=True)
-        pixel_end = trailing = 0
+        pixel_end, trailing = pixel_start, 0
         if pixel_start < len(data):
-            pixel_end = walk.walker.skip(pixel_start, walk.implicit)
-            rest = pixel_end
+            pixel_end = rest = walk.walker.skip(pixel_start, walk.implicit)
             while rest < len(data):
                 rest = walk.walker.skip(rest, walk.implicit)
                 trailing += 1
-        else:
-            pixel_end = pixel_start
         return RawOutput(
             b"".join(walk.out), pixel_start, pixel_end, trailing, walk.run.counts, walk.uids
         )
