@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -221,9 +221,10 @@ class SqliteIndex:
         uid: str,
         now: float,
         insert: str,
-        values: tuple[Any, ...],
+        values: Callable[[], tuple[Any, ...]],
     ) -> tuple[int, bool]:
-        """Count one more instance in an existing study/series row, or insert it; (id, created)."""
+        """Count one more instance in an existing study/series row, or insert it with
+        ``values()`` (called only then: the patient lookup is for new studies); (id, created)."""
         row = self._db.execute(f"SELECT id FROM {table} WHERE {uid_column}=?", (uid,)).fetchone()
         if row:
             self._db.execute(
@@ -231,7 +232,7 @@ class SqliteIndex:
                 (now, row[0]),
             )
             return int(row[0]), False
-        cur = self._db.execute(insert, values)
+        cur = self._db.execute(insert, values())
         return int(cur.lastrowid or 0), True
 
     def _study_ref(self, h: InstanceHeader, now: float) -> tuple[int, bool]:
@@ -243,7 +244,7 @@ class SqliteIndex:
             "INSERT INTO studies(study_uid, patient_ref, study_date, study_time, accession_number,"
             " description, first_received_at, last_received_at, n_instances)"
             " VALUES (?,?,?,?,?,?,?,?,1)",
-            (
+            lambda: (
                 h.study_uid,
                 self._patient_ref(h),
                 h.study_date,
@@ -263,7 +264,15 @@ class SqliteIndex:
             now,
             "INSERT INTO series(series_uid, study_ref, modality, series_number, description,"
             " first_received_at, last_received_at, n_instances) VALUES (?,?,?,?,?,?,?,1)",
-            (h.series_uid, study_ref, h.modality, h.series_number, h.series_description, now, now),
+            lambda: (
+                h.series_uid,
+                study_ref,
+                h.modality,
+                h.series_number,
+                h.series_description,
+                now,
+                now,
+            ),
         )
 
     def add_instance(
