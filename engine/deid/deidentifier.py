@@ -46,7 +46,6 @@ from engine.deid.rawfile import split_pixels
 from engine.deid.scrub import Scrubber
 from engine.deid.writer import write_dataset, write_meta, write_part10
 from engine.dicom.errors import HeaderError
-from engine.dicom.walk import read_meta
 
 #: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
 IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
@@ -196,8 +195,7 @@ class Deidentifier:
         return self._pydicom_file(data, subject, event)
 
     def _raw_result(self, data: bytes, raw: RawOutput) -> Result:
-        syntax = read_meta(data)[1]
-        meta = self._meta(raw.uids.get(_SOP_CLASS, ""), raw.uids.get(_SOP_INSTANCE, ""), syntax)
+        meta = self._meta(raw.uids.get(_SOP_CLASS, ""), raw.uids.get(_SOP_INSTANCE, ""), raw.syntax)
         fp = DicomBytesIO()
         write_meta(fp, meta)
         header = fp.getvalue() + raw.header

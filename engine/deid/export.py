@@ -44,7 +44,7 @@ from engine.deid.rawfile import split_pixels
 from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
-from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder
+from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
 from engine.dicom.walk import DEFLATED, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
@@ -62,22 +62,9 @@ _DIGITS = frozenset(b"0123456789")
 _DIGITS_AND_DOT = _DIGITS | {ord(".")}
 
 
-@dataclass(frozen=True)
-class Exported:
-    """A de-identified instance: Part 10 bytes in two parts (as in
-    :class:`~engine.deid.deidentifier.Result`), its new UIDs, and action counts (no values)."""
-
-    header: bytes
-    pixels: bytes | memoryview
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    counts: dict[str, int]
-
-    @property
-    def data(self) -> bytes:
-        """The whole de-identified Part 10 file."""
-        return b"".join((self.header, self.pixels))
+#: A de-identified instance that passed both gates: the de-identifier's
+#: :class:`~engine.deid.deidentifier.Result` (header and pixel data parts, new UIDs, action counts).
+Exported = Result
 
 
 @dataclass(frozen=True)
@@ -134,7 +121,7 @@ class Exporter:
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
         if not all(is_valid_uid(uid) for uid in uids):  # they become paths on the way out
             return Held("deidentification_failed", "output has no valid study, series or SOP UID")
-        return Exported(result.header, result.pixels, *uids, dict(result.counts))
+        return result
 
     def _cleaned(self, data: bytes, verdict: Clean, subject: str, event: str) -> Result | Held:
         """Blank the rule's regions in the decoded pixels, then de-identify the whole dataset."""
@@ -217,12 +204,7 @@ def gate_fields(data: bytes) -> dict[str, Any] | None:
         return None
     if found.transfer_syntax == DEFLATED:
         return None
-    decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
-    fields = {
-        _GATE_TAGS[tag]: decoder.decode(tag, raw)
-        for tag, raw in found.elements.items()
-        if tag in _GATE_TAGS
-    }
+    fields = decode_fields(found, _GATE_TAGS)
     if found.has_pixels:
         fields["PixelData"] = b""
     return fields

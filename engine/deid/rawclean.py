@@ -35,21 +35,22 @@ from engine.deid.apply import CHANGING, COLLECT_VRS, Cleaner, Run, text_of
 from engine.deid.ops import Op
 from engine.deid.profile import PATIENT_ID, PATIENT_NAME
 from engine.deid.scrub import Scrubber
-from engine.deid.writer import ITEM, ITEM_END, SEQ_END, UNDEFINED, element_header
+from engine.deid.writer import ITEM, ITEM_END, SEQ_END, element_header
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder, dictionary_vr
 from engine.dicom.walk import (
     DEFLATED,
     EXPLICIT_BIG,
     IMPLICIT_LITTLE,
+    ITEM_END_TAG,
+    ITEM_TAG,
     PIXEL_TAGS,
+    SEQ_END_TAG,
+    UNDEFINED_LENGTH,
     RawElement,
     Walker,
     read_meta,
 )
 
-_ITEM_TAG = 0xFFFEE000
-_ITEM_END_TAG = 0xFFFEE00D
-_SEQ_END_TAG = 0xFFFEE0DD
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _STUDY, _SERIES = 0x0020000D, 0x0020000E
 #: Top-level values the file meta and the caller need, as written.
@@ -72,9 +73,11 @@ class RawOutput:
     ``header`` is preamble, file meta and every cleaned element before the pixel data; the
     output is ``header + source[pixel_start:pixel_end]``. ``uids`` holds the written values of
     SOP Class, SOP Instance, Study and Series Instance UID (tag -> text; absent when removed).
-    ``trailing`` counts top-level elements after the pixel data (dropped).
+    ``trailing`` counts top-level elements after the pixel data (dropped); ``syntax`` is the
+    file meta's Transfer Syntax UID.
     """
 
+    syntax: str
     header: bytes
     pixel_start: int
     pixel_end: int
@@ -115,7 +118,7 @@ class RawCleaner:
                 rest = walk.walker.skip(rest, walk.implicit)
                 trailing += 1
         return RawOutput(
-            b"".join(walk.out), pixel_start, pixel_end, trailing, walk.run.counts, walk.uids
+            syntax, b"".join(walk.out), pixel_start, pixel_end, trailing, walk.run.counts, walk.uids
         )
 
     def decoder(self, charset: bytes | None) -> ValueDecoder:
@@ -172,7 +175,7 @@ class _Walk:
         previous = -1
         while stop is None or pos < stop:
             tag, vr_bytes, length, start = walker.header(pos, implicit)
-            if stop is None and tag == _ITEM_END_TAG:
+            if stop is None and tag == ITEM_END_TAG:
                 if kept_from >= 0:
                     out.append(data[kept_from:pos])
                 return pos + 8
@@ -183,13 +186,13 @@ class _Walk:
             previous = tag
             vr = _vr(tag, vr_bytes)
             is_creator = tag & 0x10000 and 0x10 <= tag & 0xFFFF < 0x100
-            if is_creator and length != UNDEFINED:
+            if is_creator and length != UNDEFINED_LENGTH:
                 creators[tag] = data[start : start + length].decode("latin-1").strip("\0 ")
             op = cleaner.op_of(tag, vr, creators.get)
             counts[op] += 1
             if is_creator and op is not Op.KEEP:
                 creators.pop(tag, None)  # gone from the output: its block is not safe
-            if tag == SPECIFIC_CHARACTER_SET and length != UNDEFINED:
+            if tag == SPECIFIC_CHARACTER_SET and length != UNDEFINED_LENGTH:
                 charset = data[start : start + length]
             replaced = False
             if additions and tag >= additions[0][0]:
@@ -200,11 +203,13 @@ class _Walk:
                     out.append(additions.pop(0)[1])
                 replaced = bool(additions) and additions[0][0] == tag
             if op is Op.KEEP:
-                if length == UNDEFINED:
+                if length == UNDEFINED_LENGTH:
                     raise NotRaw("a kept element of undefined length")
                 end = walker.after_value(start, length, implicit)
                 if top and tag in _KEPT_UIDS:
-                    self.uids[tag] = _uid_text(data[start:end])
+                    self.uids[tag] = text_of(
+                        self.owner.decoder(None).decode(tag, RawElement("UI", data[start:end]))
+                    )
                 if replaced:
                     out.append(additions.pop(0)[1])
                 elif kept_from < 0:
@@ -242,12 +247,13 @@ class _Walk:
         if op is Op.REMOVE:
             return end
         if op is Op.EMPTY:
-            if vr == "SQ":
-                self.out.append(element_header(tag, "SQ", UNDEFINED, self.implicit) + SEQ_END)
+            if vr == "SQ":  # an empty sequence: header and delimiter
+                empty = element_header(tag, "SQ", UNDEFINED_LENGTH, self.implicit) + SEQ_END
+                self.out.append(empty)
             else:
                 self.out.append(element_header(tag, vr, 0, self.implicit))
             return end
-        if length == UNDEFINED or vr in ("SQ", "UN") or tag & 0x10000:
+        if length == UNDEFINED_LENGTH or vr in ("SQ", "UN") or tag & 0x10000:
             raise NotRaw("a replaced value in a sequence, private or UN element")
         value = ""
         if op is not Op.DUMMY:
@@ -271,7 +277,7 @@ class _Walk:
         """Write a sequence with undefined lengths, cleaning every item."""
         if vr != "SQ" or vr_bytes not in (None, b"SQ"):
             raise NotRaw("a sequence stored with another VR")
-        self.out.append(element_header(tag, "SQ", UNDEFINED, self.implicit))
+        self.out.append(element_header(tag, "SQ", UNDEFINED_LENGTH, self.implicit))
 
         def item(pos: int, stop: int | None) -> int:
             self.out.append(ITEM)
@@ -287,24 +293,24 @@ class _Walk:
         """Call ``on_item(start, stop)`` for each item of a sequence (``stop`` None for an
         undefined-length item); ``on_item`` returns where the item's elements ended."""
         walker = self.walker
-        stop = walker.size if length == UNDEFINED else start + length
+        stop = walker.size if length == UNDEFINED_LENGTH else start + length
         pos = start
         while pos < stop:
             item_tag = walker.tag(pos)
             item_length = struct.unpack_from("<L", self.data, pos + 4)[0]
             pos += 8
-            if item_tag == _SEQ_END_TAG:
+            if item_tag == SEQ_END_TAG:
                 break
-            if item_tag != _ITEM_TAG:
+            if item_tag != ITEM_TAG:
                 raise NotRaw("malformed sequence item")
-            if item_length == UNDEFINED:
+            if item_length == UNDEFINED_LENGTH:
                 pos = on_item(pos, None)
             else:
                 end = pos + item_length
                 if on_item(pos, end) != end:
                     raise NotRaw("an item whose elements overrun its length")
                 pos = end
-        if length != UNDEFINED and pos != stop:
+        if length != UNDEFINED_LENGTH and pos != stop:
             raise NotRaw("a sequence whose items overrun its length")
         return pos
 
@@ -319,7 +325,7 @@ class _Walk:
         creators: dict[int, str] = {}
         while stop is None or pos < stop:
             tag, vr_bytes, length, start = walker.header(pos, implicit)
-            if stop is None and tag == _ITEM_END_TAG:
+            if stop is None and tag == ITEM_END_TAG:
                 return pos + 8
             if top and tag in PIXEL_TAGS:
                 return pos
@@ -328,7 +334,7 @@ class _Walk:
                 in_item = functools.partial(self.collect, charset=charset)
                 pos = self._items(start, length, in_item)
                 continue
-            if length == UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 raise NotRaw("an element of undefined length that is not a sequence")
             end = walker.after_value(start, length, implicit)
             value = data[start:end]
@@ -372,11 +378,6 @@ class _Walk:
         fp.is_implicit_VR = self.implicit
         write_data_element(fp, DataElement(tag, vr, value), self.owner.decoder(charset).encodings)
         return bytes(fp.getvalue())
-
-
-def _uid_text(value: bytes) -> str:
-    """A UI value as pydicom gives it: ASCII, each of several values stripped of padding."""
-    return "\\".join(v.strip(" \0") for v in value.decode("ascii", "replace").split("\\"))
 
 
 def _private_vr(tag: int, creators: dict[int, str]) -> str:

@@ -17,13 +17,14 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
+from engine.dicom.walk import UNDEFINED_LENGTH
+
 _LONG_VRS = frozenset(
     ["OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"]
 )
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
 _EXPLICIT_LONG = struct.Struct("<HH2sHL")
 _IMPLICIT = struct.Struct("<HHL")
-UNDEFINED = 0xFFFFFFFF
 #: An item / item end / sequence end, all of undefined or zero length (PS3.5 7.5).
 ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
 ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
@@ -58,7 +59,7 @@ def write_dataset(fp: DicomBytesIO, ds: Dataset, implicit: bool, inherited: list
     encodings = _encodings(ds, inherited)
     for tag in sorted(ds.keys()):
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED:
+        if isinstance(elem, RawDataElement) and elem.length != UNDEFINED_LENGTH:
             value = elem.value or b""
             fp.write(element_header(tag, elem.VR or "UN", len(value), implicit))
             fp.write(value)
@@ -66,7 +67,7 @@ def write_dataset(fp: DicomBytesIO, ds: Dataset, implicit: bool, inherited: list
         if not isinstance(elem, DataElement):  # raw undefined-length: let pydicom decode it
             elem = ds[tag]
         if elem.VR == "SQ":
-            fp.write(element_header(tag, "SQ", UNDEFINED, implicit))
+            fp.write(element_header(tag, "SQ", UNDEFINED_LENGTH, implicit))
             for item in elem.value or ():
                 fp.write(ITEM)
                 write_dataset(fp, item, implicit, encodings)

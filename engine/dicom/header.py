@@ -22,7 +22,7 @@ from pydicom.uid import UID
 
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
-from engine.dicom.values import SPECIFIC_CHARACTER_SET, ValueDecoder
+from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
 from engine.dicom.walk import DEFLATED, check_complete, scan
 
 __all__ = ["SUMMARY_KEYWORDS", "HeaderError", "InstanceHeader", "parse_header", "read_dataset"]
@@ -170,12 +170,7 @@ def parse_header(data: bytes) -> InstanceHeader:
     if found.transfer_syntax == DEFLATED:
         return header_from_dataset(read_dataset(data))
     try:
-        decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
-        values = {
-            _KEYWORD_OF[tag]: decoder.decode(tag, raw)
-            for tag, raw in found.elements.items()
-            if tag != SPECIFIC_CHARACTER_SET
-        }
+        values = decode_fields(found, _KEYWORD_OF)
     except Exception as exc:
         raise HeaderError(
             "unparseable", f"header could not be decoded: {type(exc).__name__}"

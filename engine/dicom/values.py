@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
-from engine.dicom.walk import RawElement
+from engine.dicom.walk import RawElement, Scan
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 _BINARY = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
@@ -75,6 +76,17 @@ class ValueDecoder:
             groups = value.split(b"=")
             return "=".join(decode_bytes(g, self.encodings, PN_DELIMS) for g in groups)
         return decode_bytes(value, self.encodings, TEXT_VR_DELIMS)
+
+
+def decode_fields(found: Scan, keywords: Mapping[int, str]) -> dict[str, Any]:
+    """The scanned top-level elements that ``keywords`` names (tag -> keyword), by keyword,
+    decoded with the dataset's own Specific Character Set."""
+    decoder = ValueDecoder(found.little, found.elements.get(SPECIFIC_CHARACTER_SET))
+    return {
+        keywords[tag]: decoder.decode(tag, raw)
+        for tag, raw in found.elements.items()
+        if tag in keywords
+    }
 
 
 def _integer(text: str) -> int:

@@ -21,12 +21,14 @@ from engine.dicom.errors import HeaderError
 
 #: VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_UNDEFINED = 0xFFFFFFFF
+#: The length of a sequence, item or encapsulated pixel data closed by a delimiter.
+UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data.
 PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQ_END = 0xFFFEE0DD
+#: Item, Item Delimitation Item and Sequence Delimitation Item tags (PS3.5 7.5).
+ITEM_TAG = 0xFFFEE000
+ITEM_END_TAG = 0xFFFEE00D
+SEQ_END_TAG = 0xFFFEE0DD
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
@@ -101,7 +103,7 @@ class Walker:
         return self.after_value(pos, length, implicit or vr == b"UN")
 
     def after_value(self, pos: int, length: int, implicit: bool) -> int:
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             # An explicit 'UN' of undefined length holds implicit VR little endian content.
             return self.items(pos, implicit)
         end = pos + length
@@ -112,7 +114,7 @@ class Walker:
     def elements(self, pos: int, implicit: bool, until_item_end: bool = False) -> int:
         """Walk elements from ``pos`` to the end (or past the Item Delimitation Item)."""
         while pos < self.size:
-            if until_item_end and self.tag(pos) == _ITEM_END:
+            if until_item_end and self.tag(pos) == ITEM_END_TAG:
                 return pos + 8
             pos = self.skip(pos, implicit)
         if until_item_end:
@@ -125,11 +127,11 @@ class Walker:
             tag = self.tag(pos)
             length = self._u32.unpack_from(self.data, pos + 4)[0]
             pos += 8
-            if tag == _SEQ_END:
+            if tag == SEQ_END_TAG:
                 return pos
-            if tag != _ITEM:
+            if tag != ITEM_TAG:
                 raise HeaderError("unparseable", "malformed item in an undefined-length element")
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.elements(pos, implicit, until_item_end=True)
             else:
                 if pos + length > self.size:
@@ -174,7 +176,7 @@ def scan(data: bytes, wanted: frozenset[int]) -> Scan:
     while pos < walker.size:
         tag, vr, length, start = walker.header(pos, implicit)
         pos = walker.after_value(start, length, implicit or vr == b"UN")
-        if tag in wanted and length != _UNDEFINED:
+        if tag in wanted and length != UNDEFINED_LENGTH:
             found[tag] = RawElement(vr.decode("ascii", "replace") if vr else None, data[start:pos])
         elif tag in PIXEL_TAGS:
             has_pixels = True
