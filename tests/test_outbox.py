@@ -22,6 +22,7 @@ from engine.transfer.folder import FolderDestination
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferState
 from engine.transfer.worker import DestinationEntry, OutboxWorker
 from tests import synth
+from tests.outgoing import outgoing
 
 T0 = 1_900_000_000.0  # a fixed "now" (seconds since the epoch) for deterministic schedules
 
@@ -59,22 +60,7 @@ class Rig:
         self.quarantine.hold_study(study_uid, "transfer_failed", detail, project=project)
 
     def items(self, files: list[Path] | None = None) -> list[OutgoingInstance]:
-        out = []
-        for path in files or self.files:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            out.append(
-                OutgoingInstance(
-                    sop_instance_uid=ds.SOPInstanceUID,
-                    sop_class_uid=ds.SOPClassUID,
-                    transfer_syntax=ds.file_meta.TransferSyntaxUID,
-                    series_uid=ds.SeriesInstanceUID,
-                    path=path,
-                    size=path.stat().st_size,
-                    series_number=int(ds.SeriesNumber),
-                    modality=ds.Modality,
-                )
-            )
-        return out
+        return [outgoing(path) for path in files or self.files]
 
     def enqueue(self, run_id: int = 1, follow_up: int = 0, files: list[Path] | None = None) -> int:
         return self.outbox.enqueue(

@@ -36,6 +36,7 @@ from engine.transfer.base import (
 from engine.transfer.dicom import DicomDestination, DicomOptions, _plan
 from tests import synth
 from tests.conftest import need_peer
+from tests.outgoing import outgoing
 from tests.peers import OrthancServer, PeerMissing, StorescpServer, dataset_part, free_port
 
 SCHEMA = json.loads(destination_schema_file("dicom").read_text())
@@ -59,20 +60,6 @@ def need(exc: PeerMissing) -> None:
 def storescp(tmp_path: Path, *args: str, name: str = "out") -> StorescpServer:
     need_peer("storescp")
     return StorescpServer(tmp_path / name, args)
-
-
-def outgoing(path: Path) -> OutgoingInstance:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return OutgoingInstance(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        path=path,
-        size=path.stat().st_size,
-        series_number=int(ds.SeriesNumber),
-        modality=str(ds.Modality),
-    )
 
 
 def batch_of(paths: Sequence[Path]) -> StudyBatch:

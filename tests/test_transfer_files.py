@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pydicom
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -38,6 +37,7 @@ from engine.transfer.folder import FolderDestination
 from engine.transfer.sftp import SftpDestination
 from engine.transfer.zip import ZipDestination
 from tests import synth
+from tests.outgoing import outgoing
 from tests.peers import PeerMissing
 from tests.sshd import SshServer
 
@@ -62,22 +62,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[OutgoingInstance]:
     paths = synth.write_study(
         synth.make_study(SPEC, SERIES, size=32), tmp_path_factory.mktemp("study")
     )
-    out = []
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingInstance(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                transfer_syntax=ds.file_meta.TransferSyntaxUID,
-                series_uid=ds.SeriesInstanceUID,
-                path=path,
-                size=path.stat().st_size,
-                series_number=int(ds.SeriesNumber),
-                modality=ds.Modality,
-            )
-        )
-    return out
+    return [outgoing(path) for path in paths]
 
 
 def batch(instances: list[OutgoingInstance], follow_up: int = 0, **changes: Any) -> StudyBatch:
