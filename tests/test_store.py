@@ -62,6 +62,26 @@ def test_stores_every_instance_byte_identical_with_index_rows_and_views(
     assert link.resolve() == (tmp_path / "archive" / st.StudyInstanceUID).resolve()
 
 
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "select-update"])
+def test_study_and_series_rows_count_every_instance(
+    tmp_path: Path, study: list[pydicom.Dataset], monkeypatch: pytest.MonkeyPatch, returning: bool
+) -> None:
+    # SQLite before 3.35 has no UPDATE ... RETURNING; both ways must keep the same counts.
+    monkeypatch.setattr("engine.store.index._HAS_RETURNING", returning)
+    archive = open_archive(tmp_path)
+    for ds in study:
+        assert archive.receive(part10(ds), ORIGIN).status is Status.SUCCESS
+    with archive.index.reading() as db:
+        studies = db.execute("SELECT n_instances, last_received_at FROM studies").fetchall()
+        series = dict(db.execute("SELECT series_uid, n_instances FROM series").fetchall())
+        newest = db.execute("SELECT MAX(received_at) FROM instances").fetchone()[0]
+    assert studies == [(len(study), newest)]
+    expected: dict[str, int] = {}
+    for ds in study:
+        expected[ds.SeriesInstanceUID] = expected.get(ds.SeriesInstanceUID, 0) + 1
+    assert series == expected
+
+
 def test_series_summary_aggregates_over_all_instances(
     tmp_path: Path, study: list[pydicom.Dataset]
 ) -> None:

@@ -126,7 +126,10 @@ def _int(values: Mapping[str, Any], keyword: str) -> int | None:
 
 def _json_value(value: Any) -> Any:
     """A JSON-friendly copy of a value (multi-values become lists, bytes are dropped)."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    kind = type(value)
+    if kind is str or kind is int or kind is float:  # what the receive path decodes to
+        return value
+    if isinstance(value, (list, tuple)) or kind.__name__ == "MultiValue":
         return [_json_value(v) for v in value]
     if isinstance(value, (int, float)):
         return value

@@ -25,6 +25,8 @@ _BINARY = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV
 _CHARSET_VRS = frozenset(("SH", "LO", "ST", "LT", "UC", "UT", "PN"))
 #: Text VRs that hold one value: a backslash in them is text, not a separator.
 _SINGLE_VRS = frozenset(("LT", "ST", "UT", "UR"))
+#: VRs returned as their raw bytes.
+_OPAQUE_VRS = frozenset(("OB", "OW", "OD", "OF", "OL", "OV", "SQ", "AT", "UN"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -47,25 +49,22 @@ class ValueDecoder:
         self.encodings = convert_encodings(terms or None)
 
     def decode(self, tag: int, raw: RawElement) -> Any:
-        vr = raw.vr if raw.vr not in (None, "UN") else dictionary_vr(tag)
-        fmt = _BINARY.get(vr or "")
+        vr, value = raw
+        if vr is None or vr == "UN":
+            vr = dictionary_vr(tag)
+        fmt = _BINARY.get(vr)
         if fmt is not None:
-            count = len(raw.value) // struct.calcsize(fmt)
-            numbers = struct.unpack_from(f"{self.order}{count}{fmt}", raw.value)
+            count = len(value) // struct.calcsize(fmt)
+            numbers = struct.unpack_from(f"{self.order}{count}{fmt}", value)
             return numbers[0] if count == 1 else list(numbers) if count else ""
-        if vr in ("OB", "OW", "OD", "OF", "OL", "OV", "SQ", "AT", "UN"):
-            return raw.value
-        text = self._text(vr or "", raw.value)
+        if vr in _OPAQUE_VRS:
+            return value
+        text = self._text(vr, value)
         if vr in _SINGLE_VRS:
             return text.rstrip(" \0")
-        parts = [p.strip(" \0") if vr != "PN" else p.rstrip(" \0") for p in text.split("\\")]
-        if vr == "DS":
-            values: list[Any] = [_number(p, float) for p in parts]
-        elif vr == "IS":
-            values = [_number(p, _integer) for p in parts]
-        else:
-            values = parts
-        return values[0] if len(values) == 1 else values
+        if "\\" not in text:  # one value, the common case: no list to build
+            return _one_value(vr, text)
+        return [_one_value(vr, part) for part in text.split("\\")]
 
     def _text(self, vr: str, value: bytes) -> str:
         if vr not in _CHARSET_VRS:
@@ -87,6 +86,19 @@ def decode_fields(found: Scan, keywords: Mapping[int, str]) -> dict[str, Any]:
         for tag, raw in found.elements.items()
         if tag in keywords
     }
+
+
+def _one_value(vr: str, text: str) -> Any:
+    """One value of a multi-valued text VR: padding stripped (a name keeps leading spaces),
+    DS and IS as numbers."""
+    if vr == "PN":
+        return text.rstrip(" \0")
+    text = text.strip(" \0")
+    if vr == "DS":
+        return _number(text, float)
+    if vr == "IS":
+        return _number(text, _integer)
+    return text
 
 
 def _integer(text: str) -> int:

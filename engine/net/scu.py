@@ -42,7 +42,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from engine.net.transport import tune_accepted_socket
+from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ _UNLIMITED_FRAGMENT = 1 << 20  # bytes per PDV when the peer announces no PDU li
 _MAX_ASSOCIATE_PDU = 1 << 20  # an A-ASSOCIATE-AC is a few KiB; more is not a DICOM peer
 _MAX_READ = 1 << 26  # bytes of one PDU when our max_pdu is 0 (no limit): a sanity bound
 _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
-_PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
@@ -176,7 +175,7 @@ class ScuAssociation:
     def __init__(self, sock: socket.socket, opts: ScuOptions) -> None:
         self.sock = sock
         self.opts = opts
-        self.recv = tune_accepted_socket(sock)  # TCP_NODELAY; ACK at once (TCP_QUICKACK)
+        self.reader = PduReader(sock)  # TCP_NODELAY; ACK at once (TCP_QUICKACK)
         self.pdvs: deque[tuple[int, bytes]] = deque()  # (control header, value) not yet read
         self.fragment = _UNLIMITED_FRAGMENT
         #: SOP class -> accepted transfer syntax -> presentation context ID
@@ -239,7 +238,7 @@ class ScuAssociation:
         rq.from_primitive(primitive)
         self.sock.sendall(rq.encode())
         kind, body = self._read_pdu(_MAX_ASSOCIATE_PDU)
-        raw = _PDU_HEADER.pack(kind, len(body)) + bytes(body)
+        raw = PDU_HEADER.pack(kind, len(body)) + bytes(body)
         if kind == 0x03:
             rj = A_ASSOCIATE_RJ()
             rj.decode(raw)
@@ -270,16 +269,12 @@ class ScuAssociation:
 
     def _read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
         """(PDU type, body) of the next PDU; at most ``limit`` bytes (our max_pdu if 0)."""
-        header = self.recv(6)
-        if len(header) < 6:
-            raise EOFError("closed by the peer")
-        kind, length = _PDU_HEADER.unpack(header)
-        if length > (limit or self.opts.max_pdu or _MAX_READ):
-            raise AssociationBroken(f"the peer sent a PDU of {length} bytes, more than we accept")
-        body = self.recv(length)
-        if len(body) < length:
-            raise EOFError("closed by the peer")
-        return kind, body
+        try:
+            return self.reader.read(limit or self.opts.max_pdu or _MAX_READ)
+        except PduTooLong as exc:
+            raise AssociationBroken(
+                f"the peer sent a PDU of {exc.length} bytes, more than we accept"
+            ) from exc
 
     def _next_pdv(self) -> tuple[int, bytes]:
         """The next PDV of the peer's P-DATA-TF PDUs: (message control header, value)."""

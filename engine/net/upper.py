@@ -39,12 +39,11 @@ from engine.net.dimse import (
     decode_command,
     encode_response,
 )
-from engine.net.transport import tune_accepted_socket
+from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-_PDU_HEADER = struct.Struct(">BxL")
 _MAX_ASSOCIATE_PDU = 1 << 20  # an A-ASSOCIATE-RQ is a few KiB; more is not a DICOM peer
 _RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 
@@ -119,19 +118,13 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.recv = tune_accepted_socket(sock)
+        self.reader = PduReader(sock)
 
     def read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
-        header = self.recv(6)
-        if len(header) < 6:
-            raise EOFError
-        pdu_type, length = _PDU_HEADER.unpack(header)
-        if limit and length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds {limit}")
-        body = self.recv(length)
-        if len(body) < length:
-            raise EOFError
-        return pdu_type, body
+        try:
+            return self.reader.read(limit)
+        except PduTooLong as exc:
+            raise ProtocolError(str(exc)) from exc
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -159,7 +152,7 @@ class Association:
         if pdu_type != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         rq = A_ASSOCIATE_RQ()
-        rq.decode(_PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
+        rq.decode(PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
         request = rq.to_primitive()
         self.peer = Peer(
             calling_ae=str(request.calling_ae_title).strip(),
@@ -274,7 +267,7 @@ class Association:
         response = encode_response(command, status)
         # One P-DATA-TF with one PDV: the command, last fragment (control header 0x03).
         pdv = struct.pack(">LBB", len(response) + 2, context_id, 0x03) + response
-        self.conn.send(_PDU_HEADER.pack(0x04, len(pdv)) + pdv)
+        self.conn.send(PDU_HEADER.pack(0x04, len(pdv)) + pdv)
 
 
 def _decode(command: bytearray) -> Command:

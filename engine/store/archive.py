@@ -14,6 +14,7 @@ ID is reduced to a safe name first (see :func:`safe_component`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -85,6 +86,7 @@ class Archive:
         max_instance_mb: int = 4096,
     ) -> None:
         self.data_dir = data_dir
+        self._root = str(data_dir)
         self.index = index
         self.quarantine = Quarantine(data_dir, index)
         self.duplicate_policy = DuplicatePolicy(duplicate_policy)
@@ -125,13 +127,7 @@ class Archive:
 
     def instance_path(self, header: InstanceHeader) -> Path:
         """Where an instance lives; the header's UIDs were validated by ``parse_header``."""
-        return (
-            self.data_dir
-            / "archive"
-            / header.study_uid
-            / header.series_uid
-            / f"{header.sop_instance_uid}.dcm"
-        )
+        return self.data_dir / _instance_rel(header)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -139,7 +135,7 @@ class Archive:
         if size > self.max_instance_bytes:
             raise _NoResources(f"instance of {size} bytes exceeds limits.max_instance_mb")
         if self.min_free_bytes:
-            st = os.statvfs(self.data_dir)
+            st = os.statvfs(self._root)
             if st.f_bavail * st.f_frsize - size < self.min_free_bytes:
                 raise _NoResources("free disk space below limits.min_free_disk_mb")
 
@@ -168,13 +164,15 @@ class Archive:
             if not (self.data_dir / existing.path).is_file():
                 return self._refile(data, header, origin)
             return self._duplicate(data, header, origin, self.data_dir / existing.path)
-        path = self.instance_path(header)
+        rel = _instance_rel(header)
+        path = os.path.join(self._root, rel)  # a string: this is the per-instance hot path
         write_durable(path, data)
         try:
-            added = self.index.add_instance(header, self._rel(path), len(data), origin)
+            added = self.index.add_instance(header, rel, len(data), origin)
         except BaseException:
             # Not indexed means not acknowledged: remove the file so a retry starts clean.
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             raise
         if added.new_study:
             self._make_views(header)
@@ -183,9 +181,8 @@ class Archive:
     def _refile(self, data: bytes, header: InstanceHeader, origin: Origin) -> StoreOutcome:
         """An indexed instance whose file is gone (retention deleted its study): file it again,
         so a study sent again after deletion is on disk again, not answered and dropped."""
-        path = self.instance_path(header)
-        write_durable(path, data)
-        self.index.replace_instance(header, self._rel(path), len(data), origin)
+        write_durable(self.instance_path(header), data)
+        self.index.replace_instance(header, _instance_rel(header), len(data), origin)
         self.index.mark_study_present(header.study_uid)
         self._make_views(header)
         log.info("instance filed again: its earlier copy had been deleted")
@@ -201,9 +198,8 @@ class Archive:
             return StoreOutcome("duplicate", Status.SUCCESS)
         policy = self.duplicate_policy
         if policy is DuplicatePolicy.REPLACE:
-            path = self.instance_path(header)
-            write_durable(path, data)
-            self.index.replace_instance(header, self._rel(path), len(data), origin)
+            write_durable(self.instance_path(header), data)
+            self.index.replace_instance(header, _instance_rel(header), len(data), origin)
             action = "replaced"
         elif policy is DuplicatePolicy.QUARANTINE:
             self.quarantine.put(
@@ -220,9 +216,6 @@ class Archive:
         self.index.record_duplicate(uid, False, action, origin)
         log.warning("conflicting duplicate instance (policy %s): %s", policy.value, action)
         return StoreOutcome(action, Status.SUCCESS, Reason.DUPLICATE_CONFLICT.value)
-
-    def _rel(self, path: Path) -> str:
-        return str(path.relative_to(self.data_dir))
 
     def _make_views(self, header: InstanceHeader) -> None:
         """Symlink views for a new study; a failure is logged, never fatal: the data is safe."""
@@ -245,6 +238,11 @@ class Archive:
             _symlink(link, target)
         except OSError as exc:
             log.error("could not create the views of a study: %s", _os_error_text(exc))
+
+
+def _instance_rel(header: InstanceHeader) -> str:
+    """``archive/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, relative to the data dir."""
+    return f"archive/{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
 
 
 def _same_bytes(path: Path, data: bytes) -> bool:

@@ -5,12 +5,13 @@ After :func:`write_durable` returns, the file survives a power cut under its fin
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-import secrets
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -31,11 +32,20 @@ def ensure_dir(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_durable(path: Path, data: bytes | memoryview, *, mode: int = 0o640) -> None:
-    """Write ``data`` to ``path`` atomically and durably (replacing any existing file)."""
-    ensure_dir(path.parent)
-    tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+_TMP_NAMES = itertools.count()
+
+
+def write_durable(
+    path: str | os.PathLike[str], data: bytes | memoryview, *, mode: int = 0o640
+) -> None:
+    """Write ``data`` to ``path`` atomically and durably (replacing any existing file).
+
+    Missing folders are created (durably). Plain ``os`` calls on strings, no pathlib: this runs
+    once per received instance.
+    """
+    target = os.fspath(path)
+    folder = os.path.dirname(target)
+    tmp, fd = _create_temp(folder, mode)
     try:
         view = memoryview(data)
         while view:
@@ -44,12 +54,32 @@ def write_durable(path: Path, data: bytes | memoryview, *, mode: int = 0o640) ->
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
     os.close(fd)
     try:
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(folder)
+
+
+def _create_temp(folder: str, mode: int) -> tuple[str, int]:
+    """A new hidden temp file in ``folder`` (created when missing), opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        # pid + counter is unique among live writers; a stale name left by a crash is skipped.
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{next(_TMP_NAMES)}")
+        try:
+            return tmp, os.open(tmp, flags, mode)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            ensure_dir(Path(folder))
+            return tmp, os.open(tmp, flags, mode)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

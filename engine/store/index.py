@@ -104,6 +104,8 @@ class Index(Protocol):
 
 
 MIGRATIONS_PACKAGE = "engine.store.migrations"
+#: UPDATE ... RETURNING arrived in SQLite 3.35; older libraries take two statements.
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 
 def _migrations() -> list[tuple[int, str]]:
@@ -225,13 +227,23 @@ class SqliteIndex:
     ) -> tuple[int, bool]:
         """Count one more instance in an existing study/series row, or insert it with
         ``values()`` (called only then: the patient lookup is for new studies); (id, created)."""
-        row = self._db.execute(f"SELECT id FROM {table} WHERE {uid_column}=?", (uid,)).fetchone()
-        if row:
-            self._db.execute(
-                f"UPDATE {table} SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
-                (now, row[0]),
-            )
-            return int(row[0]), False
+        if _HAS_RETURNING:  # one statement for the common case, the row exists
+            rows = self._db.execute(
+                f"UPDATE {table} SET last_received_at=?, n_instances=n_instances+1"
+                f" WHERE {uid_column}=? RETURNING id",
+                (now, uid),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT id FROM {table} WHERE {uid_column}=?", (uid,)
+            ).fetchall()
+            if rows:
+                self._db.execute(
+                    f"UPDATE {table} SET last_received_at=?, n_instances=n_instances+1 WHERE id=?",
+                    (now, rows[0][0]),
+                )
+        if rows:
+            return int(rows[0][0]), False
         cur = self._db.execute(insert, values())
         return int(cur.lastrowid or 0), True
 
