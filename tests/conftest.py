@@ -11,6 +11,16 @@ import pytest
 from tests.peers import FionaServer, PeerMissing, dcmtk
 
 
+@pytest.fixture(autouse=True)
+def studies_settle_at_once(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process scans read a study right after it arrived, as they did before the tracker
+    learnt to wait for a pause (engine.route.tracker.SETTLE_SECONDS): tests drive the scan with
+    their own clock, and waiting is tested on its own (``@pytest.mark.settle`` keeps the real
+    pause). ``fiona serve`` subprocesses are not affected."""
+    if request.node.get_closest_marker("settle") is None:
+        monkeypatch.setattr("engine.route.tracker.SETTLE_SECONDS", 0.0)
+
+
 def need_peer(name: str) -> str:
     """dcmtk's ``name``; skips locally when missing, fails under CI (CI=true)."""
     try:

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from engine.config.loader import load_project, load_site
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.pipeline.store import RunStore
-from engine.route.tracker import Tracker
+from engine.route.tracker import MAX_DEFER_SECONDS, SETTLE_SECONDS, Tracker
 from engine.store.archive import Archive
 from engine.store.index import Origin, SqliteIndex, open_index
 from engine.workflow import site_labeller
@@ -91,9 +91,14 @@ def world(tmp_path: Path) -> World:
     return World(tmp_path, [_neuro()], {})
 
 
+def settled() -> float:
+    """A clock just past the pause after which a study that arrived now is read."""
+    return time.time() + SETTLE_SECONDS
+
+
 def test_series_labels_accumulate_into_index_and_summary(world: World) -> None:
     world.send(_study(1, [MR["localizer"], MR["t1_mprage"], MR["flair"]]))
-    world.tracker.scan()
+    world.tracker.scan(settled())
     labels = dict(world.rows("SELECT description, labels FROM series"))
     assert "localizer" in json.loads(labels["localizer"])
     assert "t1" in json.loads(labels["t1_mprage_sag_p2_iso"])
@@ -110,9 +115,64 @@ def test_series_labels_accumulate_into_index_and_summary(world: World) -> None:
     assert "flair" in summary["ClassifyType"]
 
 
+def _age(world: World, study: list[Dataset], seconds: float) -> None:
+    """Make a study look as if its instances arrived ``seconds`` earlier."""
+    with world.index.transaction() as db:
+        db.execute(
+            "UPDATE studies SET first_received_at = first_received_at - ?,"
+            " last_received_at = last_received_at - ? WHERE study_uid = ?",
+            (seconds, seconds, str(study[0].StudyInstanceUID)),
+        )
+
+
+@pytest.mark.settle
+def test_a_study_still_arriving_is_read_once_it_pauses(world: World) -> None:
+    world.send(_study(1, [MR["t1_mprage"]]))
+    world.tracker.scan(time.time())
+    assert world.rows("SELECT count(*) FROM study_routes") == [(0,)]
+    assert world.rows("SELECT labels FROM series") == [("[]",)]
+    world.tracker.scan(settled())
+    assert world.rows("SELECT project FROM study_routes") == [("neuro",)]
+    assert "t1" in json.loads(world.rows("SELECT labels FROM series")[0][0])
+
+
+@pytest.mark.settle
+def test_a_study_arriving_for_long_is_read_as_it_comes(world: World) -> None:
+    study = _study(1, [MR["t1_mprage"]])
+    world.send(study)
+    with world.index.transaction() as db:  # its first instance came long ago, its last now
+        db.execute(
+            "UPDATE studies SET first_received_at = first_received_at - ?",
+            (MAX_DEFER_SECONDS + 1,),
+        )
+    world.tracker.scan(time.time())
+    assert world.rows("SELECT project FROM study_routes") == [("neuro",)]
+
+
+@pytest.mark.settle
+def test_instances_left_for_a_later_scan_are_not_lost_behind_the_scan_mark(world: World) -> None:
+    # A follow-up series still arriving is skipped by a scan that reads another study; the
+    # next scan must still find it, though newer instances than it were seen.
+    routed = _study(2, [MR["t1_mprage"]])
+    world.send(routed)
+    world.tracker.scan(settled())
+    other = _study(3, [MR["flair"]])
+    world.send(other)
+    late = _study(2, [MR["t1_mprage"], MR["flair"]])[MR["t1_mprage"].n_instances :]
+    world.send(late)
+    world.send(_study(4, [MR["localizer"]]))  # instances newer than the late series
+    _age(world, other, 10)
+    world.tracker.scan(time.time())  # reads `other`; the late series and study 4 still arrive
+    late_series = str(late[0].SeriesInstanceUID)
+    assert world.rows("SELECT labels FROM series WHERE series_uid = ?", late_series) == [("[]",)]
+    world.tracker.scan(settled())
+    [(labels,)] = world.rows("SELECT labels FROM series WHERE series_uid = ?", late_series)
+    assert "flair" in json.loads(labels)
+
+
 def test_quiet_time_completes_and_creates_one_run(world: World) -> None:
     world.send(_study(1, [MR["t1_mprage"], MR["flair"]]))
-    now = time.time()
+    now = settled()
     world.tracker.scan(now)
     assert world.rows("SELECT project, state FROM study_routes") == [("neuro", "open")]
     world.tracker.scan(now + 50)
@@ -155,7 +215,7 @@ def test_late_series_opens_a_follow_up_for_that_series_only_after_a_restart(worl
     for ds in late:
         ds.SeriesInstanceUID = uid
     world.send(late)
-    world.restart().scan()
+    world.restart().scan(settled())
     assert world.rows("SELECT state FROM study_routes") == [("open",)]
     world.tracker.scan(time.time() + 101)
     runs = world.runs()

@@ -6,7 +6,9 @@ a restart carries on where the last scan stopped:
 1. **see new instances**: every instance with an id above its study's ``routed_upto`` is read
    (header only) and labelled with the site's rule sets (series labels accumulate, series-level
    rules included); the first new instance of each series is routed to the projects that claim
-   it. A study whose routes were complete gets them reopened: a follow-up.
+   it. A study whose routes were complete gets them reopened: a follow-up. A study still
+   arriving is read once it pauses for :data:`SETTLE_SECONDS`, so a sender's burst is not
+   slowed by labelling it.
 2. **complete**: an open route completes after its project's quiet time, or once every expected
    label has arrived and the series quiet time passed, or at the force-complete deadline. A
    pipeline run is created for the series not handed to an earlier run.
@@ -23,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, UnroutedPolicy
+from engine.dicom.dataset import read_header_dataset
 from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.store import RunStore
 from engine.route.config import Completeness, completeness_of
@@ -36,6 +38,19 @@ from engine.store.index import Index
 from engine.store.quarantine import Quarantine, Reason
 
 log = logging.getLogger(__name__)
+
+
+#: A study that received an instance in the last SETTLE_SECONDS is read, labelled and routed
+#: by a later scan, once it pauses: the receiver and the workflow share one interpreter, and
+#: reading a burst while it arrives costs the sender a large part of its rate. Nothing waits
+#: on it: completeness needs a quiet study anyway. One arriving for longer than
+#: MAX_DEFER_SECONDS (say, a long transfer) is read as it comes, so routes open in time.
+SETTLE_SECONDS = 1.0
+MAX_DEFER_SECONDS = 30.0
+
+
+def _still_arriving(now: float, first_at: float, last_at: float) -> bool:
+    return now - last_at < SETTLE_SECONDS and now - first_at < MAX_DEFER_SECONDS
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,8 @@ class _NewInstance:
 
 
 def read_header(path: Path) -> Dataset:
-    """An archived instance's header (no pixel data)."""
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    """An archived instance's header (no pixel data), as ``dcmread`` would give it."""
+    return read_header_dataset(path)
 
 
 class Tracker:
@@ -85,7 +100,7 @@ class Tracker:
     def scan(self, now: float | None = None) -> None:
         """One pass of the three stages."""
         now = time.time() if now is None else now
-        for study_id, study_uid, accession, upto in self._studies_with_new_instances():
+        for study_id, study_uid, accession, upto in self._studies_with_new_instances(now):
             self._see_new_instances(study_id, study_uid, accession, upto, now)
         self._advance_mark()
         self._complete_routes(now)
@@ -93,32 +108,42 @@ class Tracker:
 
     # -- 1. new instances ---------------------------------------------------------------------
 
-    def _studies_with_new_instances(self) -> list[tuple[int, str, str, int]]:
+    def _studies_with_new_instances(self, now: float) -> list[tuple[int, str, str, int]]:
         """Studies with instances beyond their ``routed_upto``, found from the scan mark.
 
         The mark (the highest instance id any scan has seen) keeps this query on the newest
-        instances, whatever the size of the archive.
+        instances, whatever the size of the archive. A study still arriving is left for a
+        later scan (see :data:`SETTLE_SECONDS`); the mark stays below its unseen instances.
         """
         with self.index.reading() as db:
             row = db.execute("SELECT value FROM engine_state WHERE key='tracker_mark'").fetchone()
             mark = int(row[0]) if row else 0
             top = int(db.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0])
             rows = db.execute(
-                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto FROM studies st"
-                " WHERE st.id IN (SELECT DISTINCT se.study_ref FROM instances i"
-                " JOIN series se ON se.id = i.series_ref WHERE i.id > ? AND i.id <= ?)"
-                " AND st.routed_upto < ?",
+                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto,"
+                " st.first_received_at, st.last_received_at, new.first_id FROM studies st"
+                " JOIN (SELECT se.study_ref AS study_ref, min(i.id) AS first_id FROM instances i"
+                " JOIN series se ON se.id = i.series_ref WHERE i.id > ? AND i.id <= ?"
+                " GROUP BY se.study_ref) new ON new.study_ref = st.id"
+                " WHERE st.routed_upto < ?",
                 (mark, top, top),
             ).fetchall()
             # Studies whose routing was reset (fiona quarantine release of an unrouted or
             # ambiguous study) lie below the mark: found through the unjudged-studies index.
             rows += db.execute(
-                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto FROM studies st"
+                "SELECT st.id, st.study_uid, st.accession_number, st.routed_upto,"
+                " st.first_received_at, st.last_received_at, NULL FROM studies st"
                 " WHERE st.judged_at IS NULL AND st.routed_upto = 0"
             ).fetchall()
         self._next_mark = top
-        unique = {int(r[0]): (int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows}
-        return list(unique.values())
+        ready: dict[int, tuple[int, str, str, int]] = {}
+        for study_id, uid, accession, upto, first_at, last_at, first_new in rows:
+            if _still_arriving(now, first_at, last_at):
+                if first_new is not None:
+                    self._next_mark = min(self._next_mark, int(first_new) - 1)
+                continue
+            ready[int(study_id)] = (int(study_id), str(uid), str(accession), int(upto))
+        return list(ready.values())
 
     def _advance_mark(self) -> None:
         with self.index.transaction() as db:

@@ -6,7 +6,8 @@ Options (``schemas/steps/classify.schema.json``)::
       rulesets: [mr, ct]     # names in rulesets/classify/, or files relative to the project file
 
 No ``rulesets`` means every rule set in ``rulesets/classify/``. Each instance's header is read
-(``dcmread(path, stop_before_pixels=True)``) and classified together with the series summary
+(:func:`~engine.dicom.dataset.read_header_dataset`, the same as ``dcmread(path,
+stop_before_pixels=True)``) and classified together with the series summary
 fields (``summary.num_files``, ``calling_ae``, ``called_ae``, ``calling_ip``); the labels of a
 series accumulate over its instances (:class:`~engine.rules.SeriesLabels`), so a series-level
 rule holds only when it holds for every instance. The result goes to
@@ -22,10 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
 from engine.config.loader import ConfigIssue
 from engine.config.rulesets import classify_dir, is_name, resolve_ruleset, resolve_rulesets
+from engine.dicom.dataset import read_header_dataset
 from engine.pipeline.context import LABELS, RunContext, SeriesInput
 from engine.pipeline.outcome import Done, Outcome
 from engine.pipeline.steps.base import JsonPath, Step
@@ -92,7 +92,7 @@ class ClassifyStep(Step):
         }
         acc = self.ruleset.series_labels()
         for path in series.files:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            dataset = read_header_dataset(path)
             acc.add(self.ruleset.classify(RuleInput(dataset, summary)))
         return sorted(acc.labels)
 
