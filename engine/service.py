@@ -207,6 +207,8 @@ class OutboxJob:
 
 
 def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, OutboxJob]:
+    """The scheduler with every job, started paused: run_serve resumes it once the SCP
+    listens, so no job (the first heartbeat echoes the SCP) runs before the service is up."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
@@ -250,7 +252,7 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     )
     _add_watch_jobs(scheduler, store)
     add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
-    scheduler.start()
+    scheduler.start(paused=True)
     return scheduler, outbox
 
 
@@ -300,13 +302,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
     projects = load_enabled_projects(site)
     store = open_store(site)
+    # Everything is set up before the port opens, so a sender never competes with start-up;
+    # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
+    scheduler, outbox = _start_jobs(store, projects)
     try:
         server, _ = start_scp(site, store.archive)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
+        scheduler.shutdown(wait=False)
+        outbox.worker.close()
         store.close()
         return 1
-    scheduler, outbox = _start_jobs(store, projects)
+    scheduler.resume()
     from engine.manage.status_http import start_for_site
 
     status_page = start_for_site(site, store.index)

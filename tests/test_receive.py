@@ -6,6 +6,7 @@ through a pynetdicom client that puts the bytes on the wire as they are.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -241,6 +242,33 @@ def test_serve_refuses_an_invalid_site_config(tmp_path: Path, empty_projects: Pa
     assert result.returncode == 2
     assert f"{site}:2 port: expected at most 65535, found 99999" in result.stderr
     assert "not starting" in result.stderr
+
+
+def test_serve_exits_when_its_port_is_taken(tmp_path: Path, empty_projects: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--data",
+                str(tmp_path / "data"),
+                "--projects",
+                str(empty_projects),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
 
 
 def test_an_invalid_project_is_disabled_and_the_others_run(tmp_path: Path, echoscu: str) -> None:
