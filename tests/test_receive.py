@@ -218,27 +218,22 @@ def test_several_associations_at_once(
     }
 
 
-def test_serve_refuses_an_invalid_site_config(tmp_path: Path, empty_projects: Path) -> None:
-    site = tmp_path / "site.yaml"
-    site.write_text("ae_title: FIONA\nport: 99999\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            "--config",
-            str(site),
-            "--data",
-            str(tmp_path / "data"),
-            "--projects",
-            str(empty_projects),
-        ],
+def serve_once(tmp_path: Path, projects: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fiona serve`` with data in ``tmp_path`` and ``args``, for a start that must fail."""
+    command = [sys.executable, "-m", "engine.cli", "serve", "--data", str(tmp_path / "data")]
+    return subprocess.run(
+        [*command, "--projects", str(projects), *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=REPO,
     )
+
+
+def test_serve_refuses_an_invalid_site_config(tmp_path: Path, empty_projects: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("ae_title: FIONA\nport: 99999\n")
+    result = serve_once(tmp_path, empty_projects, "--config", str(site))
     assert result.returncode == 2
     assert f"{site}:2 port: expected at most 65535, found 99999" in result.stderr
     assert "not starting" in result.stderr
@@ -247,26 +242,7 @@ def test_serve_refuses_an_invalid_site_config(tmp_path: Path, empty_projects: Pa
 def test_serve_exits_when_its_port_is_taken(tmp_path: Path, empty_projects: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--data",
-                str(tmp_path / "data"),
-                "--projects",
-                str(empty_projects),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
+        result = serve_once(tmp_path, empty_projects, "--bind", "127.0.0.1", "--port", str(port))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
 
