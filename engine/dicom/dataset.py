@@ -29,6 +29,7 @@ from pydicom.valuerep import VR
 from engine.dicom.errors import HeaderError
 from engine.dicom.values import dictionary_vr
 from engine.dicom.walk import (
+    DEFLATED,
     EXPLICIT_BIG,
     IMPLICIT_LITTLE,
     PIXEL_TAGS,
@@ -48,35 +49,42 @@ class _NotCommon(Exception):
     """The file needs pydicom's own reader."""
 
 
+class _CutShort(_NotCommon):
+    """The bytes end inside the header: maybe only the first read was too short."""
+
+
 def read_header_dataset(path: Path | str) -> Dataset:
     """``pydicom.dcmread(path, stop_before_pixels=True)``, built faster for common files."""
     with open(path, "rb") as fp:
         data = fp.read(_FIRST_READ)
         try:
             return _build(path, data)
-        except (_NotCommon, HeaderError):
+        except _CutShort:
+            if len(data) == _FIRST_READ:  # the header goes on: read the rest, once
+                try:
+                    return _build(path, data + fp.read())
+                except _NotCommon:
+                    pass
+        except _NotCommon:
             pass
-        if len(data) == _FIRST_READ:  # maybe only the first read was too short
-            data += fp.read()
-            try:
-                return _build(path, data)
-            except (_NotCommon, HeaderError):
-                pass
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 def _build(path: Path | str, data: bytes) -> FileDataset:
     if data[128:132] != b"DICM":
         raise _NotCommon
-    meta, pos = _elements(data, _META_START, implicit=False, meta=True)
-    syntax_element = meta.get(BaseTag(0x00020010))
-    if syntax_element is None or not syntax_element.value:
-        raise _NotCommon
-    syntax = syntax_element.value.decode("ascii", "replace").strip("\0 ")
-    if syntax == EXPLICIT_BIG or syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        raise _NotCommon
-    implicit = syntax == IMPLICIT_LITTLE
-    elements, _ = _elements(data, pos, implicit=implicit, meta=False)
+    try:
+        meta, pos = _elements(data, _META_START, implicit=False, meta=True)
+        syntax_element = meta.get(BaseTag(0x00020010))
+        if syntax_element is None or not syntax_element.value:
+            raise _NotCommon
+        syntax = syntax_element.value.decode("ascii", "replace").strip("\0 ")
+        if syntax in (EXPLICIT_BIG, DEFLATED):
+            raise _NotCommon
+        implicit = syntax == IMPLICIT_LITTLE
+        elements, _ = _elements(data, pos, implicit=implicit, meta=False)
+    except HeaderError as exc:  # the walk ran off the end of the bytes
+        raise _CutShort from exc
     dataset = Dataset(elements)
     ds = FileDataset(
         os.fspath(path), dataset, data[:128], FileMetaDataset(Dataset(meta)), implicit, True
@@ -116,7 +124,7 @@ def _elements(
         else:
             end = start + length
             if end > size:
-                raise _NotCommon  # cut short: maybe only our first read was
+                raise _CutShort
             value = data[start:end] if length else empty_value_for_VR(vr, raw=True)
         key = BaseTag(tag)
         found[key] = RawDataElement(key, vr, length, value, start, implicit, True)

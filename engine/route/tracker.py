@@ -25,8 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
 from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, UnroutedPolicy
 from engine.dicom.dataset import read_header_dataset
 from engine.manage.audit import AuditLog, uid_token
@@ -64,11 +62,6 @@ class _NewInstance:
     called_ae: str
     peer_ip: str
     n_instances: int
-
-
-def read_header(path: Path) -> Dataset:
-    """An archived instance's header (no pixel data), as ``dcmread`` would give it."""
-    return read_header_dataset(path)
 
 
 class Tracker:
@@ -182,7 +175,7 @@ class Tracker:
         claims: dict[str, tuple[str, str, list[str]]] = {}
         for inst in new:
             try:
-                dataset = read_header(self.data_dir / inst.path)
+                dataset = read_header_dataset(self.data_dir / inst.path)
             except Exception as exc:  # archived files were checked on receipt; be safe anyway
                 log.error("cannot read archived instance %d: %s", inst.id, type(exc).__name__)
                 continue
