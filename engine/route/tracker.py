@@ -406,7 +406,6 @@ class Tracker:
                 " WHERE study_uid=?",
                 (now, upto, study_uid),
             )
-        log.warning("study held as ambiguous (%d projects claim it)", len(names))
 
     # -- 3. unclaimed studies -----------------------------------------------------------------
 
@@ -428,7 +427,6 @@ class Tracker:
                 self.quarantine.hold_study(
                     study_uid, Reason.UNROUTED, "no project's routing claims this study"
                 )
-                log.warning("study held as unrouted: no project claims it")
             else:
                 log.info("study left in the archive: no project claims it (policy 'ignore')")
             with self.index.transaction() as db:
