@@ -530,3 +530,29 @@ def test_a_held_study_records_every_origin_and_shows_them(
     assert "OTHER@10.0.0.9 -> FIONA (3 instances)" in text
     assert f"SECOND@10.0.0.9 -> FIONA ({len(datasets) - 3} instances)" in text
     assert f"explain     fiona explain {datasets[0].StudyInstanceUID} --config" in text
+
+
+def test_release_of_an_unrouted_study_keeps_its_assignment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held as unrouted, then given to a project by ``fiona ingest --project`` (the same CD
+    ingested again): the release routes it to that project, the assignment is not reset."""
+    from engine.route.assign import assign_study
+
+    site = {"routing": {"unrouted_after_seconds": 10}}
+    world = World(tmp_path, [_project("neuro", [])], site)
+    datasets = _study(44)
+    world.send(datasets, aet="OTHER")
+    world.scan()
+    world.scan(LATER + 1)
+    [(qid, reason, _)] = world.held()
+    assert reason == "unrouted"
+    assign_study(world.index, str(datasets[0].StudyInstanceUID), "neuro", subject="S1")
+    code, text = world.cli(capsys, "quarantine", "release", qid, "--yes")
+    assert code == 0 and "routing reset" in text, text
+    world.scan(LATER + 2)
+    world.scan(LATER + 3)
+    assert world.rows("SELECT project, subject, state FROM pipeline_runs") == [
+        ("neuro", "S1", "done")
+    ]
+    assert world.held() == []
