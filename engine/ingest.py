@@ -208,7 +208,8 @@ def run_ingest(args: argparse.Namespace) -> int:
     store.close()
     print(f"{len(files)} files: " + ", ".join(f"{n} {a}" for a, n in sorted(counts.items())))
     if assignment is not None:
-        print(f"{len(assignment.studies)} studies assigned to project {assignment.project}")
+        n = len(assignment.studies)
+        print(f"{n} {'study' if n == 1 else 'studies'} assigned to project {assignment.project}")
     for path, outcome in problems:
         print(f"  {path}: {outcome.action} ({outcome.reason}: {outcome.detail})")
     return 1 if problems else 0

@@ -200,7 +200,7 @@ def test_ingest_project_assigns_studies_its_rules_would_not_claim(tmp_path: Path
     extra = ("--config", str(site), "--project", "cd", "--subject", "S01", "--event", "baseline")
     result = run_ingest(data, projects, cd, extra=extra)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 studies assigned to project cd" in result.stdout
+    assert "1 study assigned to project cd" in result.stdout
     # 'main' would claim it by its called AE (FIONA, the default); 'cd' would not. Assigned:
     # only 'cd' gets it, with the subject and event, and nothing is held as ambiguous.
     assert _scan(site, 200) == [("cd", "S01", "baseline", 1, "S01", "baseline", "done")]

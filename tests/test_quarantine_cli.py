@@ -556,3 +556,19 @@ def test_release_of_an_unrouted_study_keeps_its_assignment(
         ("neuro", "S1", "done")
     ]
     assert world.held() == []
+
+
+def test_a_quarantined_instance_shows_the_modality_and_date_it_carries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = World(tmp_path, [], {"duplicate_policy": "quarantine"})
+    [first] = _study(45, [MR["localizer"]])[:1]
+    world.send([first])
+    changed = _study(45, [MR["localizer"]])[0]
+    changed.SeriesDescription = "changed"
+    world.send([changed])
+    [(_, reason, _)] = world.held()
+    assert reason == "duplicate_conflict"
+    code, text = world.cli(capsys, "quarantine", "list")
+    expected = f"from MR1@10.0.0.9 -> FIONA; MR; study date {_iso(first.StudyDate)}; 1 instance"
+    assert code == 0 and expected in text, text

@@ -214,6 +214,12 @@ def _token(uid: str) -> str:
 
 _MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
 _DATE = re.compile(r"\d{8}")
+_STUDY_DATE = 0x00080020  # (0008,0020)
+_MODALITY_TAG = 0x00080060  # (0008,0060)
+
+
+def _past_modality(tag: int, vr: str | None, length: int) -> bool:
+    return tag > _MODALITY_TAG
 
 
 def describe(data: bytes) -> dict[str, str]:
@@ -222,13 +228,14 @@ def describe(data: bytes) -> dict[str, str]:
     the bytes failed a check, anything may be in them."""
     found = {"modality": "", "study_date": ""}
     try:
-        import pydicom
+        from pydicom.filereader import read_partial
 
-        ds = pydicom.dcmread(
+        ds = read_partial(
             io.BytesIO(data),
+            stop_when=_past_modality,  # both tags are early: the rest is never walked
+            defer_size=1024,
             force=True,
-            stop_before_pixels=True,
-            specific_tags=[0x00080060, 0x00080020],
+            specific_tags=[_STUDY_DATE, _MODALITY_TAG],
         )
         modality = str(ds.get("Modality", "") or "").strip()
         date = str(ds.get("StudyDate", "") or "").strip()
