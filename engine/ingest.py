@@ -124,7 +124,14 @@ def ingest_file(
     else:
         data = as_part10(data) or data
     if assignment is not None:
-        assignment.before(data)
+        try:
+            assignment.before(data)
+        except Exception as exc:  # the index is busy or broken: not archived unassigned
+            log.error(
+                "could not assign a study to project %s: %s", assignment.project, type(exc).__name__
+            )
+            detail = f"could not assign the study: {type(exc).__name__}"
+            return StoreOutcome("rejected", Status.OUT_OF_RESOURCES, "out_of_resources", detail)
     return archive.receive(data, origin)
 
 
