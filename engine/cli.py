@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_site_args(ingest)
     ingest.add_argument("paths", nargs="+", type=Path, help="files or folders, read recursively")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ingest.add_argument("--called-ae", metavar="AET", help="called AE title routing sees")
+    ingest.add_argument("--calling-ae", metavar="AET", help="calling AE title routing sees")
+    ingest.add_argument("--project", metavar="P", help="give the studies to project P")
+    ingest.add_argument("--subject", metavar="S", help="research subject (needs --project)")
+    ingest.add_argument("--event", metavar="E", help="research event (needs --project)")
 
     test_rules = sub.add_parser(
         "test-rules", help="run the golden cases of rule sets; exit 1 on any mismatch"

@@ -12,6 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from engine.store.index import Origin, SqliteIndex, open_index
 from engine.store.quarantine import MEANINGS, Reason
 from engine.workflow import Workflow
 from tests import synth
+from tests.peers import REPO, FionaServer, nodelay_env
 
 MR = synth.MR_SERIES
 LATER = 1000.0  # seconds: past every quiet time used here
@@ -383,3 +387,188 @@ def test_the_retention_job_purges_expired_quarantine_items(
     RetentionJob(world.data, projects, world.index, 0.0)()
     assert not sidecar.exists()
     assert any(e["event"] == "purged" and e["qid"] == old for e in world.audit())
+
+
+# --------------------------------------------------------------------------- judging (13.11)
+
+
+def _fiona(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+
+
+def _wait_for_held(data: Path, n: int, timeout: float = 90.0) -> list[tuple[Any, ...]]:
+    """The held items once there are ``n`` (polling the index the service writes)."""
+    deadline = time.monotonic() + timeout
+    rows: list[tuple[Any, ...]] = []
+    while time.monotonic() < deadline:
+        if (data / "index.sqlite").exists():
+            with sqlite3.connect(data / "index.sqlite") as db:
+                rows = db.execute(
+                    "SELECT qid, reason, study_uid FROM quarantine WHERE state='held' ORDER BY id"
+                ).fetchall()
+            if len(rows) >= n:
+                return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{len(rows)} held items after {timeout} s, expected {n}")
+
+
+def test_list_and_show_say_where_held_items_came_from_and_what_they_hold(
+    tmp_path: Path, storescu: str, empty_projects: Path
+) -> None:
+    from engine.manage.audit import uid_token
+
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        yaml.safe_dump({"scan_interval_seconds": 0.5, "routing": {"unrouted_after_seconds": 0}})
+    )
+    data = tmp_path / "data"
+    where = ("--config", str(site), "--data", str(data), "--projects", str(empty_projects))
+    spec = synth.make_study_spec(41)
+    sent = synth.make_study(spec, [MR["t1_mprage"], MR["t2_tse"]], size=8)
+    net_uid = str(sent[0].StudyInstanceUID)
+    cd_study = synth.make_study(synth.make_study_spec(42), [MR["localizer"]], size=8)
+    cd_uid = str(cd_study[0].StudyInstanceUID)
+    cd = tmp_path / "cd"
+    synth.write_study(cd_study, cd)
+    synth.write_garbage(cd / "VIEWER.BIN", seed=4)
+    server = FionaServer(data, empty_projects, config=site).start()
+    try:
+        files = synth.write_study(sent, tmp_path / "send")
+        result = subprocess.run(
+            [storescu, "-aet", "MR1", "-aec", "FIONA", "127.0.0.1", str(server.port),
+             *map(str, files)],
+            capture_output=True, text=True, timeout=300, env=nodelay_env(),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        ingest = _fiona("ingest", "--no-progress", "--calling-ae", "USB1", *where, str(cd))
+        assert ingest.returncode == 1, ingest.stdout + ingest.stderr  # the garbage is held
+        held = _wait_for_held(data, 3)
+    finally:
+        server.stop()
+    by_study = {str(s): (str(q), str(r)) for q, r, s in held}
+    net_qid, net_reason = by_study[net_uid]
+    cd_qid, cd_reason = by_study[cd_uid]
+    [(bad_qid, bad_reason, _)] = [h for h in held if h[2] is None]
+    assert (net_reason, cd_reason, bad_reason) == ("unrouted", "unrouted", "unparseable")
+
+    listing = _fiona("quarantine", "list", *where)
+    assert listing.returncode == 0, listing.stderr
+    text = listing.stdout
+    n_sent = MR["t1_mprage"].n_instances + MR["t2_tse"].n_instances
+    date = _iso(spec.study_date)
+    assert f"from MR1@127.0.0.1 -> FIONA; MR; study date {date}; 2 series, {n_sent} instances" in (
+        text
+    )
+    assert (
+        f"from ingest USB1 -> FIONA; MR; study date"
+        f" {_iso(cd_study[0].StudyDate)}; 1 series, {MR['localizer'].n_instances} instances"
+    ) in text
+    assert "from ingest USB1 -> FIONA; -; study date -; 1 instance" in text
+    for ds in (sent[0], cd_study[0]):  # a coordinator's list: no patient name or ID
+        assert str(ds.PatientName) not in text and str(ds.PatientID) not in text
+    lines = _fiona("quarantine", "list", *where, "--json").stdout.splitlines()
+    as_json = [json.loads(line) for line in lines]
+    facts = {j["qid"]: j["facts"] for j in as_json}
+    assert facts[net_qid]["series"] == 2 and facts[net_qid]["instances"] == n_sent
+
+    show = _fiona("quarantine", "show", net_qid[:8], *where)
+    assert show.returncode == 0, show.stderr
+    assert f"origin      MR1@127.0.0.1 -> FIONA ({n_sent} instances)" in show.stdout
+    assert "modality    MR" in show.stdout and f"study date  {date}" in show.stdout
+    assert f"contents    2 series, {n_sent} instances" in show.stdout
+    command = (
+        f"explain     fiona explain {net_uid} --config {site.resolve()} --data {data.resolve()}"
+        f" --projects {empty_projects.resolve()}"
+    )
+    assert command in show.stdout
+    # The command given is the one that explains the hold.
+    explained = _fiona(*command.split()[2:])
+    assert explained.returncode == 0 and "would be held as 'unrouted'" in explained.stdout
+    show_bad = _fiona("quarantine", "show", bad_qid, *where)
+    assert "origin      ingest USB1 -> FIONA" in show_bad.stdout
+    assert "fiona explain" not in show_bad.stdout
+
+    # One log line per item names its id and the study's token, never the UID.
+    log = server.log_text()
+    assert f"quarantine {net_qid}: unrouted (study {uid_token(net_uid)}, from MR1@127.0.0.1" in log
+    assert f"quarantine {cd_qid}: unrouted (study {uid_token(cd_uid)}, from ingest USB1" in log
+    assert net_uid not in log and cd_uid not in log
+    assert f"quarantine {bad_qid}: unparseable (study -, from ingest USB1 -> FIONA)" in (
+        ingest.stderr
+    )
+
+
+def _iso(day: str) -> str:
+    return f"{day[:4]}-{day[4:6]}-{day[6:]}"
+
+
+def test_a_held_study_records_every_origin_and_shows_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = {"routing": {"unrouted_after_seconds": 10}}
+    world = World(tmp_path, [_project("neuro", [])], site)
+    datasets = _study(43)
+    world.send(datasets[:3], aet="OTHER")
+    world.send(datasets[3:], aet="SECOND")
+    world.scan()
+    world.scan(LATER + 1)
+    [(qid, reason, _)] = world.held()
+    assert reason == "unrouted"
+    [(via, calling)] = world.rows("SELECT via, calling_ae FROM quarantine")
+    assert (via, calling) == ("dimse", "SECOND" if len(datasets) - 3 > 3 else "OTHER")
+    sidecar = json.loads(next(world.data.glob(f"quarantine/*/{qid}.json")).read_text())
+    assert {(o["calling_ae"], o["instances"]) for o in sidecar["origins"]} == {
+        ("OTHER", 3),
+        ("SECOND", len(datasets) - 3),
+    }
+    code, text = world.cli(capsys, "quarantine", "list")
+    assert code == 0 and "(+1 more); MR; study date" in text, text
+    code, text = world.cli(capsys, "quarantine", "show", qid)
+    assert "OTHER@10.0.0.9 -> FIONA (3 instances)" in text
+    assert f"SECOND@10.0.0.9 -> FIONA ({len(datasets) - 3} instances)" in text
+    assert f"explain     fiona explain {datasets[0].StudyInstanceUID} --config" in text
+
+
+def test_release_of_an_unrouted_study_keeps_its_assignment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held as unrouted, then given to a project by ``fiona ingest --project`` (the same CD
+    ingested again): the release routes it to that project, the assignment is not reset."""
+    from engine.route.assign import assign_study
+
+    site = {"routing": {"unrouted_after_seconds": 10}}
+    world = World(tmp_path, [_project("neuro", [])], site)
+    datasets = _study(44)
+    world.send(datasets, aet="OTHER")
+    world.scan()
+    world.scan(LATER + 1)
+    [(qid, reason, _)] = world.held()
+    assert reason == "unrouted"
+    assign_study(world.index, str(datasets[0].StudyInstanceUID), "neuro", subject="S1")
+    code, text = world.cli(capsys, "quarantine", "release", qid, "--yes")
+    assert code == 0 and "routing reset" in text, text
+    world.scan(LATER + 2)
+    world.scan(LATER + 3)
+    assert world.rows("SELECT project, subject, state FROM pipeline_runs") == [
+        ("neuro", "S1", "done")
+    ]
+    assert world.held() == []
+
+
+def test_a_quarantined_instance_shows_the_modality_and_date_it_carries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = World(tmp_path, [], {"duplicate_policy": "quarantine"})
+    [first] = _study(45, [MR["localizer"]])[:1]
+    world.send([first])
+    changed = _study(45, [MR["localizer"]])[0]
+    changed.SeriesDescription = "changed"
+    world.send([changed])
+    [(_, reason, _)] = world.held()
+    assert reason == "duplicate_conflict"
+    code, text = world.cli(capsys, "quarantine", "list")
+    expected = f"from MR1@10.0.0.9 -> FIONA; MR; study date {_iso(first.StudyDate)}; 1 instance"
+    assert code == 0 and expected in text, text

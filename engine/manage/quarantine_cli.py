@@ -5,12 +5,19 @@ queues (a reopened run, a retried transfer, a study to route again) is picked up
 service's next scan. Study UIDs are shown because operators need them to find the study; the
 audit entries carry them only as tokens. Release and discard ask to type the action's name
 unless ``--yes`` is given; their audit entry is written before anything happens.
+
+Next to each reason, ``list`` and ``show`` give what a coordinator judges an item by: its origin
+(calling AE title, IP and called AE title, or ``ingest``), Modality (0008,0060), Study Date
+(0008,0020) and series and instance counts. A study date is shown (coordinators find studies by
+it); the patient's name and ID are not. ``show`` of a routing hold gives the ``fiona explain``
+command that shows each project's routing criteria against the study.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,7 +28,7 @@ from engine.manage.audit import AuditLog, operator
 from engine.manage.release import Item, Releaser, find_items, get_item
 from engine.pipeline.store import RunStore, StepState
 from engine.store.index import Index
-from engine.store.quarantine import meaning
+from engine.store.quarantine import meaning, origin_text, study_facts
 from engine.transfer.outbox import Outbox
 
 __all__ = ["confirm", "run_quarantine"]
@@ -33,12 +40,72 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
-def _list(index: Index, args: argparse.Namespace) -> int:
+#: Holds a ``fiona explain`` of the study explains (why no project, or several, claim it).
+_ROUTING_HOLDS = frozenset({"unrouted", "ambiguous"})
+
+
+def _date(yyyymmdd: str) -> str:
+    """A DICOM date (YYYYMMDD) as YYYY-MM-DD; anything else as it is, empty as '-'."""
+    d = yyyymmdd.strip()
+    if len(d) == 8 and d.isdigit():
+        return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+    return d or "-"
+
+
+def _facts(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
+    """What a coordinator judges the item by: origins (text, the recorded one first), modality,
+    study date (YYYY-MM-DD) and counts; for a held study from the index as it is now, for
+    quarantined bytes from the item's sidecar (one instance)."""
+    recorded = origin_text(item.origin)
+    if item.kind != "study" or not item.study_uid:
+        sidecar = _sidecar(data_dir, item) or {}
+        return {
+            "origins": [recorded],
+            "modality": str(sidecar.get("modality") or "-"),
+            "study_date": _date(str(sidecar.get("study_date") or "")),
+            "series": None,
+            "instances": 1,
+        }
+    facts = study_facts(index, item.study_uid)
+    if facts is None:
+        return {"origins": [recorded], "modality": "-", "study_date": "-", "series": 0,
+                "instances": 0}  # fmt: skip
+    found = [f"{origin_text(o)} ({n} instances)" for o, n in facts.origins]
+    if recorded != "-":  # the recorded origin first (the index may have more since)
+        found.sort(key=lambda text: not text.startswith(recorded + " ("))
+    return {
+        "origins": found or [recorded],
+        "modality": ", ".join(facts.modalities) or "-",
+        "study_date": _date(facts.study_date),
+        "series": facts.n_series,
+        "instances": facts.n_instances,
+    }
+
+
+def _counts(facts: dict[str, Any]) -> str:
+    if facts["series"] is None:
+        return "1 instance"
+    return f"{facts['series']} series, {facts['instances']} instances"
+
+
+def _summary(facts: dict[str, Any]) -> str:
+    """One line: origin, modality, study date, counts."""
+    origins = facts["origins"]
+    first = origins[0].split(" (", 1)[0]
+    more = f" (+{len(origins) - 1} more)" if len(origins) > 1 else ""
+    return (
+        f"from {first}{more}; {facts['modality']}; study date {facts['study_date']};"
+        f" {_counts(facts)}"
+    )
+
+
+def _list(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
     state = None if args.state == "all" else args.state
     items = find_items(index, state=state, reason=args.reason, project=args.project)
     if args.json:
         for item in items:
-            print(json.dumps(item.as_json(), sort_keys=True))
+            out = {**item.as_json(), "facts": _facts(index, data_dir, item)}
+            print(json.dumps(out, sort_keys=True))
         return 0
     if not items:
         print("no quarantine items")
@@ -48,7 +115,8 @@ def _list(index: Index, args: argparse.Namespace) -> int:
         study = i.study_uid or i.sop_instance_uid or "-"
         print(
             f"{i.qid[:12]:<12} {_when(i.received_at):<19} {i.reason:<23.23}"
-            f" {i.project or '-':<14.14} {i.state:<9} {study}\n{'':<12} {i.detail}"
+            f" {i.project or '-':<14.14} {i.state:<9} {study}\n"
+            f"{'':<12} {_summary(_facts(index, data_dir, i))}\n{'':<12} {i.detail}"
         )
     print()
     for code in sorted({i.reason for i in items}):
@@ -70,6 +138,7 @@ def _details(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
     out = item.as_json()
     out["meaning"] = meaning(item.reason)
     out["sidecar"] = _sidecar(data_dir, item)
+    out["facts"] = _facts(index, data_dir, item)
     if item.kind != "study" or not item.study_uid:
         return out
     runs = RunStore(index)
@@ -118,9 +187,17 @@ def _show(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
         f"  project     {item.project or '-'}",
         f"  study       {item.study_uid or '-'}",
         f"  kind        {item.kind} ({item.path})",
-        f"  origin      {item.origin.via} {item.origin.calling_ae} -> {item.origin.called_ae}"
-        f" {item.origin.peer_ip}",
     ]
+    facts = info["facts"]
+    lines += [f"  {'origin' if n == 0 else '':<11} {o}" for n, o in enumerate(facts["origins"])]
+    lines += [
+        f"  modality    {facts['modality']}",
+        f"  study date  {facts['study_date']}",
+        f"  contents    {_counts(facts)}",
+    ]
+    if item.reason in _ROUTING_HOLDS and item.study_uid:
+        lines.append(f"  explain     {explain_command(item.study_uid, args)}")
+        lines.append(f"{'':<14}(each project's routing criteria against this study)")
     if item.state != "held":
         lines.append(
             f"  {item.state:<11} {_when(item.resolved_at)} by {item.resolved_by}: {item.resolution}"
@@ -137,6 +214,17 @@ def _show(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
     lines.append("  sidecar     " + json.dumps(info["sidecar"], indent=2).replace("\n", "\n  "))
     print("\n".join(lines))
     return 0
+
+
+def explain_command(study_uid: str, args: argparse.Namespace) -> str:
+    """The exact ``fiona explain`` command for a study, with the site options this command was
+    given (as absolute paths, so it works from any folder)."""
+    words = ["fiona", "explain", study_uid]
+    for option in ("config", "data", "projects"):
+        value = getattr(args, option, None)
+        if value is not None:
+            words += [f"--{option}", str(Path(value).resolve())]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def confirm(word: str, count: int, stdin: TextIO | None = None) -> bool:
@@ -175,7 +263,7 @@ def run_quarantine(args: argparse.Namespace) -> int:
 
     def command(site: SiteConfig, index: Index) -> int:
         if args.action == "list":
-            return _list(index, args)
+            return _list(index, site.data_dir, args)
         if args.action == "show":
             return _show(index, site.data_dir, args)
         return _change(index, site, args)

@@ -221,13 +221,15 @@ class Releaser:
 
     def _route_again(self, study_uid: str) -> tuple[bool, str]:
         """Reset what the tracker decided about the study: its labels, unstarted routes and
-        judgement. A study with ``routed_upto`` 0 and no judgement is picked up by the next
-        scan as if it had just arrived."""
+        judgement (an operator's assigned route stays). A study with ``routed_upto`` 0 and no
+        judgement is picked up by the next scan as if it had just arrived."""
         with self.index.transaction() as db:
             row = db.execute("SELECT id FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
             if row is None:
                 return False, "the study is no longer in the index"
-            db.execute("DELETE FROM study_routes WHERE study_uid=? AND runs=0", (study_uid,))
+            db.execute(
+                "DELETE FROM study_routes WHERE study_uid=? AND runs=0 AND assigned=0", (study_uid,)
+            )
             db.execute(
                 "UPDATE series SET labels='[]', label_state=NULL WHERE study_ref=?", (row[0],)
             )

@@ -2,7 +2,9 @@
 
 Prints, for each study found, its series with their labels, every enabled project's routing
 criteria with the values seen and whether they held, and the steps each claiming project would
-run. Nothing is written. It shows header values, so it prints to the operator's terminal only.
+run; for a study in the index, the routes recorded for it too (an assigned one, from
+``fiona ingest --project``, overrides the criteria). Nothing is written. It shows header
+values, so it prints to the operator's terminal only.
 """
 
 from __future__ import annotations
@@ -30,11 +32,24 @@ class _Series:
     origin: tuple[str, str, str] = ("", "", "")
 
 
+@dataclass(frozen=True)
+class _Route:
+    """A route recorded in the index (``study_routes``)."""
+
+    project: str
+    subject: str
+    event: str
+    reasons: tuple[str, ...]
+    state: str
+    assigned: bool
+
+
 @dataclass
 class _Study:
     uid: str
     accession: str
     series: dict[str, _Series] = field(default_factory=dict)
+    routes: list[_Route] = field(default_factory=list)
 
 
 def _from_files(paths: Iterable[Path], origin: tuple[str, str, str]) -> dict[str, _Study]:
@@ -64,6 +79,14 @@ def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
                 " WHERE st.study_uid = ? ORDER BY i.id",
                 (study_uid,),
             ).fetchall()
+            routes = [
+                _Route(str(p), str(s), str(e), tuple(json.loads(r or "[]")), str(st), bool(a))
+                for p, s, e, r, st, a in db.execute(
+                    "SELECT project, subject, event, reasons, state, assigned FROM study_routes"
+                    " WHERE study_uid = ? ORDER BY project",
+                    (study_uid,),
+                )
+            ]
     finally:
         index.close()
     studies: dict[str, _Study] = {}
@@ -75,6 +98,8 @@ def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
                 target = mine.series.setdefault(s_uid, series)
                 if target is not series:
                     target.datasets += series.datasets
+    if study_uid in studies:
+        studies[study_uid].routes = routes
     return studies
 
 
@@ -139,11 +164,30 @@ def explain_studies(
                     out.append(f"      {check.criterion}: {'yes' if check.held else 'no'}")
                     if seen:
                         out.append(f"        {seen}")
+        out += _recorded(study.routes)
+        assigned = {r.project: list(r.reasons) for r in study.routes if r.assigned}
+        if assigned:
+            out.append("  assigned: the projects' routing criteria are not applied to it")
+            claimed = assigned
         if not claimed:
             out.append("  no project claims this study: it would be held as 'unrouted'")
         for name, reasons in sorted(claimed.items()):
             out.append(f"  claimed by {name} ({', '.join(reasons)})")
             out.append(f"    steps: {_describe_steps(by_name[name])}")
+    return out
+
+
+def _recorded(routes: Sequence[_Route]) -> list[str]:
+    """The routes the index holds for a study, one line each."""
+    out = []
+    for r in routes:
+        research = ", ".join(
+            f"{k} {v}" for k, v in (("subject", r.subject), ("event", r.event)) if v
+        )
+        out.append(
+            f"  routed to {r.project} ({', '.join(r.reasons)}){': ' + research if research else ''}"
+            f", route {r.state}"
+        )
     return out
 
 

@@ -29,6 +29,7 @@ from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, Unro
 from engine.dicom.dataset import read_header_dataset
 from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.store import RunStore
+from engine.route.assign import is_assigned
 from engine.route.config import Completeness, completeness_of
 from engine.route.router import Router, SeriesFacts
 from engine.rules import RuleSet, SeriesLabels
@@ -171,6 +172,8 @@ class Tracker:
         if not new:
             return
         self._audit_received(study_uid, new, first=upto == 0, now=now)
+        with self.index.reading() as db:
+            assigned = is_assigned(db, study_uid)  # given to a project: criteria not applied
         labels: dict[int, SeriesLabels] = {}
         claims: dict[str, tuple[str, str, list[str]]] = {}
         for inst in new:
@@ -192,7 +195,7 @@ class Tracker:
                 acc = labels.get(inst.series_id) or self._label_state(inst.series_id)
                 acc.add(self.labeller.classify(facts.rule_input()))
                 labels[inst.series_id] = acc
-            if inst.first_of_series:
+            if inst.first_of_series and not assigned:
                 for match in self.router.match(facts):
                     subject, event, reasons = claims.get(match.project, (match.subject, "", []))
                     claims[match.project] = (
@@ -284,7 +287,8 @@ class Tracker:
             rows = db.execute(
                 "SELECT r.study_uid, r.project, r.subject, r.event, r.opened_at, r.runs,"
                 " r.done_upto, st.first_received_at, st.last_received_at, st.id,"
-                " (SELECT count(*) FROM study_routes o WHERE o.study_uid = r.study_uid)"
+                " (SELECT count(*) FROM study_routes o WHERE o.study_uid = r.study_uid),"
+                " (SELECT max(o.assigned) FROM study_routes o WHERE o.study_uid = r.study_uid)"
                 " FROM study_routes r JOIN studies st ON st.study_uid = r.study_uid"
                 " WHERE r.state = 'open' AND st.routed_upto > r.done_upto"
             ).fetchall()
@@ -293,14 +297,15 @@ class Tracker:
             study_uid, project, subject, event, opened_at, runs, done_upto = row[:7]
             if study_uid in held:
                 continue
-            first_at, last_at, study_id, n_routes = row[7:]
+            first_at, last_at, study_id, n_routes, assigned = row[7:]
             rule = self.completeness.get(project)
             if rule is None:
                 continue  # the project was removed or disabled; its route waits
             why = self._why_complete(rule, study_id, done_upto, first_at, last_at, opened_at, now)
             if why is None:
                 continue
-            if n_routes > 1 and self.site.routing.ambiguous is AmbiguousPolicy.QUARANTINE:
+            ambiguous = n_routes > 1 and not assigned  # an operator's choice is not ambiguous
+            if ambiguous and self.site.routing.ambiguous is AmbiguousPolicy.QUARANTINE:
                 self._hold_ambiguous(study_uid, study_id, now)
                 held.add(study_uid)
                 continue
@@ -401,7 +406,6 @@ class Tracker:
                 " WHERE study_uid=?",
                 (now, upto, study_uid),
             )
-        log.warning("study held as ambiguous (%d projects claim it)", len(names))
 
     # -- 3. unclaimed studies -----------------------------------------------------------------
 
@@ -423,7 +427,6 @@ class Tracker:
                 self.quarantine.hold_study(
                     study_uid, Reason.UNROUTED, "no project's routing claims this study"
                 )
-                log.warning("study held as unrouted: no project claims it")
             else:
                 log.info("study left in the archive: no project claims it (policy 'ignore')")
             with self.index.transaction() as db:

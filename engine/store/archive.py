@@ -145,17 +145,10 @@ class Archive:
             Status.CANNOT_UNDERSTAND if reason is Reason.UNPARSEABLE else Status.DATASET_MISMATCH
         )
         try:
-            record = self.quarantine.put(data, reason, exc.detail, origin)
+            self.quarantine.put(data, reason, exc.detail, origin)  # logs the item's id
         except Exception as qexc:
             log.error("could not quarantine an instance: %s", type(qexc).__name__)
             return StoreOutcome("rejected", Status.OUT_OF_RESOURCES, "out_of_resources", str(qexc))
-        log.warning(
-            "quarantined %s from %s (%s): %s",
-            record.qid,
-            origin.calling_ae or origin.via,
-            reason.value,
-            exc.detail,
-        )
         return StoreOutcome("quarantined", status, reason.value, exc.detail)
 
     def _file(self, data: bytes, header: InstanceHeader, origin: Origin) -> StoreOutcome:

@@ -1,21 +1,32 @@
 """The quarantine: whatever fails a policy is kept here with a machine-readable reason.
 
 Each item is two files in ``quarantine/<YYYYMMDD>/``: the bytes as received (``<qid>.dcm``) and
-``<qid>.json`` with the reason code, a detail that quotes no header value, and the origin. Both are
-written durably and the item is indexed before the sender gets its answer.
+``<qid>.json`` with the reason code, a detail that quotes no header value, the origin, and what a
+coordinator needs to judge it (Modality (0008,0060) and Study Date (0008,0020) when the bytes
+have them). Both are written durably and the item is indexed before the sender gets its answer.
+A study held by routing or a pipeline keeps its files in the archive: its item records the
+origin of the study's instances (the most frequent in the index row, all in the sidecar), and
+:func:`study_facts` derives the rest from the index. Each item is logged once, with its id and
+the study's token (never the UID, see :func:`engine.manage.audit.uid_token`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import re
 import time
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from engine.store.fsio import write_durable
 from engine.store.index import Index, Origin, QuarantineRecord
+
+log = logging.getLogger(__name__)
 
 
 class Reason(StrEnum):
@@ -115,10 +126,12 @@ class Quarantine:
             "peer_ip": origin.peer_ip,
             "sop_instance_uid": sop_instance_uid,
             "study_uid": study_uid,
+            **describe(data),
         }
         write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
         self.index.add_quarantine(record)
         self._audit(record)
+        self._log(record)
         return record
 
     def hold_study(
@@ -132,6 +145,7 @@ class Quarantine:
         now = time.time()
         qid = uuid.uuid4().hex
         folder = self.root / time.strftime("%Y%m%d", time.gmtime(now))
+        origins = study_origins(self.index, study_uid)
         record = QuarantineRecord(
             qid=qid,
             reason=str(reason),
@@ -140,7 +154,7 @@ class Quarantine:
             size=0,
             sha256="",
             received_at=now,
-            origin=Origin("engine"),
+            origin=origins[0][0] if origins else Origin("engine"),
             study_uid=study_uid,
             project=project,
         )
@@ -152,22 +166,142 @@ class Quarantine:
             "study_uid": study_uid,
             "project": project,
             "files": record.path,
+            "origins": [{**o.__dict__, "instances": n} for o, n in origins],
         }
         write_durable(folder / f"{qid}.json", json.dumps(sidecar, indent=2).encode())
         self.index.add_quarantine(record)
         self._audit(record)
+        self._log(record)
         return record
+
+    def _log(self, record: QuarantineRecord) -> None:
+        """One line per item: its id, reason, the study's token (never a UID), the origin and
+        the detail (which quotes no header value)."""
+        project = f", project {record.project}" if record.project else ""
+        log.warning(
+            "quarantine %s: %s (study %s, from %s%s): %s",
+            record.qid,
+            record.reason,
+            _token(record.study_uid) if record.study_uid else "-",
+            origin_text(record.origin),
+            project,
+            record.detail,
+        )
 
     def _audit(self, record: QuarantineRecord) -> None:
         """A ``quarantined`` audit entry; a failure is logged, never raised: the item is already
         durable and indexed, and the receiver or runner must carry on."""
-        from engine.manage.audit import AuditLog, uid_token
+        from engine.manage.audit import AuditLog
 
         AuditLog(self.data_dir).try_write(
             "quarantined",
             qid=record.qid,
             reason=record.reason,
             project=record.project,
-            study=uid_token(record.study_uid) if record.study_uid else "",
+            study=_token(record.study_uid) if record.study_uid else "",
             kind="study" if record.path.startswith("archive") else "instance",
         )
+
+
+def _token(uid: str) -> str:
+    """The audit log's token for a UID (one definition: :func:`engine.manage.audit.uid_token`)."""
+    from engine.manage.audit import uid_token
+
+    return uid_token(uid)
+
+
+# -- what a coordinator needs to judge an item ---------------------------------------------------
+
+_MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
+_DATE = re.compile(r"\d{8}")
+_STUDY_DATE = 0x00080020  # (0008,0020)
+_MODALITY_TAG = 0x00080060  # (0008,0060)
+
+
+def _past_modality(tag: int, vr: str | None, length: int) -> bool:
+    return tag > _MODALITY_TAG
+
+
+def describe(data: bytes) -> dict[str, str]:
+    """Modality (0008,0060) and Study Date (0008,0020) of quarantined bytes, when they can be
+    read and look like one (a code string, YYYYMMDD); empty texts otherwise. Never raises:
+    the bytes failed a check, anything may be in them."""
+    found = {"modality": "", "study_date": ""}
+    try:
+        from pydicom.filereader import read_partial
+
+        ds = read_partial(
+            io.BytesIO(data),
+            stop_when=_past_modality,  # both tags are early: the rest is never walked
+            defer_size=1024,
+            force=True,
+            specific_tags=[_STUDY_DATE, _MODALITY_TAG],
+        )
+        modality = str(ds.get("Modality", "") or "").strip()
+        date = str(ds.get("StudyDate", "") or "").strip()
+    except Exception:  # also RecursionError, MemoryError from hostile nesting
+        return found
+    if _MODALITY.fullmatch(modality):
+        found["modality"] = modality
+    if _DATE.fullmatch(date):
+        found["study_date"] = date
+    return found
+
+
+def origin_text(origin: Origin) -> str:
+    """``CALLING@IP -> CALLED`` for a network origin, ``ingest[ CALLING] -> CALLED`` for an
+    ingest, ``-`` when unknown (study holds filed before origins were recorded)."""
+    if origin.via == "ingest":
+        calling = f" {origin.calling_ae}" if origin.calling_ae else ""
+        called = f" -> {origin.called_ae}" if origin.called_ae else ""
+        return f"ingest{calling}{called}"
+    if origin.via != "dimse":
+        return "-"
+    peer = f"@{origin.peer_ip}" if origin.peer_ip else ""
+    return f"{origin.calling_ae or '-'}{peer} -> {origin.called_ae or '-'}"
+
+
+def study_origins(index: Index, study_uid: str) -> list[tuple[Origin, int]]:
+    """Where a study's instances came from, with their counts, the most frequent first."""
+    with index.reading() as db:
+        rows = db.execute(
+            "SELECT i.via, i.calling_ae, i.called_ae, i.peer_ip, count(*) FROM instances i"
+            " JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref"
+            " WHERE st.study_uid = ? GROUP BY 1, 2, 3, 4 ORDER BY count(*) DESC, min(i.id)",
+            (study_uid,),
+        ).fetchall()
+    return [(Origin(str(v), str(ca), str(cd), str(ip)), int(n)) for v, ca, cd, ip, n in rows]
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    """What the index knows of a held study: Modality (0008,0060) of its series, Study Date
+    (0008,0020) as YYYYMMDD, its series and instance counts, and its origins."""
+
+    modalities: tuple[str, ...]
+    study_date: str
+    n_series: int
+    n_instances: int
+    origins: tuple[tuple[Origin, int], ...]
+
+
+def study_facts(index: Index, study_uid: str) -> StudyFacts | None:
+    """The study's facts from the index, or None when it is not indexed."""
+    with index.reading() as db:
+        row = db.execute(
+            "SELECT id, study_date FROM studies WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            return None
+        series = db.execute(
+            "SELECT modality, (SELECT count(*) FROM instances i WHERE i.series_ref = se.id)"
+            " FROM series se WHERE se.study_ref = ?",
+            (row[0],),
+        ).fetchall()
+    return StudyFacts(
+        modalities=tuple(sorted({str(m) for m, _ in series if m})),
+        study_date=str(row[1]),
+        n_series=len(series),
+        n_instances=sum(int(n) for _, n in series),
+        origins=tuple(study_origins(index, study_uid)),
+    )
