@@ -218,9 +218,7 @@ def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
     write_project(projects, "unmounted", "B", {"type": "folder", "path": "../not-mounted"})
     site = tmp_path / "site.yaml"
     site.write_text(
-        "ae_title: FIONA\n"
-        f"projects_dir: {projects}\n"
-        "allowed_calling_aes:\n  - SCANNER_A\n"
+        f"ae_title: FIONA\nprojects_dir: {projects}\nallowed_calling_aes:\n  - SCANNER_A\n"
     )
     assert run_validate([], site_path=site) == 0
     out = capsys.readouterr().out.splitlines()

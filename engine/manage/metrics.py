@@ -16,12 +16,11 @@ types: never a UID, a sender's AE title or any header value.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from engine import metrics
@@ -30,12 +29,7 @@ from engine.manage.attention import attention
 from engine.manage.heartbeat import disk_usage
 from engine.store.index import Index
 
-log = logging.getLogger(__name__)
-
-__all__ = ["CONTENT_TYPE", "IndexCollector", "render"]
-
-#: The Content-Type of :func:`render`'s body (Prometheus text format 0.0.4).
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+__all__ = ["IndexCollector", "render"]
 
 _RUN_STATES = ("pending", "running", "done", "quarantined", "failed")
 _TRANSFER_STATES = ("queued", "sending", "done", "failed", "cancelled")
@@ -163,6 +157,8 @@ class _Both(Collector):
         yield from self.index_collector.collect()
 
 
-def render(site: SiteConfig, index: Index) -> bytes:
-    """The metrics in Prometheus text format (see :data:`CONTENT_TYPE`)."""
-    return generate_latest(_Both(IndexCollector(site, index)))
+def render(site: SiteConfig, index: Index, accept: str = "") -> tuple[bytes, str]:
+    """(body, Content-Type) of the metrics in the format the HTTP ``Accept`` header asks for:
+    OpenMetrics when a scraper asks for it, else Prometheus text format 0.0.4."""
+    encode, content_type = choose_encoder(accept)
+    return encode(_Both(IndexCollector(site, index))), content_type

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from engine.config.model import SiteConfig
-from engine.manage.metrics import CONTENT_TYPE, render
+from engine.manage.metrics import render
 from engine.manage.status import collect_status, render_text, verdict
 from engine.store.index import Index
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 __all__ = ["StatusPage", "start_for_site", "start_status_page"]
 
 StatusFn = Callable[[], dict[str, Any]]
-#: The metrics body in Prometheus text format.
-MetricsFn = Callable[[], bytes]
+#: The metrics for an HTTP ``Accept`` header: (body, Content-Type).
+MetricsFn = Callable[[str], tuple[bytes, str]]
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
@@ -70,12 +70,12 @@ def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPReques
 
         def _metrics(self, render: MetricsFn) -> None:
             try:
-                body = render()
+                body, content_type = render(self.headers.get("Accept", ""))
             except Exception:
                 log.exception("status page: could not collect the metrics")
                 self._send(500, "text/plain; charset=utf-8", b"metrics unavailable\n")
                 return
-            self._send(200, CONTENT_TYPE, body)
+            self._send(200, content_type, body)
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)
@@ -128,7 +128,10 @@ def start_for_site(site: SiteConfig, index: Index) -> StatusPage | None:
         return None
     try:
         page = start_status_page(
-            cfg.bind, cfg.port, lambda: collect_status(site, index), lambda: render(site, index)
+            cfg.bind,
+            cfg.port,
+            lambda: collect_status(site, index),
+            lambda accept: render(site, index, accept),
         )
     except OSError as exc:
         # The page is a convenience: the receiver and the jobs run without it.
