@@ -77,6 +77,7 @@ def test_metrics_after_a_real_send(storescu: str, tmp_path: Path) -> None:
     assert value(samples, "fiona_transfers", **out, state="done") == 1
     assert value(samples, "fiona_transfers", **out, state="queued") == 0
     assert value(samples, "fiona_quarantine_held", reason="unparseable") == 1
+    assert value(samples, "fiona_quarantine_held", reason="transfer_failed") == 0
     assert value(samples, "fiona_attention_items", kind="quarantine_held_items") == 1
     assert value(samples, "fiona_attention_items", kind="dead_letters") == 0
     # Counted as they happened.

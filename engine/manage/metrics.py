@@ -28,6 +28,7 @@ from engine.config.model import SiteConfig
 from engine.manage.attention import attention
 from engine.manage.heartbeat import disk_usage
 from engine.store.index import Index
+from engine.store.quarantine import Reason
 
 __all__ = ["IndexCollector", "render"]
 
@@ -69,8 +70,10 @@ class IndexCollector(Collector):
     def _from_index(self) -> Iterator[Metric]:
         now = time.time()
         with self.index.reading() as db:
+            # completed_at stays set when a follow-up reopens the route: this never falls.
             completed = db.execute(
-                "SELECT project, count(*) FROM study_routes WHERE state='complete' GROUP BY project"
+                "SELECT project, count(*) FROM study_routes WHERE completed_at IS NOT NULL"
+                " GROUP BY project"
             ).fetchall()
             runs = db.execute(
                 "SELECT project, state, count(*) FROM pipeline_runs GROUP BY project, state"
@@ -86,7 +89,9 @@ class IndexCollector(Collector):
                 "SELECT at, echo_ok FROM heartbeats ORDER BY id DESC LIMIT 1"
             ).fetchone()
         done = CounterMetricFamily(
-            "fiona_studies_completed", "Studies complete (quiet) per project", labels=["project"]
+            "fiona_studies_completed",
+            "Studies that became complete (quiet) at least once, per project",
+            labels=["project"],
         )
         for project, n in completed:
             done.add_metric([str(project)], float(n))
@@ -103,7 +108,14 @@ class IndexCollector(Collector):
             ["project", "destination", "state"],
             _each_state(transfers, _TRANSFER_STATES),
         )
-        yield _gauge("fiona_quarantine_held", "Quarantine items held, by reason", ["reason"], held)
+        # Every known reason, 0 when none is held: a series falls to 0 instead of vanishing.
+        by_reason = {reason.value: 0 for reason in Reason} | {str(r): n for r, n in held}
+        yield _gauge(
+            "fiona_quarantine_held",
+            "Quarantine items held, by reason",
+            ["reason"],
+            sorted(by_reason.items()),
+        )
         if beat is not None:
             yield _gauge(
                 "fiona_heartbeat_age_seconds",
