@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +140,7 @@ def test_a_reused_or_dead_pid_is_not_the_service(tmp_path: Path) -> None:
     assert "is gone" in serve_process(tmp_path).why
     zombie = subprocess.Popen(["true"])  # exited, not yet reaped
     write_pid_file(tmp_path, zombie.pid)
-    wait_for("the child to exit", lambda: not serve_process(tmp_path).running, 10)
-    assert "is gone" in serve_process(tmp_path).why
+    wait_for("the child to exit", lambda: "is gone" in serve_process(tmp_path).why, 10)
     zombie.wait()
 
 
@@ -168,6 +168,11 @@ def test_held_items_and_dead_letters_need_attention_live(
     spec = synth.make_study_spec(5)
     files = synth.write_study(synth.make_study(spec, MR, size=16), tmp_path / "study")
     assert store(storescu, server, files, aet="SCANNER_D").returncode == 0
+
+    def routed() -> bool:
+        return "dead" in dead_end.status()[1]["projects"]
+
+    wait_for("the study to be routed", routed, 30, server)
     code, status, _ = dead_end.status()
     assert status["projects"]["dead"]["received"] == 1
     assert status["projects"]["dead"]["last_receipt"]  # live, not from a heartbeat
@@ -198,6 +203,9 @@ def test_held_items_and_dead_letters_need_attention_live(
     assert status["projects"]["dead"]["quarantined"] == 1
     assert "dead letters     1 transfers given up" in text
     assert "invalid projects 1 disabled" in text and "broken.yaml" in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{dead_end.http_port}/", timeout=10) as page:
+        html = page.read().decode()
+    assert '<h1 class="warn">fiona: healthy, 4 need attention</h1>' in html
     # Heartbeats every hour: all of the above was read live.
     assert status["heartbeat"]["age_seconds"] < 3600
     everything = json.dumps(status) + text

@@ -33,12 +33,19 @@ _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
 <title>fiona status</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}
-.ok{{color:#060}}.bad{{color:#a00}}</style></head>
+.ok{{color:#060}}.warn{{color:#a60}}.bad{{color:#a00}}</style></head>
 <body><h1 class="{css}">fiona: {state}</h1>
 <pre>{text}</pre>
 <p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a>
 (refreshes every 30 s)</p></body></html>
 """
+
+
+def _css(doc: dict[str, Any]) -> str:
+    """The heading's colour: unhealthy red, needing attention amber, else green."""
+    if not doc["healthy"]:
+        return "bad"
+    return "warn" if doc["attention"]["needed"] else "ok"
 
 
 def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPRequestHandler]:
@@ -62,7 +69,7 @@ def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPReques
                 self._send(200, "application/json", body)
                 return
             page = _PAGE.format(
-                css="ok" if doc["healthy"] else "bad",
+                css=_css(doc),
                 state=html.escape(verdict(doc)),
                 text=html.escape(render_text(doc)),
             )
