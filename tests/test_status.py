@@ -162,7 +162,7 @@ def test_held_items_and_dead_letters_need_attention_live(
     assert status["quarantine"]["held_items"] == 1
     assert status["quarantine"]["by_reason"] == {"unparseable": 1}
     assert status["attention"]["counts"]["quarantine_held_items"] == 1
-    assert "healthy, 1 need attention" in text and "(receipt): unparseable 1" in text
+    assert "healthy, 1 needs attention" in text and "(receipt): unparseable 1" in text
 
     # A study to a peer that never answers: one attempt, a dead letter, its study held.
     spec = synth.make_study_spec(5)

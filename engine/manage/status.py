@@ -220,12 +220,13 @@ def exit_code(status: dict[str, Any]) -> int:
 
 
 def verdict(status: dict[str, Any]) -> str:
-    """``healthy``, ``healthy, N need attention`` or ``UNHEALTHY`` (and what needs attention)."""
+    """``healthy``, ``UNHEALTHY``, each followed by ``, N need attention`` when items do."""
     counts = status["attention"]["counts"]
     waiting = counts["quarantine_held_items"] + counts["dead_letters"]
     waiting += counts["invalid_projects"]
     word = "healthy" if status["healthy"] else "UNHEALTHY"
-    return f"{word}, {waiting} need attention" if waiting else word
+    verb = "needs" if waiting == 1 else "need"
+    return f"{word}, {waiting} {verb} attention" if waiting else word
 
 
 def _gib(n: object) -> str:
