@@ -232,9 +232,9 @@ def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
     out = capsys.readouterr().out.splitlines()
     assert out == [
         f"{site}:3 allowed_calling_aes: warning: the heartbeat's C-ECHO calls with AE 'FIONA'"
-        " (ae_title: no calling_ae set), which is not on this list: it is rejected and"
-        " `fiona status` reports the service unhealthy; add it to the list or set"
-        " heartbeat.calling_ae to one on it",
+        " (ae_title, as heartbeat.calling_ae is not set), which is not on this list: it is"
+        " rejected and `fiona status` reports the service unhealthy; add it to the list or"
+        " set heartbeat.calling_ae to one on it",
         f"{projects / 'unmounted.yaml'}:10 destinations.out.path: warning: the folder"
         f" {projects / '../not-mounted'} does not exist (not created, or not mounted);"
         " transfers to it wait and retry until it does",

@@ -119,7 +119,9 @@ def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
     calling = site.heartbeat.calling_ae or site.ae_title
     if site.source is None or not allowed or calling in allowed:
         return []
-    which = "heartbeat.calling_ae" if site.heartbeat.calling_ae else "ae_title: no calling_ae set"
+    which = "heartbeat.calling_ae"
+    if not site.heartbeat.calling_ae:
+        which = "ae_title, as heartbeat.calling_ae is not set"
     message = (
         f"the heartbeat's C-ECHO calls with AE '{calling}' ({which}), which is not on this list:"
         " it is rejected and `fiona status` reports the service unhealthy; add it to the list or"
