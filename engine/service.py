@@ -313,6 +313,9 @@ def run_serve(args: argparse.Namespace) -> int:
         outbox.worker.close()
         store.close()
         return 1
+    from engine.manage.pidfile import remove_pid_file, write_pid_file
+
+    write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
     from engine.manage.status_http import start_for_site
 
@@ -335,6 +338,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.manage.heartbeat import mark_stopped
 
     mark_stopped(site.data_dir)
+    remove_pid_file(site.data_dir)
     outbox.worker.close()
     from engine.store.summary import write_pending_summaries
 

@@ -193,7 +193,7 @@ def test_serve_heartbeat_status_file_and_web_page(
     assert code == 0, status["problems"]
     assert status["healthy"] and status["service"]["running"]
     assert status["heartbeat"]["echo_ok"] is True
-    assert status["heartbeat"]["projects"]["stuck"]["last_receipt"]
+    assert status["projects"]["stuck"]["last_receipt"]
     assert status["projects"]["stuck"]["received"] == 1
     assert set(status["outbox"]["by_state"]) == {"queued", "sending", "done", "failed", "cancelled"}
     assert {j["id"] for j in status["service"]["jobs"]} >= {"heartbeat", "retention"}

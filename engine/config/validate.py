@@ -1,8 +1,15 @@
-"""``fiona validate``: check config files and print every problem, one per line."""
+"""``fiona validate``: check config files and print every problem, one per line.
+
+Errors make the exit status 1. Warnings (``file:line path: warning: ...``) name settings that
+load but will not work as meant: the heartbeat's calling AE left off ``allowed_calling_aes``
+(its C-ECHO is rejected and ``fiona status`` reports the service unhealthy), a ``folder``
+destination whose ``path`` does not exist (yet: transfers wait until it does); they leave the
+exit status 0.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from engine.config.loader import (
@@ -14,6 +21,7 @@ from engine.config.loader import (
     project_files,
 )
 from engine.config.loader import ConfigError as _ConfigError
+from engine.config.model import ProjectConfig, SiteConfig
 
 DEFAULT_PROJECTS_DIR = Path("projects")
 #: A file or folder with a folder of this name in its path holds rule sets, not projects.
@@ -81,6 +89,67 @@ def _collect(targets: list[Path]) -> tuple[list[Path], list[Path], list[ConfigIs
     return files, rulesets, issues
 
 
+def _key_line(file: Path, keys: Iterable[str]) -> int | None:
+    """The line of the mapping key at ``keys`` in a YAML file that already loaded (or of its
+    nearest parent key); None when it cannot be found (JSON on one line, say)."""
+    import yaml
+
+    try:
+        node = yaml.compose(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+        if not found:
+            break
+        line, node = found[0][0].start_mark.line + 1, found[0][1]
+    return line
+
+
+def _warning(file: Path, keys: tuple[str, ...], message: str) -> ConfigIssue:
+    return ConfigIssue(file, _key_line(file, keys), format_path(keys), f"warning: {message}")
+
+
+def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
+    """The heartbeat's calling AE not on a set ``allowed_calling_aes`` list."""
+    allowed = site.allowed_calling_aes
+    calling = site.heartbeat.calling_ae or site.ae_title
+    if site.source is None or not allowed or calling in allowed:
+        return []
+    which = "heartbeat.calling_ae"
+    if not site.heartbeat.calling_ae:
+        which = "ae_title, as heartbeat.calling_ae is not set"
+    message = (
+        f"the heartbeat's C-ECHO calls with AE '{calling}' ({which}), which is not on this list:"
+        " it is rejected and `fiona status` reports the service unhealthy; add it to the list or"
+        " set heartbeat.calling_ae to one on it"
+    )
+    return [_warning(site.source, ("allowed_calling_aes",), message)]
+
+
+def project_warnings(project: ProjectConfig) -> list[ConfigIssue]:
+    """Each ``folder`` destination whose ``path`` does not exist (not created, not mounted)."""
+    destinations = project.raw.get("destinations")
+    if not isinstance(destinations, dict):
+        return []
+    found = []
+    for name, entry in destinations.items():
+        if not isinstance(entry, dict) or entry.get("type") != "folder" or "path" not in entry:
+            continue
+        root = Path(str(entry["path"])).expanduser()  # relative to the project file's folder
+        root = root if root.is_absolute() else project.source.parent / root
+        if not root.exists():
+            message = (
+                f"the folder {root} does not exist (not created, or not mounted);"
+                " transfers to it wait and retry until it does"
+            )
+            found.append(_warning(project.source, ("destinations", str(name), "path"), message))
+    return found
+
+
 def run_validate(
     paths: list[Path], site_path: Path | None = None, projects_dir: Path | None = None
 ) -> int:
@@ -94,14 +163,18 @@ def run_validate(
     else 0.
     """
     issues: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = []
     checked = 0
     default_dir = DEFAULT_PROJECTS_DIR
     if site_path is not None:
         checked += 1
         try:
-            default_dir = load_site(site_path).projects_dir
+            site = load_site(site_path)
         except _ConfigError as exc:
             issues += exc.issues
+        else:
+            default_dir = site.projects_dir
+            warnings += site_warnings(site)
 
     targets = list(paths) + ([projects_dir] if projects_dir is not None else [])
     if not targets:
@@ -113,8 +186,10 @@ def run_validate(
             what = "rule set" if is_ruleset_path(target) else "project"
             message = f"not a {what} file (expected {', '.join(PROJECT_SUFFIXES)})"
             issues.append(ConfigIssue(target, None, format_path(()), message))
-    _, project_issues = check_project_files(files)
+    projects, project_issues = check_project_files(files)
     issues += project_issues
+    for project in projects:
+        warnings += project_warnings(project)
     checked += len(files)
     for ruleset in rulesets:
         kind = ruleset_kind(ruleset)
@@ -122,9 +197,12 @@ def run_validate(
             issues += kind(ruleset)
             checked += 1
 
-    for issue in issues:
+    for issue in [*issues, *warnings]:
         print(issue)
     files_word = "file" if checked == 1 else "files"
     errors_word = "error" if len(issues) == 1 else "errors"
-    print(f"{checked} {files_word} checked, {len(issues)} {errors_word}")
+    summary = f"{checked} {files_word} checked, {len(issues)} {errors_word}"
+    if warnings:
+        summary += f", {len(warnings)} warning" + ("" if len(warnings) == 1 else "s")
+    print(summary)
     return 1 if issues else 0

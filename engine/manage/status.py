@@ -1,10 +1,24 @@
-"""``fiona status [--json]``: is the service healthy, and where is every study?
+"""``fiona status [--json]``: does the service work, does anything need a person, where is every
+study?
 
-Reads the index (so it works whether or not ``fiona serve`` runs) and the status file
-``<data_dir>/status.json`` the heartbeat writes (the scheduled jobs and their next run times).
-The service counts as not running when the status file is missing, says it stopped, or is older
-than three heartbeat intervals. Exit status: 0 healthy; 1 when the last heartbeat's C-ECHO failed,
-when there is none, or when it is stale.
+Everything is read when asked (so it works whether or not ``fiona serve`` runs, and never lags
+behind a heartbeat): counts from the index, free disk from the file system, invalid project
+files from the projects folder, whether the service runs from ``<data_dir>/serve.pid``
+(:mod:`engine.manage.pidfile`), the last heartbeat from the index and the scheduled jobs from the
+status file ``<data_dir>/status.json``.
+
+Two separate verdicts:
+
+* **healthy**: the service works: a ``fiona serve`` process serves this data folder, its last
+  heartbeat is younger than ``STALE_BEATS`` intervals and its C-ECHO of our own SCP succeeded,
+  and the data folder has at least ``limits.min_free_disk_mb`` free (below it C-STOREs are
+  refused). Each failed check is one line in ``problems``.
+* **attention**: items that need a person (:mod:`engine.manage.attention`): held quarantine
+  items, dead-lettered transfers, invalid (disabled) project files, each counted and listed.
+
+Exit status: ``EXIT_HEALTHY`` (0) healthy and nothing needs attention; ``EXIT_UNHEALTHY`` (1)
+unhealthy or not running (whatever else); ``EXIT_CONFIG`` (2) the site config is invalid;
+``EXIT_ATTENTION`` (3) healthy, but something needs a person.
 
 Counts, times and project names only: no UIDs, no header values (the web page shows the same).
 """
@@ -18,13 +32,29 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import SiteConfig
-from engine.manage.heartbeat import STATUS_FILE, iso, parse_iso
+from engine.manage.attention import attention, quarantine_summary
+from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso, project_activity
+from engine.manage.pidfile import serve_process
 from engine.store.index import Index
 
-__all__ = ["STALE_BEATS", "collect_status", "render_text", "run_status"]
+__all__ = [
+    "EXIT_ATTENTION",
+    "EXIT_CONFIG",
+    "EXIT_HEALTHY",
+    "EXIT_UNHEALTHY",
+    "STALE_BEATS",
+    "collect_status",
+    "exit_code",
+    "render_text",
+    "run_status",
+]
 
-#: Heartbeat intervals after which the service counts as not running.
+#: Heartbeat intervals after which a running service counts as unhealthy (hung).
 STALE_BEATS = 3
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_CONFIG = 2
+EXIT_ATTENTION = 3
 
 _PROJECT_SQL = {
     "received": "SELECT project, count(*) FROM study_routes GROUP BY project",
@@ -42,82 +72,98 @@ _PROJECT_SQL = {
 }
 
 
-def _projects(index: Index) -> dict[str, dict[str, int]]:
+def _projects(index: Index) -> dict[str, dict[str, Any]]:
     """Per project: studies received (routed to it), complete, in pipeline, sent, quarantined,
-    deleted by retention."""
-    out: dict[str, dict[str, int]] = {}
+    deleted by retention; its last receipt and last delivery (ISO 8601 UTC or None)."""
+    out: dict[str, dict[str, Any]] = {}
     with index.reading() as db:
         for key, sql in _PROJECT_SQL.items():
             for project, n in db.execute(sql):
                 out.setdefault(str(project), dict.fromkeys(_PROJECT_SQL, 0))[key] = int(n)
+    for project, seen in project_activity(index).items():
+        out.setdefault(project, dict.fromkeys(_PROJECT_SQL, 0)).update(seen)
+    for counts in out.values():
+        counts.setdefault("last_receipt", None)
+        counts.setdefault("last_send", None)
     return dict(sorted(out.items()))
 
 
 def _outbox(index: Index, now: float) -> dict[str, Any]:
-    """Transfers by state, and the oldest queued one (when, and its age in seconds)."""
+    """Transfers by state, pipeline runs waiting or running, and the oldest queued transfer
+    (when, and its age in seconds)."""
     with index.reading() as db:
         states = dict(db.execute("SELECT state, count(*) FROM transfers GROUP BY state"))
         oldest = db.execute("SELECT min(created_at) FROM transfers WHERE state='queued'").fetchone()
+        runs = dict(db.execute("SELECT state, count(*) FROM pipeline_runs GROUP BY state"))
     by_state = {
         s: int(states.get(s, 0)) for s in ("queued", "sending", "done", "failed", "cancelled")
     }
     at = oldest[0]
     return {
         "by_state": by_state,
+        "pipeline_runs": {s: int(runs.get(s, 0)) for s in ("pending", "running")},
         "oldest_queued_at": iso(at),
         "oldest_queued_age_seconds": None if at is None else round(now - at, 1),
     }
 
 
 def _last_heartbeat(index: Index, now: float) -> dict[str, Any] | None:
-    """The newest heartbeat row with its age in seconds, or None."""
+    """The newest heartbeat row: when, its age in seconds, and its C-ECHO result; or None."""
     with index.reading() as db:
         row = db.execute(
-            "SELECT at, echo_ok, echo_detail, free_bytes, total_bytes, report FROM heartbeats"
-            " ORDER BY id DESC LIMIT 1"
+            "SELECT at, echo_ok, echo_detail FROM heartbeats ORDER BY id DESC LIMIT 1"
         ).fetchone()
     if row is None:
         return None
-    at, ok, detail, free, total, report = row
-    full = json.loads(report or "{}")
+    at, ok, detail = row
     return {
         "at": iso(at),
         "age_seconds": round(now - at, 1),
         "echo_ok": bool(ok),
         "echo_detail": detail,
-        "disk": full.get("disk", {"free_bytes": free, "total_bytes": total}),
-        "queues": full.get("queues", {}),
-        "projects": full.get("projects", {}),
     }
 
 
-def _service(data_dir: Path, interval: float, now: float) -> dict[str, Any]:
-    """What the status file says about the service: running or not, and its jobs."""
-    try:
-        doc = json.loads((data_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {"running": False, "why": "no status file", "written_at": None, "jobs": []}
-    written = parse_iso(doc.get("written_at"))
-    stale = written is None or now - written > STALE_BEATS * interval
-    why = ""
-    if not doc.get("running", False):
-        why = "stopped"
-    elif stale:
-        why = f"status file older than {STALE_BEATS} heartbeat intervals"
+def _service(data_dir: Path) -> dict[str, Any]:
+    """Whether ``fiona serve`` runs (its pid file names a live ``fiona serve`` process) and,
+    when it does, its jobs from the status file."""
+    process = serve_process(data_dir)
+    jobs: list[dict[str, Any]] = []
+    written = None
+    if process.running:
+        try:
+            doc = json.loads((data_dir / STATUS_FILE).read_text())
+            jobs, written = doc.get("jobs", []), doc.get("written_at")
+        except (OSError, ValueError):
+            pass
     return {
-        "running": not why,
-        "why": why,
-        "written_at": doc.get("written_at"),
-        "jobs": doc.get("jobs", []) if not why else [],
+        "running": process.running,
+        "pid": process.pid,
+        "why": process.why,
+        "status_file_written_at": written,
+        "jobs": jobs,
     }
 
 
-def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> dict[str, Any]:
-    """The whole status as JSON-ready data (``fiona status --json`` and ``GET /status.json``)."""
-    now = time.time() if now is None else now
-    interval = site.heartbeat.interval
-    heartbeat = _last_heartbeat(index, now)
-    service = _service(site.data_dir, interval, now)
+def _disk(site: SiteConfig) -> dict[str, Any]:
+    """Free space of the data folder now (bytes, percent) and the receiver's floor (bytes)."""
+    try:
+        disk = disk_usage(site.data_dir)
+    except OSError as exc:
+        return {"error": exc.strerror or type(exc).__name__}
+    return {
+        "free_bytes": disk.free_bytes,
+        "total_bytes": disk.total_bytes,
+        "free_percent": disk.free_percent,
+        "min_free_bytes": site.limits.min_free_disk_mb * 2**20,
+    }
+
+
+def _problems(
+    site: SiteConfig, service: dict[str, Any], heartbeat: dict[str, Any] | None, disk: Any
+) -> list[str]:
+    """Why the service is not healthy (empty: it is)."""
+    limit = STALE_BEATS * site.heartbeat.interval
     problems = []
     if not service["running"]:
         problems.append(f"service not running ({service['why']})")
@@ -126,68 +172,140 @@ def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> 
     else:
         if not heartbeat["echo_ok"]:
             problems.append(f"last heartbeat: C-ECHO failed ({heartbeat['echo_detail']})")
-        if heartbeat["age_seconds"] > STALE_BEATS * interval:
-            problems.append("last heartbeat is stale")
+        if service["running"] and heartbeat["age_seconds"] > limit:
+            problems.append(
+                f"last heartbeat is {heartbeat['age_seconds']:.0f} s old (more than"
+                f" {STALE_BEATS} intervals): the service may hang"
+            )
+    if "error" in disk:
+        problems.append(f"disk: cannot measure the data folder ({disk['error']})")
+    elif disk["free_bytes"] < disk["min_free_bytes"]:
+        problems.append(
+            f"disk: {disk['free_bytes'] / 2**20:.0f} MiB free, below limits.min_free_disk_mb"
+            f" ({site.limits.min_free_disk_mb}): C-STOREs are refused"
+        )
+    return problems
+
+
+def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> dict[str, Any]:
+    """The whole status as JSON-ready data (``fiona status --json`` and ``GET /status.json``)."""
+    now = time.time() if now is None else now
+    service = _service(site.data_dir)
+    heartbeat = _last_heartbeat(index, now)
+    disk = _disk(site)
+    problems = _problems(site, service, heartbeat, disk)
+    quarantine = quarantine_summary(index)
+    needs = attention(index, site.projects_dir, quarantine)
     return {
         "generated_at": iso(now),
         "healthy": not problems,
         "problems": problems,
+        "attention": needs,
         "ae_title": site.ae_title,
-        "heartbeat_interval_seconds": interval,
+        "heartbeat_interval_seconds": site.heartbeat.interval,
         "service": service,
         "heartbeat": heartbeat,
+        "disk": disk,
+        "quarantine": {k: v for k, v in quarantine.items() if k != "groups"},
         "projects": _projects(index),
         "outbox": _outbox(index, now),
     }
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 healthy and nothing needs attention, 1 unhealthy, 3 healthy but needs attention."""
+    if not status["healthy"]:
+        return EXIT_UNHEALTHY
+    return EXIT_ATTENTION if status["attention"]["needed"] else EXIT_HEALTHY
+
+
+def verdict(status: dict[str, Any]) -> str:
+    """``healthy``, ``UNHEALTHY``, each followed by ``, N need attention`` when items do."""
+    counts = status["attention"]["counts"]
+    waiting = counts["quarantine_held_items"] + counts["dead_letters"]
+    waiting += counts["invalid_projects"]
+    word = "healthy" if status["healthy"] else "UNHEALTHY"
+    verb = "needs" if waiting == 1 else "need"
+    return f"{word}, {waiting} {verb} attention" if waiting else word
 
 
 def _gib(n: object) -> str:
     return f"{int(n) / 2**30:.1f} GiB" if isinstance(n, int | float) else "-"
 
 
-def _heartbeat_lines(hb: dict[str, Any] | None) -> list[str]:
+def _health_lines(status: dict[str, Any]) -> list[str]:
+    service, hb, disk = status["service"], status["heartbeat"], status["disk"]
+    running = service["running"]
+    state = f"running (pid {service['pid']})" if running else f"NOT RUNNING ({service['why']})"
+    lines = [f"service     {state}"]
     if hb is None:
-        return ["heartbeat   none recorded"]
-    echo = "ok" if hb["echo_ok"] else f"FAILED ({hb['echo_detail']})"
-    disk = hb.get("disk", {})
-    pct = disk.get("free_percent")
-    free = f"{_gib(disk.get('free_bytes'))} free" + (f" ({pct:.1f}%)" if pct is not None else "")
-    return [
-        f"heartbeat   {hb['at']} ({hb['age_seconds']:.0f} s ago)",
-        f"  echo      {echo}",
-        f"  disk      {free} of {_gib(disk.get('total_bytes'))}",
-    ]
+        lines.append("heartbeat   none recorded")
+    else:
+        echo = "ok" if hb["echo_ok"] else f"FAILED ({hb['echo_detail']})"
+        lines += [f"heartbeat   {hb['at']} ({hb['age_seconds']:.0f} s ago)", f"  echo      {echo}"]
+    if "error" in disk:
+        lines.append(f"disk        unknown ({disk['error']})")
+    else:
+        free = f"{_gib(disk['free_bytes'])} free ({disk['free_percent']:.1f}%)"
+        lines.append(f"disk        {free} of {_gib(disk['total_bytes'])}")
+    return lines
+
+
+def _attention_lines(status: dict[str, Any]) -> list[str]:
+    needs = status["attention"]
+    counts = needs["counts"]
+    if not needs["needed"]:
+        return ["attention   nothing needs a person"]
+    lines = ["attention"]
+    if counts["quarantine_held_items"]:
+        lines.append(
+            f"  quarantine       {counts['quarantine_held_items']} held items in"
+            f" {counts['quarantine_held_studies']} studies (fiona quarantine list)"
+        )
+        lines += [
+            f"    {g['project'] or '(receipt)'}: {g['reason']} {g['items']}"
+            for g in needs["quarantine"]
+        ]
+    if counts["dead_letters"]:
+        given_up = f"{counts['dead_letters']} transfers given up"
+        lines.append(f"  dead letters     {given_up} (fiona transfers list --state failed)")
+        lines += [
+            f"    transfer {d['id']} {d['project']}/{d['destination']} after {d['attempts']}"
+            f" attempts: {d['last_error']}"
+            for d in needs["dead_letters"]
+        ]
+    if counts["invalid_projects"]:
+        lines.append(f"  invalid projects {counts['invalid_projects']} disabled (fiona validate)")
+        lines += [f"    {p['problems'][0]}" for p in needs["invalid_projects"]]
+    return lines
 
 
 def _project_lines(status: dict[str, Any]) -> list[str]:
-    projects: dict[str, dict[str, int]] = status["projects"]
-    activity = (status["heartbeat"] or {}).get("projects", {})
+    projects: dict[str, dict[str, Any]] = status["projects"]
     head = (
         f"{'project':<16} {'received':>8} {'complete':>8} {'pipeline':>8} {'sent':>6}"
         f" {'held':>5} {'deleted':>7}  last receipt          last send"
     )
     lines = [head]
     for name, c in projects.items():
-        seen = activity.get(name, {})
         lines.append(
             f"{name:<16.16} {c['received']:>8} {c['complete']:>8} {c['in_pipeline']:>8}"
             f" {c['sent']:>6} {c['quarantined']:>5} {c['deleted']:>7}"
-            f"  {seen.get('last_receipt') or '-':<21} {seen.get('last_send') or '-'}"
+            f"  {c['last_receipt'] or '-':<21} {c['last_send'] or '-'}"
         )
     return lines if projects else ["projects    no studies routed yet"]
 
 
 def render_text(status: dict[str, Any]) -> str:
     """The status as a compact plain-text report."""
-    service = status["service"]
-    state = "running" if service["running"] else f"NOT RUNNING ({service['why']})"
-    outbox = status["outbox"]
+    outbox, quarantine = status["outbox"], status["quarantine"]
     counts = ", ".join(f"{k} {v}" for k, v in outbox["by_state"].items())
+    runs = outbox["pipeline_runs"]
     lines = [
-        f"fiona {status['ae_title']}: {'healthy' if status['healthy'] else 'UNHEALTHY'}",
+        f"fiona {status['ae_title']}: {verdict(status)}",
         *[f"  ! {p}" for p in status["problems"]],
-        f"service     {state}",
-        *_heartbeat_lines(status["heartbeat"]),
+        *_health_lines(status),
+        f"pipeline    runs pending {runs['pending']}, running {runs['running']}",
         f"outbox      {counts}",
     ]
     if outbox["oldest_queued_at"]:
@@ -195,23 +313,28 @@ def render_text(status: dict[str, Any]) -> str:
             f"  oldest queued {outbox['oldest_queued_at']}"
             f" ({outbox['oldest_queued_age_seconds']:.0f} s)"
         )
+    lines.append(
+        f"quarantine  {quarantine['held_items']} held ({quarantine['held_studies']} studies),"
+        f" {quarantine['resolved_items']} resolved"
+    )
+    lines += _attention_lines(status)
     lines += ["", *_project_lines(status)]
-    if service["jobs"]:
+    jobs = status["service"]["jobs"]
+    if jobs:
         lines += ["", f"{'job':<20} {'next run':<21} what"]
         lines += [
-            f"{j['id']:<20.20} {j['next_run_time'] or 'paused':<21} {j['name']}"
-            for j in service["jobs"]
+            f"{j['id']:<20.20} {j['next_run_time'] or 'paused':<21} {j['name']}" for j in jobs
         ]
     return "\n".join(lines)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """``fiona status``: print the status; 0 when healthy, 1 when not, 2 on a bad site config."""
+    """``fiona status``: print the status; exit as :func:`exit_code` (2 on a bad site config)."""
     from engine.service import run_with_index
 
     def command(site: SiteConfig, index: Index) -> int:
         status = collect_status(site, index)
         print(json.dumps(status, indent=2, sort_keys=True) if args.json else render_text(status))
-        return 0 if status["healthy"] else 1
+        return exit_code(status)
 
     return run_with_index(args, command)

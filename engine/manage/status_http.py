@@ -1,8 +1,9 @@
 """The read-only status page of ``fiona serve`` (site config ``status_http``, off by default).
 
 ``GET /status.json`` answers the JSON of ``fiona status --json``; ``GET /`` a small HTML page
-rendering it. Nothing else is served and nothing can be changed. The content is counts, times
-and project names only (no PHI), and the page binds to 127.0.0.1 unless told otherwise.
+rendering it; ``GET /metrics`` Prometheus metrics (:mod:`engine.manage.metrics`). Each is
+computed when asked. Nothing else is served and nothing can be changed. The content is counts,
+times and project names only (no PHI), and the page binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from engine.config.model import SiteConfig
-from engine.manage.status import collect_status, render_text
+from engine.manage.metrics import render
+from engine.manage.status import collect_status, render_text, verdict
 from engine.store.index import Index
 
 log = logging.getLogger(__name__)
@@ -24,22 +26,35 @@ log = logging.getLogger(__name__)
 __all__ = ["StatusPage", "start_for_site", "start_status_page"]
 
 StatusFn = Callable[[], dict[str, Any]]
+#: The metrics for an HTTP ``Accept`` header: (body, Content-Type).
+MetricsFn = Callable[[str], tuple[bytes, str]]
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
 <title>fiona status</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}
-.ok{{color:#060}}.bad{{color:#a00}}</style></head>
+.ok{{color:#060}}.warn{{color:#a60}}.bad{{color:#a00}}</style></head>
 <body><h1 class="{css}">fiona: {state}</h1>
 <pre>{text}</pre>
-<p><a href="/status.json">status.json</a> (refreshes every 30 s)</p></body></html>
+<p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a>
+(refreshes every 30 s)</p></body></html>
 """
 
 
-def _handler(status: StatusFn) -> type[BaseHTTPRequestHandler]:
+def _css(doc: dict[str, Any]) -> str:
+    """The heading's colour: unhealthy red, needing attention amber, else green."""
+    if not doc["healthy"]:
+        return "bad"
+    return "warn" if doc["attention"]["needed"] else "ok"
+
+
+def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
+            if path == "/metrics" and metrics is not None:
+                self._metrics(metrics)
+                return
             if path not in ("/", "/status.json"):
                 self._send(404, "text/plain; charset=utf-8", b"not found\n")
                 return
@@ -54,11 +69,20 @@ def _handler(status: StatusFn) -> type[BaseHTTPRequestHandler]:
                 self._send(200, "application/json", body)
                 return
             page = _PAGE.format(
-                css="ok" if doc["healthy"] else "bad",
-                state="healthy" if doc["healthy"] else "unhealthy",
+                css=_css(doc),
+                state=html.escape(verdict(doc)),
                 text=html.escape(render_text(doc)),
             )
             self._send(200, "text/html; charset=utf-8", page.encode())
+
+        def _metrics(self, render: MetricsFn) -> None:
+            try:
+                body, content_type = render(self.headers.get("Accept", ""))
+            except Exception:
+                log.exception("status page: could not collect the metrics")
+                self._send(500, "text/plain; charset=utf-8", b"metrics unavailable\n")
+                return
+            self._send(200, content_type, body)
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)
@@ -92,9 +116,12 @@ class StatusPage:
         self.thread.join(timeout=10)
 
 
-def start_status_page(bind: str, port: int, status: StatusFn) -> StatusPage:
-    """Serve the status page on ``bind``:``port`` in a daemon thread."""
-    server = ThreadingHTTPServer((bind, port), _handler(status))
+def start_status_page(
+    bind: str, port: int, status: StatusFn, metrics: MetricsFn | None = None
+) -> StatusPage:
+    """Serve the status page (and ``/metrics`` when ``metrics`` is given) on ``bind``:``port``
+    in a daemon thread."""
+    server = ThreadingHTTPServer((bind, port), _handler(status, metrics))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="status-page", daemon=True)
     thread.start()
@@ -107,10 +134,15 @@ def start_for_site(site: SiteConfig, index: Index) -> StatusPage | None:
     if not cfg.port:
         return None
     try:
-        page = start_status_page(cfg.bind, cfg.port, lambda: collect_status(site, index))
+        page = start_status_page(
+            cfg.bind,
+            cfg.port,
+            lambda: collect_status(site, index),
+            lambda accept: render(site, index, accept),
+        )
     except OSError as exc:
         # The page is a convenience: the receiver and the jobs run without it.
         log.error("status page: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
         return None
-    log.info("status page on http://%s:%d/", cfg.bind, page.port)
+    log.info("status page on http://%s:%d/ (metrics at /metrics)", cfg.bind, page.port)
     return page

@@ -15,6 +15,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
+from engine import metrics
 from engine.config.model import SiteConfig
 from engine.net.dimse import (
     C_ECHO_RQ,
@@ -61,10 +62,11 @@ class StorageHandler:
         if command.command_field != C_STORE_RQ or dataset is None:
             return UNRECOGNIZED_OPERATION
         try:
-            return int(self._store(peer, context, command, dataset))
+            status = int(self._store(peer, context, command, dataset))
         except Exception:  # the guard: a handler failure is a status, not a crash
             log.exception("C-STORE handler failed")
-            return int(Status.OUT_OF_RESOURCES)
+            status = int(Status.OUT_OF_RESOURCES)
+        return metrics.instance_received(status, sum(part.nbytes for part in dataset))
 
     def _store(
         self, peer: Peer, context: PresentationContext, command: Command, dataset: list[memoryview]

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from engine import metrics
 from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry, is_outcome
@@ -162,6 +163,7 @@ class PipelineRunner:
         a Retry after ``backoff * 2**attempts`` seconds (``attempts``: earlier unfinished tries).
         ``ctx.state`` is restored when the step does not finish."""
         saved = json.dumps(ctx.state)
+        started = time.monotonic()
         try:
             outcome = step.run(ctx)
             if not is_outcome(outcome):
@@ -174,6 +176,8 @@ class PipelineRunner:
             ctx.state.update(json.loads(saved))
             delay = min(self.max_backoff, self.backoff * 2**attempts)
             return Retry(f"step_error: {type(exc).__name__}", delay), True
+        finally:
+            metrics.step_finished(step.name, time.monotonic() - started)
         if not isinstance(outcome, Done):
             ctx.state.clear()
             ctx.state.update(json.loads(saved))

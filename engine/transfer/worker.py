@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from engine import metrics
 from engine.manage.audit import AuditLog, uid_token
 from engine.transfer.base import DeliveryError, Destination, InstanceResult
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferRecord, TransferState
@@ -102,6 +103,7 @@ class OutboxWorker:
     def _run(
         self, record: TransferRecord, entry: DestinationEntry, key: tuple[str, str]
     ) -> TransferState:
+        metrics.transfer_attempt(record.project, record.destination, entry.destination.type)
         try:
             return self._attempt(record, entry)
         except Exception as exc:  # a bug, not the peer: counted as a failed attempt all the same
@@ -153,6 +155,7 @@ class OutboxWorker:
 
     def _failed(self, record: TransferRecord, entry: DestinationEntry, error: str) -> TransferState:
         state = self.outbox.fail_attempt(record.id, error, entry.retry, self.clock())
+        metrics.transfer_failed(record.project, record.destination, entry.destination.type)
         if state is TransferState.FAILED:
             log.error(
                 "transfer %d to %s/%s given up after %d attempts: %s",

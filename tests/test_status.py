@@ -1,0 +1,248 @@
+"""`fiona status` tells the truth: not running the moment the service is gone, counts read live
+from the index, `healthy` apart from `attention`; and `fiona validate`'s warnings.
+
+End to end with a real `fiona serve` (heartbeat every hour, so nothing below can come from a
+heartbeat after the first), dcmtk `storescu` and a raw pynetdicom C-STORE of bytes that are not
+DICOM; the destination is a DICOM port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from engine.config.validate import run_validate
+from engine.manage.pidfile import PID_FILE, serve_process, write_pid_file
+from tests import synth
+from tests.peers import REPO, FionaServer, free_port, send_raw_c_store
+from tests.test_receive import store
+from tests.test_workflow import wait_for
+
+MR = [synth.MR_SERIES["t1_mprage"]]
+NOT_DICOM = b"this is not a DICOM data set" * 8
+
+
+def fiona_status(server: FionaServer, config: Path) -> tuple[int, dict[str, Any], str]:
+    """`fiona status --json` and `fiona status` as subprocesses: (exit status, JSON, text)."""
+    base = [sys.executable, "-m", "engine.cli", "status", "--config", str(config)]
+    base += ["--data", str(server.data_dir), "--projects", str(server.projects_dir)]
+    done = subprocess.run([*base, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 1, 3), done.stderr
+    text = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert text.returncode == done.returncode, text.stderr
+    return done.returncode, json.loads(done.stdout), text.stdout
+
+
+def write_project(folder: Path, name: str, aet: str, destination: dict[str, Any]) -> None:
+    """A project claiming studies from ``aet``: de-identify, then send to ``destination``."""
+    key = folder / f"{name}.key"
+    key.write_bytes(os.urandom(48))
+    os.chmod(key, 0o600)
+    doc = {
+        "name": name,
+        "routing": {"calling_ae": [aet]},
+        "completeness": {"study_quiet_seconds": 1},
+        "destinations": {"out": destination},
+        "pipeline": [
+            {"step": "anonymize", "secret_file": key.name},
+            {"step": "send", "to": ["out"]},
+        ],
+    }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@dataclass
+class Running:
+    server: FionaServer
+    config: Path
+    http_port: int
+
+    def status(self) -> tuple[int, dict[str, Any], str]:
+        return fiona_status(self.server, self.config)
+
+
+def start_site(tmp: Path, projects: Path, *, heartbeat: float = 3600) -> Running:
+    """`fiona serve` on ``projects`` with the status page on; the first heartbeat is taken at
+    start, the next only after ``heartbeat`` seconds."""
+    http_port = free_port()
+    config = tmp / "site.yaml"
+    site = {
+        "scan_interval_seconds": 0.5,
+        "heartbeat": {"interval_seconds": heartbeat},
+        "retention": {"min_free_percent": 0},
+        "status_http": {"port": http_port},
+    }
+    config.write_text(yaml.safe_dump(site))
+    server = FionaServer(data_dir=tmp / "data", projects_dir=projects, config=config)
+    server.start()
+    running = Running(server, config, http_port)
+    wait_for("the first heartbeat", lambda: running.status()[0] == 0, 30, server)
+    return running
+
+
+@pytest.fixture
+def dead_end(tmp_path: Path) -> Iterator[Running]:
+    """A service whose project 'dead' sends to a port nobody listens on, giving up at once."""
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    peer = {"type": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "NOBODY"}
+    write_project(projects, "dead", "SCANNER_D", {**peer, "retry": {"max_attempts": 1}})
+    running = start_site(tmp_path, projects)
+    yield running
+    running.server.stop()
+
+
+# --------------------------------------------------------------------------- not running
+
+
+def test_kill_9_is_not_running_at_once(dead_end: Running) -> None:
+    server = dead_end.server
+    code, status, _ = dead_end.status()
+    assert code == 0 and status["service"]["running"], status["problems"]
+    assert status["service"]["pid"] == server.proc.pid  # type: ignore[union-attr]
+
+    server.proc.kill()  # type: ignore[union-attr]  # SIGKILL: nothing is marked stopped
+    server.proc.wait()  # type: ignore[union-attr]
+    # The heartbeat is seconds old and the status file says running: neither is believed.
+    code, status, text = dead_end.status()
+    assert code == 1 and not status["healthy"]
+    assert status["service"]["running"] is False
+    assert f"process {server.proc.pid} is gone" in status["service"]["why"]  # type: ignore[union-attr]
+    assert any(p.startswith("service not running") for p in status["problems"])
+    assert "UNHEALTHY" in text and "NOT RUNNING" in text
+
+
+def test_a_clean_stop_is_not_running(dead_end: Running) -> None:
+    assert dead_end.server.stop() == 0
+    assert not (dead_end.server.data_dir / PID_FILE).exists()
+    code, status, _ = dead_end.status()
+    assert code == 1 and status["service"]["running"] is False
+    assert "not started, or stopped" in status["service"]["why"]
+
+
+def test_a_reused_or_dead_pid_is_not_the_service(tmp_path: Path) -> None:
+    write_pid_file(tmp_path)  # this process: pytest, not `fiona serve`
+    found = serve_process(tmp_path)
+    assert not found.running and "not fiona serve" in found.why
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write_pid_file(tmp_path, gone.pid)
+    assert "is gone" in serve_process(tmp_path).why
+    zombie = subprocess.Popen(["true"])  # exited, not yet reaped
+    write_pid_file(tmp_path, zombie.pid)
+    wait_for("the child to exit", lambda: "is gone" in serve_process(tmp_path).why, 10)
+    zombie.wait()
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def test_held_items_and_dead_letters_need_attention_live(
+    dead_end: Running, storescu: str, tmp_path: Path
+) -> None:
+    server = dead_end.server
+    code, status, _ = dead_end.status()
+    assert code == 0 and not status["attention"]["needed"]
+    assert status["quarantine"]["held_items"] == 0
+
+    # Held at receipt: counted the moment the C-STORE is answered, no heartbeat in between.
+    assert send_raw_c_store(server.port, NOT_DICOM) == 0xC210
+    code, status, text = dead_end.status()
+    assert code == 3 and status["healthy"], status["problems"]
+    assert status["quarantine"]["held_items"] == 1
+    assert status["quarantine"]["by_reason"] == {"unparseable": 1}
+    assert status["attention"]["counts"]["quarantine_held_items"] == 1
+    assert "healthy, 1 needs attention" in text and "(receipt): unparseable 1" in text
+
+    # A study to a peer that never answers: one attempt, a dead letter, its study held.
+    spec = synth.make_study_spec(5)
+    files = synth.write_study(synth.make_study(spec, MR, size=16), tmp_path / "study")
+    assert store(storescu, server, files, aet="SCANNER_D").returncode == 0
+
+    def routed() -> bool:
+        return "dead" in dead_end.status()[1]["projects"]
+
+    wait_for("the study to be routed", routed, 30, server)
+    code, status, _ = dead_end.status()
+    assert status["projects"]["dead"]["received"] == 1
+    assert status["projects"]["dead"]["last_receipt"]  # live, not from a heartbeat
+
+    def dead_letter() -> bool:
+        return dead_end.status()[1]["attention"]["counts"]["dead_letters"] == 1
+
+    wait_for("the transfer to be given up", dead_letter, 90, server)
+    (server.projects_dir / "broken.yaml").write_text("name: broken\nroutng: {}\n")
+    code, status, text = dead_end.status()
+    assert code == 3 and status["healthy"], status["problems"]
+    needs = status["attention"]
+    assert needs["counts"] == {
+        "quarantine_held_items": 2,
+        "quarantine_held_studies": 1,
+        "dead_letters": 1,
+        "invalid_projects": 1,
+    }
+    assert [(d["project"], d["destination"], d["attempts"]) for d in needs["dead_letters"]] == [
+        ("dead", "out", 1)
+    ]
+    assert {(g["project"], g["reason"]) for g in needs["quarantine"]} == {
+        ("", "unparseable"),
+        ("dead", "transfer_failed"),
+    }
+    assert needs["invalid_projects"][0]["file"].endswith("broken.yaml")
+    assert status["outbox"]["by_state"]["failed"] == 1
+    assert status["projects"]["dead"]["quarantined"] == 1
+    assert "dead letters     1 transfers given up" in text
+    assert "invalid projects 1 disabled" in text and "broken.yaml" in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{dead_end.http_port}/", timeout=10) as page:
+        html = page.read().decode()
+    assert '<h1 class="warn">fiona: healthy, 4 need attention</h1>' in html
+    # Heartbeats every hour: all of the above was read live.
+    assert status["heartbeat"]["age_seconds"] < 3600
+    everything = json.dumps(status) + text
+    assert synth.study_uid(spec) not in everything and "SYNPID" not in everything
+
+
+# --------------------------------------------------------------------------- validate warnings
+
+
+def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    there = tmp_path / "share"
+    there.mkdir()
+    write_project(projects, "mounted", "A", {"type": "folder", "path": str(there)})
+    write_project(projects, "unmounted", "B", {"type": "folder", "path": "../not-mounted"})
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"ae_title: FIONA\nprojects_dir: {projects}\nallowed_calling_aes:\n  - SCANNER_A\n"
+    )
+    assert run_validate([], site_path=site) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"{site}:3 allowed_calling_aes: warning: the heartbeat's C-ECHO calls with AE 'FIONA'"
+        " (ae_title, as heartbeat.calling_ae is not set), which is not on this list: it is"
+        " rejected and `fiona status` reports the service unhealthy; add it to the list or"
+        " set heartbeat.calling_ae to one on it",
+        f"{projects / 'unmounted.yaml'}:10 destinations.out.path: warning: the folder"
+        f" {projects / '../not-mounted'} does not exist (not created, or not mounted);"
+        " transfers to it wait and retry until it does",
+        "3 files checked, 0 errors, 2 warnings",
+    ]
+
+    # The heartbeat on the list, the folder there: no warnings.
+    site.write_text(site.read_text() + "heartbeat:\n  calling_ae: SCANNER_A\n")
+    (tmp_path / "not-mounted").mkdir()
+    assert run_validate([], site_path=site) == 0
+    assert capsys.readouterr().out.splitlines() == ["3 files checked, 0 errors"]
