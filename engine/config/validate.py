@@ -113,8 +113,12 @@ def run_validate(
             what = "rule set" if is_ruleset_path(target) else "project"
             message = f"not a {what} file (expected {', '.join(PROJECT_SUFFIXES)})"
             issues.append(ConfigIssue(target, None, format_path(()), message))
-    _, project_issues = check_project_files(files)
+    projects, project_issues = check_project_files(files)
     issues += project_issues
+    from engine.redcap.settings import token_file_issues  # builds on config: import late
+
+    for project in projects:
+        issues += token_file_issues(project)
     checked += len(files)
     for ruleset in rulesets:
         kind = ruleset_kind(ruleset)

@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine import __version__
-from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.model import SiteConfig
 from engine.store.fsio import ensure_dir, fsync_dir
 from engine.store.index import IndexMissing, index_file, latest_version, read_schema_version
 
@@ -131,11 +131,15 @@ def _referenced_files(raw: object, base: Path) -> Iterator[Path]:
             yield from _referenced_files(item, base)
 
 
-def _config_files(site: SiteConfig, projects: list[ProjectConfig]) -> list[Path]:
-    """Files outside the site config and projects folder that config refers to."""
+def _config_files(site: SiteConfig) -> list[Path]:
+    """Files the config refers to: the site's TLS files and the secret and token files of
+    every project file (read as YAML here, so disabled and invalid projects count too)."""
+    from engine.config.loader import _parse, project_files
+
     found = [p for p in (site.tls.cert_file, site.tls.key_file, site.tls.ca_file) if p]
-    for project in projects:
-        found += _referenced_files(project.raw, project.source.parent)
+    if site.projects_dir.is_dir():
+        for file in project_files(site.projects_dir):
+            found += _referenced_files(_parse(file).data, file.parent)
     return found
 
 
@@ -188,9 +192,7 @@ def _copy_index(source: Path, target: Path) -> int:
     return version
 
 
-def make_backup(
-    site: SiteConfig, projects: list[ProjectConfig], dest: Path, *, now: float | None = None
-) -> dict[str, Any]:
+def make_backup(site: SiteConfig, dest: Path, *, now: float | None = None) -> dict[str, Any]:
     """Back up the index, the data folder's secrets and audit log, the site config, the
     projects folder and the files they name into ``dest`` (new or empty); the manifest."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -216,7 +218,7 @@ def make_backup(
     for file in _walk_files(site.projects_dir):
         relative = file.relative_to(site.projects_dir).as_posix()
         writer.add("project", f"config/projects/{relative}", file, _abs(file))
-    for n, file in enumerate(_config_files(site, projects)):
+    for n, file in enumerate(_config_files(site)):
         if not file.is_file():
             raise BackupError(f"{file} (named in the config) cannot be read")
         writer.add("file", f"files/{n}/{file.name}", file, _abs(file))
@@ -333,17 +335,13 @@ def restore_backup(
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    from engine.config.loader import load_projects
     from engine.service import load_site_or_exit
 
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    projects, issues = load_projects(site.projects_dir)
-    for issue in issues:  # invalid files are copied all the same (the folder is)
-        print(f"warning: {issue}", file=sys.stderr)
     try:
-        manifest = make_backup(site, projects, args.dest)
+        manifest = make_backup(site, args.dest)
     except BackupError as exc:
         print(f"fiona: {exc}", file=sys.stderr)
         return 2
