@@ -346,7 +346,10 @@ def test_loader_counts_values_with_aliases_expanded(tmp_path: Path) -> None:
     assert all("refused" not in i.message for i in issues)
     file.write_text("name: p\nloop: &l [*l]\n")
     [issue] = load_projects(tmp_path)[1]
-    assert (issue.line, issue.message) == (2, "refused: an alias refers to a value that contains it")
+    assert (issue.line, issue.message) == (
+        2,
+        "refused: an alias refers to a value that contains it",
+    )
 
 
 @pytest.mark.parametrize("as_site", [False, True])

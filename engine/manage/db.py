@@ -47,7 +47,7 @@ def _render(status: dict[str, Any]) -> str:
         f"schema version: {status['schema_version']} (this fiona: {status['code_version']})",
     ]
     if status["newer_than_code"]:
-        lines.append("the index was written by a newer fiona: run that version, or restore")
+        lines.append("the index is newer than this fiona: run the version that wrote it")
     elif status["pending"]:
         lines.append(f"pending migrations: {', '.join(status['pending'])}")
         lines.append("run fiona db upgrade (after fiona backup DEST), or restart fiona serve")

@@ -255,17 +255,18 @@ class SqliteIndex:
             raise
 
     def _configure(self, read_only: bool, upgrade: bool) -> None:
+        # The version first: an index this code must not change is left byte for byte as is.
+        version = self.schema_version
+        if version > latest_version():
+            raise IndexTooNew(self.path, version)
+        if version < latest_version() and (read_only or not upgrade):
+            raise IndexOutdated(self.path, version)
         if not read_only:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk when it returns, so a C-STORE Success is never premature.
             self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        version = self.schema_version
-        if version > latest_version():
-            raise IndexTooNew(self.path, version)
         if version < latest_version():
-            if not upgrade or read_only:
-                raise IndexOutdated(self.path, version)
             self._migrate()
             self.upgraded_from = version
 
