@@ -173,7 +173,8 @@ def test_restore_checks_the_checksums_before_writing_anything(
     dest = tmp_path / "backup"
     assert backup(site, dest) == 0
     damaged = dest / "data" / "secrets" / "install.key"
-    damaged.write_bytes(b"\0" + damaged.read_bytes()[1:])
+    content = damaged.read_bytes()
+    damaged.write_bytes(bytes([content[0] ^ 0xFF]) + content[1:])
     elsewhere = tmp_path / "new-data"
     assert main(["restore", str(dest), "--data", str(elsewhere)]) == 2
     err = capsys.readouterr().err
