@@ -203,6 +203,28 @@ def test_db_status_reports_pending_migrations_and_upgrade_applies_them(
     assert main(["quarantine", "list", "--data", str(old)]) == 0  # usable now
 
 
+def test_an_index_from_the_first_version_upgrades_with_its_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = old_index(tmp_path / "data" / "index.sqlite", 1)
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO patients(id, patient_id) VALUES (1, 'P1')")
+    db.execute(
+        "INSERT INTO studies(study_uid, patient_ref, first_received_at, last_received_at)"
+        " VALUES ('1.2.3', 1, 0, 0)"
+    )
+    db.commit()
+    db.close()
+    assert main(["db", "upgrade", "--data", str(path.parent)]) == 0
+    assert f"from schema version 1 to {latest_version()}" in capsys.readouterr().out
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT study_uid FROM studies").fetchall() == [("1.2.3",)]
+    finally:
+        db.close()
+    assert main(["transfers", "list", "--data", str(path.parent)]) == 0
+
+
 def test_an_index_newer_than_the_code_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -334,6 +334,13 @@ def restore_backup(
 # --------------------------------------------------------------------------- commands
 
 
+def _reason(exc: Exception) -> str:
+    """An I/O failure in one line: the file and the system's words, else the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def run_backup(args: argparse.Namespace) -> int:
     from engine.service import load_site_or_exit
 
@@ -345,6 +352,9 @@ def run_backup(args: argparse.Namespace) -> int:
     except BackupError as exc:
         print(f"fiona: {exc}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"fiona: backup failed, {args.dest} is incomplete: {_reason(exc)}", file=sys.stderr)
+        return 1
     files = manifest["files"]
     size = sum(f["size"] for f in files)
     print(
@@ -360,6 +370,9 @@ def run_restore(args: argparse.Namespace) -> int:
     except BackupError as exc:
         print(f"fiona: {exc}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"fiona: restore failed part way: {_reason(exc)}", file=sys.stderr)
+        return 1
     for path in written:
         print(f"restored {path}")
     print(f"restored {len(written)} files; data folder {data}")
