@@ -175,7 +175,7 @@ class _Writer:
 def _copy_index(source: Path, target: Path) -> int:
     """Copy the index with SQLite's online backup API; its schema version."""
     ensure_dir(target.parent)
-    src = sqlite3.connect(f"file:{source.resolve()}?mode=ro", uri=True)
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
     dst = sqlite3.connect(str(target))
     try:
         src.backup(dst)

@@ -8,6 +8,7 @@ Callers use :class:`Index` only, so a PostgreSQL implementation can be added beh
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
@@ -117,7 +118,8 @@ class Migration:
     sql: str
 
 
-def migrations() -> list[Migration]:
+@functools.cache
+def migrations() -> tuple[Migration, ...]:
     """Every migration shipped with this fiona, in order."""
     files = resources.files(MIGRATIONS_PACKAGE)
     found = []
@@ -127,7 +129,7 @@ def migrations() -> list[Migration]:
             found.append(
                 Migration(int(name[:4]), name[: -len(".sql")], entry.read_text(encoding="utf-8"))
             )
-    return sorted(found, key=lambda m: m.version)
+    return tuple(sorted(found, key=lambda m: m.version))
 
 
 def latest_version() -> int:
@@ -240,7 +242,7 @@ class SqliteIndex:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.is_file():
             raise IndexMissing(path)
-        target = f"file:{path.resolve()}?mode=ro" if read_only else str(path)
+        target = _read_only_uri(path) if read_only else str(path)
         self._db = sqlite3.connect(
             target,
             check_same_thread=False,
@@ -595,12 +597,17 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+def _read_only_uri(path: Path) -> str:
+    """SQLite's URI opening ``path`` read-only (percent-encoded, so any file name works)."""
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
 def read_schema_version(path: Path) -> int:
     """The schema version of the index file ``path``, read without changing it
     (:class:`IndexMissing` when there is no such file)."""
     if not path.is_file():
         raise IndexMissing(path)
-    db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    db = sqlite3.connect(_read_only_uri(path), uri=True)
     try:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
     finally:
