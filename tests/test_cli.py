@@ -225,6 +225,18 @@ def test_an_index_from_the_first_version_upgrades_with_its_records(
     assert main(["transfers", "list", "--data", str(path.parent)]) == 0
 
 
+@pytest.mark.parametrize("command", [["status"], ["transfers", "retry", "1"], ["db", "upgrade"]])
+def test_a_damaged_index_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    (tmp_path / "index.sqlite").write_bytes(b"not a database, but long enough " * 100)
+    assert main([*command, "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"fiona: cannot open the index {tmp_path / 'index.sqlite'}: file is not a database" in err
+    )
+
+
 def test_an_index_newer_than_the_code_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

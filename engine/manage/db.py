@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,11 +57,7 @@ def _render(status: dict[str, Any]) -> str:
 
 def _upgrade(path: Path) -> int:
     before = read_schema_version(path)  # refuses a missing index: serve creates it
-    try:
-        index = SqliteIndex(path, upgrade=True)
-    except sqlite3.Error as exc:
-        print(f"fiona: cannot upgrade {path}: {exc}; nothing was changed", file=sys.stderr)
-        return 1
+    index = SqliteIndex(path, upgrade=True)  # IndexUnusable when a migration fails
     try:
         after = index.schema_version
     finally:

@@ -233,7 +233,7 @@ class SqliteIndex:
         was applied). Without it the index must exist (:class:`IndexMissing`) and be current
         (:class:`IndexOutdated`); ``read_only`` also opens it read-only, so a command that only
         looks never changes the file. An index newer than the code is always refused
-        (:class:`IndexTooNew`).
+        (:class:`IndexTooNew`); one SQLite cannot open or migrate is :class:`IndexUnusable`.
         """
         self.path = path
         self.upgraded_from: int | None = None
@@ -243,15 +243,21 @@ class SqliteIndex:
         elif not path.is_file():
             raise IndexMissing(path)
         target = _read_only_uri(path) if read_only else str(path)
-        self._db = sqlite3.connect(
-            target,
-            check_same_thread=False,
-            isolation_level=None,
-            timeout=busy_timeout,
-            uri=read_only,
-        )
+        try:
+            self._db = sqlite3.connect(
+                target,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=busy_timeout,
+                uri=read_only,
+            )
+        except sqlite3.Error as exc:
+            raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
         try:
             self._configure(read_only, upgrade)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
         except BaseException:
             self._db.close()
             raise
@@ -604,14 +610,18 @@ def _read_only_uri(path: Path) -> str:
 
 def read_schema_version(path: Path) -> int:
     """The schema version of the index file ``path``, read without changing it
-    (:class:`IndexMissing` when there is no such file)."""
+    (:class:`IndexMissing` when there is no such file, :class:`IndexUnusable` when SQLite
+    cannot read it)."""
     if not path.is_file():
         raise IndexMissing(path)
-    db = sqlite3.connect(_read_only_uri(path), uri=True)
     try:
-        return int(db.execute("PRAGMA user_version").fetchone()[0])
-    finally:
-        db.close()
+        db = sqlite3.connect(_read_only_uri(path), uri=True)
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
 
 
 def index_file(url: str, default_path: Path) -> Path:
