@@ -7,6 +7,7 @@ pynetdicom and ``fiona serve`` starts fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,65 @@ def _add_quarantine_parser(sub: Any) -> None:
     audit.add_argument("--json", action="store_true", help="JSON lines instead of text")
 
 
+DESCRIPTION = """\
+fiona receives DICOM images from scanners and PACS, decides by rules which research
+projects each study belongs to, de-identifies it and delivers it to the projects'
+destinations, keeping an audit trail of every decision."""
+
+EPILOG = """\
+common commands:
+  run the service      fiona serve
+  check the config     fiona validate, fiona test-rules, fiona explain FILE|STUDY_UID
+  watch it             fiona status, fiona transfers list, fiona quarantine list, fiona audit
+  act on held items    fiona quarantine release|discard ID, fiona transfers retry ID
+  import from CD/USB   fiona ingest PATH
+  de-identify a folder fiona anonymize IN OUT --secret-file KEY
+  look after it        fiona backup DEST, fiona restore SRC, fiona db status|upgrade
+
+The site config is --config FILE, else $FIONA_CONFIG, else /etc/fiona/site.yaml when it
+exists, else the built-in defaults (data in var/, projects in projects/).
+Run 'fiona COMMAND --help' for a command's options; README.md has the full guide."""
+
+
+def _add_ops_parsers(sub: Any) -> None:
+    """``backup``, ``restore`` and ``db status|upgrade``."""
+    backup = sub.add_parser(
+        "backup", help="copy the index, secrets, audit log and config into a new folder"
+    )
+    _add_site_args(backup)
+    backup.add_argument("dest", type=Path, help="a new (or empty) folder for the backup")
+    restore = sub.add_parser(
+        "restore", help="put a backup back (checks its checksums; stop fiona serve first)"
+    )
+    restore.add_argument("src", type=Path, help="a folder written by fiona backup")
+    restore.add_argument(
+        "--data", type=Path, help="data folder to restore into (default: the backup's own)"
+    )
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a non-empty data folder and config files that differ",
+    )
+    db = sub.add_parser("db", help="the index's schema: status, upgrade (apply migrations)")
+    actions = db.add_subparsers(dest="action", required=True)
+    status = actions.add_parser(
+        "status", help="schema version and pending migrations; exit 1 when some are pending"
+    )
+    _add_site_args(status)
+    status.add_argument("--json", action="store_true", help="JSON instead of text")
+    upgrade = actions.add_parser("upgrade", help="apply pending migrations (back up first)")
+    _add_site_args(upgrade)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fiona", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fiona",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fiona {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     serve = sub.add_parser("serve", help="run the DICOM receiver (Storage SCP) and the engine")
     _add_site_args(serve)
@@ -170,15 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transfers_parser(sub)
     _add_status_parser(sub)
     _add_quarantine_parser(sub)
+    _add_ops_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit status. Output cut short by a closed pipe (``| head``) ends
+    quietly with 141 (as a command killed by SIGPIPE); an unusable index or data folder is one
+    message and 2."""
+    from engine.store.index import IndexUnusable
+
+    try:
+        status = _run(build_parser().parse_args(argv))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and fail the same way: point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+    except IndexUnusable as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
+        from engine.config.loader import find_site_config
         from engine.config.validate import run_validate
 
-        return int(run_validate(args.paths, site_path=args.config, projects_dir=args.projects))
+        site_path = find_site_config(args.config)
+        return int(run_validate(args.paths, site_path=site_path, projects_dir=args.projects))
+    if args.command in ("backup", "restore", "db"):
+        return _run_ops(args)
     if args.command == "serve":
         from engine.service import run_serve
 
@@ -220,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_audit(args)
     raise AssertionError(args.command)
+
+
+def _run_ops(args: argparse.Namespace) -> int:
+    if args.command == "db":
+        from engine.manage.db import run_db
+
+        return run_db(args)
+    from engine.manage.backup import run_backup, run_restore
+
+    return run_backup(args) if args.command == "backup" else run_restore(args)
 
 
 if __name__ == "__main__":

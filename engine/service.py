@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.store.archive import Archive
-from engine.store.index import SqliteIndex, open_index
+from engine.store.index import IndexUnusable, SqliteIndex, open_index
 
 log = logging.getLogger("fiona")
 
@@ -60,9 +60,41 @@ class Store:
         self.index.close()
 
 
+def _check_writable(folder: Path) -> None:
+    """Raise :class:`IndexUnusable` unless a file can be created in ``folder`` (made when
+    missing): a read-only data folder is refused at start, not at the first receipt."""
+    import os
+
+    probe = folder / f".fiona-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise IndexUnusable(
+            f"cannot write the data folder {folder} ({exc.strerror}): give the user fiona runs"
+            " as write access to it, or choose another with --data or data_dir"
+        ) from None
+
+
 def open_store(site: SiteConfig) -> Store:
-    """Open the index and the archive in the site's data dir."""
-    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    """Open the index (created or upgraded as needed, with a log line) and the archive in
+    the site's data dir; :class:`IndexUnusable` when the folder or the index cannot be used."""
+    import sqlite3
+
+    _check_writable(site.data_dir)
+    try:
+        index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    except sqlite3.Error as exc:
+        raise IndexUnusable(f"cannot open the index in {site.data_dir}: {exc}") from None
+    if index.upgraded_from is not None:
+        log.info(
+            "index %s upgraded from schema version %d to %d",
+            index.path,
+            index.upgraded_from,
+            index.schema_version,
+        )
     archive = Archive(
         site.data_dir,
         index,
@@ -74,14 +106,27 @@ def open_store(site: SiteConfig) -> Store:
 
 
 def run_with_index(
-    args: argparse.Namespace, command: Callable[[SiteConfig, SqliteIndex], int]
+    args: argparse.Namespace,
+    command: Callable[[SiteConfig, SqliteIndex], int],
+    *,
+    read_only: bool = False,
 ) -> int:
-    """For commands on the site's index: load the site config (exit status 2 when it is
-    invalid), open the index, run ``command`` on both, close the index."""
+    """For commands on the site's index: load the site config, open the existing, current
+    index (read-only when ``read_only``), run ``command`` on both, close the index.
+
+    Exit status 2, with one message, when the config is invalid or the index is missing,
+    older or newer than the code: such commands never create or upgrade an index.
+    """
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    try:
+        index = open_index(
+            site.index_url, site.data_dir / "index.sqlite", upgrade=False, read_only=read_only
+        )
+    except IndexUnusable as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
     try:
         return command(site, index)
     finally:
@@ -90,10 +135,10 @@ def run_with_index(
 
 def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
     """The site config with CLI overrides, or None after printing every problem."""
-    from engine.config.loader import ConfigError, load_site
+    from engine.config.loader import ConfigError, find_site_config, load_site
 
     try:
-        return load_site(getattr(args, "config", None), site_overrides(args))
+        return load_site(find_site_config(getattr(args, "config", None)), site_overrides(args))
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"error: {issue}", file=sys.stderr)

@@ -21,6 +21,17 @@ def studies_settle_at_once(request: pytest.FixtureRequest, monkeypatch: pytest.M
         monkeypatch.setattr("engine.route.tracker.SETTLE_SECONDS", 0.0)
 
 
+@pytest.fixture(autouse=True)
+def no_system_site_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """In-process commands find no site config of the machine running the tests: no
+    ``$FIONA_CONFIG`` and no ``/etc/fiona/site.yaml`` (tests set either on purpose)."""
+    monkeypatch.delenv("FIONA_CONFIG", raising=False)
+    missing = tmp_path_factory.getbasetemp() / "no-etc-fiona" / "site.yaml"
+    monkeypatch.setattr("engine.config.loader.SYSTEM_SITE_CONFIG", missing)
+
+
 def need_peer(name: str) -> str:
     """dcmtk's ``name``; skips locally when missing, fails under CI (CI=true)."""
     try:

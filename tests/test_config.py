@@ -287,3 +287,203 @@ def test_console_script(args: list[str], status: int, last_line: str | None) -> 
     assert done.returncode == status, done.stdout + done.stderr
     if last_line is not None:
         assert done.stdout.splitlines()[-1] == last_line
+
+
+# --------------------------------------------------------------------------- hostile YAML
+
+#: "Billion laughs": nine lines expanding to 9**9 (387 million) strings.
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+#: The first line whose value passes the bound (9**6 strings > MAX_CONFIG_NODES).
+BOMB_LINE = 6
+
+
+def _bounded(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``python -m engine.cli ARGS`` with 2 GiB of address space and a 120 s timeout: an
+    unbounded loader fails the test by running out of either, never by a time threshold."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    env = {k: v for k, v in os.environ.items() if k != "FIONA_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        preexec_fn=limit,
+        env=env,
+    )
+
+
+def test_an_alias_bomb_in_projects_is_refused_with_its_line(tmp_path: Path) -> None:
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "bomb.yaml").write_text(ALIAS_BOMB)
+    (projects / "good.yaml").write_text("name: good\n")
+    done = _bounded(["validate", str(projects)])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"{projects / 'bomb.yaml'}:{BOMB_LINE} (root): refused: more than" in done.stdout
+    assert "aliases are expanded" in done.stdout
+    assert done.stdout.splitlines()[-1] == "2 files checked, 1 error"
+    assert "Traceback" not in done.stderr
+
+
+def test_an_alias_bomb_as_site_config_stops_serve_with_one_message(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(ALIAS_BOMB)
+    (tmp_path / "projects").mkdir()
+    done = _bounded(["serve", "--config", str(site), "--projects", str(tmp_path / "projects")])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: {site}:{BOMB_LINE} (root): refused: more than" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_loader_counts_values_with_aliases_expanded(tmp_path: Path) -> None:
+    """The bound is on values as expanded, so anchors used a few times stay fine."""
+    file = tmp_path / "p.yaml"
+    file.write_text("name: p\ndescription: &d 'x'\nx-notes: [*d, *d]\n")
+    issues = load_projects(tmp_path)[1]
+    assert all("refused" not in i.message for i in issues)
+    file.write_text("name: p\nloop: &l [*l]\n")
+    [issue] = load_projects(tmp_path)[1]
+    assert (issue.line, issue.message) == (
+        2,
+        "refused: an alias refers to a value that contains it",
+    )
+
+
+@pytest.mark.parametrize("as_site", [False, True])
+def test_deeply_nested_yaml_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_site: bool
+) -> None:
+    from engine.cli import main
+
+    file = tmp_path / "deep.yaml"
+    file.write_text("name: deep\nx: " + "[" * 10000 + "]" * 10000 + "\n")
+    args = ["validate", "--config", str(file)] if as_site else ["validate", str(file)]
+    if as_site:
+        args += ["--projects", str(tmp_path / "none")]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"{file}:2 (root): refused: nested deeper than 100 levels" in out
+
+
+def test_deeply_nested_site_config_stops_serve_with_exit_2(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("[" * 10000 + "]" * 10000 + "\n")
+    done = _bounded(["serve", "--config", str(site), "--data", str(tmp_path / "data")])
+    assert done.returncode == 2
+    assert f"error: {site}:1 (root): refused: nested deeper than 100 levels" in done.stderr
+    assert "Traceback" not in done.stderr and "RecursionError" not in done.stderr
+
+
+def test_an_oversized_config_file_is_refused_unread(tmp_path: Path) -> None:
+    from engine.config.loader import MAX_CONFIG_BYTES
+
+    file = tmp_path / "big.yaml"
+    file.write_text("name: big\n" + "#" * MAX_CONFIG_BYTES + "\n")
+    [issue] = load_projects(tmp_path)[1]
+    assert "too big for a config file (at most 4 MiB)" in issue.message
+
+
+# --------------------------------------------------------------------------- REDCap token file
+
+
+def _redcap_project(folder: Path, mode: int) -> Path:
+    token = folder / "redcap.token"
+    token.write_text("0123456789ABCDEF0123456789ABCDEF\n")
+    token.chmod(mode)
+    project = folder / "p.yaml"
+    project.write_text(
+        "name: p\nredcap:\n  url: https://redcap.example.org/api/\n  token_file: redcap.token\n"
+    )
+    return project
+
+
+def test_validate_refuses_a_token_file_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = _redcap_project(tmp_path, 0o644)
+    assert run_validate([project]) == 1
+    out = capsys.readouterr().out
+    assert f"{project}:4 redcap.token_file: REDCap token file" in out
+    assert f"chmod 600 {tmp_path / 'redcap.token'}" in out
+
+
+def test_validate_accepts_a_private_token_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = _redcap_project(tmp_path, 0o600)
+    assert run_validate([project]) == 0, capsys.readouterr().out
+
+
+def test_a_project_with_a_loose_token_file_still_loads(tmp_path: Path) -> None:
+    """Only validate judges the token: a running service picks up a fixed one later."""
+    project = _redcap_project(tmp_path, 0o644)
+    assert load_project(project).name == "p"
+
+
+# --------------------------------------------------------------------------- where the config is
+
+
+@pytest.fixture
+def three_sites(tmp_path: Path) -> dict[str, Path]:
+    """Site files for --config, $FIONA_CONFIG and /etc, each with its own data folder."""
+    out = {}
+    for name in ("flag", "env", "etc"):
+        (tmp_path / name).mkdir()
+        site = tmp_path / name / "site.yaml"
+        site.write_text(f"data_dir: data-{name}\n")
+        out[name] = site
+    return out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["audit"], ["quarantine", "list"], ["transfers", "list"], ["db", "status"]],
+)
+def test_every_command_finds_the_site_config_the_same_way(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    three_sites: dict[str, Path],
+    command: list[str],
+) -> None:
+    """--config, else $FIONA_CONFIG, else /etc/fiona/site.yaml when present, else defaults;
+    seen through the data folder each command names (none has an index yet)."""
+    from engine.cli import main
+
+    def data_folder(*extra: str) -> str:
+        assert main([*command, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "wrong --data, or nothing received yet" in err, err
+        return err.split("no fiona index in ")[1].split(":")[0]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("engine.config.loader.SYSTEM_SITE_CONFIG", three_sites["etc"])
+    monkeypatch.setenv("FIONA_CONFIG", str(three_sites["env"]))
+    assert data_folder("--config", str(three_sites["flag"])) == str(tmp_path / "flag/data-flag")
+    assert data_folder() == str(tmp_path / "env/data-env")
+    monkeypatch.delenv("FIONA_CONFIG")
+    assert data_folder() == str(tmp_path / "etc/data-etc")
+    monkeypatch.setattr("engine.config.loader.SYSTEM_SITE_CONFIG", tmp_path / "absent.yaml")
+    assert data_folder() == "var"
+    for name in ("flag", "env", "etc"):
+        assert not (tmp_path / name / f"data-{name}").exists()  # nothing created
+
+
+def test_validate_checks_the_site_config_found_by_fiona_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    site = tmp_path / "site.yaml"
+    site.write_text("port: 99999\n")
+    (tmp_path / "projects").mkdir()
+    monkeypatch.setenv("FIONA_CONFIG", str(site))
+    assert main(["validate", "--projects", str(tmp_path / "projects")]) == 1
+    assert f"{site}:1 port: expected at most 65535" in capsys.readouterr().out

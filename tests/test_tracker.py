@@ -259,3 +259,20 @@ def test_ambiguous_policy(tmp_path: Path, policy: str, runs: int, held: int) -> 
     world.tracker.scan(time.time() + 102)
     assert len(world.runs()) == runs
     assert world.rows("SELECT count(*) FROM quarantine WHERE reason='ambiguous'") == [(held,)]
+
+
+def test_log_lines_name_the_run_ids_of_the_index(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.send(_study(1, [MR["t1_mprage"]]))
+    world.send(_study(2, [MR["flair"]]))
+    with caplog.at_level("INFO", logger="engine.route.tracker"):
+        world.tracker.scan(time.time() + 101)
+    logged = [
+        int(r.getMessage().split("; run ")[1].split()[0])
+        for r in caplog.records
+        if "; run " in r.getMessage()
+    ]
+    ids = [row[0] for row in world.rows("SELECT id FROM pipeline_runs ORDER BY id")]
+    assert len(ids) == 2
+    assert sorted(logged) == ids  # before: the follow-up number, 0 for both

@@ -46,7 +46,9 @@ __all__ = [
     "PROJECT_SUFFIXES",
     "ConfigError",
     "ConfigIssue",
+    "ConfigTooBig",
     "LineLoader",
+    "find_site_config",
     "load_project",
     "load_projects",
     "load_site",
@@ -111,18 +113,80 @@ class _Duplicate:
     first_line: int
 
 
+#: Bounds on one config file, so a hostile or broken file is refused at once instead of
+#: exhausting memory (a "billion laughs" alias bomb) or the stack (``[[[[...``): its size in
+#: bytes, its values counted with every alias expanded, its aliases, and its nesting depth.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_NODES = 250_000
+MAX_CONFIG_ALIASES = 10_000
+MAX_CONFIG_DEPTH = 100
+
+
+class ConfigTooBig(yaml.YAMLError):
+    """A config file past one of the bounds above; ``mark`` is where it was noticed."""
+
+    def __init__(self, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
 class LineLoader(yaml.SafeLoader):
-    """A safe YAML loader that remembers where things are.
+    """A safe YAML loader that remembers where things are, within bounds.
 
     After :meth:`load_document`, ``lines`` maps the path of every mapping key and sequence item
     (``('limits', 'max_pdu')``, ``('items', 0)``) to its 1-based line, and ``duplicates`` lists
     keys defined twice in one mapping (the later value wins in the data; they are errors).
+
+    While composing, it counts values as they would be with every alias expanded, aliases and
+    the nesting depth, and raises :class:`ConfigTooBig` past :data:`MAX_CONFIG_NODES`,
+    :data:`MAX_CONFIG_ALIASES` or :data:`MAX_CONFIG_DEPTH`; an alias to a value that contains
+    it is refused too. The count is kept per node, so this costs one pass over the text.
     """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.lines: dict[JsonPath, int] = {}
         self.duplicates: list[_Duplicate] = []
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._aliases += 1
+            if self._aliases > MAX_CONFIG_ALIASES:
+                raise ConfigTooBig(f"more than {MAX_CONFIG_ALIASES} aliases (*name)", mark)
+            if id(node) not in self._sizes:
+                raise ConfigTooBig("an alias refers to a value that contains it", mark)
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise ConfigTooBig(f"nested deeper than {MAX_CONFIG_DEPTH} levels", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            self._count(node)
+        return node
+
+    def _count(self, node: yaml.Node) -> None:
+        """Record the values in ``node`` (its children are counted already)."""
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes[id(item)] for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+        if size > MAX_CONFIG_NODES:
+            raise ConfigTooBig(
+                f"more than {MAX_CONFIG_NODES} values once its aliases are expanded"
+                " (an alias bomb?)",
+                node.start_mark,
+            )
+        self._sizes[id(node)] = size
 
     def load_document(self) -> object:
         """The single document in the stream (None when empty), recording lines on the way."""
@@ -194,6 +258,11 @@ def _failed(file: Path, line: int | None, message: str) -> _Parsed:
 def _parse(file: Path) -> _Parsed:
     """Read ``file`` as YAML; syntax errors and duplicate keys become issues."""
     try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            limit = MAX_CONFIG_BYTES // (1024 * 1024)
+            message = f"{size} bytes is too big for a config file (at most {limit} MiB)"
+            return _failed(file, None, message)
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         return _failed(file, None, f"not UTF-8 text: {exc}")
@@ -202,6 +271,9 @@ def _parse(file: Path) -> _Parsed:
     loader = LineLoader(text)
     try:
         data = loader.load_document()
+    except ConfigTooBig as exc:
+        line = exc.mark.line + 1 if exc.mark is not None else None
+        return _failed(file, line, f"refused: {exc.message}")
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at_end = any(end in (exc.problem or "") for end in ("end of stream", "<stream end>"))
@@ -598,6 +670,25 @@ def _check_tls(tls: TlsConfig, parsed: _Parsed) -> list[ConfigIssue]:
                 )
             )
     return issues
+
+
+#: The site config read when neither ``--config`` nor ``$FIONA_CONFIG`` names one and this
+#: file exists (a module constant so tests can point it elsewhere).
+SYSTEM_SITE_CONFIG = Path("/etc/fiona/site.yaml")
+#: The environment variable naming the site config.
+CONFIG_ENV = "FIONA_CONFIG"
+
+
+def find_site_config(explicit: Path | None) -> Path | None:
+    """The site config file every command reads: ``explicit`` (``--config``), else
+    ``$FIONA_CONFIG`` (when set and not empty), else :data:`SYSTEM_SITE_CONFIG` when it
+    exists, else None (the embedded defaults)."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV, "").strip()
+    if from_env:
+        return Path(from_env)
+    return SYSTEM_SITE_CONFIG if SYSTEM_SITE_CONFIG.is_file() else None
 
 
 def load_site(path: Path | None, overrides: Mapping[str, object] | None = None) -> SiteConfig:

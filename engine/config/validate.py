@@ -188,7 +188,10 @@ def run_validate(
             issues.append(ConfigIssue(target, None, format_path(()), message))
     projects, project_issues = check_project_files(files)
     issues += project_issues
+    from engine.redcap.settings import token_file_issues  # builds on config: import late
+
     for project in projects:
+        issues += token_file_issues(project)
         warnings += project_warnings(project)
     checked += len(files)
     for ruleset in rulesets:

@@ -268,4 +268,4 @@ def run_quarantine(args: argparse.Namespace) -> int:
             return _show(index, site.data_dir, args)
         return _change(index, site, args)
 
-    return run_with_index(args, command)
+    return run_with_index(args, command, read_only=args.action in ("list", "show"))

@@ -11,8 +11,11 @@ import argparse
 import sys
 
 from engine.manage.audit import AuditLog, operator
-from engine.store.index import open_index
+from engine.store.index import IndexUnusable, open_index
 from engine.store.pseudonyms import reidentify
+
+#: The shortest ``--reason`` accepted (characters, surrounding spaces dropped).
+MIN_REASON = 5
 
 
 def run_reidentify(args: argparse.Namespace) -> int:
@@ -22,10 +25,19 @@ def run_reidentify(args: argparse.Namespace) -> int:
     if site is None:
         return 2
     reason = (args.reason or "").strip()
-    if len(reason) < 5:
-        print("fiona: --reason is required: say why (a ticket or approval number)", file=sys.stderr)
+    if len(reason) < MIN_REASON:
+        print(
+            f"fiona: --reason {reason!r} is too short ({len(reason)} characters, at least"
+            f" {MIN_REASON}): say why, with a ticket or approval number,"
+            " e.g. --reason 'IRB-2024-017'",
+            file=sys.stderr,
+        )
         return 2
-    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    try:
+        index = open_index(site.index_url, site.data_dir / "index.sqlite", read_only=True)
+    except IndexUnusable as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
     try:
         original = reidentify(index, args.project, args.pseudonym)
     finally:

@@ -337,4 +337,4 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True) if args.json else render_text(status))
         return exit_code(status)
 
-    return run_with_index(args, command)
+    return run_with_index(args, command, read_only=True)

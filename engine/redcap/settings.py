@@ -18,10 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.dicom.header import parse_header
-from engine.redcap.client import RedcapClient, RedcapConfig
+from engine.redcap.client import RedcapClient, RedcapConfig, TokenFileError, load_token
+
+if TYPE_CHECKING:
+    from engine.config.loader import ConfigIssue
+    from engine.config.model import ProjectConfig
 
 __all__ = [
     "Connection",
@@ -32,6 +36,7 @@ __all__ = [
     "connection",
     "settings_for_file",
     "settings_of",
+    "token_file_issues",
 ]
 
 
@@ -154,6 +159,25 @@ def settings_for_file(project_file: Path) -> RedcapSettings | None:
     with _FILES_LOCK:
         _FILES[project_file] = (stamp, found)
     return found
+
+
+def token_file_issues(project: ProjectConfig) -> list[ConfigIssue]:
+    """``fiona validate``'s check of a project's REDCap ``token_file``: it can be read, only
+    its owner can read or write it (chmod 600), and it holds an API token. Not checked when
+    projects load, so that a project still loads and picks up a token fixed later."""
+    from engine.config.loader import ConfigIssue, _parse  # the loader imports this module
+
+    section = project.raw.get("redcap")
+    if not isinstance(section, Mapping) or not section.get("token_file"):
+        return []
+    path = Path(str(section["token_file"])).expanduser()
+    path = path if path.is_absolute() else project.source.parent / path
+    try:
+        load_token(path)
+    except TokenFileError as exc:
+        line = _parse(project.source).line_of(("redcap", "token_file"))
+        return [ConfigIssue(project.source, line, "redcap.token_file", str(exc))]
+    return []
 
 
 class Connection:

@@ -70,7 +70,7 @@ def _from_files(paths: Iterable[Path], origin: tuple[str, str, str]) -> dict[str
 def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
     from engine.store.index import open_index
 
-    index = open_index(site.index_url, site.data_dir / "index.sqlite")
+    index = open_index(site.index_url, site.data_dir / "index.sqlite", read_only=True)
     try:
         with index.reading() as db:
             rows = db.execute(

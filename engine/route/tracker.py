@@ -309,8 +309,16 @@ class Tracker:
                 self._hold_ambiguous(study_uid, study_id, now)
                 held.add(study_uid)
                 continue
-            self._start_run(study_uid, project, subject, event, runs, done_upto, study_id, now)
-            log.info("study complete for project %s (%s); run %d created", project, why, runs)
+            run_id = self._start_run(
+                study_uid, project, subject, event, runs, done_upto, study_id, now
+            )
+            log.info(
+                "study complete for project %s (%s); run %d created (follow-up %d)",
+                project,
+                why,
+                run_id,
+                runs,
+            )
 
     def _why_complete(
         self,
@@ -347,7 +355,9 @@ class Tracker:
         done_upto: int,
         study_id: int,
         now: float,
-    ) -> None:
+    ) -> int:
+        """Create the pipeline run of the completed route (follow-up ``runs``); its id, as
+        the index and the runner's log lines name it."""
         with self.index.reading() as db:
             series = [
                 str(r[0])
@@ -367,7 +377,7 @@ class Tracker:
             )
         # The run is created before the route is marked: a crash in between creates the
         # same run again, which create_run ignores (it is unique per study, project, run).
-        self.runs.create_run(study_uid, project, subject, event, runs, series)
+        run_id = self.runs.create_run(study_uid, project, subject, event, runs, series)
         with self.index.transaction() as db:
             db.execute(
                 "UPDATE study_routes SET state='complete', completed_at=?, runs=runs+1,"
@@ -381,6 +391,7 @@ class Tracker:
             follow_up=runs,
             series=len(series),
         )
+        return run_id
 
     def _hold_ambiguous(self, study_uid: str, study_id: int, now: float) -> None:
         with self.index.reading() as db:

@@ -8,6 +8,7 @@ Callers use :class:`Index` only, so a PostgreSQL implementation can be added beh
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
@@ -108,14 +109,72 @@ MIGRATIONS_PACKAGE = "engine.store.migrations"
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 
-def _migrations() -> list[tuple[int, str]]:
+@dataclass(frozen=True)
+class Migration:
+    """One numbered schema change: ``NNNN_name.sql`` in the migrations package."""
+
+    version: int
+    name: str  # the file name without ``.sql``
+    sql: str
+
+
+@functools.cache
+def migrations() -> tuple[Migration, ...]:
+    """Every migration shipped with this fiona, in order."""
     files = resources.files(MIGRATIONS_PACKAGE)
     found = []
     for entry in files.iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+            found.append(
+                Migration(int(name[:4]), name[: -len(".sql")], entry.read_text(encoding="utf-8"))
+            )
+    return tuple(sorted(found, key=lambda m: m.version))
+
+
+def latest_version() -> int:
+    """The schema version this fiona's code expects (its last migration)."""
+    return max((m.version for m in migrations()), default=0)
+
+
+def pending_migrations(version: int) -> list[Migration]:
+    """The migrations an index at schema ``version`` still needs, in order."""
+    return [m for m in migrations() if m.version > version]
+
+
+class IndexUnusable(Exception):
+    """The index cannot be opened as asked; the message says what to do. CLI exit status 2."""
+
+
+class IndexMissing(IndexUnusable):
+    """A command that only reads (or changes existing records) found no index file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"no fiona index in {path.parent}: wrong --data, or nothing received yet")
+
+
+class IndexOutdated(IndexUnusable):
+    """The index's schema is older than the code; only an upgrade may change it."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        self.path, self.version = path, version
+        pending = len(pending_migrations(version))
+        super().__init__(
+            f"the index {path} is at schema version {version}, this fiona needs"
+            f" {latest_version()} ({pending} migrations pending): run fiona db upgrade"
+        )
+
+
+class IndexTooNew(IndexUnusable):
+    """The index was written by a newer fiona: this code must not read or change it."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        self.path, self.version = path, version
+        super().__init__(
+            f"the index {path} is at schema version {version}, newer than this fiona knows"
+            f" ({latest_version()}): run the fiona version that wrote it, or restore a backup"
+        )
 
 
 #: Instance columns written on receipt (besides the UID and the series reference).
@@ -159,30 +218,75 @@ class SqliteIndex:
     anyway, and a single connection keeps the commit path short.
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 10.0,
+        upgrade: bool = True,
+        read_only: bool = False,
+    ) -> None:
+        """Open (and with ``upgrade``, create and migrate) the index at ``path``.
+
+        ``upgrade`` (the receiver, ingest, ``fiona db upgrade``): create a missing index and
+        apply pending migrations (``upgraded_from`` is the version found, None when nothing
+        was applied). Without it the index must exist (:class:`IndexMissing`) and be current
+        (:class:`IndexOutdated`); ``read_only`` also opens it read-only, so a command that only
+        looks never changes the file. An index newer than the code is always refused
+        (:class:`IndexTooNew`); one SQLite cannot open or migrate is :class:`IndexUnusable`.
+        """
         self.path = path
+        self.upgraded_from: int | None = None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            str(path), check_same_thread=False, isolation_level=None, timeout=busy_timeout
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk when it returns, so a C-STORE Success is never premature.
-        self._db.execute("PRAGMA synchronous=FULL")
+        if upgrade and not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise IndexMissing(path)
+        target = _read_only_uri(path) if read_only else str(path)
+        try:
+            self._db = sqlite3.connect(
+                target,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=busy_timeout,
+                uri=read_only,
+            )
+        except sqlite3.Error as exc:
+            raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
+        try:
+            self._configure(read_only, upgrade)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _configure(self, read_only: bool, upgrade: bool) -> None:
+        # The version first: an index this code must not change is left byte for byte as is.
+        version = self.schema_version
+        if version > latest_version():
+            raise IndexTooNew(self.path, version)
+        if version < latest_version() and (read_only or not upgrade):
+            raise IndexOutdated(self.path, version)
+        if not read_only:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk when it returns, so a C-STORE Success is never premature.
+            self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        if version < latest_version():
+            self._migrate()
+            self.upgraded_from = version
 
     def _migrate(self) -> None:
         with self._lock:
             current = self._db.execute("PRAGMA user_version").fetchone()[0]
-            for version, sql in _migrations():
-                if version <= current:
-                    continue
+            for migration in pending_migrations(current):
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in _split_sql(sql):
+                    for statement in _split_sql(migration.sql):
                         self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version={version}")
+                    self._db.execute(f"PRAGMA user_version={migration.version}")
                     self._db.execute("COMMIT")
                 except Exception:
                     self._db.execute("ROLLBACK")
@@ -499,11 +603,38 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def open_index(url: str, default_path: Path) -> SqliteIndex:
-    """Open the index named by ``url`` (``sqlite:///PATH``; empty means ``default_path``)."""
+def _read_only_uri(path: Path) -> str:
+    """SQLite's URI opening ``path`` read-only (percent-encoded, so any file name works)."""
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
+def read_schema_version(path: Path) -> int:
+    """The schema version of the index file ``path``, read without changing it
+    (:class:`IndexMissing` when there is no such file, :class:`IndexUnusable` when SQLite
+    cannot read it)."""
+    if not path.is_file():
+        raise IndexMissing(path)
+    try:
+        db = sqlite3.connect(_read_only_uri(path), uri=True)
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise IndexUnusable(f"cannot open the index {path}: {exc}") from None
+
+
+def index_file(url: str, default_path: Path) -> Path:
+    """The file of the index named by ``url`` (``sqlite:///PATH``; empty: ``default_path``)."""
     if url and not url.startswith("sqlite:///"):
         raise ValueError(
             f"unsupported index URL scheme in {url.split(':', 1)[0]!r}; use sqlite:///"
         )
-    path = Path(url[len("sqlite:///") :]) if url else default_path
-    return SqliteIndex(path)
+    return Path(url[len("sqlite:///") :]) if url else default_path
+
+
+def open_index(
+    url: str, default_path: Path, *, upgrade: bool = True, read_only: bool = False
+) -> SqliteIndex:
+    """Open the index named by ``url`` (see :func:`index_file` and :class:`SqliteIndex`)."""
+    return SqliteIndex(index_file(url, default_path), upgrade=upgrade, read_only=read_only)

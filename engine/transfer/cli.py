@@ -137,4 +137,4 @@ def run_transfers(args: argparse.Namespace) -> int:
             return _show(outbox, args)
         return _change(outbox, args, AuditLog(site.data_dir))
 
-    return run_with_index(args, command)
+    return run_with_index(args, command, read_only=args.action in ("list", "show"))
