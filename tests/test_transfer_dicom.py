@@ -23,7 +23,14 @@ import pydicom
 import pytest
 from jsonschema import Draft202012Validator
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    RLELossless,
+    UltrasoundImageStorage,
+)
 
 from engine.transfer import DESTINATIONS
 from engine.transfer.base import (
@@ -35,6 +42,7 @@ from engine.transfer.base import (
 )
 from engine.transfer.dicom import DicomDestination, DicomOptions, _plan
 from tests import synth
+from tests.compressed import CODECS, Codec, compress
 from tests.conftest import need_peer
 from tests.outgoing import outgoing
 from tests.peers import OrthancServer, PeerMissing, StorescpServer, dataset_part, free_port
@@ -231,19 +239,46 @@ def test_failure_status_and_unaccepted_sop_class_fail_alone(tmp_path: Path) -> N
     ]
 
 
-def test_compressed_file_is_decompressed_for_an_uncompressed_peer(tmp_path: Path) -> None:
+def to_color(ds: pydicom.Dataset) -> None:
+    """An 8-bit RGB ultrasound image of the same size instead of the MR one."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    y, x = np.mgrid[0:rows, 0:columns]
+    arr = np.stack([(3 * x) % 256, (2 * y) % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    ds.set_pixel_data(arr, "RGB", 8, generate_instance_uid=False)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    ds.Modality = "US"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_compressed_file_is_decompressed_for_an_uncompressed_peer(
+    tmp_path: Path, codec: Codec
+) -> None:
+    """Files compressed by dcmtk and pydicom reach a peer that takes uncompressed syntaxes only
+    (storescp's default): decoded, YCbCr as RGB, a lossy JPEG marked lossy, the rest kept."""
     paths = study(tmp_path, names=("localizer",))
-    original = pydicom.dcmread(paths[0])
-    rewrite(paths[0], to_rle)
+    rewrite(paths[1], to_color)
+    originals = [pydicom.dcmread(p) for p in paths[:2]]
+    for path in paths[:2]:
+        compress(path, path, codec)
     batch = batch_of(paths)
-    assert batch.instances[0].transfer_syntax == RLELossless
-    with storescp(tmp_path) as scp:  # storescp takes uncompressed syntaxes only by default
+    assert [i.transfer_syntax for i in batch.instances[:2]] == [codec.syntax] * 2
+    with storescp(tmp_path) as scp:
         results = send(destination(scp.port, tmp_path), batch)
-    assert all(r.ok for r in results)
-    got = pydicom.dcmread(received(scp)[original.SOPInstanceUID])
-    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert np.array_equal(got.pixel_array, original.pixel_array)
-    assert got.PatientID == original.PatientID and got.Rows == original.Rows
+    assert all(r.ok for r in results), results
+    got = received(scp)
+    for original, path in zip(originals, paths[:2], strict=True):
+        sent = pydicom.dcmread(path)
+        back = pydicom.dcmread(got[sent.SOPInstanceUID])  # dcmtk's lossy: a new UID
+        assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(back.pixel_array, sent.pixel_array)  # as our decoder sees it
+        if codec.lossless:
+            assert np.array_equal(back.pixel_array, original.pixel_array)
+        color = original.SamplesPerPixel == 3
+        assert back.PhotometricInterpretation == ("RGB" if color else "MONOCHROME2")
+        assert back.get("PlanarConfiguration", 0) == 0
+        if codec.syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+            assert back.LossyImageCompression == "01"
+        assert back.PatientID == original.PatientID and back.SOPClassUID == original.SOPClassUID
 
 
 def test_compressed_file_goes_as_is_when_the_peer_takes_it(tmp_path: Path) -> None:

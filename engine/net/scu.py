@@ -42,6 +42,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from engine.dicom.codecs import DecodeFailed, decompress
 from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
@@ -466,17 +467,18 @@ class ScuAssociation:
 
 
 def _reencode(path: Path, stored: UID, target: UID) -> bytes:
-    """The data set of the file at ``path`` (stored as ``stored``), decompressed when needed and
+    """The data set of the file at ``path`` (stored as ``stored``), decompressed when needed
+    (:func:`engine.dicom.codecs.decompress`: YCbCr becomes RGB, a lossy source says so) and
     encoded as ``target`` (Explicit or Implicit VR Little Endian); SOP Instance UID kept."""
     try:
         ds = dcmread(path)
-        if stored.is_compressed:
-            ds.decompress(generate_instance_uid=False)
+        decompress(ds)
         data = encode(ds, target.is_implicit_VR, target.is_little_endian)
-    except Exception as exc:  # decoders raise many kinds (missing plugin, corrupt stream)
+    except Exception as exc:  # an unreadable file, a corrupt stream, an unencodable value
+        why = str(exc) if isinstance(exc, DecodeFailed) else type(exc).__name__
         raise _Unsendable(
             f"cannot convert {stored.name} to {target.name}, the only encoding the peer accepts"
-            f" for it ({type(exc).__name__})"
+            f" for it ({why})"
         ) from exc
     if data is None:
         raise _Unsendable(f"cannot encode the data set as {target.name}")
