@@ -6,12 +6,14 @@ exactly as it came off the wire, so a file must arrive bit for bit after its met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields, replace
@@ -32,6 +34,7 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
+from engine.store.index import SqliteIndex
 from engine.transfer import DESTINATIONS
 from engine.transfer.base import (
     DeliveryError,
@@ -41,6 +44,8 @@ from engine.transfer.base import (
     destination_schema_file,
 )
 from engine.transfer.dicom import DicomDestination, DicomOptions, _plan
+from engine.transfer.outbox import Outbox, RetryPolicy, TransferState
+from engine.transfer.worker import DestinationEntry, OutboxWorker
 from tests import synth
 from tests.compressed import CODECS, Codec, compress
 from tests.conftest import need_peer
@@ -428,8 +433,12 @@ def orthanc_instances(server: OrthancServer, study_uid: str) -> int:
 def test_orthanc_receives_and_verify_count_passes(tmp_path: Path, orthanc: OrthancServer) -> None:
     batch = batch_of(study(tmp_path, seed=21))
     dest = destination(orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
-    assert dest.verify(batch) == (
-        "C-FIND count at destination peer: the peer does not know the study (C-FIND found no match)"
+    report_only = destination(
+        orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True, repair_rounds=0
+    )
+    assert report_only.verify(batch) == (
+        "destination peer holds no instance(s) of the study, expected 15 (15 confirmed"
+        " instance(s) missing)"
     )
     results = send(dest, batch)
     assert len(results) == 15 and all(r.ok for r in results)
@@ -445,7 +454,14 @@ def test_verify_count_mismatch_and_refused_query(tmp_path: Path, orthanc: Orthan
     dest = destination(orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
     send(dest, replace(batch, instances=batch.instances[:10]))
     assert orthanc_instances(orthanc, batch.study_uid) == 10
-    assert dest.verify(batch) == "destination peer holds 10 instance(s) of the study, expected 15"
+    report_only = destination(
+        orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True, repair_rounds=0
+    )
+    assert report_only.verify(batch) == (
+        "destination peer holds 10 instance(s) of the study, expected 15 (5 confirmed"
+        " instance(s) missing)"
+    )
+    assert orthanc_instances(orthanc, batch.study_uid) == 10  # repair_rounds 0: nothing sent
     # A calling AE title Orthanc does not know may store, but not query.
     options = {"ae_title": "ORTHANC", "calling_ae_title": "STRANGER", "verify_count": True}
     stranger = destination(orthanc.dicom_port, tmp_path, **options)
@@ -457,3 +473,116 @@ def test_verify_count_mismatch_and_refused_query(tmp_path: Path, orthanc: Orthan
         " from us"
     )
     assert destination(scp.port, tmp_path).verify(batch) is None  # verify_count off: no query
+
+
+# --------------------------------------------------------------------------- repair
+
+
+#: Orthanc acknowledges every instance, then deletes the first one numbered 2 (once).
+DELETE_ONCE = """
+deleted = false
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   if not deleted and tags['InstanceNumber'] == '2' then
+      deleted = true
+      Delete(instanceId)
+   end
+end
+"""
+
+#: Orthanc answers Success to every C-STORE but never keeps instance 2 of the series numbered
+#: 2 (a filtered instance is acknowledged and dropped, Orthanc 1.10); ``once``: the first time.
+DROP = """
+dropped = 0
+function ReceivedInstanceFilter(dicom, origin, info)
+   if dicom.SeriesNumber == '2' and dicom.InstanceNumber == '2' and dropped < {limit} then
+      dropped = dropped + 1
+      return false
+   end
+   return true
+end
+"""
+
+
+@contextlib.contextmanager
+def orthanc_with(tmp_path: Path, lua: str) -> Iterator[OrthancServer]:
+    try:
+        server = OrthancServer(tmp_path / "orthanc", lua=lua).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_for_count(server: OrthancServer, study_uid: str, count: int) -> None:
+    """Until Orthanc holds ``count`` instances of the study (its Lua runs after the answer)."""
+    deadline = time.monotonic() + 60
+    while orthanc_instances(server, study_uid) != count:
+        assert time.monotonic() < deadline, "Orthanc's Lua hook did not run"
+        time.sleep(0.1)
+
+
+def test_an_instance_lost_after_its_success_is_sent_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc confirms all 15 instances and then deletes one: the count finds 14, the IMAGE
+    level listing finds which, and exactly that one is sent again."""
+    caplog.set_level(logging.INFO, logger="engine")
+    batch = batch_of(study(tmp_path, seed=24))
+    with orthanc_with(tmp_path, DELETE_ONCE) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        assert all(r.ok for r in send(dest, batch))
+        wait_for_count(server, batch.study_uid, 14)
+        assert dest.verify(batch) is None
+        assert orthanc_instances(server, batch.study_uid) == 15
+        assert dest.verify(batch) is None  # and nothing more to do
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "(repair round" in m] == [
+        "transfer 1: destination peer lost 1 of 15 confirmed instance(s); sending them again"
+        " (repair round 1 of 2)"
+    ]
+    assert any("holds the study again after 1 repair round(s)" in m for m in messages)
+
+
+def test_an_instance_the_peer_never_keeps_fails_after_the_repair_rounds(tmp_path: Path) -> None:
+    batch = batch_of(study(tmp_path, seed=25))
+    with orthanc_with(tmp_path, DROP.replace("{limit}", "1000")) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) == (
+            "destination peer holds 14 instance(s) of the study, expected 15 (1 confirmed"
+            " instance(s) missing); still missing after 2 repair round(s)"
+        )
+
+
+def test_a_study_the_peer_lost_part_of_completes_through_the_outbox(tmp_path: Path) -> None:
+    """The outbox's view: before repairs, a transfer whose study the research PACS lost part
+    of failed verification on every attempt and ended a dead letter (``transfer_failed``);
+    now it is done, after one attempt."""
+    paths = study(tmp_path, seed=26)
+    data = tmp_path / "data"
+    data.mkdir()
+    index = SqliteIndex(data / "index.sqlite")
+    outbox = Outbox(index, data)
+    held: list[str] = []
+    with orthanc_with(tmp_path, DROP.replace("{limit}", "1")) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        policy = RetryPolicy(max_attempts=1)
+        worker = OutboxWorker(
+            outbox, {("demo", "peer"): DestinationEntry(dest, policy)}, lambda *a: held.append(a[2])
+        )
+        batch = batch_of(paths)
+        transfer = outbox.enqueue(
+            project="demo", destination="peer", study_uid=batch.study_uid,
+            export_uid=batch.study_uid, run_id=1, follow_up=0, subject="SUBJ01", event="",
+            items=list(batch.instances),
+        )  # fmt: skip
+        try:
+            assert worker.run_due(timeout=120) == 1
+        finally:
+            worker.close()
+        assert orthanc_instances(server, batch.study_uid) == 15
+    record = outbox.get(transfer)
+    assert record is not None and record.state is TransferState.DONE, record
+    assert held == []

@@ -1,4 +1,4 @@
-"""A DICOM association as requestor (SCU): C-STORE and a Study Root C-FIND count, one thread.
+"""A DICOM association as requestor (SCU): C-STORE and Study Root C-FINDs, on one thread.
 
 Protocol plumbing only, the counterpart of the receiver's :mod:`engine.net.upper` and
 :mod:`engine.net.dimse`: it knows files, UIDs and statuses, not destinations or outboxes (the
@@ -168,9 +168,10 @@ class ScuAssociation:
     decoded) when its own syntax was accepted; otherwise it is read with pydicom, decompressed
     if needed and re-encoded for an accepted uncompressed syntax.
 
-    :meth:`open` connects and negotiates; then :meth:`store` and :meth:`count_instances`, one
-    request at a time; :meth:`release` (or :meth:`abort`) closes the socket. Failures of the
-    association raise :class:`AssociationBroken`; a single instance's problems do not.
+    :meth:`open` connects and negotiates; then :meth:`store`, :meth:`count_instances` and
+    :meth:`list_instances`, one request at a time; :meth:`release` (or :meth:`abort`) closes
+    the socket. Failures of the association raise :class:`AssociationBroken`; a single
+    instance's problems do not.
     """
 
     def __init__(self, sock: socket.socket, opts: ScuOptions) -> None:
@@ -411,43 +412,70 @@ class ScuAssociation:
         data = _reencode(path, stored, target)
         yield syntaxes[target], io.BytesIO(data), len(data)
 
-    def count_instances(self, study_uid: str) -> int | str:
-        """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
-        Study Root C-FIND on Study Instance UID (0020,000D); a text when there is no count."""
+    def _find(self, query: Dataset) -> list[Dataset] | str:
+        """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
+        the peer takes no such queries from us or refuses this one."""
         syntaxes = self.accepted.get(STUDY_ROOT_FIND)
         if not syntaxes:
             return "the peer does not accept Study Root C-FIND queries from us"
         syntax, context_id = next(iter(syntaxes.items()))
         implicit = UID(syntax).is_implicit_VR
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study_uid
-        query.NumberOfStudyRelatedInstances = None
         identifier = encode(query, implicit, True) or b""
         command = _command(C_FIND_RQ, self._next_id(), STUDY_ROOT_FIND)
         self._send(context_id, command, io.BytesIO(identifier), len(identifier))
-        counts: list[int | None] = []
+        matches: list[Dataset] = []
         while True:
             response, data = self._response()
             status = self._status(response)
             if status not in _PENDING:
                 break
             try:
-                value = decode(io.BytesIO(data or b""), implicit, True).get(
-                    "NumberOfStudyRelatedInstances"
-                )
-                counts.append(None if value in (None, "") else int(value))
-            except Exception as exc:  # a malformed identifier: no count, whatever the cause
+                match = decode(io.BytesIO(data or b""), implicit, True)
+                for elem in match:  # decode every value now: a malformed one fails here
+                    _ = elem.value
+            except Exception as exc:  # a malformed identifier, whatever the cause
                 raise AssociationBroken(
                     f"the peer's C-FIND answer cannot be read ({type(exc).__name__})"
                 ) from exc
+            matches.append(match)
         if status != 0x0000:
             return f"the peer refused the C-FIND query ({_status_text(status)})"
-        if not counts:
+        return matches
+
+    def count_instances(self, study_uid: str) -> int | str:
+        """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
+        Study Root C-FIND on Study Instance UID (0020,000D); a text when there is no count."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        query.NumberOfStudyRelatedInstances = None
+        matches = self._find(query)
+        if isinstance(matches, str):
+            return matches
+        if not matches:
             return "the peer does not know the study (C-FIND found no match)"
-        if counts[0] is None:
+        value = matches[0].get("NumberOfStudyRelatedInstances")
+        if value in (None, ""):
             return "the peer did not report Number of Study Related Instances (0020,1208)"
-        return counts[0]
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise AssociationBroken("the peer's C-FIND answer cannot be read (count)") from exc
+
+    def list_instances(self, study_uid: str, series_uid: str) -> set[str] | str:
+        """SOP Instance UIDs (0008,0018) the peer holds in one series: a Study Root C-FIND at
+        IMAGE level with the Study and Series Instance UIDs (0020,000D), (0020,000E) as unique
+        keys of the levels above (a hierarchical query, PS3.4 C.4.1.2.1); a text when the peer
+        gives no answer."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        matches = self._find(query)
+        if isinstance(matches, str):
+            return matches
+        return {str(m.get("SOPInstanceUID", "")) for m in matches} - {""}
 
     def release(self) -> None:
         """A-RELEASE; the peer's data and aborts after our request are of no interest."""

@@ -9,7 +9,8 @@ Options (``schemas/destinations/dicom.schema.json``)::
         port: 11112
         ae_title: RESEARCH_PACS        # the peer's (called) AE title
         calling_ae_title: FIONA        # ours, as the peer knows it
-        verify_count: true             # Study Root C-FIND count after sending
+        verify_count: true             # Study Root C-FIND count after sending; repairs
+        repair_rounds: 2               # times lost instances are sent again (verify_count)
         tls:                           # optional; paths relative to the project file
           ca_file: tls/pacs-ca.pem
           cert_file: tls/fiona.pem
@@ -23,6 +24,18 @@ wire as it is stored (the data set bytes after its meta header, never decoded) w
 syntax was accepted; otherwise it is read with pydicom, decompressed if needed and re-encoded
 for the accepted uncompressed syntax. More than 128 contexts (the protocol's limit) split the
 study over several associations, by SOP class.
+
+After the study is sent, ``verify_count`` asks the peer for the study's Number of Study
+Related Instances (0020,1208). A short count means the peer lost instances it had confirmed
+(a PACS that dropped a file after its Success, a storage cleanup, a restore): those are never
+sent again by the outbox, which keeps them confirmed, so the destination repairs the study
+itself. An IMAGE level C-FIND per series of the study lists the SOP Instance UIDs the peer
+holds, the missing instances are C-STOREd again, and the count is asked again, up to
+``repair_rounds`` times; a study still short fails the attempt with the number missing (the
+outbox retries it later, repairing again, and makes it a dead letter at its limit). A count
+above the number sent passes when every instance sent is listed (the peer holds more of the
+study, from elsewhere). For a follow-up transfer, a count of at least its instances passes
+without a listing (the study's earlier instances are counted too).
 
 Why the data phase is not pynetdicom's ``Association.send_c_store`` (measured here, 3.0.4):
 
@@ -115,6 +128,7 @@ class DicomOptions:
     network_timeout: float = 60.0
     max_pdu: int = 16384
     verify_count: bool = False
+    repair_rounds: int = 2
     tls: TlsOptions | None = None
 
     @classmethod
@@ -222,24 +236,109 @@ class DicomDestination(Destination):
             ) from exc
 
     def verify(self, batch: StudyBatch) -> str | None:
+        """With ``verify_count``: the peer's count of the study's instances, and when it is not
+        what was sent, which sent instances it lacks (:meth:`_missing`), sent again up to
+        ``repair_rounds`` times (see the module doc)."""
         if not self.settings.verify_count:
             return None
+        rounds = self.settings.repair_rounds
+        for done in range(rounds + 1):
+            problem, missing = self._missing(batch)
+            if problem is None:
+                if done:
+                    log.info(
+                        "transfer %d: destination %s holds the study again after %d repair"
+                        " round(s)",
+                        batch.transfer_id,
+                        self.name,
+                        done,
+                    )
+                return None
+            if not missing:  # the count is off, and which instances are missing is unknown
+                return problem
+            if done == rounds:
+                again = f"; still missing after {rounds} repair round(s)" if rounds else ""
+                return problem + again
+            log.warning(
+                "transfer %d: destination %s lost %d of %d confirmed instance(s); sending them"
+                " again (repair round %d of %d)",
+                batch.transfer_id,
+                self.name,
+                len(missing),
+                len(batch.instances),
+                done + 1,
+                rounds,
+            )
+            failed = self._resend(batch, missing)
+            if failed:
+                return f"{problem}; sending them again failed: {failed}"
+        return None  # not reached: the last round returns
+
+    def _missing(self, batch: StudyBatch) -> tuple[str | None, list[OutgoingInstance]]:
+        """(None, []) when the peer holds every instance of ``batch``; else why not, with the
+        instances it lacks ([] when that cannot be told). The study's count (one Study Root
+        C-FIND) decides when it is the number sent (at least that, for a follow-up); otherwise
+        an IMAGE level C-FIND per series of the batch lists what the peer has."""
+        where = f"destination {self.name}"
         try:
             with self._association([(STUDY_ROOT_FIND, UNCOMPRESSED)]) as assoc:
                 found = assoc.count_instances(batch.study_uid)
+                expected = len(batch.instances)
+                # A follow-up transfer adds series to a study the peer already holds.
+                if found == expected or (
+                    batch.follow_up and isinstance(found, int) and found > expected
+                ):
+                    return None, []
+                if isinstance(found, str) and not found.startswith("the peer does not know"):
+                    return f"C-FIND count at {where}: {found}", []
+                held: set[str] = set()
+                for series in dict.fromkeys(i.series_uid for i in batch.instances):
+                    listed = assoc.list_instances(batch.study_uid, series)
+                    if isinstance(listed, str):
+                        return (
+                            f"C-FIND at {where} cannot tell which instances it lacks: {listed}",
+                            [],
+                        )
+                    held |= listed
         except AssociationBroken as exc:
-            return f"C-FIND count at destination {self.name} failed: {exc}"
-        if isinstance(found, str):
-            return f"C-FIND count at destination {self.name}: {found}"
-        expected = len(batch.instances)
-        # A follow-up transfer adds series to a study the peer already holds instances of.
-        if found == expected or (batch.follow_up and found > expected):
-            return None
+            return f"C-FIND count at {where} failed: {exc}", []
+        missing = [i for i in batch.instances if i.sop_instance_uid not in held]
+        if not missing:
+            if isinstance(found, int):
+                log.info(
+                    "transfer %d: %s counts %d instance(s) of the study, %d were sent; it holds"
+                    " every one of them",
+                    batch.transfer_id,
+                    where,
+                    found,
+                    expected,
+                )
+            return None, []
+        count = f"{found}" if isinstance(found, int) else "no"
         more = " or more" if batch.follow_up else ""
         return (
-            f"destination {self.name} holds {found} instance(s) of the study, expected"
-            f" {expected}{more}"
+            f"{where} holds {count} instance(s) of the study, expected {expected}{more}"
+            f" ({len(missing)} confirmed instance(s) missing)",
+            missing,
         )
+
+    def _resend(self, batch: StudyBatch, instances: Sequence[OutgoingInstance]) -> str:
+        """C-STORE ``instances`` again; why some did not go ('' when the peer took them all).
+        They were confirmed before: the outbox keeps them so, whatever the peer says now."""
+        refused: list[InstanceResult] = []
+        try:
+            for proposals, group in _plan(instances):
+                with self._association(proposals) as assoc:
+                    for i in group:
+                        result = assoc.store(i.path, i.sop_class_uid, i.sop_instance_uid)
+                        if not result.ok:
+                            uid = i.sop_instance_uid
+                            refused.append(InstanceResult(uid, False, result.status, result.detail))
+        except AssociationBroken as exc:
+            return str(exc)
+        if not refused:
+            return ""
+        return f"{len(refused)} refused ({refused[0].detail})"
 
     @classmethod
     def check(
