@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -43,7 +44,7 @@ from engine.transfer.base import (
     StudyBatch,
     destination_schema_file,
 )
-from engine.transfer.dicom import DicomDestination, DicomOptions, _plan
+from engine.transfer.dicom import CommitmentOptions, DicomDestination, DicomOptions, _plan
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferState
 from engine.transfer.worker import DestinationEntry, OutboxWorker
 from tests import synth
@@ -127,12 +128,16 @@ def test_registered_and_schema_defaults_are_the_option_defaults() -> None:
     Draft202012Validator.check_schema(SCHEMA)
     props = SCHEMA["properties"]
     for f in fields(DicomOptions):
-        if f.name in ("host", "port", "ae_title", "tls"):
+        if f.name in ("host", "port", "ae_title", "tls", "storage_commitment"):
             assert "default" not in props[f.name]
         else:
             assert props[f.name]["default"] == f.default, f.name
     assert all("description" in p for p in props.values())
     assert all("description" in p for p in props["tls"]["properties"].values())
+    commitment = props["storage_commitment"]["properties"]
+    for f in fields(CommitmentOptions):
+        assert commitment[f.name].get("default", f.default) == f.default, f.name
+        assert "description" in commitment[f.name]
 
 
 BASE = {"type": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS"}
@@ -539,8 +544,8 @@ def test_an_instance_lost_after_its_success_is_sent_again(
         assert dest.verify(batch) is None  # and nothing more to do
     messages = [r.getMessage() for r in caplog.records]
     assert [m for m in messages if "(repair round" in m] == [
-        "transfer 1: destination peer lost 1 of 15 confirmed instance(s); sending them again"
-        " (repair round 1 of 2)"
+        "transfer 1: destination peer lost 1 of 15 confirmed instance(s) (C-FIND count);"
+        " sending them again (repair round 1 of 2)"
     ]
     assert any("holds the study again after 1 repair round(s)" in m for m in messages)
 
@@ -586,3 +591,88 @@ def test_a_study_the_peer_lost_part_of_completes_through_the_outbox(tmp_path: Pa
     record = outbox.get(transfer)
     assert record is not None and record.state is TransferState.DONE, record
     assert held == []
+
+
+# --------------------------------------------------------------------------- storage commitment
+
+
+@contextlib.contextmanager
+def committing_orthanc(tmp_path: Path, report_port: int, lua: str = "") -> Iterator[OrthancServer]:
+    """An Orthanc that reports storage commitment results to FIONA at ``report_port``."""
+    modalities = {"fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": report_port}}
+    try:
+        server = OrthancServer(
+            tmp_path / "orthanc", lua=lua, extra={"DicomModalities": modalities}
+        ).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def committing(
+    server: OrthancServer, tmp_path: Path, port: int, **options: Any
+) -> DicomDestination:
+    commitment = {"port": port, "bind": "127.0.0.1", "timeout": 60, **options}
+    return destination(
+        server.dicom_port, tmp_path, ae_title="ORTHANC", storage_commitment=commitment
+    )
+
+
+def test_storage_commitment_confirms_a_study(tmp_path: Path) -> None:
+    """Orthanc's N-EVENT-REPORT (on an association of its own) commits to all 15 instances;
+    fiona listens for it only while it waits."""
+    batch = batch_of(study(tmp_path, seed=27))
+    port = free_port()
+    with committing_orthanc(tmp_path, port) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+    with socket.socket() as s:  # the listener is gone: its port can be taken again
+        s.bind(("127.0.0.1", port))
+
+
+def test_storage_commitment_repairs_an_instance_the_peer_does_not_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc acknowledges an instance it drops: its report fails it (0x0112, no such
+    instance), that instance is sent again, and the second request is committed in full."""
+    caplog.set_level(logging.INFO, logger="engine")
+    batch = batch_of(study(tmp_path, seed=28))
+    port = free_port()
+    with committing_orthanc(tmp_path, port, DROP.replace("{limit}", "1")) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+        assert orthanc_instances(server, batch.study_uid) == 15
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "(repair round" in m] == [
+        "transfer 1: destination peer lost 1 of 15 confirmed instance(s) (storage commitment);"
+        " sending them again (repair round 1 of 2)"
+    ]
+
+
+def test_storage_commitment_failures_and_their_messages(tmp_path: Path) -> None:
+    batch = batch_of(study(tmp_path, seed=29))
+    port = free_port()
+    with committing_orthanc(tmp_path, port, DROP.replace("{limit}", "1000")) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) == (
+            "destination peer did not commit to 1 of 15 instance(s) (storage commitment,"
+            " failure reason 0x0112); still missing after 2 repair round(s)"
+        )
+        # A report that never comes (the peer reports elsewhere): a clear reason, in time.
+        deaf = committing(server, tmp_path, free_port(), timeout=1)
+        assert deaf.verify(batch) == (
+            "destination peer sent no storage commitment report within 1 s (it reports to"
+            f" port {deaf.settings.storage_commitment.port})"  # type: ignore[union-attr]
+        )
+    with storescp(tmp_path) as scp:  # dcmtk's storescp has no Storage Commitment SCP
+        plain = destination(scp.port, tmp_path, storage_commitment={"port": free_port()})
+        assert plain.verify(batch) == (
+            "storage commitment at destination peer: the peer does not accept Storage"
+            " Commitment requests from us"
+        )

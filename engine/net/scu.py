@@ -60,7 +60,10 @@ _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
-C_STORE_RQ, C_FIND_RQ = 0x0001, 0x0020
+C_STORE_RQ, C_FIND_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0130
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 _NO_DATASET = 0x0101  # (0000,0800) Command Data Set Type: no data set follows
 _PENDING = (0xFF00, 0xFF01)
 
@@ -137,6 +140,24 @@ def _command(field: int, message_id: int, sop_class: str, sop_instance: str = ""
             _element(0x0700, struct.pack("<H", 0x0000)),
             _element(0x0800, struct.pack("<H", 0x0000)),
             _element(0x1000, sop_instance.encode("ascii")) if sop_instance else b"",
+        )
+    )
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _n_action_command(message_id: int) -> bytes:
+    """An N-ACTION-RQ command set asking the Storage Commitment Push Model's well-known
+    instance to commit (Action Type ID (0000,1008) 1), its data set following: Requested SOP
+    Class/Instance UID (0000,0003)/(0000,1001), Command Field (0000,0100), Message ID
+    (0000,0110)."""
+    body = b"".join(
+        (
+            _element(0x0003, STORAGE_COMMITMENT.encode("ascii")),
+            _element(0x0100, struct.pack("<H", N_ACTION_RQ)),
+            _element(0x0110, struct.pack("<H", message_id)),
+            _element(0x0800, struct.pack("<H", 0x0000)),
+            _element(0x1001, STORAGE_COMMITMENT_INSTANCE.encode("ascii")),
+            _element(0x1008, struct.pack("<H", 1)),
         )
     )
     return _element(0x0000, struct.pack("<L", len(body))) + body
@@ -476,6 +497,33 @@ class ScuAssociation:
         if isinstance(matches, str):
             return matches
         return {str(m.get("SOPInstanceUID", "")) for m in matches} - {""}
+
+    def request_commitment(
+        self, transaction_uid: str, instances: Sequence[tuple[str, str]]
+    ) -> str | None:
+        """Ask the peer to commit to keeping ``instances`` ((SOP Class UID, SOP Instance UID)
+        pairs): an N-ACTION-RQ of the Storage Commitment Push Model with Transaction UID
+        (0008,1195) and Referenced SOP Sequence (0008,1199). None when the peer took the
+        request (its result comes later, in an N-EVENT-REPORT); else why not."""
+        syntaxes = self.accepted.get(STORAGE_COMMITMENT)
+        if not syntaxes:
+            return "the peer does not accept Storage Commitment requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        items = []
+        for sop_class, sop_instance in instances:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            items.append(item)
+        request.ReferencedSOPSequence = items
+        data = encode(request, UID(syntax).is_implicit_VR, True) or b""
+        self._send(context_id, _n_action_command(self._next_id()), io.BytesIO(data), len(data))
+        status = self._status(self._response()[0])
+        if status != 0x0000:
+            return f"the peer refused the Storage Commitment request ({_status_text(status)})"
+        return None
 
     def release(self) -> None:
         """A-RELEASE; the peer's data and aborts after our request are of no interest."""

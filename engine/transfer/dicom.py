@@ -64,15 +64,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import generate_uid
+
 from engine.config.loader import ConfigIssue, format_path
 from engine.net.scu import (
     MAX_CONTEXTS,
+    STORAGE_COMMITMENT,
     STUDY_ROOT_FIND,
     UNCOMPRESSED,
     AssociationBroken,
@@ -90,6 +93,7 @@ from engine.transfer.base import (
     StudyBatch,
     resolve,
 )
+from engine.transfer.commitment import ReportListener
 
 __all__ = ["DicomDestination", "DicomOptions", "TlsOptions"]
 
@@ -115,6 +119,16 @@ class TlsOptions:
 
 
 @dataclass(frozen=True)
+class CommitmentOptions:
+    """The ``storage_commitment`` option: where fiona listens for the peer's report (``bind``,
+    ``port``) and how long it waits for it (``timeout``, seconds)."""
+
+    port: int
+    bind: str = "0.0.0.0"
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
 class DicomOptions:
     """A ``dicom`` destination's options; timeouts in seconds, ``max_pdu`` in bytes."""
 
@@ -130,15 +144,19 @@ class DicomOptions:
     verify_count: bool = False
     repair_rounds: int = 2
     tls: TlsOptions | None = None
+    storage_commitment: CommitmentOptions | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any], project_file: Path) -> DicomOptions:
         """From schema-valid options; missing keys take the schema's defaults (tested equal)."""
-        names = {f.name for f in fields(cls)} - {"tls"}
+        names = {f.name for f in fields(cls)} - {"tls", "storage_commitment"}
         values: dict[str, Any] = {k: v for k, v in options.items() if k in names}
         tls = options.get("tls")
         if isinstance(tls, Mapping):
             values["tls"] = TlsOptions(**{k: resolve(project_file, str(v)) for k, v in tls.items()})
+        commitment = options.get("storage_commitment")
+        if isinstance(commitment, Mapping):
+            values["storage_commitment"] = CommitmentOptions(**commitment)
         return cls(**values)
 
 
@@ -236,36 +254,52 @@ class DicomDestination(Destination):
             ) from exc
 
     def verify(self, batch: StudyBatch) -> str | None:
-        """With ``verify_count``: the peer's count of the study's instances, and when it is not
-        what was sent, which sent instances it lacks (:meth:`_missing`), sent again up to
-        ``repair_rounds`` times (see the module doc)."""
-        if not self.settings.verify_count:
-            return None
+        """With ``storage_commitment``: the peer's commitment to every instance; with
+        ``verify_count``: the peer's count of the study's instances. Instances the peer
+        lacks are sent again up to ``repair_rounds`` times (see the module doc)."""
+        if self.settings.storage_commitment is not None:
+            problem = self._repaired(batch, self._uncommitted, "storage commitment")
+            if problem is not None:
+                return problem
+        if self.settings.verify_count:
+            return self._repaired(batch, self._missing, "C-FIND count")
+        return None
+
+    def _repaired(
+        self,
+        batch: StudyBatch,
+        check: Callable[[StudyBatch], tuple[str | None, list[OutgoingInstance]]],
+        what: str,
+    ) -> str | None:
+        """Run ``check`` (None and [] when the peer holds the study; else why not, with the
+        instances it lacks) and send those again, up to ``repair_rounds`` times."""
         rounds = self.settings.repair_rounds
         for done in range(rounds + 1):
-            problem, missing = self._missing(batch)
+            problem, missing = check(batch)
             if problem is None:
                 if done:
                     log.info(
                         "transfer %d: destination %s holds the study again after %d repair"
-                        " round(s)",
+                        " round(s) (%s)",
                         batch.transfer_id,
                         self.name,
                         done,
+                        what,
                     )
                 return None
-            if not missing:  # the count is off, and which instances are missing is unknown
+            if not missing:  # no answer, or which instances are missing is unknown
                 return problem
             if done == rounds:
                 again = f"; still missing after {rounds} repair round(s)" if rounds else ""
                 return problem + again
             log.warning(
-                "transfer %d: destination %s lost %d of %d confirmed instance(s); sending them"
-                " again (repair round %d of %d)",
+                "transfer %d: destination %s lost %d of %d confirmed instance(s) (%s); sending"
+                " them again (repair round %d of %d)",
                 batch.transfer_id,
                 self.name,
                 len(missing),
                 len(batch.instances),
+                what,
                 done + 1,
                 rounds,
             )
@@ -273,6 +307,57 @@ class DicomDestination(Destination):
             if failed:
                 return f"{problem}; sending them again failed: {failed}"
         return None  # not reached: the last round returns
+
+    @cached_property
+    def _listener(self) -> ReportListener:
+        commitment = self.settings.storage_commitment
+        assert commitment is not None
+        return ReportListener(
+            commitment.bind,
+            commitment.port,
+            self.settings.calling_ae_title,
+            self.settings.ae_title,
+        )
+
+    def _uncommitted(self, batch: StudyBatch) -> tuple[str | None, list[OutgoingInstance]]:
+        """(None, []) when the peer commits to keeping every instance of ``batch`` (Storage
+        Commitment Push Model: N-ACTION here, its N-EVENT-REPORT on :attr:`_listener`); else
+        why not, with the instances it did not commit to."""
+        commitment = self.settings.storage_commitment
+        assert commitment is not None
+        where = f"destination {self.name}"
+        transaction = generate_uid(prefix=None)
+        refs = [(i.sop_class_uid, i.sop_instance_uid) for i in batch.instances]
+        try:
+            with self._listener.expecting(transaction) as waiting:
+                try:
+                    with self._association([(STORAGE_COMMITMENT, UNCOMPRESSED)]) as assoc:
+                        refused = assoc.request_commitment(transaction, refs)
+                except AssociationBroken as exc:
+                    return f"storage commitment request to {where} failed: {exc}", []
+                if refused is not None:
+                    return f"storage commitment at {where}: {refused}", []
+                if not waiting.done.wait(commitment.timeout):
+                    return (
+                        f"{where} sent no storage commitment report within"
+                        f" {commitment.timeout:g} s (it reports to port {commitment.port})",
+                        [],
+                    )
+                report = waiting.report
+        except OSError as exc:
+            why = short_reason(exc)
+            return f"cannot listen on port {commitment.port} for storage commitment ({why})", []
+        assert report is not None
+        missing = [i for i in batch.instances if i.sop_instance_uid not in report.committed]
+        if not missing:
+            return None, []
+        reasons = sorted({f"0x{r:04X}" for r in report.failed.values()})
+        because = f", failure reason {', '.join(reasons)}" if reasons else ""
+        return (
+            f"{where} did not commit to {len(missing)} of {len(batch.instances)} instance(s)"
+            f" (storage commitment{because})",
+            missing,
+        )
 
     def _missing(self, batch: StudyBatch) -> tuple[str | None, list[OutgoingInstance]]:
         """(None, []) when the peer holds every instance of ``batch``; else why not, with the
