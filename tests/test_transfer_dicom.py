@@ -157,6 +157,13 @@ BASE = {"type": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS"}
         ({**BASE, "port": 0}, False),
         ({**BASE, "dimse_timeout": 0}, False),
         ({**BASE, "ae_titel": "PACS"}, False),
+        ({**BASE, "verify_count": True, "repair_rounds": 0}, True),
+        ({**BASE, "repair_rounds": -1}, False),
+        ({**BASE, "storage_commitment": {"port": 11113}}, True),
+        ({**BASE, "storage_commitment": {"port": 11113, "bind": "127.0.0.1", "timeout": 5}}, True),
+        ({**BASE, "storage_commitment": {}}, False),  # the port is required
+        ({**BASE, "storage_commitment": {"port": 11113, "timeout": 0}}, False),
+        ({**BASE, "storage_commitment": True}, False),
         ({k: v for k, v in BASE.items() if k != "port"}, False),
     ],
 )
@@ -630,8 +637,10 @@ def test_storage_commitment_confirms_a_study(tmp_path: Path) -> None:
         dest = committing(server, tmp_path, port)
         assert all(r.ok for r in send(dest, batch))
         assert dest.verify(batch) is None
-    with socket.socket() as s:  # the listener is gone: its port can be taken again
+    with socket.socket() as s:  # the listener is gone: its port can be listened on again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_storage_commitment_repairs_an_instance_the_peer_does_not_hold(

@@ -10,7 +10,9 @@ Options (``schemas/destinations/dicom.schema.json``)::
         ae_title: RESEARCH_PACS        # the peer's (called) AE title
         calling_ae_title: FIONA        # ours, as the peer knows it
         verify_count: true             # Study Root C-FIND count after sending; repairs
-        repair_rounds: 2               # times lost instances are sent again (verify_count)
+        repair_rounds: 2               # times lost instances are sent again per attempt
+        storage_commitment:            # optional: Storage Commitment Push Model after sending
+          port: 11113                  # fiona listens here for the peer's N-EVENT-REPORT
         tls:                           # optional; paths relative to the project file
           ca_file: tls/pacs-ca.pem
           cert_file: tls/fiona.pem
@@ -36,6 +38,16 @@ outbox retries it later, repairing again, and makes it a dead letter at its limi
 above the number sent passes when every instance sent is listed (the peer holds more of the
 study, from elsewhere). For a follow-up transfer, a count of at least its instances passes
 without a listing (the study's earlier instances are counted too).
+
+``storage_commitment`` asks the peer for more than a count: an N-ACTION-RQ of the Storage
+Commitment Push Model (1.2.840.10008.1.20.1) lists every instance of the study under a new
+Transaction UID, and the peer's N-EVENT-REPORT says which it keeps. Peers send that report on
+an association of their own (Orthanc always; the request's association is released after the
+N-ACTION response, so a peer that can only report on it is not supported), to a listener this
+destination runs on ``storage_commitment.port`` while some transfer waits
+(:mod:`engine.transfer.commitment`). Instances not committed to are sent again, and the whole
+study asked again, up to ``repair_rounds`` times, as for the count; the commitment comes first
+when both are configured.
 
 Why the data phase is not pynetdicom's ``Association.send_c_store`` (measured here, 3.0.4):
 
