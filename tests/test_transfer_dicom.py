@@ -685,3 +685,47 @@ def test_storage_commitment_failures_and_their_messages(tmp_path: Path) -> None:
             "storage commitment at destination peer: the peer does not accept Storage"
             " Commitment requests from us"
         )
+
+
+def test_storage_commitment_over_tls(tmp_path: Path) -> None:
+    """With ``tls``, the study, the request and the peer's report all go over TLS: Orthanc
+    accepts TLS only, and reports to fiona's listener with its client certificate."""
+    key, cert = self_signed(tmp_path / "tls", "localhost")  # both sides' certificate
+    batch = batch_of(study(tmp_path, seed=30))
+    port = free_port()
+    modalities = {
+        "fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}
+    }
+    extra = {
+        "DicomModalities": modalities,
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(cert),
+        "DicomTlsPrivateKey": str(key),
+        "DicomTlsTrustedCertificates": str(cert),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    try:
+        server = OrthancServer(tmp_path / "orthanc", extra=extra).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        tls = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)}
+        commitment = {"port": port, "bind": "127.0.0.1", "timeout": 60}
+        options = {"ae_title": "ORTHANC", "tls": tls, "storage_commitment": commitment}
+        dest = destination(server.dicom_port, tmp_path, **options)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+    finally:
+        server.stop()
+    issues = DicomDestination.check(
+        {**BASE, "tls": {"ca_file": str(cert)}, "storage_commitment": {"port": port}},
+        tmp_path / "project.yaml",
+        ("destinations", "pacs"),
+    )
+    assert [(i.path, i.message) for i in issues] == [
+        (
+            "destinations.pacs.tls",
+            "cert_file is required with storage_commitment: the peer's report comes in over"
+            " TLS, to fiona's certificate",
+        )
+    ]

@@ -12,13 +12,15 @@ it after the N-ACTION response). So while a destination waits for reports it lis
 ``storage_commitment.port``: a pynetdicom server (one short association per report, so its
 reactor is of no concern here) that accepts only the Storage Commitment context, only when
 called with our AE title by the peer's, and answers every report; a report whose Transaction
-UID nobody waits for is answered and ignored. The listener runs while at least one transfer
-waits and stops after the last.
+UID nobody waits for is answered and ignored. For a destination with ``tls`` it speaks TLS
+too, with fiona's certificate, and requires the peer's client certificate. The listener runs
+while at least one transfer waits and stops after the last.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,8 +71,16 @@ class ReportListener:
     """Receives N-EVENT-REPORTs on ``bind``:``port`` for AE title ``our_ae`` from AE
     ``peer_ae``, while some transaction is waited for (:meth:`expecting`)."""
 
-    def __init__(self, bind: str, port: int, our_ae: str, peer_ae: str) -> None:
+    def __init__(
+        self,
+        bind: str,
+        port: int,
+        our_ae: str,
+        peer_ae: str,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.bind, self.port, self.our_ae, self.peer_ae = bind, port, our_ae, peer_ae
+        self.tls = tls  # a server context: with it, only TLS associations
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiting] = {}
         self._server: Any = None
@@ -102,7 +112,9 @@ class ReportListener:
         # The peer reports as the SOP class's SCP: accept that role (and the default one).
         ae.add_supported_context(STORAGE_COMMITMENT, syntaxes, scu_role=True, scp_role=True)
         handlers: list[Any] = [(evt.EVT_N_EVENT_REPORT, self._on_report)]
-        return ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
+        return ae.start_server(
+            (self.bind, self.port), block=False, ssl_context=self.tls, evt_handlers=handlers
+        )
 
     def _on_report(self, event: Any) -> tuple[int, None]:
         """pynetdicom's handler: record the report of a transaction waited for; 0x0000."""

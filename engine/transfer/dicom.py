@@ -129,6 +129,19 @@ class TlsOptions:
             ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
 
+    def server_context(self) -> ssl.SSLContext:
+        """A server context for the peer's storage commitment reports: fiona's certificate
+        (``cert_file``, required), and the peer's client certificate required and checked
+        against ``ca_file`` (or the system's CAs)."""
+        if self.cert_file is None:
+            raise ValueError("tls.cert_file is needed to receive storage commitment reports")
+        ctx = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH, cafile=None if self.ca_file is None else str(self.ca_file)
+        )
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
 
 @dataclass(frozen=True)
 class CommitmentOptions:
@@ -324,11 +337,13 @@ class DicomDestination(Destination):
     def _listener(self) -> ReportListener:
         commitment = self.settings.storage_commitment
         assert commitment is not None
+        tls = self.settings.tls
         return ReportListener(
             commitment.bind,
             commitment.port,
             self.settings.calling_ae_title,
             self.settings.ae_title,
+            None if tls is None else tls.server_context(),
         )
 
     def _uncommitted(self, batch: StudyBatch) -> tuple[str | None, list[OutgoingInstance]]:
@@ -356,7 +371,7 @@ class DicomDestination(Destination):
                         [],
                     )
                 report = waiting.report
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # a port in use; TLS files that do not load
             why = short_reason(exc)
             return f"cannot listen on port {commitment.port} for storage commitment ({why})", []
         assert report is not None
@@ -445,6 +460,13 @@ class DicomDestination(Destination):
         if not isinstance(tls, Mapping):
             return []
         issues = []
+        if "storage_commitment" in options and "cert_file" not in tls:
+            path = format_path((*base_path, "tls"))
+            message = (
+                "cert_file is required with storage_commitment: the peer's report comes in"
+                " over TLS, to fiona's certificate"
+            )
+            issues.append(ConfigIssue(file, None, path, message))
         for key in ("ca_file", "cert_file", "key_file"):
             if key in tls and not resolve(file, str(tls[key])).is_file():
                 path = format_path((*base_path, "tls", key))
