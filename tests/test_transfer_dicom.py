@@ -729,3 +729,46 @@ def test_storage_commitment_over_tls(tmp_path: Path) -> None:
             " TLS, to fiona's certificate",
         )
     ]
+
+
+UNCOMPRESSED_ONLY = {
+    f"{name}TransferSyntaxAccepted": False
+    for name in ("Deflated", "Jpeg", "Jpeg2000", "JpegLossless", "Jpip", "Mpeg2", "Rle")
+}
+
+
+def test_orthanc_restricted_to_uncompressed_gets_every_compressed_instance(
+    tmp_path: Path,
+) -> None:
+    """The issue's case: a study compressed by dcmtk (JPEG baseline, extended and lossless,
+    JPEG-LS, RLE) to an Orthanc that accepts uncompressed syntaxes only; every instance
+    arrives, decoded (without the decoders, 13 of 15 were refused)."""
+    paths = study(tmp_path, seed=31)
+    codecs = [c for c in CODECS if c.name in (
+        "dcmcjpeg-baseline", "dcmcjpeg-lossless", "dcmcjpeg-extended", "dcmcjpls-lossless",
+        "dcmcjpls-near", "dcmcrle",
+    )]  # fmt: skip
+    for n, path in enumerate(paths):
+        compress(path, path, codecs[n % len(codecs)])
+    batch = batch_of(paths)
+    try:
+        server = OrthancServer(tmp_path / "orthanc", extra=UNCOMPRESSED_ONLY).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        results = send(dest, batch)
+        assert [r.detail for r in results if not r.ok] == []
+        assert dest.verify(batch) is None
+        base = f"http://127.0.0.1:{server.http_port}"
+        with urllib.request.urlopen(f"{base}/instances?expand", timeout=10) as answer:
+            ids = [i["ID"] for i in json.load(answer)]
+        syntaxes = set()
+        for orthanc_id in ids:
+            url = f"{base}/instances/{orthanc_id}/metadata/TransferSyntax"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                syntaxes.add(answer.read().decode())
+    finally:
+        server.stop()
+    assert len(ids) == 15
+    assert syntaxes <= {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
