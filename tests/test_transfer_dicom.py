@@ -449,7 +449,7 @@ def test_orthanc_receives_and_verify_count_passes(tmp_path: Path, orthanc: Ortha
         orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True, repair_rounds=0
     )
     assert report_only.verify(batch) == (
-        "destination peer holds no instance(s) of the study, expected 15 (15 confirmed"
+        "destination peer holds 0 instance(s) of the study, expected 15 (15 confirmed"
         " instance(s) missing)"
     )
     results = send(dest, batch)

@@ -465,7 +465,8 @@ class ScuAssociation:
 
     def count_instances(self, study_uid: str) -> int | str:
         """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
-        Study Root C-FIND on Study Instance UID (0020,000D); a text when there is no count."""
+        Study Root C-FIND on Study Instance UID (0020,000D) (0 when no study matches); a text
+        when there is no count."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
@@ -474,7 +475,7 @@ class ScuAssociation:
         if isinstance(matches, str):
             return matches
         if not matches:
-            return "the peer does not know the study (C-FIND found no match)"
+            return 0
         value = matches[0].get("NumberOfStudyRelatedInstances")
         if value in (None, ""):
             return "the peer did not report Number of Study Related Instances (0020,1208)"

@@ -401,7 +401,7 @@ class DicomDestination(Destination):
                     batch.follow_up and isinstance(found, int) and found > expected
                 ):
                     return None, []
-                if isinstance(found, str) and not found.startswith("the peer does not know"):
+                if isinstance(found, str):
                     return f"C-FIND count at {where}: {found}", []
                 held: set[str] = set()
                 for series in dict.fromkeys(i.series_uid for i in batch.instances):
@@ -416,20 +416,18 @@ class DicomDestination(Destination):
             return f"C-FIND count at {where} failed: {exc}", []
         missing = [i for i in batch.instances if i.sop_instance_uid not in held]
         if not missing:
-            if isinstance(found, int):
-                log.info(
-                    "transfer %d: %s counts %d instance(s) of the study, %d were sent; it holds"
-                    " every one of them",
-                    batch.transfer_id,
-                    where,
-                    found,
-                    expected,
-                )
+            log.info(
+                "transfer %d: %s counts %d instance(s) of the study, %d were sent; it holds"
+                " every one of them",
+                batch.transfer_id,
+                where,
+                found,
+                expected,
+            )
             return None, []
-        count = f"{found}" if isinstance(found, int) else "no"
         more = " or more" if batch.follow_up else ""
         return (
-            f"{where} holds {count} instance(s) of the study, expected {expected}{more}"
+            f"{where} holds {found} instance(s) of the study, expected {expected}{more}"
             f" ({len(missing)} confirmed instance(s) missing)",
             missing,
         )
@@ -437,20 +435,17 @@ class DicomDestination(Destination):
     def _resend(self, batch: StudyBatch, instances: Sequence[OutgoingInstance]) -> str:
         """C-STORE ``instances`` again; why some did not go ('' when the peer took them all).
         They were confirmed before: the outbox keeps them so, whatever the peer says now."""
-        refused: list[InstanceResult] = []
+        refused: list[str] = []  # the peer's reasons
         try:
             for proposals, group in _plan(instances):
                 with self._association(proposals) as assoc:
                     for i in group:
                         result = assoc.store(i.path, i.sop_class_uid, i.sop_instance_uid)
                         if not result.ok:
-                            uid = i.sop_instance_uid
-                            refused.append(InstanceResult(uid, False, result.status, result.detail))
+                            refused.append(result.detail)
         except AssociationBroken as exc:
             return str(exc)
-        if not refused:
-            return ""
-        return f"{len(refused)} refused ({refused[0].detail})"
+        return f"{len(refused)} refused ({refused[0]})" if refused else ""
 
     @classmethod
     def check(
