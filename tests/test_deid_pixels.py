@@ -366,16 +366,25 @@ def test_clean_compressed_by_dcmtk_and_pydicom(
     _assert_cleaned(_pixels(reread), decoded, REGIONS)
 
 
-def test_no_decoder_fails_with_the_syntax_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a decoder for the syntax (pydicom has none for HTJ2K here), the detail says
-    which, for the coordinator and the operator."""
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [
+        ("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile / Main Level"),  # pydicom: no decoder
+        ("1.2.826.0.1.3680043.8.498.77", "1.2.826.0.1.3680043.8.498.77"),  # a private syntax
+    ],
+)
+def test_no_decoder_fails_with_the_syntax_named(syntax: str, name: str) -> None:
+    """Without a decoder for the syntax, the detail says which, for the coordinator and the
+    operator; the pixels are left alone."""
     ds, _ = _image(text=TEXT)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.202"  # HTJ2K (RPCL), decoder-less
-    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not decoded \xff\xd9"])
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3 not decoded"])
     ds["PixelData"].VR = "OB"
-    failed = clean_pixels(ds, REGIONS)
-    assert isinstance(failed, CleanFailed)
-    assert failed.detail.startswith("pixel data cannot be decoded for cleaning: ")
+    before = ds.PixelData
+    assert clean_pixels(ds, REGIONS) == CleanFailed(
+        f"pixel data cannot be decoded for cleaning: no decoder installed for {name}"
+    )
+    assert ds.PixelData == before
 
 
 ACME_RULE = """\

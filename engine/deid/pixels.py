@@ -45,7 +45,7 @@ from engine.config.loader import (
     _schema_issues,
     format_path,
 )
-from engine.dicom.codecs import DecodeFailed, decompress
+from engine.dicom.codecs import DecodeFailed, decompress, is_compressed
 
 __all__ = [
     "CleanFailed",
@@ -345,7 +345,7 @@ def clean_pixels(
         return CleanFailed("no pixel data to clean")
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str((meta or {}).get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    if syntax.is_compressed:
+    if is_compressed(syntax):
         try:
             decompress(ds)
         except DecodeFailed as exc:

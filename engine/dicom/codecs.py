@@ -22,7 +22,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
-__all__ = ["DecodeFailed", "can_decode", "decompress"]
+__all__ = ["DecodeFailed", "can_decode", "decompress", "is_compressed"]
 
 #: Syntaxes whose every image went through lossy compression, with the Lossy Image Compression
 #: Method (0028,2114) term for it. Others (JPEG-LS near-lossless, JPEG 2000) may be lossless:
@@ -48,12 +48,21 @@ class DecodeFailed(Exception):
     """Pixel data could not be decoded; the message is short and PHI-free."""
 
 
+def is_compressed(syntax: str) -> bool:
+    """Whether transfer syntax ``syntax`` (a UID) holds compressed (encapsulated) pixel data;
+    a syntax pydicom does not know (a private one) counts as compressed."""
+    try:
+        return bool(UID(syntax).is_compressed)
+    except ValueError:  # not a transfer syntax pydicom knows
+        return True
+
+
 def can_decode(syntax: str) -> bool:
     """Whether an installed decoder handles transfer syntax ``syntax`` (a UID)."""
     from pydicom.pixels.decoders.base import get_decoder
 
     uid = UID(syntax)
-    if not uid.is_compressed:
+    if not is_compressed(uid):
         return True
     try:
         return bool(get_decoder(uid).is_available)
@@ -77,7 +86,7 @@ def decompress(ds: Dataset) -> None:
     """
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str((meta or {}).get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    if not syntax.is_compressed:
+    if not is_compressed(syntax):
         return
     if not can_decode(syntax):
         raise DecodeFailed(f"no decoder installed for {syntax.name}")
