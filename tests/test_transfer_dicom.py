@@ -693,9 +693,7 @@ def test_storage_commitment_over_tls(tmp_path: Path) -> None:
     key, cert = self_signed(tmp_path / "tls", "localhost")  # both sides' certificate
     batch = batch_of(study(tmp_path, seed=30))
     port = free_port()
-    modalities = {
-        "fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}
-    }
+    modalities = {"fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}}
     extra = {
         "DicomModalities": modalities,
         "DicomTlsEnabled": True,
