@@ -204,6 +204,10 @@ class OrthancServer:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     ae_title: str = "ORTHANC"
+    #: A Lua script Orthanc runs (its callbacks: ``OnStoredInstance``, ``ReceivedInstanceFilter``).
+    lua: str = ""
+    #: More configuration, merged over the defaults below.
+    extra: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> OrthancServer:
@@ -211,7 +215,7 @@ class OrthancServer:
         if not os.access(binary, os.X_OK):
             raise PeerMissing("Orthanc is not installed (Debian: apt-get install orthanc)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "Name": "fiona-test",
             "DicomAet": self.ae_title,
             "DicomPort": self.dicom_port,
@@ -226,6 +230,11 @@ class OrthancServer:
             "DicomModalities": {"fiona": ["FIONA", "127.0.0.1", 104]},
             "Plugins": [],
         }
+        if self.lua:
+            script = self.work_dir / "fiona-test.lua"
+            script.write_text(self.lua)
+            config["LuaScripts"] = [str(script)]
+        config.update(self.extra)
         path = self.work_dir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         log = (self.work_dir / "orthanc.log").open("ab")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     RLELossless,
     SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
@@ -27,7 +29,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from engine.deid import Deidentifier, load_profile
 from engine.deid.burned_in import BurnedInPolicy, Clean, Pass, Quarantine, check_burned_in
+from engine.deid.export import Exporter, Held
 from engine.deid.pixels import (
     CleanFailed,
     PixelRuleSet,
@@ -38,6 +42,7 @@ from engine.deid.pixels import (
     pixel_rule_files,
     pixels_dir,
 )
+from tests.compressed import CODECS, Codec, compress
 from tests.synth import MR_SERIES, make_series, make_study_spec
 
 SPEC = make_study_spec(0)
@@ -323,14 +328,122 @@ def test_clean_rle_ybr_becomes_rgb() -> None:
     assert (_pixels(ds)[:, _mask(48, 64, REGIONS)] == 0).all()
 
 
-def test_undecodable_pixels_fail_for_quarantine() -> None:
+def _compressed(tmp_path: Path, codec: Codec, photometric: str) -> tuple[Dataset, np.ndarray]:
+    """A 2-frame image with text (8-bit RGB, or MONOCHROME2 with 12 of 16 bits) compressed by
+    ``codec``, read back; and its pixels as the decoder gives them (frames x rows x cols x
+    samples), the reference outside the cleaned regions (lossy codecs change pixels)."""
+    bits = 8 if photometric == "RGB" else 16
+    ds, _ = _image(photometric=photometric, frames=2, bits=bits, text=TEXT)
+    ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    path = compress(tmp_path / "plain.dcm", tmp_path / "compressed.dcm", codec)
+    compressed = pydicom.dcmread(path)
+    return compressed, _pixels(pydicom.dcmread(path))
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "MONOCHROME2"])
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_clean_compressed_by_dcmtk_and_pydicom(
+    tmp_path: Path, codec: Codec, photometric: str
+) -> None:
+    """Pixel cleaning decodes what dcmtk and pydicom compress (JPEG baseline, extended and
+    lossless, JPEG-LS, JPEG 2000, RLE), blanks, and writes a valid uncompressed file: Explicit
+    VR Little Endian, YCbCr as RGB, a lossy JPEG still marked lossy."""
+    ds, decoded = _compressed(tmp_path, codec, photometric)
+    sop_uid = ds.SOPInstanceUID
+    assert clean_pixels(ds, REGIONS) is None
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.SOPInstanceUID == sop_uid
+    assert ds.PhotometricInterpretation == photometric  # YBR_FULL_422 (baseline) -> RGB
+    assert ds.get("PlanarConfiguration", 0) == 0 and ds.NumberOfFrames == 2
+    if codec.syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        assert ds.LossyImageCompression == "01"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    reread = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert reread.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert not reread["PixelData"].is_undefined_length
+    assert len(reread.PixelData) == 2 * 48 * 64 * reread.SamplesPerPixel * reread.BitsAllocated // 8
+    _assert_cleaned(_pixels(reread), decoded, REGIONS)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [
+        ("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile / Main Level"),  # pydicom: no decoder
+        ("1.2.826.0.1.3680043.8.498.77", "1.2.826.0.1.3680043.8.498.77"),  # a private syntax
+    ],
+)
+def test_no_decoder_fails_with_the_syntax_named(syntax: str, name: str) -> None:
+    """Without a decoder for the syntax, the detail says which, for the coordinator and the
+    operator; the pixels are left alone."""
+    ds, _ = _image(text=TEXT)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3 not decoded"])
+    ds["PixelData"].VR = "OB"
+    before = ds.PixelData
+    assert clean_pixels(ds, REGIONS) == CleanFailed(
+        f"pixel data cannot be decoded for cleaning: no decoder installed for {name}"
+    )
+    assert ds.PixelData == before
+
+
+ACME_RULE = """\
+rules:
+  - name: acme_sono_48x64
+    manufacturer: "^ACME"
+    model: "SONO ?1"
+    rows: 48
+    columns: 64
+    regions:
+      - {x: 0, y: 0, width: 64, height: 6}
+      - {x: 40, y: 30, width: 10, height: 8}
+"""
+
+
+def test_export_of_a_jpeg_ultrasound_is_cleaned_de_identified_and_valid(tmp_path: Path) -> None:
+    """The usual case: an ultrasound cine compressed as JPEG baseline (YBR_FULL_422) by dcmtk
+    goes through the exporter's pixel cleaning and the profile and comes out a valid
+    uncompressed RGB file without the patient's name, in pixels or header."""
+    ds, _ = _image(photometric="RGB", frames=2, text=TEXT)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "PID4711", "19600101"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyDate, ds.AccessionNumber = "20240102", "ACC998877"
+    ds.save_as(tmp_path / "us.dcm", enforce_file_format=True)
+    codec = next(c for c in CODECS if c.name == "dcmcjpeg-baseline")
+    path = compress(tmp_path / "us.dcm", tmp_path / "us-jpeg.dcm", codec)
+    assert pydicom.dcmread(path).PhotometricInterpretation == "YBR_FULL_422"
+    decoded = _pixels(pydicom.dcmread(path))
+    rules = load_pixel_rules([_write(tmp_path, "acme.yaml", ACME_RULE)])
+    exporter = Exporter(Deidentifier(load_profile("basic"), b"s" * 48, project="p"), None, rules)
+    result = exporter.export(path.read_bytes(), subject="SUBJ0001")
+    assert not isinstance(result, Held), result
+    out = pydicom.dcmread(io.BytesIO(result.data))
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.PhotometricInterpretation == "RGB" and out.LossyImageCompression == "01"
+    assert out.PatientName != "Doe^Jane" and not out.get("PatientBirthDate")
+    assert out.SOPInstanceUID != ds.SOPInstanceUID
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    _assert_cleaned(_pixels(out), decoded, REGIONS)
+    for value in (b"Doe^Jane", b"PID4711", b"19600101", b"ACC998877"):
+        assert value not in result.data
+
+
+def test_undecodable_pixels_fail_for_quarantine(caplog: pytest.LogCaptureFixture) -> None:
+    """A corrupt stream: one line for the quarantine, no traceback in the log (pydicom's
+    decoder logs one at ERROR; fiona keeps it at DEBUG)."""
+    caplog.set_level(logging.INFO)
     ds, _ = _image(text=TEXT)
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PixelData = encapsulate([b"\xff\xd8 not really a JPEG \xff\xd9"])
     ds["PixelData"].VR = "OB"
     before = copy.deepcopy(ds)
-    assert clean_pixels(ds, REGIONS) == CleanFailed("pixel data cannot be decoded for cleaning")
+    failed = clean_pixels(ds, REGIONS)
+    assert isinstance(failed, CleanFailed) and failed.detail.startswith(
+        "pixel data cannot be decoded for cleaning: JPEG Baseline (Process 1) pixel data is"
+        " corrupt ("
+    )
     assert ds.PixelData == before.PixelData
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
 
 
 # --------------------------------------------------------------------------- rule files

@@ -6,12 +6,15 @@ exactly as it came off the wire, so a file must arrive bit for bit after its met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields, replace
@@ -23,8 +26,16 @@ import pydicom
 import pytest
 from jsonschema import Draft202012Validator
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    RLELossless,
+    UltrasoundImageStorage,
+)
 
+from engine.store.index import SqliteIndex
 from engine.transfer import DESTINATIONS
 from engine.transfer.base import (
     DeliveryError,
@@ -33,8 +44,11 @@ from engine.transfer.base import (
     StudyBatch,
     destination_schema_file,
 )
-from engine.transfer.dicom import DicomDestination, DicomOptions, _plan
+from engine.transfer.dicom import CommitmentOptions, DicomDestination, DicomOptions, _plan
+from engine.transfer.outbox import Outbox, RetryPolicy, TransferState
+from engine.transfer.worker import DestinationEntry, OutboxWorker
 from tests import synth
+from tests.compressed import CODECS, Codec, compress
 from tests.conftest import need_peer
 from tests.outgoing import outgoing
 from tests.peers import OrthancServer, PeerMissing, StorescpServer, dataset_part, free_port
@@ -114,12 +128,16 @@ def test_registered_and_schema_defaults_are_the_option_defaults() -> None:
     Draft202012Validator.check_schema(SCHEMA)
     props = SCHEMA["properties"]
     for f in fields(DicomOptions):
-        if f.name in ("host", "port", "ae_title", "tls"):
+        if f.name in ("host", "port", "ae_title", "tls", "storage_commitment"):
             assert "default" not in props[f.name]
         else:
             assert props[f.name]["default"] == f.default, f.name
     assert all("description" in p for p in props.values())
     assert all("description" in p for p in props["tls"]["properties"].values())
+    commitment = props["storage_commitment"]["properties"]
+    for f in fields(CommitmentOptions):
+        assert commitment[f.name].get("default", f.default) == f.default, f.name
+        assert "description" in commitment[f.name]
 
 
 BASE = {"type": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS"}
@@ -139,6 +157,13 @@ BASE = {"type": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS"}
         ({**BASE, "port": 0}, False),
         ({**BASE, "dimse_timeout": 0}, False),
         ({**BASE, "ae_titel": "PACS"}, False),
+        ({**BASE, "verify_count": True, "repair_rounds": 0}, True),
+        ({**BASE, "repair_rounds": -1}, False),
+        ({**BASE, "storage_commitment": {"port": 11113}}, True),
+        ({**BASE, "storage_commitment": {"port": 11113, "bind": "127.0.0.1", "timeout": 5}}, True),
+        ({**BASE, "storage_commitment": {}}, False),  # the port is required
+        ({**BASE, "storage_commitment": {"port": 11113, "timeout": 0}}, False),
+        ({**BASE, "storage_commitment": True}, False),
         ({k: v for k, v in BASE.items() if k != "port"}, False),
     ],
 )
@@ -231,19 +256,46 @@ def test_failure_status_and_unaccepted_sop_class_fail_alone(tmp_path: Path) -> N
     ]
 
 
-def test_compressed_file_is_decompressed_for_an_uncompressed_peer(tmp_path: Path) -> None:
+def to_color(ds: pydicom.Dataset) -> None:
+    """An 8-bit RGB ultrasound image of the same size instead of the MR one."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    y, x = np.mgrid[0:rows, 0:columns]
+    arr = np.stack([(3 * x) % 256, (2 * y) % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    ds.set_pixel_data(arr, "RGB", 8, generate_instance_uid=False)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    ds.Modality = "US"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_compressed_file_is_decompressed_for_an_uncompressed_peer(
+    tmp_path: Path, codec: Codec
+) -> None:
+    """Files compressed by dcmtk and pydicom reach a peer that takes uncompressed syntaxes only
+    (storescp's default): decoded, YCbCr as RGB, a lossy JPEG marked lossy, the rest kept."""
     paths = study(tmp_path, names=("localizer",))
-    original = pydicom.dcmread(paths[0])
-    rewrite(paths[0], to_rle)
+    rewrite(paths[1], to_color)
+    originals = [pydicom.dcmread(p) for p in paths[:2]]
+    for path in paths[:2]:
+        compress(path, path, codec)
     batch = batch_of(paths)
-    assert batch.instances[0].transfer_syntax == RLELossless
-    with storescp(tmp_path) as scp:  # storescp takes uncompressed syntaxes only by default
+    assert [i.transfer_syntax for i in batch.instances[:2]] == [codec.syntax] * 2
+    with storescp(tmp_path) as scp:
         results = send(destination(scp.port, tmp_path), batch)
-    assert all(r.ok for r in results)
-    got = pydicom.dcmread(received(scp)[original.SOPInstanceUID])
-    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert np.array_equal(got.pixel_array, original.pixel_array)
-    assert got.PatientID == original.PatientID and got.Rows == original.Rows
+    assert all(r.ok for r in results), results
+    got = received(scp)
+    for original, path in zip(originals, paths[:2], strict=True):
+        sent = pydicom.dcmread(path)
+        back = pydicom.dcmread(got[sent.SOPInstanceUID])  # dcmtk's lossy: a new UID
+        assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(back.pixel_array, sent.pixel_array)  # as our decoder sees it
+        if codec.lossless:
+            assert np.array_equal(back.pixel_array, original.pixel_array)
+        color = original.SamplesPerPixel == 3
+        assert back.PhotometricInterpretation == ("RGB" if color else "MONOCHROME2")
+        assert back.get("PlanarConfiguration", 0) == 0
+        if codec.syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+            assert back.LossyImageCompression == "01"
+        assert back.PatientID == original.PatientID and back.SOPClassUID == original.SOPClassUID
 
 
 def test_compressed_file_goes_as_is_when_the_peer_takes_it(tmp_path: Path) -> None:
@@ -393,8 +445,12 @@ def orthanc_instances(server: OrthancServer, study_uid: str) -> int:
 def test_orthanc_receives_and_verify_count_passes(tmp_path: Path, orthanc: OrthancServer) -> None:
     batch = batch_of(study(tmp_path, seed=21))
     dest = destination(orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
-    assert dest.verify(batch) == (
-        "C-FIND count at destination peer: the peer does not know the study (C-FIND found no match)"
+    report_only = destination(
+        orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True, repair_rounds=0
+    )
+    assert report_only.verify(batch) == (
+        "destination peer holds 0 instance(s) of the study, expected 15 (15 confirmed"
+        " instance(s) missing)"
     )
     results = send(dest, batch)
     assert len(results) == 15 and all(r.ok for r in results)
@@ -410,7 +466,14 @@ def test_verify_count_mismatch_and_refused_query(tmp_path: Path, orthanc: Orthan
     dest = destination(orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
     send(dest, replace(batch, instances=batch.instances[:10]))
     assert orthanc_instances(orthanc, batch.study_uid) == 10
-    assert dest.verify(batch) == "destination peer holds 10 instance(s) of the study, expected 15"
+    report_only = destination(
+        orthanc.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True, repair_rounds=0
+    )
+    assert report_only.verify(batch) == (
+        "destination peer holds 10 instance(s) of the study, expected 15 (5 confirmed"
+        " instance(s) missing)"
+    )
+    assert orthanc_instances(orthanc, batch.study_uid) == 10  # repair_rounds 0: nothing sent
     # A calling AE title Orthanc does not know may store, but not query.
     options = {"ae_title": "ORTHANC", "calling_ae_title": "STRANGER", "verify_count": True}
     stranger = destination(orthanc.dicom_port, tmp_path, **options)
@@ -422,3 +485,288 @@ def test_verify_count_mismatch_and_refused_query(tmp_path: Path, orthanc: Orthan
         " from us"
     )
     assert destination(scp.port, tmp_path).verify(batch) is None  # verify_count off: no query
+
+
+# --------------------------------------------------------------------------- repair
+
+
+#: Orthanc acknowledges every instance, then deletes the first one numbered 2 (once).
+DELETE_ONCE = """
+deleted = false
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   if not deleted and tags['InstanceNumber'] == '2' then
+      deleted = true
+      Delete(instanceId)
+   end
+end
+"""
+
+#: Orthanc answers Success to every C-STORE but never keeps instance 2 of the series numbered
+#: 2 (a filtered instance is acknowledged and dropped, Orthanc 1.10); ``once``: the first time.
+DROP = """
+dropped = 0
+function ReceivedInstanceFilter(dicom, origin, info)
+   if dicom.SeriesNumber == '2' and dicom.InstanceNumber == '2' and dropped < {limit} then
+      dropped = dropped + 1
+      return false
+   end
+   return true
+end
+"""
+
+
+@contextlib.contextmanager
+def orthanc_with(tmp_path: Path, lua: str) -> Iterator[OrthancServer]:
+    try:
+        server = OrthancServer(tmp_path / "orthanc", lua=lua).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_for_count(server: OrthancServer, study_uid: str, count: int) -> None:
+    """Until Orthanc holds ``count`` instances of the study (its Lua runs after the answer)."""
+    deadline = time.monotonic() + 60
+    while orthanc_instances(server, study_uid) != count:
+        assert time.monotonic() < deadline, "Orthanc's Lua hook did not run"
+        time.sleep(0.1)
+
+
+def test_an_instance_lost_after_its_success_is_sent_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc confirms all 15 instances and then deletes one: the count finds 14, the IMAGE
+    level listing finds which, and exactly that one is sent again."""
+    caplog.set_level(logging.INFO, logger="engine")
+    batch = batch_of(study(tmp_path, seed=24))
+    with orthanc_with(tmp_path, DELETE_ONCE) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        assert all(r.ok for r in send(dest, batch))
+        wait_for_count(server, batch.study_uid, 14)
+        assert dest.verify(batch) is None
+        assert orthanc_instances(server, batch.study_uid) == 15
+        assert dest.verify(batch) is None  # and nothing more to do
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "(repair round" in m] == [
+        "transfer 1: destination peer lost 1 of 15 confirmed instance(s) (C-FIND count);"
+        " sending them again (repair round 1 of 2)"
+    ]
+    assert any("holds the study again after 1 repair round(s)" in m for m in messages)
+
+
+def test_an_instance_the_peer_never_keeps_fails_after_the_repair_rounds(tmp_path: Path) -> None:
+    batch = batch_of(study(tmp_path, seed=25))
+    with orthanc_with(tmp_path, DROP.replace("{limit}", "1000")) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) == (
+            "destination peer holds 14 instance(s) of the study, expected 15 (1 confirmed"
+            " instance(s) missing); still missing after 2 repair round(s)"
+        )
+
+
+def test_a_study_the_peer_lost_part_of_completes_through_the_outbox(tmp_path: Path) -> None:
+    """The outbox's view: before repairs, a transfer whose study the research PACS lost part
+    of failed verification on every attempt and ended a dead letter (``transfer_failed``);
+    now it is done, after one attempt."""
+    paths = study(tmp_path, seed=26)
+    data = tmp_path / "data"
+    data.mkdir()
+    index = SqliteIndex(data / "index.sqlite")
+    outbox = Outbox(index, data)
+    held: list[str] = []
+    with orthanc_with(tmp_path, DROP.replace("{limit}", "1")) as server:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        policy = RetryPolicy(max_attempts=1)
+        worker = OutboxWorker(
+            outbox, {("demo", "peer"): DestinationEntry(dest, policy)}, lambda *a: held.append(a[2])
+        )
+        batch = batch_of(paths)
+        transfer = outbox.enqueue(
+            project="demo", destination="peer", study_uid=batch.study_uid,
+            export_uid=batch.study_uid, run_id=1, follow_up=0, subject="SUBJ01", event="",
+            items=list(batch.instances),
+        )  # fmt: skip
+        try:
+            assert worker.run_due(timeout=120) == 1
+        finally:
+            worker.close()
+        assert orthanc_instances(server, batch.study_uid) == 15
+    record = outbox.get(transfer)
+    assert record is not None and record.state is TransferState.DONE, record
+    assert held == []
+
+
+# --------------------------------------------------------------------------- storage commitment
+
+
+@contextlib.contextmanager
+def committing_orthanc(tmp_path: Path, report_port: int, lua: str = "") -> Iterator[OrthancServer]:
+    """An Orthanc that reports storage commitment results to FIONA at ``report_port``."""
+    modalities = {"fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": report_port}}
+    try:
+        server = OrthancServer(
+            tmp_path / "orthanc", lua=lua, extra={"DicomModalities": modalities}
+        ).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def committing(
+    server: OrthancServer, tmp_path: Path, port: int, **options: Any
+) -> DicomDestination:
+    commitment = {"port": port, "bind": "127.0.0.1", "timeout": 60, **options}
+    return destination(
+        server.dicom_port, tmp_path, ae_title="ORTHANC", storage_commitment=commitment
+    )
+
+
+def test_storage_commitment_confirms_a_study(tmp_path: Path) -> None:
+    """Orthanc's N-EVENT-REPORT (on an association of its own) commits to all 15 instances;
+    fiona listens for it only while it waits."""
+    batch = batch_of(study(tmp_path, seed=27))
+    port = free_port()
+    with committing_orthanc(tmp_path, port) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+    with socket.socket() as s:  # the listener is gone: its port can be listened on again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_storage_commitment_repairs_an_instance_the_peer_does_not_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc acknowledges an instance it drops: its report fails it (0x0112, no such
+    instance), that instance is sent again, and the second request is committed in full."""
+    caplog.set_level(logging.INFO, logger="engine")
+    batch = batch_of(study(tmp_path, seed=28))
+    port = free_port()
+    with committing_orthanc(tmp_path, port, DROP.replace("{limit}", "1")) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+        assert orthanc_instances(server, batch.study_uid) == 15
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "(repair round" in m] == [
+        "transfer 1: destination peer lost 1 of 15 confirmed instance(s) (storage commitment);"
+        " sending them again (repair round 1 of 2)"
+    ]
+
+
+def test_storage_commitment_failures_and_their_messages(tmp_path: Path) -> None:
+    batch = batch_of(study(tmp_path, seed=29))
+    port = free_port()
+    with committing_orthanc(tmp_path, port, DROP.replace("{limit}", "1000")) as server:
+        dest = committing(server, tmp_path, port)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) == (
+            "destination peer did not commit to 1 of 15 instance(s) (storage commitment,"
+            " failure reason 0x0112); still missing after 2 repair round(s)"
+        )
+        # A report that never comes (the peer reports elsewhere): a clear reason, in time.
+        deaf = committing(server, tmp_path, free_port(), timeout=1)
+        assert deaf.verify(batch) == (
+            "destination peer sent no storage commitment report within 1 s (it reports to"
+            f" port {deaf.settings.storage_commitment.port})"  # type: ignore[union-attr]
+        )
+    with storescp(tmp_path) as scp:  # dcmtk's storescp has no Storage Commitment SCP
+        plain = destination(scp.port, tmp_path, storage_commitment={"port": free_port()})
+        assert plain.verify(batch) == (
+            "storage commitment at destination peer: the peer does not accept Storage"
+            " Commitment requests from us"
+        )
+
+
+def test_storage_commitment_over_tls(tmp_path: Path) -> None:
+    """With ``tls``, the study, the request and the peer's report all go over TLS: Orthanc
+    accepts TLS only, and reports to fiona's listener with its client certificate."""
+    key, cert = self_signed(tmp_path / "tls", "localhost")  # both sides' certificate
+    batch = batch_of(study(tmp_path, seed=30))
+    port = free_port()
+    modalities = {"fiona": {"AET": "FIONA", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}}
+    extra = {
+        "DicomModalities": modalities,
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(cert),
+        "DicomTlsPrivateKey": str(key),
+        "DicomTlsTrustedCertificates": str(cert),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    try:
+        server = OrthancServer(tmp_path / "orthanc", extra=extra).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        tls = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)}
+        commitment = {"port": port, "bind": "127.0.0.1", "timeout": 60}
+        options = {"ae_title": "ORTHANC", "tls": tls, "storage_commitment": commitment}
+        dest = destination(server.dicom_port, tmp_path, **options)
+        assert all(r.ok for r in send(dest, batch))
+        assert dest.verify(batch) is None
+    finally:
+        server.stop()
+    issues = DicomDestination.check(
+        {**BASE, "tls": {"ca_file": str(cert)}, "storage_commitment": {"port": port}},
+        tmp_path / "project.yaml",
+        ("destinations", "pacs"),
+    )
+    assert [(i.path, i.message) for i in issues] == [
+        (
+            "destinations.pacs.tls",
+            "cert_file is required with storage_commitment: the peer's report comes in over"
+            " TLS, to fiona's certificate",
+        )
+    ]
+
+
+UNCOMPRESSED_ONLY = {
+    f"{name}TransferSyntaxAccepted": False
+    for name in ("Deflated", "Jpeg", "Jpeg2000", "JpegLossless", "Jpip", "Mpeg2", "Rle")
+}
+
+
+def test_orthanc_restricted_to_uncompressed_gets_every_compressed_instance(
+    tmp_path: Path,
+) -> None:
+    """The issue's case: a study compressed by dcmtk (JPEG baseline, extended and lossless,
+    JPEG-LS, RLE) to an Orthanc that accepts uncompressed syntaxes only; every instance
+    arrives, decoded (without the decoders, 13 of 15 were refused)."""
+    paths = study(tmp_path, seed=31)
+    codecs = [c for c in CODECS if c.name in (
+        "dcmcjpeg-baseline", "dcmcjpeg-lossless", "dcmcjpeg-extended", "dcmcjpls-lossless",
+        "dcmcjpls-near", "dcmcrle",
+    )]  # fmt: skip
+    for n, path in enumerate(paths):
+        compress(path, path, codecs[n % len(codecs)])
+    batch = batch_of(paths)
+    try:
+        server = OrthancServer(tmp_path / "orthanc", extra=UNCOMPRESSED_ONLY).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        dest = destination(server.dicom_port, tmp_path, ae_title="ORTHANC", verify_count=True)
+        results = send(dest, batch)
+        assert [r.detail for r in results if not r.ok] == []
+        assert dest.verify(batch) is None
+        base = f"http://127.0.0.1:{server.http_port}"
+        with urllib.request.urlopen(f"{base}/instances?expand", timeout=10) as answer:
+            ids = [i["ID"] for i in json.load(answer)]
+        syntaxes = set()
+        for orthanc_id in ids:
+            url = f"{base}/instances/{orthanc_id}/metadata/TransferSyntax"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                syntaxes.add(answer.read().decode())
+    finally:
+        server.stop()
+    assert len(ids) == 15
+    assert syntaxes <= {ExplicitVRLittleEndian, ImplicitVRLittleEndian}

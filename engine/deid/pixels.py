@@ -15,7 +15,8 @@ RSNA CTP's DicomPixelAnonymizer script) lists, per manufacturer, model and image
         covers_all_text: false           # true: BurnedInAnnotation becomes NO after cleaning
 
 :func:`clean_pixels` blanks the rectangles in every frame and sample. Needs numpy (as does
-anything touching pixel data in pydicom).
+anything touching pixel data in pydicom) and, for compressed input, the decoders of
+:mod:`engine.dicom.codecs`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from engine.config.loader import (
     _schema_issues,
     format_path,
 )
+from engine.dicom.codecs import DecodeFailed, decompress, is_compressed
 
 __all__ = [
     "CleanFailed",
@@ -327,10 +329,11 @@ def clean_pixels(
     """Blank ``regions`` in every frame and sample of ``ds``'s Pixel Data (7FE0,0010), in place.
 
     Uncompressed data is edited in its own layout (bit depth, planar configuration, byte
-    order kept). Compressed data pydicom can decode (RLE always; JPEG and friends with the
-    optional decoder packages) is decoded, YCbCr converted to RGB (PhotometricInterpretation
-    and PlanarConfiguration updated), blanked and written back uncompressed with the
-    transfer syntax set to Explicit VR Little Endian; the SOP Instance UID is kept (the
+    order kept). Compressed data (RLE, JPEG baseline, extended and lossless, JPEG-LS, JPEG
+    2000: :func:`engine.dicom.codecs.decompress`) is decoded, YCbCr converted to RGB
+    (PhotometricInterpretation and PlanarConfiguration updated), blanked and written back
+    uncompressed with the transfer syntax set to Explicit VR Little Endian; a lossy source
+    keeps Lossy Image Compression (0028,2110) 01; the SOP Instance UID is kept (the
     de-identification profile owns UIDs). Black is 0, or the maximum for MONOCHROME1. The
     Icon Image Sequence (0088,0200) is removed: its thumbnail shows the same text.
     BurnedInAnnotation (0028,0301) becomes NO only when ``covers_all_text``.
@@ -342,11 +345,11 @@ def clean_pixels(
         return CleanFailed("no pixel data to clean")
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str((meta or {}).get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    if syntax.is_compressed:
+    if is_compressed(syntax):
         try:
-            ds.decompress(as_rgb=True, generate_instance_uid=False)
-        except Exception:
-            return CleanFailed("pixel data cannot be decoded for cleaning")
+            decompress(ds)
+        except DecodeFailed as exc:
+            return CleanFailed(f"pixel data cannot be decoded for cleaning: {exc}")
         syntax = ExplicitVRLittleEndian
     elif str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
         failed = _to_rgb(ds)

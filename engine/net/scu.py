@@ -1,4 +1,4 @@
-"""A DICOM association as requestor (SCU): C-STORE and a Study Root C-FIND count, one thread.
+"""A DICOM association as requestor (SCU): C-STORE and Study Root C-FINDs, on one thread.
 
 Protocol plumbing only, the counterpart of the receiver's :mod:`engine.net.upper` and
 :mod:`engine.net.dimse`: it knows files, UIDs and statuses, not destinations or outboxes (the
@@ -42,6 +42,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
+from engine.dicom.codecs import DecodeFailed, decompress
 from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
@@ -59,7 +60,10 @@ _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
-C_STORE_RQ, C_FIND_RQ = 0x0001, 0x0020
+C_STORE_RQ, C_FIND_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0130
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 _NO_DATASET = 0x0101  # (0000,0800) Command Data Set Type: no data set follows
 _PENDING = (0xFF00, 0xFF01)
 
@@ -141,6 +145,24 @@ def _command(field: int, message_id: int, sop_class: str, sop_instance: str = ""
     return _element(0x0000, struct.pack("<L", len(body))) + body
 
 
+def _n_action_command(message_id: int) -> bytes:
+    """An N-ACTION-RQ command set asking the Storage Commitment Push Model's well-known
+    instance to commit (Action Type ID (0000,1008) 1), its data set following: Requested SOP
+    Class/Instance UID (0000,0003)/(0000,1001), Command Field (0000,0100), Message ID
+    (0000,0110)."""
+    body = b"".join(
+        (
+            _element(0x0003, STORAGE_COMMITMENT.encode("ascii")),
+            _element(0x0100, struct.pack("<H", N_ACTION_RQ)),
+            _element(0x0110, struct.pack("<H", message_id)),
+            _element(0x0800, struct.pack("<H", 0x0000)),
+            _element(0x1001, STORAGE_COMMITMENT_INSTANCE.encode("ascii")),
+            _element(0x1008, struct.pack("<H", 1)),
+        )
+    )
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
 def _us(command: bytes | bytearray, elem: int) -> int | None:
     """The US value of (0000,``elem``) in a response command set (None when absent)."""
     pos = 0
@@ -167,9 +189,10 @@ class ScuAssociation:
     decoded) when its own syntax was accepted; otherwise it is read with pydicom, decompressed
     if needed and re-encoded for an accepted uncompressed syntax.
 
-    :meth:`open` connects and negotiates; then :meth:`store` and :meth:`count_instances`, one
-    request at a time; :meth:`release` (or :meth:`abort`) closes the socket. Failures of the
-    association raise :class:`AssociationBroken`; a single instance's problems do not.
+    :meth:`open` connects and negotiates; then :meth:`store`, :meth:`count_instances` and
+    :meth:`list_instances`, one request at a time; :meth:`release` (or :meth:`abort`) closes
+    the socket. Failures of the association raise :class:`AssociationBroken`; a single
+    instance's problems do not.
     """
 
     def __init__(self, sock: socket.socket, opts: ScuOptions) -> None:
@@ -410,43 +433,98 @@ class ScuAssociation:
         data = _reencode(path, stored, target)
         yield syntaxes[target], io.BytesIO(data), len(data)
 
-    def count_instances(self, study_uid: str) -> int | str:
-        """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
-        Study Root C-FIND on Study Instance UID (0020,000D); a text when there is no count."""
+    def _find(self, query: Dataset) -> list[Dataset] | str:
+        """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
+        the peer takes no such queries from us or refuses this one."""
         syntaxes = self.accepted.get(STUDY_ROOT_FIND)
         if not syntaxes:
             return "the peer does not accept Study Root C-FIND queries from us"
         syntax, context_id = next(iter(syntaxes.items()))
         implicit = UID(syntax).is_implicit_VR
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = study_uid
-        query.NumberOfStudyRelatedInstances = None
         identifier = encode(query, implicit, True) or b""
         command = _command(C_FIND_RQ, self._next_id(), STUDY_ROOT_FIND)
         self._send(context_id, command, io.BytesIO(identifier), len(identifier))
-        counts: list[int | None] = []
+        matches: list[Dataset] = []
         while True:
             response, data = self._response()
             status = self._status(response)
             if status not in _PENDING:
                 break
             try:
-                value = decode(io.BytesIO(data or b""), implicit, True).get(
-                    "NumberOfStudyRelatedInstances"
-                )
-                counts.append(None if value in (None, "") else int(value))
-            except Exception as exc:  # a malformed identifier: no count, whatever the cause
+                match = decode(io.BytesIO(data or b""), implicit, True)
+                for elem in match:  # decode every value now: a malformed one fails here
+                    _ = elem.value
+            except Exception as exc:  # a malformed identifier, whatever the cause
                 raise AssociationBroken(
                     f"the peer's C-FIND answer cannot be read ({type(exc).__name__})"
                 ) from exc
+            matches.append(match)
         if status != 0x0000:
             return f"the peer refused the C-FIND query ({_status_text(status)})"
-        if not counts:
-            return "the peer does not know the study (C-FIND found no match)"
-        if counts[0] is None:
+        return matches
+
+    def count_instances(self, study_uid: str) -> int | str:
+        """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
+        Study Root C-FIND on Study Instance UID (0020,000D) (0 when no study matches); a text
+        when there is no count."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        query.NumberOfStudyRelatedInstances = None
+        matches = self._find(query)
+        if isinstance(matches, str):
+            return matches
+        if not matches:
+            return 0
+        value = matches[0].get("NumberOfStudyRelatedInstances")
+        if value in (None, ""):
             return "the peer did not report Number of Study Related Instances (0020,1208)"
-        return counts[0]
+        try:
+            return int(value)
+        except (TypeError, ValueError) as exc:
+            raise AssociationBroken("the peer's C-FIND answer cannot be read (count)") from exc
+
+    def list_instances(self, study_uid: str, series_uid: str) -> set[str] | str:
+        """SOP Instance UIDs (0008,0018) the peer holds in one series: a Study Root C-FIND at
+        IMAGE level with the Study and Series Instance UIDs (0020,000D), (0020,000E) as unique
+        keys of the levels above (a hierarchical query, PS3.4 C.4.1.2.1); a text when the peer
+        gives no answer."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        matches = self._find(query)
+        if isinstance(matches, str):
+            return matches
+        return {str(m.get("SOPInstanceUID", "")) for m in matches} - {""}
+
+    def request_commitment(
+        self, transaction_uid: str, instances: Sequence[tuple[str, str]]
+    ) -> str | None:
+        """Ask the peer to commit to keeping ``instances`` ((SOP Class UID, SOP Instance UID)
+        pairs): an N-ACTION-RQ of the Storage Commitment Push Model with Transaction UID
+        (0008,1195) and Referenced SOP Sequence (0008,1199). None when the peer took the
+        request (its result comes later, in an N-EVENT-REPORT); else why not."""
+        syntaxes = self.accepted.get(STORAGE_COMMITMENT)
+        if not syntaxes:
+            return "the peer does not accept Storage Commitment requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        request = Dataset()
+        request.TransactionUID = transaction_uid
+        items = []
+        for sop_class, sop_instance in instances:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            items.append(item)
+        request.ReferencedSOPSequence = items
+        data = encode(request, UID(syntax).is_implicit_VR, True) or b""
+        self._send(context_id, _n_action_command(self._next_id()), io.BytesIO(data), len(data))
+        status = self._status(self._response()[0])
+        if status != 0x0000:
+            return f"the peer refused the Storage Commitment request ({_status_text(status)})"
+        return None
 
     def release(self) -> None:
         """A-RELEASE; the peer's data and aborts after our request are of no interest."""
@@ -466,17 +544,18 @@ class ScuAssociation:
 
 
 def _reencode(path: Path, stored: UID, target: UID) -> bytes:
-    """The data set of the file at ``path`` (stored as ``stored``), decompressed when needed and
+    """The data set of the file at ``path`` (stored as ``stored``), decompressed when needed
+    (:func:`engine.dicom.codecs.decompress`: YCbCr becomes RGB, a lossy source says so) and
     encoded as ``target`` (Explicit or Implicit VR Little Endian); SOP Instance UID kept."""
     try:
         ds = dcmread(path)
-        if stored.is_compressed:
-            ds.decompress(generate_instance_uid=False)
+        decompress(ds)
         data = encode(ds, target.is_implicit_VR, target.is_little_endian)
-    except Exception as exc:  # decoders raise many kinds (missing plugin, corrupt stream)
+    except Exception as exc:  # an unreadable file, a corrupt stream, an unencodable value
+        why = str(exc) if isinstance(exc, DecodeFailed) else type(exc).__name__
         raise _Unsendable(
             f"cannot convert {stored.name} to {target.name}, the only encoding the peer accepts"
-            f" for it ({type(exc).__name__})"
+            f" for it ({why})"
         ) from exc
     if data is None:
         raise _Unsendable(f"cannot encode the data set as {target.name}")
