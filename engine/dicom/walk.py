@@ -148,7 +148,9 @@ class Walker:
                 if tag == SEQ_END_TAG:
                     stack.pop()
                 elif tag != ITEM_TAG:
-                    raise HeaderError("unparseable", "malformed item in an undefined-length element")
+                    raise HeaderError(
+                        "unparseable", "malformed item in an undefined-length element"
+                    )
                 elif length == UNDEFINED_LENGTH:
                     stack.append((False, implicit))
                 elif pos + length > size:
