@@ -69,14 +69,18 @@ class StorageHandler:
     def _store(
         self, peer: Peer, context: PresentationContext, command: Command, dataset: list[memoryview]
     ) -> Status:
+        # The dataset must be of the negotiated SOP class and the instance the command names:
+        # the archive checks both against its header and quarantines a mismatch (0xA900).
+        sop_class = str(context.abstract_syntax)
         header = part10_header(
-            command.sop_class_uid,
+            sop_class,
             command.sop_instance_uid,
             str(context.transfer_syntax[0]),
             peer.calling_ae,
         )
         origin = Origin("dimse", peer.calling_ae, peer.called_ae, peer.address)
-        return self.archive.receive(b"".join([header, *dataset]), origin).status
+        expected = (sop_class, command.sop_instance_uid)
+        return self.archive.receive(b"".join([header, *dataset]), origin, expected).status
 
 
 def _ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
