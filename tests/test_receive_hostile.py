@@ -8,6 +8,7 @@ still be served.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import struct
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from tests import synth
 from tests.peers import FionaServer, dataset_part, send_raw_c_store
 from tests.test_header import nest_sequences
-from tests.test_receive import echo
+from tests.test_receive import echo, store
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -81,3 +82,180 @@ def test_deeply_nested_sequences_are_unparseable_without_a_traceback(
 
 def pdu(kind: int, body: bytes) -> bytes:
     return struct.pack(">BxL", kind, len(body)) + body
+
+
+# --------------------------------------------------------------------------- raw upper layer
+
+
+def associate_rq(calling_ae: str = "RAWSCU", sop_class: str = MR) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing ``sop_class`` in explicit VR little endian as context 1."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import build_context
+
+    from engine.net.upper import our_user_items
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling_ae
+    primitive.called_ae_title = "FIONA"
+    context = build_context(sop_class, ["1.2.840.10008.1.2.1"])
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    primitive.user_information = our_user_items(16384)[:2]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    return bytes(rq.encode())
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """The next PDU's type and body; (0, b"") when the server closed the connection."""
+    header = recv_exactly(sock, 6)
+    if len(header) < 6:
+        return 0, b""
+    kind, length = struct.unpack(">BxL", header)
+    return kind, recv_exactly(sock, length)
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        try:
+            chunk = sock.recv(count - len(data))
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def raw_association(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A socket with an association accepted on it (context 1: MR image storage)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+    sock.sendall(associate_rq())
+    kind, _ = read_pdu(sock)
+    assert kind == 0x02, f"association not accepted (PDU type 0x{kind:02X})"
+    return sock
+
+
+def c_store_command(sop_instance: str = "1.2.826.0.1.3680043.8.498.7") -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian) announcing a data set."""
+
+    def element(elem: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0x0000, elem, len(value)) + value
+
+    def uid(text: str) -> bytes:
+        raw = text.encode()
+        return raw + b"\0" if len(raw) % 2 else raw
+
+    body = b"".join(
+        (
+            element(0x0002, uid(MR)),
+            element(0x0100, struct.pack("<H", 0x0001)),
+            element(0x0110, struct.pack("<H", 1)),
+            element(0x0700, struct.pack("<H", 0)),
+            element(0x0800, struct.pack("<H", 0x0000)),
+            element(0x1000, uid(sop_instance)),
+        )
+    )
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def p_data(control: int, value: bytes, context_id: int = 1) -> bytes:
+    """A P-DATA-TF PDU holding one PDV (``control``: bit 0 command, bit 1 last fragment)."""
+    return pdu(0x04, struct.pack(">LBB", len(value) + 2, context_id, control) + value)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident set), VmRSS and Threads of process ``pid`` from /proc."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "Threads"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def serve_with(tmp_path: Path, projects: Path, site_yaml: str) -> FionaServer:
+    site = tmp_path / "site.yaml"
+    site.write_text(site_yaml)
+    return FionaServer(tmp_path / "data", projects, config=site).start()
+
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def response_status(body: bytes) -> int:
+    """The Status (0000,0900) of the command in a P-DATA-TF body holding one PDV."""
+    command = body[6:]
+    pos = 0
+    while pos < len(command):
+        _, elem, length = struct.unpack_from("<HHL", command, pos)
+        if elem == 0x0900:
+            return int(struct.unpack_from("<H", command, pos + 8)[0])
+        pos += 8 + length
+    raise AssertionError("no status in the response")
+
+
+@pytest.mark.parametrize("site_yaml", ["{}\n", "max_pdu: 0\n"], ids=["default", "max_pdu_0"])
+def test_pdus_claiming_4_gib_cost_no_memory(
+    tmp_path: Path, storescu: str, empty_projects: Path, mr_file: Path, site_yaml: str
+) -> None:
+    server = serve_with(tmp_path, empty_projects, site_yaml)
+    try:
+        assert server.proc is not None
+        before = memory_kib(server.proc.pid)
+        attackers = [raw_association(server.port) for _ in range(2)]
+        for sock in attackers:
+            # A P-DATA-TF header claiming 0xFFFFFFFF bytes, then a little of its body.
+            sock.sendall(struct.pack(">BxL", 0x04, 0xFFFFFFFF) + bytes(64 * 1024))
+        if site_yaml.startswith("max_pdu: 0"):
+            # Nothing advertised to enforce: the body is read as it comes, 4 MiB of it here.
+            for sock in attackers:
+                sock.sendall(bytes(4 * MIB))
+                sock.close()
+        else:
+            for sock in attackers:
+                assert read_pdu(sock)[0] in (0x07, 0)  # A-ABORT (or closed) before the body
+                sock.close()
+            assert "PDU of 4294967295 bytes exceeds 1048576" in server.log_text()
+        sent = store(storescu, server, [mr_file])
+        assert sent.returncode == 0, sent.stderr
+        after = memory_kib(server.proc.pid)
+        assert after["VmHWM"] - before["VmHWM"] < 100 * 1024, (before, after)
+        assert server.alive() and "Traceback" not in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
+    tmp_path: Path, storescu: str, empty_projects: Path, mr_file: Path
+) -> None:
+    server = serve_with(tmp_path, empty_projects, "limits:\n  max_instance_mb: 8\n")
+    try:
+        assert server.proc is not None
+        before = memory_kib(server.proc.pid)
+        sock = raw_association(server.port)
+        sock.sendall(p_data(0x03, c_store_command()))
+        chunk = p_data(0x00, bytes(MIB - 64))  # 1 MiB fragments, none of them the last
+        for _ in range(160):
+            sock.sendall(chunk)
+        during = memory_kib(server.proc.pid)
+        sock.sendall(p_data(0x02, b"\0" * 64))  # the last fragment, at last
+        kind, body = read_pdu(sock)
+        assert kind == 0x04 and response_status(body) == 0xA700
+        sock.sendall(pdu(0x05, bytes(4)))  # A-RELEASE-RQ
+        assert read_pdu(sock)[0] == 0x06
+        sock.close()
+        assert "over 8388608 bytes" in server.log_text()
+        sent = store(storescu, server, [mr_file])
+        assert sent.returncode == 0, sent.stderr
+        after = memory_kib(server.proc.pid)
+        # 160 MiB sent; at most the 8 MiB limit and a PDU are ever held.
+        assert during["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, during)
+        assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)
+        assert index_rows(server, "SELECT count(*) FROM instances") == [(1,)]
+    finally:
+        server.stop()

@@ -101,8 +101,10 @@ def start_scp(site: SiteConfig, archive: Archive) -> tuple[AssociationServer, St
     config = AcceptorConfig(
         contexts=supported_contexts(),
         max_pdu=site.max_pdu,
+        max_dataset=site.limits.max_instance_mb * 1024 * 1024,
         allowed_calling_aes=frozenset(site.allowed_calling_aes),
         max_associations=site.limits.max_associations,
+        max_associations_per_peer=site.limits.max_associations_per_peer,
         acse_timeout=site.timeouts.acse,
         network_timeout=site.timeouts.network,
         ssl_context=_ssl_context(site),
