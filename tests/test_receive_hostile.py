@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 import sqlite3
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -249,13 +251,112 @@ def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
         sock.sendall(pdu(0x05, bytes(4)))  # A-RELEASE-RQ
         assert read_pdu(sock)[0] == 0x06
         sock.close()
-        assert "over 8388608 bytes" in server.log_text()
         sent = store(storescu, server, [mr_file])
         assert sent.returncode == 0, sent.stderr
         after = memory_kib(server.proc.pid)
         # 160 MiB sent; at most the 8 MiB limit and a PDU are ever held.
         assert during["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, during)
         assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)
+        assert "over 8388608 bytes" in server.log_text()
         assert index_rows(server, "SELECT count(*) FROM instances") == [(1,)]
+    finally:
+        server.stop()
+
+
+class Slowloris:
+    """Clients that connect from ``source`` and send an A-ASSOCIATE-RQ one byte at a time,
+    one byte per client every ``interval`` seconds, from one thread, until stopped."""
+
+    def __init__(self, port: int, source: str, count: int, interval: float) -> None:
+        self.request = associate_rq()
+        self.interval = interval
+        self.socks = [
+            socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+            for _ in range(count)
+        ]
+        self.sent = [0] * count
+        self.closed = [False] * count
+        self._stop = threading.Event()
+        self._drip()  # the first byte of each now
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _drip(self) -> None:
+        for n, sock in enumerate(self.socks):
+            if self.closed[n] or self.sent[n] >= len(self.request):
+                continue
+            try:
+                sock.sendall(self.request[self.sent[n] : self.sent[n] + 1])
+                self.sent[n] += 1
+            except OSError:
+                self.closed[n] = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._drip()
+
+    def refused(self) -> int:
+        """How many the server answered (A-ASSOCIATE-RJ) or closed; read without waiting."""
+        count = 0
+        for n, sock in enumerate(self.socks):
+            if not self.closed[n]:
+                try:
+                    sock.setblocking(False)
+                    data = sock.recv(64)
+                    self.closed[n] = not data or data[0] in (0x03, 0x07)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.closed[n] = True
+            count += self.closed[n]
+        return count
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self.socks:
+            sock.close()
+
+
+def test_a_real_sender_gets_through_while_slowloris_clients_are_connected(
+    storescu: str, fiona: FionaServer, mr_file: Path
+) -> None:
+    assert fiona.proc is not None
+    threads_before = memory_kib(fiona.proc.pid)["Threads"]
+    attack = Slowloris(fiona.port, "127.0.0.2", count=40, interval=2.0)
+    try:
+        # Connections over the per-address limit (8 by default) are refused at once, by the
+        # accepting thread: no thread each.
+        for _ in range(100):
+            if attack.refused() >= 32:
+                break
+            time.sleep(0.1)
+        assert attack.refused() == 32
+        assert memory_kib(fiona.proc.pid)["Threads"] <= threads_before + 8
+        sent = store(storescu, fiona, [mr_file])
+        assert sent.returncode == 0, sent.stderr
+        assert attack.refused() == 32  # the 8 allowed are still there, trickling
+        assert index_rows(fiona, "SELECT count(*) FROM instances") == [(1,)]
+        assert "connection from 127.0.0.2 refused" in fiona.log_text()
+    finally:
+        attack.stop()
+
+
+def test_association_set_up_has_one_deadline_however_slow_the_bytes(
+    tmp_path: Path, echoscu: str, empty_projects: Path
+) -> None:
+    server = serve_with(tmp_path, empty_projects, "timeouts:\n  acse: 2\n")
+    try:
+        # One byte every 0.1 s: no read ever waits 2 s, and the whole request takes 20 s.
+        attack = Slowloris(server.port, "127.0.0.3", count=1, interval=0.1)
+        try:
+            while attack.refused() == 0 and attack.sent[0] < len(attack.request):
+                time.sleep(0.1)
+            assert attack.refused() == 1, "the server waited for the whole request"
+            assert attack.sent[0] < len(attack.request)
+        finally:
+            attack.stop()
+        assert "association set-up from 127.0.0.3 not complete within 2 s" in server.log_text()
+        assert echo(echoscu, server).returncode == 0
     finally:
         server.stop()
