@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import ssl
 import struct
 import threading
 import time
@@ -22,6 +23,7 @@ from tests import synth
 from tests.peers import FionaServer, dataset_part, send_raw_c_store
 from tests.test_header import nest_sequences
 from tests.test_receive import echo, store
+from tests.test_tls import tls_files  # noqa: F401  (a fixture)
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -264,11 +266,14 @@ def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
 
 
 class Slowloris:
-    """Clients that connect from ``source`` and send an A-ASSOCIATE-RQ one byte at a time,
-    one byte per client every ``interval`` seconds, from one thread, until stopped."""
+    """Clients that connect from ``source`` and send ``request`` (an A-ASSOCIATE-RQ unless
+    given) one byte at a time, one byte per client every ``interval`` seconds, from one thread,
+    until stopped."""
 
-    def __init__(self, port: int, source: str, count: int, interval: float) -> None:
-        self.request = associate_rq()
+    def __init__(
+        self, port: int, source: str, count: int, interval: float, request: bytes = b""
+    ) -> None:
+        self.request = request or associate_rq()
         self.interval = interval
         self.socks = [
             socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
@@ -358,5 +363,40 @@ def test_association_set_up_has_one_deadline_however_slow_the_bytes(
             attack.stop()
         assert "association set-up from 127.0.0.3 not complete within 2 s" in server.log_text()
         assert echo(echoscu, server).returncode == 0
+    finally:
+        server.stop()
+
+
+def client_hello() -> bytes:
+    """The first flight of a TLS client (its ClientHello records), as it would go on the wire."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+def test_a_tls_handshake_has_the_same_deadline(
+    tmp_path: Path,
+    empty_projects: Path,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture imported above)
+) -> None:
+    key, cert = tls_files
+    site = f"tls:\n  enabled: true\n  cert_file: {cert}\n  key_file: {key}\ntimeouts:\n  acse: 2\n"
+    server = serve_with(tmp_path, empty_projects, site)
+    try:
+        hello = client_hello()
+        attack = Slowloris(server.port, "127.0.0.4", count=1, interval=0.1, request=hello)
+        try:
+            while attack.refused() == 0 and attack.sent[0] < len(hello):
+                time.sleep(0.1)
+            assert attack.refused() == 1, "the server waited for the whole ClientHello"
+            assert attack.sent[0] < len(hello)
+        finally:
+            attack.stop()
+        assert "association set-up from 127.0.0.4 not complete within 2 s" in server.log_text()
     finally:
         server.stop()

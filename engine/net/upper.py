@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -456,34 +455,17 @@ class AssociationServer:
         """The TLS socket over ``sock`` once its handshake is done, before ``deadline``."""
         if self.config.ssl_context is None:
             return sock
-        tls = self.config.ssl_context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False
-        )
-        tls.setblocking(False)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                _wait(tls, select.POLLIN, deadline)
-            except ssl.SSLWantWriteError:
-                _wait(tls, select.POLLOUT, deadline)
-        tls.setblocking(True)
-        return tls
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no time left for the TLS handshake")
+        # CPython applies a socket's timeout to the whole handshake, not to each read.
+        sock.settimeout(remaining)
+        return self.config.ssl_context.wrap_socket(sock, server_side=True)
 
     def shutdown(self) -> None:
         self._stopping.set()
         _close(self.socket)
         self._thread.join(timeout=5)
-
-
-def _wait(sock: socket.socket, event: int, deadline: float) -> None:
-    """Wait until ``sock`` is ready for ``event`` (a poll flag); TimeoutError past deadline."""
-    remaining = deadline - time.monotonic()
-    poller = select.poll()
-    poller.register(sock, event)
-    if remaining <= 0 or not poller.poll(remaining * 1000):
-        raise TimeoutError("TLS handshake not complete")
 
 
 class _RefusalLog:
