@@ -400,3 +400,23 @@ def test_a_tls_handshake_has_the_same_deadline(
         assert "association set-up from 127.0.0.4 not complete within 2 s" in server.log_text()
     finally:
         server.stop()
+
+
+def test_a_sender_over_the_limit_is_told_so_by_a_rejection(
+    tmp_path: Path, echoscu: str, empty_projects: Path
+) -> None:
+    server = serve_with(tmp_path, empty_projects, "limits:\n  max_associations: 1\n")
+    try:
+        # Accepted (and counted) before echoscu's connection, which comes after it.
+        hold = socket.create_connection(
+            ("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.5", 0)
+        )
+        try:
+            refused = echo(echoscu, server)
+        finally:
+            hold.close()
+        assert refused.returncode != 0
+        assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+        assert "connection from 127.0.0.1 refused" in server.log_text()
+    finally:
+        server.stop()
