@@ -337,7 +337,8 @@ def test_a_real_sender_gets_through_while_slowloris_clients_are_connected(
                 break
             time.sleep(0.1)
         assert attack.refused() == 32
-        assert memory_kib(fiona.proc.pid)["Threads"] <= threads_before + 8
+        # 8 association threads, and room for the scheduler's own workers: not 40 more.
+        assert memory_kib(fiona.proc.pid)["Threads"] < threads_before + 24
         sent = store(storescu, fiona, [mr_file])
         assert sent.returncode == 0, sent.stderr
         assert attack.refused() == 32  # the 8 allowed are still there, trickling
