@@ -421,3 +421,20 @@ def test_a_sender_over_the_limit_is_told_so_by_a_rejection(
         assert "connection from 127.0.0.1 refused" in server.log_text()
     finally:
         server.stop()
+
+
+def test_a_command_set_that_never_ends_is_aborted(echoscu: str, fiona: FionaServer) -> None:
+    sock = raw_association(fiona.port)
+    try:
+        chunk = p_data(0x01, bytes(16 * 1024))  # command fragments, none of them the last
+        for _ in range(64):  # 1 MiB in all, if nothing stops it
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        kind, _ = read_pdu(sock)
+        assert kind in (0x07, 0)  # A-ABORT, or closed
+    finally:
+        sock.close()
+    assert "command set longer than 65536 bytes" in fiona.log_text()
+    assert echo(echoscu, fiona).returncode == 0
