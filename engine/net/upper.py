@@ -274,7 +274,7 @@ class Association:
                     if size >= 0:
                         size += end - start
                         if max_dataset and size > max_dataset:
-                            self._refuse_oversized(pending)
+                            self._refuse_oversized()
                             dataset, size = [], -1  # drop what came; discard the rest
                         else:
                             # Each PDU body is a fresh buffer, so views of it stay valid.
@@ -287,9 +287,10 @@ class Association:
                         dataset, size = [], 0
                         pending = None
 
-    def _refuse_oversized(self, command: Command) -> None:
+    def _refuse_oversized(self) -> None:
         log.warning(
-            "data set from %s (%s) is over %d bytes: discarding it as it arrives, answering 0xA700",
+            "data set from %s (%s) is over %d bytes (limits.max_instance_mb): discarding the rest "
+            "as it arrives, answering 0xA700",
             self.peer.calling_ae,
             self.address,
             self.config.max_dataset,
