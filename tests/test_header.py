@@ -148,3 +148,35 @@ def test_fast_path_reads_what_pydicom_reads(transfer_syntax: str) -> None:
 def test_deflated_file_is_read_through_pydicom(instance: Dataset) -> None:
     data = _encode(instance, "1.2.840.10008.1.2.1.99")
     assert parse_header(data).sop_instance_uid == instance.SOPInstanceUID
+
+
+def nest_sequences(part10: bytes, depth: int) -> bytes:
+    """``part10`` (explicit VR little endian) with ``depth`` undefined-length Content Sequences
+    (0040,A730) nested one inside the other just before its Pixel Data."""
+    import struct
+
+    opening = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
+    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    at = part10.rindex(b"\xe0\x7f\x10\x00OW")
+    return part10[:at] + opening * depth + closing * depth + part10[at:]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nesting_within_the_bound_parses_as_pydicom_reads_it(instance: Dataset) -> None:
+    from engine.dicom.walk import MAX_DEPTH
+
+    data = nest_sequences(_encode(instance, "1.2.840.10008.1.2.1"), MAX_DEPTH)
+    assert parse_header(data).sop_instance_uid == instance.SOPInstanceUID
+    ds = pydicom.dcmread(io.BytesIO(data))  # the workflow reads archived files with pydicom
+    assert ds.SOPInstanceUID == instance.SOPInstanceUID
+
+
+@pytest.mark.parametrize("depth", [65, 300, 20_000])
+def test_deep_nesting_is_unparseable_not_a_recursion_error(instance: Dataset, depth: int) -> None:
+    data = nest_sequences(_encode(instance, "1.2.840.10008.1.2.1"), depth)
+    with pytest.raises(HeaderError) as caught:
+        parse_header(data)
+    assert caught.value.code == "unparseable"
+    assert "nested deeper than 64 levels" in caught.value.detail

@@ -102,3 +102,48 @@ def test_a_peer_closing_inside_a_pdu_is_end_of_file(
     sender.close()
     with pytest.raises(EOFError):
         PduReader(receiver).read()
+
+
+def test_a_deadline_bounds_a_read_however_slowly_the_bytes_trickle(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    import time
+
+    sender, receiver = pair
+    stop = threading.Event()
+
+    def trickle() -> None:  # one byte every 50 ms of a 10 KB PDU: 8 minutes in all
+        for byte in pdu(0x01, bytes(10_000)):
+            if stop.wait(0.05):
+                return
+            sender.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    reader = PduReader(receiver)
+    receiver.settimeout(5)  # no single read waits this long
+    reader.deadline = time.monotonic() + 1.0
+    try:
+        with pytest.raises(TimeoutError):
+            reader.read()
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_body_claiming_4_gib_is_not_allocated_before_it_arrives(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    import tracemalloc
+
+    sender, receiver = pair
+    sender.sendall(struct.pack(">BxL", 0x04, 0xFFFFFFFF) + bytes(100_000))
+    sender.close()
+    tracemalloc.start()
+    try:
+        with pytest.raises(EOFError):
+            PduReader(receiver).read()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20

@@ -592,6 +592,7 @@ def _site_issues(
             min_free_disk_mb=int(doc["limits"]["min_free_disk_mb"]),
             max_instance_mb=int(doc["limits"]["max_instance_mb"]),
             max_associations=int(doc["limits"]["max_associations"]),
+            max_associations_per_peer=int(doc["limits"]["max_associations_per_peer"]),
         ),
         timeouts=Timeouts(
             acse=float(doc["timeouts"]["acse"]),

@@ -40,17 +40,25 @@ class Limits:
     """Resource limits the receiver enforces before acknowledging an instance.
 
     ``min_free_disk_mb``: below this many MiB free in the data dir, C-STORE answers 0xA700.
-    ``max_instance_mb``: a larger dataset is refused with 0xA700 (protects the spool).
+    ``max_instance_mb``: a larger dataset is refused with 0xA700 (protects the spool); counted
+    as it arrives, so no more than this is ever held for one association.
+    ``max_associations``, ``max_associations_per_peer``: connections at once, in all and from
+    one IP address; more are refused at once (A-ASSOCIATE-RJ, transient).
     """
 
     min_free_disk_mb: int = 1024
     max_instance_mb: int = 4096
     max_associations: int = 32
+    max_associations_per_peer: int = 8
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Network timeouts in seconds (pynetdicom's ACSE, DIMSE and network timeouts)."""
+    """Network timeouts in seconds.
+
+    ``acse``: the whole deadline for association set-up (TLS handshake and A-ASSOCIATE-RQ),
+    however slowly the bytes come. ``network``: the idle limit on an association's reads.
+    """
 
     acse: float = 30.0
     dimse: float = 60.0
@@ -128,7 +136,8 @@ class SiteConfig:
     """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
 
     ``allowed_calling_aes``: empty means every calling AE title is accepted.
-    ``max_pdu``: the maximum PDU length (bytes) advertised to peers; 0 means unlimited.
+    ``max_pdu``: the maximum PDU length (bytes) advertised to peers and enforced (a longer
+    PDU aborts the association); 0 means unlimited.
     ``index_url``: ``sqlite:///PATH`` or empty for ``<data_dir>/index.sqlite``.
     """
 
@@ -140,7 +149,7 @@ class SiteConfig:
     projects_dir: Path = Path("projects")
     index_url: str = ""
     allowed_calling_aes: tuple[str, ...] = ()
-    max_pdu: int = 0
+    max_pdu: int = 1048576
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)

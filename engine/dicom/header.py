@@ -156,6 +156,8 @@ def _requires_pixels(sop_class_uid: object, has_rows: bool) -> bool:
 
 _WANTED = frozenset(_TAGS.values()) | {SPECIFIC_CHARACTER_SET}
 _KEYWORD_OF = {tag: keyword for keyword, tag in _TAGS.items()}
+#: Walk failures pydicom would not read any better (it would recurse on deep nesting).
+_FINAL = ("not a DICOM", "sequences nested deeper")
 
 
 def parse_header(data: bytes) -> InstanceHeader:
@@ -167,7 +169,7 @@ def parse_header(data: bytes) -> InstanceHeader:
     try:
         found = scan(data, _WANTED)
     except HeaderError as exc:
-        if exc.detail.startswith("not a DICOM"):
+        if exc.detail.startswith(_FINAL):
             raise
         return header_from_dataset(read_dataset(data))  # pydicom may know the real encoding
     if found.transfer_syntax == DEFLATED:

@@ -30,6 +30,10 @@ PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
 ITEM_TAG = 0xFFFEE000
 ITEM_END_TAG = 0xFFFEE00D
 SEQ_END_TAG = 0xFFFEE0DD
+#: Undefined-length sequences nested deeper than this are refused as ``unparseable``: real
+#: objects (SR content trees included) stay far below, and pydicom, which reads the archived
+#: files later, recurses several frames per level.
+MAX_DEPTH = 64
 
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
@@ -115,32 +119,61 @@ class Walker:
             raise _truncated()
         return end
 
-    def elements(self, pos: int, implicit: bool, until_item_end: bool = False) -> int:
-        """Walk elements from ``pos`` to the end (or past the Item Delimitation Item)."""
+    def elements(self, pos: int, implicit: bool) -> int:
+        """Walk elements from ``pos`` to the end of the data."""
         while pos < self.size:
-            if until_item_end and self.tag(pos) == ITEM_END_TAG:
-                return pos + 8
             pos = self.skip(pos, implicit)
-        if until_item_end:
-            raise HeaderError("unparseable", "truncated: the file ends inside a sequence item")
         return pos
 
     def items(self, pos: int, implicit: bool) -> int:
-        """Walk the items of an undefined-length element up to its Sequence Delimitation Item."""
-        while True:
+        """Walk the items of an undefined-length element up to its Sequence Delimitation Item.
+
+        Nested undefined-length sequences and items are walked with a stack, not by recursion,
+        and at most :data:`MAX_DEPTH` sequences deep: hostile nesting costs a quarantine, never
+        a ``RecursionError``. Items of defined length are skipped whole.
+        """
+        size = self.size
+        u32 = self._u32.unpack_from
+        # One entry per open container: True for a sequence (items expected), False for an
+        # item (elements expected), and the implicit flag of its content.
+        stack: list[tuple[bool, bool]] = [(True, implicit)]
+        while stack:
+            in_sequence, implicit = stack[-1]
+            if pos + 8 > size:
+                raise HeaderError("unparseable", "truncated: the file ends inside a sequence")
             tag = self.tag(pos)
-            length = self._u32.unpack_from(self.data, pos + 4)[0]
-            pos += 8
-            if tag == SEQ_END_TAG:
-                return pos
-            if tag != ITEM_TAG:
-                raise HeaderError("unparseable", "malformed item in an undefined-length element")
-            if length == UNDEFINED_LENGTH:
-                pos = self.elements(pos, implicit, until_item_end=True)
-            else:
-                if pos + length > self.size:
+            if in_sequence:
+                length = u32(self.data, pos + 4)[0]
+                pos += 8
+                if tag == SEQ_END_TAG:
+                    stack.pop()
+                elif tag != ITEM_TAG:
+                    raise HeaderError(
+                        "unparseable", "malformed item in an undefined-length element"
+                    )
+                elif length == UNDEFINED_LENGTH:
+                    stack.append((False, implicit))
+                elif pos + length > size:
                     raise _truncated()
-                pos += length
+                else:
+                    pos += length
+            elif tag == ITEM_END_TAG:
+                pos += 8
+                stack.pop()
+            else:
+                _, vr, length, start = self.header(pos, implicit)
+                if length == UNDEFINED_LENGTH:
+                    if len(stack) >= 2 * MAX_DEPTH:
+                        raise HeaderError(
+                            "unparseable", f"sequences nested deeper than {MAX_DEPTH} levels"
+                        )
+                    stack.append((True, implicit or vr == b"UN"))
+                    pos = start
+                else:
+                    pos = start + length
+                    if pos > size:
+                        raise _truncated()
+        return pos
 
 
 def read_meta(data: bytes) -> tuple[int, str]:

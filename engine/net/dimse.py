@@ -22,6 +22,8 @@ C_ECHO_RQ = 0x0030
 NO_DATASET = 0x0101
 #: Status: refused, unrecognised operation (PS3.7 C.4).
 UNRECOGNIZED_OPERATION = 0x0211
+#: Status: refused, out of resources (PS3.4 B.2.3), for a data set over the size limit.
+OUT_OF_RESOURCES = 0xA700
 
 _TEXT_TAGS = {0x0002, 0x1000, 0x1001, 0x1030}  # UIDs and AE titles in group 0000
 

@@ -71,14 +71,18 @@ class StorageHandler:
     def _store(
         self, peer: Peer, context: PresentationContext, command: Command, dataset: list[memoryview]
     ) -> Status:
+        # The dataset must be of the negotiated SOP class and the instance the command names:
+        # the archive checks both against its header and quarantines a mismatch (0xA900).
+        sop_class = str(context.abstract_syntax)
         header = part10_header(
-            command.sop_class_uid,
+            sop_class,
             command.sop_instance_uid,
             str(context.transfer_syntax[0]),
             peer.calling_ae,
         )
         origin = Origin("dimse", peer.calling_ae, peer.called_ae, peer.address)
-        return self.archive.receive(b"".join([header, *dataset]), origin).status
+        expected = (sop_class, command.sop_instance_uid)
+        return self.archive.receive(b"".join([header, *dataset]), origin, expected).status
 
 
 def _ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
@@ -99,8 +103,10 @@ def start_scp(site: SiteConfig, archive: Archive) -> tuple[AssociationServer, St
     config = AcceptorConfig(
         contexts=supported_contexts(),
         max_pdu=site.max_pdu,
+        max_dataset=site.limits.max_instance_mb * 1024 * 1024,
         allowed_calling_aes=frozenset(site.allowed_calling_aes),
         max_associations=site.limits.max_associations,
+        max_associations_per_peer=site.limits.max_associations_per_peer,
         acse_timeout=site.timeouts.acse,
         network_timeout=site.timeouts.network,
         ssl_context=_ssl_context(site),

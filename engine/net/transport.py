@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,10 @@ class PduReader:
     Small PDUs (a command, a 64x64 image) are carved out of one buffered ``recv_into`` that
     takes whatever has arrived; the rest of a large body is read straight into the body's own
     buffer, never past it. TCP_QUICKACK is re-armed after every read (see the module doc).
-    Each body is a fresh ``bytearray``, so callers may keep views of it.
+    Each body is a fresh ``bytearray``, so callers may keep views of it. A body longer than
+    :data:`_CHUNK` grows as its bytes arrive, so a header that claims gigabytes costs nothing
+    until they come. ``deadline`` (a ``time.monotonic()`` value, or None) bounds every read
+    until it is cleared: past it, :class:`TimeoutError`, however slowly the bytes trickle in.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -45,6 +49,7 @@ class PduReader:
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
+        self.deadline: float | None = None
 
     def read(self, limit: int = 0) -> tuple[int, bytearray]:
         """The next PDU's type and body. ``limit`` (bytes, 0 = none) bounds the body length:
@@ -55,12 +60,15 @@ class PduReader:
         if limit and length > limit:
             raise PduTooLong(length, limit)
         self._start += 6
-        body = bytearray(length)
+        body = bytearray(min(length, max(_CHUNK, self._end - self._start)))
         have = min(length, self._end - self._start)
         body[:have] = self._view[self._start : self._start + have]
         self._start += have
-        if have < length:
+        while have < length:
+            if have == len(body):  # grow (at most doubling) only as the bytes arrive
+                body.extend(bytes(min(have, length - have)))
             self._recv_exactly(memoryview(body)[have:])
+            have = len(body)
         return pdu_type, body
 
     def _buffer_at_least(self, count: int) -> None:
@@ -85,6 +93,11 @@ class PduReader:
             got += n
 
     def _recv_into(self, view: memoryview) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            self.sock.settimeout(remaining)
         n = self.sock.recv_into(view)
         if _QUICKACK is not None:
             self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)

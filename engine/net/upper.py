@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from engine.net.dimse import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
+    OUT_OF_RESOURCES,
     Command,
     CommandError,
     decode_command,
@@ -45,7 +47,11 @@ log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 _MAX_ASSOCIATE_PDU = 1 << 20  # an A-ASSOCIATE-RQ is a few KiB; more is not a DICOM peer
+_MAX_COMMAND = 1 << 16  # a command set is a few hundred bytes; more is not a DICOM peer
 _RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+#: A-ASSOCIATE-RJ: rejected-transient, by the service provider (presentation related
+#: function), local limit exceeded (PS3.8 9.3.4), sent to connections over a limit.
+_BUSY_RJ = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
 
 
 def _abort_pdu(source: int, reason: int) -> bytes:
@@ -83,15 +89,24 @@ class MessageHandler(Protocol):
 class AcceptorConfig:
     """Association acceptance rules.
 
-    ``max_pdu``: the maximum PDU length we advertise (bytes; 0 means unlimited).
+    ``max_pdu``: the maximum PDU length we advertise (bytes; 0 means unlimited); a longer PDU
+    aborts the association before its body is read.
+    ``max_dataset``: the largest data set one message may carry (bytes; 0 means unlimited);
+    past it the rest of the data set is discarded as it arrives and the request is answered
+    0xA700.
     ``allowed_calling_aes``: empty means any calling AE title is accepted.
-    Timeouts are in seconds.
+    ``max_associations`` (in all) and ``max_associations_per_peer`` (per peer IP address)
+    count connections from accept to close; one over either is refused at once, without a
+    thread. Timeouts are in seconds; ``acse_timeout`` is the whole deadline for association
+    set-up (TLS handshake and A-ASSOCIATE-RQ), ``network_timeout`` the idle limit after it.
     """
 
     contexts: Sequence[PresentationContext]
     max_pdu: int = 0
+    max_dataset: int = 0
     allowed_calling_aes: frozenset[str] = field(default_factory=frozenset)
     max_associations: int = 32
+    max_associations_per_peer: int = 8
     acse_timeout: float = 30.0
     network_timeout: float = 120.0
     ssl_context: ssl.SSLContext | None = None
@@ -145,10 +160,14 @@ class Association:
 
     # -- association establishment ----------------------------------------------------------
 
-    def negotiate(self, over_limit: bool) -> bool:
-        """Answer the A-ASSOCIATE-RQ; return True if the association was accepted."""
-        self.conn.sock.settimeout(self.config.acse_timeout)
-        pdu_type, body = self.conn.read_pdu(_MAX_ASSOCIATE_PDU)
+    def negotiate(self, deadline: float) -> bool:
+        """Answer the A-ASSOCIATE-RQ, which must arrive whole before ``deadline`` (a
+        ``time.monotonic()`` value); return True if the association was accepted."""
+        self.conn.reader.deadline = deadline
+        try:
+            pdu_type, body = self.conn.read_pdu(_MAX_ASSOCIATE_PDU)
+        finally:
+            self.conn.reader.deadline = None
         if pdu_type != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         rq = A_ASSOCIATE_RQ()
@@ -160,10 +179,6 @@ class Association:
             address=self.address,
         )
         allowed = self.config.allowed_calling_aes
-        if over_limit:
-            log.warning("association from %s refused: too many associations", self.address)
-            self._reject(request, result=0x02, source=0x03, diagnostic=0x02)
-            return False
         if allowed and self.peer.calling_ae not in allowed:
             log.warning(
                 "association rejected: calling AE %r from %s is not on the allow-list",
@@ -223,12 +238,14 @@ class Association:
     def serve(self) -> None:
         """Read P-DATA until release or abort, dispatching each complete message."""
         self.conn.sock.settimeout(self.config.network_timeout or None)
+        max_pdu, max_dataset = self.config.max_pdu, self.config.max_dataset
         command = bytearray()
         dataset: list[memoryview] = []
+        size = 0  # bytes of the current data set so far; -1 once it is over max_dataset
         pending: Command | None = None
         context_id = 0
         while True:
-            pdu_type, body = self.conn.read_pdu()
+            pdu_type, body = self.conn.read_pdu(max_pdu)
             if pdu_type == 0x05:  # A-RELEASE-RQ
                 self.conn.send(_RELEASE_RP)
                 return
@@ -243,6 +260,8 @@ class Association:
                 context_id = pdv_context
                 if control & 0x01:  # command fragment
                     command += body[start:end]
+                    if len(command) > _MAX_COMMAND:
+                        raise ProtocolError(f"command set longer than {_MAX_COMMAND} bytes")
                     if control & 0x02:
                         pending = _decode(command)
                         command = bytearray()
@@ -252,18 +271,39 @@ class Association:
                 else:
                     if pending is None:
                         raise ProtocolError("dataset fragment before its command")
-                    # Each PDU body is a fresh buffer, so views of it stay valid: no copy here.
-                    dataset.append(memoryview(body)[start:end])
+                    if size >= 0:
+                        size += end - start
+                        if max_dataset and size > max_dataset:
+                            self._refuse_oversized()
+                            dataset, size = [], -1  # drop what came; discard the rest
+                        else:
+                            # Each PDU body is a fresh buffer, so views of it stay valid.
+                            dataset.append(memoryview(body)[start:end])
                     if control & 0x02:
-                        self._dispatch(context_id, pending, dataset)
-                        dataset = []
+                        if size < 0:
+                            self._respond(context_id, pending, OUT_OF_RESOURCES)
+                        else:
+                            self._dispatch(context_id, pending, dataset)
+                        dataset, size = [], 0
                         pending = None
+
+    def _refuse_oversized(self) -> None:
+        log.warning(
+            "data set from %s (%s) is over %d bytes (limits.max_instance_mb): discarding the rest "
+            "as it arrives, answering 0xA700",
+            self.peer.calling_ae,
+            self.address,
+            self.config.max_dataset,
+        )
 
     def _dispatch(
         self, context_id: int, command: Command, dataset: list[memoryview] | None
     ) -> None:
         context = self.contexts[context_id]
         status = self.handler.on_message(self.peer, context, command, dataset)
+        self._respond(context_id, command, status)
+
+    def _respond(self, context_id: int, command: Command, status: int) -> None:
         response = encode_response(command, status)
         # One P-DATA-TF with one PDV: the command, last fragment (control header 0x03).
         pdv = struct.pack(">LBB", len(response) + 2, context_id, 0x03) + response
@@ -293,7 +333,14 @@ def _pdvs(body: bytearray) -> list[tuple[int, int, int, int]]:
 
 
 class AssociationServer:
-    """Listens on a TCP port and runs each association on its own thread."""
+    """Listens on a TCP port and runs each association on its own thread.
+
+    Connections are counted from accept to close, in all and per peer IP address; one over
+    either limit is answered A-ASSOCIATE-RJ (transient, local limit exceeded) and closed by the
+    accepting thread itself, so a flood of connections never costs a thread each. Set-up (TLS
+    handshake and A-ASSOCIATE-RQ) must complete within ``acse_timeout`` in all, so a client
+    that trickles its request in holds its slot that long at most.
+    """
 
     def __init__(
         self, address: tuple[str, int], config: AcceptorConfig, handler: MessageHandler
@@ -302,6 +349,8 @@ class AssociationServer:
         self.handler = handler
         self.socket = socket.create_server(address, reuse_port=False, backlog=64)
         self._active = 0
+        self._per_peer: dict[str, int] = {}
+        self._refusals = _RefusalLog()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="scp-accept", daemon=True)
@@ -317,30 +366,79 @@ class AssociationServer:
         while not self._stopping.is_set():
             try:
                 sock, address = self.socket.accept()
-                sock.settimeout(None)
             except TimeoutError:
                 continue
             except OSError:
                 if self._stopping.is_set():
                     return
                 continue
-            threading.Thread(
-                target=self._run, args=(sock, address[0]), name=f"assoc-{address[0]}", daemon=True
-            ).start()
+            peer = address[0]
+            deadline = time.monotonic() + self.config.acse_timeout
+            if not self._admit(peer):
+                self._refuse(sock, peer)
+                continue
+            try:
+                threading.Thread(
+                    target=self._run, args=(sock, peer, deadline), name=f"assoc-{peer}", daemon=True
+                ).start()
+            except RuntimeError:  # no thread to be had: refuse, as over a limit
+                self._release(peer)
+                self._refuse(sock, peer)
 
-    def _run(self, sock: socket.socket, address: str) -> None:
+    def _admit(self, peer: str) -> bool:
+        """Count a new connection from ``peer``; False (and not counted) when over a limit."""
         with self._lock:
+            from_peer = self._per_peer.get(peer, 0)
+            if (
+                self._active >= self.config.max_associations
+                or from_peer >= self.config.max_associations_per_peer
+            ):
+                return False
             self._active += 1
-            over_limit = self._active > self.config.max_associations
+            self._per_peer[peer] = from_peer + 1
+            return True
+
+    def _release(self, peer: str) -> None:
+        with self._lock:
+            self._active -= 1
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
+
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        """Answer an over-limit connection and close it, from the accepting thread: never
+        blocks (a TLS port gets no plain-text answer, only the close)."""
+        self._refusals.note(peer)
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            if self.config.ssl_context is None:
+                sock.send(_BUSY_RJ)
+            # Read what already came, so closing sends FIN rather than a reset that could
+            # overtake the A-ASSOCIATE-RJ.
+            sock.recv(1 << 16)
+        _close(sock)
+
+    def _run(self, sock: socket.socket, address: str, deadline: float) -> None:
+        established = False
         try:
-            sock = self._wrap(sock)
+            sock = self._wrap(sock, deadline)
             association = Association(_Connection(sock), address, self.config, self.handler)
-            if association.negotiate(over_limit):
+            if association.negotiate(deadline):
+                established = True
                 association.serve()
         except EOFError:
             log.info("connection from %s closed", address)
         except TimeoutError:
-            log.warning("association from %s timed out; aborting", address)
+            if established:
+                log.warning("association from %s timed out; aborting", address)
+            else:
+                log.warning(
+                    "association set-up from %s not complete within %g s; aborting",
+                    address,
+                    self.config.acse_timeout,
+                )
             _send_quietly(sock, _abort_pdu(0x02, 0x00))
         except ProtocolError as exc:
             log.warning("protocol error from %s: %s; aborting", address, exc)
@@ -351,20 +449,54 @@ class AssociationServer:
             log.exception("association from %s failed", address)
             _send_quietly(sock, _abort_pdu(0x02, 0x00))
         finally:
-            with self._lock:
-                self._active -= 1
+            self._release(address)
             _close(sock)
 
-    def _wrap(self, sock: socket.socket) -> socket.socket:
+    def _wrap(self, sock: socket.socket, deadline: float) -> socket.socket:
+        """The TLS socket over ``sock`` once its handshake is done, before ``deadline``."""
         if self.config.ssl_context is None:
             return sock
-        sock.settimeout(self.config.acse_timeout)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no time left for the TLS handshake")
+        # CPython applies a socket's timeout to the whole handshake, not to each read.
+        sock.settimeout(remaining)
         return self.config.ssl_context.wrap_socket(sock, server_side=True)
 
     def shutdown(self) -> None:
         self._stopping.set()
         _close(self.socket)
         self._thread.join(timeout=5)
+
+
+class _RefusalLog:
+    """Logs refused connections: the first from an address, then at most one line a minute
+    per address with the count since, so a flood does not flood the log."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # address -> (last logged, refused since)
+
+    def note(self, peer: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._seen.get(peer, (now - self.INTERVAL, 0))
+            count += 1
+            if now - last < self.INTERVAL:
+                self._seen[peer] = (last, count)
+                return
+            if len(self._seen) > 4096:  # forget old addresses rather than grow without end
+                self._seen.clear()
+            self._seen[peer] = (now, 0)
+        log.warning(
+            "connection from %s refused: over limits.max_associations or "
+            "limits.max_associations_per_peer (%d refused from this address since the last "
+            "such line)",
+            peer,
+            count,
+        )
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -99,8 +99,15 @@ class Archive:
 
     # -- public -----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, origin: Origin) -> StoreOutcome:
-        """File one Part 10 instance (preamble, meta, dataset) held in memory."""
+    def receive(
+        self, data: bytes, origin: Origin, expected: tuple[str, str] | None = None
+    ) -> StoreOutcome:
+        """File one Part 10 instance (preamble, meta, dataset) held in memory.
+
+        ``expected``: for a C-STORE, the negotiated SOP Class UID (the presentation context's
+        abstract syntax) and the command's Affected SOP Instance UID (0000,1000); a dataset
+        whose (0008,0016) or (0008,0018) differs is quarantined and answered 0xA900.
+        """
         try:
             self._check_resources(len(data))
         except _NoResources as exc:
@@ -108,6 +115,8 @@ class Archive:
             return StoreOutcome("rejected", Status.OUT_OF_RESOURCES, "out_of_resources", str(exc))
         try:
             header = parse_header(data)
+            if expected is not None:
+                _check_expected(header, expected)
         except HeaderError as exc:
             return self._quarantine(data, exc, origin)
         lock = self._locks[hash(header.sop_instance_uid) % len(self._locks)]
@@ -231,6 +240,22 @@ class Archive:
             _symlink(link, target)
         except OSError as exc:
             log.error("could not create the views of a study: %s", _os_error_text(exc))
+
+
+def _check_expected(header: InstanceHeader, expected: tuple[str, str]) -> None:
+    """Raise :class:`HeaderError` when a C-STORE's dataset is not what was negotiated and
+    announced (the UIDs themselves are not quoted: the detail stays free of header values)."""
+    sop_class, sop_instance = expected
+    if header.sop_class_uid != sop_class:
+        raise HeaderError(
+            "sop_class_mismatch",
+            "SOP Class UID (0008,0016) differs from the presentation context's abstract syntax",
+        )
+    if header.sop_instance_uid != sop_instance:
+        raise HeaderError(
+            "sop_instance_mismatch",
+            "SOP Instance UID (0008,0018) differs from the command's Affected SOP Instance UID",
+        )
 
 
 def _instance_rel(header: InstanceHeader) -> str:

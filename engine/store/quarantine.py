@@ -34,6 +34,8 @@ class Reason(StrEnum):
 
     UNPARSEABLE = "unparseable"  # not DICOM, truncated, or a header that cannot be decoded
     INVALID_UID = "invalid_uid"  # a required UID is missing or not digits-and-dots <= 64
+    SOP_CLASS_MISMATCH = "sop_class_mismatch"  # C-STORE: SOP class differs from the context's
+    SOP_INSTANCE_MISMATCH = "sop_instance_mismatch"  # C-STORE: command and dataset UIDs differ
     DUPLICATE_CONFLICT = "duplicate_conflict"  # same SOP Instance UID, different bytes
     UNROUTED = "unrouted"  # a complete study no project claims (site policy 'quarantine')
     AMBIGUOUS = "ambiguous"  # several projects claim a study (site policy 'quarantine')
@@ -52,6 +54,8 @@ class Reason(StrEnum):
 MEANINGS: dict[str, str] = {
     Reason.UNPARSEABLE: "not DICOM Part 10, truncated, or a header that cannot be decoded",
     Reason.INVALID_UID: "a required UID (study, series, SOP instance, class) missing or malformed",
+    Reason.SOP_CLASS_MISMATCH: "a C-STORE whose SOP Class UID differs from the negotiated one",
+    Reason.SOP_INSTANCE_MISMATCH: "a C-STORE whose command and dataset SOP Instance UIDs differ",
     Reason.DUPLICATE_CONFLICT: "a SOP Instance UID received again with different bytes",
     Reason.UNROUTED: "a complete study no project claims",
     Reason.AMBIGUOUS: "a study several projects claim",
