@@ -20,8 +20,9 @@ import pydicom
 import pytest
 
 from tests import synth
-from tests.peers import FionaServer, dataset_part, send_raw_c_store
+from tests.peers import FionaServer, dataset_part, free_port, send_raw_c_store
 from tests.test_header import nest_sequences
+from tests.test_metrics import scrape, value
 from tests.test_receive import echo, store
 from tests.test_tls import tls_files  # noqa: F401  (a fixture)
 
@@ -237,7 +238,12 @@ def test_pdus_claiming_4_gib_cost_no_memory(
 def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
     tmp_path: Path, storescu: str, empty_projects: Path, mr_file: Path
 ) -> None:
-    server = serve_with(tmp_path, empty_projects, "limits:\n  max_instance_mb: 8\n")
+    status_port = free_port()
+    server = serve_with(
+        tmp_path,
+        empty_projects,
+        f"limits:\n  max_instance_mb: 8\nstatus_http:\n  port: {status_port}\n",
+    )
     try:
         assert server.proc is not None
         before = memory_kib(server.proc.pid)
@@ -261,6 +267,9 @@ def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
         assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)
         assert "over 8388608 bytes" in server.log_text()
         assert index_rows(server, "SELECT count(*) FROM instances") == [(1,)]
+        # Refused by the network layer, not the handler: the metrics count it all the same.
+        _, samples = scrape(status_port)
+        assert value(samples, "fiona_instances_rejected_total", status="0xA700") == 1
     finally:
         server.stop()
 

@@ -32,7 +32,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from engine import metrics
 from engine.net.dimse import (
+    C_STORE_RQ,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     OUT_OF_RESOURCES,
@@ -281,6 +283,9 @@ class Association:
                             dataset.append(memoryview(body)[start:end])
                     if control & 0x02:
                         if size < 0:
+                            if pending.command_field == C_STORE_RQ:
+                                # Refused here, not by the handler: count it all the same.
+                                metrics.instance_received(OUT_OF_RESOURCES, 0)
                             self._respond(context_id, pending, OUT_OF_RESOURCES)
                         else:
                             self._dispatch(context_id, pending, dataset)
