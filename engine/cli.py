@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
+        import engine.projects  # noqa: F401  (registers the project sections it checks)
         from engine.config.loader import find_site_config
         from engine.config.validate import run_validate
 

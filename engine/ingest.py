@@ -156,7 +156,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _check_project(site: SiteConfig, name: str) -> str | None:
     """Why ``--project name`` cannot take studies (one message), or None when it can."""
-    from engine.config.loader import load_projects
+    from engine.projects import load_projects
 
     projects, _issues = load_projects(site.projects_dir)
     found = next((p for p in projects if p.name == name), None)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
 
@@ -144,18 +145,6 @@ def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
             print(f"error: {issue}", file=sys.stderr)
         print("fiona: the site config is invalid; not starting", file=sys.stderr)
         return None
-
-
-def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
-    """Valid, enabled projects; each invalid one is logged with its reasons and left out."""
-    from engine.config.loader import load_projects
-
-    projects, issues = load_projects(site.projects_dir)
-    for issue in issues:
-        log.error("project disabled: %s", issue)
-    enabled = [p for p in projects if p.enabled]
-    log.info("projects: %s", ", ".join(p.name for p in enabled) or "(none)")
-    return enabled
 
 
 def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def site_labeller(site: SiteConfig) -> RuleSet | None:
     """The rule sets that label every series on arrival (``routing.classify_rulesets``)."""
-    from engine.config.loader import ConfigError
+    from engine.config.issues import ConfigError
 
     base = site.source.parent if site.source is not None else Path.cwd()
     try:

@@ -25,7 +25,8 @@ from typing import Any, Protocol
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from engine.config.loader import _apply_defaults, _load_schema, format_path
+from engine.config.issues import format_path
+from engine.config.schema import apply_defaults, load_schema
 from engine.deid.pixels import PixelRuleSet, Region
 
 __all__ = [
@@ -55,7 +56,7 @@ class HeaderFields(Protocol):
 
 def policy_schema() -> dict[str, Any]:
     """The JSON Schema fragment of the policy (``pixels.schema.json`` ``$defs``)."""
-    schema: dict[str, Any] = _load_schema("pixels")["$defs"]["burned_in_policy"]
+    schema: dict[str, Any] = load_schema("pixels")["$defs"]["burned_in_policy"]
     return schema
 
 
@@ -102,7 +103,7 @@ class BurnedInPolicy:
         ]
         if errors:
             raise ValueError("; ".join(errors))
-        _apply_defaults(schema, doc, schema)
+        apply_defaults(schema, doc, schema)
         return cls(
             sop_classes=frozenset(doc["sop_classes"]),
             modalities=frozenset(doc["modalities"]),

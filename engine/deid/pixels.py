@@ -33,18 +33,12 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 if TYPE_CHECKING:
     from engine.deid.burned_in import HeaderFields
 
-from engine.config.loader import (
-    PROJECT_SUFFIXES,
-    ConfigError,
-    ConfigIssue,
-    _found,
-    _issue_order,
-    _load_schema,
-    _parse,
-    _Parsed,
-    _schema_issues,
-    format_path,
-)
+from engine.config.files import ParsedFile, parse_file
+from engine.config.issues import ConfigError, ConfigIssue, format_path, found_value, issue_order
+from engine.config.loader import _schema_issues
+from engine.config.rulesets import PROJECT_SUFFIXES
+from engine.config.schema import load_schema
+from engine.config.sections import RulesetKind
 from engine.dicom.codecs import DecodeFailed, decompress, is_compressed
 
 __all__ = [
@@ -143,7 +137,7 @@ def resolve_pixel_rulesets(refs: Iterable[str], base: Path) -> list[Path]:
 
 
 def _regex(
-    value: str, parsed: _Parsed, path: tuple[str | int, ...]
+    value: str, parsed: ParsedFile, path: tuple[str | int, ...]
 ) -> tuple[re.Pattern[str] | None, list[ConfigIssue]]:
     try:
         return re.compile(value, re.IGNORECASE), []
@@ -153,7 +147,7 @@ def _regex(
 
 
 def _rule(
-    doc: dict[str, Any], index: int, parsed: _Parsed
+    doc: dict[str, Any], index: int, parsed: ParsedFile
 ) -> tuple[PixelRule | None, list[ConfigIssue]]:
     base: tuple[str | int, ...] = ("rules", index)
     issues: list[ConfigIssue] = []
@@ -202,19 +196,19 @@ def _rule(
 def check_pixel_rules(paths: Iterable[Path]) -> tuple[PixelRuleSet | None, list[ConfigIssue]]:
     """Load ``paths`` as one pixel rule set (rule names unique across them); every problem
     of every file as a line-numbered :class:`ConfigIssue`."""
-    schema = _load_schema("pixels")
+    schema = load_schema("pixels")
     rules: list[PixelRule] = []
     issues: list[ConfigIssue] = []
     names: dict[str, str] = {}
     for path in paths:
-        parsed = _parse(path)
+        parsed = parse_file(path)
         issues += parsed.issues
         if parsed.data is None:
             if not parsed.issues:
                 issues.append(ConfigIssue(path, None, "(root)", "expected object, found null"))
             continue
         if not isinstance(parsed.data, dict):
-            message = f"expected object, {_found(parsed.data)}"
+            message = f"expected object, {found_value(parsed.data)}"
             issues.append(ConfigIssue(path, None, "(root)", message))
             continue
         found = _schema_issues(parsed, parsed.data, schema, {})
@@ -232,7 +226,7 @@ def check_pixel_rules(paths: Iterable[Path]) -> tuple[PixelRuleSet | None, list[
             issues += problems
             if rule is not None:
                 rules.append(rule)
-    issues.sort(key=_issue_order)
+    issues.sort(key=issue_order)
     return (None if issues else PixelRuleSet(tuple(rules))), issues
 
 
@@ -363,3 +357,11 @@ def clean_pixels(
     if covers_all_text:
         ds.BurnedInAnnotation = "NO"
     return None
+
+
+def _check_file(path: Path) -> list[ConfigIssue]:
+    return check_pixel_rules([path])[1]
+
+
+#: ``rulesets/pixels/``: pixel cleaning rules, registered by :mod:`engine.projects`.
+PIXELS_KIND = RulesetKind("pixels", "pixels.schema.json", _check_file)

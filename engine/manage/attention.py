@@ -91,7 +91,7 @@ def _signature(folder: Path) -> tuple[tuple[str, int], ...]:
 def invalid_projects(projects_dir: Path) -> list[dict[str, Any]]:
     """Each project file left out for being invalid: ``{"file", "problems"}`` (a missing
     projects folder is one entry). Reloaded only when a file changed."""
-    from engine.config.loader import load_projects
+    from engine.projects import load_projects
 
     signature = _signature(projects_dir)
     with _projects_lock:

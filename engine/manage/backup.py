@@ -134,12 +134,13 @@ def _referenced_files(raw: object, base: Path) -> Iterator[Path]:
 def _config_files(site: SiteConfig) -> list[Path]:
     """Files the config refers to: the site's TLS files and the secret and token files of
     every project file (read as YAML here, so disabled and invalid projects count too)."""
-    from engine.config.loader import _parse, project_files
+    from engine.config.files import parse_file
+    from engine.config.loader import project_files
 
     found = [p for p in (site.tls.cert_file, site.tls.key_file, site.tls.ca_file) if p]
     if site.projects_dir.is_dir():
         for file in project_files(site.projects_dir):
-            found += _referenced_files(_parse(file).data, file.parent)
+            found += _referenced_files(parse_file(file).data, file.parent)
     return found
 
 

@@ -289,7 +289,7 @@ class RetentionJob:
             log.info("purged %d expired quarantine items", purged)
 
     def __call__(self) -> None:
-        from engine.config.loader import load_projects
+        from engine.projects import load_projects
 
         try:
             # Every valid project, enabled or not: a disabled project's studies keep its rules.

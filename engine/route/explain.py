@@ -192,7 +192,8 @@ def _recorded(routes: Sequence[_Route]) -> list[str]:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from engine.service import load_enabled_projects, load_site_or_exit
+    from engine.projects import load_enabled_projects
+    from engine.service import load_site_or_exit
     from engine.workflow import site_labeller
 
     site = load_site_or_exit(args)

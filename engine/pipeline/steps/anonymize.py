@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.deid import Deidentifier, Pseudonym, load_profile, load_secret
 from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter
