@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_test_rules(args.paths)
     if args.command == "explain":
-        from engine.route.explain import run_explain
+        from engine.manage.explain_cli import run_explain
 
         return run_explain(args)
     if args.command == "anonymize":

@@ -171,7 +171,8 @@ def _check_project(site: SiteConfig, name: str) -> str | None:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit, open_store, setup_logging
+    from engine.service import open_store, setup_logging
+    from engine.store.commands import load_site_or_exit
 
     site = load_site_or_exit(args)
     if site is None:

@@ -15,26 +15,10 @@ from typing import Any
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
+from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
 
 log = logging.getLogger("fiona")
-
-
-def site_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """CLI flags that override the site config (validated with it)."""
-    mapping = {
-        "port": "port",
-        "ae_title": "ae_title",
-        "data": "data_dir",
-        "projects": "projects_dir",
-        "bind": "bind_address",
-    }
-    out: dict[str, object] = {}
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = str(value) if isinstance(value, Path) else value
-    return out
 
 
 def setup_logging(level: str) -> None:
@@ -106,47 +90,6 @@ def open_store(site: SiteConfig) -> Store:
     return Store(site, index, archive)
 
 
-def run_with_index(
-    args: argparse.Namespace,
-    command: Callable[[SiteConfig, SqliteIndex], int],
-    *,
-    read_only: bool = False,
-) -> int:
-    """For commands on the site's index: load the site config, open the existing, current
-    index (read-only when ``read_only``), run ``command`` on both, close the index.
-
-    Exit status 2, with one message, when the config is invalid or the index is missing,
-    older or newer than the code: such commands never create or upgrade an index.
-    """
-    site = load_site_or_exit(args)
-    if site is None:
-        return 2
-    try:
-        index = open_index(
-            site.index_url, site.data_dir / "index.sqlite", upgrade=False, read_only=read_only
-        )
-    except IndexUnusable as exc:
-        print(f"fiona: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return command(site, index)
-    finally:
-        index.close()
-
-
-def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
-    """The site config with CLI overrides, or None after printing every problem."""
-    from engine.config.loader import ConfigError, find_site_config, load_site
-
-    try:
-        return load_site(find_site_config(getattr(args, "config", None)), site_overrides(args))
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(f"error: {issue}", file=sys.stderr)
-        print("fiona: the site config is invalid; not starting", file=sys.stderr)
-        return None
-
-
 def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:
     """Names and modification times of the project files (and their folder)."""
     from engine.config.loader import project_files
@@ -205,9 +148,9 @@ class OutboxJob:
     """
 
     def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
-        from engine.manage.audit import AuditLog
-        from engine.manage.quarantine_policy import Holder, policies_of
+        from engine.store.audit import AuditLog
         from engine.store.quarantine import Quarantine
+        from engine.store.quarantine_policy import Holder, policies_of
         from engine.transfer.config import destinations_of
         from engine.transfer.outbox import Outbox
         from engine.transfer.worker import OutboxWorker
@@ -227,7 +170,7 @@ class OutboxJob:
         self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
 
     def configure(self, projects: list[ProjectConfig]) -> None:
-        from engine.manage.quarantine_policy import policies_of
+        from engine.store.quarantine_policy import policies_of
         from engine.transfer.config import destinations_of
 
         self.worker.configure(destinations_of(projects))
@@ -245,7 +188,7 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     listens, so no job (the first heartbeat echoes the SCP) runs before the service is up."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
+    from engine.pipeline.redcap_jobs import add_redcap_jobs  # consent-recheck, redcap-requests
     from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")

@@ -20,14 +20,14 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from engine.config.issues import format_path
 from engine.config.schema import apply_defaults, load_schema
-from engine.deid.pixels import PixelRuleSet, Region
+from engine.deid.pixels import HeaderFields, PixelRuleSet, Region
 
 __all__ = [
     "REASON",
@@ -43,15 +43,6 @@ __all__ = [
 #: Quarantine reason code of this gate.
 REASON = "burned_in"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-class HeaderFields(Protocol):
-    """What the gate reads of an instance, by keyword: a pydicom Dataset, or a plain dict of
-    keyword -> value as pydicom decodes it (see :func:`engine.deid.export.gate_fields`)."""
-
-    def get(self, key: str, default: Any = None, /) -> Any: ...
-
-    def __contains__(self, key: str, /) -> bool: ...
 
 
 def policy_schema() -> dict[str, Any]:

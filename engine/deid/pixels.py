@@ -25,24 +25,22 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
-if TYPE_CHECKING:
-    from engine.deid.burned_in import HeaderFields
-
 from engine.config.files import ParsedFile, parse_file
 from engine.config.issues import ConfigError, ConfigIssue, format_path, found_value, issue_order
-from engine.config.loader import _schema_issues
 from engine.config.rulesets import PROJECT_SUFFIXES
-from engine.config.schema import load_schema
+from engine.config.schema import load_schema, schema_issues
 from engine.config.sections import RulesetKind
 from engine.dicom.codecs import DecodeFailed, decompress, is_compressed
 
 __all__ = [
+    "PIXELS_KIND",
     "CleanFailed",
+    "HeaderFields",
     "PixelRule",
     "PixelRuleSet",
     "Region",
@@ -53,6 +51,15 @@ __all__ = [
     "pixels_dir",
     "resolve_pixel_rulesets",
 ]
+
+
+class HeaderFields(Protocol):
+    """What the gate reads of an instance, by keyword: a pydicom Dataset, or a plain dict of
+    keyword -> value as pydicom decodes it (see :func:`engine.deid.export.gate_fields`)."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __contains__(self, key: str, /) -> bool: ...
 
 CASES_SUFFIX = ".cases"
 
@@ -211,7 +218,7 @@ def check_pixel_rules(paths: Iterable[Path]) -> tuple[PixelRuleSet | None, list[
             message = f"expected object, {found_value(parsed.data)}"
             issues.append(ConfigIssue(path, None, "(root)", message))
             continue
-        found = _schema_issues(parsed, parsed.data, schema, {})
+        found = sorted(schema_issues(parsed.data, schema, path, parsed.line_of), key=issue_order)
         issues += found
         if found:
             continue

@@ -1,7 +1,7 @@
 """``fiona audit [STUDY_UID] [--project P] [--event E] [--since YYYY-MM-DD] [--json]``.
 
 Reads the audit log (``<data>/audit/audit-YYYYMM.jsonl``). The log never holds a UID, only its
-token (:func:`engine.manage.audit.uid_token`): a study UID given here is turned into its token
+token (:func:`engine.store.audit.uid_token`): a study UID given here is turned into its token
 and matched against the entries' ``study`` field.
 """
 
@@ -13,7 +13,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from engine.manage.audit import AuditLog, uid_token
+from engine.store.audit import AuditLog, uid_token
+from engine.store.commands import load_site_or_exit
 
 __all__ = ["matching", "run_audit"]
 
@@ -55,8 +56,6 @@ def _line(entry: dict[str, Any]) -> str:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
-
     site = load_site_or_exit(args)
     if site is None:
         return 2

@@ -43,6 +43,7 @@ from typing import Any
 
 from engine import __version__
 from engine.config.model import SiteConfig
+from engine.store.commands import load_site_or_exit
 from engine.store.fsio import ensure_dir, fsync_dir
 from engine.store.index import IndexMissing, index_file, latest_version, read_schema_version
 
@@ -343,8 +344,6 @@ def _reason(exc: Exception) -> str:
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
-
     site = load_site_or_exit(args)
     if site is None:
         return 2

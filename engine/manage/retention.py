@@ -16,7 +16,7 @@ Two passes (every ``retention.interval_seconds``):
 
 Deleting removes ``archive/<StudyUID>``, its ``raw/`` and ``participants/`` links and the
 ``work/<project>/run-<id>`` copies of its runs, fsyncs the parent folders, writes an audit entry
-``deleted`` (the study as a :func:`~engine.manage.audit.uid_token`) and sets
+``deleted`` (the study as a :func:`~engine.store.audit.uid_token`) and sets
 ``studies.deleted_at``; the index rows stay as the record of what was received.
 """
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.model import ProjectConfig
-from engine.manage.audit import AuditLog, uid_token
 from engine.store.archive import safe_component
+from engine.store.audit import AuditLog, uid_token
 from engine.store.fsio import fsync_dir
 from engine.store.index import Index
 
@@ -281,7 +281,7 @@ class RetentionJob:
 
     def _purge_quarantine(self, projects: list[ProjectConfig]) -> None:
         """Released and discarded quarantine items past their project's ``keep_days``."""
-        from engine.manage.quarantine_policy import expired_items, policies_of, purge
+        from engine.store.quarantine_policy import expired_items, policies_of, purge
 
         expired = expired_items(self.index, time.time(), policies_of(projects))
         if expired:

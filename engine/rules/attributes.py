@@ -19,17 +19,31 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from pydicom.datadict import get_entry, keyword_dict
+from pydicom.dataset import Dataset
 
 from engine.rules.values import LookupTag, Opaque, Value, ascii_safe, element_value
 
-if TYPE_CHECKING:
-    from engine.rules.instance import RuleInput
-
 __all__ = ["ANY", "SUMMARY_FIELDS", "AttrPath", "Step", "parse_attr"]
+
+
+class Instance(Protocol):
+    """What a path reads of an instance: :class:`engine.rules.instance.RuleInput`, which builds
+    on this module (its ``SUMMARY_FIELDS``)."""
+
+    @property
+    def dataset(self) -> Dataset: ...
+
+    @property
+    def summary(self) -> Mapping[str, Value]: ...
+
+    @property
+    def ascii_ok(self) -> bool: ...
+
 
 #: Index meaning "any value / any item" (``[*]``).
 ANY: Final = -1
@@ -100,7 +114,7 @@ class AttrPath:
         """The top-level tag this path reads (None for a summary field)."""
         return self.steps[0].tag if self.steps else None
 
-    def read(self, inp: RuleInput) -> tuple[Value, ...]:
+    def read(self, inp: Instance) -> tuple[Value, ...]:
         """The candidate values for this instance: () when missing."""
         if self.summary is not None:
             value = inp.summary.get(self.summary)

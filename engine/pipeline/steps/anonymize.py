@@ -34,7 +34,7 @@ from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined
 from engine.pipeline.steps.base import JsonPath, Step
 from engine.pipeline.steps.consent import require_redcap
-from engine.redcap.research_ids import FixedPseudonym, ResearchIds
+from engine.pipeline.steps.research_ids import FixedPseudonym, ResearchIds
 from engine.store.fsio import write_durable
 from engine.store.pseudonyms import PseudonymTable
 
