@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config.issues import ConfigIssue
+from engine.config.issues import ConfigError, ConfigIssue
 from engine.config.rulesets import classify_dir, is_name, resolve_ruleset, resolve_rulesets
 from engine.dicom.dataset import read_header_dataset
 from engine.pipeline.context import LABELS, RunContext, SeriesInput
@@ -68,8 +68,6 @@ class ClassifyStep(Step):
         paths = resolve_rulesets(_refs(options), project_file.parent)
         ruleset, issues = compiled_rulesets(paths)
         if ruleset is None:
-            from engine.config.issues import ConfigError
-
             raise ConfigError(issues)
         self.ruleset: RuleSet = ruleset
 
