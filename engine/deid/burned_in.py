@@ -84,7 +84,7 @@ class BurnedInPolicy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> BurnedInPolicy:
         """The policy from a project's mapping; raises ValueError naming every bad key."""
-        from jsonschema import Draft202012Validator  # start-up cost: see engine.config.loader
+        from jsonschema import Draft202012Validator  # start-up cost: see engine.config.schema
 
         schema = policy_schema()
         doc = copy.deepcopy(dict(data or {}))
