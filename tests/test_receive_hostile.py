@@ -417,14 +417,24 @@ def test_a_sender_over_the_limit_is_told_so_by_a_rejection(
 ) -> None:
     server = serve_with(tmp_path, empty_projects, "limits:\n  max_associations: 1\n")
     try:
-        # Accepted (and counted) before echoscu's connection, which comes after it.
-        hold = socket.create_connection(
-            ("127.0.0.1", server.port), timeout=10, source_address=("127.0.0.5", 0)
-        )
-        try:
-            refused = echo(echoscu, server)
-        finally:
-            hold.close()
+        # The held connection must own the one slot when echoscu comes: at start the
+        # heartbeat's own echo may hold it (the held connection is then refused at once), and
+        # under load the accept loop may take the held connection after echoscu's.
+        refused = None
+        for _ in range(20):
+            hold = socket.create_connection(
+                ("127.0.0.1", server.port), timeout=0.5, source_address=("127.0.0.5", 0)
+            )
+            try:
+                hold.recv(1)  # a refusal answers (A-ASSOCIATE-RJ) or closes at once
+            except TimeoutError:
+                refused = echo(echoscu, server)  # the held connection is still open
+                if refused.returncode != 0:
+                    break
+            finally:
+                hold.close()
+            time.sleep(0.25)
+        assert refused is not None, "the held connection never kept the slot"
         assert refused.returncode != 0
         assert "Local Limit Exceeded" in refused.stdout + refused.stderr
         assert "connection from 127.0.0.1 refused" in server.log_text()
