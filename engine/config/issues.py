@@ -8,7 +8,7 @@ path), what was expected and what was found, and a "did you mean" for a near mis
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,15 +88,15 @@ def issue_order(issue: ConfigIssue) -> tuple[int, int, str, str]:
     )
 
 
-def close_match(word: str, choices: Iterable[str]) -> str | None:
-    """The choice ``word`` most likely misspells (None: none is close)."""
-    found_ = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+def close_match(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The choice ``word`` most likely misspells (None: none is within ``cutoff``)."""
+    found_ = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return found_[0] if found_ else None
 
 
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """`` (did you mean 'x'?)`` for a near miss among ``choices``, else ''."""
-    close = close_match(word, choices)
+    close = close_match(word, choices, cutoff)
     return f" (did you mean '{close}'?)" if close else ""
 
 

@@ -56,7 +56,7 @@ from engine.config.model import (
     UnroutedPolicy,
 )
 from engine.config.rulesets import PROJECT_SUFFIXES
-from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_messages
+from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_issues
 from engine.config.sections import project_sections
 
 __all__ = [  # the names of engine.config.issues and .files are here for callers' convenience
@@ -91,18 +91,7 @@ def _schema_issues(
     ``blame`` maps top-level keys that did not come from the file (overrides) to the
     ``file`` their issues are reported against.
     """
-    from jsonschema import Draft202012Validator  # start-up cost: see engine.config.schema
-
-    issues: list[ConfigIssue] = []
-    for error in Draft202012Validator(schema).iter_errors(doc):
-        for path, where, message in schema_messages(error, schema):
-            top = where[0] if where else None
-            if isinstance(top, str) and top in blame:
-                issues.append(ConfigIssue(blame[top], None, format_path(path), message))
-            else:
-                issues.append(
-                    ConfigIssue(parsed.file, parsed.line_of(where), format_path(path), message)
-                )
+    issues = schema_issues(doc, schema, parsed.file, parsed.line_of, blame=blame)
     issues.sort(key=issue_order)
     return issues
 

@@ -175,12 +175,15 @@ def schema_issues(
     base: JsonPath = (),
     *,
     at_key: bool = False,
+    blame: Mapping[str, Path] | None = None,
 ) -> list[ConfigIssue]:
     """Every error of ``doc`` against ``schema`` as an issue of ``file``, in the order found.
 
     ``doc`` sits at JSON path ``base`` of the file; ``line_of`` gives the line of a path of the
     file (None: no lines). A message repeated at one path is reported once. ``at_key``: an
-    invalid property name is reported at the key itself rather than at its object.
+    invalid property name is reported at the key itself rather than at its object. ``blame``
+    maps top-level keys that did not come from the file (command-line overrides) to the
+    ``file`` their issues are reported against, without a line.
     """
     # Imported here: jsonschema costs ~0.1 s of start-up, and commands that only read
     # rule sets and profiles (fiona anonymize) never validate a config.
@@ -197,6 +200,10 @@ def schema_issues(
             if key in seen:
                 continue
             seen.add(key)
+            top = where[0] if where else None
+            if blame is not None and isinstance(top, str) and top in blame:
+                issues.append(ConfigIssue(blame[top], None, format_path(path), message))
+                continue
             line = line_of((*base, *where)) if line_of is not None else None
             issues.append(ConfigIssue(file, line, format_path((*base, *path)), message))
     return issues

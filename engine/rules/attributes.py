@@ -16,7 +16,6 @@ past the end, like a missing element, makes the attribute missing.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Final, Protocol
 from pydicom.datadict import get_entry, keyword_dict
 from pydicom.dataset import Dataset
 
+from engine.config.issues import close_match, did_you_mean
 from engine.rules.values import LookupTag, Opaque, Value, ascii_safe, element_value
 
 __all__ = ["ANY", "SUMMARY_FIELDS", "AttrPath", "Step", "parse_attr"]
@@ -173,8 +173,7 @@ def _step(match: re.Match[str]) -> tuple[Step | None, str | None]:
         keyword = match["kw"]
         tag = keyword_dict.get(keyword)
         if tag is None:
-            close = difflib.get_close_matches(keyword, _keywords(), n=1, cutoff=0.8)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(keyword, _keywords(), cutoff=0.8)
             return None, f"unknown attribute keyword '{keyword}'{hint}"
         name = keyword
     else:
@@ -195,8 +194,8 @@ def parse_attr(text: str) -> tuple[AttrPath | None, str | None]:
         field = text[len("summary.") :]
         if field in SUMMARY_FIELDS:
             return AttrPath(text, summary=field), None
-        close = difflib.get_close_matches(field, list(SUMMARY_FIELDS), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?; " if close else ""
+        close = close_match(field, SUMMARY_FIELDS)
+        hint = f"did you mean '{close}'?; " if close else ""
         fields = ", ".join(sorted(SUMMARY_FIELDS))
         return None, f"unknown summary field '{field}' ({hint}fields: {fields})"
     steps: list[Step] = []

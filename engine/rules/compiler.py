@@ -8,13 +8,12 @@ operators and their operands, regular expressions, JMESPath expressions, rule re
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config.issues import ConfigIssue, JsonPath, format_path, norm_path
+from engine.config.issues import ConfigIssue, JsonPath, did_you_mean, format_path, norm_path
 from engine.config.schema import load_schema
 from engine.config.schema import schema_issues as config_schema_issues
 from engine.rules.attributes import AttrPath, parse_attr
@@ -94,9 +93,8 @@ class Rule:
         return [n for n in self.nodes() if isinstance(n, RuleRef)]
 
 
-def close_match(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
-    return f" (did you mean '{found[0]}'?)" if found else ""
+#: `` (did you mean 'x'?)`` or '' (the one wording of engine.config.issues).
+close_match = did_you_mean
 
 
 def _has_number(operand: object) -> bool:
