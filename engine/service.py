@@ -101,6 +101,31 @@ def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
         return None
 
 
+def prepare_install_secret(site: SiteConfig) -> bool:
+    """Create the per-install secret (``<data>/secrets/install.key``) when missing and check
+    it; False after logging why it cannot be used (the service does not start then)."""
+    from engine.deid.keys import SecretError, ensure_install_secret, load_secret
+
+    try:
+        path, created = ensure_install_secret(site.data_dir)
+        load_secret(path)
+    except OSError as exc:
+        log.error("cannot create the install secret in %s: %s", site.data_dir, exc.strerror)
+        return False
+    except SecretError as exc:
+        log.error("%s", exc)
+        return False
+    if created:
+        log.info(
+            "created the install secret %s: back it up (a lost secret means new "
+            "pseudonyms and UIDs for the same patients)",
+            path.resolve(),
+        )
+    else:
+        log.info("install secret: %s", path.resolve())
+    return True
+
+
 def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
     """Valid, enabled projects; each invalid one is logged with its reasons and left out."""
     from engine.config.loader import load_projects
@@ -300,6 +325,8 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     from engine.net.scp import start_scp
 
+    if not prepare_install_secret(site):
+        return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
     # Everything is set up before the port opens, so a sender never competes with start-up;

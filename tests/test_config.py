@@ -107,7 +107,7 @@ def test_valid_site_loads_with_defaults_and_relative_paths() -> None:
         source=VALID / "site.yaml",
         ae_title="RESEARCH_SCP",
         port=4242,
-        bind_address="0.0.0.0",
+        bind_address="127.0.0.1",
         data_dir=folder / "data",
         projects_dir=folder / "projects",
         index_url=f"sqlite:///{folder / 'data' / 'index.sqlite'}",

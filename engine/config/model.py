@@ -135,7 +135,7 @@ class SiteConfig:
     source: Path | None = None
     ae_title: str = "FIONA"
     port: int = 11112
-    bind_address: str = "0.0.0.0"
+    bind_address: str = "127.0.0.1"
     data_dir: Path = Path("var")
     projects_dir: Path = Path("projects")
     index_url: str = ""
