@@ -329,6 +329,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
+    from engine.store.recovery import recover
+
+    recover(store.archive)  # what a crash left: temp files, archived but unindexed files
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
     scheduler, outbox = _start_jobs(store, projects)
