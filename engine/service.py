@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.model import LogFile, ProjectConfig, SiteConfig
 from engine.store.archive import Archive
 from engine.store.index import SqliteIndex, open_index
 
@@ -36,16 +36,59 @@ def site_overrides(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
-def setup_logging(level: str) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, log_file: LogFile | None = None) -> None:
+    """Log to stderr (the journal under systemd) and, when ``log_file.path`` is set, also to
+    that file, rotated at ``log_file.max_mb`` MiB keeping ``log_file.backups`` old files.
+    Raises OSError when the file cannot be opened."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and log_file.path is not None:
+        from logging.handlers import RotatingFileHandler
+
+        handlers.append(
+            RotatingFileHandler(
+                log_file.path,
+                maxBytes=max(1, int(log_file.max_mb * 1024 * 1024)),
+                backupCount=log_file.backups,
+                encoding="utf-8",
+            )
+        )
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format=LOG_FORMAT,
+        handlers=handlers,
     )
     # pynetdicom logs every PDU, APScheduler every job run and paramiko every SFTP connection
     # (with remote paths at DEBUG); their warnings and errors are what operators need.
     for noisy in ("pynetdicom", "apscheduler", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class HeartbeatChatter(logging.Filter):
+    """Logs the receiver's INFO line for the heartbeat's own association (calling AE
+    ``calling_ae`` from loopback, every interval) at DEBUG: the journal keeps real peers."""
+
+    LOOPBACK = frozenset(("127.0.0.1", "::1"))
+
+    def __init__(self, calling_ae: str) -> None:
+        super().__init__()
+        self.calling_ae = calling_ae
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            record.levelno == logging.INFO
+            and str(record.msg).startswith("association from %s (%s)")
+            and isinstance(args, tuple)
+            and len(args) >= 2
+            and args[0] == self.calling_ae
+            and str(args[1]).split(":")[0] in self.LOOPBACK
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 @dataclass
@@ -168,17 +211,24 @@ class WorkflowJob:
 
         self.store = store
         self.on_reload = on_reload
+        #: Set by SIGHUP (:meth:`request_reload`): the next scan reloads even unchanged files.
+        self.reload_requested = False
         self.labeller = site_labeller(store.site)
         self.signature = _projects_signature(store.site)
         self.workflow = Workflow(store.index, store.site, projects, labeller=self.labeller)
+
+    def request_reload(self) -> None:
+        """Reload the project files at the next scan, changed or not (SIGHUP)."""
+        self.reload_requested = True
 
     def __call__(self) -> None:
         from engine.workflow import Workflow
 
         signature = _projects_signature(self.store.site)
-        if signature != self.signature:
-            self.signature = signature
-            log.info("project files changed; reloading projects")
+        if signature != self.signature or self.reload_requested:
+            why = "reload requested" if self.reload_requested else "project files changed"
+            self.signature, self.reload_requested = signature, False
+            log.info("%s; reloading projects", why)
             projects = load_enabled_projects(self.store.site)
             self.workflow = Workflow(
                 self.store.index, self.store.site, projects, labeller=self.labeller
@@ -313,16 +363,61 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
     )
 
 
+class Signals:
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload the projects), turned into flags the main
+    thread acts on: a handler only sets flags, so it never takes a lock a job may hold."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.wake = threading.Event()
+
+    def install(self) -> None:
+        def on_stop(*_: object) -> None:
+            self.stop.set()
+            self.wake.set()
+
+        def on_reload(*_: object) -> None:
+            self.reload.set()
+            self.wake.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+    def serve(self, scheduler: Any) -> None:
+        """Until a stop signal: on SIGHUP, have the workflow job reload the project files and
+        run it at once."""
+        from datetime import UTC, datetime
+
+        while not self.stop.is_set():
+            self.wake.wait()
+            self.wake.clear()
+            if self.reload.is_set() and not self.stop.is_set():
+                self.reload.clear()
+                log.info("SIGHUP: reloading the project files now")
+                job = scheduler.get_job("workflow")
+                job.func.request_reload()
+                job.modify(next_run_time=datetime.now(UTC))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    setup_logging(site.log_level)
+    try:
+        setup_logging(site.log_level, site.log_file)
+    except OSError as exc:
+        print(
+            f"fiona: cannot open the log file {site.log_file.path}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
+    calling_ae = site.heartbeat.calling_ae or site.ae_title
+    logging.getLogger("engine.net.upper").addFilter(HeartbeatChatter(calling_ae))
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signals = Signals()
+    signals.install()
     from engine.net.scp import start_scp
 
     if not prepare_install_secret(site):
@@ -354,7 +449,7 @@ def run_serve(args: argparse.Namespace) -> int:
         site.port,
         site.data_dir.resolve(),
     )
-    stop.wait()
+    signals.serve(scheduler)
     log.info("shutting down")
     # No new job runs from here on: a heartbeat would record the SCP we are stopping as down.
     scheduler.pause()

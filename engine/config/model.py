@@ -124,6 +124,16 @@ class StatusHttp:
 
 
 @dataclass(frozen=True)
+class LogFile:
+    """An optional log file besides stderr, rotated by size: ``path`` (None: stderr only),
+    ``max_mb`` (MiB before it is rotated), ``backups`` (rotated files kept: ``fiona.log.1``...)."""
+
+    path: Path | None = None
+    max_mb: float = 10.0
+    backups: int = 5
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
 
@@ -148,6 +158,7 @@ class SiteConfig:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     scan_interval: float = 2.0
     log_level: str = "INFO"
+    log_file: LogFile = field(default_factory=LogFile)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     status_http: StatusHttp = field(default_factory=StatusHttp)
