@@ -16,6 +16,11 @@ leave two kinds of leftovers:
   takes the origin (AE titles, peer) of the last indexed instance of its series or study, so a
   project routing by AE title still claims it; with none, its origin is ``recovery``.
 
+Another fiona process may be writing to the same folder (a ``fiona ingest``): its temp files
+carry a live pid and are kept, and a leftover younger than ``GRACE_SECONDS`` may be its file
+between rename and commit, so the sweep first waits until every leftover it found is that old,
+then looks again.
+
 Only file counts are logged, never names (they are UIDs).
 """
 
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +39,15 @@ from engine.store.index import Index, Origin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECOVERY_ORIGIN", "TEMP_NAME", "RecoveryReport", "recover"]
+__all__ = ["GRACE_SECONDS", "RECOVERY_ORIGIN", "TEMP_NAME", "RecoveryReport", "recover"]
 
 #: The temp files of :mod:`engine.store.fsio`: ``.tmp-<pid>-<counter>``.
 TEMP_NAME = re.compile(r"^\.tmp-(\d+)-\d+$")
 #: The origin of an orphan when nothing of its series or study is indexed.
 RECOVERY_ORIGIN = Origin(via="recovery")
+#: Seconds a leftover must be old before the sweep acts on it (a live writer's rename and
+#: commit take milliseconds).
+GRACE_SECONDS = 3.0
 
 
 @dataclass
@@ -50,8 +59,6 @@ class RecoveryReport:
     orphans_indexed: int = 0
     orphans_quarantined: int = 0
     orphans_left: int = 0
-    #: Orphans per series folder (relative to the data folder), for the second pass.
-    orphans: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> str:
         return (
@@ -63,47 +70,71 @@ class RecoveryReport:
         )
 
 
-def recover(archive: Archive) -> RecoveryReport:
+@dataclass
+class _Found:
+    """Leftovers found by the walk: temp files with their writer's pid, orphan names per
+    series folder (relative to the data folder), and the newest modification time seen."""
+
+    temps: list[tuple[str, int]] = field(default_factory=list)
+    orphans: dict[str, list[str]] = field(default_factory=dict)
+    newest: float = 0.0
+
+    def saw(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.newest = max(self.newest, os.lstat(path).st_mtime)
+
+
+def recover(archive: Archive, grace: float = GRACE_SECONDS) -> RecoveryReport:
     """Sweep temp files and file orphans under ``archive.data_dir``; log one line of counts.
 
     Call it before anything else writes to the data folder (the SCP, the jobs).
     """
     report = RecoveryReport()
-    _walk(archive.data_dir, archive.index, report)
-    for series_dir, names in sorted(report.orphans.items()):
-        origin = _origin_of(archive.index, series_dir)
-        for name in names:
+    found = _walk(archive.data_dir, archive.index)
+    wait = found.newest + grace - time.time()
+    if wait > 0:
+        time.sleep(min(wait, grace))
+    own = os.getpid()
+    for path, pid in found.temps:
+        if pid != own and _running(pid):
+            report.temp_in_use += 1
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            report.temp_removed += 1
+    for series_dir, names in sorted(found.orphans.items()):
+        known = _indexed_paths(archive.index, os.path.basename(series_dir))
+        left = [n for n in names if f"{series_dir}/{n}" not in known]
+        origin = _origin_of(archive.index, series_dir) if left else RECOVERY_ORIGIN
+        for name in left:
             _file_orphan(archive, f"{series_dir}/{name}", origin, report)
     level = logging.WARNING if report.orphans_left else logging.INFO
     log.log(level, "start-up sweep of the data folder: %s", report.summary())
     return report
 
 
-def _walk(data_dir: Path, index: Index, report: RecoveryReport) -> None:
-    """One walk of the data folder (symlinks not followed): temp files go at once, orphans are
-    collected per series folder."""
+def _walk(data_dir: Path, index: Index) -> _Found:
+    """One walk of the data folder (symlinks not followed)."""
+    found = _Found()
     root = os.fspath(data_dir)
-    own = os.getpid()
     for folder, _dirs, files in os.walk(root):
         rel = os.path.relpath(folder, root)
         for name in files:
             match = TEMP_NAME.match(name)
-            if match is None:
-                continue
-            pid = int(match.group(1))
-            if pid != own and _running(pid):
-                report.temp_in_use += 1
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
-                report.temp_removed += 1
+            if match is not None:
+                path = os.path.join(folder, name)
+                found.temps.append((path, int(match.group(1))))
+                found.saw(path)
         parts = rel.split(os.sep)
         if len(parts) == 3 and parts[0] == "archive":
             dcm = sorted(n for n in files if n.endswith(".dcm") and not n.startswith("."))
             known = _indexed_paths(index, parts[2])
             orphans = [n for n in dcm if f"{rel}/{n}" not in known]
             if orphans:
-                report.orphans[rel] = orphans
+                found.orphans["/".join(parts)] = orphans
+                for name in orphans:
+                    found.saw(os.path.join(folder, name))
+    return found
 
 
 def _running(pid: int) -> bool:
@@ -154,6 +185,8 @@ def _file_orphan(archive: Archive, rel: str, origin: Origin, report: RecoveryRep
     path = archive.data_dir / rel
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        return  # its writer (or a retention run) dealt with it meanwhile
     except OSError as exc:
         log.error("start-up sweep: cannot read an unindexed archive file: %s", exc.strerror)
         report.orphans_left += 1
