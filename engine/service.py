@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,31 +64,6 @@ def setup_logging(level: str, log_file: LogFile | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class HeartbeatChatter(logging.Filter):
-    """Logs the receiver's INFO line for the heartbeat's own association (calling AE
-    ``calling_ae`` from loopback, every interval) at DEBUG: the journal keeps real peers."""
-
-    LOOPBACK = frozenset(("127.0.0.1", "::1"))
-
-    def __init__(self, calling_ae: str) -> None:
-        super().__init__()
-        self.calling_ae = calling_ae
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if (
-            record.levelno == logging.INFO
-            and str(record.msg).startswith("association from %s (%s)")
-            and isinstance(args, tuple)
-            and len(args) >= 2
-            and args[0] == self.calling_ae
-            and str(args[1]).split(":")[0] in self.LOOPBACK
-        ):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-        return True
-
-
 @dataclass
 class Store:
     """The open storage layer: index plus archive."""
@@ -142,31 +115,6 @@ def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
             print(f"error: {issue}", file=sys.stderr)
         print("fiona: the site config is invalid; not starting", file=sys.stderr)
         return None
-
-
-def prepare_install_secret(site: SiteConfig) -> bool:
-    """Create the per-install secret (``<data>/secrets/install.key``) when missing and check
-    it; False after logging why it cannot be used (the service does not start then)."""
-    from engine.deid.keys import SecretError, ensure_install_secret, load_secret
-
-    try:
-        path, created = ensure_install_secret(site.data_dir)
-        load_secret(path)
-    except OSError as exc:
-        log.error("cannot create the install secret in %s: %s", site.data_dir, exc.strerror)
-        return False
-    except SecretError as exc:
-        log.error("%s", exc)
-        return False
-    if created:
-        log.info(
-            "created the install secret %s: back it up (a lost secret means new "
-            "pseudonyms and UIDs for the same patients)",
-            path.resolve(),
-        )
-    else:
-        log.info("install secret: %s", path.resolve())
-    return True
 
 
 def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
@@ -363,44 +311,6 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
     )
 
 
-class Signals:
-    """SIGTERM/SIGINT (stop) and SIGHUP (reload the projects), turned into flags the main
-    thread acts on: a handler only sets flags, so it never takes a lock a job may hold."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.reload = threading.Event()
-        self.wake = threading.Event()
-
-    def install(self) -> None:
-        def on_stop(*_: object) -> None:
-            self.stop.set()
-            self.wake.set()
-
-        def on_reload(*_: object) -> None:
-            self.reload.set()
-            self.wake.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_stop)
-        signal.signal(signal.SIGHUP, on_reload)
-
-    def serve(self, scheduler: Any) -> None:
-        """Until a stop signal: on SIGHUP, have the workflow job reload the project files and
-        run it at once."""
-        from datetime import UTC, datetime
-
-        while not self.stop.is_set():
-            self.wake.wait()
-            self.wake.clear()
-            if self.reload.is_set() and not self.stop.is_set():
-                self.reload.clear()
-                log.info("SIGHUP: reloading the project files now")
-                job = scheduler.get_job("workflow")
-                job.func.request_reload()
-                job.modify(next_run_time=datetime.now(UTC))
-
-
 def run_serve(args: argparse.Namespace) -> int:
     site = load_site_or_exit(args)
     if site is None:
@@ -412,8 +322,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"fiona: cannot open the log file {site.log_file.path}: {exc.strerror}", file=sys.stderr
         )
         return 2
-    calling_ae = site.heartbeat.calling_ae or site.ae_title
-    logging.getLogger("engine.net.upper").addFilter(HeartbeatChatter(calling_ae))
+    from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+
+    quiet_heartbeat_associations(site)
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
     signals = Signals()
