@@ -40,6 +40,12 @@ def prepare_install_secret(site: SiteConfig) -> bool:
             "pseudonyms and UIDs for the same patients)",
             path.resolve(),
         )
+        if site.index_path.exists():
+            log.warning(
+                "the install secret was missing although this data folder has an index: if "
+                "this install had one before, stop fiona and restore it from the backup, or "
+                "studies de-identified with it get new pseudonyms and UIDs from now on"
+            )
     else:
         log.info("install secret: %s", path.resolve())
     return True

@@ -181,3 +181,35 @@ def test_install_secret_is_created_once_and_never_overwritten(tmp_path: Path) ->
     again, created_again = ensure_install_secret(tmp_path / "data")
     assert again == path and not created_again and load_secret(path) == first
     assert [p.name for p in path.parent.iterdir()] == ["install.key"]  # no temp file left
+
+
+def test_a_data_folder_secret_reference_must_be_well_formed(tmp_path: Path) -> None:
+    from engine.deid.keys import SecretError, secret_in_data_dir
+    from engine.pipeline.steps.anonymize import AnonymizeStep
+
+    assert secret_in_data_dir("{data_dir}/secrets/install.key") == Path("secrets/install.key")
+    assert secret_in_data_dir("keys/project.key") is None
+    for bad in ("x/{data_dir}/k", "{data_dir}/../k", "{data_dir}/", "{data_dir}/{data_dir}/k"):
+        with pytest.raises(SecretError, match="must start the path"):
+            secret_in_data_dir(bad)
+    options = {"step": "anonymize", "secret_file": "{data_dir}/../outside.key"}
+    issues = AnonymizeStep.check(options, tmp_path / "p.yaml", ("pipeline", 0))
+    assert [i.path for i in issues] == ["pipeline[0].secret_file"], issues
+
+
+def test_a_lost_secret_beside_an_index_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from engine.config.model import SiteConfig
+    from engine.daemon import prepare_install_secret
+
+    site = SiteConfig(data_dir=tmp_path / "data")
+    assert prepare_install_secret(site)  # a first start: no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    (site.data_dir / "index.sqlite").touch()
+    (site.data_dir / "secrets" / "install.key").unlink()
+    caplog.clear()
+    assert prepare_install_secret(site)
+    assert any("restore it from the backup" in r.getMessage() for r in caplog.records)
+    os.chmod(site.data_dir / "secrets" / "install.key", 0o644)
+    assert not prepare_install_secret(site)  # readable by everyone: refused, not used

@@ -76,7 +76,9 @@ def create_durable(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     tmp, fd = _create_temp(folder, mode)
     try:
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
