@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from engine.config.model import SiteConfig
 
 log = logging.getLogger("fiona")
+
+#: Seconds the main thread sleeps at most between looks at the signal flags.
+WAKE_SECONDS = 0.5
 
 __all__ = ["HeartbeatChatter", "Signals", "prepare_install_secret", "quiet_heartbeat_associations"]
 
@@ -104,13 +108,16 @@ class Signals:
             signal.signal(sig, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
 
-    def serve(self, scheduler: Any) -> None:
+    def serve(self, scheduler: Any, tick: Callable[[], None]) -> None:
         """Until a stop signal: on SIGHUP, have the workflow job reload the project files and
-        run it at once."""
+        run it at once; ``tick`` runs every ``WAKE_SECONDS`` (work jobs leave to the main
+        thread)."""
         from datetime import UTC, datetime
 
         while not self.stop.is_set():
-            self.wake.wait()
+            # With a timeout: a signal the kernel gives another thread does not interrupt this
+            # wait, and Python runs the handler only when the main thread runs again.
+            self.wake.wait(WAKE_SECONDS)
             self.wake.clear()
             if self.reload.is_set() and not self.stop.is_set():
                 self.reload.clear()
@@ -118,3 +125,8 @@ class Signals:
                 job = scheduler.get_job("workflow")
                 job.func.request_reload()
                 job.modify(next_run_time=datetime.now(UTC))
+            if not self.stop.is_set():
+                try:
+                    tick()
+                except Exception:
+                    log.exception("applying reloaded projects failed; trying again next reload")

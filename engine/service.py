@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,9 +230,12 @@ class OutboxJob:
             log.exception("outbox scan failed; retrying next scan")
 
 
-def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, OutboxJob]:
+def _start_jobs(
+    store: Store, projects: list[ProjectConfig]
+) -> tuple[Any, OutboxJob, Callable[[], None]]:
     """The scheduler with every job, started paused: run_serve resumes it once the SCP
-    listens, so no job (the first heartbeat echoes the SCP) runs before the service is up."""
+    listens, so no job (the first heartbeat echoes the SCP) runs before the service is up.
+    The callable, run by the main thread, applies project reloads to the scheduler."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
@@ -240,10 +244,21 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = OutboxJob(store, projects)
 
+    reloaded: queue.SimpleQueue[list[ProjectConfig]] = queue.SimpleQueue()
+
     def reload(changed: list[ProjectConfig]) -> None:
-        """Project files changed: new destinations, and the REDCap jobs they now need."""
+        """Project files changed: new destinations at once; the REDCap jobs they now need are
+        set by the main thread (``apply_reloads``), because a job calling the scheduler while
+        it shuts down waits for ever (APScheduler 3 holds its job store lock meanwhile)."""
         outbox.configure(changed)
-        add_redcap_jobs(scheduler, store.index, store.site.data_dir, changed)
+        reloaded.put(changed)
+
+    def apply_reloads() -> None:
+        latest = None
+        while not reloaded.empty():
+            latest = reloaded.get_nowait()
+        if latest is not None:
+            add_redcap_jobs(scheduler, store.index, store.site.data_dir, latest)
 
     scheduler.add_job(
         WorkflowJob(store, projects, reload),
@@ -276,7 +291,7 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     _add_watch_jobs(scheduler, store)
     add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
     scheduler.start(paused=True)
-    return scheduler, outbox
+    return scheduler, outbox, apply_reloads
 
 
 def _add_watch_jobs(scheduler: Any, store: Store) -> None:
@@ -340,7 +355,7 @@ def run_serve(args: argparse.Namespace) -> int:
     recover(store.archive)  # what a crash left: temp files, archived but unindexed files
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
-    scheduler, outbox = _start_jobs(store, projects)
+    scheduler, outbox, apply_reloads = _start_jobs(store, projects)
     try:
         server, _ = start_scp(site, store.archive)
     except OSError as exc:
@@ -360,7 +375,7 @@ def run_serve(args: argparse.Namespace) -> int:
         site.port,
         site.data_dir.resolve(),
     )
-    signals.serve(scheduler)
+    signals.serve(scheduler, apply_reloads)
     log.info("shutting down")
     # No new job runs from here on: a heartbeat would record the SCP we are stopping as down.
     scheduler.pause()

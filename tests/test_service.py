@@ -80,6 +80,46 @@ def test_sighup_reloads_the_projects_at_once(tmp_path: Path, empty_projects: Pat
         assert server.stop() == 0
 
 
+def test_a_reload_adds_the_jobs_a_new_project_needs(tmp_path: Path, empty_projects: Path) -> None:
+    """REDCap jobs of a reloaded project are added (by the main thread, see run_serve)."""
+    _project(empty_projects, "first")
+    site = tmp_path / "site.yaml"
+    site.write_text("scan_interval_seconds: 3600\nheartbeat: {interval_seconds: 0.5}\n")
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+
+    def jobs() -> set[str]:
+        try:
+            doc = json.loads((server.data_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return set()
+        return {str(j["id"]) for j in doc.get("jobs", [])}
+
+    try:
+        wait_for("the first status file", lambda: "workflow" in jobs(), 30, server)
+        assert "consent-recheck" not in jobs()
+        token = empty_projects / "redcap.token"
+        token.write_text("0" * 32)
+        token.chmod(0o600)
+        doc = {
+            "name": "consented",
+            "routing": {"calling_ae": ["CONSENTED"]},
+            "redcap": {"url": "http://127.0.0.1:9/api/", "token_file": "redcap.token"},
+            "pipeline": [
+                {
+                    "step": "consent",
+                    "key": {"field": "mrn", "from": "patient_id"},
+                    "consent_field": "consent",
+                }
+            ],
+        }
+        (empty_projects / "consented.yaml").write_text(yaml.safe_dump(doc))
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for("the consent-recheck job", lambda: "consent-recheck" in jobs(), 30, server)
+    finally:
+        assert server.stop() == 0
+
+
 def test_log_goes_to_stderr_and_to_a_rotated_file(tmp_path: Path, empty_projects: Path) -> None:
     (tmp_path / "logs").mkdir()
     site = tmp_path / "site.yaml"
