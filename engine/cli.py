@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_site_args(serve)
     serve.add_argument("--port", type=int, help="TCP port to listen on (default 11112)")
     serve.add_argument("--ae-title", help="our AE title (default FIONA)")
-    serve.add_argument("--bind", help="address to bind (default 0.0.0.0)")
+    serve.add_argument(
+        "--bind", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
 
     validate = sub.add_parser("validate", help="check config files; exit 1 on any error")
     validate.add_argument("paths", nargs="*", type=Path, help="project files or folders")

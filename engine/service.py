@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import queue
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.model import LogFile, ProjectConfig, SiteConfig
 from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
 from engine.store.commands import load_site_or_exit
@@ -21,11 +20,29 @@ from engine.store.index import IndexUnusable, SqliteIndex, open_index
 log = logging.getLogger("fiona")
 
 
-def setup_logging(level: str) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, log_file: LogFile | None = None) -> None:
+    """Log to stderr (the journal under systemd) and, when ``log_file.path`` is set, also to
+    that file, rotated at ``log_file.max_mb`` MiB keeping ``log_file.backups`` old files.
+    Raises OSError when the file cannot be opened."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and log_file.path is not None:
+        from logging.handlers import RotatingFileHandler
+
+        handlers.append(
+            RotatingFileHandler(
+                log_file.path,
+                maxBytes=max(1, int(log_file.max_mb * 1024 * 1024)),
+                backupCount=log_file.backups,
+                encoding="utf-8",
+            )
+        )
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format=LOG_FORMAT,
+        handlers=handlers,
     )
     # pynetdicom logs every PDU, APScheduler every job run and paramiko every SFTP connection
     # (with remote paths at DEBUG); their warnings and errors are what operators need.
@@ -120,17 +137,24 @@ class WorkflowJob:
 
         self.store = store
         self.on_reload = on_reload
+        #: Set by SIGHUP (:meth:`request_reload`): the next scan reloads even unchanged files.
+        self.reload_requested = False
         self.labeller = site_labeller(store.site)
         self.signature = _projects_signature(store.site)
         self.workflow = Workflow(store.index, store.site, projects, labeller=self.labeller)
+
+    def request_reload(self) -> None:
+        """Reload the project files at the next scan, changed or not (SIGHUP)."""
+        self.reload_requested = True
 
     def __call__(self) -> None:
         from engine.workflow import Workflow
 
         signature = _projects_signature(self.store.site)
-        if signature != self.signature:
-            self.signature = signature
-            log.info("project files changed; reloading projects")
+        if signature != self.signature or self.reload_requested:
+            why = "reload requested" if self.reload_requested else "project files changed"
+            self.signature, self.reload_requested = signature, False
+            log.info("%s; reloading projects", why)
             projects = load_enabled_projects(self.store.site)
             self.workflow = Workflow(
                 self.store.index, self.store.site, projects, labeller=self.labeller
@@ -183,9 +207,12 @@ class OutboxJob:
             log.exception("outbox scan failed; retrying next scan")
 
 
-def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, OutboxJob]:
+def _start_jobs(
+    store: Store, projects: list[ProjectConfig]
+) -> tuple[Any, OutboxJob, Callable[[], None]]:
     """The scheduler with every job, started paused: run_serve resumes it once the SCP
-    listens, so no job (the first heartbeat echoes the SCP) runs before the service is up."""
+    listens, so no job (the first heartbeat echoes the SCP) runs before the service is up.
+    The callable, run by the main thread, applies project reloads to the scheduler."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.pipeline.redcap_jobs import add_redcap_jobs  # consent-recheck, redcap-requests
@@ -194,10 +221,21 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = OutboxJob(store, projects)
 
+    reloaded: queue.SimpleQueue[list[ProjectConfig]] = queue.SimpleQueue()
+
     def reload(changed: list[ProjectConfig]) -> None:
-        """Project files changed: new destinations, and the REDCap jobs they now need."""
+        """Project files changed: new destinations at once; the REDCap jobs they now need are
+        set by the main thread (``apply_reloads``), because a job calling the scheduler while
+        it shuts down waits for ever (APScheduler 3 holds its job store lock meanwhile)."""
         outbox.configure(changed)
-        add_redcap_jobs(scheduler, store.index, store.site.data_dir, changed)
+        reloaded.put(changed)
+
+    def apply_reloads() -> None:
+        latest = None
+        while not reloaded.empty():
+            latest = reloaded.get_nowait()
+        if latest is not None:
+            add_redcap_jobs(scheduler, store.index, store.site.data_dir, latest)
 
     scheduler.add_job(
         WorkflowJob(store, projects, reload),
@@ -230,7 +268,7 @@ def _start_jobs(store: Store, projects: list[ProjectConfig]) -> tuple[Any, Outbo
     _add_watch_jobs(scheduler, store)
     add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
     scheduler.start(paused=True)
-    return scheduler, outbox
+    return scheduler, outbox, apply_reloads
 
 
 def _add_watch_jobs(scheduler: Any, store: Store) -> None:
@@ -269,19 +307,32 @@ def run_serve(args: argparse.Namespace) -> int:
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    setup_logging(site.log_level)
+    try:
+        setup_logging(site.log_level, site.log_file)
+    except OSError as exc:
+        print(
+            f"fiona: cannot open the log file {site.log_file.path}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
+    from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+
+    quiet_heartbeat_associations(site)
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signals = Signals()
+    signals.install()
     from engine.net.scp import start_scp
 
+    if not prepare_install_secret(site):
+        return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
+    from engine.store.recovery import recover
+
+    recover(store.archive)  # what a crash left: temp files, archived but unindexed files
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
-    scheduler, outbox = _start_jobs(store, projects)
+    scheduler, outbox, apply_reloads = _start_jobs(store, projects)
     try:
         server, _ = start_scp(site, store.archive)
     except OSError as exc:
@@ -304,7 +355,7 @@ def run_serve(args: argparse.Namespace) -> int:
         site.port,
         site.data_dir.resolve(),
     )
-    stop.wait()
+    signals.serve(scheduler, apply_reloads)
     log.info("shutting down")
     # No new job runs from here on: a heartbeat would record the SCP we are stopping as down.
     scheduler.pause()

@@ -107,7 +107,7 @@ def test_valid_site_loads_with_defaults_and_relative_paths() -> None:
         source=VALID / "site.yaml",
         ae_title="RESEARCH_SCP",
         port=4242,
-        bind_address="0.0.0.0",
+        bind_address="127.0.0.1",
         data_dir=folder / "data",
         projects_dir=folder / "projects",
         index_url=f"sqlite:///{folder / 'data' / 'index.sqlite'}",
@@ -171,8 +171,8 @@ def test_overrides_replace_file_values(
             {"colour": "red"},
             "(command line) (root): 'colour' is not allowed (allowed: $comment, ae_title, "
             "allowed_calling_aes, bind_address, data_dir, duplicate_policy, heartbeat, "
-            "index_url, limits, log_level, max_pdu, port, projects_dir, retention, routing, "
-            "scan_interval_seconds, status_http, timeouts, tls)",
+            "index_url, limits, log_file, log_level, max_pdu, port, projects_dir, retention, "
+            "routing, scan_interval_seconds, status_http, timeouts, tls)",
         ),
     ],
 )

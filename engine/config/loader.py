@@ -46,6 +46,7 @@ from engine.config.model import (
     DuplicatePolicy,
     HeartbeatConfig,
     Limits,
+    LogFile,
     ProjectConfig,
     RetentionPolicy,
     RoutingPolicy,
@@ -193,6 +194,7 @@ def _site_issues(
         ),
         scan_interval=float(doc["scan_interval_seconds"]),
         log_level=doc["log_level"],
+        log_file=_log_file(doc["log_file"], from_file.get("log_file"), base),
         heartbeat=_heartbeat(doc["heartbeat"]),
         retention=RetentionPolicy(
             interval=float(doc["retention"]["interval_seconds"]),
@@ -204,6 +206,16 @@ def _site_issues(
     )
     issues += sorted(_check_tls(site.tls, parsed), key=issue_order)
     return (None if issues else site), issues
+
+
+def _log_file(doc: Mapping[str, Any], in_file: object, base: Path | None) -> LogFile:
+    """The ``log_file`` section (defaults applied); a relative path written in the site file
+    is relative to the file's folder."""
+    path = None if doc["path"] is None else Path(doc["path"]).expanduser()
+    written = isinstance(in_file, Mapping) and "path" in in_file
+    if path is not None and base is not None and written and not path.is_absolute():
+        path = base / path
+    return LogFile(path=path, max_mb=float(doc["max_mb"]), backups=int(doc["backups"]))
 
 
 def _heartbeat(doc: Mapping[str, Any]) -> HeartbeatConfig:

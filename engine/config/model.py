@@ -132,6 +132,16 @@ class StatusHttp:
 
 
 @dataclass(frozen=True)
+class LogFile:
+    """An optional log file besides stderr, rotated by size: ``path`` (None: stderr only),
+    ``max_mb`` (MiB before it is rotated), ``backups`` (rotated files kept: ``fiona.log.1``...)."""
+
+    path: Path | None = None
+    max_mb: float = 10.0
+    backups: int = 5
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """The site config: one per installation (``--config SITE.yaml``; embedded defaults if none).
 
@@ -144,7 +154,7 @@ class SiteConfig:
     source: Path | None = None
     ae_title: str = "FIONA"
     port: int = 11112
-    bind_address: str = "0.0.0.0"
+    bind_address: str = "127.0.0.1"
     data_dir: Path = Path("var")
     projects_dir: Path = Path("projects")
     index_url: str = ""
@@ -157,6 +167,7 @@ class SiteConfig:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     scan_interval: float = 2.0
     log_level: str = "INFO"
+    log_file: LogFile = field(default_factory=LogFile)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     status_http: StatusHttp = field(default_factory=StatusHttp)

@@ -54,6 +54,29 @@ def load_secret(path: str | Path) -> bytes:
     return data
 
 
+#: The per-install secret, relative to the data folder; ``fiona serve`` creates it at start.
+INSTALL_SECRET = Path("secrets") / "install.key"
+#: How a project's ``secret_file`` refers to the data folder (``{data_dir}/secrets/install.key``).
+DATA_DIR_FIELD = "{data_dir}"
+#: Random bytes in a new install secret (written base64-encoded, one line).
+INSTALL_SECRET_RANDOM_BYTES = 48
+
+
+def secret_in_data_dir(value: str) -> Path | None:
+    """For a ``secret_file`` of the form ``{data_dir}/REL``: REL (relative to the data folder);
+    None for any other value. Raises SecretError for a malformed reference."""
+    if DATA_DIR_FIELD not in value:
+        return None
+    rest = value.removeprefix(DATA_DIR_FIELD + "/")
+    rel = Path(rest)
+    if rest == value or not rest or "{" in rest or rel.is_absolute() or ".." in rel.parts:
+        raise SecretError(
+            f"secret_file {value!r}: {DATA_DIR_FIELD} must start the path and be followed by "
+            f"a path inside the data folder, e.g. {DATA_DIR_FIELD}/{INSTALL_SECRET}"
+        )
+    return rel
+
+
 def _mac(secret: bytes, domain: bytes, value: str) -> bytes:
     return hmac.new(secret, domain + b"\0" + value.encode("utf-8"), hashlib.sha256).digest()
 

@@ -98,7 +98,9 @@ def _loopback(bind: str) -> str:
 
 def _client_tls(site: SiteConfig) -> ssl.SSLContext | None:
     """TLS for talking to ourselves: we check liveness, not identity, so the certificate is not
-    verified; our own certificate is offered in case the SCP requires a client certificate."""
+    verified; our own certificate (``tls.cert_file``/``key_file``) is offered as the client
+    certificate, which an SCP with ``require_client_cert`` accepts when ``tls.ca_file`` holds
+    it or the CA that signed it."""
     if not site.tls.enabled:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -128,12 +130,10 @@ def echo_self(site: SiteConfig) -> EchoResult:
         ae.connection_timeout = hb.echo_timeout
         ae.add_requested_context(VERIFICATION_SOP_CLASS)
         ctx = _client_tls(site)
-        assoc = ae.associate(
-            _loopback(site.bind_address),
-            site.port,
-            ae_title=site.ae_title,
-            tls_args=(ctx, "") if ctx is not None else None,
-        )
+        host = _loopback(site.bind_address)
+        # The server name must not be empty (ssl refuses ""); it is not checked (see above).
+        tls_args = (ctx, host) if ctx is not None else None
+        assoc = ae.associate(host, site.port, ae_title=site.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted or unreachable"
             return result(False, f"association {why} (port {site.port})")
@@ -194,6 +194,8 @@ def beat(
     result = echo_self(site) if echo is None else echo
     if not result.ok:
         log.error("heartbeat: our own SCP did not answer C-ECHO: %s", result.detail)
+    else:
+        log.debug("heartbeat: C-ECHO to our own SCP answered in %.3f s", result.seconds)
     disk = disk_usage(site.data_dir)
     report = {
         "at": iso(now),

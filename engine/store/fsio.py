@@ -65,6 +65,33 @@ def write_durable(
     fsync_dir(folder)
 
 
+def create_durable(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` atomically and durably, never replacing a file.
+
+    The bytes go to a temp file (mode ``mode``) that is fsynced and then hard-linked to
+    ``path``: a crash leaves either no file or the whole file. Returns False (and leaves the
+    existing file alone) when ``path`` already exists.
+    """
+    folder = os.fspath(path.parent)
+    tmp, fd = _create_temp(folder, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        _unlink_quietly(tmp)
+    fsync_dir(folder)
+    return True
+
+
 def _create_temp(folder: str, mode: int) -> tuple[str, int]:
     """A new hidden temp file in ``folder`` (created when missing), opened for writing."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)

@@ -6,6 +6,8 @@ Options (``schemas/steps/anonymize.schema.json``)::
       profile: basic
       options: [retain_longitudinal_modified_dates]
       secret_file: secrets/neuro.key       # relative to the project file, mode 600
+      # or the per-install secret fiona serve creates in the data folder:
+      # secret_file: "{data_dir}/secrets/install.key"
       pseudonyms: {source: table, prefix: NEU}
       # or the research ID the project's REDCap holds for the subject (never invented):
       # pseudonyms: {source: redcap, field: research_id, key: {field: mrn, from: patient_id}}
@@ -28,7 +30,7 @@ from engine.config.issues import ConfigIssue, format_path
 from engine.deid import Deidentifier, Pseudonym, load_profile, load_secret
 from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter
-from engine.deid.keys import PseudonymSource
+from engine.deid.keys import PseudonymSource, secret_in_data_dir
 from engine.deid.pixels import load_pixel_rules, resolve_pixel_rulesets
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined
@@ -63,6 +65,13 @@ def _profile_ref(options: Mapping[str, Any], project_file: Path) -> str:
     )
 
 
+def _check_secret(value: str, project_file: Path) -> None:
+    """A secret file that can be used; ``{data_dir}/...`` only for its form, since the data
+    folder is the site's (``fiona serve`` creates the install secret there at start)."""
+    if secret_in_data_dir(value) is None:
+        load_secret(_path(value, project_file))
+
+
 class AnonymizeStep(Step):
     """De-identifies the selected series (see the module doc)."""
 
@@ -75,7 +84,13 @@ class AnonymizeStep(Step):
             list(options.get("options", [])),
             dict(options.get("overrides", {})),
         )
-        self.secret = load_secret(_path(str(options["secret_file"]), project_file))
+        # A secret in the data folder is read at the first run, which knows the folder.
+        self.in_data_dir = secret_in_data_dir(str(options["secret_file"]))
+        self.secret = (
+            b""
+            if self.in_data_dir is not None
+            else load_secret(_path(str(options["secret_file"]), project_file))
+        )
         burned = dict(options.get("burned_in", {}))
         self.policy = BurnedInPolicy.from_mapping(burned)
         refs = list(self.policy.pixel_rulesets)
@@ -100,6 +115,8 @@ class AnonymizeStep(Step):
                 digits=int(self.pseudonyms.get("digits", 4)),
             )
             source = TablePseudonyms(table, preferred=ctx.subject)
+        if not self.secret and self.in_data_dir is not None:
+            self.secret = load_secret(ctx.data_dir / self.in_data_dir)
         deid = Deidentifier(self.profile, self.secret, source, ctx.project)
         return Exporter(deid, self.policy, self.pixel_rules, allow_kinds=self.verify_allow)
 
@@ -157,7 +174,7 @@ class AnonymizeStep(Step):
                     dict(options.get("overrides", {})),
                 ),
             ),
-            ("secret_file", lambda: load_secret(_path(str(options["secret_file"]), file))),
+            ("secret_file", lambda: _check_secret(str(options["secret_file"]), file)),
             ("burned_in", lambda: BurnedInPolicy.from_mapping(dict(options.get("burned_in", {})))),
         ):
             try:
