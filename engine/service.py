@@ -11,11 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
+from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+from engine.manage.heartbeat import HeartbeatJob, mark_stopped
+from engine.manage.pidfile import remove_pid_file, write_pid_file
+from engine.manage.retention import RetentionJob
+from engine.manage.status_http import start_for_site
+from engine.net.scp import start_scp
+from engine.pipeline.redcap_jobs import add_redcap_jobs
 from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
+from engine.store.audit import AuditLog
 from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
+from engine.store.quarantine import Quarantine
+from engine.store.quarantine_policy import Holder, policies_of
+from engine.store.recovery import recover
+from engine.store.summary import write_pending_summaries
+from engine.transfer.config import destinations_of
+from engine.transfer.outbox import Outbox
+from engine.transfer.worker import OutboxWorker
+from engine.workflow import Workflow, site_labeller
 
 log = logging.getLogger("fiona")
 
@@ -109,8 +126,6 @@ def open_store(site: SiteConfig) -> Store:
 
 def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:
     """Names and modification times of the project files (and their folder)."""
-    from engine.config.loader import project_files
-
     folder = site.projects_dir
     try:
         files = project_files(folder)
@@ -133,8 +148,6 @@ class WorkflowJob:
         projects: list[ProjectConfig],
         on_reload: Callable[[list[ProjectConfig]], None] | None = None,
     ) -> None:
-        from engine.workflow import Workflow, site_labeller
-
         self.store = store
         self.on_reload = on_reload
         #: Set by SIGHUP (:meth:`request_reload`): the next scan reloads even unchanged files.
@@ -148,8 +161,6 @@ class WorkflowJob:
         self.reload_requested = True
 
     def __call__(self) -> None:
-        from engine.workflow import Workflow
-
         signature = _projects_signature(self.store.site)
         if signature != self.signature or self.reload_requested:
             why = "reload requested" if self.reload_requested else "project files changed"
@@ -172,12 +183,6 @@ class OutboxJob:
     """
 
     def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
-        from engine.store.audit import AuditLog
-        from engine.store.quarantine import Quarantine
-        from engine.store.quarantine_policy import Holder, policies_of
-        from engine.transfer.config import destinations_of
-        from engine.transfer.outbox import Outbox
-        from engine.transfer.worker import OutboxWorker
 
         data_dir = store.site.data_dir
         quarantine = Quarantine(data_dir, store.index)
@@ -194,8 +199,6 @@ class OutboxJob:
         self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
 
     def configure(self, projects: list[ProjectConfig]) -> None:
-        from engine.store.quarantine_policy import policies_of
-        from engine.transfer.config import destinations_of
 
         self.worker.configure(destinations_of(projects))
         self.holder.policies = policies_of(projects)
@@ -214,9 +217,6 @@ def _start_jobs(
     listens, so no job (the first heartbeat echoes the SCP) runs before the service is up.
     The callable, run by the main thread, applies project reloads to the scheduler."""
     from apscheduler.schedulers.background import BackgroundScheduler
-
-    from engine.pipeline.redcap_jobs import add_redcap_jobs  # consent-recheck, redcap-requests
-    from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = OutboxJob(store, projects)
@@ -276,9 +276,6 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
     exists from the start) and retention."""
     from datetime import UTC, datetime
 
-    from engine.manage.heartbeat import HeartbeatJob
-    from engine.manage.retention import RetentionJob
-
     site = store.site
     scheduler.add_job(
         HeartbeatJob(site, store.index, scheduler),
@@ -314,21 +311,15 @@ def run_serve(args: argparse.Namespace) -> int:
             f"fiona: cannot open the log file {site.log_file.path}: {exc.strerror}", file=sys.stderr
         )
         return 2
-    from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
-
     quiet_heartbeat_associations(site)
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
     signals = Signals()
     signals.install()
-    from engine.net.scp import start_scp
-
     if not prepare_install_secret(site):
         return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
-    from engine.store.recovery import recover
-
     recover(store.archive)  # what a crash left: temp files, archived but unindexed files
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
@@ -341,12 +332,8 @@ def run_serve(args: argparse.Namespace) -> int:
         outbox.worker.close()
         store.close()
         return 1
-    from engine.manage.pidfile import remove_pid_file, write_pid_file
-
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
-    from engine.manage.status_http import start_for_site
-
     status_page = start_for_site(site, store.index)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
@@ -363,13 +350,9 @@ def run_serve(args: argparse.Namespace) -> int:
     scheduler.shutdown(wait=True)
     if status_page is not None:
         status_page.stop()
-    from engine.manage.heartbeat import mark_stopped
-
     mark_stopped(site.data_dir)
     remove_pid_file(site.data_dir)
     outbox.worker.close()
-    from engine.store.summary import write_pending_summaries
-
     write_pending_summaries(store.index, site.data_dir, 0.0)
     store.close()
     return 0
