@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.store.audit import AuditLog, uid_token
 from engine.store.commands import load_site_or_exit
+from engine.store.index import IndexMissing, index_file
 
 __all__ = ["matching", "run_audit"]
 
@@ -59,8 +60,6 @@ def run_audit(args: argparse.Namespace) -> int:
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    from engine.store.index import IndexMissing, index_file
-
     index = index_file(site.index_url, site.data_dir / "index.sqlite")
     if not index.is_file():  # the audit log sits beside the index of the same data folder
         print(f"fiona: {IndexMissing(index)}", file=sys.stderr)
