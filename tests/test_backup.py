@@ -250,5 +250,5 @@ def test_a_file_the_config_names_but_cannot_be_read_stops_before_anything_is_wri
     site.key.unlink()
     dest = tmp_path / "backup"
     assert backup(site, dest) == 2
-    assert f"{site.key} (named in the config) cannot be read" in capsys.readouterr().err
+    assert "keys/p.key (named in the config) cannot be read" in capsys.readouterr().err
     assert not dest.exists()  # a second try after fixing it is not refused as "not empty"
