@@ -8,8 +8,8 @@ unit (`systemd-analyze verify` when systemd's tools are installed, else parsed).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import sqlite3
