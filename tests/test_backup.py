@@ -1,6 +1,7 @@
 """``fiona backup`` and ``fiona restore``: a machine lost and rebuilt from a backup folder.
 
-The site is real: a site file, a project whose secret lives outside the data folder, an index
+The site is real: a site file, a project whose secret lives outside the data folder and one
+that uses the per-install secret inside it (``{data_dir}/...``), an index
 with pseudonyms written through the engine (and left open in WAL mode, as a running service
 leaves it), the data folder's secrets and audit log.
 """
@@ -46,6 +47,11 @@ class Site:
             "name: p\nrouting: {called_ae: [FIONA]}\npipeline:\n"
             "  - step: anonymize\n    secret_file: ../keys/p.key\n"
         )
+        # The shipped example's way: the per-install secret, inside the data folder.
+        (self.projects / "q.yaml").write_text(
+            "name: q\nrouting: {called_ae: [FIONA]}\npipeline:\n"
+            "  - step: anonymize\n    secret_file: '{data_dir}/secrets/install.key'\n"
+        )
         (self.projects / "coupling.csv").write_text("accession,subject\n")
         install = self.data / "secrets" / "install.key"
         install.write_bytes(os.urandom(48))
@@ -58,7 +64,8 @@ class Site:
 
     def files(self) -> dict[Path, bytes]:
         """What a restore must bring back, byte for byte (the index is compared by content)."""
-        wanted = [self.config, self.key, self.projects / "p.yaml", self.projects / "coupling.csv"]
+        wanted = [self.config, self.key, self.projects / "p.yaml", self.projects / "q.yaml"]
+        wanted += [self.projects / "coupling.csv"]
         wanted += [self.data / "secrets" / "install.key"]
         wanted += sorted((self.data / "audit").glob("*.jsonl"))
         return {p: p.read_bytes() for p in wanted}
@@ -235,3 +242,13 @@ def test_a_folder_without_manifest_is_not_a_backup(
     (tmp_path / "b").mkdir()
     assert main(["restore", str(tmp_path / "b"), "--data", str(tmp_path / "d")]) == 2
     assert "is not a fiona backup (no manifest.json)" in capsys.readouterr().err
+
+
+def test_a_file_the_config_names_but_cannot_be_read_stops_before_anything_is_written(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.key.unlink()
+    dest = tmp_path / "backup"
+    assert backup(site, dest) == 2
+    assert "keys/p.key (named in the config) cannot be read" in capsys.readouterr().err
+    assert not dest.exists()  # a second try after fixing it is not refused as "not empty"

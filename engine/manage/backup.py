@@ -45,6 +45,7 @@ from engine import __version__
 from engine.config.files import parse_file
 from engine.config.loader import project_files
 from engine.config.model import SiteConfig
+from engine.deid.keys import DATA_DIR_FIELD
 from engine.store.commands import load_site_or_exit
 from engine.store.fsio import ensure_dir, fsync_dir
 from engine.store.index import IndexMissing, index_file, latest_version, read_schema_version
@@ -125,6 +126,8 @@ def _referenced_files(raw: object, base: Path) -> Iterator[Path]:
     if isinstance(raw, Mapping):
         for key, value in raw.items():
             if key in FILE_KEYS and isinstance(value, str) and value:
+                if value.startswith(DATA_DIR_FIELD):
+                    continue  # inside the data folder: backed up with DATA_FOLDERS
                 path = Path(value).expanduser()
                 yield path if path.is_absolute() else base / path
             else:
@@ -201,6 +204,10 @@ def make_backup(site: SiteConfig, dest: Path, *, now: float | None = None) -> di
     index = index_file(site.index_url, site.data_dir / "index.sqlite")
     if not index.is_file():
         raise BackupError(str(IndexMissing(index)))
+    referenced = _config_files(site)
+    for file in referenced:  # before anything is written: no half backup to clear away
+        if not file.is_file():
+            raise BackupError(f"{file} (named in the config) cannot be read")
     ensure_dir(dest)
     os.chmod(dest, 0o700)
     writer = _Writer(dest)
@@ -219,9 +226,7 @@ def make_backup(site: SiteConfig, dest: Path, *, now: float | None = None) -> di
     for file in _walk_files(site.projects_dir):
         relative = file.relative_to(site.projects_dir).as_posix()
         writer.add("project", f"config/projects/{relative}", file, _abs(file))
-    for n, file in enumerate(_config_files(site)):
-        if not file.is_file():
-            raise BackupError(f"{file} (named in the config) cannot be read")
+    for n, file in enumerate(referenced):
         writer.add("file", f"files/{n}/{file.name}", file, _abs(file))
     manifest = {
         "format": FORMAT,
