@@ -105,7 +105,9 @@ def open_store(site: SiteConfig) -> Store:
         index = open_index(site.index_url, site.data_dir / "index.sqlite")
     except sqlite3.Error as exc:
         raise IndexUnusable(f"cannot open the index in {site.data_dir}: {exc}") from None
-    if index.upgraded_from is not None:
+    if index.upgraded_from == 0:
+        log.info("index %s created (schema version %d)", index.path, index.schema_version)
+    elif index.upgraded_from is not None:
         log.info(
             "index %s upgraded from schema version %d to %d",
             index.path,
@@ -391,6 +393,11 @@ def run_serve(args: argparse.Namespace) -> int:
     signals.install()
     from engine.net.scp import start_scp
 
+    try:
+        _check_writable(site.data_dir)  # one message for a read-only folder, before the secret
+    except IndexUnusable as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
     if not prepare_install_secret(site):
         return 2
     projects = load_enabled_projects(site)
