@@ -423,6 +423,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.manage.status_http import start_for_site
 
     status_page = start_for_site(site, store.index)
+    from engine.config.validate import open_to_any_sender
+
+    open_network = open_to_any_sender(site)
+    if open_network is not None:
+        log.warning("%s", open_network)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,
