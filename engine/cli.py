@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
+        import engine.projects  # noqa: F401  (registers the project sections it checks)
         from engine.config.loader import find_site_config
         from engine.config.validate import run_validate
 
@@ -275,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_test_rules(args.paths)
     if args.command == "explain":
-        from engine.route.explain import run_explain
+        from engine.manage.explain_cli import run_explain
 
         return run_explain(args)
     if args.command == "anonymize":

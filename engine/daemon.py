@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.config.model import SiteConfig
+from engine.deid.keys import SecretError, load_secret
+from engine.store.secrets import ensure_install_secret
 
 log = logging.getLogger("fiona")
 
@@ -27,8 +29,6 @@ __all__ = ["HeartbeatChatter", "Signals", "prepare_install_secret", "quiet_heart
 def prepare_install_secret(site: SiteConfig) -> bool:
     """Create the per-install secret (``<data>/secrets/install.key``) when missing and check
     it; False after logging why it cannot be used (the service does not start then)."""
-    from engine.deid.keys import SecretError, ensure_install_secret, load_secret
-
     try:
         path, created = ensure_install_secret(site.data_dir)
         load_secret(path)

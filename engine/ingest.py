@@ -31,9 +31,13 @@ from pydicom.dataset import FileMetaDataset
 
 from engine.config.model import SiteConfig
 from engine.dicom.header import HeaderError, parse_header
+from engine.projects import load_projects
 from engine.route.assign import assign_study
+from engine.service import open_store, setup_logging
 from engine.store.archive import Archive, Status, StoreOutcome
+from engine.store.commands import load_site_or_exit
 from engine.store.index import Index, Origin
+from engine.store.summary import write_pending_summaries
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +160,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _check_project(site: SiteConfig, name: str) -> str | None:
     """Why ``--project name`` cannot take studies (one message), or None when it can."""
-    from engine.config.loader import load_projects
-
     projects, _issues = load_projects(site.projects_dir)
     found = next((p for p in projects if p.name == name), None)
     if found is None:
@@ -171,8 +173,6 @@ def _check_project(site: SiteConfig, name: str) -> str | None:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit, open_store, setup_logging
-
     site = load_site_or_exit(args)
     if site is None:
         return 2
@@ -209,8 +209,6 @@ def run_ingest(args: argparse.Namespace) -> int:
             if outcome.action in ("quarantined", "rejected"):
                 problems.append((path, outcome))
             bar.update(1)
-    from engine.store.summary import write_pending_summaries
-
     write_pending_summaries(store.index, site.data_dir, 0.0)
     store.close()
     print(f"{len(files)} files: " + ", ".join(f"{n} {a}" for a, n in sorted(counts.items())))

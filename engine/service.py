@@ -11,28 +11,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
+from engine.config.validate import open_to_any_sender
+from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+from engine.manage.heartbeat import HeartbeatJob, mark_stopped
+from engine.manage.pidfile import remove_pid_file, write_pid_file
+from engine.manage.retention import RetentionJob
+from engine.manage.status_http import start_for_site
+from engine.net.scp import start_scp
+from engine.pipeline.redcap_jobs import add_redcap_jobs
+from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
+from engine.store.audit import AuditLog
+from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
+from engine.store.quarantine import Quarantine
+from engine.store.quarantine_policy import Holder, policies_of
+from engine.store.recovery import recover
+from engine.store.summary import write_pending_summaries
+from engine.transfer.config import destinations_of
+from engine.transfer.outbox import Outbox
+from engine.transfer.worker import OutboxWorker
+from engine.workflow import Workflow, site_labeller
 
 log = logging.getLogger("fiona")
-
-
-def site_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """CLI flags that override the site config (validated with it)."""
-    mapping = {
-        "port": "port",
-        "ae_title": "ae_title",
-        "data": "data_dir",
-        "projects": "projects_dir",
-        "bind": "bind_address",
-    }
-    out: dict[str, object] = {}
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = str(value) if isinstance(value, Path) else value
-    return out
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -124,63 +127,8 @@ def open_store(site: SiteConfig) -> Store:
     return Store(site, index, archive)
 
 
-def run_with_index(
-    args: argparse.Namespace,
-    command: Callable[[SiteConfig, SqliteIndex], int],
-    *,
-    read_only: bool = False,
-) -> int:
-    """For commands on the site's index: load the site config, open the existing, current
-    index (read-only when ``read_only``), run ``command`` on both, close the index.
-
-    Exit status 2, with one message, when the config is invalid or the index is missing,
-    older or newer than the code: such commands never create or upgrade an index.
-    """
-    site = load_site_or_exit(args)
-    if site is None:
-        return 2
-    try:
-        index = open_index(
-            site.index_url, site.data_dir / "index.sqlite", upgrade=False, read_only=read_only
-        )
-    except IndexUnusable as exc:
-        print(f"fiona: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return command(site, index)
-    finally:
-        index.close()
-
-
-def load_site_or_exit(args: argparse.Namespace) -> SiteConfig | None:
-    """The site config with CLI overrides, or None after printing every problem."""
-    from engine.config.loader import ConfigError, find_site_config, load_site
-
-    try:
-        return load_site(find_site_config(getattr(args, "config", None)), site_overrides(args))
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(f"error: {issue}", file=sys.stderr)
-        print("fiona: the site config is invalid; not starting", file=sys.stderr)
-        return None
-
-
-def load_enabled_projects(site: SiteConfig) -> list[ProjectConfig]:
-    """Valid, enabled projects; each invalid one is logged with its reasons and left out."""
-    from engine.config.loader import load_projects
-
-    projects, issues = load_projects(site.projects_dir)
-    for issue in issues:
-        log.error("project disabled: %s", issue)
-    enabled = [p for p in projects if p.enabled]
-    log.info("projects: %s", ", ".join(p.name for p in enabled) or "(none)")
-    return enabled
-
-
 def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:
     """Names and modification times of the project files (and their folder)."""
-    from engine.config.loader import project_files
-
     folder = site.projects_dir
     try:
         files = project_files(folder)
@@ -203,8 +151,6 @@ class WorkflowJob:
         projects: list[ProjectConfig],
         on_reload: Callable[[list[ProjectConfig]], None] | None = None,
     ) -> None:
-        from engine.workflow import Workflow, site_labeller
-
         self.store = store
         self.on_reload = on_reload
         #: Set by SIGHUP (:meth:`request_reload`): the next scan reloads even unchanged files.
@@ -218,8 +164,6 @@ class WorkflowJob:
         self.reload_requested = True
 
     def __call__(self) -> None:
-        from engine.workflow import Workflow
-
         signature = _projects_signature(self.store.site)
         if signature != self.signature or self.reload_requested:
             why = "reload requested" if self.reload_requested else "project files changed"
@@ -242,12 +186,6 @@ class OutboxJob:
     """
 
     def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
-        from engine.manage.audit import AuditLog
-        from engine.manage.quarantine_policy import Holder, policies_of
-        from engine.store.quarantine import Quarantine
-        from engine.transfer.config import destinations_of
-        from engine.transfer.outbox import Outbox
-        from engine.transfer.worker import OutboxWorker
 
         data_dir = store.site.data_dir
         quarantine = Quarantine(data_dir, store.index)
@@ -264,8 +202,6 @@ class OutboxJob:
         self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
 
     def configure(self, projects: list[ProjectConfig]) -> None:
-        from engine.manage.quarantine_policy import policies_of
-        from engine.transfer.config import destinations_of
 
         self.worker.configure(destinations_of(projects))
         self.holder.policies = policies_of(projects)
@@ -284,9 +220,6 @@ def _start_jobs(
     listens, so no job (the first heartbeat echoes the SCP) runs before the service is up.
     The callable, run by the main thread, applies project reloads to the scheduler."""
     from apscheduler.schedulers.background import BackgroundScheduler
-
-    from engine.redcap.jobs import add_redcap_jobs  # consent-recheck, redcap-requests
-    from engine.store.summary import write_pending_summaries
 
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = OutboxJob(store, projects)
@@ -346,9 +279,6 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
     exists from the start) and retention."""
     from datetime import UTC, datetime
 
-    from engine.manage.heartbeat import HeartbeatJob
-    from engine.manage.retention import RetentionJob
-
     site = store.site
     scheduler.add_job(
         HeartbeatJob(site, store.index, scheduler),
@@ -384,15 +314,11 @@ def run_serve(args: argparse.Namespace) -> int:
             f"fiona: cannot open the log file {site.log_file.path}: {exc.strerror}", file=sys.stderr
         )
         return 2
-    from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
-
     quiet_heartbeat_associations(site)
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
     signals = Signals()
     signals.install()
-    from engine.net.scp import start_scp
-
     try:
         _check_writable(site.data_dir)  # one message for a read-only folder, before the secret
     except IndexUnusable as exc:
@@ -402,8 +328,6 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
-    from engine.store.recovery import recover
-
     recover(store.archive)  # what a crash left: temp files, archived but unindexed files
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
@@ -416,15 +340,9 @@ def run_serve(args: argparse.Namespace) -> int:
         outbox.worker.close()
         store.close()
         return 1
-    from engine.manage.pidfile import remove_pid_file, write_pid_file
-
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
-    from engine.manage.status_http import start_for_site
-
     status_page = start_for_site(site, store.index)
-    from engine.config.validate import open_to_any_sender
-
     open_network = open_to_any_sender(site)
     if open_network is not None:
         log.warning("%s", open_network)
@@ -443,13 +361,9 @@ def run_serve(args: argparse.Namespace) -> int:
     scheduler.shutdown(wait=True)
     if status_page is not None:
         status_page.stop()
-    from engine.manage.heartbeat import mark_stopped
-
     mark_stopped(site.data_dir)
     remove_pid_file(site.data_dir)
     outbox.worker.close()
-    from engine.store.summary import write_pending_summaries
-
     write_pending_summaries(store.index, site.data_dir, 0.0)
     store.close()
     return 0

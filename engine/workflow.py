@@ -10,34 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from engine.config.model import ProjectConfig, SiteConfig
-from engine.config.rulesets import resolve_rulesets
-from engine.manage.audit import AuditLog
-from engine.manage.quarantine_policy import Holder, policies_of
 from engine.pipeline.runner import PipelineRunner
 from engine.pipeline.store import RunRecord, RunStore
 from engine.pipeline.validate import build_pipeline
-from engine.route.tracker import Tracker, labeller_for
+from engine.route.tracker import Tracker, site_labeller
 from engine.rules import RuleSet
+from engine.store.audit import AuditLog
 from engine.store.index import Index
 from engine.store.quarantine import Quarantine
+from engine.store.quarantine_policy import Holder, policies_of
+
+__all__ = ["Workflow", "site_labeller"]
 
 log = logging.getLogger(__name__)
-
-
-def site_labeller(site: SiteConfig) -> RuleSet | None:
-    """The rule sets that label every series on arrival (``routing.classify_rulesets``)."""
-    from engine.config.loader import ConfigError
-
-    base = site.source.parent if site.source is not None else Path.cwd()
-    try:
-        return labeller_for(resolve_rulesets(site.routing.classify_rulesets, base))
-    except ConfigError as exc:
-        for issue in exc.issues:
-            log.error("series labelling disabled: %s", issue)
-        return None
 
 
 class Workflow:

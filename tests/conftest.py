@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import engine.projects  # noqa: F401  (registers every project section, as fiona's commands do)
 from tests.peers import FionaServer, PeerMissing, dcmtk
 
 

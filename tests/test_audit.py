@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.manage.audit import AuditLog, uid_token
 from engine.manage.audit_cli import matching
+from engine.store.audit import AuditLog, uid_token
 from tests import synth
 from tests.test_quarantine_cli import World, _key, _project, _select, _study
 

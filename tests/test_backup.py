@@ -20,7 +20,7 @@ import pytest
 
 from engine import __version__
 from engine.cli import main
-from engine.manage.audit import AuditLog
+from engine.store.audit import AuditLog
 from engine.store.index import SqliteIndex, latest_version, open_index
 from engine.store.pseudonyms import PseudonymTable, reidentify
 from tests.test_cli import old_index

@@ -174,7 +174,8 @@ def test_first_install_exports_no_phi(
 
 
 def test_install_secret_is_created_once_and_never_overwritten(tmp_path: Path) -> None:
-    from engine.deid.keys import ensure_install_secret, load_secret
+    from engine.deid.keys import load_secret
+    from engine.store.secrets import ensure_install_secret
 
     path, created = ensure_install_secret(tmp_path / "data")
     assert created and path == tmp_path / "data" / "secrets" / "install.key"

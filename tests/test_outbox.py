@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from engine.manage.audit import AuditLog
+from engine.store.audit import AuditLog
 from engine.store.index import SqliteIndex
 from engine.store.quarantine import Quarantine
 from engine.transfer.base import OutgoingInstance

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.manage.audit import AuditLog
+from engine.store.audit import AuditLog
 from engine.store.index import open_index
 from engine.store.pseudonyms import PseudonymTable, reidentify
 

@@ -25,16 +25,16 @@ from pydicom.dataset import Dataset
 
 from engine.cli import main
 from engine.config.loader import load_project, load_site
-from engine.manage.audit import AuditLog
-from engine.manage.quarantine_policy import (
+from engine.store.archive import Archive
+from engine.store.audit import AuditLog
+from engine.store.index import Origin, SqliteIndex, open_index
+from engine.store.quarantine import MEANINGS, Reason
+from engine.store.quarantine_policy import (
     QuarantinePolicy,
     expired_items,
     policy_of,
     purge,
 )
-from engine.store.archive import Archive
-from engine.store.index import Origin, SqliteIndex, open_index
-from engine.store.quarantine import MEANINGS, Reason
 from engine.workflow import Workflow
 from tests import synth
 from tests.peers import REPO, FionaServer, nodelay_env
@@ -418,7 +418,7 @@ def _wait_for_held(data: Path, n: int, timeout: float = 90.0) -> list[tuple[Any,
 def test_list_and_show_say_where_held_items_came_from_and_what_they_hold(
     tmp_path: Path, storescu: str, empty_projects: Path
 ) -> None:
-    from engine.manage.audit import uid_token
+    from engine.store.audit import uid_token
 
     site = tmp_path / "site.yaml"
     site.write_text(

@@ -21,14 +21,14 @@ from pydicom.dataset import Dataset
 
 from engine.config.loader import check_project_files, load_project
 from engine.config.model import ProjectConfig
-from engine.manage.audit import AuditLog, uid_token
+from engine.pipeline.consent_recheck import consent_recheck_job
 from engine.pipeline.runner import MAX_ATTEMPTS, PipelineRunner
 from engine.pipeline.steps import Step
 from engine.pipeline.store import RunRecord, RunState, RunStore, StepState
+from engine.pipeline.transfer_requests import transfer_requests_job
 from engine.pipeline.validate import build_pipeline
-from engine.redcap.recheck import consent_recheck_job
-from engine.redcap.requests import transfer_requests_job
 from engine.store.archive import Archive
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Origin, SqliteIndex, open_index
 from engine.store.quarantine import Quarantine
 from tests import synth
@@ -475,7 +475,7 @@ def test_a_held_run_is_reported_as_error_and_an_outage_waits(world: World) -> No
 def test_service_adds_the_jobs_the_projects_need(world: World) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from engine.redcap.jobs import add_redcap_jobs
+    from engine.pipeline.redcap_jobs import add_redcap_jobs
 
     def jobs(scheduler: BackgroundScheduler) -> dict[str, float]:
         return {j.id: j.trigger.interval.total_seconds() for j in scheduler.get_jobs()}

@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from engine.config.loader import load_site
-from engine.manage.audit import AuditLog, uid_token
 from engine.manage.heartbeat import beat, write_status_file
 from engine.manage.retention import evict, expire, finished_studies
 from engine.store.archive import Archive
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Origin, SqliteIndex
 from tests import synth
 from tests.peers import REPO, FionaServer, free_port

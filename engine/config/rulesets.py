@@ -14,6 +14,10 @@ from pathlib import Path
 #: Suffixes of config files: project files, rule sets, profiles (YAML or JSON). Defined here,
 #: not in the loader, so reading a rule set does not import the schema machinery.
 PROJECT_SUFFIXES = (".yaml", ".yml", ".json")
+#: File name endings read as rule set files.
+RULESET_SUFFIXES = PROJECT_SUFFIXES
+#: Folder beside a rule set holding its golden cases: ``mr.yaml`` -> ``mr.cases/``.
+CASES_SUFFIX = ".cases"
 
 
 def rulesets_dir() -> Path:
@@ -49,6 +53,19 @@ def resolve_rulesets(refs: Sequence[str], base_dir: Path) -> list[Path]:
     """Files for ``refs``; with none, every rule set in ``rulesets/classify/``."""
     if refs:
         return [resolve_ruleset(ref, base_dir) for ref in refs]
-    from engine.rules import ruleset_files  # the rules package builds on config, not vice versa
-
     return ruleset_files(classify_dir())
+
+
+def ruleset_files(folder: Path) -> list[Path]:
+    """Rule set files under ``folder``, recursively, sorted: ``*.yaml``, ``*.yml``, ``*.json``
+    outside ``*.cases`` folders; hidden and ``_*`` files and folders are skipped."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if any(p.startswith((".", "_")) or p.endswith(CASES_SUFFIX) for p in parts[:-1]):
+            continue
+        if path.name.startswith((".", "_")) or path.suffix.lower() not in RULESET_SUFFIXES:
+            continue
+        if path.is_file():
+            found.append(path)
+    return found

@@ -9,19 +9,17 @@ exit status 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-from engine.config.loader import (
-    PROJECT_SUFFIXES,
-    ConfigIssue,
-    check_project_files,
-    format_path,
-    load_site,
-    project_files,
-)
-from engine.config.loader import ConfigError as _ConfigError
+from engine.config.files import key_line
+from engine.config.issues import ConfigError, ConfigIssue, format_path
+from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
+from engine.config.schema import load_schema
+from engine.config.sections import project_sections
+from engine.config.sections import ruleset_kind as kind_of_folder
 
 DEFAULT_PROJECTS_DIR = Path("projects")
 #: A file or folder with a folder of this name in its path holds rule sets, not projects.
@@ -48,29 +46,17 @@ def _kind_folder(path: Path) -> str:
 
 
 def ruleset_kind(path: Path) -> Callable[[Path], list[ConfigIssue]] | None:
-    """The checker of a file under ``rulesets/``, by the folder it is in.
-
-    ``pixels/``: pixel cleaning rules; ``anonymize/``: the generated profile data, checked by
-    the test suite against its generator (None: nothing to check here); anything else: a
-    classification rule set.
+    """The checker of a file under ``rulesets/``, by the folder it is in, as registered in
+    :mod:`engine.config.sections` (``pixels/``: pixel cleaning rules; ``anonymize/``: the
+    generated profile data, checked by the test suite against its generator (None: nothing to
+    check here); anything else: a classification rule set).
     """
-    folder = _kind_folder(path)
-    if folder == "anonymize":
-        return None
-    if folder == "pixels":
-        from engine.deid.pixels import check_pixel_rules
-
-        return lambda p: check_pixel_rules([p])[1]
-    from engine.rules import check_ruleset
-
-    return check_ruleset
+    return kind_of_folder(_kind_folder(path)).check
 
 
 def _collect(targets: list[Path]) -> tuple[list[Path], list[Path], list[ConfigIssue]]:
     """(project files, rule set files, issues) named by ``targets`` (files, or folders of
     files; a rule set folder is read recursively), in order, once each."""
-    from engine.rules import ruleset_files  # the rules package builds on config
-
     files: list[Path] = []
     rulesets: list[Path] = []
     issues: list[ConfigIssue] = []
@@ -89,28 +75,8 @@ def _collect(targets: list[Path]) -> tuple[list[Path], list[Path], list[ConfigIs
     return files, rulesets, issues
 
 
-def _key_line(file: Path, keys: Iterable[str]) -> int | None:
-    """The line of the mapping key at ``keys`` in a YAML file that already loaded (or of its
-    nearest parent key); None when it cannot be found (JSON on one line, say)."""
-    import yaml
-
-    try:
-        node = yaml.compose(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
-        if not found:
-            break
-        line, node = found[0][0].start_mark.line + 1, found[0][1]
-    return line
-
-
 def _warning(file: Path, keys: tuple[str, ...], message: str) -> ConfigIssue:
-    return ConfigIssue(file, _key_line(file, keys), format_path(keys), f"warning: {message}")
+    return ConfigIssue(file, key_line(file, keys), format_path(keys), f"warning: {message}")
 
 
 def open_to_any_sender(site: SiteConfig) -> str | None:
@@ -158,24 +124,18 @@ def _heartbeat_warnings(site: SiteConfig) -> list[ConfigIssue]:
     return [_warning(site.source, ("allowed_calling_aes",), message)]
 
 
-def project_warnings(project: ProjectConfig) -> list[ConfigIssue]:
-    """Each ``folder`` destination whose ``path`` does not exist (not created, not mounted)."""
-    destinations = project.raw.get("destinations")
-    if not isinstance(destinations, dict):
-        return []
-    found = []
-    for name, entry in destinations.items():
-        if not isinstance(entry, dict) or entry.get("type") != "folder" or "path" not in entry:
-            continue
-        root = Path(str(entry["path"])).expanduser()  # relative to the project file's folder
-        root = root if root.is_absolute() else project.source.parent / root
-        if not root.exists():
-            message = (
-                f"the folder {root} does not exist (not created, or not mounted);"
-                " transfers to it wait and retry until it does"
-            )
-            found.append(_warning(project.source, ("destinations", str(name), "path"), message))
-    return found
+def project_checks(project: ProjectConfig) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
+    """(errors, warnings) of a loaded project beyond those of loading it: the ``validate`` and
+    ``warn`` checks its sections registered (a REDCap token file, a folder destination whose
+    ``path`` does not exist)."""
+    errors: list[ConfigIssue] = []
+    warnings: list[ConfigIssue] = []
+    for section in project_sections(load_schema("project")):
+        if section.validate is not None:
+            errors += section.validate(project)
+        if section.warn is not None:
+            warnings += section.warn(project)
+    return errors, warnings
 
 
 def run_validate(
@@ -198,7 +158,7 @@ def run_validate(
         checked += 1
         try:
             site = load_site(site_path)
-        except _ConfigError as exc:
+        except ConfigError as exc:
             issues += exc.issues
         else:
             default_dir = site.projects_dir
@@ -216,11 +176,10 @@ def run_validate(
             issues.append(ConfigIssue(target, None, format_path(()), message))
     projects, project_issues = check_project_files(files)
     issues += project_issues
-    from engine.redcap.settings import token_file_issues  # builds on config: import late
-
     for project in projects:
-        issues += token_file_issues(project)
-        warnings += project_warnings(project)
+        errors, found = project_checks(project)
+        issues += errors
+        warnings += found
     checked += len(files)
     for ruleset in rulesets:
         kind = ruleset_kind(ruleset)

@@ -20,13 +20,14 @@ import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from engine.config.loader import _apply_defaults, _load_schema, format_path
-from engine.deid.pixels import PixelRuleSet, Region
+from engine.config.issues import format_path
+from engine.config.schema import apply_defaults, load_schema
+from engine.deid.pixels import HeaderFields, PixelRuleSet, Region
 
 __all__ = [
     "REASON",
@@ -44,18 +45,9 @@ REASON = "burned_in"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-class HeaderFields(Protocol):
-    """What the gate reads of an instance, by keyword: a pydicom Dataset, or a plain dict of
-    keyword -> value as pydicom decodes it (see :func:`engine.deid.export.gate_fields`)."""
-
-    def get(self, key: str, default: Any = None, /) -> Any: ...
-
-    def __contains__(self, key: str, /) -> bool: ...
-
-
 def policy_schema() -> dict[str, Any]:
     """The JSON Schema fragment of the policy (``pixels.schema.json`` ``$defs``)."""
-    schema: dict[str, Any] = _load_schema("pixels")["$defs"]["burned_in_policy"]
+    schema: dict[str, Any] = load_schema("pixels")["$defs"]["burned_in_policy"]
     return schema
 
 
@@ -92,7 +84,7 @@ class BurnedInPolicy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> BurnedInPolicy:
         """The policy from a project's mapping; raises ValueError naming every bad key."""
-        from jsonschema import Draft202012Validator  # start-up cost: see engine.config.loader
+        from jsonschema import Draft202012Validator  # start-up cost: see engine.config.schema
 
         schema = policy_schema()
         doc = copy.deepcopy(dict(data or {}))
@@ -102,7 +94,7 @@ class BurnedInPolicy:
         ]
         if errors:
             raise ValueError("; ".join(errors))
-        _apply_defaults(schema, doc, schema)
+        apply_defaults(schema, doc, schema)
         return cls(
             sop_classes=frozenset(doc["sop_classes"]),
             modalities=frozenset(doc["modalities"]),

@@ -33,13 +33,12 @@ from pydicom.datadict import tag_for_keyword
 from engine.deid.burned_in import (
     BurnedInPolicy,
     Clean,
-    HeaderFields,
     Quarantine,
     check_burned_in,
 )
 from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.keys import is_well_known_uid
-from engine.deid.pixels import PixelRuleSet, clean_pixels
+from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
 from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
 from engine.dicom.errors import HeaderError

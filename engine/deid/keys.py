@@ -62,26 +62,6 @@ DATA_DIR_FIELD = "{data_dir}"
 INSTALL_SECRET_RANDOM_BYTES = 48
 
 
-def ensure_install_secret(data_dir: Path) -> tuple[Path, bool]:
-    """The per-install secret ``<data_dir>/secrets/install.key``, created when missing:
-    48 random bytes (base64, one line), mode 600 in a folder of mode 700, written atomically
-    and never overwritten. Returns (path, whether it was created now). Raises OSError when the
-    data folder cannot be written."""
-    import os
-    import secrets
-
-    from engine.store.fsio import create_durable, ensure_dir
-
-    path = data_dir / INSTALL_SECRET
-    if path.exists():
-        return path, False
-    if not path.parent.is_dir():
-        ensure_dir(path.parent)
-        os.chmod(path.parent, 0o700)
-    data = base64.b64encode(secrets.token_bytes(INSTALL_SECRET_RANDOM_BYTES)) + b"\n"
-    return path, create_durable(path, data, mode=0o600)
-
-
 def secret_in_data_dir(value: str) -> Path | None:
     """For a ``secret_file`` of the form ``{data_dir}/REL``: REL (relative to the data folder);
     None for any other value. Raises SecretError for a malformed reference."""

@@ -25,30 +25,22 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
-if TYPE_CHECKING:
-    from engine.deid.burned_in import HeaderFields
-
-from engine.config.loader import (
-    PROJECT_SUFFIXES,
-    ConfigError,
-    ConfigIssue,
-    _found,
-    _issue_order,
-    _load_schema,
-    _parse,
-    _Parsed,
-    _schema_issues,
-    format_path,
-)
+from engine.config.files import ParsedFile, parse_file
+from engine.config.issues import ConfigError, ConfigIssue, format_path, found_value, issue_order
+from engine.config.rulesets import PROJECT_SUFFIXES
+from engine.config.schema import load_schema, schema_issues
+from engine.config.sections import RulesetKind
 from engine.dicom.codecs import DecodeFailed, decompress, is_compressed
 
 __all__ = [
+    "PIXELS_KIND",
     "CleanFailed",
+    "HeaderFields",
     "PixelRule",
     "PixelRuleSet",
     "Region",
@@ -59,6 +51,15 @@ __all__ = [
     "pixels_dir",
     "resolve_pixel_rulesets",
 ]
+
+
+class HeaderFields(Protocol):
+    """What the gate reads of an instance, by keyword: a pydicom Dataset, or a plain dict of
+    keyword -> value as pydicom decodes it (see :func:`engine.deid.export.gate_fields`)."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __contains__(self, key: str, /) -> bool: ...
 
 CASES_SUFFIX = ".cases"
 
@@ -143,7 +144,7 @@ def resolve_pixel_rulesets(refs: Iterable[str], base: Path) -> list[Path]:
 
 
 def _regex(
-    value: str, parsed: _Parsed, path: tuple[str | int, ...]
+    value: str, parsed: ParsedFile, path: tuple[str | int, ...]
 ) -> tuple[re.Pattern[str] | None, list[ConfigIssue]]:
     try:
         return re.compile(value, re.IGNORECASE), []
@@ -153,7 +154,7 @@ def _regex(
 
 
 def _rule(
-    doc: dict[str, Any], index: int, parsed: _Parsed
+    doc: dict[str, Any], index: int, parsed: ParsedFile
 ) -> tuple[PixelRule | None, list[ConfigIssue]]:
     base: tuple[str | int, ...] = ("rules", index)
     issues: list[ConfigIssue] = []
@@ -202,22 +203,22 @@ def _rule(
 def check_pixel_rules(paths: Iterable[Path]) -> tuple[PixelRuleSet | None, list[ConfigIssue]]:
     """Load ``paths`` as one pixel rule set (rule names unique across them); every problem
     of every file as a line-numbered :class:`ConfigIssue`."""
-    schema = _load_schema("pixels")
+    schema = load_schema("pixels")
     rules: list[PixelRule] = []
     issues: list[ConfigIssue] = []
     names: dict[str, str] = {}
     for path in paths:
-        parsed = _parse(path)
+        parsed = parse_file(path)
         issues += parsed.issues
         if parsed.data is None:
             if not parsed.issues:
                 issues.append(ConfigIssue(path, None, "(root)", "expected object, found null"))
             continue
         if not isinstance(parsed.data, dict):
-            message = f"expected object, {_found(parsed.data)}"
+            message = f"expected object, {found_value(parsed.data)}"
             issues.append(ConfigIssue(path, None, "(root)", message))
             continue
-        found = _schema_issues(parsed, parsed.data, schema, {})
+        found = sorted(schema_issues(parsed.data, schema, path, parsed.line_of), key=issue_order)
         issues += found
         if found:
             continue
@@ -232,7 +233,7 @@ def check_pixel_rules(paths: Iterable[Path]) -> tuple[PixelRuleSet | None, list[
             issues += problems
             if rule is not None:
                 rules.append(rule)
-    issues.sort(key=_issue_order)
+    issues.sort(key=issue_order)
     return (None if issues else PixelRuleSet(tuple(rules))), issues
 
 
@@ -363,3 +364,11 @@ def clean_pixels(
     if covers_all_text:
         ds.BurnedInAnnotation = "NO"
     return None
+
+
+def _check_file(path: Path) -> list[ConfigIssue]:
+    return check_pixel_rules([path])[1]
+
+
+#: ``rulesets/pixels/``: pixel cleaning rules, registered by :mod:`engine.projects`.
+PIXELS_KIND = RulesetKind("pixels", "pixels.schema.json", _check_file)

@@ -33,6 +33,7 @@ from typing import Any
 from pydicom.datadict import tag_for_keyword
 
 from engine.config.rulesets import rulesets_dir
+from engine.config.sections import RulesetKind
 from engine.deid.ops import Op, date_mode_of, op_for_code
 from engine.deid.unlisted import Unlisted, load_unlisted
 from engine.dicom.values import dictionary_vr
@@ -300,3 +301,9 @@ def load_profile(
         method_codes=method_codes,
         method_text=tuple(text),
     )
+
+
+#: ``rulesets/anonymize/``: profile data made by ``engine/deid/generate_profile.py``, which the
+#: test suite compares with its generator's output (``fiona validate`` leaves it alone);
+#: registered by :mod:`engine.projects`.
+PROFILE_KIND = RulesetKind("anonymize", "(generated: engine/deid/generate_profile.py)", None)

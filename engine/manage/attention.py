@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from engine.config.loader import project_files
 from engine.manage.heartbeat import iso
 from engine.store.index import Index
 
@@ -79,8 +80,6 @@ _projects_lock = threading.Lock()
 
 def _signature(folder: Path) -> tuple[tuple[str, int], ...]:
     """Names and modification times of the folder and its project files."""
-    from engine.config.loader import project_files
-
     try:
         stamps = [(f.name, f.stat().st_mtime_ns) for f in project_files(folder)]
         return ((str(folder), folder.stat().st_mtime_ns), *stamps)
@@ -91,7 +90,9 @@ def _signature(folder: Path) -> tuple[tuple[str, int], ...]:
 def invalid_projects(projects_dir: Path) -> list[dict[str, Any]]:
     """Each project file left out for being invalid: ``{"file", "problems"}`` (a missing
     projects folder is one entry). Reloaded only when a file changed."""
-    from engine.config.loader import load_projects
+    # Imported here: every layer's checks come with it (pynetdicom, paramiko, PyCap), which
+    # `fiona status` pays only when it reads the project files.
+    from engine.projects import load_projects
 
     signature = _signature(projects_dir)
     with _projects_lock:

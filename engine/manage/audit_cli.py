@@ -1,7 +1,7 @@
 """``fiona audit [STUDY_UID] [--project P] [--event E] [--since YYYY-MM-DD] [--json]``.
 
 Reads the audit log (``<data>/audit/audit-YYYYMM.jsonl``). The log never holds a UID, only its
-token (:func:`engine.manage.audit.uid_token`): a study UID given here is turned into its token
+token (:func:`engine.store.audit.uid_token`): a study UID given here is turned into its token
 and matched against the entries' ``study`` field.
 """
 
@@ -13,7 +13,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from engine.manage.audit import AuditLog, uid_token
+from engine.store.audit import AuditLog, uid_token
+from engine.store.commands import load_site_or_exit
+from engine.store.index import IndexMissing, index_file
 
 __all__ = ["matching", "run_audit"]
 
@@ -55,13 +57,9 @@ def _line(entry: dict[str, Any]) -> str:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
-
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    from engine.store.index import IndexMissing, index_file
-
     index = index_file(site.index_url, site.data_dir / "index.sqlite")
     if not index.is_file():  # the audit log sits beside the index of the same data folder
         print(f"fiona: {IndexMissing(index)}", file=sys.stderr)

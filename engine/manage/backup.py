@@ -42,8 +42,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine import __version__
+from engine.config.files import parse_file
+from engine.config.loader import project_files
 from engine.config.model import SiteConfig
 from engine.deid.keys import DATA_DIR_FIELD
+from engine.store.commands import load_site_or_exit
 from engine.store.fsio import ensure_dir, fsync_dir
 from engine.store.index import IndexMissing, index_file, latest_version, read_schema_version
 
@@ -137,12 +140,10 @@ def _referenced_files(raw: object, base: Path) -> Iterator[Path]:
 def _config_files(site: SiteConfig) -> list[Path]:
     """Files the config refers to: the site's TLS files and the secret and token files of
     every project file (read as YAML here, so disabled and invalid projects count too)."""
-    from engine.config.loader import _parse, project_files
-
     found = [p for p in (site.tls.cert_file, site.tls.key_file, site.tls.ca_file) if p]
     if site.projects_dir.is_dir():
         for file in project_files(site.projects_dir):
-            found += _referenced_files(_parse(file).data, file.parent)
+            found += _referenced_files(parse_file(file).data, file.parent)
     return found
 
 
@@ -347,8 +348,6 @@ def _reason(exc: Exception) -> str:
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
-
     site = load_site_or_exit(args)
     if site is None:
         return 2

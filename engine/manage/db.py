@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import SiteConfig
+from engine.store.commands import load_site_or_exit
 from engine.store.index import (
     IndexUnusable,
     SqliteIndex,
@@ -75,8 +76,6 @@ def _upgrade(path: Path) -> int:
 def run_db(args: argparse.Namespace) -> int:
     """``db status``: 0 when up to date, 1 when migrations are pending, 2 when the index is
     missing or newer than the code; ``db upgrade``: 0 when done."""
-    from engine.service import load_site_or_exit
-
     site: SiteConfig | None = load_site_or_exit(args)
     if site is None:
         return 2

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.config.model import SiteConfig
-from engine.manage.audit import AuditLog, operator
 from engine.manage.release import Item, Releaser, find_items, get_item
 from engine.pipeline.store import RunStore, StepState
+from engine.store.audit import AuditLog, operator
+from engine.store.commands import run_with_index
 from engine.store.index import Index
 from engine.store.quarantine import meaning, origin_text, study_facts
 from engine.transfer.outbox import Outbox
@@ -259,8 +260,6 @@ def _change(index: Index, site: SiteConfig, args: argparse.Namespace) -> int:
 
 
 def run_quarantine(args: argparse.Namespace) -> int:
-    from engine.service import run_with_index
-
     def command(site: SiteConfig, index: Index) -> int:
         if args.action == "list":
             return _list(index, site.data_dir, args)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.manage.audit import AuditLog, operator
+from engine.store.audit import AuditLog, operator
+from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, open_index
 from engine.store.pseudonyms import reidentify
 
@@ -19,8 +20,6 @@ MIN_REASON = 5
 
 
 def run_reidentify(args: argparse.Namespace) -> int:
-    from engine.service import load_site_or_exit
-
     site = load_site_or_exit(args)
     if site is None:
         return 2

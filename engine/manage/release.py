@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import DuplicatePolicy, SiteConfig
-from engine.manage.audit import AuditLog, uid_token
-from engine.manage.quarantine_policy import sidecar_of
 from engine.pipeline.store import RunState, RunStore, StepState
 from engine.store.archive import Archive
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index, Origin
 from engine.store.quarantine import Reason
+from engine.store.quarantine_policy import sidecar_of
 from engine.transfer.outbox import Outbox
 
 __all__ = ["Item", "Outcome", "Releaser", "find_items", "get_item"]

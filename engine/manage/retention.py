@@ -16,7 +16,7 @@ Two passes (every ``retention.interval_seconds``):
 
 Deleting removes ``archive/<StudyUID>``, its ``raw/`` and ``participants/`` links and the
 ``work/<project>/run-<id>`` copies of its runs, fsyncs the parent folders, writes an audit entry
-``deleted`` (the study as a :func:`~engine.manage.audit.uid_token`) and sets
+``deleted`` (the study as a :func:`~engine.store.audit.uid_token`) and sets
 ``studies.deleted_at``; the index rows stay as the record of what was received.
 """
 
@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.model import ProjectConfig
-from engine.manage.audit import AuditLog, uid_token
+from engine.manage.heartbeat import disk_usage
+from engine.projects import load_projects
 from engine.store.archive import safe_component
+from engine.store.audit import AuditLog, uid_token
 from engine.store.fsio import fsync_dir
 from engine.store.index import Index
+from engine.store.quarantine_policy import expired_items, policies_of, purge
 
 log = logging.getLogger(__name__)
 
@@ -275,22 +278,16 @@ class RetentionJob:
         self.audit = AuditLog(site_data_dir)
 
     def _free_percent(self) -> float:
-        from engine.manage.heartbeat import disk_usage
-
         return disk_usage(self.data_dir).free_percent
 
     def _purge_quarantine(self, projects: list[ProjectConfig]) -> None:
         """Released and discarded quarantine items past their project's ``keep_days``."""
-        from engine.manage.quarantine_policy import expired_items, policies_of, purge
-
         expired = expired_items(self.index, time.time(), policies_of(projects))
         if expired:
             purged = purge(self.index, self.data_dir, expired)
             log.info("purged %d expired quarantine items", purged)
 
     def __call__(self) -> None:
-        from engine.config.loader import load_projects
-
         try:
             # Every valid project, enabled or not: a disabled project's studies keep its rules.
             projects, _ = load_projects(self.projects_dir)

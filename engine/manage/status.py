@@ -35,6 +35,7 @@ from engine.config.model import SiteConfig
 from engine.manage.attention import attention, quarantine_summary
 from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso, project_activity
 from engine.manage.pidfile import serve_process
+from engine.store.commands import run_with_index
 from engine.store.index import Index
 
 __all__ = [
@@ -330,8 +331,6 @@ def render_text(status: dict[str, Any]) -> str:
 
 def run_status(args: argparse.Namespace) -> int:
     """``fiona status``: print the status; exit as :func:`exit_code` (2 on a bad site config)."""
-    from engine.service import run_with_index
-
     def command(site: SiteConfig, index: Index) -> int:
         status = collect_status(site, index)
         print(json.dumps(status, indent=2, sort_keys=True) if args.json else render_text(status))

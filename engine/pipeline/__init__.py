@@ -15,7 +15,11 @@ A project file lists its pipeline as data::
   ``schemas/steps/<name>.schema.json``;
 * :mod:`.validate`: ``check_pipeline`` (for ``fiona validate``) and ``build_pipeline``;
 * :mod:`.store`: durable runs in the index database (``RunStore``);
-* :mod:`.runner`: ``PipelineRunner``, which runs them, resuming after a restart.
+* :mod:`.runner`: ``PipelineRunner``, which runs them, resuming after a restart;
+* the REDCap features that act on runs: :mod:`.consent_recheck` (studies held for want of
+  consent, looked up again), :mod:`.transfer_requests` (runs requested in REDCap) and
+  :mod:`.redcap_jobs` (their scheduler jobs); the ``consent`` step and research IDs
+  (:mod:`.steps.research_ids`) use :mod:`engine.redcap`, which knows nothing of pipelines.
 """
 
 from engine.pipeline.context import RunContext, SeriesInput

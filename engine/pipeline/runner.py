@@ -29,11 +29,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from engine import metrics
-from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry, is_outcome
 from engine.pipeline.steps import Step
 from engine.pipeline.store import RunRecord, RunState, RunStore
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.quarantine import Reason
 

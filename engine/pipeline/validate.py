@@ -14,29 +14,32 @@ Checks run in layers and collect every problem (:class:`~engine.config.loader.Co
 from __future__ import annotations
 
 import copy
-import difflib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from engine.config.loader import (
+from engine.config.files import ParsedFile
+from engine.config.issues import (
     ConfigError,
     ConfigIssue,
-    _apply_defaults,
-    _found,
-    _issue_order,
-    _messages,
-    _schema,
+    LineOf,
+    did_you_mean,
     format_path,
-    schema_dir,
+    found_value,
+    issue_order,
 )
+from engine.config.model import ProjectConfig
+from engine.config.schema import (
+    apply_defaults,
+    load_schema,
+    locate_issues,
+    schema_dir,
+    schema_issues,
+)
+from engine.config.sections import ProjectSection
 from engine.pipeline.steps import STEPS, JsonPath, Step
 
-__all__ = ["build_pipeline", "check_pipeline", "step_options", "step_schema", "subpaths"]
-
-LineOf = Callable[[JsonPath], int | None]
+__all__ = ["SECTION", "build_pipeline", "check_pipeline", "step_options", "step_schema"]
 
 
 class _AnyLabel:
@@ -48,31 +51,18 @@ _ANY = _AnyLabel()
 
 def step_schema(name: str) -> dict[str, Any]:
     """The options schema of step type ``name`` (``schemas/steps/<name>.schema.json``)."""
-    return _schema(name, schema_dir() / "steps")
+    return load_schema(name, schema_dir() / "steps")
 
 
 def step_options(item: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a (valid) step item with its schema fragment's defaults applied."""
     schema = step_schema(str(item["step"]))
     options = copy.deepcopy(dict(item))
-    _apply_defaults(schema, options, schema)
+    apply_defaults(schema, options, schema)
     return options
 
 
-def subpaths(value: object, path: JsonPath) -> Iterator[JsonPath]:
-    """``path`` and the JSON path of everything below it in ``value``."""
-    yield path
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            yield from subpaths(sub, (*path, str(key)))
-    elif isinstance(value, list):
-        for i, sub in enumerate(value):
-            yield from subpaths(sub, (*path, i))
-
-
-def _close(word: str, choices: Sequence[str]) -> str:
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{found[0]}'?)" if found else ""
+_close = did_you_mean
 
 
 class _Checker:
@@ -93,14 +83,14 @@ class _Checker:
         """(step class, defaulted options) of an item; options None when its own check found
         problems; None when the item is not even a known step with valid options."""
         if not isinstance(item, Mapping):
-            self.add(where, f"expected object, {_found(item)}")
+            self.add(where, f"expected object, {found_value(item)}")
             return None
         name = item.get("step")
         if name is None:
             self.add(where, "missing required key 'step'")
             return None
         if not isinstance(name, str):
-            self.add((*where, "step"), f"expected string, {_found(name)}")
+            self.add((*where, "step"), f"expected string, {found_value(name)}")
             return None
         cls = STEPS.get(name)
         if cls is None:
@@ -110,32 +100,16 @@ class _Checker:
             )
             self.add((*where, "step"), message)
             return None
-        schema = step_schema(name)
-        found = []
-        for error in Draft202012Validator(schema).iter_errors(item):
-            for path, line_path, message in _messages(error, schema):
-                line = self.line_of((*where, *line_path)) if self.line_of is not None else None
-                found.append(ConfigIssue(self.file, line, format_path((*where, *path)), message))
+        found = schema_issues(item, step_schema(name), self.file, self.line_of, where)
         if found:
-            self.issues += sorted(found, key=_issue_order)
+            self.issues += sorted(found, key=issue_order)
             return None
         options = step_options(item)
         own = cls.check(options, self.file, where)
         if own:
-            self._locate(own, options, where)
+            self.issues += locate_issues(own, options, where, self.file, self.line_of)
             return cls, None
         return cls, options
-
-    def _locate(
-        self, issues: list[ConfigIssue], options: Mapping[str, Any], where: JsonPath
-    ) -> None:
-        """Add a step's own issues, giving the ones in this file the line of their path."""
-        paths = {format_path(p): p for p in subpaths(options, where)}
-        for issue in issues:
-            if issue.line is None and issue.file == self.file and self.line_of is not None:
-                path = paths.get(issue.path, where)
-                issue = ConfigIssue(issue.file, self.line_of(path), issue.path, issue.message)
-            self.issues.append(issue)
 
     def labels(
         self, cls: type[Step], options: Mapping[str, Any], where: JsonPath, known: object
@@ -202,3 +176,13 @@ def build_pipeline(pipeline: Sequence[object], project_file: Path) -> list[Step]
         options = step_options(item)
         steps.append(STEPS[str(options["step"])](options, project_file))
     return steps
+
+
+def _check_section(project: ProjectConfig, parsed: ParsedFile) -> list[ConfigIssue]:
+    pipeline = project.raw.get("pipeline", [])
+    items = pipeline if isinstance(pipeline, list) else []
+    return check_pipeline(items, project.source, ("pipeline",), parsed.line_of)
+
+
+#: The ``pipeline`` section of a project file, registered by :mod:`engine.projects`.
+SECTION = ProjectSection("pipeline", "steps/<step>.schema.json", _check_section)

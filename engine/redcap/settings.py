@@ -18,16 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from engine.config.files import ParsedFile, parse_file
+from engine.config.issues import ConfigIssue
+from engine.config.model import ProjectConfig
+from engine.config.sections import ProjectSection
 from engine.dicom.header import parse_header
 from engine.redcap.client import RedcapClient, RedcapConfig, TokenFileError, load_token
 
-if TYPE_CHECKING:
-    from engine.config.loader import ConfigIssue
-    from engine.config.model import ProjectConfig
-
 __all__ = [
+    "SECTION",
     "Connection",
     "KeySource",
     "RecordKey",
@@ -143,8 +144,6 @@ def settings_for_file(project_file: Path) -> RedcapSettings | None:
     Parsed with the config loader (the file passed its schema when the project was loaded);
     cached until the file changes.
     """
-    from engine.config.loader import _parse  # the loader imports the pipeline: import late
-
     try:
         stat = project_file.stat()
     except OSError:
@@ -154,7 +153,7 @@ def settings_for_file(project_file: Path) -> RedcapSettings | None:
         hit = _FILES.get(project_file)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    data = _parse(project_file).data
+    data = parse_file(project_file).data
     found = settings_of(data, project_file.parent) if isinstance(data, Mapping) else None
     with _FILES_LOCK:
         _FILES[project_file] = (stamp, found)
@@ -165,8 +164,6 @@ def token_file_issues(project: ProjectConfig) -> list[ConfigIssue]:
     """``fiona validate``'s check of a project's REDCap ``token_file``: it can be read, only
     its owner can read or write it (chmod 600), and it holds an API token. Not checked when
     projects load, so that a project still loads and picks up a token fixed later."""
-    from engine.config.loader import ConfigIssue, _parse  # the loader imports this module
-
     section = project.raw.get("redcap")
     if not isinstance(section, Mapping) or not section.get("token_file"):
         return []
@@ -175,9 +172,19 @@ def token_file_issues(project: ProjectConfig) -> list[ConfigIssue]:
     try:
         load_token(path)
     except TokenFileError as exc:
-        line = _parse(project.source).line_of(("redcap", "token_file"))
+        line = parse_file(project.source).line_of(("redcap", "token_file"))
         return [ConfigIssue(project.source, line, "redcap.token_file", str(exc))]
     return []
+
+
+def _check_section(project: ProjectConfig, parsed: ParsedFile) -> list[ConfigIssue]:
+    return []  # the schema covers the section; what uses it checks the rest (consent step)
+
+
+#: The ``redcap`` section of a project file, registered by :mod:`engine.projects`.
+SECTION = ProjectSection(
+    "redcap", "redcap.schema.json", _check_section, validate=token_file_issues
+)
 
 
 class Connection:

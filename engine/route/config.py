@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigError, ConfigIssue, format_path
+from engine.config.files import ParsedFile
+from engine.config.issues import ConfigError, ConfigIssue, format_path
 from engine.config.model import ProjectConfig
+from engine.config.sections import ProjectSection
 from engine.route.coupling import CouplingError, CouplingList
 from engine.rules import RuleSet, Source, compile_rules
 
@@ -133,3 +135,12 @@ def completeness_of(project: ProjectConfig) -> Completeness:
         expected_labels=frozenset(section.get("expected_labels", [])),
         force_complete=float(section.get("force_complete_seconds", 86400)),
     )
+
+
+def _check_section(project: ProjectConfig, parsed: ParsedFile) -> list[ConfigIssue]:
+    return check_routing(project, parsed.lines)
+
+
+#: The ``routing`` section (``completeness`` has no checks beyond its schema), registered by
+#: :mod:`engine.projects`.
+SECTION = ProjectSection("routing", "ruleset.schema.json#/$defs/rules", _check_section)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,9 @@ from pydicom.dataset import Dataset
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.dicom.uids import is_valid_uid
 from engine.route.router import Router, SeriesFacts
+from engine.route.tracker import site_labeller
 from engine.rules import RuleSet
+from engine.store.index import open_index
 
 
 @dataclass
@@ -68,8 +70,6 @@ def _from_files(paths: Iterable[Path], origin: tuple[str, str, str]) -> dict[str
 
 
 def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
-    from engine.store.index import open_index
-
     index = open_index(site.index_url, site.data_dir / "index.sqlite", read_only=True)
     try:
         with index.reading() as db:
@@ -191,13 +191,13 @@ def _recorded(routes: Sequence[_Route]) -> list[str]:
     return out
 
 
-def run_explain(args: argparse.Namespace) -> int:
-    from engine.service import load_enabled_projects, load_site_or_exit
-    from engine.workflow import site_labeller
-
-    site = load_site_or_exit(args)
-    if site is None:
-        return 2
+def explain_targets(
+    args: argparse.Namespace,
+    site: SiteConfig,
+    enabled_projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> int:
+    """``fiona explain`` once the site config is loaded (:mod:`engine.manage.explain_cli`):
+    prints the explanation of every study in ``args.targets``; the exit status."""
     origin = (args.calling_ae or "", args.called_ae or site.ae_title, args.calling_ip or "")
     studies: dict[str, _Study] = {}
     for target in args.targets:
@@ -212,7 +212,7 @@ def run_explain(args: argparse.Namespace) -> int:
     if not studies:
         print("no studies found")
         return 1
-    projects = load_enabled_projects(site)
+    projects = enabled_projects(site)
     for line in explain_studies(studies, projects, site_labeller(site)):
         print(line)
     return 0

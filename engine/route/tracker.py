@@ -25,14 +25,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config.issues import ConfigError
 from engine.config.model import AmbiguousPolicy, ProjectConfig, SiteConfig, UnroutedPolicy
+from engine.config.rulesets import resolve_rulesets
 from engine.dicom.dataset import read_header_dataset
-from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.store import RunStore
 from engine.route.assign import is_assigned
 from engine.route.config import Completeness, completeness_of
 from engine.route.router import Router, SeriesFacts
-from engine.rules import RuleSet, SeriesLabels
+from engine.rules import RuleSet, SeriesLabels, load_rulesets
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.quarantine import Quarantine, Reason
 
@@ -448,6 +450,15 @@ def labeller_for(paths: Sequence[Path]) -> RuleSet | None:
     """The site's labelling rule set, or None when there are no rule sets at all."""
     if not paths:
         return None
-    from engine.rules import load_rulesets
-
     return load_rulesets(paths)
+
+
+def site_labeller(site: SiteConfig) -> RuleSet | None:
+    """The rule sets that label every series on arrival (``routing.classify_rulesets``)."""
+    base = site.source.parent if site.source is not None else Path.cwd()
+    try:
+        return labeller_for(resolve_rulesets(site.routing.classify_rulesets, base))
+    except ConfigError as exc:
+        for issue in exc.issues:
+            log.error("series labelling disabled: %s", issue)
+        return None

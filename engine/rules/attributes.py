@@ -16,20 +16,34 @@ past the end, like a missing element, makes the attribute missing.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from pydicom.datadict import get_entry, keyword_dict
+from pydicom.dataset import Dataset
 
+from engine.config.issues import close_match, did_you_mean
 from engine.rules.values import LookupTag, Opaque, Value, ascii_safe, element_value
 
-if TYPE_CHECKING:
-    from engine.rules.instance import RuleInput
-
 __all__ = ["ANY", "SUMMARY_FIELDS", "AttrPath", "Step", "parse_attr"]
+
+
+class Instance(Protocol):
+    """What a path reads of an instance: :class:`engine.rules.instance.RuleInput`, which builds
+    on this module (its ``SUMMARY_FIELDS``)."""
+
+    @property
+    def dataset(self) -> Dataset: ...
+
+    @property
+    def summary(self) -> Mapping[str, Value]: ...
+
+    @property
+    def ascii_ok(self) -> bool: ...
+
 
 #: Index meaning "any value / any item" (``[*]``).
 ANY: Final = -1
@@ -100,7 +114,7 @@ class AttrPath:
         """The top-level tag this path reads (None for a summary field)."""
         return self.steps[0].tag if self.steps else None
 
-    def read(self, inp: RuleInput) -> tuple[Value, ...]:
+    def read(self, inp: Instance) -> tuple[Value, ...]:
         """The candidate values for this instance: () when missing."""
         if self.summary is not None:
             value = inp.summary.get(self.summary)
@@ -159,8 +173,7 @@ def _step(match: re.Match[str]) -> tuple[Step | None, str | None]:
         keyword = match["kw"]
         tag = keyword_dict.get(keyword)
         if tag is None:
-            close = difflib.get_close_matches(keyword, _keywords(), n=1, cutoff=0.8)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(keyword, _keywords(), cutoff=0.8)
             return None, f"unknown attribute keyword '{keyword}'{hint}"
         name = keyword
     else:
@@ -181,8 +194,8 @@ def parse_attr(text: str) -> tuple[AttrPath | None, str | None]:
         field = text[len("summary.") :]
         if field in SUMMARY_FIELDS:
             return AttrPath(text, summary=field), None
-        close = difflib.get_close_matches(field, list(SUMMARY_FIELDS), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?; " if close else ""
+        close = close_match(field, SUMMARY_FIELDS)
+        hint = f"did you mean '{close}'?; " if close else ""
         fields = ", ".join(sorted(SUMMARY_FIELDS))
         return None, f"unknown summary field '{field}' ({hint}fields: {fields})"
     steps: list[Step] = []

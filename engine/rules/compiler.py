@@ -8,22 +8,14 @@ operators and their operands, regular expressions, JMESPath expressions, rule re
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from engine.config.loader import (
-    ConfigIssue,
-    JsonPath,
-    _load_schema,
-    _messages,
-    _norm,
-    format_path,
-)
+from engine.config.issues import ConfigIssue, JsonPath, did_you_mean, format_path, norm_path
+from engine.config.schema import load_schema
+from engine.config.schema import schema_issues as config_schema_issues
 from engine.rules.attributes import AttrPath, parse_attr
 from engine.rules.jmes import JmesTest, Truthy
 from engine.rules.jmes import compile_jmespath as _compile_jmespath
@@ -64,7 +56,11 @@ class Source:
 
     def line_of(self, path: Iterable[object]) -> int | None:
         """Line of ``path`` (relative to the rules mapping), else of its nearest parent."""
-        parts = _norm((*self.base, *path))
+        return self.line_at((*self.base, *path))
+
+    def line_at(self, path: Iterable[object]) -> int | None:
+        """Line of ``path`` (from the file's root), else of its nearest parent."""
+        parts = norm_path(path)
         while parts:
             if parts in self.lines:
                 return self.lines[parts]
@@ -72,7 +68,7 @@ class Source:
         return None
 
     def issue(self, path: Iterable[object], message: str) -> ConfigIssue:
-        where = _norm(path)
+        where = norm_path(path)
         return ConfigIssue(
             self.file, self.line_of(where), format_path((*self.base, *where)), message
         )
@@ -97,9 +93,8 @@ class Rule:
         return [n for n in self.nodes() if isinstance(n, RuleRef)]
 
 
-def close_match(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
-    return f" (did you mean '{found[0]}'?)" if found else ""
+#: `` (did you mean 'x'?)`` or '' (the one wording of engine.config.issues).
+close_match = did_you_mean
 
 
 def _has_number(operand: object) -> bool:
@@ -300,19 +295,10 @@ def check_rules(data: Mapping[str, object], source: Source) -> tuple[list[Rule],
 def schema_issues(data: object, source: Source, definition: str = "rules") -> list[ConfigIssue]:
     """Shape errors of ``data`` against ``$defs/<definition>`` of the ruleset schema
     (``definition=""``: the whole document)."""
-    root = _load_schema("ruleset")
+    root = load_schema("ruleset")
     schema: dict[str, Any] = root
     if definition:
         schema = {"$defs": root["$defs"], "$ref": f"#/$defs/{definition}"}
-    issues = []
-    for error in Draft202012Validator(schema).iter_errors(data):
-        for path, where, message in _messages(error, schema):
-            if "propertyNames" in error.relative_schema_path:  # point at the key itself
-                where = (*path, str(error.instance))
-                path = where
-            issues.append(
-                ConfigIssue(
-                    source.file, source.line_of(where), format_path((*source.base, *path)), message
-                )
-            )
-    return issues
+    return config_schema_issues(
+        data, schema, source.file, source.line_at, source.base, at_key=True
+    )

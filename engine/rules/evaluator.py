@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from engine.rules.attributes import AttrPath
 from engine.rules.compiler import Rule
 from engine.rules.instance import RuleInput
 from engine.rules.nodes import AttrTest, Env, Fast, Reader, RuleRef, cached
 from engine.rules.values import NOT_MEMOISABLE, LookupTag, text
-
-if TYPE_CHECKING:
-    from engine.rules.ruleset import RuleSet
 
 __all__ = ["MEMO_SIZE", "SHARED_MEMO_TESTS", "Evaluator", "Hits", "collect_reads", "memoised"]
 
@@ -35,6 +32,28 @@ MEMO_SIZE: Final = 65536
 #: A shared rule testing at least this many attributes (with its references) gets its own memo.
 SHARED_MEMO_TESTS: Final = 4
 _CHARSET: Final = LookupTag(0x00080005)
+
+
+class RuleSetLike(Protocol):
+    """What the evaluator reads of a :class:`engine.rules.ruleset.RuleSet` (which builds on
+    this module): its rules, their index by name, their compiled conditions, the positions of
+    labelled rules and of the dynamic ones."""
+
+    @property
+    def rules(self) -> tuple[Rule, ...]: ...
+
+    @property
+    def entries(self) -> tuple[int, ...]: ...
+
+    @property
+    def dynamic(self) -> frozenset[int]: ...
+
+    @property
+    def index(self) -> dict[str, int]: ...
+
+    @property
+    def fns(self) -> list[Fast]: ...
+
 
 Hits = tuple[frozenset[int], ...]
 _NONE: Final[frozenset[int]] = frozenset()
@@ -94,7 +113,7 @@ Requirements = dict[object, tuple[AttrPath, frozenset[str]]]
 Index = tuple[tuple[Reader, dict[str, frozenset[int]], frozenset[int]], ...]
 
 
-def _requirements(ruleset: RuleSet, index: int, memo: dict[int, Requirements]) -> Requirements:
+def _requirements(ruleset: RuleSetLike, index: int, memo: dict[int, Requirements]) -> Requirements:
     """What rule ``index`` needs to hold, from its top-level ``attr == text`` and
     ``attr in [texts]`` conditions (not negated, no ``[*]``) and, through top-level ``rule:``
     references, from the rules it needs in turn.
@@ -127,7 +146,7 @@ def _requirements(ruleset: RuleSet, index: int, memo: dict[int, Requirements]) -
 class Evaluator:
     """Evaluates the labelled rules of one or more rule sets on an instance: memo, index."""
 
-    def __init__(self, members: Sequence[RuleSet]) -> None:
+    def __init__(self, members: Sequence[RuleSetLike]) -> None:
         self.members = tuple(members)
         self.memo: dict[object, Hits] = {}
         #: every labelled rule that is not dynamic, as (member, rule position)

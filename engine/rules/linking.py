@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.config.loader import ConfigIssue, _issue_order
+from engine.config.issues import ConfigIssue, issue_order
 from engine.rules.compiler import Rule, close_match
 from engine.rules.nodes import RuleRef
 
@@ -77,4 +77,4 @@ def link(rules: list[Rule]) -> list[ConfigIssue]:
                 f"{'true' if other.series_level else 'false'}; rules sharing a label must agree"
             )
             issues.append(rule.source.issue((rule.name,), message))
-    return sorted(issues, key=_issue_order)
+    return sorted(issues, key=issue_order)

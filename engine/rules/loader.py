@@ -18,15 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from engine.config.loader import (
-    PROJECT_SUFFIXES,
-    ConfigError,
-    ConfigIssue,
-    JsonPath,
-    _found,
-    _issue_order,
-    _parse,
-)
+from engine.config.files import parse_file
+from engine.config.issues import ConfigError, ConfigIssue, JsonPath, found_value, issue_order
+from engine.config.rulesets import CASES_SUFFIX, RULESET_SUFFIXES, ruleset_files
+from engine.config.sections import RulesetKind
 from engine.rules.compiler import Rule, Source, check_rules, schema_issues
 from engine.rules.linking import link
 from engine.rules.ruleset import RuleSet
@@ -42,21 +37,21 @@ __all__ = [
     "ruleset_files",
 ]
 
-#: File name endings read as rule set files.
-RULESET_SUFFIXES = PROJECT_SUFFIXES
-#: Folder beside a rule set holding its golden cases: ``mr.yaml`` -> ``mr.cases/``.
-CASES_SUFFIX = ".cases"
+# CASES_SUFFIX, RULESET_SUFFIXES and ruleset_files live with the other rule set file names in
+# engine.config.rulesets (fiona validate lists rule set files without the rules package).
+
 
 
 def _file_rules(path: Path) -> tuple[list[Rule], list[ConfigIssue]]:
     """The checked (not yet linked) rules of one file, and its problems."""
-    parsed = _parse(path)
+    parsed = parse_file(path)
     if parsed.data is None and parsed.issues:
         return [], parsed.issues
     data = {} if parsed.data is None else parsed.data
     issues = list(parsed.issues)
     if not isinstance(data, dict):
-        return [], [*issues, ConfigIssue(path, None, "(root)", f"expected object, {_found(data)}")]
+        message = f"expected object, {found_value(data)}"
+        return [], [*issues, ConfigIssue(path, None, "(root)", message)]
     issues += schema_issues(data, Source(path, (), parsed.lines), definition="")
     rules_data = data.get("rules")
     if not isinstance(rules_data, dict):
@@ -74,7 +69,7 @@ def check_rulesets(paths: Iterable[Path]) -> tuple[RuleSet | None, list[ConfigIs
         rules += found
         issues += problems
     issues += link(rules)
-    issues.sort(key=_issue_order)
+    issues.sort(key=issue_order)
     return (None if issues else RuleSet(rules)), issues
 
 
@@ -118,20 +113,11 @@ def compile_rules(
         issues += found
     issues += link(rules)
     if issues:
-        raise ConfigError(sorted(issues, key=_issue_order))
+        raise ConfigError(sorted(issues, key=issue_order))
     return RuleSet(rules)
 
 
-def ruleset_files(folder: Path) -> list[Path]:
-    """Rule set files under ``folder``, recursively, sorted: ``*.yaml``, ``*.yml``, ``*.json``
-    outside ``*.cases`` folders; hidden and ``_*`` files and folders are skipped."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if any(p.startswith((".", "_")) or p.endswith(CASES_SUFFIX) for p in parts[:-1]):
-            continue
-        if path.name.startswith((".", "_")) or path.suffix.lower() not in RULESET_SUFFIXES:
-            continue
-        if path.is_file():
-            found.append(path)
-    return found
+
+#: Every other folder of ``rulesets/`` (``classify/``, a project's own): classification rule
+#: sets, registered by :mod:`engine.projects`.
+RULESET_KIND = RulesetKind("", "ruleset.schema.json", check_ruleset)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
-from engine.config.loader import _found
+from engine.config.issues import found_value
 from engine.rules.values import Value, number, text
 
 __all__ = [
@@ -61,7 +61,7 @@ class Operator:
         """What is wrong with ``operand`` for this operator, or None."""
         if _is_text_or_number(operand):
             return None
-        return f"operator '{self.name}' needs text or a number, {_found(operand)}"
+        return f"operator '{self.name}' needs text or a number, {found_value(operand)}"
 
     def build(self, operand: Any, tolerance: float) -> Test:
         """The test of one value (operand already checked)."""
@@ -75,7 +75,8 @@ class Regexp(Operator):
     def check(self, operand: object) -> str | None:
         if not isinstance(operand, str):
             hint = " (put it in quotes)" if _is_number(operand) else ""
-            return f"operator 'regexp' needs a regular expression (text), {_found(operand)}{hint}"
+            found = found_value(operand)
+            return f"operator 'regexp' needs a regular expression (text), {found}{hint}"
         try:
             re.compile(operand)
         except re.error as exc:
@@ -141,7 +142,7 @@ class _Ordering(Operator):
     def check(self, operand: object) -> str | None:
         if _is_number(operand):
             return None
-        return f"operator '{self.name}' needs a number, {_found(operand)}"
+        return f"operator '{self.name}' needs a number, {found_value(operand)}"
 
     def build(self, operand: Any, tolerance: float) -> Test:
         holds = self.holds
@@ -192,7 +193,8 @@ class In(Operator):
 
     def check(self, operand: object) -> str | None:
         if not isinstance(operand, list) or not operand:
-            return f"operator 'in' needs a non-empty list of text or numbers, {_found(operand)}"
+            found = found_value(operand)
+            return f"operator 'in' needs a non-empty list of text or numbers, {found}"
         return None  # items are checked one by one (item_problems)
 
     def build(self, operand: Any, tolerance: float) -> Test:
@@ -206,7 +208,7 @@ class In(Operator):
 def item_problems(operand: list[object]) -> list[tuple[int, str]]:
     """(index, message) for each item of an ``in`` list that is not text or a number."""
     return [
-        (i, f"expected text or a number, {_found(item)}")
+        (i, f"expected text or a number, {found_value(item)}")
         for i, item in enumerate(operand)
         if not _is_text_or_number(item)
     ]

@@ -7,7 +7,7 @@ have them). Both are written durably and the item is indexed before the sender g
 A study held by routing or a pipeline keeps its files in the archive: its item records the
 origin of the study's instances (the most frequent in the index row, all in the sidecar), and
 :func:`study_facts` derives the rest from the index. Each item is logged once, with its id and
-the study's token (never the UID, see :func:`engine.manage.audit.uid_token`).
+the study's token (never the UID, see :func:`engine.store.audit.uid_token`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from engine.store.audit import AuditLog, uid_token
 from engine.store.fsio import write_durable
 from engine.store.index import Index, Origin, QuarantineRecord
 
@@ -186,7 +187,7 @@ class Quarantine:
             "quarantine %s: %s (study %s, from %s%s): %s",
             record.qid,
             record.reason,
-            _token(record.study_uid) if record.study_uid else "-",
+            uid_token(record.study_uid) if record.study_uid else "-",
             origin_text(record.origin),
             project,
             record.detail,
@@ -195,23 +196,16 @@ class Quarantine:
     def _audit(self, record: QuarantineRecord) -> None:
         """A ``quarantined`` audit entry; a failure is logged, never raised: the item is already
         durable and indexed, and the receiver or runner must carry on."""
-        from engine.manage.audit import AuditLog
-
         AuditLog(self.data_dir).try_write(
             "quarantined",
             qid=record.qid,
             reason=record.reason,
             project=record.project,
-            study=_token(record.study_uid) if record.study_uid else "",
+            study=uid_token(record.study_uid) if record.study_uid else "",
             kind="study" if record.path.startswith("archive") else "instance",
         )
 
 
-def _token(uid: str) -> str:
-    """The audit log's token for a UID (one definition: :func:`engine.manage.audit.uid_token`)."""
-    from engine.manage.audit import uid_token
-
-    return uid_token(uid)
 
 
 # -- what a coordinator needs to judge an item ---------------------------------------------------

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from engine.config.loader import ConfigIssue, schema_dir
+from engine.config.issues import ConfigIssue
+from engine.config.schema import schema_dir
 
 __all__ = [
     "DEFAULT_LAYOUT",

@@ -14,7 +14,8 @@ from dataclasses import asdict
 from typing import Any
 
 from engine.config.model import SiteConfig
-from engine.manage.audit import AuditLog, operator, uid_token
+from engine.store.audit import AuditLog, operator, uid_token
+from engine.store.commands import run_with_index
 from engine.store.index import Index
 from engine.transfer.outbox import Outbox, TransferRecord, TransferState
 
@@ -127,8 +128,6 @@ def _change(outbox: Outbox, args: argparse.Namespace, audit: AuditLog) -> int:
 
 
 def run_transfers(args: argparse.Namespace) -> int:
-    from engine.service import run_with_index
-
     def command(site: SiteConfig, index: Index) -> int:
         outbox = Outbox(index, site.data_dir)
         if args.action == "list":

@@ -10,31 +10,29 @@ that exist. Issues carry ``file:line path: message`` like every other config pro
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from engine.config.loader import (
-    ConfigError,
-    ConfigIssue,
-    _apply_defaults,
-    _issue_order,
-    _messages,
-    _schema,
-    format_path,
-    schema_dir,
-)
+from engine.config.files import ParsedFile, key_line
+from engine.config.issues import ConfigError, ConfigIssue, close_match, format_path, issue_order
 from engine.config.model import ProjectConfig
-from engine.pipeline.validate import subpaths
+from engine.config.schema import (
+    apply_defaults,
+    load_schema,
+    locate_issues,
+    schema_dir,
+    schema_issues,
+)
+from engine.config.sections import ProjectSection
 from engine.transfer import DESTINATIONS
 from engine.transfer.base import Destination, JsonPath
 from engine.transfer.outbox import RetryPolicy
 from engine.transfer.worker import DestinationEntry
 
 __all__ = [
+    "SECTION",
     "build_destinations",
     "check_destinations",
     "destination_options",
@@ -51,14 +49,14 @@ LineOf = Callable[[JsonPath], int | None]
 
 
 def _fragment(kind: str) -> dict[str, Any]:
-    return _schema(kind, schema_dir() / "destinations")
+    return load_schema(kind, schema_dir() / "destinations")
 
 
 def destination_options(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A valid entry's own options (shared keys left out) with its fragment's defaults."""
     options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in SHARED_KEYS}
     schema = _fragment(str(entry["type"]))
-    _apply_defaults(schema, options, schema)
+    apply_defaults(schema, options, schema)
     return options
 
 
@@ -89,30 +87,21 @@ class _Checker:
         cls = DESTINATIONS.get(kind)
         if cls is None:
             known = sorted(DESTINATIONS)
-            close = difflib.get_close_matches(kind, known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = close_match(kind, known)
+            hint = f" (did you mean '{close}'?)" if close else ""
             self.add(
                 (*where, "type"),
                 f"unknown destination type '{kind}'{hint}; expected one of {', '.join(known)}",
             )
             return
         own = {k: v for k, v in entry.items() if k not in SHARED_KEYS}
-        schema = _fragment(kind)
-        found: dict[tuple[JsonPath, str], JsonPath] = {}
-        for error in Draft202012Validator(schema).iter_errors(own):
-            for path, line_path, message in _messages(error, schema):
-                found.setdefault(((*where, *path), message), (*where, *line_path))
-        for (path, message), line_path in found.items():
-            self.add(path, message, line_path)
+        found = schema_issues(own, _fragment(kind), self.file, self.line_of, where)
+        self.issues += found
         if found:
             return
         options = destination_options(entry)
-        paths = {format_path(p): p for p in subpaths(options, where)}
-        for issue in cls.check(options, self.file, where):
-            if issue.line is None and issue.file == self.file and self.line_of is not None:
-                line = self.line_of(paths.get(issue.path, where))
-                issue = ConfigIssue(issue.file, line, issue.path, issue.message)
-            self.issues.append(issue)
+        own_issues = cls.check(options, self.file, where)
+        self.issues += locate_issues(own_issues, options, where, self.file, self.line_of)
 
     def sends(self, project: ProjectConfig, names: set[str]) -> None:
         pipeline = project.raw.get("pipeline", [])
@@ -128,9 +117,9 @@ class _Checker:
             for path, target in targets:
                 if target in names:
                     continue
-                close = difflib.get_close_matches(target, sorted(names), n=1, cutoff=0.6)
+                close = close_match(target, sorted(names))
                 hint = (
-                    f" (did you mean '{close[0]}'?)"
+                    f" (did you mean '{close}'?)"
                     if close
                     else f"; this project defines {', '.join(sorted(names)) or 'none'}"
                 )
@@ -146,7 +135,7 @@ def check_destinations(project: ProjectConfig, line_of: LineOf | None = None) ->
         if isinstance(entry, Mapping):
             checker.entry(str(name), entry)
     checker.sends(project, set(destinations))
-    return sorted(checker.issues, key=_issue_order)
+    return sorted(checker.issues, key=issue_order)
 
 
 def build_destinations(project: ProjectConfig) -> dict[tuple[str, str], DestinationEntry]:
@@ -183,3 +172,37 @@ def destinations_of(
         except Exception as exc:
             log.error("destinations of project %s disabled: %s", project.name, exc)
     return built
+
+
+def destination_warnings(project: ProjectConfig) -> list[ConfigIssue]:
+    """``fiona validate``'s warnings: each ``folder`` destination whose ``path`` does not exist
+    (not created, not mounted)."""
+    found = []
+    for name, entry in _destinations(project).items():
+        if not isinstance(entry, dict) or entry.get("type") != "folder" or "path" not in entry:
+            continue
+        root = Path(str(entry["path"])).expanduser()  # relative to the project file's folder
+        root = root if root.is_absolute() else project.source.parent / root
+        if not root.exists():
+            message = (
+                f"the folder {root} does not exist (not created, or not mounted);"
+                " transfers to it wait and retry until it does"
+            )
+            keys = ("destinations", str(name), "path")
+            line = key_line(project.source, keys)
+            message = f"warning: {message}"
+            found.append(ConfigIssue(project.source, line, format_path(keys), message))
+    return found
+
+
+def _check_section(project: ProjectConfig, parsed: ParsedFile) -> list[ConfigIssue]:
+    return check_destinations(project, parsed.line_of)
+
+
+#: The ``destinations`` section of a project file, registered by :mod:`engine.projects`.
+SECTION = ProjectSection(
+    "destinations",
+    "destinations/<type>.schema.json",
+    _check_section,
+    warn=destination_warnings,
+)

@@ -84,7 +84,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.net.scu import (
     MAX_CONTEXTS,
     STORAGE_COMMITMENT,

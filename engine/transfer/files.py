@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.transfer.base import (
     DeliveryError,
     InstanceResult,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.store.fsio import ensure_dir, fsync_dir, write_durable
 from engine.transfer.base import (
     Confirm,

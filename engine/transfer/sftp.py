@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import paramiko
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.transfer.base import (
     Confirm,
     DeliveryError,

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from engine import metrics
-from engine.manage.audit import AuditLog, uid_token
+from engine.store.audit import AuditLog, uid_token
 from engine.transfer.base import DeliveryError, Destination, InstanceResult
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferRecord, TransferState
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.config.loader import ConfigIssue
+from engine.config.issues import ConfigIssue
 from engine.store.fsio import fsync_dir
 from engine.transfer.base import (
     Confirm,

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigIssue, format_path
+from engine.config.issues import ConfigIssue, format_path
 from engine.deid import Deidentifier, Pseudonym, load_profile, load_secret
 from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter
@@ -36,7 +36,7 @@ from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined
 from engine.pipeline.steps.base import JsonPath, Step
 from engine.pipeline.steps.consent import require_redcap
-from engine.redcap.research_ids import FixedPseudonym, ResearchIds
+from engine.pipeline.steps.research_ids import FixedPseudonym, ResearchIds
 from engine.store.fsio import write_durable
 from engine.store.pseudonyms import PseudonymTable
 

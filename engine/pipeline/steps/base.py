@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.config.loader import ConfigIssue, format_path, schema_dir
+from engine.config.issues import ConfigIssue, format_path
+from engine.config.schema import schema_dir
 from engine.pipeline.context import RunContext
 from engine.pipeline.outcome import Outcome
 

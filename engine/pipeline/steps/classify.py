@@ -17,13 +17,12 @@ series only.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigIssue
+from engine.config.issues import ConfigError, ConfigIssue, did_you_mean
 from engine.config.rulesets import classify_dir, is_name, resolve_ruleset, resolve_rulesets
 from engine.dicom.dataset import read_header_dataset
 from engine.pipeline.context import LABELS, RunContext, SeriesInput
@@ -68,8 +67,6 @@ class ClassifyStep(Step):
         paths = resolve_rulesets(_refs(options), project_file.parent)
         ruleset, issues = compiled_rulesets(paths)
         if ruleset is None:
-            from engine.config.loader import ConfigError
-
             raise ConfigError(issues)
         self.ruleset: RuleSet = ruleset
 
@@ -115,9 +112,7 @@ class ClassifyStep(Step):
                 continue
             if is_name(ref):
                 message = f"unknown rule set '{ref}'"
-                close = difflib.get_close_matches(ref, available, n=1, cutoff=0.6)
-                if close:
-                    message += f" (did you mean '{close[0]}'?)"
+                message += did_you_mean(ref, available)
                 listed = ", ".join(available) or "none"
                 message += f"; expected a name from {classify_dir()} ({listed}) or a file path"
             else:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.config.loader import ConfigIssue
+from engine.config.issues import ConfigIssue
 from engine.pipeline.context import RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
 from engine.pipeline.steps.base import JsonPath, Step

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config.loader import ConfigIssue
+from engine.config.issues import ConfigIssue
 from engine.dicom.uids import is_valid_uid
 from engine.pipeline.context import RunContext, SeriesInput
 from engine.pipeline.outcome import Done, Outcome, Quarantined

@@ -1,8 +1,8 @@
 """The REDCap scheduler jobs of ``fiona serve``, built from the loaded projects.
 
-* ``consent-recheck`` (:mod:`engine.redcap.recheck`): studies held ``no_consent``, looked up
-  again every ``redcap.consent_recheck_seconds``;
-* ``redcap-requests`` (:mod:`engine.redcap.requests`): transfer requests polled every
+* ``consent-recheck`` (:mod:`engine.pipeline.consent_recheck`): studies held ``no_consent``,
+  looked up again every ``redcap.consent_recheck_seconds``;
+* ``redcap-requests`` (:mod:`engine.pipeline.transfer_requests`): transfer requests polled every
   ``redcap.requests.poll_seconds``.
 
 A job is added only when some project needs it. Each job catches its own failures (an outage is
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import ProjectConfig
-from engine.redcap.recheck import consent_recheck_job
-from engine.redcap.requests import transfer_requests_job
+from engine.pipeline.consent_recheck import consent_recheck_job
+from engine.pipeline.transfer_requests import transfer_requests_job
 from engine.store.index import Index
 
 __all__ = ["JOB_IDS", "add_redcap_jobs"]

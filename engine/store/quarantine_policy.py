@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.model import ProjectConfig
-from engine.manage.audit import AuditLog, uid_token
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.quarantine import ALWAYS_HELD, Quarantine, Reason
 

@@ -4,7 +4,7 @@ For each project with a consent step and a ``redcap`` section, every
 ``redcap.consent_recheck_seconds`` the job gathers the runs held with reason ``no_consent``,
 looks their subjects up in one batched ``find`` (``batch_size`` subjects per REDCap call, never
 one call per study), and for each subject consented since: writes an audit entry
-(``consent_granted``, the study as a :func:`~engine.manage.audit.uid_token`), marks the study's
+(``consent_granted``, the study as a :func:`~engine.store.audit.uid_token`), marks the study's
 ``no_consent`` quarantine row ``released`` and re-queues the run at its consent step
 (:meth:`RunStore.reopen`), which then checks consent once more and goes on.
 """
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.model import ProjectConfig
-from engine.manage.audit import AuditLog, uid_token
 from engine.pipeline.steps.consent import ConsentStep, consenting_record
 from engine.pipeline.store import RunRecord, RunStore
+from engine.pipeline.validate import step_options
 from engine.redcap.client import RedcapError
 from engine.redcap.settings import RecordKey, RedcapSettings, connection, settings_of
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.quarantine import Reason
 
@@ -44,8 +45,6 @@ class ConsentCheck:
 
 def consent_checks(projects: Sequence[ProjectConfig]) -> list[ConsentCheck]:
     """One check per enabled project with a consent step and a ``redcap`` section."""
-    from engine.pipeline.validate import step_options  # validate imports every step
-
     out = []
     for project in projects:
         settings = settings_of(project.raw, project.source.parent)
