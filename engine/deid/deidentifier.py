@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pydicom
 from pydicom.dataelem import DataElement
@@ -32,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine import __version__
 from engine.deid.apply import Cleaner, start_run, text_of
+from engine.deid.encapsulated import STRIPPED_SYNTAXES, BadBitstream, Stripped, strip_text
 from engine.deid.keys import (
     DEFAULT_DATE_RANGE,
     DateShifter,
@@ -191,7 +192,7 @@ class Deidentifier:
             except (NotRaw, HeaderError, struct.error, UnicodeError, ValueError):
                 pass  # the reference path below decides, and raises what it must
             else:
-                return self._raw_result(data, raw)
+                return _without_pixel_text(self._raw_result(data, raw), raw.syntax)
         return self._pydicom_file(data, subject, event)
 
     def _raw_result(self, data: bytes, raw: RawOutput) -> Result:
@@ -230,7 +231,9 @@ class Deidentifier:
         pixels = memoryview(data)[split.pixel_start : split.pixel_end]
         if split.trailing:
             counts["X"] = counts.get("X", 0) + split.trailing
-        return _result(header, pixels, counts, split.pixel_start, ds)
+        return _without_pixel_text(
+            _result(header, pixels, counts, split.pixel_start, ds), split.syntax
+        )
 
     @staticmethod
     def _meta(sop_class: str, sop_instance: str, syntax: str) -> list[tuple[int, str, bytes]]:
@@ -247,6 +250,47 @@ class Deidentifier:
     def deidentify_file(self, data: bytes, *, subject: str = "", event: str = "") -> bytes:
         """Part 10 bytes in, de-identified Part 10 bytes out."""
         return self.process_file(data, subject=subject, event=event).data
+
+
+#: Pixel Data (7FE0,0010) and the Extended Offset Table (7FE0,0001) and its lengths (7FE0,0002),
+#: as explicit VR little endian element headers start.
+_PIXEL_DATA = b"\xe0\x7f\x10\x00"
+_EXTENDED_OFFSETS = b"\xe0\x7f\x01\x00OV\0\0"
+_EXTENDED_LENGTHS = b"\xe0\x7f\x02\x00OV\0\0"
+#: What the action counts call segments removed from compressed frames (see encapsulated.py).
+PIXEL_TEXT = "pixel_text_removed"
+
+
+def _without_pixel_text(result: Result, syntax: str) -> Result:
+    """``result`` with comment and application segments stripped from every frame of an
+    encapsulated Pixel Data (:mod:`engine.deid.encapsulated`), the Extended Offset Table
+    (7FE0,0001-2) rewritten to match; raises BadBitstream for frames it cannot read."""
+    if syntax not in STRIPPED_SYNTAXES or bytes(result.pixels[:4]) != _PIXEL_DATA:
+        return result
+    stripped = strip_text(result.pixels)
+    if stripped is None:
+        return result
+    header = _extended_offsets(result.header, stripped)
+    counts = dict(result.counts)
+    counts[PIXEL_TEXT] = counts.get(PIXEL_TEXT, 0) + stripped.removed
+    return replace(result, header=header, pixels=stripped.element, counts=counts)
+
+
+def _extended_offsets(header: bytes, stripped: Stripped) -> bytes:
+    """``header`` with its Extended Offset Table and lengths (the last two elements before
+    Pixel Data, 8 bytes per frame, PS3.5 A.4) holding the stripped frames' offsets."""
+    size = 8 * len(stripped.offsets)
+    element = 12 + size
+    tail = header[-2 * element :]
+    if tail[:8] == _EXTENDED_OFFSETS and tail[element : element + 8] == _EXTENDED_LENGTHS:
+        offsets = struct.pack(f"<{len(stripped.offsets)}Q", *stripped.offsets)
+        lengths = struct.pack(f"<{len(stripped.lengths)}Q", *stripped.lengths)
+        return b"".join(
+            (header[: -2 * element], tail[:12], offsets, tail[element : element + 12], lengths)
+        )
+    if _EXTENDED_OFFSETS in header[-4096:]:
+        raise BadBitstream("an extended offset table that does not match the frames")
+    return header
 
 
 def _uid_text(ds: Dataset, tag: int) -> str:

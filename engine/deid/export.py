@@ -37,6 +37,7 @@ from engine.deid.burned_in import (
     check_burned_in,
 )
 from engine.deid.deidentifier import Deidentifier, Result
+from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
 from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
@@ -110,11 +111,15 @@ class Exporter:
                 result = self._cleaned(data, verdict, subject, event)
             else:
                 result = self.deid.process_file(data, subject=subject, event=event)
+        except BadBitstream as exc:  # text segments could not be looked for: never passed
+            return Held("deidentification_failed", f"pixel data: {exc}")
         except Exception as exc:  # a file the profile cannot handle is held, never passed
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
             return result
         held = self._verify(original, data[: result.source_header_size], result.header)
+        if held is None:
+            held = self._verify_pixel_text(original, data, result.pixels)
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
@@ -180,6 +185,26 @@ class Exporter:
         except Exception:
             pass
         return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
+
+    def _verify_pixel_text(
+        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview
+    ) -> Held | None:
+        """Search what is left of the comment and application segments of compressed frames
+        (:func:`engine.deid.encapsulated.text_segments`) for the original's values."""
+        if pixels[:4] != b"\xe0\x7f\x10\x00" or pixels[8:12] != b"\xff\xff\xff\xff":
+            return None  # not an encapsulated Pixel Data element (explicit VR)
+        segments = text_segments(pixels)
+        if not segments:
+            return None
+        values = self._study_values(original, data)
+        matcher = values.matcher((), self.allow_kinds)
+        kinds = sorted(
+            {matcher.byte_kind(m.group()) for s in segments for m in matcher.bytes.finditer(s)}
+        )
+        if not kinds:
+            return None
+        where = ", ".join(f"PixelData frame segment ({kind})" for kind in kinds)
+        return Held(VERIFICATION_FAILED, f"original identifying values found in {where}")
 
 
 #: What the burned-in gate and the study cache read of an original (see :func:`gate_fields`).
