@@ -41,12 +41,14 @@ from engine.deid.keys import (
     UidMapper,
 )
 from engine.deid.ops import REPORT_NAMES, Op
+from engine.deid.overlays import EmbeddedOverlay, clear_unused_bits, pixel_bits
 from engine.deid.profile import Profile
 from engine.deid.rawclean import NotRaw, RawCleaner, RawOutput
 from engine.deid.rawfile import split_pixels
 from engine.deid.scrub import Scrubber
 from engine.deid.writer import write_dataset, write_meta, write_part10
 from engine.dicom.errors import HeaderError
+from engine.dicom.walk import IMPLICIT_LITTLE
 
 #: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
 IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
@@ -192,8 +194,19 @@ class Deidentifier:
             except (NotRaw, HeaderError, struct.error, UnicodeError, ValueError):
                 pass  # the reference path below decides, and raises what it must
             else:
-                return _without_pixel_text(self._raw_result(data, raw), raw.syntax)
+                return self.finish_pixels(self._raw_result(data, raw), data, raw.syntax)
         return self._pydicom_file(data, subject, event)
+
+    def finish_pixels(self, result: Result, data: bytes, syntax: str) -> Result:
+        """``result`` (written in transfer syntax ``syntax`` from the original Part 10
+        ``data``) with no text segments in compressed frames and no overlay or other
+        bits outside the stored ones in native pixel data (:mod:`engine.deid.overlays`)."""
+        if syntax in STRIPPED_SYNTAXES or syntax in _OTHER_COMPRESSED:
+            bits = pixel_bits(data) if result.pixels else None
+            if bits is not None and bits.embedded_planes and self.profile.removes_overlays:
+                raise EmbeddedOverlay("an overlay embedded in compressed pixel data")
+            return _without_pixel_text(result, syntax)
+        return _without_overlay_bits(result, data, syntax, self.profile.removes_overlays)
 
     def _raw_result(self, data: bytes, raw: RawOutput) -> Result:
         meta = self._meta(raw.uids.get(_SOP_CLASS, ""), raw.uids.get(_SOP_INSTANCE, ""), raw.syntax)
@@ -231,8 +244,8 @@ class Deidentifier:
         pixels = memoryview(data)[split.pixel_start : split.pixel_end]
         if split.trailing:
             counts["X"] = counts.get("X", 0) + split.trailing
-        return _without_pixel_text(
-            _result(header, pixels, counts, split.pixel_start, ds), split.syntax
+        return self.finish_pixels(
+            _result(header, pixels, counts, split.pixel_start, ds), data, split.syntax
         )
 
     @staticmethod
@@ -257,8 +270,16 @@ class Deidentifier:
 _PIXEL_DATA = b"\xe0\x7f\x10\x00"
 _EXTENDED_OFFSETS = b"\xe0\x7f\x01\x00OV\0\0"
 _EXTENDED_LENGTHS = b"\xe0\x7f\x02\x00OV\0\0"
-#: What the action counts call segments removed from compressed frames (see encapsulated.py).
+_PIXEL_DATA_BIG = b"\x7f\xe0\x00\x10"
+#: What the action counts call segments removed from compressed frames (see encapsulated.py)
+#: and images whose bits outside Bits Stored or embedded overlay planes were cleared.
 PIXEL_TEXT = "pixel_text_removed"
+OVERLAY_BITS = "pixel_overlay_bits_cleared"
+#: Compressed syntaxes without text segments fiona strips (RLE, deflated image frames, video):
+#: their pixel data is not rewritten.
+_OTHER_COMPRESSED = frozenset(
+    ["1.2.840.10008.1.2.5", *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 111))]
+)
 
 
 def _without_pixel_text(result: Result, syntax: str) -> Result:
@@ -274,6 +295,26 @@ def _without_pixel_text(result: Result, syntax: str) -> Result:
     counts = dict(result.counts)
     counts[PIXEL_TEXT] = counts.get(PIXEL_TEXT, 0) + stripped.removed
     return replace(result, header=header, pixels=stripped.element, counts=counts)
+
+
+def _without_overlay_bits(result: Result, data: bytes, syntax: str, remove: bool) -> Result:
+    """``result`` with native Pixel Data (7FE0,0010) cleared of bits outside the stored ones
+    and, when ``remove``, of embedded overlay planes (:func:`clear_unused_bits`)."""
+    pixels = result.pixels
+    if bytes(pixels[:4]) not in (_PIXEL_DATA, _PIXEL_DATA_BIG):
+        return result
+    start = 8 if syntax == IMPLICIT_LITTLE else 12
+    if len(pixels) <= start or bytes(pixels[start - 4 : start]) == b"\xff\xff\xff\xff":
+        return result
+    bits = pixel_bits(data)
+    if bits is None or not bits.needs_clearing():
+        return result
+    cleared = clear_unused_bits(pixels[start:], bits, remove_overlays=remove)
+    if cleared is None:
+        return result
+    counts = dict(result.counts)
+    counts[OVERLAY_BITS] = counts.get(OVERLAY_BITS, 0) + 1
+    return replace(result, pixels=bytes(pixels[:start]) + cleared, counts=counts)
 
 
 def _extended_offsets(header: bytes, stripped: Stripped) -> bytes:

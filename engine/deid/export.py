@@ -39,6 +39,7 @@ from engine.deid.burned_in import (
 from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
+from engine.deid.overlays import EmbeddedOverlay
 from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
 from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
@@ -113,6 +114,8 @@ class Exporter:
                 result = self.deid.process_file(data, subject=subject, event=event)
         except BadBitstream as exc:  # text segments could not be looked for: never passed
             return Held("deidentification_failed", f"pixel data: {exc}")
+        except EmbeddedOverlay as exc:
+            return Held("burned_in", str(exc))
         except Exception as exc:  # a file the profile cannot handle is held, never passed
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
@@ -143,7 +146,8 @@ class Exporter:
         )
         size = _header_size(out)
         pixels = memoryview(out)[size:]
-        return Result(out[:size], pixels, counts, _header_size(data), study, series, instance)
+        result = Result(out[:size], pixels, counts, _header_size(data), study, series, instance)
+        return self.deid.finish_pixels(result, data, str(full.file_meta.TransferSyntaxUID))
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
         """The identifying values of the file's study, compiled once per study and patient
