@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pydicom
 from pydicom.dataelem import DataElement
@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine import __version__
-from engine.deid.apply import Cleaner, start_run, text_of
+from engine.deid.apply import Cleaner, per_attribute, start_run, text_of
 from engine.deid.encapsulated import STRIPPED_SYNTAXES, BadBitstream, Stripped, strip_text
 from engine.deid.keys import (
     DEFAULT_DATE_RANGE,
@@ -76,6 +76,9 @@ class Result:
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+    #: Per attribute (keyword or tag), how many elements were kept, cleaned, replaced or
+    #: removed; filled only when the Deidentifier counts per attribute.
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def data(self) -> bytes:
@@ -100,6 +103,7 @@ class Deidentifier:
         *,
         uid_root: str = "2.25",
         date_range: tuple[int, int] = DEFAULT_DATE_RANGE,
+        per_attribute: bool = False,
     ) -> None:
         if len(secret) < 32:
             raise ValueError("the project secret must be at least 32 bytes")
@@ -114,30 +118,41 @@ class Deidentifier:
             pseudonyms or HashPseudonyms(secret),
             project,
         )
+        self.cleaner.per_attribute = per_attribute
         self.raw = RawCleaner(self.cleaner, {v: self._additions(v) for v in (False, True)})
 
     # ------------------------------------------------------------------ datasets
 
     def process_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> dict[str, int]:
         """De-identify ``ds`` in place (header, sequences, file meta); return action counts."""
-        counts = self._clean(ds, subject, event)
+        return self.clean_dataset(ds, subject=subject, event=event)[0]
+
+    def clean_dataset(
+        self, ds: Dataset, *, subject: str = "", event: str = ""
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """As :meth:`process_dataset`; also the per-attribute outcomes (see :class:`Result`)."""
+        counts, attributes = self._clean(ds, subject, event)
         self._rebuild_meta(ds)
-        return counts
+        return counts, attributes
 
     def deidentify_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> Dataset:
         """De-identify ``ds`` in place (header, sequences, file meta) and return it."""
         self.process_dataset(ds, subject=subject, event=event)
         return ds
 
-    def _clean(self, ds: Dataset, subject: str, event: str) -> dict[str, int]:
+    def _clean(
+        self, ds: Dataset, subject: str, event: str
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         run = start_run(ds, subject, event)
+        if self.cleaner.per_attribute:
+            run.per_tag = {}
         if self.profile.cleans_text:
             run.scrubber = Scrubber()
             self.cleaner.collect(ds, run.scrubber)
         self.cleaner.walk(ds, run)
         for tag, elem in self._marks().items():
             ds[tag] = elem
-        return _report(run.counts)
+        return _report(run.counts), per_attribute(run.per_tag)
 
     def _marks(self) -> dict[int, DataElement]:
         """What every output gets at the top level: Patient Identity Removed (0012,0062),
@@ -224,6 +239,7 @@ class Deidentifier:
             raw.uids.get(_STUDY, ""),
             raw.uids.get(_SERIES, ""),
             raw.uids.get(_SOP_INSTANCE, ""),
+            _trailing(per_attribute(raw.per_tag), raw.trailing, self.cleaner.per_attribute),
         )
 
     def _pydicom_file(self, data: bytes, subject: str, event: str) -> Result:
@@ -231,22 +247,22 @@ class Deidentifier:
         split = split_pixels(data)
         if split is None:  # deflated: read (and write) the whole dataset with pydicom
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            counts = self.process_dataset(ds, subject=subject, event=event)
-            return _result(_write(ds), b"", counts, len(data), ds)
+            counts, attributes = self.clean_dataset(ds, subject=subject, event=event)
+            return _result(_write(ds), b"", counts, len(data), ds, attributes)
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         if not split.little:  # big endian (retired): pydicom writes it
-            counts = self.process_dataset(ds, subject=subject, event=event)
+            counts, attributes = self.clean_dataset(ds, subject=subject, event=event)
             header = _write(ds)
         else:
-            counts = self._clean(ds, subject, event)
+            counts, attributes = self._clean(ds, subject, event)
             meta = self._meta(_uid_text(ds, _SOP_CLASS), _uid_text(ds, _SOP_INSTANCE), split.syntax)
             header = write_part10(ds, meta, split.implicit)
         pixels = memoryview(data)[split.pixel_start : split.pixel_end]
         if split.trailing:
             counts["X"] = counts.get("X", 0) + split.trailing
-        return self.finish_pixels(
-            _result(header, pixels, counts, split.pixel_start, ds), data, split.syntax
-        )
+        attributes = _trailing(attributes, split.trailing, self.cleaner.per_attribute)
+        result = _result(header, pixels, counts, split.pixel_start, ds, attributes)
+        return self.finish_pixels(result, data, split.syntax)
 
     @staticmethod
     def _meta(sop_class: str, sop_instance: str, syntax: str) -> list[tuple[int, str, bytes]]:
@@ -294,7 +310,12 @@ def _without_pixel_text(result: Result, syntax: str) -> Result:
     header = _extended_offsets(result.header, stripped)
     counts = dict(result.counts)
     counts[PIXEL_TEXT] = counts.get(PIXEL_TEXT, 0) + stripped.removed
-    return replace(result, header=header, pixels=stripped.element, counts=counts)
+    attributes = result.attributes
+    if attributes:
+        attributes = _add_row(attributes, PIXEL_TEXT_ROW, "removed", stripped.removed)
+    return replace(
+        result, header=header, pixels=stripped.element, counts=counts, attributes=attributes
+    )
 
 
 def _without_overlay_bits(result: Result, data: bytes, syntax: str, remove: bool) -> Result:
@@ -314,7 +335,11 @@ def _without_overlay_bits(result: Result, data: bytes, syntax: str, remove: bool
         return result
     counts = dict(result.counts)
     counts[OVERLAY_BITS] = counts.get(OVERLAY_BITS, 0) + 1
-    return replace(result, pixels=bytes(pixels[:start]) + cleared, counts=counts)
+    attributes = result.attributes
+    if attributes:
+        attributes = _add_row(attributes, OVERLAY_BITS_ROW, "cleaned", 1)
+    new = bytes(pixels[:start]) + cleared
+    return replace(result, pixels=new, counts=counts, attributes=attributes)
 
 
 def _extended_offsets(header: bytes, stripped: Stripped) -> bytes:
@@ -344,10 +369,40 @@ def _report(counts: list[int]) -> dict[str, int]:
 
 
 def _result(
-    header: bytes, pixels: bytes | memoryview, counts: dict[str, int], source: int, ds: Dataset
+    header: bytes,
+    pixels: bytes | memoryview,
+    counts: dict[str, int],
+    source: int,
+    ds: Dataset,
+    attributes: dict[str, dict[str, int]],
 ) -> Result:
     study, series, instance = (_uid_text(ds, tag) for tag in (_STUDY, _SERIES, _SOP_INSTANCE))
-    return Result(header, pixels, counts, source, study, series, instance)
+    return Result(header, pixels, counts, source, study, series, instance, attributes)
+
+
+#: Report rows for what happens to pixel data and to elements after it.
+TRAILING_ROW = "(elements after Pixel Data)"
+PIXEL_TEXT_ROW = "PixelData (comment and application segments)"
+OVERLAY_BITS_ROW = "PixelData (overlay planes and bits outside Bits Stored)"
+
+
+def _trailing(
+    attributes: dict[str, dict[str, int]], trailing: int, on: bool
+) -> dict[str, dict[str, int]]:
+    """``attributes`` with the dropped elements after Pixel Data counted as removed."""
+    if on and trailing:
+        attributes = _add_row(attributes, TRAILING_ROW, "removed", trailing)
+    return attributes
+
+
+def _add_row(
+    attributes: dict[str, dict[str, int]], row: str, outcome: str, n: int
+) -> dict[str, dict[str, int]]:
+    out = dict(attributes)
+    counts = dict(out.get(row, {}))
+    counts[outcome] = counts.get(outcome, 0) + n
+    out[row] = counts
+    return out
 
 
 def _code_item(value: str, scheme: str, meaning: str) -> Dataset:

@@ -136,7 +136,7 @@ class Exporter:
         failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
         if failed is not None:
             return Held("burned_in", failed.detail)
-        counts = self.deid.process_dataset(full, subject=subject, event=event)
+        counts, attributes = self.deid.clean_dataset(full, subject=subject, event=event)
         buffer = io.BytesIO()
         full.save_as(buffer, enforce_file_format=True)
         out = buffer.getvalue()
@@ -146,7 +146,9 @@ class Exporter:
         )
         size = _header_size(out)
         pixels = memoryview(out)[size:]
-        result = Result(out[:size], pixels, counts, _header_size(data), study, series, instance)
+        result = Result(
+            out[:size], pixels, counts, _header_size(data), study, series, instance, attributes
+        )
         return self.deid.finish_pixels(result, data, str(full.file_meta.TransferSyntaxUID))
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
