@@ -39,10 +39,17 @@ from engine.deid.burned_in import (
 from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
+from engine.deid.ops import Op
 from engine.deid.overlays import EmbeddedOverlay
 from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
-from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
+from engine.deid.verify import (
+    KEPT_UID_KEYWORDS,
+    IdentifyingValues,
+    ascii_fold,
+    find_leaks,
+    leak_reason,
+)
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
@@ -172,13 +179,28 @@ class Exporter:
         values = self._study_values(original, source_header)
         matcher = values.matcher((), self.allow_kinds)
         leaks: list[object] = []
-        if not matcher.empty:
+        if values.needs_decoding and not matcher.empty:  # compare in Unicode, not bytes
+            try:
+                parsed = pydicom.dcmread(io.BytesIO(out_header))
+                leaks = list(find_leaks(parsed, values, allow_kinds=self.allow_kinds))
+            except Exception:
+                return Held(VERIFICATION_FAILED, "output header could not be read to verify it")
+        elif not matcher.empty:
             leaks = [
                 _Leak(m.start(), matcher.byte_kind(m.group()))
                 for m in matcher.bytes.finditer(out_header)
             ]
+            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_header)]
+            if not leaks and _LATIN_LETTER.search(out_header):  # accents: compare folded text
+                leaks = [
+                    _Leak(m.start(), matcher.kind(m.group()))
+                    for text in _folded_texts(out_header)
+                    for m in matcher.text.finditer(text)
+                ]
         if not leaks and "original_uid" not in self.allow_kinds:
             leaks = _uid_leaks(source_header, out_header)
+            if leaks:  # rare: UIDs the profile keeps on purpose are not leaks
+                leaks = _uid_leaks(source_header, out_header, self._kept_uids(source_header))
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
@@ -191,6 +213,29 @@ class Exporter:
         except Exception:
             pass
         return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
+
+    def _kept_uids(self, source_header: bytes) -> frozenset[bytes]:
+        """UIDs of the original that the output keeps on purpose: coding scheme, class and
+        creator UIDs (:data:`engine.deid.verify.KEPT_UID_KEYWORDS`) and UI elements the
+        profile keeps."""
+        kept: set[bytes] = set()
+        try:
+            full = pydicom.dcmread(io.BytesIO(source_header))
+        except Exception:
+            return frozenset()
+        ops = self.deid.profile.ops
+        for elem in full.iterall():
+            if elem.VR != "UI":
+                continue
+            keyword = elem.keyword
+            if (
+                keyword in KEPT_UID_KEYWORDS
+                or "ClassUID" in keyword
+                or ops.get(int(elem.tag)) is Op.KEEP
+            ):
+                values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
+                kept.update(str(v).strip("\0 ").encode("ascii", "replace") for v in values)
+        return frozenset(kept)
 
     def _verify_pixel_text(
         self, original: HeaderFields, data: bytes, pixels: bytes | memoryview
@@ -240,6 +285,16 @@ def gate_fields(data: bytes) -> dict[str, Any] | None:
     return fields
 
 
+#: A byte that is a Latin letter with a diacritic in latin-1 (or starts one in UTF-8).
+_LATIN_LETTER = re.compile(rb"[\xc0-\xff]")
+
+
+def _folded_texts(header: bytes) -> list[str]:
+    """The header as latin-1 and as UTF-8 text, ASCII-folded (``Sørensen`` -> ``Sorensen``)."""
+    latin = header.decode("latin-1")
+    return [ascii_fold(latin), ascii_fold(header.decode("utf-8", "ignore"))]
+
+
 def _header_size(data: bytes) -> int:
     """Bytes before the pixel data (all of them when there is none or no walk is possible)."""
     try:
@@ -257,14 +312,17 @@ class _Leak:
     kind: str = "original_uid"
 
     def __str__(self) -> str:
-        return f"byte {self.offset} ({self.kind})"
+        return f"byte {self.offset} ({self.kind})" if self.offset >= 0 else f"header ({self.kind})"
 
 
-def _uid_leaks(original_header: bytes, out_header: bytes) -> list[object]:
-    """Original UIDs (not defined by the standard) found again in the output header."""
+def _uid_leaks(
+    original_header: bytes, out_header: bytes, kept: Collection[bytes] = ()
+) -> list[object]:
+    """Original UIDs (not defined by the standard, not in ``kept``) found again in the output
+    header."""
     leaks: list[object] = []
     for uid in {m.group() for m in _UID_TOKEN.finditer(original_header)}:
-        if len(uid) < 10 or is_well_known_uid(uid.decode("ascii")):
+        if len(uid) < 10 or uid in kept or is_well_known_uid(uid.decode("ascii")):
             continue
         # bytes.find, not a regex per UID: every instance brings new UIDs, and compiling
         # a pattern for each cost more than the rest of the verification.
