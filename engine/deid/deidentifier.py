@@ -22,6 +22,7 @@ import io
 import struct
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import pydicom
 from pydicom.dataelem import DataElement
@@ -41,7 +42,7 @@ from engine.deid.keys import (
     UidMapper,
 )
 from engine.deid.ops import REPORT_NAMES, Op
-from engine.deid.overlays import EmbeddedOverlay, clear_unused_bits, pixel_bits
+from engine.deid.overlays import EmbeddedOverlay, PixelBits, clear_unused_bits, pixel_bits
 from engine.deid.profile import Profile
 from engine.deid.rawclean import NotRaw, RawCleaner, RawOutput
 from engine.deid.rawfile import split_pixels
@@ -194,7 +195,13 @@ class Deidentifier:
     # ------------------------------------------------------------------ files
 
     def process_file(
-        self, data: bytes, *, subject: str = "", event: str = "", byte_path: bool = True
+        self,
+        data: bytes,
+        *,
+        subject: str = "",
+        event: str = "",
+        byte_path: bool = True,
+        bits: PixelBits | Literal[False] | None = False,
     ) -> Result:
         """Part 10 bytes in, de-identified Part 10 bytes and action counts out.
 
@@ -202,6 +209,8 @@ class Deidentifier:
         Digital Signatures Sequence (FFFA,FFFA)) are dropped and counted as removed. Most files
         take the byte path (:mod:`engine.deid.rawclean`); the rest, and every file when
         ``byte_path`` is False (the reference the tests compare it with), are read with pydicom.
+        ``bits``: the file's :class:`~engine.deid.overlays.PixelBits` when the caller has read
+        them already (None: it has none), else False.
         """
         if byte_path:
             try:
@@ -209,19 +218,26 @@ class Deidentifier:
             except (NotRaw, HeaderError, struct.error, UnicodeError, ValueError):
                 pass  # the reference path below decides, and raises what it must
             else:
-                return self.finish_pixels(self._raw_result(data, raw), data, raw.syntax)
-        return self._pydicom_file(data, subject, event)
+                return self.finish_pixels(self._raw_result(data, raw), data, raw.syntax, bits)
+        return self._pydicom_file(data, subject, event, bits)
 
-    def finish_pixels(self, result: Result, data: bytes, syntax: str) -> Result:
+    def finish_pixels(
+        self,
+        result: Result,
+        data: bytes,
+        syntax: str,
+        bits: PixelBits | Literal[False] | None = False,
+    ) -> Result:
         """``result`` (written in transfer syntax ``syntax`` from the original Part 10
         ``data``) with no text segments in compressed frames and no overlay or other
         bits outside the stored ones in native pixel data (:mod:`engine.deid.overlays`)."""
         if syntax in STRIPPED_SYNTAXES or syntax in _OTHER_COMPRESSED:
-            bits = pixel_bits(data) if result.pixels else None
+            if bits is False:
+                bits = pixel_bits(data) if result.pixels else None
             if bits is not None and bits.embedded_planes and self.profile.removes_overlays:
                 raise EmbeddedOverlay("an overlay embedded in compressed pixel data")
             return _without_pixel_text(result, syntax)
-        return _without_overlay_bits(result, data, syntax, self.profile.removes_overlays)
+        return _without_overlay_bits(result, data, syntax, self.profile.removes_overlays, bits)
 
     def _raw_result(self, data: bytes, raw: RawOutput) -> Result:
         meta = self._meta(raw.uids.get(_SOP_CLASS, ""), raw.uids.get(_SOP_INSTANCE, ""), raw.syntax)
@@ -242,7 +258,9 @@ class Deidentifier:
             _trailing(per_attribute(raw.per_tag), raw.trailing, self.cleaner.per_attribute),
         )
 
-    def _pydicom_file(self, data: bytes, subject: str, event: str) -> Result:
+    def _pydicom_file(
+        self, data: bytes, subject: str, event: str, bits: PixelBits | Literal[False] | None
+    ) -> Result:
         """The reference path: the header through a pydicom Dataset, pixel data raw."""
         split = split_pixels(data)
         if split is None:  # deflated: read (and write) the whole dataset with pydicom
@@ -262,7 +280,7 @@ class Deidentifier:
             counts["X"] = counts.get("X", 0) + split.trailing
         attributes = _trailing(attributes, split.trailing, self.cleaner.per_attribute)
         result = _result(header, pixels, counts, split.pixel_start, ds, attributes)
-        return self.finish_pixels(result, data, split.syntax)
+        return self.finish_pixels(result, data, split.syntax, bits)
 
     @staticmethod
     def _meta(sop_class: str, sop_instance: str, syntax: str) -> list[tuple[int, str, bytes]]:
@@ -318,7 +336,13 @@ def _without_pixel_text(result: Result, syntax: str) -> Result:
     )
 
 
-def _without_overlay_bits(result: Result, data: bytes, syntax: str, remove: bool) -> Result:
+def _without_overlay_bits(
+    result: Result,
+    data: bytes,
+    syntax: str,
+    remove: bool,
+    bits: PixelBits | Literal[False] | None = False,
+) -> Result:
     """``result`` with native Pixel Data (7FE0,0010) cleared of bits outside the stored ones
     and, when ``remove``, of embedded overlay planes (:func:`clear_unused_bits`)."""
     pixels = result.pixels
@@ -327,7 +351,8 @@ def _without_overlay_bits(result: Result, data: bytes, syntax: str, remove: bool
     start = 8 if syntax == IMPLICIT_LITTLE else 12
     if len(pixels) <= start or bytes(pixels[start - 4 : start]) == b"\xff\xff\xff\xff":
         return result
-    bits = pixel_bits(data)
+    if bits is False:
+        bits = pixel_bits(data)
     if bits is None or not bits.needs_clearing():
         return result
     cleared = clear_unused_bits(pixels[start:], bits, remove_overlays=remove)

@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -40,7 +40,8 @@ from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
 from engine.deid.ops import Op
-from engine.deid.overlays import EmbeddedOverlay
+from engine.deid.overlays import WANTED as OVERLAY_WANTED
+from engine.deid.overlays import EmbeddedOverlay, PixelBits, bits_of
 from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
 from engine.deid.verify import (
@@ -53,7 +54,7 @@ from engine.deid.verify import (
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
-from engine.dicom.walk import DEFLATED, scan
+from engine.dicom.walk import DEFLATED, Scan, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
 OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
@@ -105,7 +106,13 @@ class Exporter:
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
-        original: HeaderFields | None = gate_fields(data)
+        bits: PixelBits | Literal[False] | None = False
+        original: HeaderFields | None = None
+        scanned = _gate_scan(data)
+        if scanned is not None:
+            original, bits = decode_fields(scanned, _GATE_TAGS), bits_of(scanned)
+            if scanned.has_pixels:
+                original["PixelData"] = b""
         if original is None:
             try:
                 original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -118,7 +125,7 @@ class Exporter:
             if isinstance(verdict, Clean):
                 result = self._cleaned(data, verdict, subject, event)
             else:
-                result = self.deid.process_file(data, subject=subject, event=event)
+                result = self.deid.process_file(data, subject=subject, event=event, bits=bits)
         except BadBitstream as exc:  # text segments could not be looked for: never passed
             return Held("deidentification_failed", f"pixel data: {exc}")
         except EmbeddedOverlay as exc:
@@ -267,17 +274,23 @@ _GATE_TAGS = {
         "StudyInstanceUID", "PatientID",
     )
 }  # fmt: skip
-_WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET}
+_WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET} | OVERLAY_WANTED
+
+
+def _gate_scan(data: bytes) -> Scan | None:
+    """One walk keeping what the gate and the pixel bits need (None: deflated or unwalkable)."""
+    try:
+        found = scan(data, _WANTED)
+    except HeaderError:
+        return None
+    return None if found.transfer_syntax == DEFLATED else found
 
 
 def gate_fields(data: bytes) -> dict[str, Any] | None:
     """The gate's elements by keyword, decoded as pydicom would, read in one walk without
     building a Dataset (None: a deflated file, or one the walk cannot read; use pydicom)."""
-    try:
-        found = scan(data, _WANTED)
-    except HeaderError:
-        return None
-    if found.transfer_syntax == DEFLATED:
+    found = _gate_scan(data)
+    if found is None:
         return None
     fields = decode_fields(found, _GATE_TAGS)
     if found.has_pixels:
@@ -289,10 +302,25 @@ def gate_fields(data: bytes) -> dict[str, Any] | None:
 _LATIN_LETTER = re.compile(rb"[\xc0-\xff]")
 
 
+_WINDOW = 72  # bytes either side of a non-ASCII letter: longer than an LO value
+
+
 def _folded_texts(header: bytes) -> list[str]:
-    """The header as latin-1 and as UTF-8 text, ASCII-folded (``Sørensen`` -> ``Sorensen``)."""
-    latin = header.decode("latin-1")
-    return [ascii_fold(latin), ascii_fold(header.decode("utf-8", "ignore"))]
+    """The parts of the header around Latin letters with diacritics, as latin-1 and as UTF-8
+    text, folded to ASCII (``Sørensen`` -> ``Sorensen``; what has no ASCII form is dropped, so
+    this is only for ASCII tokens). Spans are joined with a NUL so no token crosses two."""
+    spans: list[list[int]] = []
+    for match in _LATIN_LETTER.finditer(header):
+        start, end = max(0, match.start() - _WINDOW), match.end() + _WINDOW
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = end
+        else:
+            spans.append([start, end])
+    parts = [header[a:b] for a, b in spans]
+    return [
+        ascii_fold("\0".join(p.decode(codec, "ignore") for p in parts), drop=True)
+        for codec in ("latin-1", "utf-8")
+    ]
 
 
 def _header_size(data: bytes) -> int:

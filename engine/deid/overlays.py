@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.dicom.errors import HeaderError
-from engine.dicom.walk import EXPLICIT_BIG, RawElement, scan
+from engine.dicom.walk import EXPLICIT_BIG, RawElement, Scan, scan
 
-__all__ = ["EmbeddedOverlay", "PixelBits", "clear_unused_bits", "pixel_bits"]
+__all__ = ["WANTED", "EmbeddedOverlay", "PixelBits", "bits_of", "clear_unused_bits", "pixel_bits"]
 
 _BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _REPRESENTATION = (
     0x00280100,
@@ -38,7 +38,8 @@ _OVERLAY_GROUPS = tuple(range(0x6000, 0x6020, 2))
 _OVERLAY_TAGS = frozenset(
     (group << 16) | element for group in _OVERLAY_GROUPS for element in (0x0100, 0x0102, 0x3000)
 )
-_WANTED = frozenset((_BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _REPRESENTATION)) | _OVERLAY_TAGS
+#: The elements :func:`bits_of` reads.
+WANTED = frozenset((_BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _REPRESENTATION)) | _OVERLAY_TAGS
 
 
 class EmbeddedOverlay(ValueError):
@@ -79,9 +80,14 @@ def _us(element: RawElement | None, little: bool) -> int | None:
 def pixel_bits(data: bytes) -> PixelBits | None:
     """The :class:`PixelBits` of a Part 10 file's top level (None: no usable pixel module)."""
     try:
-        found = scan(data, _WANTED)
+        found = scan(data, WANTED)
     except HeaderError:
         return None
+    return bits_of(found)
+
+
+def bits_of(found: Scan) -> PixelBits | None:
+    """:func:`pixel_bits` from a walk that kept at least :data:`WANTED`."""
     little = found.transfer_syntax != EXPLICIT_BIG
     elements = found.elements
     allocated = _us(elements.get(_BITS_ALLOCATED), little)

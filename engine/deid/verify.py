@@ -195,10 +195,13 @@ _MONTHS = (
 )  # fmt: skip
 
 
-def ascii_fold(text: str) -> str:
+def ascii_fold(text: str, drop: bool = False) -> str:
     """``text`` without accents and with letters like ``ø`` spelt in ASCII (``Sørensen`` ->
-    ``Sorensen``); characters with no ASCII form are kept."""
+    ``Sorensen``); characters with no ASCII form are kept (``drop``: removed, which is fast
+    enough for a whole header)."""
     decomposed = unicodedata.normalize("NFKD", text.translate(_FOLD))
+    if drop:
+        return decomposed.encode("ascii", "ignore").decode("ascii")
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
