@@ -14,7 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 
 from engine.deid import Deidentifier, load_profile
 from engine.deid.export import Exported, Exporter, Held
@@ -116,3 +121,11 @@ def test_an_embedded_overlay_in_compressed_pixels_is_held() -> None:
     held = Exporter(Deidentifier(load_profile("basic"), SECRET)).export(_bytes(ds, RLELossless))
     assert isinstance(held, Held)
     assert held.reason == "burned_in" and "overlay embedded in compressed" in held.detail
+
+
+def test_a_deflated_file_is_cleared_too() -> None:
+    ds, image = _image()
+    data = _bytes(ds, DeflatedExplicitVRLittleEndian)
+    result = Deidentifier(load_profile("basic"), SECRET).process_file(data)
+    assert result.counts["pixel_overlay_bits_cleared"] == 1
+    np.testing.assert_array_equal(_out_pixels(result.data), image)

@@ -42,7 +42,13 @@ from engine.deid.keys import (
     UidMapper,
 )
 from engine.deid.ops import REPORT_NAMES, Op
-from engine.deid.overlays import EmbeddedOverlay, PixelBits, clear_unused_bits, pixel_bits
+from engine.deid.overlays import (
+    EmbeddedOverlay,
+    PixelBits,
+    clear_unused_bits,
+    dataset_bits,
+    pixel_bits,
+)
 from engine.deid.profile import Profile
 from engine.deid.rawclean import NotRaw, RawCleaner, RawOutput
 from engine.deid.rawfile import split_pixels
@@ -265,7 +271,14 @@ class Deidentifier:
         split = split_pixels(data)
         if split is None:  # deflated: read (and write) the whole dataset with pydicom
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            found = dataset_bits(ds) if "PixelData" in ds else None
             counts, attributes = self.clean_dataset(ds, subject=subject, event=event)
+            if found is not None and found.needs_clearing():
+                remove = self.profile.removes_overlays
+                cleared = clear_unused_bits(ds.PixelData, found, remove_overlays=remove)
+                if cleared is not None:
+                    ds.PixelData = cleared
+                    counts[OVERLAY_BITS] = counts.get(OVERLAY_BITS, 0) + 1
             return _result(_write(ds), b"", counts, len(data), ds, attributes)
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         if not split.little:  # big endian (retired): pydicom writes it

@@ -21,11 +21,20 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from engine.dicom.errors import HeaderError
 from engine.dicom.walk import EXPLICIT_BIG, RawElement, Scan, scan
 
-__all__ = ["WANTED", "EmbeddedOverlay", "PixelBits", "bits_of", "clear_unused_bits", "pixel_bits"]
+__all__ = [
+    "WANTED",
+    "EmbeddedOverlay",
+    "PixelBits",
+    "bits_of",
+    "clear_unused_bits",
+    "dataset_bits",
+    "pixel_bits",
+]
 
 _BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _REPRESENTATION = (
     0x00280100,
@@ -105,6 +114,27 @@ def bits_of(found: Scan) -> PixelBits | None:
             planes.append(position)
     signed = _us(elements.get(_REPRESENTATION), little) == 1
     return PixelBits(allocated, stored, high_bit, signed, tuple(sorted(set(planes))), little)
+
+
+def dataset_bits(ds: Dataset) -> PixelBits | None:
+    """:func:`pixel_bits` of a pydicom Dataset (a deflated file, read whole)."""
+    allocated = int(ds.get("BitsAllocated") or 0)
+    stored = int(ds.get("BitsStored") or allocated)
+    if not allocated or not stored or stored > allocated:
+        return None
+    high_bit = ds.get("HighBit")
+    high = stored - 1 if high_bit is None or int(high_bit) >= allocated else int(high_bit)
+    planes = []
+    for group in _OVERLAY_GROUPS:
+        position = ds.get((group << 16) | 0x0102)
+        bits = ds.get((group << 16) | 0x0100)
+        has_data = (group << 16) | 0x3000 in ds
+        if position is None or position.value is None or int(position.value) >= allocated:
+            continue
+        if not has_data or int(bits.value if bits is not None and bits.value else 1) > 1:
+            planes.append(int(position.value))
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    return PixelBits(allocated, stored, high, signed, tuple(sorted(set(planes))))
 
 
 def clear_unused_bits(
