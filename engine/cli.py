@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     anon.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     anon.add_argument("--no-progress", action="store_true", help="no progress bar")
     anon.add_argument(
+        "--report",
+        action="store_true",
+        help="count per attribute how many values were kept, cleaned, replaced or removed "
+        "(deid-report.json 'attributes' and the table deid-report.txt)",
+    )
+    anon.add_argument(
         "--no-sync", action="store_true", help="do not flush the output to disk before reporting"
     )
 

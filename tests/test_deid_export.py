@@ -137,3 +137,66 @@ def test_fiona_anonymize_refuses_a_weak_secret(
         == 2
     )
     assert "secret" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_fiona_anonymize_report_counts_outcomes_per_attribute(
+    tmp_path: Path, jobs: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = synth.make_study_spec(4)
+    datasets = synth.make_study(spec, [synth.MR_SERIES["flair"]], size=16)
+    for ds in datasets:
+        ds.SeriesDescription = "FLAIR AX"
+        ds.add_new(0x00091010, "LO", "PRIVATE NOTE")  # no creator: removed
+    synth.write_study(datasets, tmp_path / "in")
+    key = tmp_path / "key"
+    key.write_bytes(SECRET)
+    os.chmod(key, 0o600)
+    out = tmp_path / "out"
+    args = ["anonymize", str(tmp_path / "in"), str(out), "--secret-file", str(key)]
+    options = ["--option", "clean_descriptors", "--option", "retain_longitudinal_modified_dates"]
+    assert main([*args, *options, "--no-progress", "--report", "--jobs", jobs]) == 0
+    n = len(datasets)
+    rows = json.loads((out / "deid-report.json").read_text())["attributes"]
+    assert rows["PatientName"] == {"kept": 0, "cleaned": 0, "replaced": n, "removed": 0}
+    assert rows["PatientBirthDate"]["removed"] == n or rows["PatientBirthDate"]["cleaned"] == n
+    assert rows["SeriesDescription"] == {"kept": 0, "cleaned": n, "replaced": 0, "removed": 0}
+    assert rows["StudyDate"] == {"kept": 0, "cleaned": n, "replaced": 0, "removed": 0}
+    assert rows["SOPInstanceUID"]["replaced"] == n
+    assert rows["Rows"] == {"kept": n, "cleaned": 0, "replaced": 0, "removed": 0}
+    assert rows["(0009,1010)"]["removed"] == n
+    table = (out / "deid-report.txt").read_text()
+    assert table.splitlines()[0].split() == ["attribute", "kept", "cleaned", "replaced", "removed"]
+    assert any(line.split() == ["Rows", str(n), "0", "0", "0"] for line in table.splitlines())
+    assert table in capsys.readouterr().out
+    everything = table + (out / "deid-report.json").read_text()
+    for value in (spec.patient_id, spec.patient_name.split("^")[0], "FLAIR AX", "PRIVATE NOTE"):
+        assert value not in everything
+
+
+def test_without_report_no_attribute_counts_are_kept(tmp_path: Path) -> None:
+    ds = _instance()
+    result = _exporter().export(_bytes(ds))
+    assert isinstance(result, Exported) and result.attributes == {}
+
+
+def test_both_paths_count_the_same_outcomes_per_attribute() -> None:
+    from tests.deid_phi import phi_instances
+
+    data = _bytes(phi_instances(1)[0])
+    deid = Deidentifier(load_profile("basic", ("clean_descriptors",)), SECRET, per_attribute=True)
+    raw = deid.process_file(data)
+    reference = deid.process_file(data, byte_path=False)
+    assert raw.attributes and raw.attributes == reference.attributes
+    assert raw.attributes["PatientName"] == {"replaced": 1}
+
+
+def test_the_example_project_keeps_series_readable() -> None:
+    import yaml
+
+    project = yaml.safe_load(Path("projects/example.yaml").read_text())
+    steps = [s for s in project["pipeline"] if s.get("step") == "anonymize"]
+    assert steps and all(
+        {"clean_descriptors", "retain_longitudinal_modified_dates"} <= set(s.get("options", []))
+        for s in steps
+    )

@@ -50,6 +50,7 @@ def _pseudonymised(ds: Dataset) -> Dataset:
     for keyword in (
         "InstitutionName",
         "InstitutionAddress",
+        "InstitutionalDepartmentName",
         "PerformingPhysicianName",
         "OperatorsName",
         "DeviceSerialNumber",

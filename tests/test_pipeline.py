@@ -427,6 +427,42 @@ def test_anonymize_holds_the_whole_study_when_one_file_is_held(world: World) -> 
     assert not out.exists()
 
 
+def test_anonymize_strips_identity_written_in_compressed_frames(world: World) -> None:
+    """A JPEG-LS frame with a comment segment holding the name, ID and birth date: the
+    exported copy keeps the image and loses the comment (engine.deid.encapsulated)."""
+    import os
+    import struct
+
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGLSLossless
+
+    key = world.project.parent / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    datasets = _study(series=[synth.MR_SERIES["t1_mprage"]])
+    ds = datasets[0]
+    text = f"{ds.PatientName} {ds.PatientID} {ds.PatientBirthDate}".encode()
+    comment = b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
+    for one in datasets:
+        one.compress(JPEGLSLossless, generate_instance_uid=False)
+        [frame] = generate_frames(one.PixelData, number_of_frames=1)
+        one.PixelData = encapsulate([frame[:2] + comment + frame[2:]])
+    world.receive(datasets)
+    run_id = _new_run(world, datasets)
+    out = world.data / "export" / "p"
+    steps = world.steps(
+        [{"step": "anonymize", "secret_file": "p.key"}, {"step": "copy", "to": str(out)}]
+    )
+    world.runner(steps).run_pending(NOW)
+    assert world.run(run_id).state == RunState.DONE
+    copies = list(out.rglob("*.dcm"))
+    assert len(copies) == len(datasets)
+    for copy in copies:
+        data = copy.read_bytes()
+        assert text not in data and str(ds.PatientID).encode() not in data
+    assert pydicom.dcmread(copies[0]).pixel_array.shape == (8, 8)
+
+
 def test_send_queues_the_de_identified_copies_once_per_destination(world: World) -> None:
     import os
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -57,6 +58,17 @@ class Run:
     days: int | None = None
     alias: Pseudonym | None = None
     scrubber: Scrubber | None = None
+    #: Per tag, how many elements got each Op (at any level); None unless a report asks.
+    per_tag: dict[int, list[int]] | None = None
+
+    def count(self, tag: int, op: Op) -> None:
+        """Count one element ``tag`` given ``op`` (and per tag when :attr:`per_tag` is on)."""
+        self.counts[op] += 1
+        if self.per_tag is not None:
+            row = self.per_tag.get(tag)
+            if row is None:
+                row = self.per_tag[tag] = [0] * len(Op)
+            row[op] += 1
 
 
 def _vr(elem: DataElement | RawDataElement, tag: int) -> str:
@@ -94,6 +106,8 @@ class Cleaner:
         self.pseudonyms = pseudonyms
         self.project = project
         self._ops = profile.ops
+        #: Count actions per attribute too (``fiona anonymize --report``).
+        self.per_attribute = False
 
     def op(self, ds: Dataset, tag: int, vr: str) -> Op:
         """The action for ``tag`` in ``ds`` (``ds`` is needed for private creators)."""
@@ -136,12 +150,15 @@ class Cleaner:
 
     def walk(self, ds: Dataset, run: Run) -> None:
         """Apply the profile to every element of ``ds`` and, recursively, its sequences."""
-        counts = run.counts
+        counts, per_tag = run.counts, run.per_tag
         for tag in sorted(ds.keys()):
             raw = ds.get_item(tag)
             vr = _vr(raw, tag)
             op = self.op(ds, tag, vr)
-            counts[op] += 1
+            if per_tag is None:
+                counts[op] += 1
+            else:
+                run.count(tag, op)
             if op is Op.KEEP:
                 continue
             if op is Op.REMOVE:
@@ -220,3 +237,31 @@ def start_run(ds: Dataset, subject: str = "", event: str = "") -> Run:
     pid = text_of(ds[PATIENT_ID].value).strip() if PATIENT_ID in ds else ""
     name = text_of(ds[PATIENT_NAME].value).strip() if PATIENT_NAME in ds else ""
     return Run(pid, name, subject, event)
+
+
+#: The report's four outcomes for an attribute, by Op (``fiona anonymize --report``).
+OUTCOMES: dict[Op, str] = {
+    Op.KEEP: "kept", Op.RECURSE: "kept",
+    Op.CLEAN: "cleaned", Op.SHIFT: "cleaned",
+    Op.DUMMY: "replaced", Op.UID: "replaced", Op.HASH: "replaced", Op.SET: "replaced",
+    Op.PSEUDO_ID: "replaced", Op.PSEUDO_NAME: "replaced",
+    Op.REMOVE: "removed", Op.EMPTY: "removed",
+}  # fmt: skip
+
+
+def attribute_name(tag: int) -> str:
+    """A tag as the report names it: its keyword, else ``(gggg,eeee)`` (private, unknown)."""
+    keyword = "" if tag & 0x10000 else keyword_for_tag(tag)
+    return keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def per_attribute(per_tag: dict[int, list[int]] | None) -> dict[str, dict[str, int]]:
+    """``Run.per_tag`` as attribute name -> outcome -> count (no values)."""
+    out: dict[str, dict[str, int]] = {}
+    for tag, row in (per_tag or {}).items():
+        outcomes = out.setdefault(attribute_name(tag), {})
+        for op, n in enumerate(row):
+            if n:
+                name = OUTCOMES[Op(op)]
+                outcomes[name] = outcomes.get(name, 0) + n
+    return out

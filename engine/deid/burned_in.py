@@ -97,7 +97,7 @@ class BurnedInPolicy:
         apply_defaults(schema, doc, schema)
         return cls(
             sop_classes=frozenset(doc["sop_classes"]),
-            modalities=frozenset(doc["modalities"]),
+            modalities=frozenset(m.upper() for m in doc["modalities"]),
             image_types=frozenset(v.upper() for v in doc["image_types"]),
             conversion_types=frozenset(doc["conversion_types"]),
             series_descriptions=tuple(doc["series_descriptions"]),
@@ -120,9 +120,10 @@ class BurnedInPolicy:
         sop_class = str(ds.get("SOPClassUID", "") or "")
         if sop_class in self.sop_classes:
             why.append(f"SOP class {UID(sop_class).name}")
-        modality = str(ds.get("Modality", "") or "")
-        if modality in self.modalities:
-            why.append(f"modality {modality}")
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        implied = "" if modality else _implied_modality(sop_class)
+        if (modality or implied) in self.modalities:
+            why.append(f"modality {modality}" if modality else f"modality {implied} (SOP class)")
         image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
         why += [f"ImageType {v}" for v in sorted(image_type & self.image_types)]
         conversion = str(ds.get("ConversionType", "") or "")
@@ -133,6 +134,30 @@ class BurnedInPolicy:
             if pattern.search(description):
                 why.append(f"SeriesDescription matches '{pattern.pattern}'")
         return why
+
+
+#: The modality a SOP class implies, for files whose Modality (0008,0060) is absent (PS3.4 B.5,
+#: PS3.3 A.6, A.7, A.32, A.8): ultrasound (current, enhanced volume and the retired classes),
+#: visible light endoscopy, microscopy and photography, secondary capture.
+_SOP_MODALITY = {
+    "1.2.840.10008.5.1.4.1.1.6": "US",
+    "1.2.840.10008.5.1.4.1.1.3": "US",
+    "1.2.840.10008.5.1.4.1.1.6.1": "US",
+    "1.2.840.10008.5.1.4.1.1.3.1": "US",
+    "1.2.840.10008.5.1.4.1.1.6.2": "US",
+    "1.2.840.10008.5.1.4.1.1.77.1.1": "ES",
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "ES",
+    "1.2.840.10008.5.1.4.1.1.77.1.2": "GM",
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1": "GM",
+    "1.2.840.10008.5.1.4.1.1.77.1.4": "XC",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "XC",
+    "1.2.840.10008.5.1.4.1.1.7": "OT",
+}
+
+
+def _implied_modality(sop_class: str) -> str:
+    """The modality ``sop_class`` implies ('' when it implies none this gate knows)."""
+    return _SOP_MODALITY.get(sop_class.strip(), "")
 
 
 def _default(key: str) -> frozenset[str]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import pydicom
 from pydicom.dataelem import DataElement
@@ -31,7 +32,8 @@ from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine import __version__
-from engine.deid.apply import Cleaner, start_run, text_of
+from engine.deid.apply import Cleaner, per_attribute, start_run, text_of
+from engine.deid.encapsulated import STRIPPED_SYNTAXES, BadBitstream, Stripped, strip_text
 from engine.deid.keys import (
     DEFAULT_DATE_RANGE,
     DateShifter,
@@ -40,12 +42,20 @@ from engine.deid.keys import (
     UidMapper,
 )
 from engine.deid.ops import REPORT_NAMES, Op
+from engine.deid.overlays import (
+    EmbeddedOverlay,
+    PixelBits,
+    clear_unused_bits,
+    dataset_bits,
+    pixel_bits,
+)
 from engine.deid.profile import Profile
 from engine.deid.rawclean import NotRaw, RawCleaner, RawOutput
 from engine.deid.rawfile import split_pixels
 from engine.deid.scrub import Scrubber
 from engine.deid.writer import write_dataset, write_meta, write_part10
 from engine.dicom.errors import HeaderError
+from engine.dicom.walk import IMPLICIT_LITTLE
 
 #: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
 IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
@@ -73,6 +83,9 @@ class Result:
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+    #: Per attribute (keyword or tag), how many elements were kept, cleaned, replaced or
+    #: removed; filled only when the Deidentifier counts per attribute.
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def data(self) -> bytes:
@@ -97,6 +110,7 @@ class Deidentifier:
         *,
         uid_root: str = "2.25",
         date_range: tuple[int, int] = DEFAULT_DATE_RANGE,
+        per_attribute: bool = False,
     ) -> None:
         if len(secret) < 32:
             raise ValueError("the project secret must be at least 32 bytes")
@@ -111,30 +125,41 @@ class Deidentifier:
             pseudonyms or HashPseudonyms(secret),
             project,
         )
+        self.cleaner.per_attribute = per_attribute
         self.raw = RawCleaner(self.cleaner, {v: self._additions(v) for v in (False, True)})
 
     # ------------------------------------------------------------------ datasets
 
     def process_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> dict[str, int]:
         """De-identify ``ds`` in place (header, sequences, file meta); return action counts."""
-        counts = self._clean(ds, subject, event)
+        return self.clean_dataset(ds, subject=subject, event=event)[0]
+
+    def clean_dataset(
+        self, ds: Dataset, *, subject: str = "", event: str = ""
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """As :meth:`process_dataset`; also the per-attribute outcomes (see :class:`Result`)."""
+        counts, attributes = self._clean(ds, subject, event)
         self._rebuild_meta(ds)
-        return counts
+        return counts, attributes
 
     def deidentify_dataset(self, ds: Dataset, *, subject: str = "", event: str = "") -> Dataset:
         """De-identify ``ds`` in place (header, sequences, file meta) and return it."""
         self.process_dataset(ds, subject=subject, event=event)
         return ds
 
-    def _clean(self, ds: Dataset, subject: str, event: str) -> dict[str, int]:
+    def _clean(
+        self, ds: Dataset, subject: str, event: str
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         run = start_run(ds, subject, event)
+        if self.cleaner.per_attribute:
+            run.per_tag = {}
         if self.profile.cleans_text:
             run.scrubber = Scrubber()
             self.cleaner.collect(ds, run.scrubber)
         self.cleaner.walk(ds, run)
         for tag, elem in self._marks().items():
             ds[tag] = elem
-        return _report(run.counts)
+        return _report(run.counts), per_attribute(run.per_tag)
 
     def _marks(self) -> dict[int, DataElement]:
         """What every output gets at the top level: Patient Identity Removed (0012,0062),
@@ -176,7 +201,13 @@ class Deidentifier:
     # ------------------------------------------------------------------ files
 
     def process_file(
-        self, data: bytes, *, subject: str = "", event: str = "", byte_path: bool = True
+        self,
+        data: bytes,
+        *,
+        subject: str = "",
+        event: str = "",
+        byte_path: bool = True,
+        bits: PixelBits | Literal[False] | None = False,
     ) -> Result:
         """Part 10 bytes in, de-identified Part 10 bytes and action counts out.
 
@@ -184,6 +215,8 @@ class Deidentifier:
         Digital Signatures Sequence (FFFA,FFFA)) are dropped and counted as removed. Most files
         take the byte path (:mod:`engine.deid.rawclean`); the rest, and every file when
         ``byte_path`` is False (the reference the tests compare it with), are read with pydicom.
+        ``bits``: the file's :class:`~engine.deid.overlays.PixelBits` when the caller has read
+        them already (None: it has none), else False.
         """
         if byte_path:
             try:
@@ -191,8 +224,26 @@ class Deidentifier:
             except (NotRaw, HeaderError, struct.error, UnicodeError, ValueError):
                 pass  # the reference path below decides, and raises what it must
             else:
-                return self._raw_result(data, raw)
-        return self._pydicom_file(data, subject, event)
+                return self.finish_pixels(self._raw_result(data, raw), data, raw.syntax, bits)
+        return self._pydicom_file(data, subject, event, bits)
+
+    def finish_pixels(
+        self,
+        result: Result,
+        data: bytes,
+        syntax: str,
+        bits: PixelBits | Literal[False] | None = False,
+    ) -> Result:
+        """``result`` (written in transfer syntax ``syntax`` from the original Part 10
+        ``data``) with no text segments in compressed frames and no overlay or other
+        bits outside the stored ones in native pixel data (:mod:`engine.deid.overlays`)."""
+        if syntax in STRIPPED_SYNTAXES or syntax in _OTHER_COMPRESSED:
+            if bits is False:
+                bits = pixel_bits(data) if result.pixels else None
+            if bits is not None and bits.embedded_planes and self.profile.removes_overlays:
+                raise EmbeddedOverlay("an overlay embedded in compressed pixel data")
+            return _without_pixel_text(result, syntax)
+        return _without_overlay_bits(result, data, syntax, self.profile.removes_overlays, bits)
 
     def _raw_result(self, data: bytes, raw: RawOutput) -> Result:
         meta = self._meta(raw.uids.get(_SOP_CLASS, ""), raw.uids.get(_SOP_INSTANCE, ""), raw.syntax)
@@ -210,27 +261,39 @@ class Deidentifier:
             raw.uids.get(_STUDY, ""),
             raw.uids.get(_SERIES, ""),
             raw.uids.get(_SOP_INSTANCE, ""),
+            _trailing(per_attribute(raw.per_tag), raw.trailing, self.cleaner.per_attribute),
         )
 
-    def _pydicom_file(self, data: bytes, subject: str, event: str) -> Result:
+    def _pydicom_file(
+        self, data: bytes, subject: str, event: str, bits: PixelBits | Literal[False] | None
+    ) -> Result:
         """The reference path: the header through a pydicom Dataset, pixel data raw."""
         split = split_pixels(data)
         if split is None:  # deflated: read (and write) the whole dataset with pydicom
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            counts = self.process_dataset(ds, subject=subject, event=event)
-            return _result(_write(ds), b"", counts, len(data), ds)
+            found = dataset_bits(ds) if "PixelData" in ds else None
+            counts, attributes = self.clean_dataset(ds, subject=subject, event=event)
+            if found is not None and found.needs_clearing():
+                remove = self.profile.removes_overlays
+                cleared = clear_unused_bits(ds.PixelData, found, remove_overlays=remove)
+                if cleared is not None:
+                    ds.PixelData = cleared
+                    counts[OVERLAY_BITS] = counts.get(OVERLAY_BITS, 0) + 1
+            return _result(_write(ds), b"", counts, len(data), ds, attributes)
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         if not split.little:  # big endian (retired): pydicom writes it
-            counts = self.process_dataset(ds, subject=subject, event=event)
+            counts, attributes = self.clean_dataset(ds, subject=subject, event=event)
             header = _write(ds)
         else:
-            counts = self._clean(ds, subject, event)
+            counts, attributes = self._clean(ds, subject, event)
             meta = self._meta(_uid_text(ds, _SOP_CLASS), _uid_text(ds, _SOP_INSTANCE), split.syntax)
             header = write_part10(ds, meta, split.implicit)
         pixels = memoryview(data)[split.pixel_start : split.pixel_end]
         if split.trailing:
             counts["X"] = counts.get("X", 0) + split.trailing
-        return _result(header, pixels, counts, split.pixel_start, ds)
+        attributes = _trailing(attributes, split.trailing, self.cleaner.per_attribute)
+        result = _result(header, pixels, counts, split.pixel_start, ds, attributes)
+        return self.finish_pixels(result, data, split.syntax, bits)
 
     @staticmethod
     def _meta(sop_class: str, sop_instance: str, syntax: str) -> list[tuple[int, str, bytes]]:
@@ -249,6 +312,91 @@ class Deidentifier:
         return self.process_file(data, subject=subject, event=event).data
 
 
+#: Pixel Data (7FE0,0010) and the Extended Offset Table (7FE0,0001) and its lengths (7FE0,0002),
+#: as explicit VR little endian element headers start.
+_PIXEL_DATA = b"\xe0\x7f\x10\x00"
+_EXTENDED_OFFSETS = b"\xe0\x7f\x01\x00OV\0\0"
+_EXTENDED_LENGTHS = b"\xe0\x7f\x02\x00OV\0\0"
+_PIXEL_DATA_BIG = b"\x7f\xe0\x00\x10"
+#: What the action counts call segments removed from compressed frames (see encapsulated.py)
+#: and images whose bits outside Bits Stored or embedded overlay planes were cleared.
+PIXEL_TEXT = "pixel_text_removed"
+OVERLAY_BITS = "pixel_overlay_bits_cleared"
+#: Compressed syntaxes without text segments fiona strips (RLE, deflated image frames, video):
+#: their pixel data is not rewritten.
+_OTHER_COMPRESSED = frozenset(
+    ["1.2.840.10008.1.2.5", *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 111))]
+)
+
+
+def _without_pixel_text(result: Result, syntax: str) -> Result:
+    """``result`` with comment and application segments stripped from every frame of an
+    encapsulated Pixel Data (:mod:`engine.deid.encapsulated`), the Extended Offset Table
+    (7FE0,0001-2) rewritten to match; raises BadBitstream for frames it cannot read."""
+    if syntax not in STRIPPED_SYNTAXES or bytes(result.pixels[:4]) != _PIXEL_DATA:
+        return result
+    stripped = strip_text(result.pixels)
+    if stripped is None:
+        return result
+    header = _extended_offsets(result.header, stripped)
+    counts = dict(result.counts)
+    counts[PIXEL_TEXT] = counts.get(PIXEL_TEXT, 0) + stripped.removed
+    attributes = result.attributes
+    if attributes:
+        attributes = _add_row(attributes, PIXEL_TEXT_ROW, "removed", stripped.removed)
+    return replace(
+        result, header=header, pixels=stripped.element, counts=counts, attributes=attributes
+    )
+
+
+def _without_overlay_bits(
+    result: Result,
+    data: bytes,
+    syntax: str,
+    remove: bool,
+    bits: PixelBits | Literal[False] | None = False,
+) -> Result:
+    """``result`` with native Pixel Data (7FE0,0010) cleared of bits outside the stored ones
+    and, when ``remove``, of embedded overlay planes (:func:`clear_unused_bits`)."""
+    pixels = result.pixels
+    if bytes(pixels[:4]) not in (_PIXEL_DATA, _PIXEL_DATA_BIG):
+        return result
+    start = 8 if syntax == IMPLICIT_LITTLE else 12
+    if len(pixels) <= start or bytes(pixels[start - 4 : start]) == b"\xff\xff\xff\xff":
+        return result
+    if bits is False:
+        bits = pixel_bits(data)
+    if bits is None or not bits.needs_clearing():
+        return result
+    cleared = clear_unused_bits(pixels[start:], bits, remove_overlays=remove)
+    if cleared is None:
+        return result
+    counts = dict(result.counts)
+    counts[OVERLAY_BITS] = counts.get(OVERLAY_BITS, 0) + 1
+    attributes = result.attributes
+    if attributes:
+        attributes = _add_row(attributes, OVERLAY_BITS_ROW, "cleaned", 1)
+    new = bytes(pixels[:start]) + cleared
+    return replace(result, pixels=new, counts=counts, attributes=attributes)
+
+
+def _extended_offsets(header: bytes, stripped: Stripped) -> bytes:
+    """``header`` with its Extended Offset Table and lengths (the last two elements before
+    Pixel Data, 8 bytes per frame, PS3.5 A.4) holding the stripped frames' offsets."""
+    size = 8 * len(stripped.offsets)
+    element = 12 + size
+    tail = header[-2 * element :]
+    if tail[:8] == _EXTENDED_OFFSETS and tail[element : element + 8] == _EXTENDED_LENGTHS:
+        offsets = struct.pack(f"<{len(stripped.offsets)}Q", *stripped.offsets)
+        lengths = struct.pack(f"<{len(stripped.lengths)}Q", *stripped.lengths)
+        return b"".join(
+            (header[: -2 * element], tail[:12], offsets, tail[element : element + 12], lengths)
+        )
+    if _EXTENDED_OFFSETS in header[-4096:]:
+        raise BadBitstream("an extended offset table that does not match the frames")
+    return header
+
+
 def _uid_text(ds: Dataset, tag: int) -> str:
     return text_of(ds[tag].value) if tag in ds else ""
 
@@ -259,10 +407,40 @@ def _report(counts: list[int]) -> dict[str, int]:
 
 
 def _result(
-    header: bytes, pixels: bytes | memoryview, counts: dict[str, int], source: int, ds: Dataset
+    header: bytes,
+    pixels: bytes | memoryview,
+    counts: dict[str, int],
+    source: int,
+    ds: Dataset,
+    attributes: dict[str, dict[str, int]],
 ) -> Result:
     study, series, instance = (_uid_text(ds, tag) for tag in (_STUDY, _SERIES, _SOP_INSTANCE))
-    return Result(header, pixels, counts, source, study, series, instance)
+    return Result(header, pixels, counts, source, study, series, instance, attributes)
+
+
+#: Report rows for what happens to pixel data and to elements after it.
+TRAILING_ROW = "(elements after Pixel Data)"
+PIXEL_TEXT_ROW = "PixelData (comment and application segments)"
+OVERLAY_BITS_ROW = "PixelData (overlay planes and bits outside Bits Stored)"
+
+
+def _trailing(
+    attributes: dict[str, dict[str, int]], trailing: int, on: bool
+) -> dict[str, dict[str, int]]:
+    """``attributes`` with the dropped elements after Pixel Data counted as removed."""
+    if on and trailing:
+        attributes = _add_row(attributes, TRAILING_ROW, "removed", trailing)
+    return attributes
+
+
+def _add_row(
+    attributes: dict[str, dict[str, int]], row: str, outcome: str, n: int
+) -> dict[str, dict[str, int]]:
+    out = dict(attributes)
+    counts = dict(out.get(row, {}))
+    counts[outcome] = counts.get(outcome, 0) + n
+    out[row] = counts
+    return out
 
 
 def _code_item(value: str, scheme: str, meaning: str) -> Dataset:

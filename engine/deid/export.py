@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -37,14 +37,24 @@ from engine.deid.burned_in import (
     check_burned_in,
 )
 from engine.deid.deidentifier import Deidentifier, Result
+from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
+from engine.deid.ops import Op
+from engine.deid.overlays import WANTED as OVERLAY_WANTED
+from engine.deid.overlays import EmbeddedOverlay, PixelBits, bits_of
 from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
-from engine.deid.verify import IdentifyingValues, find_leaks, leak_reason
+from engine.deid.verify import (
+    KEPT_UID_KEYWORDS,
+    IdentifyingValues,
+    ascii_fold,
+    find_leaks,
+    leak_reason,
+)
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
-from engine.dicom.walk import DEFLATED, scan
+from engine.dicom.walk import DEFLATED, Scan, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
 OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
@@ -96,7 +106,13 @@ class Exporter:
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
-        original: HeaderFields | None = gate_fields(data)
+        bits: PixelBits | Literal[False] | None = False
+        original: HeaderFields | None = None
+        scanned = _gate_scan(data)
+        if scanned is not None:
+            original, bits = decode_fields(scanned, _GATE_TAGS), bits_of(scanned)
+            if scanned.has_pixels:
+                original["PixelData"] = b""
         if original is None:
             try:
                 original = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
@@ -109,12 +125,18 @@ class Exporter:
             if isinstance(verdict, Clean):
                 result = self._cleaned(data, verdict, subject, event)
             else:
-                result = self.deid.process_file(data, subject=subject, event=event)
+                result = self.deid.process_file(data, subject=subject, event=event, bits=bits)
+        except BadBitstream as exc:  # text segments could not be looked for: never passed
+            return Held("deidentification_failed", f"pixel data: {exc}")
+        except EmbeddedOverlay as exc:
+            return Held("burned_in", str(exc))
         except Exception as exc:  # a file the profile cannot handle is held, never passed
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
             return result
         held = self._verify(original, data[: result.source_header_size], result.header)
+        if held is None:
+            held = self._verify_pixel_text(original, data, result.pixels)
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
@@ -128,7 +150,7 @@ class Exporter:
         failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
         if failed is not None:
             return Held("burned_in", failed.detail)
-        counts = self.deid.process_dataset(full, subject=subject, event=event)
+        counts, attributes = self.deid.clean_dataset(full, subject=subject, event=event)
         buffer = io.BytesIO()
         full.save_as(buffer, enforce_file_format=True)
         out = buffer.getvalue()
@@ -138,7 +160,10 @@ class Exporter:
         )
         size = _header_size(out)
         pixels = memoryview(out)[size:]
-        return Result(out[:size], pixels, counts, _header_size(data), study, series, instance)
+        result = Result(
+            out[:size], pixels, counts, _header_size(data), study, series, instance, attributes
+        )
+        return self.deid.finish_pixels(result, data, str(full.file_meta.TransferSyntaxUID))
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
         """The identifying values of the file's study, compiled once per study and patient
@@ -161,13 +186,28 @@ class Exporter:
         values = self._study_values(original, source_header)
         matcher = values.matcher((), self.allow_kinds)
         leaks: list[object] = []
-        if not matcher.empty:
+        if values.needs_decoding and not matcher.empty:  # compare in Unicode, not bytes
+            try:
+                parsed = pydicom.dcmread(io.BytesIO(out_header))
+                leaks = list(find_leaks(parsed, values, allow_kinds=self.allow_kinds))
+            except Exception:
+                return Held(VERIFICATION_FAILED, "output header could not be read to verify it")
+        elif not matcher.empty:
             leaks = [
                 _Leak(m.start(), matcher.byte_kind(m.group()))
                 for m in matcher.bytes.finditer(out_header)
             ]
+            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_header)]
+            if not leaks and _LATIN_LETTER.search(out_header):  # accents: compare folded text
+                leaks = [
+                    _Leak(m.start(), matcher.kind(m.group()))
+                    for text in _folded_texts(out_header)
+                    for m in matcher.text.finditer(text)
+                ]
         if not leaks and "original_uid" not in self.allow_kinds:
             leaks = _uid_leaks(source_header, out_header)
+            if leaks:  # rare: UIDs the profile keeps on purpose are not leaks
+                leaks = _uid_leaks(source_header, out_header, self._kept_uids(source_header))
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
@@ -181,6 +221,49 @@ class Exporter:
             pass
         return Held(VERIFICATION_FAILED, leak_reason(leaks))  # type: ignore[arg-type]
 
+    def _kept_uids(self, source_header: bytes) -> frozenset[bytes]:
+        """UIDs of the original that the output keeps on purpose: coding scheme, class and
+        creator UIDs (:data:`engine.deid.verify.KEPT_UID_KEYWORDS`) and UI elements the
+        profile keeps."""
+        kept: set[bytes] = set()
+        try:
+            full = pydicom.dcmread(io.BytesIO(source_header))
+        except Exception:
+            return frozenset()
+        ops = self.deid.profile.ops
+        for elem in full.iterall():
+            if elem.VR != "UI":
+                continue
+            keyword = elem.keyword
+            if (
+                keyword in KEPT_UID_KEYWORDS
+                or "ClassUID" in keyword
+                or ops.get(int(elem.tag)) is Op.KEEP
+            ):
+                values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
+                kept.update(str(v).strip("\0 ").encode("ascii", "replace") for v in values)
+        return frozenset(kept)
+
+    def _verify_pixel_text(
+        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview
+    ) -> Held | None:
+        """Search what is left of the comment and application segments of compressed frames
+        (:func:`engine.deid.encapsulated.text_segments`) for the original's values."""
+        if pixels[:4] != b"\xe0\x7f\x10\x00" or pixels[8:12] != b"\xff\xff\xff\xff":
+            return None  # not an encapsulated Pixel Data element (explicit VR)
+        segments = text_segments(pixels)
+        if not segments:
+            return None
+        values = self._study_values(original, data)
+        matcher = values.matcher((), self.allow_kinds)
+        kinds = sorted(
+            {matcher.byte_kind(m.group()) for s in segments for m in matcher.bytes.finditer(s)}
+        )
+        if not kinds:
+            return None
+        where = ", ".join(f"PixelData frame segment ({kind})" for kind in kinds)
+        return Held(VERIFICATION_FAILED, f"original identifying values found in {where}")
+
 
 #: What the burned-in gate and the study cache read of an original (see :func:`gate_fields`).
 _GATE_TAGS = {
@@ -191,22 +274,53 @@ _GATE_TAGS = {
         "StudyInstanceUID", "PatientID",
     )
 }  # fmt: skip
-_WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET}
+_WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET} | OVERLAY_WANTED
+
+
+def _gate_scan(data: bytes) -> Scan | None:
+    """One walk keeping what the gate and the pixel bits need (None: deflated or unwalkable)."""
+    try:
+        found = scan(data, _WANTED)
+    except HeaderError:
+        return None
+    return None if found.transfer_syntax == DEFLATED else found
 
 
 def gate_fields(data: bytes) -> dict[str, Any] | None:
     """The gate's elements by keyword, decoded as pydicom would, read in one walk without
     building a Dataset (None: a deflated file, or one the walk cannot read; use pydicom)."""
-    try:
-        found = scan(data, _WANTED)
-    except HeaderError:
-        return None
-    if found.transfer_syntax == DEFLATED:
+    found = _gate_scan(data)
+    if found is None:
         return None
     fields = decode_fields(found, _GATE_TAGS)
     if found.has_pixels:
         fields["PixelData"] = b""
     return fields
+
+
+#: A byte that is a Latin letter with a diacritic in latin-1 (or starts one in UTF-8).
+_LATIN_LETTER = re.compile(rb"[\xc0-\xff]")
+
+
+_WINDOW = 72  # bytes either side of a non-ASCII letter: longer than an LO value
+
+
+def _folded_texts(header: bytes) -> list[str]:
+    """The parts of the header around Latin letters with diacritics, as latin-1 and as UTF-8
+    text, folded to ASCII (``Sørensen`` -> ``Sorensen``; what has no ASCII form is dropped, so
+    this is only for ASCII tokens). Spans are joined with a NUL so no token crosses two."""
+    spans: list[list[int]] = []
+    for match in _LATIN_LETTER.finditer(header):
+        start, end = max(0, match.start() - _WINDOW), match.end() + _WINDOW
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = end
+        else:
+            spans.append([start, end])
+    parts = [header[a:b] for a, b in spans]
+    return [
+        ascii_fold("\0".join(p.decode(codec, "ignore") for p in parts), drop=True)
+        for codec in ("latin-1", "utf-8")
+    ]
 
 
 def _header_size(data: bytes) -> int:
@@ -226,14 +340,17 @@ class _Leak:
     kind: str = "original_uid"
 
     def __str__(self) -> str:
-        return f"byte {self.offset} ({self.kind})"
+        return f"byte {self.offset} ({self.kind})" if self.offset >= 0 else f"header ({self.kind})"
 
 
-def _uid_leaks(original_header: bytes, out_header: bytes) -> list[object]:
-    """Original UIDs (not defined by the standard) found again in the output header."""
+def _uid_leaks(
+    original_header: bytes, out_header: bytes, kept: Collection[bytes] = ()
+) -> list[object]:
+    """Original UIDs (not defined by the standard, not in ``kept``) found again in the output
+    header."""
     leaks: list[object] = []
     for uid in {m.group() for m in _UID_TOKEN.finditer(original_header)}:
-        if len(uid) < 10 or is_well_known_uid(uid.decode("ascii")):
+        if len(uid) < 10 or uid in kept or is_well_known_uid(uid.decode("ascii")):
             continue
         # bytes.find, not a regex per UID: every instance brings new UIDs, and compiling
         # a pattern for each cost more than the rest of the verification.

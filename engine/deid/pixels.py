@@ -61,6 +61,7 @@ class HeaderFields(Protocol):
 
     def __contains__(self, key: str, /) -> bool: ...
 
+
 CASES_SUFFIX = ".cases"
 
 

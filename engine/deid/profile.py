@@ -158,6 +158,13 @@ class Profile:
         """Whether any action cleans free text (then identifying values are collected first)."""
         return Op.CLEAN in self.ops.values() or "clean_graphics" in self.options
 
+    @property
+    def removes_overlays(self) -> bool:
+        """Whether Overlay Data (60xx,3000) is not kept (then overlay planes embedded in Pixel
+        Data are cleared too, :mod:`engine.deid.overlays`)."""
+        tag = 0x60003000
+        return (self.ops[tag] if tag in self.ops else self.op(tag, "OW")) is not Op.KEEP
+
     def op(self, tag: int, vr: str) -> Op:
         """The action for an even-group ``tag`` (``vr`` as found) not in ``ops``; cached."""
         cached = self._cache.get(tag)

@@ -84,6 +84,7 @@ class RawOutput:
     trailing: int
     counts: list[int]
     uids: dict[int, str]
+    per_tag: dict[int, list[int]] | None = None
 
 
 class RawCleaner:
@@ -107,6 +108,8 @@ class RawCleaner:
             raise NotRaw("not a little-endian transfer syntax")
         walk = _Walk(self, data, syntax == IMPLICIT_LITTLE)
         walk.run = walk.start_run(pos, subject, event)
+        if self.cleaner.per_attribute:
+            walk.run.per_tag = {}
         if self.cleaner.profile.cleans_text:
             walk.run.scrubber = Scrubber()
             walk.collect(pos, len(data), None, top=True)
@@ -118,7 +121,14 @@ class RawCleaner:
                 rest = walk.walker.skip(rest, walk.implicit)
                 trailing += 1
         return RawOutput(
-            syntax, b"".join(walk.out), pixel_start, pixel_end, trailing, walk.run.counts, walk.uids
+            syntax,
+            b"".join(walk.out),
+            pixel_start,
+            pixel_end,
+            trailing,
+            walk.run.counts,
+            walk.uids,
+            walk.run.per_tag,
         )
 
     def decoder(self, charset: bytes | None) -> ValueDecoder:
@@ -168,7 +178,7 @@ class _Walk:
         ``stop`` (defined length) or, when ``stop`` is None, after its Item Delimitation Item.
         """
         data, walker, implicit, out = self.data, self.walker, self.implicit, self.out
-        cleaner, counts = self.cleaner, self.run.counts
+        cleaner, counts, per_tag = self.cleaner, self.run.counts, self.run.per_tag
         creators: dict[int, str] = {}
         additions = list(self.owner.additions[implicit]) if top else []
         kept_from = -1  # start of the current run of kept elements
@@ -189,7 +199,10 @@ class _Walk:
             if is_creator and length != UNDEFINED_LENGTH:
                 creators[tag] = data[start : start + length].decode("latin-1").strip("\0 ")
             op = cleaner.op_of(tag, vr, creators.get)
-            counts[op] += 1
+            if per_tag is None:
+                counts[op] += 1
+            else:
+                self.run.count(tag, op)
             if is_creator and op is not Op.KEEP:
                 creators.pop(tag, None)  # gone from the output: its block is not safe
             if tag == SPECIFIC_CHARACTER_SET and length != UNDEFINED_LENGTH:

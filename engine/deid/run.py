@@ -27,10 +27,13 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.deid.export import Exported, Exporter
 
 _EXPORTER: Exporter | None = None
+#: The columns of ``--report``: what happened to each value of an attribute.
+OUTCOME_COLUMNS = ("kept", "cleaned", "replaced", "removed")
 #: Folders this process made already (one mkdir per series, not per file).
 _MADE: set[Path] = set()
 
@@ -41,6 +44,7 @@ class _Job:
     options: tuple[str, ...]
     secret_file: str
     pixel_rules: tuple[str, ...]
+    report: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class _Done:
     detail: str
     counts: dict[str, int]
     qid: str = ""
+    attributes: dict[str, dict[str, int]] | None = None
 
 
 def _build(job: _Job) -> Exporter:
@@ -59,7 +64,8 @@ def _build(job: _Job) -> Exporter:
 
     profile = load_profile(job.profile, job.options)
     rules = load_pixel_rules([Path(p) for p in job.pixel_rules]) if job.pixel_rules else None
-    return Exporter(Deidentifier(profile, load_secret(job.secret_file)), pixel_rules=rules)
+    deid = Deidentifier(profile, load_secret(job.secret_file), per_attribute=job.report)
+    return Exporter(deid, pixel_rules=rules)
 
 
 def _init(job: _Job) -> None:
@@ -89,7 +95,7 @@ def _one(source: str, out_dir: str, quarantine: str) -> _Done:
             out_dir, result.study_uid, result.series_uid, f"{result.sop_instance_uid}.dcm"
         )
         _atomic_write(target, result.header, result.pixels)
-        return _Done("", "", result.counts)
+        return _Done("", "", result.counts, attributes=result.attributes)
     qid = secrets.token_hex(8)
     _atomic_write(Path(quarantine, f"{qid}.dcm"), data)
     reason = {"qid": qid, "reason": result.reason, "detail": result.detail}
@@ -122,7 +128,11 @@ def run_anonymize(args: argparse.Namespace) -> int:
     from engine.deid import ProfileError, SecretError
 
     job = _Job(
-        args.profile, tuple(args.option or ()), str(args.secret_file), tuple(args.pixel_rules or ())
+        args.profile,
+        tuple(args.option or ()),
+        str(args.secret_file),
+        tuple(args.pixel_rules or ()),
+        bool(getattr(args, "report", False)),
     )
     try:
         _build(job)  # fail fast, in this process, on a bad profile, option or secret
@@ -136,6 +146,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
     files = _files(in_dir)
     start = time.perf_counter()
     counts: Counter[str] = Counter()
+    attributes: dict[str, Counter[str]] = {}
     held: list[dict[str, str]] = []
     exported = skipped = 0
     for done in tqdm(
@@ -145,6 +156,8 @@ def run_anonymize(args: argparse.Namespace) -> int:
         disable=args.no_progress,
     ):
         counts.update(done.counts)
+        for name, outcomes in (done.attributes or {}).items():
+            attributes.setdefault(name, Counter()).update(outcomes)
         if not done.reason:
             exported += 1
         elif done.reason == "skipped":
@@ -154,7 +167,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
             held.append({"qid": done.qid, "reason": done.reason, "detail": done.detail})
     if not args.no_sync:
         os.sync()  # the output is on disk before we say so
-    report = {
+    report: dict[str, Any] = {
         "profile": args.profile,
         "options": sorted(job.options),
         "files": len(files),
@@ -165,8 +178,27 @@ def run_anonymize(args: argparse.Namespace) -> int:
         "held_files": held,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if job.report:
+        report["attributes"] = {
+            name: {o: attributes[name][o] for o in OUTCOME_COLUMNS} for name in sorted(attributes)
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / "deid-report.json", (json.dumps(report, indent=2) + "\n").encode())
+    if job.report:
+        table = attribute_table(report["attributes"])
+        _atomic_write(out_dir / "deid-report.txt", table.encode())
+        print(table, end="")
     print(f"{exported} exported, {len(held)} held in {quarantine}, {skipped} not DICOM")
     print(f"report: {out_dir / 'deid-report.json'}")
     return 0
+
+
+def attribute_table(attributes: dict[str, dict[str, int]]) -> str:
+    """``--report``'s table: one row per attribute (keyword or tag, never a value), how many
+    values were kept, cleaned (free text scrubbed, dates shifted), replaced (dummy, new UID,
+    hash, pseudonym) or removed (removed or emptied)."""
+    width = max([len("attribute"), *(len(n) for n in attributes)])
+    lines = [f"{'attribute':<{width}}" + "".join(f"{c:>10}" for c in OUTCOME_COLUMNS)]
+    for name, outcomes in attributes.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{outcomes[c]:>10}" for c in OUTCOME_COLUMNS))
+    return "\n".join(lines) + "\n"

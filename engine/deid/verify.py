@@ -46,6 +46,7 @@ import datetime
 import io
 import re
 import struct
+import unicodedata
 import zlib
 from bisect import bisect_right
 from collections.abc import Collection, Iterable, Iterator
@@ -53,6 +54,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydicom._uid_dict import UID_dictionary
+from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -86,6 +88,7 @@ class LeakKind(StrEnum):
     ORIGINAL_UID = "original_uid"
     INSTITUTION = "institution"
     DEVICE_SERIAL = "device_serial"
+    PATIENT_CONTACT = "patient_contact"
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,13 @@ def leak_reason(leaks: Iterable[Leak | ByteLeak], limit: int = 5) -> str:
 _NAME_STOP = frozenset((
     "MRS", "MISS", "PHD", "DDS", "III", "JNR", "SNR", "THE", "AND", "VON", "VAN", "DER",
     "DEN", "DEL", "DES", "LOS", "LAS", "UND", "UNKNOWN", "ANONYMOUS", "ANON", "PATIENT",
-    "NONE", "NULL", "TEST",
+    "NONE", "NULL", "TEST", "ANONYMIZED", "ANONYMISED", "REMOVED", "DEIDENTIFIED",
 ))  # fmt: skip
 #: Placeholder IDs never hunted.
-_ID_STOP = frozenset(
-    ["ANONYMOUS", "ANON", "UNKNOWN", "NONE", "NULL", "TEST", "PATIENT", "UNDEFINED", "REMOVED"]
-)
+_ID_STOP = frozenset((
+    "ANONYMOUS", "ANON", "UNKNOWN", "NONE", "NULL", "TEST", "PATIENT", "UNDEFINED", "REMOVED",
+    "ANONYMIZED", "ANONYMISED", "DEIDENTIFIED",  # fiona's own dummies (engine.deid.apply)
+))  # fmt: skip
 
 _PATIENT_NAMES = {"PatientName": True, "OtherPatientNames": False, "PatientBirthName": False}
 _PATIENT_NAMES["PatientMotherBirthName"] = False
@@ -150,7 +154,62 @@ _IDS = {
     "DeviceSerialNumber": LeakKind.DEVICE_SERIAL,
     "InstitutionName": LeakKind.INSTITUTION,
     "InstitutionAddress": LeakKind.INSTITUTION,
+    "InstitutionalDepartmentName": LeakKind.INSTITUTION,
 }
+#: Identity attributes hunted as whole values (>= :data:`_MIN_CONTACT` characters) and, when
+#: they hold enough digits, as digit runs: where the patient and people close to them live and
+#: are reached, and the like.
+_CONTACTS = frozenset((
+    "PatientAddress", "PatientTelephoneNumbers", "PatientTelecomInformation", "MilitaryRank",
+    "BranchOfService", "MedicalRecordLocator", "RegionOfResidence", "ResponsibleOrganization",
+    "PersonAddress", "PersonTelephoneNumbers", "PersonTelecomInformation",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "IssuerOfPatientID",
+    "CountryOfResidence",
+))  # fmt: skip
+_MIN_CONTACT = 6
+#: ID kinds also hunted as digit runs: the value's digits without separators, prefixes or
+#: leading zeros, when at least :data:`_MIN_DIGITS` of them are left.
+_DIGIT_KINDS = frozenset((
+    LeakKind.PATIENT_ID, LeakKind.OTHER_PATIENT_ID, LeakKind.ACCESSION_NUMBER,
+    LeakKind.OTHER_ID, LeakKind.PATIENT_CONTACT,
+))  # fmt: skip
+_MIN_DIGITS = 6
+#: A run of digits with separators between them (``-``, ``.``, ``/``, space, ``_``, brackets).
+_DIGIT_RUN = re.compile(r"[0-9](?:[-./ _()]*[0-9])*")
+_DIGIT_RUN_BYTES = re.compile(rb"[0-9](?:[-./ _()]*[0-9])*")
+#: Vocabulary kept on purpose (device and coded-concept words): a name or institution token
+#: made only of such words never counts as a leak (``SIEMENS`` as institution and manufacturer).
+_VOCABULARY = frozenset(
+    ("Manufacturer", "ManufacturerModelName", "CodeMeaning", "SoftwareVersions")
+)
+_NAME_KINDS = frozenset((LeakKind.PATIENT_NAME, LeakKind.PERSON_NAME, LeakKind.INSTITUTION))
+_WORD = re.compile(r"[^\W_]+")
+#: Letters NFKD does not take apart (ASCII folding beyond accents).
+_FOLD = str.maketrans({
+    "ø": "o", "Ø": "O", "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "đ": "d",
+    "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D", "ı": "i",
+})  # fmt: skip
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)  # fmt: skip
+
+
+def ascii_fold(text: str, drop: bool = False) -> str:
+    """``text`` without accents and with letters like ``ø`` spelt in ASCII (``Sørensen`` ->
+    ``Sorensen``); characters with no ASCII form are kept (``drop``: removed, which is fast
+    enough for a whole header)."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_FOLD))
+    if drop:
+        return decomposed.encode("ascii", "ignore").decode("ascii")
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def digit_run(text: str) -> str:
+    """The digits of ``text`` in order, without leading zeros."""
+    return "".join(c for c in text if c.isascii() and c.isdigit()).lstrip("0")
+
+
 _DATES = {
     "PatientBirthDate": LeakKind.BIRTH_DATE,
     "StudyDate": LeakKind.ORIGINAL_DATE,
@@ -160,7 +219,7 @@ _DATES = {
     "AcquisitionDateTime": LeakKind.ORIGINAL_DATE,
 }
 #: UI elements naming software or classes, not a patient's objects: never hunted.
-_UID_SKIP = frozenset((
+KEPT_UID_KEYWORDS = frozenset((
     "TransferSyntaxUID", "ImplementationClassUID", "CodingSchemeUID",
     "PrivateInformationCreatorUID",
 ))  # fmt: skip
@@ -182,16 +241,45 @@ def _date_forms(value: str) -> list[tuple[str, bool]]:
     return [(text, True)] + [(s, False) for s in seps]
 
 
+def _written_dates(value: str) -> list[str]:
+    """More written forms of a birth date: two-digit years (``03.04.68``, ``04/03/68``), no
+    leading zeros (``3.4.1968``), and English month names (``3 Apr 1968``, ``03-APR-68``,
+    ``April 3, 1968``); [] unless a valid date."""
+    if not _date_forms(value):
+        return []
+    text = value.strip()[:8]
+    y, m, d = text[:4], text[4:6], text[6:]
+    yy, mn, dn = y[2:], str(int(m)), str(int(d))
+    forms = set()
+    for sep in ".-/":
+        forms |= {f"{d}{sep}{m}{sep}{yy}", f"{dn}{sep}{mn}{sep}{y}", f"{dn}{sep}{mn}{sep}{yy}"}
+    forms |= {f"{m}/{d}/{yy}", f"{mn}/{dn}/{y}", f"{mn}/{dn}/{yy}"}
+    month = _MONTHS[int(m) - 1]
+    for name in {month, month[:3], month[:4] if month == "September" else month[:3]}:
+        for day in {d, dn}:
+            forms |= {f"{day} {name} {y}", f"{day}-{name}-{y}", f"{day}-{name}-{yy}"}
+            forms |= {f"{day} {name} {yy}", f"{day}{name}{y}", f"{day}. {name} {y}"}
+            forms |= {f"{name} {day}, {y}", f"{name} {day} {y}"}
+    return sorted(forms)
+
+
 def _name_forms(value: str) -> list[str]:
-    """The whole-name renderings of one PN value (alphabetic group only)."""
-    alpha = value.split("=")[0].strip()
-    parts = [p.strip() for p in alpha.split("^")]
-    forms = {alpha.rstrip("^")}
-    family, given = [*parts, "", ""][:2]
-    if family and given:
-        forms |= {f"{family}^{given}", f"{family} {given}", f"{given} {family}"}
-        forms |= {f"{family}, {given}", f"{family},{given}"}
-    return [f for f in forms if len(f) >= 5]
+    """The whole-name renderings of one PN value, in each of its component groups
+    (alphabetic, ideographic, phonetic): family and given name in either order, with a space,
+    comma or caret between them, and, for names not written in ASCII, with nothing between
+    them (``山田太郎``). At least 5 characters (3 for names not in ASCII)."""
+    forms: set[str] = set()
+    for group in value.split("="):
+        group = group.strip()
+        parts = [p.strip() for p in group.split("^")]
+        forms.add(group.rstrip("^"))
+        family, given = [*parts, "", ""][:2]
+        if family and given:
+            forms |= {f"{family}^{given}", f"{family} {given}", f"{given} {family}"}
+            forms |= {f"{family}, {given}", f"{family},{given}"}
+            if not group.isascii():
+                forms |= {f"{family}{given}", f"{family}\u3000{given}"}
+    return [f for f in forms if len(f) >= (5 if f.isascii() else 3)]
 
 
 class IdentifyingValues:
@@ -205,6 +293,9 @@ class IdentifyingValues:
         # kind -> normalised (upper-case) tokens; dates keep apart compact and separated forms
         self._tokens: dict[LeakKind, set[str]] = {}
         self._compact_dates: dict[LeakKind, set[str]] = {}
+        self._digits: dict[str, LeakKind] = {}  # digit run -> kind
+        self._vocabulary: set[str] = set()  # upper-case words of kept vocabulary
+        self._encodings: set[tuple[str, ...]] = set()  # Python codecs of the study's charsets
         self._cache: dict[tuple[frozenset[str], frozenset[str]], _Matcher] = {}
 
     @classmethod
@@ -233,12 +324,34 @@ class IdentifyingValues:
         """The kinds of value collected (for tests and summaries)."""
         return {k.value for k, v in self._tokens.items() if v}
 
+    @property
+    def needs_decoding(self) -> bool:
+        """Whether the study's character sets write text that a byte search in UTF-8 or
+        latin-1 cannot find (ISO 2022, GB18030, Greek, Cyrillic...): search decoded text."""
+        plain = {"iso8859", "latin_1", "utf_8", "ascii"}
+        return any(set(codecs) - plain for codecs in self._encodings)
+
     def _put(self, kind: LeakKind, token: str) -> None:
-        self._tokens.setdefault(kind, set()).add(token.upper())
+        tokens = self._tokens.setdefault(kind, set())
+        tokens.add(token.upper())
+        folded = ascii_fold(token)
+        if folded != token and folded.isascii():  # Latin letters only: kana keep their marks
+            tokens.add(folded.upper())
         self._cache.clear()
+
+    def _put_digits(self, kind: LeakKind, value: str) -> None:
+        digits = digit_run(value)
+        if len(digits) >= _MIN_DIGITS and len(set(digits)) > 1:
+            self._digits.setdefault(digits, kind)
+            self._cache.clear()
 
     def add(self, ds: Dataset) -> None:
         """Collect the identifying values of one original instance (file meta too)."""
+        charset = ds.get("SpecificCharacterSet")
+        if charset:
+            codes = [charset] if isinstance(charset, str) else [str(c) for c in charset]
+            self._encodings.add(tuple(convert_encodings(codes)))
+            self._cache.clear()
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             self._walk(meta)
@@ -252,6 +365,15 @@ class IdentifyingValues:
             minimum = 6 if v.isdigit() else 4
             if len(v) >= minimum and v.upper() not in _ID_STOP and len(set(v)) > 1:
                 self._put(kind, v)
+            if kind in _DIGIT_KINDS:
+                self._put_digits(kind, v)
+
+    def _add_contact(self, value: object) -> None:
+        for v in _strings(value):
+            v = v.strip()
+            if len(v) >= _MIN_CONTACT and v.upper() not in _ID_STOP:
+                self._put(LeakKind.PATIENT_CONTACT, v)
+            self._put_digits(LeakKind.PATIENT_CONTACT, v)
 
     def _add_date(self, kind: LeakKind, value: object) -> None:
         for v in _strings(value):
@@ -259,13 +381,19 @@ class IdentifyingValues:
                 self._put(kind, form)
                 if compact:
                     self._compact_dates.setdefault(kind, set()).add(form)
+            if kind is LeakKind.BIRTH_DATE:
+                for form in _written_dates(v):
+                    self._put(kind, form)
 
     def _add_name(self, kind: LeakKind, value: object, parts: bool) -> None:
         for v in _strings(value):
             for form in _name_forms(v):
-                self._put(kind, form)
+                if form.upper() not in _NAME_STOP and form.upper() not in _ID_STOP:
+                    self._put(kind, form)
             if parts:
-                for part in v.split("=")[0].split("^")[:2]:
+                groups = v.split("=")
+                words = [p for g in groups for p in g.split("^")[:2]]
+                for part in words:
                     for word in re.split(r"[\s,]+", part.strip()):
                         if len(word) >= 3 and word.upper() not in _NAME_STOP:
                             self._put(kind, word)
@@ -284,7 +412,13 @@ class IdentifyingValues:
                 self._add_id(_IDS[keyword], elem.value)
             elif keyword in _DATES:
                 self._add_date(_DATES[keyword], elem.value)
-            elif vr == "UI" and keyword not in _UID_SKIP and "ClassUID" not in keyword:
+            elif keyword in _CONTACTS:
+                self._add_contact(elem.value)
+            elif keyword in _VOCABULARY:
+                for v in _strings(elem.value):
+                    self._vocabulary.update(w.upper() for w in _WORD.findall(v))
+                    self._cache.clear()
+            elif vr == "UI" and keyword not in KEPT_UID_KEYWORDS and "ClassUID" not in keyword:
                 for v in _strings(elem.value):
                     v = v.strip().rstrip("\x00")
                     if len(v) >= _MIN_UID and v not in UID_dictionary:
@@ -358,6 +492,7 @@ class _Matcher:
             allowed |= {form.upper() for form, _ in _date_forms(a)}
         words: dict[str, tuple[str, str]] = {}
         self.kinds: dict[str, str] = {}
+        vocabulary = values._vocabulary
         for kind, tokens in sorted(values._tokens.items()):
             if kind.value in allow_kinds:
                 continue
@@ -365,6 +500,8 @@ class _Matcher:
             for token in sorted(tokens - allowed):
                 if token in words:
                     continue
+                if kind in _NAME_KINDS and vocabulary and set(_WORD.findall(token)) <= vocabulary:
+                    continue  # device or code words the output keeps on purpose
                 if kind is LeakKind.ORIGINAL_UID:
                     words[token] = ("digit", "digit")
                 elif kind in (LeakKind.BIRTH_DATE, LeakKind.ORIGINAL_DATE):
@@ -372,7 +509,12 @@ class _Matcher:
                 else:
                     words[token] = ("word", "word")
                 self.kinds[token] = kind.value
-        self.empty = not words
+        self.digits = {
+            run: kind.value
+            for run, kind in values._digits.items()
+            if kind.value not in allow_kinds and run not in allowed
+        }
+        self.empty = not words and not self.digits
         pattern = _trie(words) if words else "(?!)"
         self.text = re.compile(pattern, re.IGNORECASE)
         self.upper = re.compile(pattern)  # for upper-cased text: 4x faster than IGNORECASE
@@ -383,11 +525,7 @@ class _Matcher:
         for token, bounds in words.items():
             cases = {token} if token.isascii() else {token, token.lower(), token.title()}
             for variant in cases:
-                for encoding in ("utf-8", "latin-1"):
-                    try:
-                        raw = variant.encode(encoding)
-                    except UnicodeEncodeError:
-                        continue
+                for raw in _encoded(variant, values._encodings):
                     byte_words[raw.decode("latin-1")] = bounds
                     self.byte_kinds[raw.upper()] = self.kinds[token]
         byte_pattern = _trie(byte_words) if byte_words else "(?!)"
@@ -401,9 +539,48 @@ class _Matcher:
             kind = next((k for t, k in self.kinds.items() if t.casefold() == folded), "unknown")
         return kind
 
+    def digit_kinds(self, text: str | bytes) -> list[str]:
+        """The kinds of the ID digit runs found in ``text`` (any separators, prefixes or
+        leading zeros around the digits), each once, in order."""
+        if not self.digits:
+            return []
+        found: list[str] = []
+        runs = (
+            _DIGIT_RUN_BYTES.findall(text) if isinstance(text, bytes) else _DIGIT_RUN.findall(text)
+        )
+        for run in runs:
+            if len(run) < _MIN_DIGITS:
+                continue
+            digits = digit_run(run.decode("ascii") if isinstance(run, bytes) else run)
+            kind = self.digits.get(digits)
+            if kind is not None and kind not in found:
+                found.append(kind)
+        return found
+
     def byte_kind(self, found: bytes) -> str:
         """The kind of the token the bytes ``found`` matched."""
         return self.byte_kinds.get(found.upper()) or self.kind(found.decode("utf-8", "replace"))
+
+
+def _encoded(token: str, encodings: set[tuple[str, ...]]) -> set[bytes]:
+    """``token`` as the bytes it can take in a file: UTF-8, latin-1 and the study's own
+    Specific Character Sets (ISO 2022 escapes, GB18030, Greek...)."""
+    out: set[bytes] = set()
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            out.add(token.encode(encoding))
+        except UnicodeEncodeError:
+            continue
+    if not token.isascii():
+        for codecs in encodings:
+            try:
+                raw = encode_string(token, list(codecs))
+            except Exception:  # a token the charset cannot write: it cannot be in the file
+                continue
+            out.add(raw)
+            if raw.startswith(b"\x1b"):  # ISO 2022: also without the leading escape
+                out.add(raw[3:] if raw[1:3] != b"$(" else raw[4:])
+    return {raw for raw in out if raw}
 
 
 # --------------------------------------------------------------------------- dataset walk
@@ -449,10 +626,12 @@ def _texts(ds: Dataset, prefix: str, out: list[tuple[str, str]]) -> None:
             if vr != "SQ" and isinstance(value, bytes):
                 text = value.decode("latin-1")
                 out.append((path, text))
+                escaped = "\x1b" in text  # ISO 2022: 7-bit bytes that decode to other text
                 if not text.isascii():
                     out.append((path, value.decode("utf-8", "ignore")))
-                    if vr not in _NUMERIC_VRS and vr not in ("OB", "OW", "UN"):
-                        out.append((path, _converted(ds, tag)))
+                textual = vr not in _NUMERIC_VRS and vr not in ("OB", "OW", "UN")
+                if (escaped or not text.isascii()) and textual:
+                    out.append((path, _converted(ds, tag)))
                 continue
             elem = ds[tag]
         _element_texts(elem, path, out)
@@ -513,6 +692,7 @@ def find_leaks(
     if meta is not None:
         _texts(meta, "", parts)
     _texts(output, "", parts)
+    parts += [(path, ascii_fold(text)) for path, text in parts if not text.isascii()]
     starts: list[int] = []
     chunks: list[str] = []
     pos = 0
@@ -527,6 +707,11 @@ def find_leaks(
         haystack = upper
     seen: set[tuple[int, str]] = set()
     leaks: list[Leak] = []
+    for index, (path, text) in enumerate(parts):
+        for kind in matcher.digit_kinds(text):
+            if (index, kind) not in seen:
+                seen.add((index, kind))
+                leaks.append(Leak(path, f"{kind}, digits"))
     for match in search.finditer(haystack):
         index = bisect_right(starts, match.start()) - 1
         kind = matcher.kind(match.group())

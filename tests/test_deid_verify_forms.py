@@ -1,0 +1,141 @@
+"""The verification gate finds identities however they are written, and holds no clean file.
+
+Each case de-identifies a synthetic instance through :class:`engine.deid.export.Exporter` with
+the basic profile and an override that keeps Image Comments (0020,4000), where the case writes
+an original value in another form (or a kept value that is not a leak). A leak must hold the
+file as ``verification_failed`` naming the element and the kind of match, never the value.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+from pydicom.dataset import Dataset
+
+from engine.deid import Deidentifier, load_profile, verify
+from engine.deid.export import Exported, Exporter, Held
+from tests import synth
+
+SECRET = b"v" * 48
+Edit = Callable[[Dataset], None]
+
+
+def _instance(edit: Edit) -> bytes:
+    ds = synth.make_study(synth.make_study_spec(11), [synth.MR_SERIES["t2_tse"]], size=16)[0]
+    ds.PatientID = "00123456"
+    ds.AccessionNumber = "ACC-2024-778899"
+    ds.PatientBirthDate = "19680403"
+    ds.PatientAddress = "12 Rosebud Lane, Springfield"
+    ds.PatientTelephoneNumbers = "044 123 45 67"
+    ds.PatientMotherBirthName = "KOWALSKA^MARTA"
+    edit(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _export(edit: Edit, *overrides: str) -> Exported | Held:
+    keep = {"ImageComments": "keep", **{k: "keep" for k in overrides}}
+    profile = load_profile("basic", (), keep)
+    return Exporter(Deidentifier(profile, SECRET, project="p")).export(_instance(edit))
+
+
+def _comment(text: str, **more: object) -> Edit:
+    def edit(ds: Dataset) -> None:
+        for keyword, value in more.items():
+            setattr(ds, keyword, value)
+        ds.ImageComments = text
+
+    return edit
+
+
+LEAKS = [
+    ("folded_name", _comment("seen by Sorensen", PatientName="SØRENSEN^ÅSA"), "patient_name"),
+    ("accented_name", _comment("Sørensen Åsa", PatientName="SORENSEN^ASA"), "patient_name"),
+    ("given_family_comma", _comment("Asa, Sorensen", PatientName="SORENSEN^ASA"), "patient_name"),
+    ("mrn_separators", _comment("MRN 123-456"), "patient_id"),
+    ("mrn_prefix_zeros", _comment("id: P000123456."), "patient_id"),
+    ("accession_digits", _comment("acc 2024/778899"), "accession_number"),
+    ("birth_day_month_name", _comment("born 3 Apr 1968"), "birth_date"),
+    ("birth_two_digit_year", _comment("DOB 03.04.68"), "birth_date"),
+    ("birth_iso", _comment("DOB 1968-04-03"), "birth_date"),
+    ("birth_us", _comment("DOB 04/03/1968"), "birth_date"),
+    ("birth_month_first", _comment("born April 3, 1968"), "birth_date"),
+    ("address", _comment("lives at 12 ROSEBUD LANE, SPRINGFIELD"), "patient_contact"),
+    ("telephone_digits", _comment("call 044-123-45-67"), "patient_contact"),
+    ("mother_birth_name", _comment("mother Kowalska Marta"), "patient_name"),
+    (
+        "japanese_ideographic",
+        _comment(
+            "山田太郎",
+            SpecificCharacterSet=["", "ISO 2022 IR 87"],
+            PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう",
+        ),
+        "patient_name",
+    ),
+    (
+        "greek_lower_case_accented",
+        _comment(
+            "ο κ. Παπαδόπουλος",
+            SpecificCharacterSet="ISO_IR 126",
+            PatientName="ΠΑΠΑΔΟΠΟΥΛΟΣ^ΝΙΚΟΣ",
+        ),
+        "patient_name",
+    ),
+    (
+        "chinese_gb18030",
+        _comment("患者王小明", SpecificCharacterSet="GB18030", PatientName="Wang^XiaoMing=王^小明"),
+        "patient_name",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "kind"), [c[1:] for c in LEAKS], ids=[c[0] for c in LEAKS])
+def test_a_reformatted_identity_is_held_naming_path_and_kind(edit: Edit, kind: str) -> None:
+    held = _export(edit)
+    assert isinstance(held, Held), "not held"
+    assert held.reason == "verification_failed"
+    assert "ImageComments" in held.detail and kind in held.detail, held.detail
+    comment = _instance(edit)
+    for secret in ("Sorensen", "123456", "778899", "1968", "Rosebud", "Kowalska", "45 67"):
+        assert secret.lower() not in held.detail.lower() or secret.encode() not in comment
+
+
+CLEAN = [
+    ("own_dummy_name", _comment("ANONYMIZED", PatientName="ANONYMIZED")),
+    (
+        "manufacturer_word",
+        _comment("made by SIEMENS", InstitutionName="SIEMENS", Manufacturer="SIEMENS"),
+    ),
+    (
+        "code_meaning_word",
+        _comment("Brain", PatientName="BRAIN^QUINTUS", CodeMeaning="Brain"),
+    ),
+    ("short_numbers", _comment("TR 4500 TE 120 slice 12")),
+    ("other_digits", _comment("ref 123-457")),
+]
+
+
+@pytest.mark.parametrize("edit", [c[1] for c in CLEAN], ids=[c[0] for c in CLEAN])
+def test_kept_values_are_not_leaks(edit: Edit) -> None:
+    result = _export(edit, "Manufacturer")
+    assert isinstance(result, Exported), result
+
+
+def test_a_private_coding_scheme_uid_the_profile_keeps_is_not_a_leak() -> None:
+    def edit(ds: Dataset) -> None:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "X1", "99LOCAL", "Thing"
+        item.CodingSchemeUID = "1.2.826.0.1.3680043.99.1234.5"  # a private scheme's UID
+        ds.ProcedureCodeSequence = [item]
+
+    result = _export(edit)
+    assert isinstance(result, Exported), result
+    assert b"1.2.826.0.1.3680043.99.1234.5" in result.data
+
+
+def test_folding_and_digit_runs() -> None:
+    assert verify.ascii_fold("Sørensen Åsa Łódź Straße") == "Sorensen Asa Lodz Strasse"
+    assert verify.digit_run("MRN-000123.456") == "123456"
