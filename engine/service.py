@@ -32,6 +32,7 @@ from engine.store.summary import write_pending_summaries
 from engine.transfer.config import destinations_of
 from engine.transfer.outbox import Outbox
 from engine.transfer.worker import OutboxWorker
+from engine.web.server import start_for_site as start_web
 from engine.workflow import Workflow, site_labeller
 
 log = logging.getLogger("fiona")
@@ -334,7 +335,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
-    status_page = start_for_site(site, store.index)
+    status_page = start_for_site(site, store.index)  # deprecated: the web API serves it too
+    web = start_web(site, store.index, load_enabled_projects)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,
@@ -350,6 +352,8 @@ def run_serve(args: argparse.Namespace) -> int:
     scheduler.shutdown(wait=True)
     if status_page is not None:
         status_page.stop()
+    if web is not None:
+        web.stop()
     mark_stopped(site.data_dir)
     remove_pid_file(site.data_dir)
     outbox.worker.close()
