@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
+from engine.config.validate import open_to_any_sender
 from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
@@ -108,7 +109,9 @@ def open_store(site: SiteConfig) -> Store:
         index = open_index(site.index_url, site.data_dir / "index.sqlite")
     except sqlite3.Error as exc:
         raise IndexUnusable(f"cannot open the index in {site.data_dir}: {exc}") from None
-    if index.upgraded_from is not None:
+    if index.upgraded_from == 0:
+        log.info("index %s created (schema version %d)", index.path, index.schema_version)
+    elif index.upgraded_from is not None:
         log.info(
             "index %s upgraded from schema version %d to %d",
             index.path,
@@ -317,6 +320,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
     signals = Signals()
     signals.install()
+    try:
+        _check_writable(site.data_dir)  # one message for a read-only folder, before the secret
+    except IndexUnusable as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
     if not prepare_install_secret(site):
         return 2
     projects = load_enabled_projects(site)
@@ -337,6 +345,9 @@ def run_serve(args: argparse.Namespace) -> int:
     scheduler.resume()
     status_page = start_for_site(site, store.index)  # deprecated: the web API serves it too
     web = start_web(site, store.index, load_enabled_projects)
+    open_network = open_to_any_sender(site)
+    if open_network is not None:
+        log.warning("%s", open_network)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,

@@ -80,6 +80,7 @@ class FionaServer:
     port: int = field(default_factory=free_port)
     ae_title: str = "FIONA"
     config: Path | None = None
+    bind: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -98,7 +99,7 @@ class FionaServer:
             "--ae-title",
             self.ae_title,
             "--bind",
-            "127.0.0.1",
+            self.bind,
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.config.schema import load_schema, schema_dir
+from engine.config.sections import ProjectSection, register_section
 from engine.projects import PROJECT_SECTIONS, RULESET_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +46,10 @@ def test_every_schema_a_section_or_kind_names_exists() -> None:
 def test_one_kind_of_rule_set_file_per_folder() -> None:
     folders = [kind.folder for kind in RULESET_KINDS]
     assert len(set(folders)) == len(folders) and "" in folders
+
+
+def test_a_second_section_under_a_taken_key_is_refused() -> None:
+    first = PROJECT_SECTIONS[0]
+    register_section(first)  # the same registration again changes nothing
+    with pytest.raises(ValueError, match="registered twice"):
+        register_section(ProjectSection(first.key, first.schema, lambda project, parsed: []))

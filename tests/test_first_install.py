@@ -167,6 +167,10 @@ def test_first_install_exports_no_phi(
     assert re.search(r"INFO .*created the install secret .*install\.key", install.log_text())
     # Listening on loopback only by default.
     assert re.search(r"on 127\.0\.0\.1:\d+", install.log_text())
+    # A first start creates the index; nothing was upgraded.
+    created = r"INFO .*index .*index\.sqlite created \(schema version \d+\)"
+    assert re.search(created, install.log_text())
+    assert "upgraded from schema version" not in install.log_text()
 
 
 def test_install_secret_is_created_once_and_never_overwritten(tmp_path: Path) -> None:

@@ -58,6 +58,24 @@ def test_sigterm_stops_cleanly(tmp_path: Path, empty_projects: Path, storescu: s
         assert db.execute("SELECT count(*) FROM instances").fetchone() == (len(files),)
 
 
+def test_listening_on_the_network_without_an_allow_list_is_warned_about(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    warning = "allowed_calling_aes is empty: any host that reaches the port can send"
+    server = FionaServer(tmp_path / "data", empty_projects, bind="0.0.0.0").start()
+    try:
+        wait_for("the serving line", lambda: "fiona serving" in server.log_text(), 30, server)
+        assert re.search(f"WARNING .*listens on 0.0.0.0 and {warning}", server.log_text())
+    finally:
+        server.stop()
+    loopback = FionaServer(tmp_path / "data2", empty_projects).start()
+    try:
+        wait_for("the serving line", lambda: "fiona serving" in loopback.log_text(), 30, loopback)
+        assert warning not in loopback.log_text()
+    finally:
+        loopback.stop()
+
+
 def test_sighup_reloads_the_projects_at_once(tmp_path: Path, empty_projects: Path) -> None:
     _project(empty_projects, "first")
     # A scan only once an hour: what loads the new project at once is the SIGHUP.

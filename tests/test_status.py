@@ -241,6 +241,20 @@ def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
         "3 files checked, 0 errors, 2 warnings",
     ]
 
+    # Listening on the network with no allow-list: anyone may send.
+    site.write_text(f"ae_title: FIONA\nprojects_dir: {projects}\nbind_address: 0.0.0.0\n")
+    assert run_validate([], site_path=site) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{site}:3 bind_address: warning: fiona listens on 0.0.0.0 and allowed_calling_aes is"
+        " empty: any host that reaches the port can send images under any AE title; list the"
+        " modalities' AE titles in allowed_calling_aes and open the port only to their"
+        " addresses in the firewall"
+    )
+    site.write_text(
+        f"ae_title: FIONA\nprojects_dir: {projects}\nallowed_calling_aes:\n  - SCANNER_A\n"
+    )
+
     # The heartbeat on the list, the folder there: no warnings.
     site.write_text(site.read_text() + "heartbeat:\n  calling_ae: SCANNER_A\n")
     (tmp_path / "not-mounted").mkdir()

@@ -79,8 +79,36 @@ def _warning(file: Path, keys: tuple[str, ...], message: str) -> ConfigIssue:
     return ConfigIssue(file, key_line(file, keys), format_path(keys), f"warning: {message}")
 
 
+def open_to_any_sender(site: SiteConfig) -> str | None:
+    """Why the receiver takes images from anyone who can reach it (bound beyond loopback and
+    no ``allowed_calling_aes`` list), or None when it does not."""
+    import ipaddress
+
+    address = site.bind_address
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False  # a host name: assume it is reachable from the network
+    if loopback or site.allowed_calling_aes:
+        return None
+    return (
+        f"fiona listens on {address} and allowed_calling_aes is empty: any host that reaches the"
+        " port can send images under any AE title; list the modalities' AE titles in"
+        " allowed_calling_aes and open the port only to their addresses in the firewall"
+    )
+
+
 def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
-    """The heartbeat's calling AE not on a set ``allowed_calling_aes`` list."""
+    """The receiver open to any sender on the network; the heartbeat's calling AE not on a
+    set ``allowed_calling_aes`` list."""
+    found = []
+    open_network = open_to_any_sender(site)
+    if open_network is not None and site.source is not None:
+        found.append(_warning(site.source, ("bind_address",), open_network))
+    return found + _heartbeat_warnings(site)
+
+
+def _heartbeat_warnings(site: SiteConfig) -> list[ConfigIssue]:
     allowed = site.allowed_calling_aes
     calling = site.heartbeat.calling_ae or site.ae_title
     if site.source is None or not allowed or calling in allowed:
