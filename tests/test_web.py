@@ -30,6 +30,7 @@ from engine.store.audit import AuditLog
 from tests import synth
 from tests.conftest import need_peer
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
+from tests.test_tls import tls_files  # noqa: F401  (the fixture)
 
 MR = synth.MR_SERIES
 PASSWORD = "correct horse battery staple"
@@ -362,3 +363,49 @@ def test_a_held_study_released_through_the_api_is_delivered(site: Site) -> None:
     released = [e for e in AuditLog(site.root / "data").entries()
                 if e["event"] == "released"]  # fmt: skip
     assert released and released[-1]["operator"] == "web:coord_a"
+
+
+# -- serving: TLS, configuration ------------------------------------------------------------------
+
+
+def test_with_a_certificate_and_key_the_api_is_served_over_https(
+    tmp_path: Path,
+    empty_projects: Path,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture of tests/test_tls.py)
+) -> None:
+    import ssl
+
+    key, cert = tls_files
+    port = free_port()
+    site = tmp_path / "site.yaml"
+    web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
+    site.write_text(yaml.safe_dump({"web": web}))
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    try:
+        wait_for_port(port, 30, server.proc)
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        url = f"https://127.0.0.1:{port}/api/v1/status"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=30, context=context)
+        assert refused.value.code == 401  # TLS worked; the API answered
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=30)
+    finally:
+        server.stop()
+
+
+def test_a_certificate_without_its_key_is_a_config_error(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here\n")
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"web": {"enabled": True, "cert_file": str(cert)}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", "--config", str(site),
+         "--projects", str(empty_projects)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert "site.yaml:2 web: cert_file is set but key_file is not" in result.stdout + result.stderr
