@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
-from engine.config.validate import open_to_any_sender
+from engine.config.validate import open_to_any_sender, web_in_clear
 from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
@@ -348,6 +348,9 @@ def run_serve(args: argparse.Namespace) -> int:
     open_network = open_to_any_sender(site)
     if open_network is not None:
         log.warning("%s", open_network)
+    clear = web_in_clear(site)
+    if clear is not None:
+        log.warning("%s", clear)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,

@@ -295,6 +295,12 @@ def test_the_status_page_and_metrics_are_served_too(site: Site) -> None:
     assert status == 200 and "fiona_" in text
     status, text = site.call("GET", "/")
     assert status == 200 and "fiona:" in text
+    request = urllib.request.Request(f"http://127.0.0.1:{site.web_port}/api/v1/status")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    headers = refused.value.headers
+    assert headers["Cache-Control"] == "no-store" and headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
 
 
 # -- users and tokens ----------------------------------------------------------------------------
@@ -409,3 +415,19 @@ def test_a_certificate_without_its_key_is_a_config_error(
     )  # fmt: skip
     assert result.returncode == 1, result.stdout
     assert "site.yaml:2 web: cert_file is set but key_file is not" in result.stdout + result.stderr
+
+
+def test_validate_warns_when_the_api_would_send_tokens_in_clear_on_the_network(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"web": {"bind": "0.0.0.0", "enabled": True}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", "--config", str(site),
+         "--projects", str(empty_projects)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert (
+        f"{site}:2 web.bind: warning: the web API listens on 0.0.0.0 over plain HTTP"
+    ) in result.stdout
