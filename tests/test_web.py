@@ -4,7 +4,7 @@ One site for the module: project ``alpha`` (studies from MR1, delivered to a fol
 missing at first, so its study is held as ``transfer_failed``) and project ``beta`` (studies
 from MR2, classified only). Users are made with ``fiona user add`` while the service runs, as
 an admin would; tokens with ``fiona user token``. The last test releases alpha's held study
-through the API and sees it delivered.
+through the API and sees it delivered; the tests after it need no held item.
 """
 
 from __future__ import annotations
@@ -431,3 +431,54 @@ def test_validate_warns_when_the_api_would_send_tokens_in_clear_on_the_network(
     assert (
         f"{site}:2 web.bind: warning: the web API listens on 0.0.0.0 over plain HTTP"
     ) in result.stdout
+
+
+def _on_a_terminal(argv: list[str], answers: list[str], timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` on a new pseudo-terminal, typing each answer after each prompt ending in
+    ': '; (exit status, everything the terminal showed)."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, with the terminal as its controlling tty
+        os.chdir(REPO)
+        os.execv(argv[0], argv)
+    shown = b""
+    deadline = time.monotonic() + timeout
+    pending = list(answers)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child ended: the terminal is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown.rstrip().endswith(b":"):
+                os.write(fd, pending.pop(0).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_user_add_asks_for_the_password_twice_on_a_terminal(site: Site) -> None:
+    where = ["--config", str(site.root / "site.yaml"), "--data", str(site.root / "data"),
+             "--projects", str(site.root / "projects")]  # fmt: skip
+    argv = [sys.executable, "-m", "engine.cli", "user", "add", "carol", "--role", "viewer", *where]
+    code, shown = _on_a_terminal(argv, ["first password!!", "other password!!"])
+    assert code == 1 and "the two passwords differ" in shown, shown
+    code, shown = _on_a_terminal(argv, [PASSWORD, PASSWORD])
+    assert code == 0 and "user carol: viewer" in shown, shown
+    assert PASSWORD not in shown  # not echoed
+    from engine.store.index import open_index
+    from engine.store.users import UserStore
+
+    index = open_index("", site.root / "data" / "index.sqlite", upgrade=False, read_only=True)
+    try:
+        users = UserStore(index)
+        assert users.check_password("carol", PASSWORD) is not None
+        assert users.check_password("carol", "first password!!") is None
+    finally:
+        index.close()
