@@ -3,7 +3,7 @@
 One site for the module: project ``alpha`` (studies from MR1, delivered to a folder that is
 missing at first, so its study is held as ``transfer_failed``) and project ``beta`` (studies
 from MR2, classified only). Users are made with ``fiona user add`` while the service runs, as
-an admin would; tokens with ``fiona user token``. The last test releases alpha's held study
+an admin would; tokens with ``fiona user token``. A late test releases alpha's held study
 through the API and sees it delivered; the tests after it need no held item.
 """
 
