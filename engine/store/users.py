@@ -38,6 +38,8 @@ __all__ = [
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _TOKEN = re.compile(r"([0-9a-f]{12})\.([A-Za-z0-9_-]{40,})")
 _HASHER = PasswordHasher()
+#: Seconds: a token's ``last_used_at`` is brought up to date at most this often.
+LAST_USED_RESOLUTION = 60.0
 
 
 class Role(StrEnum):
@@ -241,13 +243,15 @@ class UserStore:
         token_id, secret = match.groups()
         with self.index.reading() as db:
             row = db.execute(
-                "SELECT user, secret_hash FROM api_tokens WHERE id = ? AND revoked_at IS NULL",
+                "SELECT user, secret_hash, last_used_at FROM api_tokens"
+                " WHERE id = ? AND revoked_at IS NULL",
                 (token_id,),
             ).fetchone()
         if row is None or not hmac.compare_digest(str(row[1]), _digest(secret)):
             return None
-        with self.index.transaction() as db:
-            db.execute(
-                "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (time.time(), token_id)
-            )
+        now = time.time()
+        if row[2] is None or now - float(row[2]) >= LAST_USED_RESOLUTION:
+            # At most one write a minute per token: a poller must not load the receiver's index.
+            with self.index.transaction() as db:
+                db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
         return self.get(str(row[0]))
