@@ -243,6 +243,11 @@ def test_without_the_phi_grant_no_response_names_the_patient(site: Site) -> None
     assert any("claimed by alpha" in line for line in detail["phi"]["explanation"])
     seen = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
     assert seen and seen[-1]["user"] == "admin"
+    assert seen[-1]["route"] == "GET /api/v1/studies/{study_uid}"
+    n_seen = len(seen)
+    site.json("GET", "/api/v1/audit", "admin")  # user_add entries of a PHI grant are no PHI
+    after = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
+    assert len(after) == n_seen
     assert not any(v in json.dumps(seen) for v in site.patients)
 
 
@@ -257,6 +262,8 @@ def test_studies_are_filtered_and_paginated(site: Site) -> None:
     assert site.json("GET", "/api/v1/studies?modality=CT", "admin")["total"] == 0
     assert site.json("GET", "/api/v1/studies?date_from=2999-01-01", "admin")["total"] == 0
     site.json("GET", "/api/v1/studies?limit=ten", "admin", code=400)
+    body = site.json("GET", "/api/v1/audit?since=yesterday", "admin", code=400)
+    assert "YYYY-MM-DD" in body["error"]
 
 
 def test_explain_an_uploaded_file(site: Site) -> None:
@@ -434,33 +441,46 @@ def test_validate_warns_when_the_api_would_send_tokens_in_clear_on_the_network(
 
 
 def _on_a_terminal(argv: list[str], answers: list[str], timeout: float = 60.0) -> tuple[int, str]:
-    """Run ``argv`` on a new pseudo-terminal, typing each answer after each prompt ending in
-    ': '; (exit status, everything the terminal showed)."""
-    import pty
+    """Run ``argv`` with a new pseudo-terminal as its controlling terminal, typing each answer
+    after each prompt ending in ':'; (exit status, everything the terminal showed). A command
+    still waiting at ``timeout`` is killed and the test fails."""
     import select
 
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the command, with the terminal as its controlling tty
-        os.chdir(REPO)
-        os.execv(argv[0], argv)
+    main_fd, child_fd = os.openpty()
+    name = os.ttyname(child_fd)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdin=child_fd, stdout=child_fd, stderr=child_fd,
+        start_new_session=True,  # then opening the terminal makes it the controlling one
+        preexec_fn=lambda: os.close(os.open(name, os.O_RDWR)),
+    )  # fmt: skip
+    os.close(child_fd)
     shown = b""
-    deadline = time.monotonic() + timeout
     pending = list(answers)
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
+    mark = 0  # what the terminal showed before the last answer
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
             try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the child ended: the terminal is closed
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # the command ended: the terminal is closed
                 break
             if not chunk:
                 break
             shown += chunk
-            if pending and shown.rstrip().endswith(b":"):
-                os.write(fd, pending.pop(0).encode() + b"\n")
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+            if pending and shown[mark:].rstrip().endswith(b":"):
+                os.write(main_fd, pending.pop(0).encode() + b"\n")
+                mark = len(shown)
+        else:
+            proc.kill()
+            raise AssertionError(f"still running after {timeout} s: {shown!r}")
+        return proc.wait(timeout=30), shown.decode(errors="replace")
+    finally:
+        os.close(main_fd)
 
 
 def test_user_add_asks_for_the_password_twice_on_a_terminal(site: Site) -> None:

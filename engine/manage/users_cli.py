@@ -62,7 +62,7 @@ def _add(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
         operator=operator(),
         user=args.name,
         role=args.role,
-        phi=bool(args.phi),
+        phi_grant=bool(args.phi),  # not "phi": the API strips keys of that name from answers
         projects=projects,
     )
     user = store.add(args.name, args.role, password, projects=projects, phi=args.phi)

@@ -5,6 +5,7 @@ path, required role (:class:`Need`) and description (the OpenAPI document is bui
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -174,12 +175,15 @@ def _transfer_change(action: str) -> Callable[[Call], dict[str, Any]]:
 
 
 def _audit(call: Call) -> list[dict[str, Any]]:
+    since = call.query.get("since")
+    if since and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+        raise ApiError(400, "since takes a day, YYYY-MM-DD", "give e.g. since=2026-01-31")
     found = matching(
         AuditLog(call.site.data_dir).entries(),
         study_uid=call.query.get("study_uid"),
         project=call.query.get("project"),
         events=call.query.getlist("event"),
-        since=call.query.get("since"),
+        since=since,
     )
     shown = call.visible()
     if shown is not None:
