@@ -98,6 +98,31 @@ def _add_quarantine_parser(sub: Any) -> None:
     audit.add_argument("--json", action="store_true", help="JSON lines instead of text")
 
 
+def _add_user_parser(sub: Any) -> None:
+    """``user add|list|token|revoke-token|remove``: the web API's users (audited)."""
+    user = sub.add_parser("user", help="web API users and tokens: add, list, token, remove")
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="a new user (asks for the password twice)")
+    _add_site_args(add)
+    add.add_argument("name", help="the user's name (letters, digits, . _ @ -)")
+    add.add_argument("--role", required=True, choices=["admin", "coordinator", "viewer"])
+    add.add_argument("--project", action="append", help="a project granted (repeatable)")
+    add.add_argument("--phi", action="store_true", help="may see patient names, IDs, birth dates")
+    add.add_argument("--password-file", type=Path, help="read the password from this file")
+    listing = actions.add_parser("list", help="users, their grants and their tokens' ids")
+    _add_site_args(listing)
+    token = actions.add_parser("token", help="a new API token for a user (printed once)")
+    _add_site_args(token)
+    token.add_argument("name")
+    token.add_argument("--label", help="what the token is for (e.g. the script using it)")
+    revoke = actions.add_parser("revoke-token", help="revoke an API token by its id")
+    _add_site_args(revoke)
+    revoke.add_argument("token_id", help="the token's id (fiona user list)")
+    remove = actions.add_parser("remove", help="delete a user and its tokens")
+    _add_site_args(remove)
+    remove.add_argument("name")
+
+
 DESCRIPTION = """\
 fiona receives DICOM images from scanners and PACS, decides by rules which research
 projects each study belongs to, de-identifies it and delivers it to the projects'
@@ -111,6 +136,7 @@ common commands:
   act on held items    fiona quarantine release|discard ID, fiona transfers retry ID
   import from CD/USB   fiona ingest PATH
   de-identify a folder fiona anonymize IN OUT --secret-file KEY
+  web API users        fiona user add NAME --role admin, fiona user token NAME
   look after it        fiona backup DEST, fiona restore SRC, fiona db status|upgrade
 
 The site config is --config FILE, else $FIONA_CONFIG, else /etc/fiona/site.yaml when it
@@ -235,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status_parser(sub)
     _add_quarantine_parser(sub)
     _add_ops_parsers(sub)
+    _add_user_parser(sub)
     return parser
 
 
@@ -309,6 +336,10 @@ def _run(args: argparse.Namespace) -> int:
         from engine.manage.audit_cli import run_audit
 
         return run_audit(args)
+    if args.command == "user":
+        from engine.manage.users_cli import run_user
+
+        return run_user(args)
     raise AssertionError(args.command)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
-from engine.config.validate import open_to_any_sender
+from engine.config.validate import open_to_any_sender, web_in_clear
 from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
@@ -33,6 +33,7 @@ from engine.store.summary import write_pending_summaries
 from engine.transfer.config import destinations_of
 from engine.transfer.outbox import Outbox
 from engine.transfer.worker import OutboxWorker
+from engine.web.server import start_for_site as start_web
 from engine.workflow import Workflow, site_labeller
 
 log = logging.getLogger("fiona")
@@ -342,10 +343,14 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
-    status_page = start_for_site(site, store.index)
+    status_page = start_for_site(site, store.index)  # deprecated: the web API serves it too
+    web = start_web(site, store.index, load_enabled_projects)
     open_network = open_to_any_sender(site)
     if open_network is not None:
         log.warning("%s", open_network)
+    clear = web_in_clear(site)
+    if clear is not None:
+        log.warning("%s", clear)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,
@@ -361,6 +366,8 @@ def run_serve(args: argparse.Namespace) -> int:
     scheduler.shutdown(wait=True)
     if status_page is not None:
         status_page.stop()
+    if web is not None:
+        web.stop()
     mark_stopped(site.data_dir)
     remove_pid_file(site.data_dir)
     outbox.worker.close()

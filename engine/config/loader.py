@@ -55,6 +55,7 @@ from engine.config.model import (
     Timeouts,
     TlsConfig,
     UnroutedPolicy,
+    WebConfig,
 )
 from engine.config.rulesets import PROJECT_SUFFIXES
 from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_issues
@@ -143,14 +144,14 @@ def _site_issues(
         return base / p if base is not None and in_file and not p.is_absolute() else p
 
     tls_doc = doc["tls"]
-    tls_in_file = from_file.get("tls", {}) if "tls" not in blame else {}
 
-    def tls_path(key: str) -> Path | None:
-        value = tls_doc[key]
+    def tls_path(key: str, section: str = "tls") -> Path | None:
+        value = doc[section][key]
         if value is None:
             return None
         p = Path(value).expanduser()
-        return base / p if base is not None and key in tls_in_file and not p.is_absolute() else p
+        in_file = from_file.get(section, {}) if section not in blame else {}
+        return base / p if base is not None and key in in_file and not p.is_absolute() else p
 
     index_url = doc["index_url"]
     prefix = "sqlite:///"
@@ -203,8 +204,15 @@ def _site_issues(
         status_http=StatusHttp(
             port=int(doc["status_http"]["port"]), bind=str(doc["status_http"]["bind"])
         ),
+        web=WebConfig(
+            enabled=bool(doc["web"]["enabled"]),
+            port=int(doc["web"]["port"]),
+            bind=str(doc["web"]["bind"]),
+            cert_file=tls_path("cert_file", "web"),
+            key_file=tls_path("key_file", "web"),
+        ),
     )
-    issues += sorted(_check_tls(site.tls, parsed), key=issue_order)
+    issues += sorted(_check_tls(site.tls, parsed) + _check_web(site.web, parsed), key=issue_order)
     return (None if issues else site), issues
 
 
@@ -228,6 +236,21 @@ def _heartbeat(doc: Mapping[str, Any]) -> HeartbeatConfig:
         url=doc["url"],
         url_timeout=float(doc["url_timeout_seconds"]),
     )
+
+
+def _check_web(web: WebConfig, parsed: ParsedFile) -> list[ConfigIssue]:
+    """HTTPS needs both a certificate and a key, and both must exist."""
+    files = {"cert_file": web.cert_file, "key_file": web.key_file}
+    given = [k for k, v in files.items() if v is not None]
+    if len(given) == 1:
+        missing = "key_file" if given == ["cert_file"] else "cert_file"
+        line = parsed.line_of(("web", given[0]))
+        return [ConfigIssue(parsed.file, line, "web", f"{given[0]} is set but {missing} is not")]
+    return [
+        ConfigIssue(parsed.file, parsed.line_of(("web", k)), f"web.{k}", f"no such file: {v}")
+        for k, v in files.items()
+        if v is not None and not v.is_file()
+    ]
 
 
 def _check_tls(tls: TlsConfig, parsed: ParsedFile) -> list[ConfigIssue]:

@@ -132,6 +132,18 @@ class StatusHttp:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web API of ``fiona serve`` (``/api/v1``): off unless ``enabled``; HTTPS when both
+    ``cert_file`` and ``key_file`` (PEM) are given."""
+
+    enabled: bool = False
+    port: int = 8080
+    bind: str = "127.0.0.1"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class LogFile:
     """An optional log file besides stderr, rotated by size: ``path`` (None: stderr only),
     ``max_mb`` (MiB before it is rotated), ``backups`` (rotated files kept: ``fiona.log.1``...)."""
@@ -171,6 +183,7 @@ class SiteConfig:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     status_http: StatusHttp = field(default_factory=StatusHttp)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def index_path(self) -> Path:

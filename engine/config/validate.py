@@ -79,16 +79,34 @@ def _warning(file: Path, keys: tuple[str, ...], message: str) -> ConfigIssue:
     return ConfigIssue(file, key_line(file, keys), format_path(keys), f"warning: {message}")
 
 
+def _loopback(address: str) -> bool:
+    """Whether ``address`` is this machine only (a host name is assumed reachable)."""
+    import ipaddress
+
+    try:
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def web_in_clear(site: SiteConfig) -> str | None:
+    """Why the web API's tokens would cross the network in clear (enabled, bound beyond
+    loopback, no certificate), or None when they would not."""
+    web = site.web
+    if not web.enabled or _loopback(web.bind) or web.cert_file is not None:
+        return None
+    return (
+        f"the web API listens on {web.bind} over plain HTTP: API tokens cross the network in"
+        " clear; set web.cert_file and web.key_file, or keep web.bind 127.0.0.1 behind a"
+        " reverse proxy that serves HTTPS"
+    )
+
+
 def open_to_any_sender(site: SiteConfig) -> str | None:
     """Why the receiver takes images from anyone who can reach it (bound beyond loopback and
     no ``allowed_calling_aes`` list), or None when it does not."""
-    import ipaddress
-
     address = site.bind_address
-    try:
-        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        loopback = False  # a host name: assume it is reachable from the network
+    loopback = _loopback(address)
     if loopback or site.allowed_calling_aes:
         return None
     return (
@@ -99,12 +117,15 @@ def open_to_any_sender(site: SiteConfig) -> str | None:
 
 
 def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
-    """The receiver open to any sender on the network; the heartbeat's calling AE not on a
-    set ``allowed_calling_aes`` list."""
+    """The receiver open to any sender on the network; the web API in clear on the network;
+    the heartbeat's calling AE not on a set ``allowed_calling_aes`` list."""
     found = []
     open_network = open_to_any_sender(site)
     if open_network is not None and site.source is not None:
         found.append(_warning(site.source, ("bind_address",), open_network))
+    clear = web_in_clear(site)
+    if clear is not None and site.source is not None:
+        found.append(_warning(site.source, ("web", "bind"), clear))
     return found + _heartbeat_warnings(site)
 
 

@@ -32,7 +32,7 @@ from engine.store.index import Index
 from engine.store.quarantine import meaning, origin_text, study_facts
 from engine.transfer.outbox import Outbox
 
-__all__ = ["confirm", "run_quarantine"]
+__all__ = ["confirm", "item_details", "item_facts", "run_quarantine"]
 
 
 def _when(seconds: float | None) -> str:
@@ -53,7 +53,7 @@ def _date(yyyymmdd: str) -> str:
     return d or "-"
 
 
-def _facts(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
+def item_facts(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
     """What a coordinator judges the item by: origins (text, the recorded one first), modality,
     study date (YYYY-MM-DD) and counts; for a held study from the index as it is now, for
     quarantined bytes from the item's sidecar (one instance)."""
@@ -105,7 +105,7 @@ def _list(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
     items = find_items(index, state=state, reason=args.reason, project=args.project)
     if args.json:
         for item in items:
-            out = {**item.as_json(), "facts": _facts(index, data_dir, item)}
+            out = {**item.as_json(), "facts": item_facts(index, data_dir, item)}
             print(json.dumps(out, sort_keys=True))
         return 0
     if not items:
@@ -117,7 +117,7 @@ def _list(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
         print(
             f"{i.qid[:12]:<12} {_when(i.received_at):<19} {i.reason:<23.23}"
             f" {i.project or '-':<14.14} {i.state:<9} {study}\n"
-            f"{'':<12} {_summary(_facts(index, data_dir, i))}\n{'':<12} {i.detail}"
+            f"{'':<12} {_summary(item_facts(index, data_dir, i))}\n{'':<12} {i.detail}"
         )
     print()
     for code in sorted({i.reason for i in items}):
@@ -133,13 +133,13 @@ def _sidecar(data_dir: Path, item: Item) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _details(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
+def item_details(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
     """Everything about an item: its row, sidecar, and for a held study its runs (with the step
     that stopped each) and transfers."""
     out = item.as_json()
     out["meaning"] = meaning(item.reason)
     out["sidecar"] = _sidecar(data_dir, item)
-    out["facts"] = _facts(index, data_dir, item)
+    out["facts"] = item_facts(index, data_dir, item)
     if item.kind != "study" or not item.study_uid:
         return out
     runs = RunStore(index)
@@ -176,7 +176,7 @@ def _show(index: Index, data_dir: Path, args: argparse.Namespace) -> int:
     except KeyError as exc:
         print(f"fiona: {exc.args[0]}", file=sys.stderr)
         return 1
-    info = _details(index, data_dir, item)
+    info = item_details(index, data_dir, item)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

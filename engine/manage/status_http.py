@@ -1,5 +1,9 @@
 """The read-only status page of ``fiona serve`` (site config ``status_http``, off by default).
 
+Deprecated: the web API (site config ``web``, :mod:`engine.web`) serves the same
+``/status.json``, ``/`` and ``/metrics``; this stand-alone page stays for sites that use it
+until the web portal's dashboard replaces it.
+
 ``GET /status.json`` answers the JSON of ``fiona status --json``; ``GET /`` a small HTML page
 rendering it; ``GET /metrics`` Prometheus metrics (:mod:`engine.manage.metrics`). Each is
 computed when asked. Nothing else is served and nothing can be changed. The content is counts,
@@ -23,7 +27,7 @@ from engine.store.index import Index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StatusPage", "start_for_site", "start_status_page"]
+__all__ = ["StatusPage", "render_page", "start_for_site", "start_status_page"]
 
 StatusFn = Callable[[], dict[str, Any]]
 #: The metrics for an HTTP ``Accept`` header: (body, Content-Type).
@@ -48,6 +52,13 @@ def _css(doc: dict[str, Any]) -> str:
     return "warn" if doc["attention"]["needed"] else "ok"
 
 
+def render_page(doc: dict[str, Any]) -> str:
+    """The HTML status page of a status document (:func:`collect_status`)."""
+    return _PAGE.format(
+        css=_css(doc), state=html.escape(verdict(doc)), text=html.escape(render_text(doc))
+    )
+
+
 def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -68,12 +79,7 @@ def _handler(status: StatusFn, metrics: MetricsFn | None) -> type[BaseHTTPReques
                 body = json.dumps(doc, indent=2, sort_keys=True).encode()
                 self._send(200, "application/json", body)
                 return
-            page = _PAGE.format(
-                css=_css(doc),
-                state=html.escape(verdict(doc)),
-                text=html.escape(render_text(doc)),
-            )
-            self._send(200, "text/html; charset=utf-8", page.encode())
+            self._send(200, "text/html; charset=utf-8", render_page(doc).encode())
 
         def _metrics(self, render: MetricsFn) -> None:
             try:

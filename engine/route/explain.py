@@ -191,6 +191,29 @@ def _recorded(routes: Sequence[_Route]) -> list[str]:
     return out
 
 
+def explain_lines(
+    site: SiteConfig,
+    targets: Sequence[str],
+    origin: tuple[str, str, str],
+    projects: Sequence[ProjectConfig],
+) -> list[str]:
+    """The explanation of every study in ``targets`` (files, folders or study UIDs), as lines;
+    ``origin`` is (calling AE, called AE, calling IP) assumed for files. ValueError when a
+    target is none of these or no study is found."""
+    studies: dict[str, _Study] = {}
+    for target in targets:
+        path = Path(target)
+        if path.exists():
+            studies.update(_from_files(_files(path), origin))
+        elif is_valid_uid(target):
+            studies.update(_from_index(site, target))
+        else:
+            raise ValueError(f"{target}: neither a file, a folder nor a study UID")
+    if not studies:
+        raise ValueError("no studies found")
+    return explain_studies(studies, projects, site_labeller(site))
+
+
 def explain_targets(
     args: argparse.Namespace,
     site: SiteConfig,
@@ -199,20 +222,11 @@ def explain_targets(
     """``fiona explain`` once the site config is loaded (:mod:`engine.manage.explain_cli`):
     prints the explanation of every study in ``args.targets``; the exit status."""
     origin = (args.calling_ae or "", args.called_ae or site.ae_title, args.calling_ip or "")
-    studies: dict[str, _Study] = {}
-    for target in args.targets:
-        path = Path(target)
-        if path.exists():
-            studies.update(_from_files(_files(path), origin))
-        elif is_valid_uid(target):
-            studies.update(_from_index(site, target))
-        else:
-            print(f"{target}: neither a file, a folder nor a study UID")
-            return 1
-    if not studies:
-        print("no studies found")
+    try:
+        lines = explain_lines(site, args.targets, origin, enabled_projects(site))
+    except ValueError as exc:
+        print(exc)
         return 1
-    projects = enabled_projects(site)
-    for line in explain_studies(studies, projects, site_labeller(site)):
+    for line in lines:
         print(line)
     return 0

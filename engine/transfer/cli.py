@@ -19,7 +19,7 @@ from engine.store.commands import run_with_index
 from engine.store.index import Index
 from engine.transfer.outbox import Outbox, TransferRecord, TransferState
 
-__all__ = ["run_transfers"]
+__all__ = ["change_transfer", "run_transfers", "transfer_json"]
 
 
 def _when(seconds: float | None) -> str:
@@ -41,7 +41,7 @@ def _list(outbox: Outbox, args: argparse.Namespace) -> int:
     records = outbox.find(states=args.state or (), project=args.project, limit=args.limit)
     if args.json:
         for r in records:
-            print(json.dumps(_as_json(r), sort_keys=True))
+            print(json.dumps(transfer_json(r), sort_keys=True))
         return 0
     if not records:
         print("no transfers")
@@ -55,7 +55,7 @@ def _list(outbox: Outbox, args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_json(r: TransferRecord) -> dict[str, Any]:
+def transfer_json(r: TransferRecord) -> dict[str, Any]:
     out = asdict(r)
     out["state"] = r.state.value
     return out
@@ -68,7 +68,7 @@ def _show(outbox: Outbox, args: argparse.Namespace) -> int:
         return 1
     items = outbox.items(record.id)
     if args.json:
-        out = _as_json(record)
+        out = transfer_json(record)
         out["items"] = [asdict(i) for i in items]
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
@@ -97,6 +97,23 @@ def _show(outbox: Outbox, args: argparse.Namespace) -> int:
     return 0
 
 
+def change_transfer(
+    outbox: Outbox, audit: AuditLog, action: str, transfer_id: int, who: str
+) -> TransferRecord:
+    """Retry or cancel (``action``) one transfer and audit it (``who`` did it); KeyError for an
+    unknown id, ValueError when its state does not allow the action."""
+    record = outbox.retry(transfer_id) if action == "retry" else outbox.cancel(transfer_id)
+    audit.write(
+        f"transfer_{action}",
+        operator=who,
+        transfer=record.id,
+        project=record.project,
+        destination=record.destination,
+        study=uid_token(record.study_uid),
+    )
+    return record
+
+
 def _change(outbox: Outbox, args: argparse.Namespace, audit: AuditLog) -> int:
     ids = list(args.ids)
     if args.action == "retry" and args.failed:
@@ -107,22 +124,11 @@ def _change(outbox: Outbox, args: argparse.Namespace, audit: AuditLog) -> int:
     status = 0
     for transfer_id in ids:
         try:
-            if args.action == "retry":
-                record = outbox.retry(transfer_id)
-            else:
-                record = outbox.cancel(transfer_id)
+            record = change_transfer(outbox, audit, args.action, transfer_id, operator())
         except (KeyError, ValueError) as exc:
             print(f"fiona: {exc.args[0]}", file=sys.stderr)
             status = 1
             continue
-        audit.write(
-            f"transfer_{args.action}",
-            operator=operator(),
-            transfer=record.id,
-            project=record.project,
-            destination=record.destination,
-            study=uid_token(record.study_uid),
-        )
         print(f"transfer {record.id}: {record.state.value}")
     return status
 

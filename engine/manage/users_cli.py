@@ -1,0 +1,160 @@
+"""``fiona user add|list|token|revoke-token|remove``: the web API's users, on the server.
+
+The first admin is made here (``fiona user add NAME --role admin``); there is no default
+password. A password is read from ``--password-file`` (its first line) or asked twice on a
+terminal. A token is printed once, when it is made; the index keeps only its hash. Every change
+writes an audit entry naming the user (and the OS account that ran the command), never a
+password or a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+from pathlib import Path
+
+from engine.config.model import SiteConfig
+from engine.store.audit import AuditLog, operator
+from engine.store.commands import run_with_index
+from engine.store.index import Index
+from engine.store.users import User, UserError, UserStore, check_name, check_password
+
+__all__ = ["run_user"]
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    """The new password: the first line of ``--password-file``, or typed twice on a terminal;
+    None (after a message) when neither is possible or the two differ."""
+    if args.password_file is not None:
+        try:
+            lines = Path(args.password_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"fiona: cannot read the password file: {exc}", file=sys.stderr)
+            return None
+        return lines[0] if lines else ""
+    if not sys.stdin.isatty():
+        print(
+            "fiona: no terminal to ask for the password: give --password-file FILE",
+            file=sys.stderr,
+        )
+        return None
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        print("fiona: the two passwords differ; nothing done", file=sys.stderr)
+        return None
+    return first
+
+
+def _add(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
+    password = _password(args)
+    if password is None:
+        return 1
+    if store.get(args.name) is not None:
+        print(f"fiona: user {args.name!r} exists already (fiona user list)", file=sys.stderr)
+        return 1
+    check_name(args.name)
+    check_password(password)
+    projects = sorted(set(args.project or ()))
+    audit.write(
+        "user_add",
+        operator=operator(),
+        user=args.name,
+        role=args.role,
+        phi_grant=bool(args.phi),  # not "phi": the API strips keys of that name from answers
+        projects=projects,
+    )
+    user = store.add(args.name, args.role, password, projects=projects, phi=args.phi)
+    print(f"user {user.name}: {_describe(user)}")
+    return 0
+
+
+def _describe(user: User) -> str:
+    where = ", ".join(user.projects) if user.projects else "every project"
+    if user.role == "coordinator" and not user.projects:
+        where = "no project yet"
+    return f"{user.role.value}, {where}{', sees PHI' if user.phi else ''}"
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _list(store: UserStore) -> int:
+    users = store.all()
+    if not users:
+        print("no users (the first admin: fiona user add NAME --role admin)")
+        return 0
+    for user in users:
+        print(f"{user.name:<20} {_describe(user)}")
+        for t in store.tokens(user.name):
+            state = f"revoked {_when(t.revoked_at)}" if t.revoked_at else "active"
+            print(
+                f"  token {t.id}  {t.label or '-':<16.16} made {_when(t.created_at)}"
+                f"  last used {_when(t.last_used_at)}  {state}"
+            )
+    return 0
+
+
+def _token(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
+    if store.get(args.name) is None:
+        print(f"fiona: no user {args.name!r} (fiona user list)", file=sys.stderr)
+        return 1
+    info, token = store.make_token(args.name, args.label or "")
+    audit.write("user_token", operator=operator(), user=args.name, token_id=info.id)
+    print(token)
+    print(
+        f"token {info.id} for {args.name}: shown once, store it now"
+        f" (revoke: fiona user revoke-token {info.id})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _revoke(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
+    token_id = args.token_id.split(".", 1)[0]
+    if not any(t.id == token_id for t in store.tokens()):
+        print(f"fiona: no token {token_id!r} (fiona user list shows them)", file=sys.stderr)
+        return 1
+    info = store.revoke(token_id)
+    audit.write("user_token_revoked", operator=operator(), user=info.user, token_id=info.id)
+    print(f"token {info.id} of {info.user}: revoked")
+    return 0
+
+
+def _remove(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
+    if store.get(args.name) is None:
+        print(f"fiona: no user {args.name!r} (fiona user list)", file=sys.stderr)
+        return 1
+    audit.write("user_remove", operator=operator(), user=args.name)
+    store.remove(args.name)
+    print(f"user {args.name}: removed, with its tokens")
+    return 0
+
+
+def run_user(args: argparse.Namespace) -> int:
+    def command(site: SiteConfig, index: Index) -> int:
+        store, audit = UserStore(index), AuditLog(site.data_dir)
+        try:
+            if args.action == "list":
+                return _list(store)
+            if args.action == "add":
+                return _add(store, audit, args)
+            if args.action == "token":
+                return _token(store, audit, args)
+            if args.action == "revoke-token":
+                return _revoke(store, audit, args)
+            return _remove(store, audit, args)
+        except UserError as exc:
+            print(f"fiona: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # the audit log could not be written: nothing was done
+            print(
+                f"fiona: nothing done: cannot write the audit log: {exc.strerror}", file=sys.stderr
+            )
+            return 1
+
+    return run_with_index(args, command, read_only=args.action == "list")

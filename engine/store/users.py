@@ -1,0 +1,257 @@
+"""The web API's users and API tokens, kept in the index (migration 0010).
+
+A user has a role (:class:`Role`), the projects it is granted and a ``phi`` grant (may see
+patient names, IDs and birth dates). Passwords are stored as argon2id hashes (argon2-cffi); there
+is no default password. An API token is ``<id>.<secret>``: the id (12 hex digits) is stored as it
+is to find the row, the secret (32 random bytes, URL-safe base64) only as its SHA-256, so the
+token is shown once, when it is made, and never again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from engine.store.index import Index
+
+__all__ = [
+    "Role",
+    "TokenInfo",
+    "User",
+    "UserError",
+    "UserStore",
+    "check_name",
+    "check_password",
+]
+
+#: A user name: what a login form and an audit entry can carry safely.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_TOKEN = re.compile(r"([0-9a-f]{12})\.([A-Za-z0-9_-]{40,})")
+_HASHER = PasswordHasher()
+#: Seconds: a token's ``last_used_at`` is brought up to date at most this often.
+LAST_USED_RESOLUTION = 60.0
+
+
+class Role(StrEnum):
+    """What a user may do: ``admin`` everything; ``coordinator`` see and act on its projects;
+    ``viewer`` read its projects (an admin or a viewer without projects: every project)."""
+
+    ADMIN = "admin"
+    COORDINATOR = "coordinator"
+    VIEWER = "viewer"
+
+
+class UserError(ValueError):
+    """A user command that cannot be done; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class User:
+    """One user of the web API (no password hash: it never leaves this module)."""
+
+    name: str
+    role: Role
+    phi: bool
+    projects: tuple[str, ...]
+    created_at: float
+
+    def sees_project(self, project: str) -> bool:
+        """Whether the user may see ``project``'s items: an admin every project, anyone else
+        only the projects granted (a viewer with none granted: every project)."""
+        if self.role is Role.ADMIN or (self.role is Role.VIEWER and not self.projects):
+            return True
+        return project in self.projects
+
+    @property
+    def sees_all(self) -> bool:
+        """Whether no project filter applies to this user."""
+        return self.role is Role.ADMIN or (self.role is Role.VIEWER and not self.projects)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An API token's row (never its secret); times in seconds since the epoch (UTC)."""
+
+    id: str
+    user: str
+    label: str
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a valid user name, else :class:`UserError`."""
+    if not _NAME.fullmatch(name):
+        raise UserError(
+            f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def check_password(password: str) -> str:
+    """``password`` when it is long enough for a new user (12 characters), else
+    :class:`UserError`."""
+    if len(password) < 12:
+        raise UserError("the password is too short: use at least 12 characters")
+    return password
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+class UserStore:
+    """Users and tokens over the index's database."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # -- users ---------------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        role: Role | str,
+        password: str,
+        *,
+        projects: Iterable[str] = (),
+        phi: bool = False,
+    ) -> User:
+        """Create a user; :class:`UserError` when the name is taken or the password too short
+        (at least 12 characters)."""
+        check_name(name)
+        check_password(password)
+        role = Role(role)
+        granted = tuple(sorted(set(projects)))
+        now = time.time()
+        try:
+            with self.index.transaction() as db:
+                db.execute(
+                    "INSERT INTO users (name, role, phi, password_hash, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, role.value, int(phi), _HASHER.hash(password), now),
+                )
+                db.executemany(
+                    "INSERT INTO user_projects (user, project) VALUES (?, ?)",
+                    [(name, p) for p in granted],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise UserError(f"user {name!r} exists already (fiona user list)") from exc
+        return User(name, role, phi, granted, now)
+
+    def get(self, name: str) -> User | None:
+        with self.index.reading() as db:
+            row = db.execute(
+                "SELECT name, role, phi, created_at FROM users WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            projects = [
+                r[0]
+                for r in db.execute(
+                    "SELECT project FROM user_projects WHERE user = ? ORDER BY project", (name,)
+                )
+            ]
+        return User(str(row[0]), Role(row[1]), bool(row[2]), tuple(projects), float(row[3]))
+
+    def all(self) -> list[User]:
+        with self.index.reading() as db:
+            names = [str(r[0]) for r in db.execute("SELECT name FROM users ORDER BY name")]
+        return [u for u in (self.get(n) for n in names) if u is not None]
+
+    def remove(self, name: str) -> None:
+        """Delete a user and its tokens; :class:`UserError` when there is none."""
+        with self.index.transaction() as db:
+            gone = db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount
+        if not gone:
+            raise UserError(f"no user {name!r} (fiona user list)")
+
+    def check_password(self, name: str, password: str) -> User | None:
+        """The user when ``password`` is theirs, else None (an unknown user costs one hash too,
+        so the answer's time does not tell which names exist)."""
+        with self.index.reading() as db:
+            row = db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+        stored = str(row[0]) if row else _HASHER.hash(secrets.token_hex(8))
+        try:
+            _HASHER.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return self.get(name) if row else None
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def make_token(self, name: str, label: str = "") -> tuple[TokenInfo, str]:
+        """A new token for ``name``: its row and the token itself (shown once, never stored)."""
+        if self.get(name) is None:
+            raise UserError(f"no user {name!r} (fiona user list)")
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        with self.index.transaction() as db:
+            db.execute(
+                "INSERT INTO api_tokens (id, user, label, secret_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_id, name, label, _digest(secret), now),
+            )
+        return TokenInfo(token_id, name, label, now, None, None), f"{token_id}.{secret}"
+
+    def tokens(self, name: str | None = None) -> list[TokenInfo]:
+        sql = "SELECT id, user, label, created_at, last_used_at, revoked_at FROM api_tokens"
+        args: tuple[str, ...] = ()
+        if name is not None:
+            sql += " WHERE user = ?"
+            args = (name,)
+        with self.index.reading() as db:
+            rows = db.execute(sql + " ORDER BY created_at", args).fetchall()
+        return [TokenInfo(*r) for r in rows]
+
+    def revoke(self, token_id: str) -> TokenInfo:
+        """Revoke a token by its id (a whole token is cut to its id); :class:`UserError` when
+        there is no such token."""
+        token_id = token_id.split(".", 1)[0]
+        with self.index.transaction() as db:
+            db.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (time.time(), token_id),
+            )
+            row = db.execute(
+                "SELECT id, user, label, created_at, last_used_at, revoked_at FROM api_tokens"
+                " WHERE id = ?",
+                (token_id,),
+            ).fetchone()
+        if row is None:
+            raise UserError(f"no token {token_id!r} (fiona user list shows the tokens' ids)")
+        return TokenInfo(*row)
+
+    def authenticate(self, token: str) -> User | None:
+        """The user a token belongs to, when it is well-formed, known and not revoked."""
+        match = _TOKEN.fullmatch(token.strip())
+        if match is None:
+            return None
+        token_id, secret = match.groups()
+        with self.index.reading() as db:
+            row = db.execute(
+                "SELECT user, secret_hash, last_used_at FROM api_tokens"
+                " WHERE id = ? AND revoked_at IS NULL",
+                (token_id,),
+            ).fetchone()
+        if row is None or not hmac.compare_digest(str(row[1]), _digest(secret)):
+            return None
+        now = time.time()
+        if row[2] is None or now - float(row[2]) >= LAST_USED_RESOLUTION:
+            # At most one write a minute per token: a poller must not load the receiver's index.
+            with self.index.transaction() as db:
+                db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
+        return self.get(str(row[0]))

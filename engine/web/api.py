@@ -1,0 +1,336 @@
+"""The routes of ``/api/v1``: each parses, calls the engine function its CLI command calls, and
+returns JSON-ready data. :data:`ROUTES` is the one place that declares each route's method,
+path, required role (:class:`Need`) and description (the OpenAPI document is built from it).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import QueryParams
+
+from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.audit_cli import matching
+from engine.manage.overview import project_overview, study_detail
+from engine.manage.quarantine_cli import item_details, item_facts
+from engine.manage.release import Item, Releaser, find_items, get_item
+from engine.manage.status import collect_status
+from engine.route.explain import explain_lines
+from engine.store.audit import AuditLog
+from engine.store.index import Index
+from engine.store.studies import StudyFilter, find_studies
+from engine.store.users import User
+from engine.transfer.cli import change_transfer, transfer_json
+from engine.transfer.outbox import Outbox
+from engine.web.auth import ApiError, Need, check_project
+
+__all__ = ["ROUTES", "Call", "Route"]
+
+
+@dataclass
+class Call:
+    """One authenticated request, parsed: who, the path and query parameters, an upload."""
+
+    user: User
+    site: SiteConfig
+    index: Index
+    projects: Callable[[SiteConfig], list[ProjectConfig]]
+    params: dict[str, str] = field(default_factory=dict)
+    query: QueryParams = field(default_factory=QueryParams)
+    upload: bytes | None = None
+
+    @property
+    def who(self) -> str:
+        """The operator an audit entry names: the web user."""
+        return f"web:{self.user.name}"
+
+    def visible(self) -> Sequence[str] | None:
+        """The projects the user is limited to (None: all)."""
+        return None if self.user.sees_all else self.user.projects
+
+    def int_query(self, name: str, default: int, most: int) -> int:
+        raw = self.query.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit():
+            raise ApiError(400, f"{name} must be a whole number", f"give e.g. {name}={default}")
+        return min(int(raw), most)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One API route: ``GET``/``POST``, its path under ``/api/v1``, who may call it, what it
+    does (its OpenAPI summary), and its handler."""
+
+    method: str
+    path: str
+    need: Need
+    summary: str
+    handler: Callable[[Call], Any]
+    query: tuple[str, ...] = ()
+    upload: bool = False
+
+
+# -- status and projects -----------------------------------------------------------------------
+
+
+def _status(call: Call) -> dict[str, Any]:
+    doc = collect_status(call.site, call.index)
+    shown = call.visible()
+    if shown is not None:
+        doc["projects"] = {k: v for k, v in doc["projects"].items() if k in shown}
+    return doc
+
+
+def _projects(call: Call) -> list[dict[str, Any]]:
+    return [p for p in project_overview(call.site, call.index) if call.user.sees_project(p["name"])]
+
+
+# -- quarantine --------------------------------------------------------------------------------
+
+
+def _item(call: Call) -> Item:
+    try:
+        item = get_item(call.index, call.params["qid"])
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0]), "list the items: GET /api/v1/quarantine") from exc
+    check_project(call.user, item.project)
+    return item
+
+
+def _quarantine_list(call: Call) -> list[dict[str, Any]]:
+    state = call.query.get("state", "held")
+    items = find_items(
+        call.index,
+        state=None if state == "all" else state,
+        reason=call.query.get("reason"),
+        project=call.query.get("project"),
+    )
+    return [
+        {**i.as_json(), "facts": item_facts(call.index, call.site.data_dir, i)}
+        for i in items
+        if call.user.sees_all or (i.project and call.user.sees_project(i.project))
+    ]
+
+
+def _quarantine_show(call: Call) -> dict[str, Any]:
+    return item_details(call.index, call.site.data_dir, _item(call))
+
+
+def _quarantine_change(action: str) -> Callable[[Call], dict[str, Any]]:
+    def change(call: Call) -> dict[str, Any]:
+        item = _item(call)
+        releaser = Releaser(call.site, call.index, AuditLog(call.site.data_dir), call.who)
+        try:
+            outcome = releaser.release(item) if action == "release" else releaser.discard(item)
+        except OSError as exc:
+            raise ApiError(
+                503, f"not {action}d: cannot write the audit log", "free disk space, try again"
+            ) from exc
+        if not outcome.done:
+            raise ApiError(409, f"{item.qid}: not {action}d: {outcome.message}", "see the item")
+        return {"qid": item.qid, "done": True, "message": outcome.message}
+
+    return change
+
+
+# -- transfers ---------------------------------------------------------------------------------
+
+
+def _transfers(call: Call) -> list[dict[str, Any]]:
+    outbox = Outbox(call.index, call.site.data_dir)
+    states = call.query.getlist("state")
+    found = outbox.find(
+        states=states,
+        project=call.query.get("project"),
+        limit=call.int_query("limit", 50, 1000),
+    )
+    return [transfer_json(r) for r in found if call.user.sees_project(r.project)]
+
+
+def _transfer_change(action: str) -> Callable[[Call], dict[str, Any]]:
+    def change(call: Call) -> dict[str, Any]:
+        raw = call.params["id"]
+        outbox = Outbox(call.index, call.site.data_dir)
+        record = outbox.get(int(raw)) if raw.isdigit() else None
+        if record is None:
+            raise ApiError(404, f"no transfer {raw}", "list them: GET /api/v1/transfers")
+        check_project(call.user, record.project)
+        audit = AuditLog(call.site.data_dir)
+        try:
+            record = change_transfer(outbox, audit, action, record.id, call.who)
+        except ValueError as exc:
+            raise ApiError(409, str(exc.args[0]), "see its state: GET /api/v1/transfers") from exc
+        return transfer_json(record)
+
+    return change
+
+
+# -- audit, studies, explain -------------------------------------------------------------------
+
+
+def _audit(call: Call) -> list[dict[str, Any]]:
+    since = call.query.get("since")
+    if since and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+        raise ApiError(400, "since takes a day, YYYY-MM-DD", "give e.g. since=2026-01-31")
+    found = matching(
+        AuditLog(call.site.data_dir).entries(),
+        study_uid=call.query.get("study_uid"),
+        project=call.query.get("project"),
+        events=call.query.getlist("event"),
+        since=since,
+    )
+    shown = call.visible()
+    if shown is not None:
+        found = [
+            e for e in found if e.get("project") in shown or set(e.get("projects", ())) & set(shown)
+        ]
+    limit = call.int_query("limit", 500, 10_000)
+    return found[-limit:]
+
+
+def _studies(call: Call) -> dict[str, Any]:
+    limit = call.int_query("limit", 50, 500)
+    offset = call.int_query("offset", 0, 10**9)
+    q = call.query
+    f = StudyFilter(
+        projects=call.visible(),
+        project=q.get("project"),
+        state=q.get("state"),
+        modality=q.get("modality"),
+        date_from=(q.get("date_from") or "").replace("-", "") or None,
+        date_to=(q.get("date_to") or "").replace("-", "") or None,
+        text=q.get("text"),
+        phi=call.user.phi,
+    )
+    total, rows = find_studies(call.index, f, limit=limit, offset=offset)
+    return {"total": total, "limit": limit, "offset": offset, "studies": rows}
+
+
+def _study(call: Call) -> dict[str, Any]:
+    uid = call.params["study_uid"]
+    found = study_detail(call.site, call.index, uid, call.projects(call.site), call.visible())
+    if found is None:
+        raise ApiError(404, f"no study {uid}", "find it: GET /api/v1/studies?text=...")
+    shown = call.visible()
+    if shown is not None and not set(found["projects"]) & set(shown):
+        raise ApiError(
+            403,
+            "the study is not routed to a project granted to you",
+            "ask an admin to grant the project",
+        )
+    return found
+
+
+def _explain(call: Call) -> dict[str, Any]:
+    if not call.upload:
+        raise ApiError(400, "no file uploaded", "POST multipart/form-data with a field 'file'")
+    q = call.query
+    origin = (
+        q.get("calling_ae", ""),
+        q.get("called_ae", call.site.ae_title),
+        q.get("calling_ip", ""),
+    )
+    with tempfile.TemporaryDirectory(prefix="fiona-explain-") as tmp:
+        path = Path(tmp) / "upload.dcm"
+        path.write_bytes(call.upload)
+        try:
+            lines = explain_lines(call.site, [str(path)], origin, call.projects(call.site))
+        except ValueError as exc:
+            raise ApiError(422, "not a DICOM file fiona can read", "upload a DICOM file") from exc
+    return {"lines": lines}
+
+
+#: Every route of /api/v1, in the order of the OpenAPI document.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/status", Need.READ, "Health, counts, outbox (fiona status --json)", _status),
+    Route("GET", "/projects", Need.READ, "Projects: enabled, validation errors, counts", _projects),
+    Route(
+        "GET",
+        "/quarantine",
+        Need.READ,
+        "Quarantine items with their context",
+        _quarantine_list,
+        query=("state", "reason", "project"),
+    ),
+    Route(
+        "GET",
+        "/quarantine/{qid}",
+        Need.READ,
+        "One item: sidecar, runs, transfers",
+        _quarantine_show,
+    ),
+    Route(
+        "POST",
+        "/quarantine/{qid}/release",
+        Need.ACT,
+        "Release a held item (audited)",
+        _quarantine_change("release"),
+    ),
+    Route(
+        "POST",
+        "/quarantine/{qid}/discard",
+        Need.ACT,
+        "Discard a held item (audited)",
+        _quarantine_change("discard"),
+    ),
+    Route(
+        "GET",
+        "/transfers",
+        Need.READ,
+        "Transfers, newest first",
+        _transfers,
+        query=("state", "project", "limit"),
+    ),
+    Route(
+        "POST",
+        "/transfers/{id}/retry",
+        Need.ACT,
+        "Queue a transfer again (audited)",
+        _transfer_change("retry"),
+    ),
+    Route(
+        "POST",
+        "/transfers/{id}/cancel",
+        Need.ACT,
+        "Stop a transfer (audited)",
+        _transfer_change("cancel"),
+    ),
+    Route(
+        "GET",
+        "/audit",
+        Need.READ,
+        "Audit entries, oldest first",
+        _audit,
+        query=("study_uid", "project", "event", "since", "limit"),
+    ),
+    Route(
+        "GET",
+        "/studies",
+        Need.READ,
+        "Studies, newest first, filtered and paginated",
+        _studies,
+        query=("project", "state", "modality", "date_from", "date_to", "text", "limit", "offset"),
+    ),
+    Route(
+        "GET",
+        "/studies/{study_uid}",
+        Need.READ,
+        "A study: series, labels, routes, runs, transfers, audit, explanation",
+        _study,
+    ),
+    Route(
+        "POST",
+        "/explain",
+        Need.READ,
+        "Upload a DICOM file: which projects claim it and why",
+        _explain,
+        query=("calling_ae", "called_ae", "calling_ip"),
+        upload=True,
+    ),
+)

@@ -1,0 +1,234 @@
+"""The web application and its server: Starlette on uvicorn, in a thread of ``fiona serve``.
+
+Besides ``/api/v1`` it serves what the status page (:mod:`engine.manage.status_http`) serves,
+unauthenticated as there (counts, times and project names only, no PHI): ``GET /status.json``,
+``GET /`` (its HTML rendering) and ``GET /metrics``. Every answer carries ``Cache-Control:
+no-store`` and headers that keep it out of frames and sniffing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.metrics import render
+from engine.manage.status import collect_status
+from engine.manage.status_http import render_page
+from engine.store.audit import AuditLog, uid_token
+from engine.store.index import Index
+from engine.store.users import UserStore
+from engine.web.api import ROUTES, Call, Route
+from engine.web.auth import ApiError, authenticate, check, holds_phi, strip_phi
+from engine.web.openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WebServer", "build_app", "start_for_site"]
+
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+_UPLOAD_MAX = 512 * 2**20  # bytes: the largest file POST /api/v1/explain reads
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    text = json.dumps(body, sort_keys=True, default=str)
+    return Response(text, status, headers=_HEADERS, media_type="application/json")
+
+
+def _endpoint(
+    route: Route,
+    site: SiteConfig,
+    index: Index,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Callable[[Request], Any]:
+    users = UserStore(index)
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            user = await run_in_threadpool(authenticate, request, users)
+            check(user, route.need)
+            call = Call(
+                user, site, index, projects, dict(request.path_params), request.query_params
+            )
+            if route.upload:
+                call.upload = await _upload(request)
+            body = await run_in_threadpool(route.handler, call)
+            body = await run_in_threadpool(_shown, call, route, body)
+        except ApiError as exc:
+            return _json(exc.body(), exc.status)
+        return _json(body)
+
+    return endpoint
+
+
+def _shown(call: Call, route: Route, body: Any) -> Any:
+    """The body as the user may see it: without PHI for users without the grant; with it, an
+    audit entry naming the user (and the study's token) is written first."""
+    if not call.user.phi:
+        return strip_phi(body)
+    if holds_phi(body):
+        uid = call.params.get("study_uid")
+        AuditLog(call.site.data_dir).write(
+            "phi_viewed",
+            operator=call.who,
+            user=call.user.name,
+            route=f"{route.method} /api/v1{route.path}",
+            study=uid_token(uid) if uid else "",
+        )
+    return body
+
+
+async def _upload(request: Request) -> bytes:
+    """The ``file`` field of a multipart form (at most :data:`_UPLOAD_MAX` bytes)."""
+    try:
+        form = await request.form(max_files=1, max_part_size=_UPLOAD_MAX)
+    except Exception as exc:
+        raise ApiError(
+            400,
+            "the body is not a multipart form",
+            "POST a form with a field 'file' (curl -F file=@image.dcm)",
+        ) from exc
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "no file uploaded", "POST a form with a field 'file'")
+    data = await upload.read()
+    await form.close()
+    return data
+
+
+def build_app(
+    site: SiteConfig,
+    index: Index,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Starlette:
+    """The application: ``/api/v1`` (:data:`ROUTES`), its OpenAPI document, the status page."""
+
+    def status_json(request: Request) -> Response:
+        return _json(collect_status(site, index))
+
+    def status_page(request: Request) -> Response:
+        return HTMLResponse(render_page(collect_status(site, index)), headers=_HEADERS)
+
+    def metrics(request: Request) -> Response:
+        body, content_type = render(site, index, request.headers.get("accept", ""))
+        return Response(body, headers={**_HEADERS, "Content-Type": content_type})
+
+    def openapi(request: Request) -> Response:
+        return _json(openapi_document())
+
+    routes = [
+        StarletteRoute("/", status_page),
+        StarletteRoute("/status.json", status_json),
+        StarletteRoute("/metrics", metrics),
+        StarletteRoute("/api/v1/openapi.json", openapi),
+    ]
+    routes += [
+        StarletteRoute("/api/v1" + r.path, _endpoint(r, site, index, projects), methods=[r.method])
+        for r in ROUTES
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        code = exc.status_code if isinstance(exc, HTTPException) else 500
+        if code == 405:
+            return _json({"error": "method not allowed", "fix": "see /api/v1/openapi.json"}, 405)
+        return _json(
+            {"error": f"no such path: {request.url.path}", "fix": "see /api/v1/openapi.json"},
+            code,
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("web: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        return _json({"error": "internal error", "fix": "see the fiona log; try again"}, 500)
+
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}
+    )
+
+
+class WebServer:
+    """uvicorn serving an app on a socket we bound, in a daemon thread; :meth:`stop` ends it."""
+
+    def __init__(self, app: Starlette, sock: socket.socket, cfg: uvicorn.Config) -> None:
+        self.sock = sock
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def _listen(bind: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def start_for_site(
+    site: SiteConfig,
+    index: Index,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> WebServer | None:
+    """The site's web API (``web``), or None when it is off or cannot listen (the receiver
+    and the jobs run without it; the log says why)."""
+    cfg = site.web
+    if not cfg.enabled:
+        return None
+    try:
+        sock = _listen(cfg.bind, cfg.port)
+    except OSError as exc:
+        log.error("web: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
+        return None
+    app = build_app(site, index, projects)
+    tls = cfg.cert_file is not None and cfg.key_file is not None
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # fiona's logging stays as it is
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=str(cfg.cert_file) if tls else None,
+        ssl_keyfile=str(cfg.key_file) if tls else None,
+        server_header=False,
+    )
+    server = WebServer(app, sock, config)
+    scheme = "https" if tls else "http"
+    log.info(
+        "web API on %s://%s:%d/api/v1 (status at /, /status.json, /metrics)",
+        scheme,
+        cfg.bind,
+        server.port,
+    )
+    return server

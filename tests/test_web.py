@@ -1,0 +1,504 @@
+"""The web API (``/api/v1``) over real HTTP against a running ``fiona serve``.
+
+One site for the module: project ``alpha`` (studies from MR1, delivered to a folder that is
+missing at first, so its study is held as ``transfer_failed``) and project ``beta`` (studies
+from MR2, classified only). Users are made with ``fiona user add`` while the service runs, as
+an admin would; tokens with ``fiona user token``. A late test releases alpha's held study
+through the API and sees it delivered; the tests after it need no held item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from engine.store.audit import AuditLog
+from tests import synth
+from tests.conftest import need_peer
+from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
+from tests.test_tls import tls_files  # noqa: F401  (the fixture)
+
+MR = synth.MR_SERIES
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Site:
+    """The running service, its folders and the users' tokens (by user name)."""
+
+    server: FionaServer
+    root: Path
+    web_port: int
+    share: Path
+    tokens: dict[str, str] = field(default_factory=dict)
+    alpha_uid: str = ""
+    beta_uid: str = ""
+    patients: tuple[str, ...] = ()
+
+    def fiona(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        where = ["--config", str(self.root / "site.yaml"), "--data", str(self.root / "data"),
+                 "--projects", str(self.root / "projects")]  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "engine.cli", *argv, *where],
+            cwd=REPO, capture_output=True, text=True, timeout=60, input=stdin,
+        )  # fmt: skip
+
+    def call(
+        self, method: str, path: str, user: str | None = None, *, token: str | None = None,
+        body: bytes | None = None, content_type: str | None = None,
+    ) -> tuple[int, str]:  # fmt: skip
+        """(status, body text) of one request; ``user`` sends that user's token."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.web_port}{path}", method=method, data=body
+        )
+        token = token or (self.tokens[user] if user else None)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def json(self, method: str, path: str, user: str, code: int = 200) -> Any:
+        status, text = self.call(method, path, user)
+        assert status == code, (status, text)
+        return json.loads(text)
+
+
+def _project(name: str, aet: str, pipeline: list[Any], **more: Any) -> dict[str, Any]:
+    return {"name": name, "routing": {"calling_ae": [aet]},
+            "completeness": {"study_quiet_seconds": 1}, "pipeline": pipeline, **more}  # fmt: skip
+
+
+def _wait(what: str, check: Any, timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+def _held(data: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(data / "index.sqlite") as db:
+        return db.execute(
+            "SELECT qid, reason, project FROM quarantine WHERE state='held'"
+        ).fetchall()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    storescu = need_peer("storescu")
+    root = tmp_path_factory.mktemp("web")
+    projects = root / "projects"
+    projects.mkdir()
+    key = projects / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    share = root / "share"  # missing: alpha's delivery fails and its study is held
+    alpha = _project(
+        "alpha", "MR1",
+        [{"step": "anonymize", "secret_file": "p.key"}, {"step": "send", "to": "share"}],
+        destinations={"share": {"type": "folder", "path": str(share),
+                                "retry": {"max_attempts": 1}}},
+    )  # fmt: skip
+    beta = _project("beta", "MR2", [{"step": "classify"}])
+    for doc in (alpha, beta):
+        (projects / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
+    web_port = free_port()
+    (root / "site.yaml").write_text(yaml.safe_dump(
+        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port}}
+    ))  # fmt: skip
+    server = FionaServer(root / "data", projects, config=root / "site.yaml").start()
+    try:
+        wait_for_port(web_port, 30, server.proc)
+        s = Site(server, root, web_port, share)
+        pw = root / "pw.txt"
+        pw.write_text(PASSWORD + "\n")
+        for argv in (
+            ("admin", "--role", "admin", "--phi"),
+            ("coord_a", "--role", "coordinator", "--project", "alpha"),
+            ("coord_b", "--role", "coordinator", "--project", "beta"),
+            ("viewer", "--role", "viewer"),
+        ):
+            made = s.fiona("user", "add", *argv, "--password-file", str(pw))
+            assert made.returncode == 0, made.stderr
+            token = s.fiona("user", "token", argv[0], "--label", "tests")
+            assert token.returncode == 0, token.stderr
+            s.tokens[argv[0]] = token.stdout.strip()
+        studies = []
+        for seed, aet in ((51, "MR1"), (52, "MR2")):
+            spec = synth.make_study_spec(seed)
+            sent = synth.make_study(spec, [MR["t1_mprage"]], size=8)
+            files = synth.write_study(sent, root / f"send-{seed}")
+            result = subprocess.run(
+                [storescu, "-aet", aet, "-aec", "FIONA", "127.0.0.1", str(server.port),
+                 *map(str, files)],
+                capture_output=True, text=True, timeout=300, env=nodelay_env(),
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            studies.append((str(sent[0].StudyInstanceUID), spec))
+        s.alpha_uid, s.beta_uid = studies[0][0], studies[1][0]
+        s.patients = tuple(
+            v for _, spec in studies for v in (spec.patient_name, spec.patient_id)
+        )
+        _wait("held alpha study", lambda: _held(root / "data"))
+        yield s
+    finally:
+        server.stop()
+
+
+def _alpha_qid(site: Site) -> str:
+    [(qid, reason, project)] = _held(site.root / "data")
+    assert (reason, project) == ("transfer_failed", "alpha")
+    return str(qid)
+
+
+# -- authentication and errors -------------------------------------------------------------------
+
+
+def test_no_token_or_a_wrong_one_is_401_saying_how_to_get_one(site: Site) -> None:
+    for token in (None, "0123456789ab." + "x" * 43, "nonsense"):
+        status, text = site.call("GET", "/api/v1/status", token=token)
+        assert status == 401, text
+        body = json.loads(text)
+        assert body["error"] == "no valid API token"
+        assert "fiona user token" in body["fix"]
+    assert site.json("GET", "/api/v1/status", "admin")["ae_title"] == "FIONA"
+
+
+def test_unknown_ids_are_404_with_what_to_do(site: Site) -> None:
+    for method, path in (
+        ("GET", "/api/v1/quarantine/abcdef123456"),
+        ("POST", "/api/v1/quarantine/abcdef123456/release"),
+        ("POST", "/api/v1/transfers/99999/retry"),
+        ("GET", "/api/v1/studies/1.2.3.4"),
+        ("GET", "/api/v1/nothing-here"),
+    ):
+        body = site.json(method, path, "admin", code=404)
+        assert set(body) == {"error", "fix"} and body["fix"], (path, body)
+
+
+def test_a_viewer_may_read_but_not_act(site: Site) -> None:
+    qid = _alpha_qid(site)
+    assert [i["qid"] for i in site.json("GET", "/api/v1/quarantine", "viewer")] == [qid]
+    for path in (f"/api/v1/quarantine/{qid}/release", f"/api/v1/quarantine/{qid}/discard",
+                 "/api/v1/transfers/1/retry"):  # fmt: skip
+        body = site.json("POST", path, "viewer", code=403)
+        assert body["error"] == "a viewer may only read" and "coordinator" in body["fix"]
+    assert _alpha_qid(site) == qid  # still held
+
+
+def test_a_coordinator_sees_only_its_projects(site: Site) -> None:
+    qid = _alpha_qid(site)
+    assert site.json("GET", "/api/v1/quarantine", "coord_b") == []
+    assert [i["qid"] for i in site.json("GET", "/api/v1/quarantine", "coord_a")] == [qid]
+    body = site.json("GET", f"/api/v1/quarantine/{qid}", "coord_b", code=403)
+    assert "'alpha' is not granted" in body["error"] and "grant" in body["fix"]
+    site.json("POST", f"/api/v1/quarantine/{qid}/release", "coord_b", code=403)
+    listed = site.json("GET", "/api/v1/studies", "coord_b")
+    assert [s["study_uid"] for s in listed["studies"]] == [site.beta_uid]
+    site.json("GET", f"/api/v1/studies/{site.alpha_uid}", "coord_b", code=403)
+    assert [p["name"] for p in site.json("GET", "/api/v1/projects", "coord_b")] == ["beta"]
+    assert {t["project"] for t in site.json("GET", "/api/v1/transfers", "coord_b")} <= {"beta"}
+    assert set(site.json("GET", "/api/v1/status", "coord_b")["projects"]) <= {"beta"}
+    admin = site.json("GET", "/api/v1/studies", "admin")
+    assert {s["study_uid"] for s in admin["studies"]} == {site.alpha_uid, site.beta_uid}
+
+
+def test_without_the_phi_grant_no_response_names_the_patient(site: Site) -> None:
+    qid = _alpha_qid(site)
+    paths = ["/api/v1/status", "/api/v1/projects", "/api/v1/quarantine",
+             f"/api/v1/quarantine/{qid}", "/api/v1/transfers", "/api/v1/audit",
+             "/api/v1/studies", f"/api/v1/studies/{site.alpha_uid}",
+             f"/api/v1/studies?text={site.alpha_uid[-6:]}"]  # fmt: skip
+    for user in ("coord_a", "viewer"):
+        for path in paths:
+            status, text = site.call("GET", path, user)
+            assert status == 200, (user, path, text)
+            for value in site.patients:
+                assert value not in text, (user, path)
+    # The admin has the grant: the same study shows the patient, and the view is audited.
+    detail = site.json("GET", f"/api/v1/studies/{site.alpha_uid}", "admin")
+    assert detail["phi"]["patient_name"] in site.patients
+    assert detail["series_list"] and detail["runs"][0]["steps"]
+    assert any("claimed by alpha" in line for line in detail["phi"]["explanation"])
+    seen = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
+    assert seen and seen[-1]["user"] == "admin"
+    assert seen[-1]["route"] == "GET /api/v1/studies/{study_uid}"
+    n_seen = len(seen)
+    site.json("GET", "/api/v1/audit", "admin")  # user_add entries of a PHI grant are no PHI
+    after = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
+    assert len(after) == n_seen
+    assert not any(v in json.dumps(seen) for v in site.patients)
+
+
+def test_studies_are_filtered_and_paginated(site: Site) -> None:
+    page = site.json("GET", "/api/v1/studies?limit=1", "admin")
+    assert page["total"] == 2 and len(page["studies"]) == 1
+    rest = site.json("GET", "/api/v1/studies?limit=1&offset=1", "admin")
+    assert {page["studies"][0]["study_uid"], rest["studies"][0]["study_uid"]} == {
+        site.alpha_uid, site.beta_uid}  # fmt: skip
+    only = site.json("GET", "/api/v1/studies?project=beta&modality=MR", "admin")
+    assert [s["study_uid"] for s in only["studies"]] == [site.beta_uid]
+    assert site.json("GET", "/api/v1/studies?modality=CT", "admin")["total"] == 0
+    assert site.json("GET", "/api/v1/studies?date_from=2999-01-01", "admin")["total"] == 0
+    site.json("GET", "/api/v1/studies?limit=ten", "admin", code=400)
+    body = site.json("GET", "/api/v1/audit?since=yesterday", "admin", code=400)
+    assert "YYYY-MM-DD" in body["error"]
+
+
+def test_explain_an_uploaded_file(site: Site) -> None:
+    ds = synth.make_study(synth.make_study_spec(53), [MR["t1_mprage"]], size=8)
+    [path, *_] = synth.write_study(ds, site.root / "explain")
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n"
+        "Content-Type: application/dicom\r\n\r\n"
+    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    status, text = site.call(
+        "POST", "/api/v1/explain?calling_ae=MR2", "coord_b", body=body,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )  # fmt: skip
+    assert status == 200, text
+    assert any("claimed by beta" in line for line in json.loads(text)["lines"])
+
+
+def test_the_openapi_document_is_valid_and_lists_every_route(site: Site) -> None:
+    from openapi_spec_validator import validate
+
+    from engine.web.api import ROUTES
+
+    status, text = site.call("GET", "/api/v1/openapi.json")
+    assert status == 200
+    doc = json.loads(text)
+    validate(doc)
+    for route in ROUTES:
+        assert route.method.lower() in doc["paths"]["/api/v1" + route.path]
+
+
+def test_the_status_page_and_metrics_are_served_too(site: Site) -> None:
+    status, text = site.call("GET", "/status.json")
+    assert status == 200 and "alpha" in json.loads(text)["projects"]
+    status, text = site.call("GET", "/metrics")
+    assert status == 200 and "fiona_" in text
+    status, text = site.call("GET", "/")
+    assert status == 200 and "fiona:" in text
+    request = urllib.request.Request(f"http://127.0.0.1:{site.web_port}/api/v1/status")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    headers = refused.value.headers
+    assert headers["Cache-Control"] == "no-store" and headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+# -- users and tokens ----------------------------------------------------------------------------
+
+
+def test_a_revoked_token_is_refused(site: Site) -> None:
+    made = site.fiona("user", "token", "viewer")
+    token = made.stdout.strip()
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 200
+    token_id = token.split(".")[0]
+    listing = site.fiona("user", "list")
+    assert token_id in listing.stdout and token not in listing.stdout
+    revoked = site.fiona("user", "revoke-token", token_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 401
+    assert site.call("GET", "/api/v1/projects", "viewer")[0] == 200  # its other token works
+    entries = AuditLog(site.root / "data").entries()
+    assert {"user_add", "user_token", "user_token_revoked"} <= {e["event"] for e in entries}
+    text = json.dumps(entries)
+    assert token.split(".")[1] not in text and PASSWORD not in text
+
+
+def test_user_add_needs_a_password_and_refuses_a_weak_one(site: Site) -> None:
+    no_tty = site.fiona("user", "add", "eve", "--role", "viewer", stdin="")
+    assert no_tty.returncode == 1 and "--password-file" in no_tty.stderr
+    short = site.root / "short.txt"
+    short.write_text("secret\n")
+    weak = site.fiona("user", "add", "eve", "--role", "viewer", "--password-file", str(short))
+    assert weak.returncode == 1 and "too short" in weak.stderr
+    again = site.fiona("user", "add", "admin", "--role", "viewer",
+                       "--password-file", str(site.root / "pw.txt"))  # fmt: skip
+    assert again.returncode == 1 and "exists already" in again.stderr
+    names = [line.split()[0] for line in site.fiona("user", "list").stdout.splitlines()]
+    assert "eve" not in names and "admin" in names
+    assert not [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "eve"]
+
+
+def test_a_removed_user_is_refused(site: Site) -> None:
+    pw = str(site.root / "pw.txt")
+    made = site.fiona("user", "add", "temp", "--role", "viewer", "--password-file", pw)
+    assert made.returncode == 0, made.stderr
+    token = site.fiona("user", "token", "temp").stdout.strip()
+    assert site.call("GET", "/api/v1/status", token=token)[0] == 200
+    assert site.fiona("user", "remove", "temp").returncode == 0
+    assert site.call("GET", "/api/v1/status", token=token)[0] == 401
+
+
+# -- acting: the last tests, they change the site -----------------------------------------------
+
+
+def test_a_held_study_released_through_the_api_is_delivered(site: Site) -> None:
+    qid = _alpha_qid(site)
+    site.share.mkdir()  # the share is back
+    done = site.json("POST", f"/api/v1/quarantine/{qid}/release", "coord_a")
+    assert done["done"] and "queued again" in done["message"], done
+    _wait("delivered files", lambda: list(site.share.rglob("*.dcm")))
+    transfers = _wait(
+        "a done transfer",
+        lambda: [t for t in site.json("GET", "/api/v1/transfers", "coord_a")
+                 if t["state"] == "done"],
+    )  # fmt: skip
+    assert transfers[0]["project"] == "alpha"
+    assert _held(site.root / "data") == []
+    body = site.json("POST", f"/api/v1/quarantine/{qid}/release", "coord_a", code=409)
+    assert "released, not held" in body["error"]
+    released = [e for e in AuditLog(site.root / "data").entries()
+                if e["event"] == "released"]  # fmt: skip
+    assert released and released[-1]["operator"] == "web:coord_a"
+
+
+# -- serving: TLS, configuration ------------------------------------------------------------------
+
+
+def test_with_a_certificate_and_key_the_api_is_served_over_https(
+    tmp_path: Path,
+    empty_projects: Path,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture of tests/test_tls.py)
+) -> None:
+    import ssl
+
+    key, cert = tls_files
+    port = free_port()
+    site = tmp_path / "site.yaml"
+    web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
+    site.write_text(yaml.safe_dump({"web": web}))
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    try:
+        wait_for_port(port, 30, server.proc)
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        url = f"https://127.0.0.1:{port}/api/v1/status"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=30, context=context)
+        assert refused.value.code == 401  # TLS worked; the API answered
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=30)
+    finally:
+        server.stop()
+
+
+def test_a_certificate_without_its_key_is_a_config_error(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here\n")
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"web": {"enabled": True, "cert_file": str(cert)}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", "--config", str(site),
+         "--projects", str(empty_projects)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert "site.yaml:2 web: cert_file is set but key_file is not" in result.stdout + result.stderr
+
+
+def test_validate_warns_when_the_api_would_send_tokens_in_clear_on_the_network(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"web": {"bind": "0.0.0.0", "enabled": True}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", "--config", str(site),
+         "--projects", str(empty_projects)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert (
+        f"{site}:2 web.bind: warning: the web API listens on 0.0.0.0 over plain HTTP"
+    ) in result.stdout
+
+
+def _on_a_terminal(argv: list[str], answers: list[str], timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``argv`` with a new pseudo-terminal as its controlling terminal, typing each answer
+    after each prompt ending in ':'; (exit status, everything the terminal showed). A command
+    still waiting at ``timeout`` is killed and the test fails."""
+    import select
+
+    main_fd, child_fd = os.openpty()
+    name = os.ttyname(child_fd)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdin=child_fd, stdout=child_fd, stderr=child_fd,
+        start_new_session=True,  # then opening the terminal makes it the controlling one
+        preexec_fn=lambda: os.close(os.open(name, os.O_RDWR)),
+    )  # fmt: skip
+    os.close(child_fd)
+    shown = b""
+    pending = list(answers)
+    mark = 0  # what the terminal showed before the last answer
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # the command ended: the terminal is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown[mark:].rstrip().endswith(b":"):
+                os.write(main_fd, pending.pop(0).encode() + b"\n")
+                mark = len(shown)
+        else:
+            proc.kill()
+            raise AssertionError(f"still running after {timeout} s: {shown!r}")
+        return proc.wait(timeout=30), shown.decode(errors="replace")
+    finally:
+        os.close(main_fd)
+
+
+def test_user_add_asks_for_the_password_twice_on_a_terminal(site: Site) -> None:
+    where = ["--config", str(site.root / "site.yaml"), "--data", str(site.root / "data"),
+             "--projects", str(site.root / "projects")]  # fmt: skip
+    argv = [sys.executable, "-m", "engine.cli", "user", "add", "carol", "--role", "viewer", *where]
+    code, shown = _on_a_terminal(argv, ["first password!!", "other password!!"])
+    assert code == 1 and "the two passwords differ" in shown, shown
+    code, shown = _on_a_terminal(argv, [PASSWORD, PASSWORD])
+    assert code == 0 and "user carol: viewer" in shown, shown
+    assert PASSWORD not in shown  # not echoed
+    from engine.store.index import open_index
+    from engine.store.users import UserStore
+
+    index = open_index("", site.root / "data" / "index.sqlite", upgrade=False, read_only=True)
+    try:
+        users = UserStore(index)
+        assert users.check_password("carol", PASSWORD) is not None
+        assert users.check_password("carol", "first password!!") is None
+    finally:
+        index.close()
