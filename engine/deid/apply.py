@@ -60,6 +60,8 @@ class Run:
     scrubber: Scrubber | None = None
     #: Per tag, how many elements got each Op (at any level); None unless a report asks.
     per_tag: dict[int, list[int]] | None = None
+    #: Attributes written back because the IOD requires them (engine.deid.conform).
+    counts_extra: int = 0
 
     def count(self, tag: int, op: Op) -> None:
         """Count one element ``tag`` given ``op`` (and per tag when :attr:`per_tag` is on)."""
@@ -108,6 +110,8 @@ class Cleaner:
         self._ops = profile.ops
         #: Count actions per attribute too (``fiona anonymize --report``).
         self.per_attribute = False
+        #: SOP Class UIDs the byte path hands to the pydicom path (engine.deid.conform).
+        self.not_raw: frozenset[str] = frozenset()
 
     def op(self, ds: Dataset, tag: int, vr: str) -> Op:
         """The action for ``tag`` in ``ds`` (``ds`` is needed for private creators)."""
