@@ -5,16 +5,31 @@ not have (issue 16, deliverable 1)."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
+from engine.config.rulesets import rulesets_dir
+from engine.deid.conform import Conformer
 from engine.deid.deidentifier import Deidentifier
 from engine.deid.profile import OPTIONS, load_profile
-from tests.iod_objects import BUILDERS, iod_object
+from engine.deid.verify import IdentifyingValues, find_leaks
+from tests.iod_objects import (
+    BASIC_TEXT_SR,
+    BUILDERS,
+    ENCAPSULATED_PDF,
+    ENHANCED_MR,
+    GSPS,
+    MR_IMAGE,
+    SEGMENTATION,
+    iod_object,
+)
 
 SECRET = b"iod-test-secret-0123456789abcdef0123"
 PROFILES = ("basic", *OPTIONS)
@@ -64,3 +79,91 @@ def test_inputs_are_valid(kind: str, tmp_path: Path) -> None:
     path = tmp_path / f"{kind}.dcm"
     iod_object(kind).save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == set()
+
+
+def _deid(ds: Dataset, *, byte_path: bool = True, options: tuple[str, ...] = ()) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    deid = Deidentifier(load_profile("basic", options), SECRET)
+    out = deid.process_file(buffer.getvalue(), byte_path=byte_path).data
+    return dcmread(io.BytesIO(out))
+
+
+def test_restored_values_carry_nothing_of_the_input() -> None:
+    """Every restored attribute holds a dummy, a keyed hash or nothing: the verification gate
+    finds no original identifying value in any output."""
+    for kind in BUILDERS:
+        original = iod_object(kind)
+        out = _deid(iod_object(kind))
+        assert find_leaks(out, IdentifyingValues.from_dataset(original)) == [], kind
+    seg = _deid(iod_object("SEG"))
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel not in ("", "LIVER")
+    assert segment.SegmentAlgorithmName == "ANONYMIZED"
+    assert seg.ContentDescription in (None, "")
+
+
+def test_stack_ids_stay_distinct_and_consistent() -> None:
+    """Stack ID (0020,9056) is replaced by a keyed hash: two stacks stay two, and the frames
+    of one stack share one value."""
+    ds = iod_object("EnhancedMR")
+    ds.PerFrameFunctionalGroupsSequence[1].FrameContentSequence[0].StackID = "2"
+    out = _deid(ds)
+    ids = [f.FrameContentSequence[0].StackID for f in out.PerFrameFunctionalGroupsSequence]
+    assert ids[0] != ids[1] and "1" not in ids and "2" not in ids
+    again = _deid(iod_object("EnhancedMR"))
+    first = again.PerFrameFunctionalGroupsSequence
+    assert first[0].FrameContentSequence[0].StackID == first[1].FrameContentSequence[0].StackID
+
+
+def test_conditional_attributes_follow_the_input() -> None:
+    """A Type 1C attribute is restored only where the input had it (its condition held): a
+    MANUAL segment without Segment Algorithm Name gets none; an UNVERIFIED report without
+    Verifying Observer Sequence gets none; a verified one keeps one dummy observer item."""
+    seg = iod_object("SEG")
+    segment = seg.SegmentSequence[0]
+    segment.SegmentAlgorithmType = "MANUAL"
+    del segment.SegmentAlgorithmName, segment.SegmentationAlgorithmIdentificationSequence
+    assert "SegmentAlgorithmName" not in _deid(seg).SegmentSequence[0]
+    sr = iod_object("BasicSR")
+    sr.VerificationFlag = "UNVERIFIED"
+    del sr.VerifyingObserverSequence
+    assert "VerifyingObserverSequence" not in _deid(sr)
+    verified = _deid(iod_object("BasicSR"))
+    (observer,) = verified.VerifyingObserverSequence
+    assert observer.VerifyingObserverName == "ANONYMIZED"
+    assert "ContentSequence" not in verified  # emptied by D, then its 1C condition is gone
+    kept = _deid(iod_object("BasicSR"), options=("clean_structured_content",))
+    assert len(kept.ContentSequence) == 1
+
+
+@pytest.mark.parametrize("kind", ["SEG", "EnhancedMR", "BasicSR", "GSPS", "PDF", "MR"])
+def test_byte_path_gives_the_reference_output(kind: str) -> None:
+    """The byte path hands the SOP classes of iod_types.json to the pydicom path, so both
+    write the same file."""
+    buffer = io.BytesIO()
+    iod_object(kind).save_as(buffer, enforce_file_format=True)
+    deid = Deidentifier(load_profile("basic"), SECRET)
+    fast = deid.process_file(buffer.getvalue()).data
+    reference = deid.process_file(buffer.getvalue(), byte_path=False).data
+    assert fast == reference
+
+
+def test_the_iod_table_cites_its_source_and_reads() -> None:
+    """Every row of rulesets/anonymize/iod_types.json names its PS3.3 source, a known set and a
+    known keyword (Conformer raises on an unknown one)."""
+    path = rulesets_dir() / "anonymize" / "iod_types.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    for row in doc["rows"]:
+        assert row["source"].startswith("PS3.3"), row["keyword"]
+        assert set(row["sets"]) <= set(doc["sop_class_sets"]), row["keyword"]
+        assert row["type"] in ("1", "1C", "2", "2C"), row["keyword"]
+    conformer = Conformer(path)
+    assert {
+        SEGMENTATION,
+        ENHANCED_MR,
+        BASIC_TEXT_SR,
+        GSPS,
+        ENCAPSULATED_PDF,
+    } <= conformer.sop_classes
+    assert MR_IMAGE not in conformer.sop_classes  # the common path keeps its byte speed

@@ -79,14 +79,13 @@ def _containers(ds: Dataset, path: tuple[int, ...]) -> Iterator[Dataset]:
 
 
 def _has_value(ds: Dataset, tag: int) -> bool:
+    """Whether ``tag`` is in ``ds`` with a value (a sequence: at least one item)."""
     if tag not in ds:
         return False
     value = ds[tag].value
-    return (
-        value is not None and value != "" and len(value) > 0
-        if not isinstance(value, int | float)
-        else True
-    )
+    if isinstance(value, int | float):
+        return True
+    return value is not None and len(value) > 0
 
 
 @dataclass
@@ -138,9 +137,9 @@ class Conformer:
         by_class: dict[str, list[Row]] = {}
         for raw in doc["rows"]:
             row = _row(raw)
-            for name in raw["sets"]:
-                for uid in doc["sop_class_sets"][name]:
-                    by_class.setdefault(uid, []).append(row)
+            uids = {uid for name in raw["sets"] for uid in doc["sop_class_sets"][name]}
+            for uid in sorted(uids):
+                by_class.setdefault(uid, []).append(row)
         self.rows = by_class
         self.sop_classes = frozenset(by_class)
 
