@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from engine.config.rulesets import rulesets_dir
 from engine.deid.conform import Conformer
-from engine.deid.deidentifier import Deidentifier
+from engine.deid.deidentifier import IOD_RESTORED, Deidentifier
 from engine.deid.profile import OPTIONS, load_profile
 from engine.deid.verify import IdentifyingValues, find_leaks
 from tests.iod_objects import (
@@ -167,3 +167,20 @@ def test_the_iod_table_cites_its_source_and_reads() -> None:
         ENCAPSULATED_PDF,
     } <= conformer.sop_classes
     assert MR_IMAGE not in conformer.sop_classes  # the common path keeps its byte speed
+
+
+def test_the_report_names_what_the_iod_got_back() -> None:
+    """The action counts and ``--report``'s per-attribute rows say what was written back (or
+    removed) for the IOD; a plain MR gets no such row."""
+    buffer = io.BytesIO()
+    iod_object("BasicSR").save_as(buffer, enforce_file_format=True)
+    deid = Deidentifier(load_profile("basic"), SECRET, per_attribute=True)
+    result = deid.process_file(buffer.getvalue())
+    assert result.counts[IOD_RESTORED] == 3
+    rows = result.attributes
+    assert rows["VerifyingObserverSequence (required by the IOD)"] == {"replaced": 1}
+    assert rows["ReferencedPerformedProcedureStepSequence (required by the IOD)"] == {"replaced": 1}
+    assert rows["ContentSequence (required by the IOD)"] == {"removed": 1}
+    buffer = io.BytesIO()
+    iod_object("MR").save_as(buffer, enforce_file_format=True)
+    assert IOD_RESTORED not in deid.process_file(buffer.getvalue()).counts

@@ -60,8 +60,9 @@ class Run:
     scrubber: Scrubber | None = None
     #: Per tag, how many elements got each Op (at any level); None unless a report asks.
     per_tag: dict[int, list[int]] | None = None
-    #: Attributes written back because the IOD requires them (engine.deid.conform).
-    counts_extra: int = 0
+    #: Tags written back (``replaced``) or emptied sequences removed (``removed``) because of
+    #: the IOD (engine.deid.conform), one per element.
+    restored: list[tuple[int, str]] = field(default_factory=list)
 
     def count(self, tag: int, op: Op) -> None:
         """Count one element ``tag`` given ``op`` (and per tag when :attr:`per_tag` is on)."""

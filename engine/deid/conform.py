@@ -94,14 +94,15 @@ class Restore:
 
     found: list[tuple[Dataset, Row, str]]
 
-    def apply(self, hasher: Hasher, dummies: dict[str, Any]) -> int:
-        """Write back each noted attribute the walk removed or emptied; return how many."""
-        fixed = 0
+    def apply(self, hasher: Hasher, dummies: dict[str, Any]) -> list[tuple[int, str]]:
+        """Write back each noted attribute the walk removed or emptied; return, per element
+        written back or removed, its tag and ``replaced`` or ``removed``."""
+        fixed: list[tuple[int, str]] = []
         for container, row, original in self.found:
             if row.drop_empty:
                 if row.tag in container and not container[row.tag].value:
                     del container[row.tag]
-                    fixed += 1
+                    fixed.append((row.tag, "removed"))
                 continue
             if _has_value(container, row.tag) or (
                 row.kind.startswith("2") and row.tag in container
@@ -110,7 +111,7 @@ class Restore:
             container[row.tag] = DataElement(
                 row.tag, row.vr, self._value(row, original, hasher, dummies)
             )
-            fixed += 1
+            fixed.append((row.tag, "replaced"))
         return fixed
 
     @staticmethod

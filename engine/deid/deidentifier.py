@@ -33,7 +33,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine import __version__
 from engine.config.rulesets import rulesets_dir
-from engine.deid.apply import DUMMY, Cleaner, per_attribute, start_run, text_of
+from engine.deid.apply import DUMMY, Cleaner, attribute_name, per_attribute, start_run, text_of
 from engine.deid.conform import Conformer
 from engine.deid.encapsulated import STRIPPED_SYNTAXES, BadBitstream, Stripped, strip_text
 from engine.deid.keys import (
@@ -180,15 +180,18 @@ class Deidentifier:
         self.cleaner.walk(ds, run)
         if restore is not None:
             secret = self.cleaner.secret
-            fixed = restore.apply(lambda t, v, n: keyed_hash(secret, t, v, n), DUMMY)
-            if fixed:
-                run.counts_extra = fixed
+            run.restored = restore.apply(lambda t, v, n: keyed_hash(secret, t, v, n), DUMMY)
         for tag, elem in self._marks().items():
             ds[tag] = elem
         counts = _report(run.counts)
-        if run.counts_extra:
-            counts[IOD_RESTORED] = run.counts_extra
-        return counts, per_attribute(run.per_tag)
+        attributes = per_attribute(run.per_tag)
+        if run.restored:
+            counts[IOD_RESTORED] = len(run.restored)
+            if run.per_tag is not None:
+                for tag, outcome in run.restored:
+                    row = f"{attribute_name(tag)} (required by the IOD)"
+                    attributes = _add_row(attributes, row, outcome, 1)
+        return counts, attributes
 
     def _marks(self) -> dict[int, DataElement]:
         """What every output gets at the top level: Patient Identity Removed (0012,0062),
