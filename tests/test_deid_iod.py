@@ -32,7 +32,10 @@ from tests.iod_objects import (
 )
 
 SECRET = b"iod-test-secret-0123456789abcdef0123"
-PROFILES = ("basic", *OPTIONS)
+#: The basic profile, each option alone, and every option at once (but full dates, which
+#: excludes modified dates).
+PROFILES = ("basic", *OPTIONS, "all")
+ALL = tuple(o for o in OPTIONS if o != "retain_longitudinal_full_dates")
 
 
 def dciodvfy_errors(path: Path) -> set[str]:
@@ -54,9 +57,7 @@ def _files(kind: str, option: str, tmp: Path) -> tuple[Path, Path]:
     buffer = io.BytesIO()
     iod_object(kind).save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
-    options = () if option == "basic" else (option,)
-    if option == "retain_longitudinal_full_dates":
-        options = (option,)
+    options = {"basic": (), "all": ALL}.get(option, (option,))
     out = Deidentifier(load_profile("basic", options), SECRET).process_file(data).data
     source, target = tmp / f"{kind}-in.dcm", tmp / f"{kind}-{option}.dcm"
     source.write_bytes(data)
