@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -42,7 +43,10 @@ def dciodvfy_errors(path: Path) -> set[str]:
     """The Error lines dciodvfy prints for ``path``, values and frame numbers taken out."""
     tool = shutil.which("dciodvfy")
     if tool is None:
-        pytest.fail("dciodvfy (Debian dicom3tools) is not installed; run scripts/setup.sh")
+        message = "dciodvfy (Debian dicom3tools) is not installed; run scripts/setup.sh"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
     done = subprocess.run([tool, str(path)], capture_output=True, text=True, check=False)
     lines = (done.stdout + done.stderr).splitlines()
     return {_normalise(line) for line in lines if line.startswith("Error")}
