@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 
 from engine.config.rulesets import rulesets_dir
 from engine.deid.conform import Conformer
@@ -189,3 +190,13 @@ def test_the_report_names_what_the_iod_got_back() -> None:
     buffer = io.BytesIO()
     iod_object("MR").save_as(buffer, enforce_file_format=True)
     assert IOD_RESTORED not in deid.process_file(buffer.getvalue()).counts
+
+
+def test_implicit_vr_objects_are_restored_too() -> None:
+    """An implicit VR little endian SEG (sequences read without their VR) gets its Segment
+    Label back as well."""
+    ds = iod_object("SEG")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out = _deid(ds)
+    assert out.SegmentSequence[0].SegmentLabel not in ("", "LIVER")
+    assert out.SegmentSequence[0].SegmentAlgorithmName == "ANONYMIZED"

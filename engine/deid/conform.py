@@ -72,10 +72,11 @@ def _containers(ds: Dataset, path: tuple[int, ...]) -> Iterator[Dataset]:
     if not path:
         yield ds
         return
-    if path[0] not in ds:
-        return
+    if path[0] not in ds or ds.get_item(path[0]).VR not in ("SQ", None):
+        return  # absent, or a sequence stored as UN: nothing to restore into
     for item in ds[path[0]].value or ():
-        yield from _containers(item, path[1:])
+        if isinstance(item, Dataset):
+            yield from _containers(item, path[1:])
 
 
 def _has_value(ds: Dataset, tag: int) -> bool:
