@@ -60,6 +60,9 @@ class Run:
     scrubber: Scrubber | None = None
     #: Per tag, how many elements got each Op (at any level); None unless a report asks.
     per_tag: dict[int, list[int]] | None = None
+    #: Tags written back (``replaced``) or emptied sequences removed (``removed``) because of
+    #: the IOD (engine.deid.conform), one per element.
+    restored: list[tuple[int, str]] = field(default_factory=list)
 
     def count(self, tag: int, op: Op) -> None:
         """Count one element ``tag`` given ``op`` (and per tag when :attr:`per_tag` is on)."""
@@ -108,6 +111,8 @@ class Cleaner:
         self._ops = profile.ops
         #: Count actions per attribute too (``fiona anonymize --report``).
         self.per_attribute = False
+        #: SOP Class UIDs the byte path hands to the pydicom path (engine.deid.conform).
+        self.not_raw: frozenset[str] = frozenset()
 
     def op(self, ds: Dataset, tag: int, vr: str) -> Op:
         """The action for ``tag`` in ``ds`` (``ds`` is needed for private creators)."""

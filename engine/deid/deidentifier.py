@@ -32,7 +32,9 @@ from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from engine import __version__
-from engine.deid.apply import Cleaner, per_attribute, start_run, text_of
+from engine.config.rulesets import rulesets_dir
+from engine.deid.apply import DUMMY, Cleaner, attribute_name, per_attribute, start_run, text_of
+from engine.deid.conform import Conformer
 from engine.deid.encapsulated import STRIPPED_SYNTAXES, BadBitstream, Stripped, strip_text
 from engine.deid.keys import (
     DEFAULT_DATE_RANGE,
@@ -40,6 +42,7 @@ from engine.deid.keys import (
     HashPseudonyms,
     PseudonymSource,
     UidMapper,
+    keyed_hash,
 )
 from engine.deid.ops import REPORT_NAMES, Op
 from engine.deid.overlays import (
@@ -56,6 +59,21 @@ from engine.deid.scrub import Scrubber
 from engine.deid.writer import write_dataset, write_meta, write_part10
 from engine.dicom.errors import HeaderError
 from engine.dicom.walk import IMPLICIT_LITTLE
+
+#: What the action counts call attributes written back because the IOD requires them
+#: (:mod:`engine.deid.conform`).
+IOD_RESTORED = "iod_required_restored"
+_CONFORMERS: dict[str, Conformer] = {}
+
+
+def _conformer() -> Conformer:
+    """The IOD table ``rulesets/anonymize/iod_types.json``, read once per process."""
+    path = rulesets_dir() / "anonymize" / "iod_types.json"
+    key = str(path)
+    if key not in _CONFORMERS:
+        _CONFORMERS[key] = Conformer(path)
+    return _CONFORMERS[key]
+
 
 #: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
 IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
@@ -126,6 +144,8 @@ class Deidentifier:
             project,
         )
         self.cleaner.per_attribute = per_attribute
+        self.conformer = _conformer()
+        self.cleaner.not_raw = self.conformer.sop_classes
         self.raw = RawCleaner(self.cleaner, {v: self._additions(v) for v in (False, True)})
 
     # ------------------------------------------------------------------ datasets
@@ -156,10 +176,22 @@ class Deidentifier:
         if self.profile.cleans_text:
             run.scrubber = Scrubber()
             self.cleaner.collect(ds, run.scrubber)
+        restore = self.conformer.before(ds)
         self.cleaner.walk(ds, run)
+        if restore is not None:
+            secret = self.cleaner.secret
+            run.restored = restore.apply(lambda t, v, n: keyed_hash(secret, t, v, n), DUMMY)
         for tag, elem in self._marks().items():
             ds[tag] = elem
-        return _report(run.counts), per_attribute(run.per_tag)
+        counts = _report(run.counts)
+        attributes = per_attribute(run.per_tag)
+        if run.restored:
+            counts[IOD_RESTORED] = len(run.restored)
+            if run.per_tag is not None:
+                for tag, outcome in run.restored:
+                    row = f"{attribute_name(tag)} (required by the IOD)"
+                    attributes = _add_row(attributes, row, outcome, 1)
+        return counts, attributes
 
     def _marks(self) -> dict[int, DataElement]:
         """What every output gets at the top level: Patient Identity Removed (0012,0062),

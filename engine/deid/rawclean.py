@@ -223,6 +223,8 @@ class _Walk:
                     self.uids[tag] = text_of(
                         self.owner.decoder(None).decode(tag, RawElement("UI", data[start:end]))
                     )
+                    if tag == _SOP_CLASS and self.uids[tag].strip("\0 ") in cleaner.not_raw:
+                        raise NotRaw("an IOD whose required attributes need restoring")
                 if replaced:
                     out.append(additions.pop(0)[1])
                 elif kept_from < 0:
