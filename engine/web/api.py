@@ -29,7 +29,7 @@ from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
 from engine.web.auth import ApiError, Need, check_project
 
-__all__ = ["ROUTES", "Call", "Route"]
+__all__ = ["ROUTES", "Call", "Route", "api_route"]
 
 
 @dataclass
@@ -334,3 +334,11 @@ ROUTES: tuple[Route, ...] = (
         upload=True,
     ),
 )
+
+
+def api_route(method: str, path: str) -> Route:
+    """The route of :data:`ROUTES` answering ``method path`` (the portal's pages call them)."""
+    for route in ROUTES:
+        if (route.method, route.path) == (method, path):
+            return route
+    raise KeyError(f"no API route {method} {path}")
