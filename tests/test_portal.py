@@ -172,6 +172,7 @@ def chrome() -> Iterator[object]:
                  "--disable-dev-shm-usage", f"--user-data-dir={profile}"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(10)  # seconds a lookup waits for the next page to load
     try:
         yield driver
     finally:
@@ -205,12 +206,15 @@ def test_a_coordinator_does_not_see_another_projects_studies(site: Site, chrome:
     assert not d.find_elements(By.CSS_SELECTOR, "tr.item")  # type: ignore[attr-defined]
     d.get(f"{base}/studies/{site.alpha_uid}")  # type: ignore[attr-defined]
     assert "is not routed to a project granted to you" in d.page_source  # type: ignore[attr-defined]
+    d.get(f"{base}/projects")  # type: ignore[attr-defined]
+    rows = d.find_elements(By.CSS_SELECTOR, "tr.project")  # type: ignore[attr-defined]
+    assert [r.get_attribute("id") for r in rows] == ["p-beta"]
 
 
 def test_without_the_phi_grant_no_page_names_the_patient(site: Site, chrome: object) -> None:
     d: object = chrome
     base = f"http://127.0.0.1:{site.web_port}"
-    pages = ["/", "/quarantine", "/studies", f"/studies/{site.alpha_uid}",
+    pages = ["/", "/projects", "/quarantine", "/studies", f"/studies/{site.alpha_uid}",
              f"/studies/{site.beta_uid}", "/transfers", "/audit",
              "/quarantine?state=all"]  # fmt: skip
     for user in ("viewer", "coord_a"):
@@ -242,7 +246,8 @@ def test_a_held_study_released_in_the_browser_is_delivered(site: Site, chrome: o
     row.find_element(By.NAME, "qid").click()
     site.share.mkdir()  # the share is back
     d.find_element(By.ID, "release").click()  # type: ignore[attr-defined]
-    assert qid in d.find_element(By.TAG_NAME, "ul").text  # type: ignore[attr-defined]
+    chosen = d.find_elements(By.ID, "chosen")  # type: ignore[attr-defined]
+    assert chosen and qid in chosen[0].text, d.page_source  # type: ignore[attr-defined]
     assert _alpha_qid(site) == qid  # only asked, not yet released
     d.find_element(By.ID, "yes").click()  # type: ignore[attr-defined]
     outcome = d.find_element(By.ID, "outcomes").text  # type: ignore[attr-defined]

@@ -67,6 +67,10 @@ def _dashboard(call: Call, form: Form) -> View:
     return View("dashboard.html", "Dashboard", values)
 
 
+def _projects(call: Call, form: Form) -> View:
+    return View("projects.html", "Projects", {"projects": _api(call, "GET", "/projects")})
+
+
 def _quarantine(call: Call, form: Form) -> View:
     items = _api(call, "GET", "/quarantine")
     state = call.query.get("state", "held")
@@ -139,6 +143,7 @@ def _audit(call: Call, form: Form) -> View:
 #: Every page of the portal (login and logout are the session's, in :mod:`engine.web.portal`).
 PAGES: tuple[Page, ...] = (
     Page("GET", "/", Need.READ, _dashboard),
+    Page("GET", "/projects", Need.READ, _projects),
     Page("GET", "/quarantine", Need.READ, _quarantine),
     Page("POST", "/quarantine/confirm", Need.ACT, _quarantine_confirm),
     Page("POST", "/quarantine/act", Need.ACT, _quarantine_act),
