@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import urllib.error
 import urllib.parse
@@ -23,6 +24,9 @@ import pytest
 from engine.store.audit import AuditLog
 from engine.store.index import open_index
 from engine.store.sessions import SessionStore
+from tests import synth
+from tests.conftest import need_peer
+from tests.peers import nodelay_env
 from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait
 from tests.test_web import site as web_site
 
@@ -256,6 +260,55 @@ def test_a_held_study_released_in_the_browser_is_delivered(site: Site, chrome: o
     assert _held(site.root / "data") == []
     released = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "released"]
     assert released[-1]["operator"] == "web:coord_a"
+
+
+def test_an_unrouted_study_assigned_in_the_browser_is_routed_and_run(
+    site: Site, chrome: object
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    storescu = need_peer("storescu")
+    spec = synth.make_study_spec(53)
+    sent = synth.make_study(spec, [synth.MR_SERIES["t1_mprage"]], size=8)
+    files = synth.write_study(sent, site.root / "send-53")
+    result = subprocess.run(
+        [storescu, "-aet", "MR9", "-aec", "FIONA", "127.0.0.1", str(site.server.port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=300, env=nodelay_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    uid = str(sent[0].StudyInstanceUID)
+    _wait("an unrouted hold", lambda: [h for h in _held(site.root / "data") if h[1] == "unrouted"])
+    d: object = chrome
+    _login(d, site, "admin")
+    d.get(f"http://127.0.0.1:{site.web_port}/studies/{uid}")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "assign-link").click()  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "project")).select_by_visible_text("beta")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "subject").send_keys("S001")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "event").send_keys("baseline")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "do-assign").click()  # type: ignore[attr-defined]
+    outcome = d.find_element(By.ID, "outcomes").text  # type: ignore[attr-defined]
+    assert "assigned to beta" in outcome, outcome
+
+    def run_done() -> bool:
+        detail = site.json("GET", f"/api/v1/studies/{uid}", "admin")
+        return any(r["project"] == "beta" and r["state"] == "done" for r in detail["runs"])
+
+    _wait("beta's run of the assigned study", run_done)
+    assert not [h for h in _held(site.root / "data") if h[1] == "unrouted"]
+    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+        route = db.execute(
+            "SELECT subject, event, assigned FROM study_routes WHERE study_uid=? AND project=?",
+            (uid, "beta"),
+        ).fetchone()
+    assert route == ("S001", "baseline", 1)
+    assigned = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "assigned"]
+    assert assigned[-1]["operator"] == "web:admin" and assigned[-1]["project"] == "beta"
+    assert "S001" not in str(assigned)
+    # A coordinator may not assign (it would reach studies of no granted project).
+    body = site.json("POST", f"/api/v1/studies/{uid}/assign", "coord_b", code=403)
+    assert body["error"] == "only an admin may do this"
 
 
 # -- last: throttling locks the client address -------------------------------------------------

@@ -125,7 +125,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         (projects / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
     web_port = free_port()
     (root / "site.yaml").write_text(yaml.safe_dump(
-        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port}}
+        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port},
+         "routing": {"unrouted_after_seconds": 1}}
     ))  # fmt: skip
     server = FionaServer(root / "data", projects, config=root / "site.yaml").start()
     try:

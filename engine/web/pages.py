@@ -46,12 +46,19 @@ class Page:
     handler: Callable[[Call, Form], View | Redirect]
 
 
-def _api(call: Call, method: str, path: str, **params: str) -> Any:
+def _api(
+    call: Call, method: str, path: str, body: dict[str, str] | None = None, **params: str
+) -> Any:
     """What the API route ``method path`` answers this user (its project checks included)."""
     route = api_route(method, path)
     return route.handler(
-        Call(call.user, call.site, call.index, call.projects, params, call.query, call.upload)
-    )
+        Call(call.user, call.site, call.index, call.projects, params, call.query, call.upload,
+             body or {})
+    )  # fmt: skip
+
+
+def _field(form: Form, name: str) -> str:
+    return (form.get(name) or [""])[0].strip()
 
 
 def _acts(call: Call) -> bool:
@@ -122,6 +129,22 @@ def _study(call: Call, form: Form) -> View:
     return View("study.html", f"Study {study['token']}", {"study": study})
 
 
+def _assign_form(call: Call, form: Form) -> View:
+    uid = call.params["study_uid"]
+    study = _api(call, "GET", "/studies/{study_uid}", study_uid=uid)
+    names = [p["name"] for p in _api(call, "GET", "/projects") if p["enabled"]]
+    values = {"uid": uid, "study": study, "projects": names}
+    return View("assign.html", "Assign", values)
+
+
+def _assign(call: Call, form: Form) -> View:
+    uid = call.params["study_uid"]
+    body = {k: _field(form, k) for k in ("project", "subject", "event")}
+    done = _api(call, "POST", "/studies/{study_uid}/assign", body, study_uid=uid)
+    back = f"/studies/{uid}"
+    return View("result.html", "Assigned", {"outcomes": [done["message"]], "back": back})
+
+
 def _transfers(call: Call, form: Form) -> View:
     found = _api(call, "GET", "/transfers")
     return View("transfers.html", "Transfers", {"transfers": found, "can_act": _acts(call)})
@@ -149,6 +172,8 @@ PAGES: tuple[Page, ...] = (
     Page("POST", "/quarantine/act", Need.ACT, _quarantine_act),
     Page("GET", "/studies", Need.READ, _studies),
     Page("GET", "/studies/{study_uid}", Need.READ, _study),
+    Page("GET", "/studies/{study_uid}/assign", Need.ADMIN, _assign_form),
+    Page("POST", "/studies/{study_uid}/assign", Need.ADMIN, _assign),
     Page("GET", "/transfers", Need.READ, _transfers),
     Page("POST", "/transfers/{id}/retry", Need.ACT, _transfer_change("retry")),
     Page("POST", "/transfers/{id}/cancel", Need.ACT, _transfer_change("cancel")),

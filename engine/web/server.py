@@ -71,6 +71,8 @@ def _endpoint(
             )
             if route.upload:
                 call.upload = await _upload(request)
+            if route.body:
+                call.body = await _json_body(request, route.body)
             body = await run_in_threadpool(route.handler, call)
             body = await run_in_threadpool(_shown, call, route, body)
         except ApiError as exc:
@@ -95,6 +97,17 @@ def _shown(call: Call, route: Route, body: Any) -> Any:
             study=uid_token(uid) if uid else "",
         )
     return body
+
+
+async def _json_body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
+    """The route's string ``fields`` of a JSON object body (others are ignored)."""
+    try:
+        doc = await request.json()
+    except ValueError as exc:
+        raise ApiError(400, "the body is not JSON", "send a JSON object") from exc
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(f, ""), str) for f in fields):
+        raise ApiError(400, "the body is not an object of strings", f"fields: {', '.join(fields)}")
+    return {f: str(doc[f]) for f in fields if f in doc}
 
 
 async def _upload(request: Request) -> bytes:
