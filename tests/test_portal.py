@@ -12,21 +12,26 @@ import os
 import re
 import shutil
 import sqlite3
+import ssl
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.store.audit import AuditLog
 from engine.store.index import open_index
 from engine.store.sessions import SessionStore
 from tests import synth
 from tests.conftest import need_peer
-from tests.peers import nodelay_env
+from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
+from tests.test_tls import tls_files  # noqa: F401  (the fixture)
 from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait
 from tests.test_web import site as web_site
 
@@ -148,8 +153,51 @@ def test_an_idle_or_too_old_session_has_ended(site: Site) -> None:
         for t in range(1050, 4700, 50):  # last: 3650 s after the login
             found = sessions.find(sid, idle=60, most=3600, now=float(t))
         assert found is None  # busy, but over the absolute limit
+        left, _ = sessions.start("viewer", now=1000.0)  # never used again
+        assert sessions.purge(idle=60, most=3600, now=1100.0) >= 1
+        assert sessions.find(left, idle=10**9, most=10**9, now=1100.0) is None
     finally:
         index.close()
+
+
+def test_over_tls_the_cookie_is_secure_and_host_bound(
+    tmp_path: Path,
+    empty_projects: Path,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture of tests/test_tls.py)
+) -> None:
+    key, cert = tls_files
+    port = free_port()
+    config = tmp_path / "site.yaml"
+    web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
+    config.write_text(yaml.safe_dump({"web": web}))
+    server = FionaServer(tmp_path / "data", empty_projects, config=config).start()
+    try:
+        wait_for_port(port, 30, server.proc)
+        pw = tmp_path / "pw.txt"
+        pw.write_text(PASSWORD + "\n")
+        made = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "user", "add", "ann", "--role", "viewer",
+             "--password-file", str(pw), "--config", str(config), "--data",
+             str(tmp_path / "data"), "--projects", str(empty_projects)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        base = f"https://127.0.0.1:{port}"
+        form = urllib.parse.urlencode({"name": "ann", "password": PASSWORD}).encode()
+        request = urllib.request.Request(f"{base}/login", data=form, headers={"Origin": base})
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context), _NoRedirect()
+        )
+        with pytest.raises(urllib.error.HTTPError) as moved:
+            opener.open(request, timeout=30)
+        assert moved.value.code == 303
+        cookie = moved.value.headers["Set-Cookie"]
+        assert cookie.startswith("__Host-fiona_session=") and "Secure" in cookie
+        assert "HttpOnly" in cookie and "Path=/" in cookie and "Domain" not in cookie
+    finally:
+        server.stop()
 
 
 # -- headless Chromium ---------------------------------------------------------------------------

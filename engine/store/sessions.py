@@ -86,6 +86,18 @@ class SessionStore:
         user = UserStore(self.index).get(str(row[0]))
         return None if user is None else Session(user, str(row[1]))
 
+    def purge(self, idle: float, most: float, now: float | None = None) -> int:
+        """Delete the sessions expired (``idle``, ``most``: seconds, as :meth:`find`); how
+        many (a session never used again would otherwise stay)."""
+        now = time.time() if now is None else now
+        with self.index.transaction() as db:
+            return int(
+                db.execute(
+                    "DELETE FROM web_sessions WHERE seen_at < ? OR created_at < ?",
+                    (now - idle, now - most),
+                ).rowcount
+            )
+
     def end(self, session_id: str) -> None:
         """Forget a session (logout)."""
         with self.index.transaction() as db:

@@ -196,6 +196,7 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
             messages=["wrong user name or password"],
         )  # fmt: skip
     portal.sessions.succeeded(keys[:1])
+    portal.sessions.purge(portal.idle, portal.most)
     session_id, _ = portal.sessions.start(user.name)
     portal.audit("login", operator=f"web:{user.name}", user=user.name, address=address)
     answer = RedirectResponse(nxt, 303, headers=HEADERS)
