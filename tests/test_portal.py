@@ -372,9 +372,11 @@ def test_failed_logins_are_throttled_and_audited_without_the_password(site: Site
     assert status == 429 and "too many failed logins" in html
     status, html = Browser(site).login("viewer")  # the same address: locked too
     assert status == 429
+    typo = "correct horse battery staple!"  # a password typed into the name field
+    assert Browser(site).login(typo, "x")[0] == 429
     entries = AuditLog(site.root / "data").entries()
     failed = [e for e in entries if e["event"] == "login_failed"]
     assert len(failed) >= 5 and failed[-1]["failures"] >= 5 and failed[-1]["user"] == "coord_b"
     assert any(e["event"] == "login_refused" for e in entries)
     text = str(entries)
-    assert wrong not in text and PASSWORD not in text
+    assert wrong not in text and PASSWORD not in text and typo not in text

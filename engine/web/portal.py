@@ -10,6 +10,7 @@ address (:mod:`engine.store.sessions`) and audited, never with the password.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Callable
@@ -137,7 +138,9 @@ async def _form(request: Request) -> Form:
 
 def _next(raw: str) -> str:
     """A local path to go to after the login (anything else: the dashboard)."""
-    if raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
+    if raw.startswith("/") and not raw.startswith("//") and raw.isprintable() and not any(
+        c in raw for c in " \\"
+    ):
         return raw
     return "/"
 
@@ -179,10 +182,13 @@ def _login_routes(portal: Portal) -> list[StarletteRoute]:
 
 def _check_login(portal: Portal, request: Request, name: str, password: str, nxt: str) -> Response:
     address = request.client.host if request.client else "-"
-    keys = [f"user:{name[:64]}", f"addr:{address}"]
+    # The name as typed is kept only hashed, and audited only when it is a user's: people type
+    # their password into the name field.
+    keys = [f"user:{hashlib.sha256(name.encode()).hexdigest()[:32]}", f"addr:{address}"]
+    known = name if portal.users.get(name[:64]) is not None else "(no such user)"
     wait = portal.sessions.locked_for(keys)
     if wait > 0:
-        portal.audit("login_refused", user=name[:64], address=address, why="throttled")
+        portal.audit("login_refused", user=known, address=address, why="throttled")
         return portal.page(
             "login.html", "Log in", None, 429, next=nxt,
             messages=[f"too many failed logins: try again in {int(wait) + 1} s"],
@@ -190,7 +196,7 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
     user = portal.users.check_password(name, password) if name and password else None
     if user is None:
         failures = portal.sessions.failed(keys)
-        portal.audit("login_failed", user=name[:64], address=address, failures=failures)
+        portal.audit("login_failed", user=known, address=address, failures=failures)
         return portal.page(
             "login.html", "Log in", None, 401, next=nxt,
             messages=["wrong user name or password"],
