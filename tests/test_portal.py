@@ -112,6 +112,8 @@ def test_a_post_without_the_csrf_token_or_from_elsewhere_is_403(site: Site) -> N
     qid = _alpha_qid(site)
     b = Browser(site)
     assert b.login("coord_a")[0] == 200
+    status, html = b.go("/")  # the dashboard: what needs a human, alpha's counts
+    assert status == 200 and "quarantine held items: 1" in html and "<td>alpha</td>" in html
     status, html = b.go("/quarantine")
     assert status == 200 and qid in html
     token = _csrf(html)

@@ -53,6 +53,25 @@ _ENV = Environment(
 )
 
 
+def _shown_value(value: Any) -> str:
+    """A value of the status document as a person reads it (a mapping: ``key value, ...``;
+    None: ``-``)."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_shown_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _gib(value: Any) -> str:
+    """Bytes as GiB with one decimal."""
+    return f"{value / 2**30:.1f} GiB" if isinstance(value, int | float) else "-"
+
+
+_ENV.filters["shown"] = _shown_value
+_ENV.filters["gib"] = _gib
+
+
 class Portal:
     """The portal of one site: its sessions, users, audit log and the cookie it sets."""
 
