@@ -361,6 +361,22 @@ def test_an_unrouted_study_assigned_in_the_browser_is_routed_and_run(
     assert body["error"] == "only an admin may do this"
 
 
+def test_transfers_are_retried_from_their_page_and_the_answer_says_why_not(site: Site) -> None:
+    b = Browser(site)
+    b.login("coord_a")
+    status, html = b.go("/transfers")
+    assert status == 200 and "<td>alpha</td>" in html and "<td>done</td>" in html
+    [transfer_id] = re.findall(r'action="/transfers/(\d+)/retry"', html)
+    status, html = b.go(f"/transfers/{transfer_id}/retry", {"csrf": _csrf(html)})
+    assert status == 409 and "Not done" in html, html  # a done transfer is not sent again
+    v = Browser(site)
+    v.login("viewer")
+    status, html = v.go("/transfers")
+    assert 'action="/transfers/' not in html  # a viewer gets no buttons
+    status, _ = v.go(f"/transfers/{transfer_id}/cancel", {"csrf": _csrf(v.go("/")[1])})
+    assert status == 403
+
+
 # -- last: throttling locks the client address -------------------------------------------------
 
 
