@@ -8,7 +8,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 # Debian packages the test suite talks to as real peers.
-DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd)
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver)
 
 if [ "$want_test" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -125,7 +125,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         (projects / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
     web_port = free_port()
     (root / "site.yaml").write_text(yaml.safe_dump(
-        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port}}
+        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port},
+         "routing": {"unrouted_after_seconds": 1}}
     ))  # fmt: skip
     server = FionaServer(root / "data", projects, config=root / "site.yaml").start()
     try:
@@ -300,8 +301,8 @@ def test_the_status_page_and_metrics_are_served_too(site: Site) -> None:
     assert status == 200 and "alpha" in json.loads(text)["projects"]
     status, text = site.call("GET", "/metrics")
     assert status == 200 and "fiona_" in text
-    status, text = site.call("GET", "/")
-    assert status == 200 and "fiona:" in text
+    status, text = site.call("GET", "/")  # the status page is now the portal's dashboard
+    assert status == 200 and 'id="login"' in text  # behind the login
     request = urllib.request.Request(f"http://127.0.0.1:{site.web_port}/api/v1/status")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)

@@ -210,6 +210,8 @@ def _site_issues(
             bind=str(doc["web"]["bind"]),
             cert_file=tls_path("cert_file", "web"),
             key_file=tls_path("key_file", "web"),
+            session_idle_minutes=float(doc["web"]["session_idle_minutes"]),
+            session_max_hours=float(doc["web"]["session_max_hours"]),
         ),
     )
     issues += sorted(_check_tls(site.tls, parsed) + _check_web(site.web, parsed), key=issue_order)

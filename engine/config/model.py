@@ -133,14 +133,17 @@ class StatusHttp:
 
 @dataclass(frozen=True)
 class WebConfig:
-    """The web API of ``fiona serve`` (``/api/v1``): off unless ``enabled``; HTTPS when both
-    ``cert_file`` and ``key_file`` (PEM) are given."""
+    """The web portal and API of ``fiona serve`` (``/api/v1``): off unless ``enabled``; HTTPS
+    when both ``cert_file`` and ``key_file`` (PEM) are given. A portal login session ends after
+    ``session_idle_minutes`` without a request or ``session_max_hours`` after the login."""
 
     enabled: bool = False
     port: int = 8080
     bind: str = "127.0.0.1"
     cert_file: Path | None = None
     key_file: Path | None = None
+    session_idle_minutes: float = 30.0
+    session_max_hours: float = 12.0
 
 
 @dataclass(frozen=True)

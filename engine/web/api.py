@@ -15,6 +15,7 @@ from typing import Any
 from starlette.datastructures import QueryParams
 
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.assign import AssignError, assign
 from engine.manage.audit_cli import matching
 from engine.manage.overview import project_overview, study_detail
 from engine.manage.quarantine_cli import item_details, item_facts
@@ -29,7 +30,7 @@ from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
 from engine.web.auth import ApiError, Need, check_project
 
-__all__ = ["ROUTES", "Call", "Route"]
+__all__ = ["ROUTES", "Call", "Route", "api_route"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Call:
     params: dict[str, str] = field(default_factory=dict)
     query: QueryParams = field(default_factory=QueryParams)
     upload: bytes | None = None
+    body: dict[str, str] = field(default_factory=dict)
 
     @property
     def who(self) -> str:
@@ -74,6 +76,7 @@ class Route:
     handler: Callable[[Call], Any]
     query: tuple[str, ...] = ()
     upload: bool = False
+    body: tuple[str, ...] = ()  # the fields (strings) of its JSON body
 
 
 # -- status and projects -----------------------------------------------------------------------
@@ -227,6 +230,22 @@ def _study(call: Call) -> dict[str, Any]:
     return found
 
 
+def _assign(call: Call) -> dict[str, Any]:
+    uid = call.params["study_uid"]
+    project = call.body.get("project", "")
+    try:
+        message = assign(
+            call.site, call.index, call.projects(call.site), uid, project,
+            subject=call.body.get("subject", ""), event=call.body.get("event", ""),
+            operator=call.who,
+        )  # fmt: skip
+    except AssignError as exc:
+        raise ApiError(404, str(exc), "see GET /api/v1/projects and GET /api/v1/studies") from exc
+    except OSError as exc:
+        raise ApiError(503, "not assigned: cannot write the audit log", "free disk space") from exc
+    return {"study_uid": uid, "project": project, "message": message}
+
+
 def _explain(call: Call) -> dict[str, Any]:
     if not call.upload:
         raise ApiError(400, "no file uploaded", "POST multipart/form-data with a field 'file'")
@@ -326,6 +345,14 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST",
+        "/studies/{study_uid}/assign",
+        Need.ADMIN,
+        "Assign a study to a project, subject and event; it is then routed there (audited)",
+        _assign,
+        body=("project", "subject", "event"),
+    ),
+    Route(
+        "POST",
         "/explain",
         Need.READ,
         "Upload a DICOM file: which projects claim it and why",
@@ -334,3 +361,11 @@ ROUTES: tuple[Route, ...] = (
         upload=True,
     ),
 )
+
+
+def api_route(method: str, path: str) -> Route:
+    """The route of :data:`ROUTES` answering ``method path`` (the portal's pages call them)."""
+    for route in ROUTES:
+        if (route.method, route.path) == (method, path):
+            return route
+    raise KeyError(f"no API route {method} {path}")

@@ -59,6 +59,12 @@ def _operation(route: Route) -> dict[str, Any]:
         "parameters": params,
         "responses": responses,
     }
+    if route.body:
+        props = {name: {"type": "string"} for name in route.body}
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "properties": props}}},
+        }
     if route.upload:
         op["requestBody"] = {
             "required": True,

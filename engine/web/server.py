@@ -1,8 +1,9 @@
 """The web application and its server: Starlette on uvicorn, in a thread of ``fiona serve``.
 
-Besides ``/api/v1`` it serves what the status page (:mod:`engine.manage.status_http`) serves,
-unauthenticated as there (counts, times and project names only, no PHI): ``GET /status.json``,
-``GET /`` (its HTML rendering) and ``GET /metrics``. Every answer carries ``Cache-Control:
+Besides ``/api/v1`` it serves the portal (:mod:`engine.web.portal`; its dashboard at ``/``
+took the place of the status page) and, unauthenticated as the status page
+(:mod:`engine.manage.status_http`) does (counts, times and project names only, no PHI),
+``GET /status.json`` and ``GET /metrics``. Every answer carries ``Cache-Control:
 no-store`` and headers that keep it out of frames and sniffing.
 """
 
@@ -20,19 +21,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.manage.metrics import render
 from engine.manage.status import collect_status
-from engine.manage.status_http import render_page
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.users import UserStore
 from engine.web.api import ROUTES, Call, Route
 from engine.web.auth import ApiError, authenticate, check, holds_phi, strip_phi
 from engine.web.openapi import openapi_document
+from engine.web.portal import portal_routes
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def _endpoint(
             )
             if route.upload:
                 call.upload = await _upload(request)
+            if route.body:
+                call.body = await _json_body(request, route.body)
             body = await run_in_threadpool(route.handler, call)
             body = await run_in_threadpool(_shown, call, route, body)
         except ApiError as exc:
@@ -94,6 +97,17 @@ def _shown(call: Call, route: Route, body: Any) -> Any:
             study=uid_token(uid) if uid else "",
         )
     return body
+
+
+async def _json_body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
+    """The route's string ``fields`` of a JSON object body (others are ignored)."""
+    try:
+        doc = await request.json()
+    except ValueError as exc:
+        raise ApiError(400, "the body is not JSON", "send a JSON object") from exc
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(f, ""), str) for f in fields):
+        raise ApiError(400, "the body is not an object of strings", f"fields: {', '.join(fields)}")
+    return {f: str(doc[f]) for f in fields if f in doc}
 
 
 async def _upload(request: Request) -> bytes:
@@ -124,9 +138,6 @@ def build_app(
     def status_json(request: Request) -> Response:
         return _json(collect_status(site, index))
 
-    def status_page(request: Request) -> Response:
-        return HTMLResponse(render_page(collect_status(site, index)), headers=_HEADERS)
-
     def metrics(request: Request) -> Response:
         body, content_type = render(site, index, request.headers.get("accept", ""))
         return Response(body, headers={**_HEADERS, "Content-Type": content_type})
@@ -135,7 +146,6 @@ def build_app(
         return _json(openapi_document())
 
     routes = [
-        StarletteRoute("/", status_page),
         StarletteRoute("/status.json", status_json),
         StarletteRoute("/metrics", metrics),
         StarletteRoute("/api/v1/openapi.json", openapi),
@@ -144,6 +154,7 @@ def build_app(
         StarletteRoute("/api/v1" + r.path, _endpoint(r, site, index, projects), methods=[r.method])
         for r in ROUTES
     ]
+    routes += portal_routes(site, index, projects)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         code = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -226,7 +237,7 @@ def start_for_site(
     server = WebServer(app, sock, config)
     scheme = "https" if tls else "http"
     log.info(
-        "web API on %s://%s:%d/api/v1 (status at /, /status.json, /metrics)",
+        "web portal on %s://%s:%d/ (API at /api/v1, /status.json, /metrics)",
         scheme,
         cfg.bind,
         server.port,

@@ -1,0 +1,181 @@
+"""The portal's pages: each calls the ``/api/v1`` route functions (:data:`engine.web.api.ROUTES`)
+and names the template that shows their answer. :data:`PAGES` is the one place that declares
+each page's method, path and required role; no page holds logic of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from engine.store.users import Role
+from engine.web.api import Call, api_route
+from engine.web.auth import ApiError, Need
+
+__all__ = ["PAGES", "Form", "Page", "Redirect", "View"]
+
+#: A posted form: each field's values (checkboxes repeat a name).
+Form = dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class View:
+    """A template to render with its values (PHI under ``"phi"`` keys, as the API gives it)."""
+
+    template: str
+    title: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Go on to another page (after a POST)."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page: ``GET``/``POST``, its path, who may open it, its handler."""
+
+    method: str
+    path: str
+    need: Need
+    handler: Callable[[Call, Form], View | Redirect]
+
+
+def _api(
+    call: Call, method: str, path: str, body: dict[str, str] | None = None, **params: str
+) -> Any:
+    """What the API route ``method path`` answers this user (its project checks included)."""
+    route = api_route(method, path)
+    return route.handler(
+        Call(call.user, call.site, call.index, call.projects, params, call.query, call.upload,
+             body or {})
+    )  # fmt: skip
+
+
+def _field(form: Form, name: str) -> str:
+    return (form.get(name) or [""])[0].strip()
+
+
+def _acts(call: Call) -> bool:
+    return call.user.role is not Role.VIEWER
+
+
+def _dashboard(call: Call, form: Form) -> View:
+    values = {
+        "status": _api(call, "GET", "/status"),
+        "projects": _api(call, "GET", "/projects"),
+        "held": _api(call, "GET", "/quarantine"),
+    }
+    return View("dashboard.html", "Dashboard", values)
+
+
+def _projects(call: Call, form: Form) -> View:
+    return View("projects.html", "Projects", {"projects": _api(call, "GET", "/projects")})
+
+
+def _quarantine(call: Call, form: Form) -> View:
+    items = _api(call, "GET", "/quarantine")
+    state = call.query.get("state", "held")
+    return View(
+        "quarantine.html", "Quarantine", {"items": items, "state": state, "can_act": _acts(call)}
+    )
+
+
+def _chosen(call: Call, form: Form) -> tuple[str, list[dict[str, Any]]]:
+    action = (form.get("action") or [""])[0]
+    if action not in ("release", "discard"):
+        raise ApiError(400, "no action chosen", "press Release or Discard on the quarantine page")
+    qids = form.get("qid") or []
+    if not qids:
+        raise ApiError(400, "no item selected", "tick the items to change on the quarantine page")
+    return action, [_api(call, "GET", "/quarantine/{qid}", qid=q) for q in qids]
+
+
+def _quarantine_confirm(call: Call, form: Form) -> View:
+    action, details = _chosen(call, form)
+    return View("confirm.html", f"Confirm: {action}", {"action": action, "items": details})
+
+
+def _quarantine_act(call: Call, form: Form) -> View:
+    action, details = _chosen(call, form)
+    if form.get("confirm") != ["yes"]:
+        raise ApiError(400, "not confirmed", "confirm on the page that lists the items")
+    outcomes = []
+    for d in details:
+        qid = d["qid"]
+        try:
+            done = _api(call, "POST", f"/quarantine/{{qid}}/{action}", qid=qid)
+            outcomes.append(f"{qid}: {action}d. {done['message']}")
+        except ApiError as exc:
+            outcomes.append(f"{qid}: {exc.error}")
+    return View("result.html", f"Quarantine: {action}", {"outcomes": outcomes,
+                                                           "back": "/quarantine"})  # fmt: skip
+
+
+def _studies(call: Call, form: Form) -> View:
+    found = _api(call, "GET", "/studies")
+    more = dict(call.query) | {"offset": str(found["offset"] + found["limit"])}
+    values = {"found": found, "q": dict(call.query), "next_query": urlencode(more)}
+    return View("studies.html", "Studies", values)
+
+
+def _study(call: Call, form: Form) -> View:
+    study = _api(call, "GET", "/studies/{study_uid}", study_uid=call.params["study_uid"])
+    return View("study.html", f"Study {study['token']}", {"study": study})
+
+
+def _assign_form(call: Call, form: Form) -> View:
+    uid = call.params["study_uid"]
+    study = _api(call, "GET", "/studies/{study_uid}", study_uid=uid)
+    names = [p["name"] for p in _api(call, "GET", "/projects") if p["enabled"]]
+    values = {"uid": uid, "study": study, "projects": names}
+    return View("assign.html", "Assign", values)
+
+
+def _assign(call: Call, form: Form) -> View:
+    uid = call.params["study_uid"]
+    body = {k: _field(form, k) for k in ("project", "subject", "event")}
+    done = _api(call, "POST", "/studies/{study_uid}/assign", body, study_uid=uid)
+    back = f"/studies/{uid}"
+    return View("result.html", "Assigned", {"outcomes": [done["message"]], "back": back})
+
+
+def _transfers(call: Call, form: Form) -> View:
+    found = _api(call, "GET", "/transfers")
+    return View("transfers.html", "Transfers", {"transfers": found, "can_act": _acts(call)})
+
+
+def _transfer_change(action: str) -> Callable[[Call, Form], Redirect]:
+    def change(call: Call, form: Form) -> Redirect:
+        _api(call, "POST", f"/transfers/{{id}}/{action}", id=call.params["id"])
+        return Redirect("/transfers")
+
+    return change
+
+
+def _audit(call: Call, form: Form) -> View:
+    entries = _api(call, "GET", "/audit")
+    return View("audit.html", "Audit log", {"entries": entries, "q": dict(call.query)})
+
+
+#: Every page of the portal (login and logout are the session's, in :mod:`engine.web.portal`).
+PAGES: tuple[Page, ...] = (
+    Page("GET", "/", Need.READ, _dashboard),
+    Page("GET", "/projects", Need.READ, _projects),
+    Page("GET", "/quarantine", Need.READ, _quarantine),
+    Page("POST", "/quarantine/confirm", Need.ACT, _quarantine_confirm),
+    Page("POST", "/quarantine/act", Need.ACT, _quarantine_act),
+    Page("GET", "/studies", Need.READ, _studies),
+    Page("GET", "/studies/{study_uid}", Need.READ, _study),
+    Page("GET", "/studies/{study_uid}/assign", Need.ADMIN, _assign_form),
+    Page("POST", "/studies/{study_uid}/assign", Need.ADMIN, _assign),
+    Page("GET", "/transfers", Need.READ, _transfers),
+    Page("POST", "/transfers/{id}/retry", Need.ACT, _transfer_change("retry")),
+    Page("POST", "/transfers/{id}/cancel", Need.ACT, _transfer_change("cancel")),
+    Page("GET", "/audit", Need.READ, _audit),
+)

@@ -1,0 +1,400 @@
+"""The web portal in a real headless Chromium (Selenium, Debian's chromium and chromedriver)
+and over plain HTTP, against the running ``fiona serve`` of :mod:`tests.test_web`'s ``site``
+(alpha's study held as ``transfer_failed``, beta's classified; users admin with ``phi``,
+coord_a, coord_b, viewer). The tests run in file order: the release comes after the tests
+that need the held item, login throttling last (it locks the client address for a while).
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import shutil
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.store.audit import AuditLog
+from engine.store.index import open_index
+from engine.store.sessions import SessionStore
+from tests import synth
+from tests.conftest import need_peer
+from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
+from tests.test_tls import tls_files  # noqa: F401  (the fixture)
+from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait
+from tests.test_web import site as web_site
+
+#: The running service of tests/test_web.py (its module-scoped fixture, here under this name).
+site = pytest.fixture(scope="module", name="site")(web_site.__wrapped__)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+# -- plain HTTP --------------------------------------------------------------------------------
+
+
+class Browser:
+    """urllib with a cookie jar, sending ``Origin`` as a browser does."""
+
+    def __init__(self, site: Site, origin: str | None = "same", follow: bool = True) -> None:
+        self.base = f"http://127.0.0.1:{site.web_port}"
+        self.origin = self.base if origin == "same" else origin
+        self.jar = http.cookiejar.CookieJar()
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPCookieProcessor(self.jar)]
+        if not follow:
+            handlers.append(_NoRedirect())
+        self.opener = urllib.request.build_opener(*handlers)
+        self.last_headers: list[tuple[str, str]] = []
+
+    def go(self, path: str, form: dict[str, str | list[str]] | None = None) -> tuple[int, str]:
+        data = None if form is None else urllib.parse.urlencode(form, doseq=True).encode()
+        request = urllib.request.Request(self.base + path, data=data)
+        if data is not None and self.origin:
+            request.add_header("Origin", self.origin)
+        try:
+            with self.opener.open(request, timeout=60) as answer:
+                self.last_headers = list(answer.headers.items())
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            self.last_headers = list(exc.headers.items())
+            return exc.code, exc.read().decode()
+
+    def login(self, name: str, password: str = PASSWORD) -> tuple[int, str]:
+        return self.go("/login", {"name": name, "password": password, "next": "/"})
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+def test_a_login_sets_a_strict_httponly_cookie_and_the_pages_carry_a_csp(site: Site) -> None:
+    anonymous = Browser(site)
+    status, html = anonymous.go("/quarantine")
+    assert status == 200 and 'id="login"' in html  # sent to the login page
+    raw = urllib.request.urlopen(f"{anonymous.base}/login", timeout=30)
+    csp = raw.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+    assert "script-src" not in csp  # no script at all, inline or not
+    b = Browser(site, follow=False)
+    status, _ = b.login("coord_a")
+    assert status == 303
+    cookie = next(v for k, v in b.last_headers if k.lower() == "set-cookie")
+    assert cookie.startswith("fiona_session=") and "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+    session_id = cookie.split(";")[0].split("=", 1)[1]
+    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+        stored = [r[0] for r in db.execute("SELECT id_hash FROM web_sessions")]
+    assert stored and session_id not in stored  # kept hashed only
+    entries = AuditLog(site.root / "data").entries()
+    assert any(e["event"] == "login" and e["user"] == "coord_a" for e in entries)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def test_a_post_without_the_csrf_token_or_from_elsewhere_is_403(site: Site) -> None:
+    qid = _alpha_qid(site)
+    b = Browser(site)
+    assert b.login("coord_a")[0] == 200
+    status, html = b.go("/")  # the dashboard: what needs a human, alpha's counts
+    assert status == 200 and "quarantine held items: 1" in html and "<td>alpha</td>" in html
+    status, html = b.go("/quarantine")
+    assert status == 200 and qid in html
+    token = _csrf(html)
+    form: dict[str, str | list[str]] = {"action": "release", "qid": [qid], "confirm": "yes"}
+    assert b.go("/quarantine/act", form)[0] == 403
+    assert b.go("/quarantine/act", form | {"csrf": "x" * 43})[0] == 403
+    b.origin = "http://evil.example"
+    assert b.go("/quarantine/act", form | {"csrf": token})[0] == 403
+    b.origin = b.base
+    status, html = b.go("/quarantine/confirm", {"action": "release", "qid": [qid], "csrf": token})
+    assert status == 200 and 'id="confirm"' in html  # the token works: the confirmation step
+    assert _alpha_qid(site) == qid  # nothing released
+    # A viewer's token is good, but a viewer may only read.
+    v = Browser(site)
+    v.login("viewer")
+    vtoken = _csrf(v.go("/")[1])
+    asked = {"action": "release", "qid": [qid], "csrf": vtoken}
+    assert v.go("/quarantine/confirm", asked)[0] == 403
+
+
+def test_logout_ends_the_session(site: Site) -> None:
+    b = Browser(site)
+    b.login("viewer")
+    status, html = b.go("/")
+    assert status == 200 and 'id="logout"' in html
+    assert b.go("/logout", {"csrf": _csrf(html)})[0] == 200
+    status, html = b.go("/")
+    assert 'id="login"' in html and 'id="logout"' not in html
+
+
+def test_an_idle_or_too_old_session_has_ended(site: Site) -> None:
+    index = open_index("", site.root / "data" / "index.sqlite")
+    try:
+        sessions = SessionStore(index)
+        sid, _ = sessions.start("viewer", now=1000.0)
+        assert sessions.find(sid, idle=60, most=3600, now=1050.0) is not None
+        assert sessions.find(sid, idle=60, most=3600, now=1111.0) is None  # idle
+        sid, _ = sessions.start("viewer", now=1000.0)
+        for t in range(1050, 4700, 50):  # last: 3650 s after the login
+            found = sessions.find(sid, idle=60, most=3600, now=float(t))
+        assert found is None  # busy, but over the absolute limit
+        left, _ = sessions.start("viewer", now=1000.0)  # never used again
+        assert sessions.purge(idle=60, most=3600, now=1100.0) >= 1
+        assert sessions.find(left, idle=10**9, most=10**9, now=1100.0) is None
+    finally:
+        index.close()
+
+
+def test_over_tls_the_cookie_is_secure_and_host_bound(
+    tmp_path: Path,
+    empty_projects: Path,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture of tests/test_tls.py)
+) -> None:
+    key, cert = tls_files
+    port = free_port()
+    config = tmp_path / "site.yaml"
+    web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
+    config.write_text(yaml.safe_dump({"web": web}))
+    server = FionaServer(tmp_path / "data", empty_projects, config=config).start()
+    try:
+        wait_for_port(port, 30, server.proc)
+        pw = tmp_path / "pw.txt"
+        pw.write_text(PASSWORD + "\n")
+        made = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "user", "add", "ann", "--role", "viewer",
+             "--password-file", str(pw), "--config", str(config), "--data",
+             str(tmp_path / "data"), "--projects", str(empty_projects)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        base = f"https://127.0.0.1:{port}"
+        form = urllib.parse.urlencode({"name": "ann", "password": PASSWORD}).encode()
+        request = urllib.request.Request(f"{base}/login", data=form, headers={"Origin": base})
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context), _NoRedirect()
+        )
+        with pytest.raises(urllib.error.HTTPError) as moved:
+            opener.open(request, timeout=30)
+        assert moved.value.code == 303
+        cookie = moved.value.headers["Set-Cookie"]
+        assert cookie.startswith("__Host-fiona_session=") and "Secure" in cookie
+        assert "HttpOnly" in cookie and "Path=/" in cookie and "Domain" not in cookie
+    finally:
+        server.stop()
+
+
+# -- headless Chromium ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chrome() -> Iterator[object]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip)")
+    if missing:
+        why = f"browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why)
+        pytest.skip(why)
+    profile = tempfile.mkdtemp(prefix="fiona-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(10)  # seconds a lookup waits for the next page to load
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _login(driver: object, site: Site, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    d: object = driver
+    d.delete_all_cookies() if "/" in d.current_url else None  # type: ignore[attr-defined]
+    d.get(f"http://127.0.0.1:{site.web_port}/login")  # type: ignore[attr-defined]
+    d.delete_all_cookies()  # type: ignore[attr-defined]
+    d.find_element(By.ID, "name").send_keys(name)  # type: ignore[attr-defined]
+    d.find_element(By.ID, "password").send_keys(PASSWORD)  # type: ignore[attr-defined]
+    d.find_element(By.CSS_SELECTOR, "#login button").click()  # type: ignore[attr-defined]
+    assert d.find_element(By.ID, "logout")  # type: ignore[attr-defined]
+
+
+def test_a_coordinator_does_not_see_another_projects_studies(site: Site, chrome: object) -> None:
+    from selenium.webdriver.common.by import By
+
+    d: object = chrome
+    _login(d, site, "coord_b")
+    base = f"http://127.0.0.1:{site.web_port}"
+    d.get(f"{base}/studies")  # type: ignore[attr-defined]
+    html = d.page_source  # type: ignore[attr-defined]
+    assert site.beta_uid in html and site.alpha_uid not in html
+    d.get(f"{base}/quarantine")  # type: ignore[attr-defined]
+    assert not d.find_elements(By.CSS_SELECTOR, "tr.item")  # type: ignore[attr-defined]
+    d.get(f"{base}/studies/{site.alpha_uid}")  # type: ignore[attr-defined]
+    assert "is not routed to a project granted to you" in d.page_source  # type: ignore[attr-defined]
+    d.get(f"{base}/projects")  # type: ignore[attr-defined]
+    rows = d.find_elements(By.CSS_SELECTOR, "tr.project")  # type: ignore[attr-defined]
+    assert [r.get_attribute("id") for r in rows] == ["p-beta"]
+
+
+def test_without_the_phi_grant_no_page_names_the_patient(site: Site, chrome: object) -> None:
+    d: object = chrome
+    base = f"http://127.0.0.1:{site.web_port}"
+    pages = ["/", "/projects", "/quarantine", "/studies", f"/studies/{site.alpha_uid}",
+             f"/studies/{site.beta_uid}", "/transfers", "/audit",
+             "/quarantine?state=all"]  # fmt: skip
+    for user in ("viewer", "coord_a"):
+        _login(d, site, user)
+        for path in pages:
+            d.get(base + path)  # type: ignore[attr-defined]
+            html = d.page_source  # type: ignore[attr-defined]
+            assert "Not done" not in html or path.endswith(site.beta_uid), (user, path)
+            for value in site.patients:
+                assert value not in html, (user, path)
+    # The admin has the grant: the study page names the patient, and the view is audited.
+    _login(d, site, "admin")
+    d.get(f"{base}/studies/{site.alpha_uid}")  # type: ignore[attr-defined]
+    assert any(v in d.page_source for v in site.patients)  # type: ignore[attr-defined]
+    seen = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
+    assert seen[-1]["user"] == "admin" and seen[-1]["route"].endswith("(portal)")
+    assert not any(v in str(seen) for v in site.patients)
+
+
+def test_a_held_study_released_in_the_browser_is_delivered(site: Site, chrome: object) -> None:
+    from selenium.webdriver.common.by import By
+
+    d: object = chrome
+    qid = _alpha_qid(site)
+    _login(d, site, "coord_a")
+    d.get(f"http://127.0.0.1:{site.web_port}/quarantine")  # type: ignore[attr-defined]
+    row = d.find_element(By.ID, f"q-{qid}")  # type: ignore[attr-defined]
+    assert "transfer_failed" in row.text and "MR" in row.text and "MR1" in row.text
+    row.find_element(By.NAME, "qid").click()
+    site.share.mkdir()  # the share is back
+    d.find_element(By.ID, "release").click()  # type: ignore[attr-defined]
+    chosen = d.find_elements(By.ID, "chosen")  # type: ignore[attr-defined]
+    assert chosen and qid in chosen[0].text, d.page_source  # type: ignore[attr-defined]
+    assert _alpha_qid(site) == qid  # only asked, not yet released
+    d.find_element(By.ID, "yes").click()  # type: ignore[attr-defined]
+    outcome = d.find_element(By.ID, "outcomes").text  # type: ignore[attr-defined]
+    assert f"{qid}: released" in outcome, outcome
+    _wait("delivered files", lambda: list(site.share.rglob("*.dcm")))
+    assert _held(site.root / "data") == []
+    released = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "released"]
+    assert released[-1]["operator"] == "web:coord_a"
+
+
+def test_an_unrouted_study_assigned_in_the_browser_is_routed_and_run(
+    site: Site, chrome: object
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    storescu = need_peer("storescu")
+    spec = synth.make_study_spec(53)
+    sent = synth.make_study(spec, [synth.MR_SERIES["t1_mprage"]], size=8)
+    files = synth.write_study(sent, site.root / "send-53")
+    result = subprocess.run(
+        [storescu, "-aet", "MR9", "-aec", "FIONA", "127.0.0.1", str(site.server.port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=300, env=nodelay_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    uid = str(sent[0].StudyInstanceUID)
+    _wait("an unrouted hold", lambda: [h for h in _held(site.root / "data") if h[1] == "unrouted"])
+    d: object = chrome
+    _login(d, site, "admin")
+    d.get(f"http://127.0.0.1:{site.web_port}/studies/{uid}")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "assign-link").click()  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "project")).select_by_visible_text("beta")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "subject").send_keys("S001")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "event").send_keys("baseline")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "do-assign").click()  # type: ignore[attr-defined]
+    outcome = d.find_element(By.ID, "outcomes").text  # type: ignore[attr-defined]
+    assert "assigned to beta" in outcome, outcome
+
+    def run_done() -> bool:
+        detail = site.json("GET", f"/api/v1/studies/{uid}", "admin")
+        return any(r["project"] == "beta" and r["state"] == "done" for r in detail["runs"])
+
+    _wait("beta's run of the assigned study", run_done)
+    assert not [h for h in _held(site.root / "data") if h[1] == "unrouted"]
+    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+        route = db.execute(
+            "SELECT subject, event, assigned FROM study_routes WHERE study_uid=? AND project=?",
+            (uid, "beta"),
+        ).fetchone()
+    assert route == ("S001", "baseline", 1)
+    assigned = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "assigned"]
+    assert assigned[-1]["operator"] == "web:admin" and assigned[-1]["project"] == "beta"
+    assert "S001" not in str(assigned)
+    # A coordinator may not assign (it would reach studies of no granted project).
+    body = site.json("POST", f"/api/v1/studies/{uid}/assign", "coord_b", code=403)
+    assert body["error"] == "only an admin may do this"
+
+
+def test_transfers_are_retried_from_their_page_and_the_answer_says_why_not(site: Site) -> None:
+    b = Browser(site)
+    b.login("coord_a")
+    status, html = b.go("/transfers")
+    assert status == 200 and "<td>alpha</td>" in html and "<td>done</td>" in html
+    [transfer_id] = re.findall(r'action="/transfers/(\d+)/retry"', html)
+    status, html = b.go(f"/transfers/{transfer_id}/retry", {"csrf": _csrf(html)})
+    assert status == 409 and "Not done" in html, html  # a done transfer is not sent again
+    v = Browser(site)
+    v.login("viewer")
+    status, html = v.go("/transfers")
+    assert 'action="/transfers/' not in html  # a viewer gets no buttons
+    status, _ = v.go(f"/transfers/{transfer_id}/cancel", {"csrf": _csrf(v.go("/")[1])})
+    assert status == 403
+
+
+# -- last: throttling locks the client address -------------------------------------------------
+
+
+def test_failed_logins_are_throttled_and_audited_without_the_password(site: Site) -> None:
+    b = Browser(site)
+    wrong = "not the password at all"
+    for _ in range(5):
+        status, html = b.login("coord_b", wrong)
+        assert status == 401 and "wrong user name or password" in html
+    status, html = b.login("coord_b")  # the right password, but locked now
+    assert status == 429 and "too many failed logins" in html
+    status, html = Browser(site).login("viewer")  # the same address: locked too
+    assert status == 429
+    typo = "correct horse battery staple!"  # a password typed into the name field
+    assert Browser(site).login(typo, "x")[0] == 429
+    entries = AuditLog(site.root / "data").entries()
+    failed = [e for e in entries if e["event"] == "login_failed"]
+    assert len(failed) >= 5 and failed[-1]["failures"] >= 5 and failed[-1]["user"] == "coord_b"
+    assert any(e["event"] == "login_refused" for e in entries)
+    text = str(entries)
+    assert wrong not in text and PASSWORD not in text and typo not in text
