@@ -129,3 +129,23 @@ def test_a_deflated_file_is_cleared_too() -> None:
     result = Deidentifier(load_profile("basic"), SECRET).process_file(data)
     assert result.counts["pixel_overlay_bits_cleared"] == 1
     np.testing.assert_array_equal(_out_pixels(result.data), image)
+
+
+@pytest.mark.parametrize("little", [True, False])
+@pytest.mark.parametrize(("allocated", "stored"), [(8, 6), (16, 12), (32, 20)])
+@pytest.mark.parametrize("cells", [1, 3, 4, 5, 13])
+def test_a_stray_bit_in_any_cell_is_found(
+    little: bool, allocated: int, stored: int, cells: int
+) -> None:
+    """Clean images are checked 8 bytes at a time; a stray bit in any cell, including those
+    after the last whole 64-bit word and in big-endian data, is still found and cleared."""
+    bits = PixelBits(allocated, stored, stored - 1, False, (), little)
+    dtype = np.dtype(f"{'<' if little else '>'}u{allocated // 8}")
+    clean = np.full(cells, (1 << stored) - 1, dtype=dtype)
+    assert clear_unused_bits(clean.tobytes(), bits) is None
+    for index in range(cells):
+        dirty = clean.copy()
+        dirty[index] |= 1 << (allocated - 1)
+        out = clear_unused_bits(dirty.tobytes(), bits)
+        assert out is not None, index
+        assert np.array_equal(np.frombuffer(out, dtype=dtype), clean), index

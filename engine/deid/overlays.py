@@ -145,10 +145,14 @@ def clear_unused_bits(
     width = bits.allocated // 8
     usable = len(value) - len(value) % width
     dtype = np.dtype(f"{'<' if bits.little else '>'}u{width}")
-    cells = np.frombuffer(value, dtype=dtype, count=usable // width)
     planes = sum(1 << plane for plane in bits.embedded_planes)
     keep = bits.stored_mask & ~planes if remove_overlays else bits.stored_mask
     full = (1 << bits.allocated) - 1
+    if not bits.signed and (remove_overlays or not planes) and _nothing_outside(
+        value, full & ~keep, width, bits.little
+    ):
+        return None  # the common case: a clean image costs one pass over 64-bit words
+    cells = np.frombuffer(value, dtype=dtype, count=usable // width)
     above = full & ~((1 << (bits.high_bit + 1)) - 1)
     new = cells & np.array(keep, dtype=dtype)
     if bits.signed and above:
@@ -160,3 +164,20 @@ def clear_unused_bits(
     if np.array_equal(new, cells):
         return None
     return bytes(new.astype(dtype, copy=False).tobytes()) + bytes(value[usable:])
+
+
+def _nothing_outside(value: bytes | memoryview, clear: int, width: int, little: bool) -> bool:
+    """Whether no cell of ``width`` bytes has a bit of ``clear`` set, read 8 bytes at a time
+    (the cells' mask repeated over a 64-bit word; the bytes past the last whole word are
+    checked cell by cell)."""
+    if not clear:
+        return True
+    if 8 % width:
+        return False  # an odd cell size: let the cell-by-cell path decide
+    pattern = clear.to_bytes(width, "little" if little else "big") * (8 // width)
+    words = len(value) // 8
+    mask = np.uint64(int.from_bytes(pattern, "little"))
+    if words and np.any(np.frombuffer(value, dtype="<u8", count=words) & mask):
+        return False
+    tail = bytes(value[words * 8 : len(value) - len(value) % width])
+    return not any(b & m for b, m in zip(tail, pattern, strict=False))
