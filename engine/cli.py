@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--bind", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)"
     )
+    serve.add_argument(
+        "--web-port",
+        type=int,
+        metavar="N",
+        help="port of the web portal and API (default 8080, on 127.0.0.1; 0 turns it off)",
+    )
 
     validate = sub.add_parser("validate", help="check config files; exit 1 on any error")
     validate.add_argument("paths", nargs="*", type=Path, help="project files or folders")

@@ -81,6 +81,8 @@ class FionaServer:
     ae_title: str = "FIONA"
     config: Path | None = None
     bind: str = "127.0.0.1"
+    #: The web portal's port; 0 (the default here) turns it off, None leaves it to the config.
+    web_port: int | None = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -103,6 +105,8 @@ class FionaServer:
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
+        if self.web_port is not None:
+            args += ["--web-port", str(self.web_port)]
         self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -140,6 +140,18 @@ def test_empty_site_file_means_defaults(tmp_path: Path) -> None:
     assert load_site(file) == SiteConfig(source=file)
 
 
+def test_the_web_portal_is_on_by_default_and_its_flag_keeps_the_rest_of_its_section(
+    tmp_path: Path,
+) -> None:
+    assert load_site(None).web.enabled and load_site(None).web.port == 8080
+    site = tmp_path / "site.yaml"
+    site.write_text("web:\n  bind: 127.0.0.2\n  session_idle_minutes: 5\n")
+    moved = load_site(site, {"web.enabled": True, "web.port": 9090})
+    web = moved.web
+    assert (web.port, web.bind, web.session_idle_minutes) == (9090, "127.0.0.2", 5)
+    assert not load_site(site, {"web.enabled": False}).web.enabled
+
+
 @pytest.mark.parametrize(
     ("overrides", "check"),
     [

@@ -18,6 +18,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from tests.deid_phi import PLANTED, plant
 from tests.peers import REPO, free_port, nodelay_env, wait_for_port
 from tests.test_workflow import wait_for
 
+SERVE = [sys.executable, "-m", "engine.cli", "serve"]
+
 
 @dataclass
 class FirstInstall:
@@ -37,6 +40,7 @@ class FirstInstall:
 
     root: Path
     port: int
+    web_port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
 
@@ -56,20 +60,21 @@ def first_install(tmp_path: Path) -> Iterator[FirstInstall]:
     text = example.read_text()
     assert "study_quiet_seconds: 300" in text
     example.write_text(text.replace("study_quiet_seconds: 300", "study_quiet_seconds: 2"))
-    port = free_port()
+    port, web_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
-    # No --config, --data, --projects, --bind or --ae-title: the defaults of `fiona serve`.
+    # No --config, --data, --projects, --bind or --ae-title: the defaults of `fiona serve`
+    # (the ports are free ones, so that the test never meets another service on 11112/8080).
     # PYTHONPATH: the engine of this checkout, although the command runs in another folder.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--port", str(port)],
+            [*SERVE, "--port", str(port), "--web-port", str(web_port)],
             cwd=root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    install = FirstInstall(root, port, proc, log_path)
+    install = FirstInstall(root, port, web_port, proc, log_path)
     try:
         wait_for_port(port, 60, proc)
         yield install
@@ -167,6 +172,11 @@ def test_first_install_exports_no_phi(
     assert re.search(r"INFO .*created the install secret .*install\.key", install.log_text())
     # Listening on loopback only by default.
     assert re.search(r"on 127\.0\.0\.1:\d+", install.log_text())
+    # The web portal is part of the default start, on loopback too, and asks for a login.
+    assert f"web portal on http://127.0.0.1:{install.web_port}/" in install.log_text()
+    portal = f"http://127.0.0.1:{install.web_port}/"
+    with urllib.request.urlopen(portal, timeout=10) as page:
+        assert "/login" in page.url and b"password" in page.read().lower()
     # A first start creates the index; nothing was upgraded.
     created = r"INFO .*index .*index\.sqlite created \(schema version \d+\)"
     assert re.search(created, install.log_text())

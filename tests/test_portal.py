@@ -172,7 +172,7 @@ def test_over_tls_the_cookie_is_secure_and_host_bound(
     config = tmp_path / "site.yaml"
     web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
     config.write_text(yaml.safe_dump({"web": web}))
-    server = FionaServer(tmp_path / "data", empty_projects, config=config).start()
+    server = FionaServer(tmp_path / "data", empty_projects, config=config, web_port=None).start()
     try:
         wait_for_port(port, 30, server.proc)
         pw = tmp_path / "pw.txt"

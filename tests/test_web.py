@@ -128,7 +128,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port},
          "routing": {"unrouted_after_seconds": 1}}
     ))  # fmt: skip
-    server = FionaServer(root / "data", projects, config=root / "site.yaml").start()
+    server = FionaServer(root / "data", projects, config=root / "site.yaml", web_port=None).start()
     try:
         wait_for_port(web_port, 30, server.proc)
         s = Site(server, root, web_port, share)
@@ -394,7 +394,7 @@ def test_with_a_certificate_and_key_the_api_is_served_over_https(
     site = tmp_path / "site.yaml"
     web = {"enabled": True, "port": port, "cert_file": str(cert), "key_file": str(key)}
     site.write_text(yaml.safe_dump({"web": web}))
-    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    server = FionaServer(tmp_path / "data", empty_projects, config=site, web_port=None).start()
     try:
         wait_for_port(port, 30, server.proc)
         context = ssl.create_default_context(cafile=str(cert))

@@ -128,8 +128,14 @@ def _site_issues(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        doc[key] = str(value) if isinstance(value, Path) else value
-        blame[key] = COMMAND_LINE
+        value = str(value) if isinstance(value, Path) else value
+        section, _, inner = key.partition(".")
+        if inner:  # a key inside a section (``web.port``): the rest of the section stays
+            found = doc.get(section)
+            doc[section] = {**(found if isinstance(found, dict) else {}), inner: value}
+        else:
+            doc[key] = value
+            blame[key] = COMMAND_LINE
     schema_issues = _schema_issues(parsed, doc, schema, blame)
     issues = sorted(issues + schema_issues, key=issue_order)
     if schema_issues:

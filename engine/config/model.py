@@ -133,11 +133,12 @@ class StatusHttp:
 
 @dataclass(frozen=True)
 class WebConfig:
-    """The web portal and API of ``fiona serve`` (``/api/v1``): off unless ``enabled``; HTTPS
+    """The web portal and API of ``fiona serve`` (``/api/v1``): on unless ``enabled`` is false
+    (``fiona serve --web-port 0``); HTTPS
     when both ``cert_file`` and ``key_file`` (PEM) are given. A portal login session ends after
     ``session_idle_minutes`` without a request or ``session_max_hours`` after the login."""
 
-    enabled: bool = False
+    enabled: bool = True
     port: int = 8080
     bind: str = "127.0.0.1"
     cert_file: Path | None = None

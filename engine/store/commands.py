@@ -35,6 +35,11 @@ def site_overrides(args: argparse.Namespace) -> dict[str, object]:
         value = getattr(args, attr, None)
         if value is not None:
             out[key] = str(value) if isinstance(value, Path) else value
+    web_port = getattr(args, "web_port", None)
+    if web_port is not None:  # 0: no web portal; else its port (the rest of `web` as configured)
+        out["web.enabled"] = web_port != 0
+        if web_port:
+            out["web.port"] = web_port
     return out
 
 
