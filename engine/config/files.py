@@ -7,7 +7,7 @@ the bounds below become issues (:class:`~engine.config.issues.ConfigIssue`) of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,12 +157,18 @@ class ParsedFile:
 
     def line_of(self, path: Iterable[object]) -> int | None:
         """Line of ``path``'s key, else of its nearest parent with one (None for the root)."""
-        parts = norm_path(path)
-        while parts:
-            if parts in self.lines:
-                return self.lines[parts]
-            parts = parts[:-1]
-        return None
+        return nearest_line(self.lines, path)
+
+
+def nearest_line(lines: Mapping[JsonPath, int], path: Iterable[object]) -> int | None:
+    """The line in ``lines`` of ``path``'s key, else of its nearest parent with one (None when
+    none has, the root included)."""
+    parts = norm_path(path)
+    while parts:
+        if parts in lines:
+            return lines[parts]
+        parts = parts[:-1]
+    return None
 
 
 _YAML_HINTS = {

@@ -68,12 +68,7 @@ def study_detail(
     runs = RunStore(index)
     out["runs"] = [
         {
-            "id": run.id,
-            "project": run.project,
-            "follow_up": run.follow_up,
-            "state": run.state.value,
-            "reason": run.reason,
-            "detail": run.detail,
+            **run.summary(),
             "steps": [
                 {
                     "idx": s.idx,

@@ -151,12 +151,7 @@ def item_details(index: Index, data_dir: Path, item: Item) -> dict[str, Any]:
         stopped = next((s for s in steps if s.state != StepState.DONE), None)
         out["runs"].append(
             {
-                "id": run.id,
-                "project": run.project,
-                "follow_up": run.follow_up,
-                "state": run.state.value,
-                "reason": run.reason,
-                "detail": run.detail,
+                **run.summary(),
                 "stopped_at": None
                 if stopped is None
                 else {"idx": stopped.idx, "step": stopped.name, "state": stopped.state.value},

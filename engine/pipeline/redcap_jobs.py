@@ -40,30 +40,31 @@ def add_redcap_jobs(
         if scheduler.get_job(job_id) is not None:
             scheduler.remove_job(job_id)
     added = []
-    recheck = consent_recheck_job(index, data_dir, projects)
-    if recheck is not None:
+    jobs = (
+        (
+            "consent-recheck",
+            "look up studies held for want of consent again; release the consented",
+            consent_recheck_job(index, data_dir, projects),
+        ),
+        (
+            "redcap-requests",
+            "queue the transfer requests of REDCap; write their status back",
+            transfer_requests_job(index, projects),
+        ),
+    )
+    for job_id, name, job in jobs:
+        if job is None:
+            continue
         scheduler.add_job(
-            recheck,
+            job,
             "interval",
-            seconds=recheck.interval,
-            id="consent-recheck",
-            name="look up studies held for want of consent again; release the consented",
+            seconds=job.interval,
+            id=job_id,
+            name=name,
             max_instances=1,
             coalesce=True,
         )
-        added.append("consent-recheck")
-    requests = transfer_requests_job(index, projects)
-    if requests is not None:
-        scheduler.add_job(
-            requests,
-            "interval",
-            seconds=requests.interval,
-            id="redcap-requests",
-            name="queue the transfer requests of REDCap; write their status back",
-            max_instances=1,
-            coalesce=True,
-        )
-        added.append("redcap-requests")
+        added.append(job_id)
     if added:
         log.info("REDCap jobs: %s", ", ".join(added))
     return added

@@ -67,6 +67,17 @@ class RunRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
 
+    def summary(self) -> dict[str, Any]:
+        """What operators are shown of a run (no subject: it may be a patient's record id)."""
+        return {
+            "id": self.id,
+            "project": self.project,
+            "follow_up": self.follow_up,
+            "state": self.state.value,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
 
 @dataclass(frozen=True)
 class StepRecord:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config.files import nearest_line
 from engine.config.issues import ConfigIssue, JsonPath, did_you_mean, format_path, norm_path
 from engine.config.schema import load_schema
 from engine.config.schema import schema_issues as config_schema_issues
@@ -60,12 +61,7 @@ class Source:
 
     def line_at(self, path: Iterable[object]) -> int | None:
         """Line of ``path`` (from the file's root), else of its nearest parent."""
-        parts = norm_path(path)
-        while parts:
-            if parts in self.lines:
-                return self.lines[parts]
-            parts = parts[:-1]
-        return None
+        return nearest_line(self.lines, path)
 
     def issue(self, path: Iterable[object], message: str) -> ConfigIssue:
         where = norm_path(path)
