@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="port of the web portal and API (default 8080, on 127.0.0.1; 0 turns it off)",
     )
+    serve.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep the data folder for crash leftovers at start even after a clean stop",
+    )
 
     validate = sub.add_parser("validate", help="check config files; exit 1 on any error")
     validate.add_argument("paths", nargs="*", type=Path, help="project files or folders")

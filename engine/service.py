@@ -28,7 +28,7 @@ from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
 from engine.store.quarantine import Quarantine
 from engine.store.quarantine_policy import Holder, policies_of
-from engine.store.recovery import recover
+from engine.store.recovery import WriterMark, recover
 from engine.store.summary import write_pending_summaries
 from engine.transfer.config import destinations_of
 from engine.transfer.outbox import Outbox
@@ -76,9 +76,12 @@ class Store:
     site: SiteConfig
     index: SqliteIndex
     archive: Archive
+    #: This process's mark as a writer of the data folder (removed by a clean close).
+    mark: WriterMark
 
     def close(self) -> None:
         self.index.close()
+        self.mark.release()
 
 
 def _check_writable(folder: Path) -> None:
@@ -125,7 +128,7 @@ def open_store(site: SiteConfig) -> Store:
         min_free_disk_mb=site.limits.min_free_disk_mb,
         max_instance_mb=site.limits.max_instance_mb,
     )
-    return Store(site, index, archive)
+    return Store(site, index, archive, WriterMark(site.data_dir))
 
 
 def _projects_signature(site: SiteConfig) -> tuple[tuple[str, int], ...]:
@@ -329,7 +332,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
-    recover(store.archive)  # what a crash left: temp files, archived but unindexed files
+    # What a crash left (temp files, archived but unindexed files), when a writer crashed.
+    recover(store.archive, store.mark, force=args.sweep)
     # Everything is set up before the port opens, so a sender never competes with start-up;
     # the jobs start paused and run once the SCP listens (the first heartbeat echoes it).
     scheduler, outbox, apply_reloads = _start_jobs(store, projects)

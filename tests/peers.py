@@ -83,6 +83,8 @@ class FionaServer:
     bind: str = "127.0.0.1"
     #: The web portal's port; 0 (the default here) turns it off, None leaves it to the config.
     web_port: int | None = 0
+    #: More arguments of ``fiona serve`` (such as ``--sweep``).
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -107,6 +109,7 @@ class FionaServer:
             args += ["--config", str(self.config)]
         if self.web_port is not None:
             args += ["--web-port", str(self.web_port)]
+        args += self.extra_args
         self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

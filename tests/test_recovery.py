@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom
 
+from engine.store.recovery import RUN_DIR, WriterMark
 from tests import synth
 from tests.peers import FionaServer, archived_path, nodelay_env
 from tests.test_receive import store
@@ -84,9 +85,12 @@ def test_start_sweeps_temp_files_and_files_orphans(
     synth.write_dataset(other[0], archived_path(data, other[0]))
     garbage = series_dir / "1.2.826.0.1.3680043.8.498.999.dcm"
     garbage.write_bytes(b"not dicom at all" * 8)
+    # The crashed process's writer mark, which its clean stop would have removed.
+    (data / RUN_DIR / str(dead)).write_text("1\n")
 
     server.start()
     try:
+
         def sweeps() -> list[str]:
             return [s for s in server.log_text().splitlines() if "start-up sweep" in s]
 
@@ -110,9 +114,65 @@ def test_start_sweeps_temp_files_and_files_orphans(
         )
         assert lone == [("recovery",)]
         assert _rows(data, "SELECT reason FROM quarantine") == [("unparseable",)]
+        assert not (data / RUN_DIR / str(dead)).exists(), "a swept writer's mark is forgotten"
         assert server.alive()
     finally:
         server.stop()
+
+
+def test_after_clean_stops_the_sweep_is_skipped_unless_asked(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    """The walk costs minutes on a large archive: a start after clean stops skips it."""
+    server = FionaServer(tmp_path / "data", empty_projects).start()
+    assert server.stop() == 0
+    data = server.data_dir
+    assert list((data / RUN_DIR).iterdir()) == [], "a clean stop removes the writer's mark"
+    stale = data / "work" / f".tmp-{_dead_pid()}-1"  # not a crash's: planted, so left alone
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"x")
+
+    def sweeps() -> list[str]:
+        return [s for s in server.log_text().splitlines() if "start-up sweep" in s]
+
+    server.start()
+    try:
+        wait_for("the second start's sweep line", lambda: len(sweeps()) == 2, 30, server)
+        assert "start-up sweep skipped" in sweeps()[-1]
+        assert stale.exists()
+    finally:
+        assert server.stop() == 0
+    server.extra_args = ["--sweep"]
+    server.start()
+    try:
+        wait_for("the forced sweep", lambda: len(sweeps()) == 3, 30, server)
+        assert "1 temp files removed" in sweeps()[-1], sweeps()[-1]
+        assert not stale.exists()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_writer_mark_tells_a_crash_from_a_clean_stop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    first = WriterMark(data)
+    assert first.sweep_needed and first.first, "a folder without marks is swept once"
+    first.forget_unclean()
+    first.release()
+    clean = WriterMark(data)
+    assert not clean.sweep_needed
+    clean.release()
+    # A crashed process's mark; and a mark under a live pid written by an earlier process of
+    # that pid (other start time): both are crashes.
+    (data / RUN_DIR / str(_dead_pid())).write_text("5\n")
+    (data / RUN_DIR / str(os.getppid())).write_text("0\n")
+    after_crash = WriterMark(data)
+    assert after_crash.sweep_needed and not after_crash.first
+    assert len(after_crash.unclean) == 2
+    after_crash.forget_unclean()
+    assert sorted(p.name for p in (data / RUN_DIR).iterdir()) == [str(os.getpid())]
+    after_crash.release()
+    assert list((data / RUN_DIR).iterdir()) == []
 
 
 def _acknowledged(output: str, files: list[Path]) -> list[Path]:

@@ -30,6 +30,7 @@ from engine.store.audit import AuditLog, operator
 from engine.store.commands import run_with_index
 from engine.store.index import Index
 from engine.store.quarantine import meaning, origin_text, study_facts
+from engine.store.recovery import WriterMark
 from engine.transfer.outbox import Outbox
 
 __all__ = ["confirm", "item_details", "item_facts", "run_quarantine"]
@@ -240,7 +241,15 @@ def _change(index: Index, site: SiteConfig, args: argparse.Namespace) -> int:
     if not args.yes and not confirm(args.action, len(items)):
         print(f"fiona: nothing done (type '{args.action}' to confirm, or --yes)", file=sys.stderr)
         return 1
-    releaser = Releaser(site, index, AuditLog(site.data_dir), operator())
+    mark = WriterMark(site.data_dir)  # a release files bytes into the archive again
+    try:
+        return _apply(Releaser(site, index, AuditLog(site.data_dir), operator()), items, args)
+    finally:
+        mark.release()
+
+
+def _apply(releaser: Releaser, items: list[Item], args: argparse.Namespace) -> int:
+    """Release or discard each item, printing one line each; 1 when any was not done."""
     past = "released" if args.action == "release" else "discarded"
     status = 0
     for item in items:

@@ -21,6 +21,14 @@ carry a live pid and are kept, and a leftover younger than ``GRACE_SECONDS`` may
 between rename and commit, so the sweep first waits until every leftover it found is that old,
 then looks again.
 
+The walk reads every folder of the archive and the index of every series, which takes minutes
+on a large archive, so it runs only when some writer did not stop cleanly. Each process that
+writes to the data folder (``fiona serve``, ``fiona ingest``, ``fiona quarantine release``)
+holds a :class:`WriterMark`, a file ``run/<pid>`` naming its process (pid and start time), made
+before it writes anything and removed when it stops cleanly. A mark whose process is gone is
+a crash: the next start sweeps, then removes the dead marks. A folder without ``run/`` (made
+by a version before the marks) is swept once; ``fiona serve --sweep`` forces a sweep.
+
 Only file counts are logged, never names (they are UIDs).
 """
 
@@ -35,11 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.store.archive import Archive
+from engine.store.fsio import write_durable
 from engine.store.index import Index, Origin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRACE_SECONDS", "RECOVERY_ORIGIN", "TEMP_NAME", "RecoveryReport", "recover"]
+__all__ = [
+    "GRACE_SECONDS",
+    "RECOVERY_ORIGIN",
+    "RUN_DIR",
+    "TEMP_NAME",
+    "RecoveryReport",
+    "WriterMark",
+    "recover",
+]
 
 #: The temp files of :mod:`engine.store.fsio`: ``.tmp-<pid>-<counter>``.
 TEMP_NAME = re.compile(r"^\.tmp-(\d+)-\d+$")
@@ -48,6 +65,78 @@ RECOVERY_ORIGIN = Origin(via="recovery")
 #: Seconds a leftover must be old before the sweep acts on it (a live writer's rename and
 #: commit take milliseconds).
 GRACE_SECONDS = 3.0
+#: The folder (in the data folder) of the writers' marks.
+RUN_DIR = "run"
+_PROC = Path("/proc")
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (field 22 of
+    ``/proc/<pid>/stat``), so a reused pid is not taken for the process that wrote a mark;
+    empty where it cannot be read."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return ""
+    # Fields after the command name (which may hold ')' itself); field 3 is the first.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+class WriterMark:
+    """This process's mark ``run/<pid>`` in a data folder (see the module doc).
+
+    ``unclean`` lists the marks of writers gone without a clean stop, found when the mark was
+    made; ``first`` is true when the folder had no ``run/`` yet (an older version's folder, or
+    a new one: a sweep of a new folder is instant).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.run_dir = data_dir / RUN_DIR
+        self.first = not self.run_dir.is_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        own = os.getpid()
+        self.unclean = [m for m in self.run_dir.iterdir() if _dead_mark(m)]
+        self.path = self.run_dir / str(own)
+        write_durable(self.path, f"{_start_time(own)}\n".encode(), mode=0o644)
+        self._open = True
+
+    @property
+    def sweep_needed(self) -> bool:
+        """Whether a writer of this folder stopped without a clean stop (or may have)."""
+        return self.first or bool(self.unclean)
+
+    def forget_unclean(self) -> None:
+        """Remove the dead writers' marks (once their leftovers are swept)."""
+        for mark in self.unclean:
+            if mark == self.path:
+                continue  # an earlier process's mark under our pid, now ours
+            with contextlib.suppress(FileNotFoundError):
+                mark.unlink()
+        self.unclean = []
+        self.first = False
+
+    def release(self) -> None:
+        """The clean stop: remove this process's mark (idempotent)."""
+        if self._open:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._open = False
+
+
+def _dead_mark(mark: Path) -> bool:
+    """Whether ``mark`` (``run/<pid>``) names a process that is gone: none runs under its
+    pid, or the one that does started at another time (the pid was reused, ours included)."""
+    if not mark.name.isdigit():
+        return False
+    pid = int(mark.name)
+    if not _running(pid):
+        return True
+    try:
+        started = mark.read_text().strip()
+    except OSError:
+        return False
+    return bool(started) and started != _start_time(pid)
 
 
 @dataclass
@@ -84,11 +173,30 @@ class _Found:
             self.newest = max(self.newest, os.lstat(path).st_mtime)
 
 
-def recover(archive: Archive, grace: float = GRACE_SECONDS) -> RecoveryReport:
+def recover(
+    archive: Archive,
+    mark: WriterMark | None = None,
+    grace: float = GRACE_SECONDS,
+    force: bool = False,
+) -> RecoveryReport | None:
     """Sweep temp files and file orphans under ``archive.data_dir``; log one line of counts.
 
-    Call it before anything else writes to the data folder (the SCP, the jobs).
+    With this process's ``mark``, sweep only when it found a writer gone without a clean stop
+    or when ``force`` (None returned when it does not), then forget those writers; without a
+    mark, always sweep. Call it before anything else writes to the data folder (the SCP, the
+    jobs).
     """
+    if mark is not None and not (force or mark.sweep_needed):
+        log.info("start-up sweep skipped: every earlier writer of the data folder stopped cleanly")
+        return None
+    report = _sweep(archive, grace)
+    if mark is not None:
+        mark.forget_unclean()
+    return report
+
+
+def _sweep(archive: Archive, grace: float) -> RecoveryReport:
+    """The sweep itself (see :func:`recover`)."""
     report = RecoveryReport()
     found = _walk(archive.data_dir, archive.index)
     wait = found.newest + grace - time.time()
