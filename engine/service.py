@@ -77,11 +77,12 @@ class Store:
     index: SqliteIndex
     archive: Archive
     #: This process's mark as a writer of the data folder (removed by a clean close).
-    mark: WriterMark
+    mark: WriterMark | None = None
 
     def close(self) -> None:
         self.index.close()
-        self.mark.release()
+        if self.mark is not None:
+            self.mark.release()
 
 
 def _check_writable(folder: Path) -> None:
