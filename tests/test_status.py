@@ -260,3 +260,25 @@ def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
     (tmp_path / "not-mounted").mkdir()
     assert run_validate([], site_path=site) == 0
     assert capsys.readouterr().out.splitlines() == ["3 files checked, 0 errors"]
+
+
+def test_validate_refuses_a_commitment_port_the_service_listens_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    pacs = {"type": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "RESEARCH"}
+    write_project(projects, "clash", "A", {**pacs, "storage_commitment": {"port": 11112}})
+    write_project(projects, "apart", "B", {**pacs, "storage_commitment": {"port": 11113}})
+    site = tmp_path / "site.yaml"
+    site.write_text(f"ae_title: FIONA\nport: 11112\nprojects_dir: {projects}\n")
+    assert run_validate([], site_path=site) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"{projects / 'clash.yaml'}:14 destinations.out.storage_commitment.port: port 11112 is"
+        " the site's port (the DICOM receiver): fiona could not listen there for the peer's"
+        " Storage Commitment report; give the destination a port of its own",
+        "3 files checked, 1 error",
+    ]
+    # Without the site file nothing is known of its ports.
+    assert run_validate([projects]) == 0

@@ -145,6 +145,40 @@ def _heartbeat_warnings(site: SiteConfig) -> list[ConfigIssue]:
     return [_warning(site.source, ("allowed_calling_aes",), message)]
 
 
+def _site_ports(site: SiteConfig) -> dict[int, str]:
+    """The TCP ports ``fiona serve`` listens on for the whole run, with their site keys."""
+    ports = {site.port: "port (the DICOM receiver)"}
+    if site.web.enabled:
+        ports.setdefault(site.web.port, "web.port (the web portal)")
+    if site.status_http.port:
+        ports.setdefault(site.status_http.port, "status_http.port")
+    return ports
+
+
+def port_clashes(site: SiteConfig, project: ProjectConfig) -> list[ConfigIssue]:
+    """Errors for each ``dicom`` destination whose ``storage_commitment.port`` is a port the
+    site's service already listens on: its report listener could never open."""
+    taken = _site_ports(site)
+    found = []
+    destinations = project.raw.get("destinations", {})
+    if not isinstance(destinations, dict):
+        return []
+    for name, entry in destinations.items():
+        commitment = entry.get("storage_commitment") if isinstance(entry, dict) else None
+        port = commitment.get("port") if isinstance(commitment, dict) else None
+        if not isinstance(port, int) or port not in taken:
+            continue
+        keys = ("destinations", str(name), "storage_commitment", "port")
+        message = (
+            f"port {port} is the site's {taken[port]}: fiona could not listen there for the"
+            " peer's Storage Commitment report; give the destination a port of its own"
+        )
+        found.append(
+            ConfigIssue(project.source, key_line(project.source, keys), format_path(keys), message)
+        )
+    return found
+
+
 def project_checks(project: ProjectConfig) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
     """(errors, warnings) of a loaded project beyond those of loading it: the ``validate`` and
     ``warn`` checks its sections registered (a REDCap token file, a folder destination whose
@@ -175,6 +209,7 @@ def run_validate(
     warnings: list[ConfigIssue] = []
     checked = 0
     default_dir = DEFAULT_PROJECTS_DIR
+    site: SiteConfig | None = None
     if site_path is not None:
         checked += 1
         try:
@@ -199,7 +234,7 @@ def run_validate(
     issues += project_issues
     for project in projects:
         errors, found = project_checks(project)
-        issues += errors
+        issues += errors + ([] if site is None else port_clashes(site, project))
         warnings += found
     checked += len(files)
     for ruleset in rulesets:
