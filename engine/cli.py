@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(deid-report.json 'attributes' and the table deid-report.txt)",
     )
     anon.add_argument(
+        "--date-languages",
+        metavar="CODES",
+        help="comma-separated ISO 639-1 codes (nb,de,...) whose month names the verification "
+        "gate also searches in written birth dates, besides English",
+    )
+    anon.add_argument(
         "--no-sync", action="store_true", help="do not flush the output to disk before reporting"
     )
 

@@ -15,6 +15,7 @@ from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
 from engine.config.validate import open_to_any_sender, web_in_clear
 from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+from engine.deid.verify import set_date_languages
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
 from engine.manage.retention import RetentionJob
@@ -320,6 +321,8 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 2
     quiet_heartbeat_associations(site)
+    # The gate's written birth dates, in the site's languages (checked by the loader).
+    set_date_languages(site.deidentification.date_languages)
     # Handlers first: a SIGTERM while the jobs start (once the SCP listens, senders may already
     # be sending) must still end in the clean shutdown below, not in Python's default exit.
     signals = Signals()

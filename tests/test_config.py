@@ -152,6 +152,20 @@ def test_the_web_portal_is_on_by_default_and_its_flag_keeps_the_rest_of_its_sect
     assert not load_site(site, {"web.enabled": False}).web.enabled
 
 
+def test_date_languages_are_checked_against_the_month_table(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("deidentification:\n  date_languages:\n    - nb\n    - xx\n")
+    with pytest.raises(ConfigError) as caught:
+        load_site(site)
+    (issue,) = caught.value.issues
+    assert str(issue).startswith(
+        f"{site}:4 deidentification.date_languages[1]: unknown language 'xx': one of da, de,"
+    )
+    site.write_text("deidentification:\n  date_languages: [nb, de]\n")
+    assert load_site(site).deidentification.date_languages == ("nb", "de")
+    assert load_site(None).deidentification.date_languages == ()
+
+
 @pytest.mark.parametrize(
     ("overrides", "check"),
     [
@@ -182,9 +196,9 @@ def test_overrides_replace_file_values(
         (
             {"colour": "red"},
             "(command line) (root): 'colour' is not allowed (allowed: $comment, ae_title, "
-            "allowed_calling_aes, bind_address, data_dir, duplicate_policy, heartbeat, "
-            "index_url, limits, log_file, log_level, max_pdu, port, projects_dir, retention, "
-            "routing, scan_interval_seconds, status_http, timeouts, tls, web)",
+            "allowed_calling_aes, bind_address, data_dir, deidentification, duplicate_policy, "
+            "heartbeat, index_url, limits, log_file, log_level, max_pdu, port, projects_dir, "
+            "retention, routing, scan_interval_seconds, status_http, timeouts, tls, web)",
         ),
     ],
 )

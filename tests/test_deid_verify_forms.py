@@ -9,11 +9,13 @@ file as ``verification_failed`` naming the element and the kind of match, never 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
+from engine.cli import main
 from engine.deid import Deidentifier, load_profile, verify
 from engine.deid.export import Exported, Exporter, Held
 from tests import synth
@@ -139,3 +141,74 @@ def test_a_private_coding_scheme_uid_the_profile_keeps_is_not_a_leak() -> None:
 def test_folding_and_digit_runs() -> None:
     assert verify.ascii_fold("Sørensen Åsa Łódź Straße") == "Sorensen Asa Lodz Strasse"
     assert verify.digit_run("MRN-000123.456") == "123456"
+
+
+# --------------------------------------------------------------------------- month names
+
+
+@pytest.fixture
+def languages() -> Iterator[Callable[[list[str]], None]]:
+    """Set the gate's date languages for one test (a process-wide setting: restored after)."""
+    yield verify.set_date_languages
+    verify.set_date_languages([])
+
+
+WRITTEN_ABROAD = [
+    ("de", "19680303", "geb. 3. März 1968"),
+    ("de", "19680303", "geb. 03. MARZ 1968"),
+    ("nb", "19681003", "født 3. oktober 1968"),
+    ("fr", "19680203", "né le 3 févr. 1968"),
+    ("es", "19680403", "nacido el 3 de abril de 1968"),
+    ("fi", "19680403", "syntynyt 3. huhtikuuta 1968"),
+    ("pl", "19680403", "ur. 3 kwietnia 1968"),
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "born", "text"), WRITTEN_ABROAD, ids=[f"{c}-{t}" for c, _, t in WRITTEN_ABROAD]
+)
+def test_birth_dates_written_in_a_configured_language_are_held(
+    languages: Callable[[list[str]], None], code: str, born: str, text: str
+) -> None:
+    edit = _comment(text, PatientBirthDate=born)
+    assert isinstance(_export(edit), Exported), "English only: the gate does not know this form"
+    languages([code])
+    held = _export(edit)
+    assert isinstance(held, Held) and "birth_date" in held.detail, held
+    assert "1968" not in held.detail
+
+
+def test_month_names_cover_every_language_and_unknown_codes_are_refused(
+    languages: Callable[[list[str]], None],
+) -> None:
+    table = verify.month_names()
+    assert all(len(months) == 12 for months in table.values())
+    assert {"en", "nb", "de", "fr"} <= set(table)
+    with pytest.raises(ValueError, match="unknown date language xx: choose from da, de"):
+        languages(["xx"])
+    languages(["nb"])
+    assert verify.date_languages() == ("en", "nb")
+
+
+def test_fiona_anonymize_date_languages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+
+    def edit(ds: Dataset) -> None:  # a CS value the basic profile keeps
+        ds.PatientBirthDate, ds.BodyPartExamined = "19680303", "3 MARZ 1968"
+
+    (tmp_path / "in" / "a.dcm").write_bytes(_instance(edit))
+    secret = tmp_path / "k"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    base = ["anonymize", str(tmp_path / "in"), "--profile", "basic", "--secret-file", str(secret)]
+    base += ["--no-progress", "--no-sync"]
+    try:
+        assert main([*base[:2], str(tmp_path / "en"), *base[2:]]) == 0
+        assert len(list((tmp_path / "en").rglob("*.dcm"))) == 1
+        main([*base[:2], str(tmp_path / "de"), *base[2:], "--date-languages", "nb,de"])
+        assert not list((tmp_path / "de").rglob("*.dcm")), "held, not exported"
+        capsys.readouterr()
+        assert main([*base[:2], str(tmp_path / "xx"), *base[2:], "--date-languages", "xx"]) == 2
+        assert "unknown date language xx" in capsys.readouterr().err
+    finally:
+        verify.set_date_languages([])

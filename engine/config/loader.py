@@ -17,6 +17,7 @@ and what was found.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -43,6 +44,7 @@ from engine.config.issues import (
 )
 from engine.config.model import (
     AmbiguousPolicy,
+    DeidSettings,
     DuplicatePolicy,
     HeartbeatConfig,
     Limits,
@@ -57,7 +59,7 @@ from engine.config.model import (
     UnroutedPolicy,
     WebConfig,
 )
-from engine.config.rulesets import PROJECT_SUFFIXES
+from engine.config.rulesets import PROJECT_SUFFIXES, rulesets_dir
 from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_issues
 from engine.config.sections import project_sections
 
@@ -207,6 +209,9 @@ def _site_issues(
             interval=float(doc["retention"]["interval_seconds"]),
             min_free_percent=float(doc["retention"]["min_free_percent"]),
         ),
+        deidentification=DeidSettings(
+            date_languages=tuple(doc["deidentification"]["date_languages"])
+        ),
         status_http=StatusHttp(
             port=int(doc["status_http"]["port"]), bind=str(doc["status_http"]["bind"])
         ),
@@ -220,7 +225,9 @@ def _site_issues(
             session_max_hours=float(doc["web"]["session_max_hours"]),
         ),
     )
-    issues += sorted(_check_tls(site.tls, parsed) + _check_web(site.web, parsed), key=issue_order)
+    checks = _check_tls(site.tls, parsed) + _check_web(site.web, parsed)
+    checks += _check_date_languages(site.deidentification, parsed)
+    issues += sorted(checks, key=issue_order)
     return (None if issues else site), issues
 
 
@@ -259,6 +266,21 @@ def _check_web(web: WebConfig, parsed: ParsedFile) -> list[ConfigIssue]:
         for k, v in files.items()
         if v is not None and not v.is_file()
     ]
+
+
+def _check_date_languages(deid: DeidSettings, parsed: ParsedFile) -> list[ConfigIssue]:
+    """Each language must be one of ``rulesets/anonymize/month_names.json``."""
+    table = rulesets_dir() / "anonymize" / "month_names.json"
+    known = sorted(json.loads(table.read_text("utf-8"))["languages"])
+    issues = []
+    for i, code in enumerate(deid.date_languages):
+        if code not in known:
+            keys = ("deidentification", "date_languages", i)
+            message = f"unknown language {code!r}: one of {', '.join(known)} (or add it to {table})"
+            issues.append(
+                ConfigIssue(parsed.file, parsed.line_of(keys), format_path(keys), message)
+            )
+    return issues
 
 
 def _check_tls(tls: TlsConfig, parsed: ParsedFile) -> list[ConfigIssue]:

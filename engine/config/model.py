@@ -124,6 +124,14 @@ class RetentionPolicy:
 
 
 @dataclass(frozen=True)
+class DeidSettings:
+    """Site-wide de-identification settings. ``date_languages``: ISO 639-1 codes whose month
+    names the verification gate searches in written birth dates, besides English."""
+
+    date_languages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class StatusHttp:
     """The read-only status page of ``fiona serve``; ``port`` 0 means off."""
 
@@ -186,6 +194,7 @@ class SiteConfig:
     log_file: LogFile = field(default_factory=LogFile)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    deidentification: DeidSettings = field(default_factory=DeidSettings)
     status_http: StatusHttp = field(default_factory=StatusHttp)
     web: WebConfig = field(default_factory=WebConfig)
 

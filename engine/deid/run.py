@@ -45,6 +45,7 @@ class _Job:
     secret_file: str
     pixel_rules: tuple[str, ...]
     report: bool = False
+    date_languages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class _Done:
 def _build(job: _Job) -> Exporter:
     from engine.deid import Deidentifier, load_profile, load_secret
     from engine.deid.pixels import load_pixel_rules
+    from engine.deid.verify import set_date_languages
+
+    set_date_languages(job.date_languages)  # each worker process keeps its own
 
     profile = load_profile(job.profile, job.options)
     rules = load_pixel_rules([Path(p) for p in job.pixel_rules]) if job.pixel_rules else None
@@ -133,6 +137,9 @@ def run_anonymize(args: argparse.Namespace) -> int:
         str(args.secret_file),
         tuple(args.pixel_rules or ()),
         bool(getattr(args, "report", False)),
+        tuple(
+            c.strip() for c in (getattr(args, "date_languages", "") or "").split(",") if c.strip()
+        ),
     )
     try:
         _build(job)  # fail fast, in this process, on a bad profile, option or secret

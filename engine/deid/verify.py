@@ -43,7 +43,9 @@ kind) so an instance costs one search over the concatenated text of its elements
 from __future__ import annotations
 
 import datetime
+import functools
 import io
+import json
 import re
 import struct
 import unicodedata
@@ -61,6 +63,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
+
+from engine.config.rulesets import rulesets_dir
 
 __all__ = [
     "ByteLeak",
@@ -189,10 +193,41 @@ _FOLD = str.maketrans({
     "ø": "o", "Ø": "O", "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "đ": "d",
     "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D", "ı": "i",
 })  # fmt: skip
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
-)  # fmt: skip
+#: The languages whose month names the gate always knows (besides those configured).
+BASE_DATE_LANGUAGES = ("en",)
+_date_languages: tuple[str, ...] = BASE_DATE_LANGUAGES
+
+
+@functools.cache
+def month_names() -> dict[str, tuple[frozenset[str], ...]]:
+    """``rulesets/anonymize/month_names.json``: per language code, the written forms of each
+    month (January first): the name, its first 3 and 4 letters, and the listed forms."""
+    doc = json.loads((rulesets_dir() / "anonymize" / "month_names.json").read_text("utf-8"))
+    table: dict[str, tuple[frozenset[str], ...]] = {}
+    for code, entry in doc["languages"].items():
+        months = []
+        for name, extra in zip(entry["months"], entry["forms"], strict=True):
+            months.append(frozenset({name, name[:3], name[:4], *extra}))
+        table[code] = tuple(months)
+    return table
+
+
+def set_date_languages(codes: Iterable[str]) -> None:
+    """Search birth dates written with the month names of ``codes`` too (the site config's
+    ``deidentification.date_languages``; English always); ValueError for an unknown code."""
+    global _date_languages
+    known = month_names()
+    unknown = sorted(set(codes) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown date language {', '.join(unknown)}: choose from {', '.join(sorted(known))}"
+        )
+    _date_languages = tuple(dict.fromkeys([*BASE_DATE_LANGUAGES, *codes]))
+
+
+def date_languages() -> tuple[str, ...]:
+    """The languages whose month names the gate searches (see :func:`set_date_languages`)."""
+    return _date_languages
 
 
 def ascii_fold(text: str, drop: bool = False) -> str:
@@ -243,8 +278,9 @@ def _date_forms(value: str) -> list[tuple[str, bool]]:
 
 def _written_dates(value: str) -> list[str]:
     """More written forms of a birth date: two-digit years (``03.04.68``, ``04/03/68``), no
-    leading zeros (``3.4.1968``), and English month names (``3 Apr 1968``, ``03-APR-68``,
-    ``April 3, 1968``); [] unless a valid date."""
+    leading zeros (``3.4.1968``), and month names (``3 Apr 1968``, ``03-APR-68``, ``April 3,
+    1968``, ``3. april 1968``) in English and the :func:`date_languages`; [] unless a valid
+    date."""
     if not _date_forms(value):
         return []
     text = value.strip()[:8]
@@ -254,11 +290,13 @@ def _written_dates(value: str) -> list[str]:
     for sep in ".-/":
         forms |= {f"{d}{sep}{m}{sep}{yy}", f"{dn}{sep}{mn}{sep}{y}", f"{dn}{sep}{mn}{sep}{yy}"}
     forms |= {f"{m}/{d}/{yy}", f"{mn}/{dn}/{y}", f"{mn}/{dn}/{yy}"}
-    month = _MONTHS[int(m) - 1]
-    for name in {month, month[:3], month[:4] if month == "September" else month[:3]}:
+    table = month_names()
+    names = set().union(*(table[code][int(m) - 1] for code in _date_languages))
+    for name in names:
         for day in {d, dn}:
             forms |= {f"{day} {name} {y}", f"{day}-{name}-{y}", f"{day}-{name}-{yy}"}
             forms |= {f"{day} {name} {yy}", f"{day}{name}{y}", f"{day}. {name} {y}"}
+            forms |= {f"{day} {name}. {y}", f"{day}. {name}. {y}", f"{day} de {name} de {y}"}
             forms |= {f"{name} {day}, {y}", f"{name} {day} {y}"}
     return sorted(forms)
 
