@@ -56,6 +56,7 @@ from engine.deid.profile import Profile
 from engine.deid.rawclean import NotRaw, RawCleaner, RawOutput
 from engine.deid.rawfile import split_pixels
 from engine.deid.scrub import Scrubber
+from engine.deid.video import VIDEO_SYNTAXES, blank_user_data
 from engine.deid.writer import write_dataset, write_meta, write_part10
 from engine.dicom.errors import HeaderError
 from engine.dicom.walk import IMPLICIT_LITTLE
@@ -357,7 +358,7 @@ OVERLAY_BITS = "pixel_overlay_bits_cleared"
 #: Compressed syntaxes without text segments fiona strips (RLE, deflated image frames, video):
 #: their pixel data is not rewritten.
 _OTHER_COMPRESSED = frozenset(
-    ["1.2.840.10008.1.2.5", *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 111))]
+    ["1.2.840.10008.1.2.5", *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 111)), *VIDEO_SYNTAXES]
 )
 
 
@@ -365,7 +366,11 @@ def _without_pixel_text(result: Result, syntax: str) -> Result:
     """``result`` with comment and application segments stripped from every frame of an
     encapsulated Pixel Data (:mod:`engine.deid.encapsulated`), the Extended Offset Table
     (7FE0,0001-2) rewritten to match; raises BadBitstream for frames it cannot read."""
-    if syntax not in STRIPPED_SYNTAXES or bytes(result.pixels[:4]) != _PIXEL_DATA:
+    if bytes(result.pixels[:4]) != _PIXEL_DATA:
+        return result
+    if syntax in VIDEO_SYNTAXES:
+        return _without_video_text(result, syntax)
+    if syntax not in STRIPPED_SYNTAXES:
         return result
     stripped = strip_text(result.pixels)
     if stripped is None:
@@ -379,6 +384,21 @@ def _without_pixel_text(result: Result, syntax: str) -> Result:
     return replace(
         result, header=header, pixels=stripped.element, counts=counts, attributes=attributes
     )
+
+
+def _without_video_text(result: Result, syntax: str) -> Result:
+    """``result`` with the user data of its video stream blanked in place
+    (:mod:`engine.deid.video`); raises BadBitstream for user data that cannot be."""
+    blanked = blank_user_data(result.pixels, syntax)
+    if blanked is None:
+        return result
+    element, spans = blanked
+    counts = dict(result.counts)
+    counts[PIXEL_TEXT] = counts.get(PIXEL_TEXT, 0) + spans
+    attributes = result.attributes
+    if attributes:
+        attributes = _add_row(attributes, PIXEL_TEXT_ROW, "removed", spans)
+    return replace(result, pixels=element, counts=counts, attributes=attributes)
 
 
 def _without_overlay_bits(

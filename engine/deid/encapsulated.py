@@ -14,7 +14,8 @@ the input had one (else left empty), and the caller rewrites an Extended Offset 
 (7FE0,0001) and its lengths (7FE0,0002) from :attr:`Stripped.offsets`. :func:`text_segments`
 returns what is left that could hold text, for the verification gate. Anything that is not a
 bitstream this module understands raises :class:`BadBitstream`: such a file is held, never
-passed on unread. RLE has no segments; MPEG and HEVC video are left as they are.
+passed on unread. RLE has no segments; the user data of MPEG-2, H.264 and HEVC video is
+blanked by :mod:`engine.deid.video`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["BadBitstream", "Stripped", "frames_of", "strip_text", "text_segments"]
+__all__ = [
+    "BadBitstream",
+    "Stripped",
+    "fragments_of",
+    "frames_of",
+    "strip_text",
+    "text_segments",
+    "with_fragments",
+]
 
 _ITEM, _SEQ_END = 0xE000FFFE, 0xE0DDFFFE
 _TAG_LENGTH = struct.Struct("<LL")
@@ -77,6 +86,31 @@ def _items(element: bytes | memoryview, implicit: bool) -> list[bytes]:
 
 def _starts_frame(fragment: bytes) -> bool:
     return fragment.startswith((_SOI, _J2K_SOC, _JP2_SIGNATURE))
+
+
+def fragments_of(element: bytes | memoryview, implicit: bool = False) -> list[bytes]:
+    """The fragments of an encapsulated element (the offset table item left out)."""
+    items = _items(element, implicit)
+    if not items:
+        raise BadBitstream("encapsulated pixel data without an offset table item")
+    return items[1:]
+
+
+def with_fragments(
+    element: bytes | memoryview, joined: bytes, lengths: list[int], implicit: bool = False
+) -> bytes:
+    """``element`` with its fragments replaced by ``joined`` cut into fragments of ``lengths``
+    bytes (the offset table item kept as it is)."""
+    table = _items(element, implicit)[0]
+    parts = [bytes(element[: 8 if implicit else 12]), _TAG_LENGTH.pack(_ITEM, len(table)), table]
+    position = 0
+    for length in lengths:
+        parts += [_TAG_LENGTH.pack(_ITEM, length), joined[position : position + length]]
+        position += length
+    if position != len(joined):
+        raise BadBitstream("fragment lengths do not add up to the stream")
+    parts.append(_TAG_LENGTH.pack(_SEQ_END, 0))
+    return b"".join(parts)
 
 
 def frames_of(element: bytes | memoryview, implicit: bool = False) -> tuple[bytes, list[bytes]]:

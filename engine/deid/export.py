@@ -51,6 +51,7 @@ from engine.deid.verify import (
     find_leaks,
     leak_reason,
 )
+from engine.deid.video import VIDEO_SYNTAXES, user_data
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
@@ -136,7 +137,9 @@ class Exporter:
             return result
         held = self._verify(original, data[: result.source_header_size], result.header)
         if held is None:
-            held = self._verify_pixel_text(original, data, result.pixels)
+            held = self._verify_pixel_text(
+                original, data, result.pixels, _syntax(scanned, original)
+            )
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
@@ -245,13 +248,15 @@ class Exporter:
         return frozenset(kept)
 
     def _verify_pixel_text(
-        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview
+        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview, syntax: str
     ) -> Held | None:
         """Search what is left of the comment and application segments of compressed frames
-        (:func:`engine.deid.encapsulated.text_segments`) for the original's values."""
+        (:func:`engine.deid.encapsulated.text_segments`) and of a video's user data
+        (:func:`engine.deid.video.user_data`) for the original's values."""
         if pixels[:4] != b"\xe0\x7f\x10\x00" or pixels[8:12] != b"\xff\xff\xff\xff":
             return None  # not an encapsulated Pixel Data element (explicit VR)
-        segments = text_segments(pixels)
+        video = syntax in VIDEO_SYNTAXES
+        segments = user_data(pixels, syntax) if video else text_segments(pixels)
         if not segments:
             return None
         values = self._study_values(original, data)
@@ -261,7 +266,8 @@ class Exporter:
         )
         if not kinds:
             return None
-        where = ", ".join(f"PixelData frame segment ({kind})" for kind in kinds)
+        part = "video user data" if video else "frame segment"
+        where = ", ".join(f"PixelData {part} ({kind})" for kind in kinds)
         return Held(VERIFICATION_FAILED, f"original identifying values found in {where}")
 
 
@@ -275,6 +281,14 @@ _GATE_TAGS = {
     )
 }  # fmt: skip
 _WANTED = frozenset(_GATE_TAGS) | {SPECIFIC_CHARACTER_SET} | OVERLAY_WANTED
+
+
+def _syntax(scanned: Scan | None, original: HeaderFields) -> str:
+    """The file's Transfer Syntax UID (0002,0010), from the walk or pydicom's file meta."""
+    if scanned is not None:
+        return str(scanned.transfer_syntax or "")
+    meta = getattr(original, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
 
 def _gate_scan(data: bytes) -> Scan | None:
