@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 
+import av
 import numpy as np
 import pydicom
 import pytest
@@ -23,8 +24,6 @@ from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter, Held
 from engine.deid.video import VIDEO_SYNTAXES, user_data
 from tests import synth
-
-av = pytest.importorskip("av")
 
 SECRET = b"v" * 48
 NAME, PID, BORN = "VIDEOPATIENT^ANNA", "VID778899", "19700512"
