@@ -24,7 +24,16 @@ from engine.store.users import (
     check_password,
 )
 
-__all__ = ["UserAdmin", "user_json"]
+__all__ = ["Conflict", "Unknown", "UserAdmin", "user_json"]
+
+
+class Unknown(UserError):
+    """No such user or token."""
+
+
+class Conflict(UserError):
+    """The change is refused by the users as they are: the name is taken, or it would leave
+    no admin."""
 
 
 def user_json(store: UserStore, user: User) -> dict[str, Any]:
@@ -63,14 +72,14 @@ class UserAdmin:
     def _user(self, name: str) -> User:
         user = self.store.get(name)
         if user is None:
-            raise UserError(f"no user {name!r} (fiona user list)")
+            raise Unknown(f"no user {name!r} (fiona user list)")
         return user
 
     def _keep_an_admin(self, user: User, what: str) -> None:
         """UserError when ``user`` is the only admin (``what`` would leave none)."""
         admins = [u for u in self.store.all() if u.role is Role.ADMIN]
         if user.role is Role.ADMIN and len(admins) <= 1:
-            raise UserError(
+            raise Conflict(
                 f"user {user.name!r} is the last admin: cannot {what} them;"
                 " make another admin first"
             )
@@ -84,7 +93,7 @@ class UserAdmin:
         check_password(password)
         role = Role(role)
         if self.store.get(name) is not None:
-            raise UserError(f"user {name!r} exists already (fiona user list)")
+            raise Conflict(f"user {name!r} exists already (fiona user list)")
         granted = sorted(set(projects))
         self.audit.write(
             "user_add", operator=self.operator, user=name, role=role.value,
@@ -146,7 +155,7 @@ class UserAdmin:
         found = [t for t in self.store.tokens(name) if t.id == token_id]
         if not found:
             whose = f" of user {name!r}" if name else ""
-            raise UserError(f"no token {token_id!r}{whose} (fiona user list shows them)")
+            raise Unknown(f"no token {token_id!r}{whose} (fiona user list shows them)")
         self.audit.write(
             "user_token_revoked", operator=self.operator, user=found[0].user, token_id=token_id
         )

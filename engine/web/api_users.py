@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.manage.users import UserAdmin, user_json
+from engine.manage.users import Conflict, Unknown, UserAdmin, user_json
 from engine.store.audit import AuditLog
 from engine.store.users import Role, User, UserError, UserStore
 from engine.web.auth import ApiError, Need
@@ -58,14 +58,14 @@ def _phi(call: Call) -> bool | None:
 
 
 def _doing(call: Call, action: Any) -> Any:
-    """``action()``, with a refused change as 409 (400 for a bad name or password) and an
-    audit log that cannot be written as 503 (nothing changed then)."""
+    """``action()``, with a change the users refuse as 409, an unknown user or token as 404,
+    a bad name or password as 400 and an audit log that cannot be written as 503 (nothing
+    changed then)."""
     try:
         return action()
     except UserError as exc:
-        text = str(exc)
-        code = 409 if "last admin" in text or "exists already" in text else 400
-        raise ApiError(code, text, "see GET /api/v1/users") from exc
+        code = 409 if isinstance(exc, Conflict) else 404 if isinstance(exc, Unknown) else 400
+        raise ApiError(code, str(exc), "see GET /api/v1/users") from exc
     except OSError as exc:
         raise ApiError(
             503, "nothing changed: cannot write the audit log", "free disk space"
