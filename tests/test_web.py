@@ -308,6 +308,11 @@ def test_explain_an_uploaded_file(site: Site) -> None:
         assert any("claimed by beta" in line for line in found["lines"])
         assert any("steps: classify" in line for line in found["lines"])
         assert any("calling AE title: yes" in line for line in found["lines"])
+    # A coordinator's test weighs only its projects: alpha (from MR1) is not named to coord_b.
+    status, text = site.call(
+        "POST", "/api/v1/explain?calling_ae=MR1", "coord_b", body=body, content_type=kind
+    )
+    assert status == 200 and "alpha" not in text and "no project claims" in text, text
     # Header values only for the user with the PHI grant (admin); the view is audited.
     assert spec.patient_name not in site.call(
         "POST", "/api/v1/explain?calling_ae=MR2", "coord_b", body=body, content_type=kind

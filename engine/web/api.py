@@ -203,9 +203,11 @@ def _explain(call: Call) -> dict[str, Any]:
         q.get("called_ae", call.site.ae_title),
         q.get("calling_ip", ""),
     )
+    # Only the projects granted: their steps name destinations others need not know.
+    granted = [p for p in call.projects(call.site) if call.user.sees_project(p.name)]
     try:
         return explain_upload(
-            call.site, call.upload, origin, call.projects(call.site),
+            call.site, call.upload, origin, granted,
             operator=call.who, user=call.user.name, phi=call.user.phi,
         )  # fmt: skip
     except NotDicom as exc:
