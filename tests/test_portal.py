@@ -420,6 +420,42 @@ def test_the_users_page_is_for_admins_and_its_forms_need_the_csrf_token(site: Si
     assert a.go("/explain", body=body)[0] == 403  # an upload needs the token too
 
 
+def test_an_admin_changes_a_users_grants_password_and_removes_them_on_the_page(
+    site: Site,
+) -> None:
+    a = Browser(site)
+    a.login("admin")
+    token = _csrf(a.go("/users")[1])
+    new = {"name": "hugo", "role": "viewer", "password": PASSWORD, "password2": PASSWORD}
+    status, html = a.go("/users", new | {"csrf": token})
+    assert status == 200 and "user hugo added (viewer)" in html
+    status, html = a.go("/users/hugo")
+    assert status == 200 and 'id="change-user"' in html
+    change = {"csrf": token, "role": "coordinator", "project": ["alpha"], "phi_grant": "true"}
+    status, html = a.go("/users/hugo", change)
+    assert status == 200 and "user hugo: coordinator, alpha, PHI grant" in html, html
+    shown = site.json("GET", "/api/v1/users/hugo", "admin")
+    assert (shown["role"], shown["projects"], shown["phi_grant"]) == (
+        "coordinator", ["alpha"], True)  # fmt: skip
+    status, html = a.go("/users/hugo", {"csrf": token, "role": "coordinator"})  # boxes unticked
+    assert status == 200 and "user hugo: coordinator, no project, no PHI grant" in html
+    other = "a different passphrase"
+    status, _ = a.go("/users/hugo/password", {"csrf": token, "password": other,
+                                               "password2": other + "?"})  # fmt: skip
+    assert status == 400
+    status, html = a.go("/users/hugo/password", {"csrf": token, "password": other,
+                                                  "password2": other})  # fmt: skip
+    assert status == 200 and "new password set" in html
+    assert Browser(site).login("hugo", other)[0] == 200
+    status, html = a.go("/users/hugo/remove", {"csrf": token, "confirm": "yes"})
+    assert status == 200 and "user hugo: removed" in html
+    site.json("GET", "/api/v1/users/hugo", "admin", code=404)
+    events = [e["event"] for e in AuditLog(site.root / "data").entries() if e.get("user") == "hugo"]
+    assert events == ["user_add", "user_change", "user_change", "user_password", "login",
+                      "user_remove"]  # fmt: skip
+    assert other not in str(AuditLog(site.root / "data").entries())
+
+
 def test_a_token_made_on_the_users_page_works_and_is_not_shown_again(site: Site) -> None:
     a = Browser(site)
     a.login("admin")
