@@ -400,6 +400,36 @@ def test_user_add_needs_a_password_and_refuses_a_weak_one(site: Site) -> None:
     assert not [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "eve"]
 
 
+def test_user_set_and_password_change_grants_and_the_password_on_the_server(site: Site) -> None:
+    pw = str(site.root / "pw.txt")
+    made = site.fiona("user", "add", "ivy", "--role", "viewer", "--password-file", pw)
+    assert made.returncode == 0, made.stderr
+    changed = site.fiona("user", "set", "ivy", "--role", "coordinator", "--project", "beta",
+                         "--phi")  # fmt: skip
+    assert changed.returncode == 0 and "coordinator, beta, sees PHI" in changed.stdout
+    assert site.fiona("user", "set", "ivy").returncode == 1  # nothing to change
+    cleared = site.fiona("user", "set", "ivy", "--no-projects", "--no-phi")
+    assert "coordinator, no project yet" in cleared.stdout and "PHI" not in cleared.stdout
+    new = site.root / "new-pw.txt"
+    new.write_text("a brand new passphrase\n")
+    done = site.fiona("user", "password", "ivy", "--password-file", str(new))
+    assert done.returncode == 0, done.stderr
+    last = site.fiona("user", "set", "admin", "--role", "viewer")
+    assert last.returncode == 1 and "last admin" in last.stderr
+    from engine.store.index import open_index
+    from engine.store.users import UserStore
+
+    index = open_index("", site.root / "data" / "index.sqlite", upgrade=False, read_only=True)
+    try:
+        assert UserStore(index).check_password("ivy", "a brand new passphrase") is not None
+        assert UserStore(index).check_password("ivy", PASSWORD) is None
+    finally:
+        index.close()
+    events = [e["event"] for e in AuditLog(site.root / "data").entries() if e.get("user") == "ivy"]
+    assert events == ["user_add", "user_change", "user_change", "user_password"]
+    assert site.fiona("user", "remove", "ivy").returncode == 0
+
+
 def test_a_removed_user_is_refused(site: Site) -> None:
     pw = str(site.root / "pw.txt")
     made = site.fiona("user", "add", "temp", "--role", "viewer", "--password-file", pw)

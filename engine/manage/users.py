@@ -69,7 +69,8 @@ class UserAdmin:
     audit: AuditLog
     operator: str
 
-    def _user(self, name: str) -> User:
+    def existing(self, name: str) -> User:
+        """The user ``name``; :class:`Unknown` when there is none."""
         user = self.store.get(name)
         if user is None:
             raise Unknown(f"no user {name!r} (fiona user list)")
@@ -110,7 +111,7 @@ class UserAdmin:
         phi: bool | None = None,
     ) -> User:
         """Change a user's role, projects or PHI grant (None: keep it)."""
-        user = self._user(name)
+        user = self.existing(name)
         role = None if role is None else Role(role)
         if role is not None and role is not Role.ADMIN:
             self._keep_an_admin(user, f"make {role.value}")
@@ -125,20 +126,20 @@ class UserAdmin:
 
     def reset_password(self, name: str, password: str) -> None:
         """Give a user a new password (at least 12 characters)."""
-        self._user(name)
+        self.existing(name)
         check_password(password)
         self.audit.write("user_password", operator=self.operator, user=name)
         self.store.set_password(name, password)
 
     def remove(self, name: str) -> None:
         """Delete a user with its tokens and sessions."""
-        self._keep_an_admin(self._user(name), "remove")
+        self._keep_an_admin(self.existing(name), "remove")
         self.audit.write("user_remove", operator=self.operator, user=name)
         self.store.remove(name)
 
     def make_token(self, name: str, label: str = "") -> tuple[TokenInfo, str]:
         """A new API token for ``name``: its row and the token (to show once)."""
-        self._user(name)
+        self.existing(name)
         if len(label) > 64 or not label.isprintable():
             raise UserError("a token's label: at most 64 printable characters")
         info, token = self.store.make_token(name, label)

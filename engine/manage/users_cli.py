@@ -1,4 +1,5 @@
-"""``fiona user add|list|token|revoke-token|remove``: the web API's users, on the server.
+"""``fiona user add|list|set|password|token|revoke-token|remove``: the web's users, on the
+server.
 
 The first admin is made here (``fiona user add NAME --role admin``); there is no default
 password. A password is read from ``--password-file`` (its first line) or asked twice on a
@@ -106,6 +107,27 @@ def _revoke(admin: UserAdmin, args: argparse.Namespace) -> int:
     return 0
 
 
+def _set(admin: UserAdmin, args: argparse.Namespace) -> int:
+    projects = [] if args.no_projects else args.project
+    if args.role is None and projects is None and args.phi is None:
+        print("fiona: nothing to change: give --role, --project, --no-projects or --phi",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    user = admin.change(args.name, role=args.role, projects=projects, phi=args.phi)
+    print(f"user {user.name}: {_describe(user)}")
+    return 0
+
+
+def _set_password(admin: UserAdmin, args: argparse.Namespace) -> int:
+    admin.existing(args.name)
+    password = _password(args)
+    if password is None:
+        return 1
+    admin.reset_password(args.name, password)
+    print(f"user {args.name}: new password set")
+    return 0
+
+
 def _remove(admin: UserAdmin, args: argparse.Namespace) -> int:
     admin.remove(args.name)
     print(f"user {args.name}: removed, with its tokens")
@@ -125,6 +147,10 @@ def run_user(args: argparse.Namespace) -> int:
                 return _token(admin, args)
             if args.action == "revoke-token":
                 return _revoke(admin, args)
+            if args.action == "set":
+                return _set(admin, args)
+            if args.action == "password":
+                return _set_password(admin, args)
             return _remove(admin, args)
         except UserError as exc:
             print(f"fiona: {exc}", file=sys.stderr)
