@@ -21,17 +21,31 @@ def _too_big(limit: int) -> ApiError:
     )
 
 
+#: Bytes of a too large upload read and dropped before the 413 is sent: a client still
+#: sending when the connection closes sees a reset instead of the answer.
+DRAIN_MAX = 64 * 2**20
+
+
+async def _refuse(request: Request, limit: int, read: int) -> ApiError:
+    """The 413 of a too large upload, once the rest of it is read (up to :data:`DRAIN_MAX`)."""
+    async for chunk in request.stream():
+        read += len(chunk)
+        if read > limit + DRAIN_MAX:
+            break
+    return _too_big(limit)
+
+
 async def bounded_form(request: Request, limit: int, max_files: int = 1) -> FormData:
-    """The request's multipart form when its body is at most ``limit`` bytes; 413 (before
-    reading it, when ``Content-Length`` says so) otherwise, 400 when it is no multipart form."""
+    """The request's multipart form when its body is at most ``limit`` bytes; 413 otherwise
+    (nothing kept of it), 400 when it is no multipart form."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_big(limit)
+        raise await _refuse(request, limit, 0)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise _too_big(limit)
+            raise await _refuse(request, limit, len(body))
     sent = False
 
     async def replay() -> Message:
