@@ -99,8 +99,10 @@ def _add_quarantine_parser(sub: Any) -> None:
 
 
 def _add_user_parser(sub: Any) -> None:
-    """``user add|list|token|revoke-token|remove``: the web API's users (audited)."""
-    user = sub.add_parser("user", help="web API users and tokens: add, list, token, remove")
+    """``user add|list|set|password|token|revoke-token|remove``: the web's users (audited)."""
+    user = sub.add_parser(
+        "user", help="web users and tokens: add, list, set, password, token, remove"
+    )
     actions = user.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="a new user (asks for the password twice)")
     _add_site_args(add)
@@ -121,6 +123,17 @@ def _add_user_parser(sub: Any) -> None:
     remove = actions.add_parser("remove", help="delete a user and its tokens")
     _add_site_args(remove)
     remove.add_argument("name")
+    change = actions.add_parser("set", help="change a user's role, projects or PHI grant")
+    _add_site_args(change)
+    change.add_argument("name")
+    change.add_argument("--role", choices=["admin", "coordinator", "viewer"])
+    change.add_argument("--project", action="append", help="the projects granted (all replaced)")
+    change.add_argument("--no-projects", action="store_true", help="grant no project")
+    change.add_argument("--phi", action=argparse.BooleanOptionalAction, help="the PHI grant")
+    password = actions.add_parser("password", help="set a user's password (asks twice)")
+    _add_site_args(password)
+    password.add_argument("name")
+    password.add_argument("--password-file", type=Path, help="read the password from this file")
 
 
 DESCRIPTION = """\

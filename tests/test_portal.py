@@ -32,7 +32,7 @@ from tests import synth
 from tests.conftest import need_peer
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_tls import tls_files  # noqa: F401  (the fixture)
-from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait
+from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait, explain_file, multipart
 from tests.test_web import site as web_site
 
 #: The running service of tests/test_web.py (its module-scoped fixture, here under this name).
@@ -58,10 +58,17 @@ class Browser:
         self.opener = urllib.request.build_opener(*handlers)
         self.last_headers: list[tuple[str, str]] = []
 
-    def go(self, path: str, form: dict[str, str | list[str]] | None = None) -> tuple[int, str]:
+    def go(
+        self, path: str, form: dict[str, str | list[str]] | None = None,
+        headers: dict[str, str] | None = None, body: tuple[bytes, str] | None = None,
+    ) -> tuple[int, str]:  # fmt: skip
+        """GET ``path``, or POST ``form`` (urlencoded) or ``body`` (bytes, Content-Type)."""
         data = None if form is None else urllib.parse.urlencode(form, doseq=True).encode()
-        request = urllib.request.Request(self.base + path, data=data)
-        if data is not None and self.origin:
+        request = urllib.request.Request(self.base + path, data=data, headers=headers or {})
+        if body is not None:
+            request.data = body[0]
+            request.add_header("Content-Type", body[1])
+        if request.data is not None and self.origin:
             request.add_header("Origin", self.origin)
         try:
             with self.opener.open(request, timeout=60) as answer:
@@ -71,8 +78,10 @@ class Browser:
             self.last_headers = list(exc.headers.items())
             return exc.code, exc.read().decode()
 
-    def login(self, name: str, password: str = PASSWORD) -> tuple[int, str]:
-        return self.go("/login", {"name": name, "password": password, "next": "/"})
+    def login(
+        self, name: str, password: str = PASSWORD, headers: dict[str, str] | None = None
+    ) -> tuple[int, str]:
+        return self.go("/login", {"name": name, "password": password, "next": "/"}, headers)
 
 
 def _csrf(html: str) -> str:
@@ -375,6 +384,206 @@ def test_transfers_are_retried_from_their_page_and_the_answer_says_why_not(site:
     assert 'action="/transfers/' not in html  # a viewer gets no buttons
     status, _ = v.go(f"/transfers/{transfer_id}/cancel", {"csrf": _csrf(v.go("/")[1])})
     assert status == 403
+
+
+# -- users and test-a-file pages ----------------------------------------------------------------
+
+
+def test_the_users_page_is_for_admins_and_its_forms_need_the_csrf_token(site: Site) -> None:
+    c = Browser(site)
+    c.login("coord_a")
+    status, html = c.go("/")
+    assert status == 200 and 'id="nav-users"' not in html and 'id="nav-explain"' in html
+    assert c.go("/users")[0] == 403
+    new = {"name": "mallory", "role": "admin", "password": PASSWORD, "password2": PASSWORD}
+    assert c.go("/users", new | {"csrf": _csrf(html)})[0] == 403
+    a = Browser(site)
+    a.login("admin")
+    status, html = a.go("/users")
+    assert status == 200 and 'id="nav-users"' in html and 'id="u-coord_a"' in html
+    token = _csrf(html)
+    assert a.go("/users", new)[0] == 403  # no token
+    assert a.go("/users", new | {"csrf": "x" * 43})[0] == 403
+    a.origin = "http://evil.example"
+    assert a.go("/users", new | {"csrf": token})[0] == 403
+    assert a.go("/users/viewer/remove", {"csrf": token, "confirm": "yes"})[0] == 403
+    a.origin = a.base
+    site.json("GET", "/api/v1/users/mallory", "admin", code=404)  # none of these made her
+    site.json("GET", "/api/v1/users/viewer", "admin")
+    status, html = a.go("/users", new | {"csrf": token, "password2": PASSWORD + "!"})
+    assert status == 400 and "the two passwords differ" in html
+    status, html = a.go("/users/admin/remove", {"csrf": token, "confirm": "yes"})
+    assert status == 409 and "is the last admin" in html
+    status, html = a.go("/users/viewer/remove", {"csrf": token})  # not confirmed
+    assert status == 400 and "not confirmed" in html
+    body = multipart({}, explain_file(site).read_bytes())
+    assert a.go("/explain", body=body)[0] == 403  # an upload needs the token too
+
+
+def test_an_admin_changes_a_users_grants_password_and_removes_them_on_the_page(
+    site: Site,
+) -> None:
+    a = Browser(site)
+    a.login("admin")
+    token = _csrf(a.go("/users")[1])
+    new = {"name": "hugo", "role": "viewer", "password": PASSWORD, "password2": PASSWORD}
+    status, html = a.go("/users", new | {"csrf": token})
+    assert status == 200 and "user hugo added (viewer)" in html
+    status, html = a.go("/users/hugo")
+    assert status == 200 and 'id="change-user"' in html
+    change = {"csrf": token, "role": "coordinator", "project": ["alpha"], "phi_grant": "true"}
+    status, html = a.go("/users/hugo", change)
+    assert status == 200 and "user hugo: coordinator, alpha, PHI grant" in html, html
+    shown = site.json("GET", "/api/v1/users/hugo", "admin")
+    assert (shown["role"], shown["projects"], shown["phi_grant"]) == (
+        "coordinator", ["alpha"], True)  # fmt: skip
+    status, html = a.go("/users/hugo", {"csrf": token, "role": "coordinator"})  # boxes unticked
+    assert status == 200 and "user hugo: coordinator, no project, no PHI grant" in html
+    other = "a different passphrase"
+    status, _ = a.go("/users/hugo/password", {"csrf": token, "password": other,
+                                               "password2": other + "?"})  # fmt: skip
+    assert status == 400
+    status, html = a.go("/users/hugo/password", {"csrf": token, "password": other,
+                                                  "password2": other})  # fmt: skip
+    assert status == 200 and "new password set" in html
+    assert Browser(site).login("hugo", other)[0] == 200
+    status, html = a.go("/users/hugo/remove", {"csrf": token, "confirm": "yes"})
+    assert status == 200 and "user hugo: removed" in html
+    site.json("GET", "/api/v1/users/hugo", "admin", code=404)
+    events = [e["event"] for e in AuditLog(site.root / "data").entries() if e.get("user") == "hugo"]
+    assert events == ["user_add", "user_change", "user_change", "user_password", "login",
+                      "user_remove"]  # fmt: skip
+    assert other not in str(AuditLog(site.root / "data").entries())
+
+
+def test_a_token_made_on_the_users_page_works_and_is_not_shown_again(site: Site) -> None:
+    a = Browser(site)
+    a.login("admin")
+    status, html = a.go("/users/viewer")
+    assert status == 200 and 'id="make-token"' in html
+    status, html = a.go("/users/viewer/tokens", {"csrf": _csrf(html), "label": "from the page"})
+    assert status == 200 and "shown only this once" in html
+    found = re.search(r'<code id="token">([^<]+)</code>', html)
+    assert found
+    token = found.group(1)
+    assert site.call("GET", "/api/v1/status", token=token)[0] == 200
+    status, html = a.go("/users/viewer")
+    token_id, secret = token.split(".")
+    assert token_id in html and secret not in html
+    assert secret not in site.call("GET", "/api/v1/users", "admin")[1]
+    status, html = a.go(f"/users/viewer/tokens/{token_id}/revoke", {"csrf": _csrf(html)})
+    assert status == 200 and "revoked" in html
+    assert site.call("GET", "/api/v1/status", token=token)[0] == 401
+    made = [e for e in AuditLog(site.root / "data").entries() if e.get("token_id") == token_id]
+    assert [(e["event"], e["operator"], e["user"]) for e in made] == [
+        ("user_token", "web:admin", "viewer"), ("user_token_revoked", "web:admin", "viewer")]
+    assert secret not in str(made)
+
+
+def test_a_file_too_large_or_not_dicom_gets_one_clear_message(site: Site) -> None:
+    v = Browser(site)
+    v.login("viewer")
+    token = _csrf(v.go("/explain")[1])
+    status, html = v.go("/explain", body=multipart({"csrf": token}, b"%PDF-1.4 not DICOM"))
+    assert status == 422 and "not a DICOM file fiona can read" in html
+    status, html = v.go("/explain", body=multipart({"csrf": token}, os.urandom(2**20 + 10)))
+    assert status == 413 and "larger than 1 MiB" in html
+
+
+def test_forwarded_headers_are_believed_only_from_a_trusted_proxy(
+    site: Site, tmp_path: Path, empty_projects: Path
+) -> None:
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    b = Browser(site, follow=False)
+    assert b.login("viewer", headers=forwarded)[0] == 303  # the site trusts no proxy
+    cookie = next(v for k, v in b.last_headers if k.lower() == "set-cookie")
+    assert cookie.startswith("fiona_session=") and "Secure" not in cookie
+    logins = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "login"]
+    assert logins[-1]["address"] == "127.0.0.1"
+    port = free_port()
+    config = tmp_path / "site.yaml"
+    web = {"enabled": True, "port": port, "trusted_proxies": ["127.0.0.1"]}
+    config.write_text(yaml.safe_dump({"web": web}))
+    server = FionaServer(tmp_path / "data", empty_projects, config=config, web_port=None).start()
+    try:
+        wait_for_port(port, 30, server.proc)
+        pw = tmp_path / "pw.txt"
+        pw.write_text(PASSWORD + "\n")
+        made = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "user", "add", "ann", "--role", "viewer",
+             "--password-file", str(pw), "--config", str(config), "--data",
+             str(tmp_path / "data"), "--projects", str(empty_projects)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        behind = Browser(site, follow=False)
+        behind.base = behind.origin = f"http://127.0.0.1:{port}"
+        assert behind.login("ann", headers=forwarded)[0] == 303
+        cookie = next(v for k, v in behind.last_headers if k.lower() == "set-cookie")
+        assert cookie.startswith("__Host-fiona_session=") and "Secure" in cookie
+        logins = [e for e in AuditLog(tmp_path / "data").entries() if e["event"] == "login"]
+        assert logins[-1]["address"] == "203.0.113.7"
+    finally:
+        server.stop()
+    config.write_text(yaml.safe_dump({"web": {"trusted_proxies": ["10.0.0.0/8", "proxy.lan"]}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", "--config", str(config),
+         "--projects", str(empty_projects)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "web.trusted_proxies[1]: expected an IP address or network" in result.stdout
+
+
+def test_a_file_tested_in_the_browser_shows_header_values_only_with_the_phi_grant(
+    site: Site, chrome: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    d: object = chrome
+    path = explain_file(site, 54)
+    patient = synth.make_study_spec(54).patient_name
+    for user in ("coord_b", "admin"):
+        _login(d, site, user)
+        d.find_element(By.ID, "nav-explain").click()  # type: ignore[attr-defined]
+        d.find_element(By.ID, "file").send_keys(str(path))  # type: ignore[attr-defined]
+        d.find_element(By.ID, "calling_ae").send_keys("MR2")  # type: ignore[attr-defined]
+        d.find_element(By.ID, "do-explain").click()  # type: ignore[attr-defined]
+        shown = d.find_element(By.ID, "explanation").text  # type: ignore[attr-defined]
+        assert "claimed by beta" in shown and "steps: classify" in shown, shown
+        assert "labels:" in shown
+        html = d.page_source  # type: ignore[attr-defined]
+        assert (patient in html) is (user == "admin"), user
+    tested = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "file_explained"]
+    assert [e["user"] for e in tested[-2:]] == ["coord_b", "admin"]
+
+
+def test_an_admin_makes_a_coordinator_who_then_logs_in(site: Site, chrome: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d: object = chrome
+    _login(d, site, "admin")
+    d.find_element(By.ID, "nav-users").click()  # type: ignore[attr-defined]
+    d.find_element(By.ID, "new-name").send_keys("carla")  # type: ignore[attr-defined]
+    Select(d.find_element(By.ID, "new-role")).select_by_visible_text("coordinator")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "new-projects").send_keys("beta")  # type: ignore[attr-defined]
+    d.find_element(By.ID, "new-password").send_keys(PASSWORD)  # type: ignore[attr-defined]
+    d.find_element(By.ID, "new-password2").send_keys(PASSWORD)  # type: ignore[attr-defined]
+    d.find_element(By.ID, "do-add").click()  # type: ignore[attr-defined]
+    outcome = d.find_element(By.ID, "outcomes").text  # type: ignore[attr-defined]
+    assert "user carla added (coordinator)" in outcome, outcome
+    d.get(f"http://127.0.0.1:{site.web_port}/users")  # type: ignore[attr-defined]
+    row = d.find_element(By.ID, "u-carla").text  # type: ignore[attr-defined]
+    assert "coordinator" in row and "beta" in row
+    _login(d, site, "carla")
+    assert not d.find_elements(By.ID, "nav-users")  # type: ignore[attr-defined]
+    d.get(f"http://127.0.0.1:{site.web_port}/projects")  # type: ignore[attr-defined]
+    rows = d.find_elements(By.CSS_SELECTOR, "tr.project")  # type: ignore[attr-defined]
+    assert [r.get_attribute("id") for r in rows] == ["p-beta"]
+    added = [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "carla"]
+    assert added[0]["event"] == "user_add" and added[0]["operator"] == "web:admin"
+    assert PASSWORD not in str(added)
 
 
 # -- last: throttling locks the client address -------------------------------------------------

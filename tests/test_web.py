@@ -76,8 +76,13 @@ class Site:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
-    def json(self, method: str, path: str, user: str, code: int = 200) -> Any:
-        status, text = self.call(method, path, user)
+    def json(
+        self, method: str, path: str, user: str, code: int = 200, body: Any = None
+    ) -> Any:
+        """The JSON answer of one request (``body``: sent as JSON), asserting its status."""
+        data = None if body is None else json.dumps(body).encode()
+        kind = None if body is None else "application/json"
+        status, text = self.call(method, path, user, body=data, content_type=kind)
         assert status == code, (status, text)
         return json.loads(text)
 
@@ -125,7 +130,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         (projects / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
     web_port = free_port()
     (root / "site.yaml").write_text(yaml.safe_dump(
-        {"scan_interval_seconds": 0.5, "web": {"enabled": True, "port": web_port},
+        {"scan_interval_seconds": 0.5,
+         "web": {"enabled": True, "port": web_port, "upload_max_mb": 1},
          "routing": {"unrouted_after_seconds": 1}}
     ))  # fmt: skip
     server = FionaServer(root / "data", projects, config=root / "site.yaml", web_port=None).start()
@@ -267,20 +273,68 @@ def test_studies_are_filtered_and_paginated(site: Site) -> None:
     assert "YYYY-MM-DD" in body["error"]
 
 
-def test_explain_an_uploaded_file(site: Site) -> None:
-    ds = synth.make_study(synth.make_study_spec(53), [MR["t1_mprage"]], size=8)
-    [path, *_] = synth.write_study(ds, site.root / "explain")
+def multipart(fields: dict[str, str], data: bytes, filename: str = "a.dcm") -> tuple[bytes, str]:
+    """A multipart form of ``fields`` and a file ``data``: (body, its Content-Type)."""
     boundary = uuid.uuid4().hex
-    body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
         "Content-Type: application/dicom\r\n\r\n"
-    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    ).encode()
+    body = b"".join(parts) + head + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def explain_file(site: Site, seed: int = 53) -> Path:
+    """A synthetic MR file of its own study (patient ``make_study_spec(seed)``)."""
+    ds = synth.make_study(synth.make_study_spec(seed), [MR["t1_mprage"]], size=8)
+    [path, *_] = synth.write_study(ds, site.root / f"explain-{seed}")
+    return path
+
+
+def test_explain_an_uploaded_file(site: Site) -> None:
+    path = explain_file(site)
+    body, kind = multipart({}, path.read_bytes())
+    spec = synth.make_study_spec(53)
+    for user in ("coord_b", "admin"):
+        status, text = site.call(
+            "POST", "/api/v1/explain?calling_ae=MR2", user, body=body, content_type=kind
+        )
+        assert status == 200, text
+        found = json.loads(text)
+        assert any("claimed by beta" in line for line in found["lines"])
+        assert any("steps: classify" in line for line in found["lines"])
+        assert any("calling AE title: yes" in line for line in found["lines"])
+    # A coordinator's test weighs only its projects: alpha (from MR1) is not named to coord_b.
     status, text = site.call(
-        "POST", "/api/v1/explain?calling_ae=MR2", "coord_b", body=body,
-        content_type=f"multipart/form-data; boundary={boundary}",
-    )  # fmt: skip
-    assert status == 200, text
-    assert any("claimed by beta" in line for line in json.loads(text)["lines"])
+        "POST", "/api/v1/explain?calling_ae=MR1", "coord_b", body=body, content_type=kind
+    )
+    assert status == 200 and "alpha" not in text and "no project claims" in text, text
+    # Header values only for the user with the PHI grant (admin); the view is audited.
+    assert spec.patient_name not in site.call(
+        "POST", "/api/v1/explain?calling_ae=MR2", "coord_b", body=body, content_type=kind
+    )[1]
+    assert found["phi"]["patient"]["patient_name"] == spec.patient_name
+    assert any("MR2" in line for line in found["phi"]["lines"])  # the value the criterion saw
+    entries = AuditLog(site.root / "data").entries()
+    tested = [e for e in entries if e["event"] == "file_explained"]
+    assert {e["user"] for e in tested} == {"coord_b", "admin"}
+    seen = [e for e in entries if e["event"] == "phi_viewed" and "explain" in e["route"]]
+    assert [e["user"] for e in seen] == ["admin"]
+    assert spec.patient_name not in json.dumps(entries)
+
+
+def test_explain_refuses_a_non_dicom_file_and_a_too_large_one(site: Site) -> None:
+    body, kind = multipart({}, b"just some text, not DICOM\n" * 10, "notes.txt")
+    status, text = site.call("POST", "/api/v1/explain", "viewer", body=body, content_type=kind)
+    assert status == 422 and json.loads(text)["error"] == "not a DICOM file fiona can read"
+    body, kind = multipart({}, os.urandom(2**20 + 10))  # the site allows 1 MiB
+    status, text = site.call("POST", "/api/v1/explain", "viewer", body=body, content_type=kind)
+    assert status == 413, text
+    assert "larger than 1 MiB" in json.loads(text)["error"]
 
 
 def test_the_openapi_document_is_valid_and_lists_every_route(site: Site) -> None:
@@ -346,6 +400,36 @@ def test_user_add_needs_a_password_and_refuses_a_weak_one(site: Site) -> None:
     assert not [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "eve"]
 
 
+def test_user_set_and_password_change_grants_and_the_password_on_the_server(site: Site) -> None:
+    pw = str(site.root / "pw.txt")
+    made = site.fiona("user", "add", "ivy", "--role", "viewer", "--password-file", pw)
+    assert made.returncode == 0, made.stderr
+    changed = site.fiona("user", "set", "ivy", "--role", "coordinator", "--project", "beta",
+                         "--phi")  # fmt: skip
+    assert changed.returncode == 0 and "coordinator, beta, sees PHI" in changed.stdout
+    assert site.fiona("user", "set", "ivy").returncode == 1  # nothing to change
+    cleared = site.fiona("user", "set", "ivy", "--no-projects", "--no-phi")
+    assert "coordinator, no project yet" in cleared.stdout and "PHI" not in cleared.stdout
+    new = site.root / "new-pw.txt"
+    new.write_text("a brand new passphrase\n")
+    done = site.fiona("user", "password", "ivy", "--password-file", str(new))
+    assert done.returncode == 0, done.stderr
+    last = site.fiona("user", "set", "admin", "--role", "viewer")
+    assert last.returncode == 1 and "last admin" in last.stderr
+    from engine.store.index import open_index
+    from engine.store.users import UserStore
+
+    index = open_index("", site.root / "data" / "index.sqlite", upgrade=False, read_only=True)
+    try:
+        assert UserStore(index).check_password("ivy", "a brand new passphrase") is not None
+        assert UserStore(index).check_password("ivy", PASSWORD) is None
+    finally:
+        index.close()
+    events = [e["event"] for e in AuditLog(site.root / "data").entries() if e.get("user") == "ivy"]
+    assert events == ["user_add", "user_change", "user_change", "user_password"]
+    assert site.fiona("user", "remove", "ivy").returncode == 0
+
+
 def test_a_removed_user_is_refused(site: Site) -> None:
     pw = str(site.root / "pw.txt")
     made = site.fiona("user", "add", "temp", "--role", "viewer", "--password-file", pw)
@@ -354,6 +438,78 @@ def test_a_removed_user_is_refused(site: Site) -> None:
     assert site.call("GET", "/api/v1/status", token=token)[0] == 200
     assert site.fiona("user", "remove", "temp").returncode == 0
     assert site.call("GET", "/api/v1/status", token=token)[0] == 401
+
+
+def test_only_admins_reach_the_users_api(site: Site) -> None:
+    for user in ("coord_a", "viewer"):
+        body = site.json("GET", "/api/v1/users", user, code=403)
+        assert body["error"] == "only an admin may do this"
+        site.json("POST", "/api/v1/users/viewer/remove", user, code=403)
+        site.json("POST", "/api/v1/users/viewer/tokens", user, code=403, body={})
+    listed = site.json("GET", "/api/v1/users", "admin")
+    by_name = {u["name"]: u for u in listed}
+    coord = by_name["coord_a"]
+    assert (coord["role"], coord["projects"]) == ("coordinator", ["alpha"])
+    assert by_name["admin"]["phi_grant"] is True and by_name["viewer"]["phi_grant"] is False
+    assert by_name["viewer"]["source"] == "local"
+    [token] = [t for t in by_name["viewer"]["tokens"] if t["label"] == "tests"]
+    assert set(token) == {"id", "label", "created_at", "last_used_at", "revoked_at"}
+    text = json.dumps(listed)
+    assert not any(secret.split(".")[1] in text for secret in site.tokens.values())
+    assert "password" not in text and "argon2" not in text
+
+
+def test_an_admin_manages_a_user_over_the_api_and_each_change_is_audited(site: Site) -> None:
+    new = {"name": "dora", "role": "coordinator", "projects": "alpha", "password": PASSWORD}
+    made = site.json("POST", "/api/v1/users", "admin", body=new)
+    assert (made["role"], made["projects"], made["phi_grant"]) == ("coordinator", ["alpha"], False)
+    site.json("POST", "/api/v1/users", "admin", code=409,
+              body={"name": "dora", "role": "viewer", "password": PASSWORD})  # fmt: skip
+    short = site.json("POST", "/api/v1/users", "admin", code=400,
+                      body={"name": "ed", "role": "viewer", "password": "short"})  # fmt: skip
+    assert "too short" in short["error"]
+    changed = site.json("POST", "/api/v1/users/dora", "admin",
+                        body={"projects": "alpha,beta", "phi_grant": "true"})  # fmt: skip
+    assert (changed["role"], changed["projects"], changed["phi_grant"]) == (
+        "coordinator", ["alpha", "beta"], True)  # fmt: skip
+    new_password = "another long passphrase"
+    site.json("POST", "/api/v1/users/dora/password", "admin", body={"password": new_password})
+    token = site.json("POST", "/api/v1/users/dora/tokens", "admin", body={"label": "ci"})
+    assert token["note"].startswith("shown once")
+    secret = token["token"]
+    status, text = site.call("GET", "/api/v1/projects", token=secret)
+    assert status == 200 and {p["name"] for p in json.loads(text)} == {"alpha", "beta"}
+    shown = site.json("GET", "/api/v1/users/dora", "admin")
+    assert [t["id"] for t in shown["tokens"]] == [token["id"]]
+    assert secret.split(".")[1] not in json.dumps(shown)  # never again
+    site.json("POST", f"/api/v1/users/viewer/tokens/{token['id']}/revoke", "admin", code=404)
+    site.json("POST", f"/api/v1/users/dora/tokens/{token['id']}/revoke", "admin")
+    assert site.call("GET", "/api/v1/projects", token=secret)[0] == 401
+    site.json("POST", "/api/v1/users/dora/remove", "admin")
+    site.json("GET", "/api/v1/users/dora", "admin", code=404)
+    entries = [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "dora"]
+    assert [e["event"] for e in entries] == ["user_add", "user_change", "user_password",
+                                             "user_token", "user_token_revoked", "user_remove"]
+    assert {e["operator"] for e in entries} == {"web:admin"}
+    text = json.dumps(entries)
+    assert PASSWORD not in text and new_password not in text and secret.split(".")[1] not in text
+
+
+def test_the_last_admin_is_neither_removed_nor_demoted(site: Site) -> None:
+    for path, body in (("/api/v1/users/admin/remove", None),
+                       ("/api/v1/users/admin", {"role": "viewer"})):  # fmt: skip
+        refused = site.json("POST", path, "admin", code=409, body=body)
+        assert "last admin" in refused["error"], refused
+    cli = site.fiona("user", "remove", "admin")
+    assert cli.returncode == 1 and "is the last admin" in cli.stderr
+    assert site.json("GET", "/api/v1/users/admin", "admin")["role"] == "admin"
+    site.json("POST", "/api/v1/users", "admin",
+              body={"name": "admin2", "role": "admin", "password": PASSWORD})  # fmt: skip
+    site.json("POST", "/api/v1/users/admin2", "admin", body={"role": "viewer"})  # two admins
+    site.json("POST", "/api/v1/users/admin2/remove", "admin")
+    changes = ("user_remove", "user_change")
+    entries = AuditLog(site.root / "data").entries()
+    assert not [e for e in entries if e.get("user") == "admin" and e["event"] in changes]
 
 
 # -- acting: the last tests, they change the site -----------------------------------------------

@@ -17,6 +17,7 @@ and what was found.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -223,6 +224,8 @@ def _site_issues(
             key_file=tls_path("key_file", "web"),
             session_idle_minutes=float(doc["web"]["session_idle_minutes"]),
             session_max_hours=float(doc["web"]["session_max_hours"]),
+            upload_max_mb=float(doc["web"]["upload_max_mb"]),
+            trusted_proxies=tuple(doc["web"]["trusted_proxies"]),
         ),
     )
     checks = _check_tls(site.tls, parsed) + _check_web(site.web, parsed)
@@ -254,7 +257,30 @@ def _heartbeat(doc: Mapping[str, Any]) -> HeartbeatConfig:
 
 
 def _check_web(web: WebConfig, parsed: ParsedFile) -> list[ConfigIssue]:
-    """HTTPS needs both a certificate and a key, and both must exist."""
+    """HTTPS needs both a certificate and a key, and both must exist; a trusted proxy is an
+    address or a network."""
+    bad = [
+        ConfigIssue(
+            parsed.file,
+            parsed.line_of(("web", "trusted_proxies", i)),
+            f"web.trusted_proxies[{i}]",
+            f"expected an IP address or network (e.g. 10.0.0.0/8), found {p!r}",
+        )
+        for i, p in enumerate(web.trusted_proxies)
+        if not _is_network(p)
+    ]
+    return bad + _check_web_tls(web, parsed)
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_web_tls(web: WebConfig, parsed: ParsedFile) -> list[ConfigIssue]:
     files = {"cert_file": web.cert_file, "key_file": web.key_file}
     given = [k for k, v in files.items() if v is not None]
     if len(given) == 1:

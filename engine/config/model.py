@@ -144,7 +144,10 @@ class WebConfig:
     """The web portal and API of ``fiona serve`` (``/api/v1``): on unless ``enabled`` is false
     (``fiona serve --web-port 0``); HTTPS
     when both ``cert_file`` and ``key_file`` (PEM) are given. A portal login session ends after
-    ``session_idle_minutes`` without a request or ``session_max_hours`` after the login."""
+    ``session_idle_minutes`` without a request or ``session_max_hours`` after the login.
+    ``upload_max_mb``: MiB, the largest file a test-a-file upload may be. ``trusted_proxies``:
+    addresses or networks of reverse proxies whose ``X-Forwarded-For``/``-Proto`` headers are
+    believed (none by default: the headers are ignored)."""
 
     enabled: bool = True
     port: int = 8080
@@ -153,6 +156,8 @@ class WebConfig:
     key_file: Path | None = None
     session_idle_minutes: float = 30.0
     session_max_hours: float = 12.0
+    upload_max_mb: float = 512.0
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``fiona user add|list|token|revoke-token|remove``: the web API's users, on the server.
+"""``fiona user add|list|set|password|token|revoke-token|remove``: the web's users, on the
+server.
 
 The first admin is made here (``fiona user add NAME --role admin``); there is no default
 password. A password is read from ``--password-file`` (its first line) or asked twice on a
@@ -16,10 +17,11 @@ import time
 from pathlib import Path
 
 from engine.config.model import SiteConfig
+from engine.manage.users import UserAdmin
 from engine.store.audit import AuditLog, operator
 from engine.store.commands import run_with_index
 from engine.store.index import Index
-from engine.store.users import User, UserError, UserStore, check_name, check_password
+from engine.store.users import User, UserError, UserStore
 
 __all__ = ["run_user"]
 
@@ -47,25 +49,14 @@ def _password(args: argparse.Namespace) -> str | None:
     return first
 
 
-def _add(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
+def _add(admin: UserAdmin, args: argparse.Namespace) -> int:
+    if admin.store.get(args.name) is not None:
+        print(f"fiona: user {args.name!r} exists already (fiona user list)", file=sys.stderr)
+        return 1
     password = _password(args)
     if password is None:
         return 1
-    if store.get(args.name) is not None:
-        print(f"fiona: user {args.name!r} exists already (fiona user list)", file=sys.stderr)
-        return 1
-    check_name(args.name)
-    check_password(password)
-    projects = sorted(set(args.project or ()))
-    audit.write(
-        "user_add",
-        operator=operator(),
-        user=args.name,
-        role=args.role,
-        phi_grant=bool(args.phi),  # not "phi": the API strips keys of that name from answers
-        projects=projects,
-    )
-    user = store.add(args.name, args.role, password, projects=projects, phi=args.phi)
+    user = admin.add(args.name, args.role, password, args.project or (), bool(args.phi))
     print(f"user {user.name}: {_describe(user)}")
     return 0
 
@@ -99,12 +90,8 @@ def _list(store: UserStore) -> int:
     return 0
 
 
-def _token(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
-    if store.get(args.name) is None:
-        print(f"fiona: no user {args.name!r} (fiona user list)", file=sys.stderr)
-        return 1
-    info, token = store.make_token(args.name, args.label or "")
-    audit.write("user_token", operator=operator(), user=args.name, token_id=info.id)
+def _token(admin: UserAdmin, args: argparse.Namespace) -> int:
+    info, token = admin.make_token(args.name, args.label or "")
     print(token)
     print(
         f"token {info.id} for {args.name}: shown once, store it now"
@@ -114,40 +101,57 @@ def _token(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
     return 0
 
 
-def _revoke(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
-    token_id = args.token_id.split(".", 1)[0]
-    if not any(t.id == token_id for t in store.tokens()):
-        print(f"fiona: no token {token_id!r} (fiona user list shows them)", file=sys.stderr)
-        return 1
-    info = store.revoke(token_id)
-    audit.write("user_token_revoked", operator=operator(), user=info.user, token_id=info.id)
+def _revoke(admin: UserAdmin, args: argparse.Namespace) -> int:
+    info = admin.revoke_token(args.token_id)
     print(f"token {info.id} of {info.user}: revoked")
     return 0
 
 
-def _remove(store: UserStore, audit: AuditLog, args: argparse.Namespace) -> int:
-    if store.get(args.name) is None:
-        print(f"fiona: no user {args.name!r} (fiona user list)", file=sys.stderr)
+def _set(admin: UserAdmin, args: argparse.Namespace) -> int:
+    projects = [] if args.no_projects else args.project
+    if args.role is None and projects is None and args.phi is None:
+        print("fiona: nothing to change: give --role, --project, --no-projects or --phi",
+              file=sys.stderr)  # fmt: skip
         return 1
-    audit.write("user_remove", operator=operator(), user=args.name)
-    store.remove(args.name)
+    user = admin.change(args.name, role=args.role, projects=projects, phi=args.phi)
+    print(f"user {user.name}: {_describe(user)}")
+    return 0
+
+
+def _set_password(admin: UserAdmin, args: argparse.Namespace) -> int:
+    admin.existing(args.name)
+    password = _password(args)
+    if password is None:
+        return 1
+    admin.reset_password(args.name, password)
+    print(f"user {args.name}: new password set")
+    return 0
+
+
+def _remove(admin: UserAdmin, args: argparse.Namespace) -> int:
+    admin.remove(args.name)
     print(f"user {args.name}: removed, with its tokens")
     return 0
 
 
 def run_user(args: argparse.Namespace) -> int:
     def command(site: SiteConfig, index: Index) -> int:
-        store, audit = UserStore(index), AuditLog(site.data_dir)
+        store = UserStore(index)
+        admin = UserAdmin(store, AuditLog(site.data_dir), operator())
         try:
             if args.action == "list":
                 return _list(store)
             if args.action == "add":
-                return _add(store, audit, args)
+                return _add(admin, args)
             if args.action == "token":
-                return _token(store, audit, args)
+                return _token(admin, args)
             if args.action == "revoke-token":
-                return _revoke(store, audit, args)
-            return _remove(store, audit, args)
+                return _revoke(admin, args)
+            if args.action == "set":
+                return _set(admin, args)
+            if args.action == "password":
+                return _set_password(admin, args)
+            return _remove(admin, args)
         except UserError as exc:
             print(f"fiona: {exc}", file=sys.stderr)
             return 1

@@ -133,8 +133,10 @@ def explain_studies(
     studies: dict[str, _Study],
     projects: Sequence[ProjectConfig],
     labeller: RuleSet | None,
+    values: bool = True,
 ) -> list[str]:
-    """The explanation, as lines."""
+    """The explanation, as lines; without ``values``, no header value is quoted (no series
+    description, no value a criterion saw: only whether it held)."""
     router = Router(projects)
     by_name = {p.name: p for p in projects}
     out: list[str] = []
@@ -148,15 +150,16 @@ def explain_studies(
             )
             labels = _labels(labeller, series, facts)
             description = str(series.first.get("SeriesDescription", ""))
+            shown = f" '{description}'" if values else ""  # Series Description (0008,103E)
             out.append(
-                f"  series {series.uid} '{description}': {len(series.datasets)} files,"
+                f"  series {series.uid}{shown}: {len(series.datasets)} files,"
                 f" labels: {', '.join(labels) or '(none)'}"
             )
             for match in router.match(facts):
                 claimed.setdefault(match.project, list(match.reasons))
             for name in sorted(router.routings):
                 out.append(f"    project {name}:")
-                checks = router.checks(name, facts)
+                checks = router.checks(name, facts, explain=values)
                 if not checks:
                     out.append("      no routing criteria (only its coupling list can claim)")
                 for check in checks:
@@ -196,10 +199,12 @@ def explain_lines(
     targets: Sequence[str],
     origin: tuple[str, str, str],
     projects: Sequence[ProjectConfig],
+    values: bool = True,
 ) -> list[str]:
-    """The explanation of every study in ``targets`` (files, folders or study UIDs), as lines;
-    ``origin`` is (calling AE, called AE, calling IP) assumed for files. ValueError when a
-    target is none of these or no study is found."""
+    """The explanation of every study in ``targets`` (files, folders or study UIDs), as lines
+    (without header ``values``: see :func:`explain_studies`); ``origin`` is (calling AE, called
+    AE, calling IP) assumed for files. ValueError when a target is none of these or no study is
+    found."""
     studies: dict[str, _Study] = {}
     for target in targets:
         path = Path(target)
@@ -211,7 +216,7 @@ def explain_lines(
             raise ValueError(f"{target}: neither a file, a folder nor a study UID")
     if not studies:
         raise ValueError("no studies found")
-    return explain_studies(studies, projects, site_labeller(site))
+    return explain_studies(studies, projects, site_labeller(site), values)
 
 
 def explain_targets(

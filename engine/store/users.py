@@ -171,6 +171,45 @@ class UserStore:
             names = [str(r[0]) for r in db.execute("SELECT name FROM users ORDER BY name")]
         return [u for u in (self.get(n) for n in names) if u is not None]
 
+    def update(
+        self,
+        name: str,
+        *,
+        role: Role | str | None = None,
+        projects: Iterable[str] | None = None,
+        phi: bool | None = None,
+    ) -> User:
+        """Change a user's role, granted projects (all replaced) or ``phi`` grant (None: keep
+        it); :class:`UserError` when there is no such user."""
+        with self.index.transaction() as db:
+            if db.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+                raise UserError(f"no user {name!r} (fiona user list)")
+            if role is not None:
+                db.execute("UPDATE users SET role = ? WHERE name = ?", (Role(role).value, name))
+            if phi is not None:
+                db.execute("UPDATE users SET phi = ? WHERE name = ?", (int(phi), name))
+            if projects is not None:
+                db.execute("DELETE FROM user_projects WHERE user = ?", (name,))
+                db.executemany(
+                    "INSERT INTO user_projects (user, project) VALUES (?, ?)",
+                    [(name, p) for p in sorted(set(projects))],
+                )
+        found = self.get(name)
+        assert found is not None
+        return found
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace a user's password (at least 12 characters); :class:`UserError` when there is
+        no such user or the password is too short."""
+        check_password(password)
+        digest = _HASHER.hash(password)
+        with self.index.transaction() as db:
+            changed = db.execute(
+                "UPDATE users SET password_hash = ? WHERE name = ?", (digest, name)
+            ).rowcount
+        if not changed:
+            raise UserError(f"no user {name!r} (fiona user list)")
+
     def remove(self, name: str) -> None:
         """Delete a user and its tokens; :class:`UserError` when there is none."""
         with self.index.transaction() as db:

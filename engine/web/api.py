@@ -6,77 +6,25 @@ path, required role (:class:`Need`) and description (the OpenAPI document is bui
 from __future__ import annotations
 
 import re
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from starlette.datastructures import QueryParams
-
-from engine.config.model import ProjectConfig, SiteConfig
 from engine.manage.assign import AssignError, assign
 from engine.manage.audit_cli import matching
+from engine.manage.explain_file import NotDicom, explain_upload
 from engine.manage.overview import project_overview, study_detail
 from engine.manage.quarantine_cli import item_details, item_facts
 from engine.manage.release import Item, Releaser, find_items, get_item
 from engine.manage.status import collect_status
-from engine.route.explain import explain_lines
 from engine.store.audit import AuditLog
-from engine.store.index import Index
 from engine.store.studies import StudyFilter, find_studies
-from engine.store.users import User
 from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
+from engine.web.api_users import USER_ROUTES
 from engine.web.auth import ApiError, Need, check_project
+from engine.web.call import Call, Route
 
 __all__ = ["ROUTES", "Call", "Route", "api_route"]
-
-
-@dataclass
-class Call:
-    """One authenticated request, parsed: who, the path and query parameters, an upload."""
-
-    user: User
-    site: SiteConfig
-    index: Index
-    projects: Callable[[SiteConfig], list[ProjectConfig]]
-    params: dict[str, str] = field(default_factory=dict)
-    query: QueryParams = field(default_factory=QueryParams)
-    upload: bytes | None = None
-    body: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def who(self) -> str:
-        """The operator an audit entry names: the web user."""
-        return f"web:{self.user.name}"
-
-    def visible(self) -> Sequence[str] | None:
-        """The projects the user is limited to (None: all)."""
-        return None if self.user.sees_all else self.user.projects
-
-    def int_query(self, name: str, default: int, most: int) -> int:
-        raw = self.query.get(name)
-        if raw is None:
-            return default
-        if not raw.isdigit():
-            raise ApiError(400, f"{name} must be a whole number", f"give e.g. {name}={default}")
-        return min(int(raw), most)
-
-
-@dataclass(frozen=True)
-class Route:
-    """One API route: ``GET``/``POST``, its path under ``/api/v1``, who may call it, what it
-    does (its OpenAPI summary), and its handler."""
-
-    method: str
-    path: str
-    need: Need
-    summary: str
-    handler: Callable[[Call], Any]
-    query: tuple[str, ...] = ()
-    upload: bool = False
-    body: tuple[str, ...] = ()  # the fields (strings) of its JSON body
 
 
 # -- status and projects -----------------------------------------------------------------------
@@ -255,14 +203,20 @@ def _explain(call: Call) -> dict[str, Any]:
         q.get("called_ae", call.site.ae_title),
         q.get("calling_ip", ""),
     )
-    with tempfile.TemporaryDirectory(prefix="fiona-explain-") as tmp:
-        path = Path(tmp) / "upload.dcm"
-        path.write_bytes(call.upload)
-        try:
-            lines = explain_lines(call.site, [str(path)], origin, call.projects(call.site))
-        except ValueError as exc:
-            raise ApiError(422, "not a DICOM file fiona can read", "upload a DICOM file") from exc
-    return {"lines": lines}
+    # Only the projects granted: their steps name destinations others need not know.
+    granted = [p for p in call.projects(call.site) if call.user.sees_project(p.name)]
+    try:
+        return explain_upload(
+            call.site, call.upload, origin, granted,
+            operator=call.who, user=call.user.name, phi=call.user.phi,
+        )  # fmt: skip
+    except NotDicom as exc:
+        raise ApiError(
+            422, "not a DICOM file fiona can read", "upload a DICOM file (Part 10, with a study"
+            " and a series UID)",
+        ) from exc  # fmt: skip
+    except OSError as exc:
+        raise ApiError(503, "not explained: cannot write the audit log", "free disk space") from exc
 
 
 #: Every route of /api/v1, in the order of the OpenAPI document.
@@ -355,11 +309,12 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/explain",
         Need.READ,
-        "Upload a DICOM file: which projects claim it and why",
+        "Upload a DICOM file: which projects claim it and why, its labels, the steps (audited)",
         _explain,
         query=("calling_ae", "called_ae", "calling_ip"),
         upload=True,
     ),
+    *USER_ROUTES,
 )
 
 

@@ -52,6 +52,9 @@ def _operation(route: Route) -> dict[str, Any]:
         }
     if route.method == "POST" and not route.upload:
         responses["409"] = responses["404"] | {"description": "The item's state forbids this"}
+    if route.upload:
+        responses["413"] = responses["404"] | {"description": "The upload is too large"}
+        responses["422"] = responses["404"] | {"description": "The upload is not DICOM"}
     op: dict[str, Any] = {
         "summary": route.summary,
         "description": _NEEDS[route.need],

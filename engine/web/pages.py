@@ -6,9 +6,11 @@ each page's method, path and required role; no page holds logic of its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
+
+from starlette.datastructures import QueryParams
 
 from engine.store.users import Role
 from engine.web.api import Call, api_route
@@ -38,12 +40,14 @@ class Redirect:
 
 @dataclass(frozen=True)
 class Page:
-    """One page: ``GET``/``POST``, its path, who may open it, its handler."""
+    """One page: ``GET``/``POST``, its path, who may open it, its handler; ``upload``: a POST
+    of a multipart form with one file (``file``), bounded by ``web.upload_max_mb``."""
 
     method: str
     path: str
     need: Need
     handler: Callable[[Call, Form], View | Redirect]
+    upload: bool = False
 
 
 def _api(
@@ -163,6 +167,96 @@ def _audit(call: Call, form: Form) -> View:
     return View("audit.html", "Audit log", {"entries": entries, "q": dict(call.query)})
 
 
+def _explain_form(call: Call, form: Form) -> View:
+    return View("explain.html", "Test a file", {"origin": {}})
+
+
+def _explain(call: Call, form: Form) -> View:
+    origin = {k: _field(form, k) for k in ("calling_ae", "called_ae", "calling_ip")}
+    asked = replace(call, query=QueryParams({k: v for k, v in origin.items() if v}))
+    found = _api(asked, "POST", "/explain")
+    return View("explain.html", "Test a file", {"found": found, "origin": origin})
+
+
+# -- users (admins) ------------------------------------------------------------------------------
+
+
+def _users(call: Call, form: Form) -> View:
+    values = {"users": _api(call, "GET", "/users"), "roles": [r.value for r in Role]}
+    return View("users.html", "Users", values)
+
+
+def _new_password(form: Form) -> str:
+    password = (form.get("password") or [""])[0]
+    if password != (form.get("password2") or [""])[0]:
+        raise ApiError(400, "the two passwords differ", "type the same password twice")
+    return password
+
+
+def _grants(form: Form) -> dict[str, str]:
+    """The role, projects and PHI grant of a user form (an unticked box sends nothing)."""
+    projects = [p.strip() for p in form.get("project") or [] if p.strip()]
+    projects += [p.strip() for p in _field(form, "more_projects").split(",") if p.strip()]
+    return {
+        "role": _field(form, "role"),
+        "projects": ",".join(projects),
+        "phi_grant": "true" if _field(form, "phi_grant") == "true" else "false",
+    }
+
+
+def _user_done(name: str, outcome: str) -> View:
+    back = f"/users/{quote(name)}"
+    return View("result.html", f"User {name}", {"outcomes": [outcome], "back": back})
+
+
+def _user_add(call: Call, form: Form) -> View:
+    body = {"name": _field(form, "name"), "password": _new_password(form), **_grants(form)}
+    made = _api(call, "POST", "/users", body)
+    return _user_done(made["name"], f"user {made['name']} added ({made['role']})")
+
+
+def _user(call: Call, form: Form) -> View:
+    user = _api(call, "GET", "/users/{name}", name=call.params["name"])
+    known = [p["name"] for p in _api(call, "GET", "/projects")]
+    values = {"u": user, "roles": [r.value for r in Role],
+              "projects": sorted(set(known) | set(user["projects"]))}  # fmt: skip
+    return View("user.html", f"User {user['name']}", values)
+
+
+def _user_change(call: Call, form: Form) -> View:
+    done = _api(call, "POST", "/users/{name}", _grants(form), name=call.params["name"])
+    shown = ", ".join(done["projects"]) or "no project"
+    grant = "PHI grant" if done["phi_grant"] else "no PHI grant"
+    return _user_done(done["name"], f"user {done['name']}: {done['role']}, {shown}, {grant}")
+
+
+def _user_password(call: Call, form: Form) -> View:
+    name = call.params["name"]
+    _api(call, "POST", "/users/{name}/password", {"password": _new_password(form)}, name=name)
+    return _user_done(name, f"user {name}: new password set")
+
+
+def _user_remove(call: Call, form: Form) -> View:
+    name = call.params["name"]
+    if form.get("confirm") != ["yes"]:
+        raise ApiError(400, "not confirmed", "tick the box saying you mean to remove the user")
+    _api(call, "POST", "/users/{name}/remove", name=name)
+    outcome = f"user {name}: removed, with its tokens"
+    return View("result.html", "User removed", {"outcomes": [outcome], "back": "/users"})
+
+
+def _token_make(call: Call, form: Form) -> View:
+    name = call.params["name"]
+    made = _api(call, "POST", "/users/{name}/tokens", {"label": _field(form, "label")}, name=name)
+    return View("token.html", f"New token for {name}", {"made": made})
+
+
+def _token_revoke(call: Call, form: Form) -> View:
+    name, token_id = call.params["name"], call.params["token_id"]
+    _api(call, "POST", "/users/{name}/tokens/{token_id}/revoke", name=name, token_id=token_id)
+    return _user_done(name, f"token {token_id} of {name}: revoked")
+
+
 #: Every page of the portal (login and logout are the session's, in :mod:`engine.web.portal`).
 PAGES: tuple[Page, ...] = (
     Page("GET", "/", Need.READ, _dashboard),
@@ -178,4 +272,14 @@ PAGES: tuple[Page, ...] = (
     Page("POST", "/transfers/{id}/retry", Need.ACT, _transfer_change("retry")),
     Page("POST", "/transfers/{id}/cancel", Need.ACT, _transfer_change("cancel")),
     Page("GET", "/audit", Need.READ, _audit),
+    Page("GET", "/explain", Need.READ, _explain_form),
+    Page("POST", "/explain", Need.READ, _explain, upload=True),
+    Page("GET", "/users", Need.ADMIN, _users),
+    Page("POST", "/users", Need.ADMIN, _user_add),
+    Page("GET", "/users/{name}", Need.ADMIN, _user),
+    Page("POST", "/users/{name}", Need.ADMIN, _user_change),
+    Page("POST", "/users/{name}/password", Need.ADMIN, _user_password),
+    Page("POST", "/users/{name}/remove", Need.ADMIN, _user_remove),
+    Page("POST", "/users/{name}/tokens", Need.ADMIN, _token_make),
+    Page("POST", "/users/{name}/tokens/{token_id}/revoke", Need.ADMIN, _token_revoke),
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from engine.store.users import UserStore
 from engine.web.api import Call
 from engine.web.auth import ApiError, check, holds_phi, strip_phi
 from engine.web.pages import PAGES, Form, Page, Redirect, View
+from engine.web.uploads import bounded_form, upload_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,15 @@ def _gib(value: Any) -> str:
     return f"{value / 2**30:.1f} GiB" if isinstance(value, int | float) else "-"
 
 
+def _when(value: Any) -> str:
+    """Seconds since the epoch as local ``YYYY-MM-DD HH:MM``; None: ``-``."""
+    if not isinstance(value, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
+
+
 _ENV.filters["shown"] = _shown_value
+_ENV.filters["when"] = _when
 _ENV.filters["gib"] = _gib
 
 
@@ -85,8 +95,6 @@ class Portal:
         self.sessions = SessionStore(index)
         self.users = UserStore(index)
         self.tls = site.web.cert_file is not None and site.web.key_file is not None
-        # __Host-: the browser keeps it to this host and path, and only over HTTPS.
-        self.cookie = "__Host-fiona_session" if self.tls else "fiona_session"
         self.idle = site.web.session_idle_minutes * 60.0
         self.most = site.web.session_max_hours * 3600.0
 
@@ -114,8 +122,18 @@ class Portal:
 
     # -- sessions and checks -----------------------------------------------------------------------
 
+    def https(self, request: Request) -> bool:
+        """Whether the browser reached us over HTTPS: our own TLS, or a trusted reverse proxy
+        saying so (``X-Forwarded-Proto``, believed only from ``web.trusted_proxies``)."""
+        return self.tls or request.url.scheme == "https"
+
+    def cookie(self, request: Request) -> str:
+        """The session cookie's name; over HTTPS ``__Host-``: the browser keeps it to this
+        host and path, and only over HTTPS."""
+        return "__Host-fiona_session" if self.https(request) else "fiona_session"
+
     def session_of(self, request: Request) -> Session | None:
-        raw = request.cookies.get(self.cookie, "")
+        raw = request.cookies.get(self.cookie(request), "")
         return self.sessions.find(raw, self.idle, self.most) if raw else None
 
     def same_origin(self, request: Request) -> bool:
@@ -133,13 +151,13 @@ class Portal:
                 403, "the form's security token is missing or stale", "reload the page, try again"
             )
 
-    def set_cookie(self, response: Response, session_id: str) -> None:
+    def set_cookie(self, request: Request, response: Response, session_id: str) -> None:
         response.set_cookie(
-            self.cookie,
+            self.cookie(request),
             session_id,
             max_age=int(self.most),
             path="/",
-            secure=self.tls,
+            secure=self.https(request),
             httponly=True,
             samesite="strict",
         )
@@ -153,6 +171,22 @@ async def _form(request: Request) -> Form:
             out.setdefault(key, []).append(value)
     await form.close()
     return out
+
+
+async def _upload_form(portal: Portal, request: Request) -> tuple[Form, bytes]:
+    """The fields and the file of a test-a-file form (at most ``web.upload_max_mb``). The
+    same-origin check comes first: no other site's page makes us read an upload."""
+    if not portal.same_origin(request):
+        raise ApiError(403, "the form was not sent from this site", "open the page again")
+    form = await bounded_form(request, int(portal.site.web.upload_max_mb * 2**20))
+    fields: Form = {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            fields.setdefault(key, []).append(value)
+    try:
+        return fields, await upload_of(form)
+    finally:
+        await form.close()
 
 
 def _next(raw: str) -> str:
@@ -186,10 +220,12 @@ def _login_routes(portal: Portal) -> list[StarletteRoute]:
                 portal.check_post(request, session, await _form(request))
             except ApiError as exc:
                 return portal.error(exc, session)
-            await run_in_threadpool(portal.sessions.end, request.cookies[portal.cookie])
+            await run_in_threadpool(portal.sessions.end, request.cookies[portal.cookie(request)])
             portal.audit("logout", operator=f"web:{session.user.name}", user=session.user.name)
         answer = RedirectResponse("/login", 303, headers=HEADERS)
-        answer.delete_cookie(portal.cookie, path="/", secure=portal.tls, httponly=True)
+        answer.delete_cookie(
+            portal.cookie(request), path="/", secure=portal.https(request), httponly=True
+        )
         return answer
 
     return [
@@ -225,7 +261,7 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
     session_id, _ = portal.sessions.start(user.name)
     portal.audit("login", operator=f"web:{user.name}", user=user.name, address=address)
     answer = RedirectResponse(nxt, 303, headers=HEADERS)
-    portal.set_cookie(answer, session_id)
+    portal.set_cookie(request, answer, session_id)
     return answer
 
 
@@ -257,13 +293,17 @@ def _page_endpoint(portal: Portal, page: Page) -> Callable[[Request], Any]:
             return portal.error(ApiError(403, "not logged in", "log in, then try again"), None)
         try:
             form: Form = {}
-            if page.method == "POST":
+            upload = None
+            if page.upload:
+                form, upload = await _upload_form(portal, request)
+            elif page.method == "POST":
                 form = await _form(request)
+            if page.method == "POST":
                 portal.check_post(request, session, form)
             check(session.user, page.need)
             call = Call(
                 session.user, portal.site, portal.index, portal.projects,
-                dict(request.path_params), request.query_params,
+                dict(request.path_params), request.query_params, upload,
             )  # fmt: skip
             done = await run_in_threadpool(page.handler, call, form)
             if isinstance(done, Redirect):

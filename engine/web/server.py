@@ -34,6 +34,7 @@ from engine.web.api import ROUTES, Call, Route
 from engine.web.auth import ApiError, authenticate, check, holds_phi, strip_phi
 from engine.web.openapi import openapi_document
 from engine.web.portal import portal_routes
+from engine.web.uploads import bounded_form, upload_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
 }
-_UPLOAD_MAX = 512 * 2**20  # bytes: the largest file POST /api/v1/explain reads
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -70,7 +70,8 @@ def _endpoint(
                 user, site, index, projects, dict(request.path_params), request.query_params
             )
             if route.upload:
-                call.upload = await _upload(request)
+                limit = int(site.web.upload_max_mb * 2**20)
+                call.upload = await upload_of(await bounded_form(request, limit))
             if route.body:
                 call.body = await _json_body(request, route.body)
             body = await run_in_threadpool(route.handler, call)
@@ -108,24 +109,6 @@ async def _json_body(request: Request, fields: tuple[str, ...]) -> dict[str, str
     if not isinstance(doc, dict) or not all(isinstance(doc.get(f, ""), str) for f in fields):
         raise ApiError(400, "the body is not an object of strings", f"fields: {', '.join(fields)}")
     return {f: str(doc[f]) for f in fields if f in doc}
-
-
-async def _upload(request: Request) -> bytes:
-    """The ``file`` field of a multipart form (at most :data:`_UPLOAD_MAX` bytes)."""
-    try:
-        form = await request.form(max_files=1, max_part_size=_UPLOAD_MAX)
-    except Exception as exc:
-        raise ApiError(
-            400,
-            "the body is not a multipart form",
-            "POST a form with a field 'file' (curl -F file=@image.dcm)",
-        ) from exc
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise ApiError(400, "no file uploaded", "POST a form with a field 'file'")
-    data = await upload.read()
-    await form.close()
-    return data
 
 
 def build_app(
@@ -233,6 +216,9 @@ def start_for_site(
         ssl_certfile=str(cfg.cert_file) if tls else None,
         ssl_keyfile=str(cfg.key_file) if tls else None,
         server_header=False,
+        # X-Forwarded-For/-Proto believed only from the configured reverse proxies.
+        proxy_headers=bool(cfg.trusted_proxies),
+        forwarded_allow_ips=list(cfg.trusted_proxies),
     )
     server = WebServer(app, sock, config)
     scheme = "https" if tls else "http"
