@@ -41,6 +41,7 @@ from engine.config.issues import (
     found_value,
     issue_order,
 )
+from engine.config.ldap import ldap_config, ldap_issues
 from engine.config.model import (
     AmbiguousPolicy,
     DuplicatePolicy,
@@ -218,9 +219,11 @@ def _site_issues(
             key_file=tls_path("key_file", "web"),
             session_idle_minutes=float(doc["web"]["session_idle_minutes"]),
             session_max_hours=float(doc["web"]["session_max_hours"]),
+            ldap=ldap_config(doc["web"]["ldap"], base if "web" not in blame else None),
         ),
     )
-    issues += sorted(_check_tls(site.tls, parsed) + _check_web(site.web, parsed), key=issue_order)
+    found = _check_tls(site.tls, parsed) + _check_web(site.web, parsed)
+    issues += sorted(found + ldap_issues(site.web.ldap, parsed), key=issue_order)
     return (None if issues else site), issues
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.config.files import key_line
 from engine.config.issues import ConfigError, ConfigIssue, format_path
+from engine.config.ldap import ldap_validate
 from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
@@ -184,6 +185,9 @@ def run_validate(
         else:
             default_dir = site.projects_dir
             warnings += site_warnings(site)
+            ldap_errors, ldap_warnings = ldap_validate(site)
+            issues += ldap_errors
+            warnings += ldap_warnings
 
     targets = list(paths) + ([projects_dir] if projects_dir is not None else [])
     if not targets:
