@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
+from engine.config.loader import load_site
 from engine.config.model import LdapConfig, LdapRoleRule, LdapSearch
+from engine.config.validate import run_validate
 from engine.store.audit import AuditLog
 from engine.store.users import Role
 from engine.web.ldap import (
@@ -205,6 +207,41 @@ def test_groups_map_to_the_highest_role_and_its_projects(
         LdapRoleRule("cn=phi," + GROUP, None, phi=True),
     )
     assert grant_of(tuple(groups), role_map) == grant
+
+
+# -- fiona validate ----------------------------------------------------------------------------
+
+
+def test_validate_checks_the_service_password_file_and_passwords_in_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    password_file = _secret_file(tmp_path / "svc.pw", SERVICE_PASSWORD, mode=0o644)
+    ldap = {
+        "url": "ldap://dc1.hospital.example ldap://dc2.hospital.example:389",
+        "bind": {"dn": "svc-fiona@hospital.example", "password_file": "svc.pw"},
+        "user_search": {"base": "OU=Staff,DC=hospital,DC=example",
+                        "filter": "(&(objectClass=user)(sAMAccountName={username}))"},
+        "role_map": [{"group": "CN=Fiona Admins,OU=Groups,DC=hospital,DC=example",
+                      "role": "admin"}],
+    }  # fmt: skip
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"web": {"ldap": ldap}}))
+    loaded = load_site(site).web.ldap
+    assert loaded is not None and loaded.bind_password_file == password_file  # next to the file
+    assert loaded.urls == ("ldap://dc1.hospital.example", "ldap://dc2.hospital.example:389")
+    assert run_validate([], site_path=site, projects_dir=projects) == 1
+    out = capsys.readouterr().out
+    assert "web.ldap.bind.password_file: " in out and f"chmod 600 {password_file}" in out
+    assert "web.ldap.url: warning: ldap://dc1.hospital.example without start_tls" in out
+    assert SERVICE_PASSWORD not in out
+    os.chmod(password_file, 0o600)
+    assert run_validate([], site_path=site, projects_dir=projects) == 0
+    assert "1 warning" in capsys.readouterr().out
+    site.write_text(yaml.safe_dump({"web": {"ldap": {**ldap, "start_tls": True}}}))
+    assert run_validate([], site_path=site, projects_dir=projects) == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 # -- TLS ------------------------------------------------------------------------------------------
