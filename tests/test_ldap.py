@@ -249,8 +249,8 @@ def test_validate_checks_the_service_password_file_and_passwords_in_clear(
 
 @pytest.fixture(scope="module")
 def tls_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LdapServer, Path]]:
-    """A slapd serving ldaps:// and StartTLS with a certificate for 127.0.0.1 signed by a
-    throw-away CA; the CA's file."""
+    """A slapd serving ldaps:// and StartTLS with a certificate for ``localhost`` (not for
+    127.0.0.1) signed by a throw-away CA; the CA's file."""
     openssl = need_peer_binary("openssl")
     work = tmp_path_factory.mktemp("slapd-tls")
     names = ("ca.key", "ca.pem", "key.pem", "csr.pem", "cert.pem")
@@ -262,9 +262,9 @@ def tls_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LdapSe
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
         "-days", "1", "-subj", "/CN=fiona test CA")  # fmt: skip
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-        "-subj", "/CN=127.0.0.1")  # fmt: skip
+        "-subj", "/CN=localhost")  # fmt: skip
     extensions = work / "san.cnf"
-    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    extensions.write_text("subjectAltName=DNS:localhost\n")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
         "-out", str(cert), "-days", "1", "-extfile", str(extensions))  # fmt: skip
     os.chmod(key, 0o644)  # slapd may run as another user than the files' owner
@@ -278,19 +278,27 @@ def test_ldaps_and_starttls_with_the_sites_ca(
     tls_files: tuple[Path, Path],  # noqa: F811  (the fixture of tests/test_tls.py)
 ) -> None:
     server, ca = tls_slapd
+    ldaps, ldap = (u.replace("127.0.0.1", "localhost") for u in (server.ldaps_url, server.url))
     base = LdapConfig(
-        urls=(server.ldaps_url,), role_map=(), ca_file=ca, timeout=5,
+        urls=(ldaps,), role_map=(), ca_file=ca, timeout=5,
         user_dn_template=f"uid={{username}},ou=people,{SUFFIX}",
     )  # fmt: skip
-    for config in (base, replace(base, urls=(server.url,), start_tls=True)):
+    for config in (base, replace(base, urls=(ldap,), start_tls=True)):
         assert isinstance(Directory(config).authenticate("ada", PEOPLE["ada"]), Member)
-    # A CA that did not sign the directory's certificate: no password is sent, and the login
-    # page will say that the directory is not reachable.
+    # A CA that did not sign the directory's certificate, or a certificate for another name: no
+    # password is sent, and the login page will say that the directory is not reachable.
     _, other_ca = tls_files
-    starttls = replace(base, urls=(server.url,), start_tls=True, ca_file=other_ca)
-    for config in (replace(base, ca_file=other_ca), starttls):
+    starttls = replace(base, urls=(ldap,), start_tls=True)
+    by_ip = {ldaps: server.ldaps_url, ldap: server.url}
+    refused = [
+        ("CERTIFICATE_VERIFY_FAILED", replace(base, ca_file=other_ca)),
+        ("CERTIFICATE_VERIFY_FAILED", replace(starttls, ca_file=other_ca)),
+        ("doesn't match", replace(base, urls=(by_ip[ldaps],))),
+        ("doesn't match", replace(starttls, urls=(by_ip[ldap],))),
+    ]
+    for why, config in refused:
         found = Directory(config).authenticate("ada", PEOPLE["ada"])
-        assert isinstance(found, Unavailable) and "CERTIFICATE_VERIFY_FAILED" in found.why
+        assert isinstance(found, Unavailable) and why in found.why, (config.urls, found)
     # Each of ada's two binds travelled encrypted (slapd's ssf: the strength of the channel).
     bind = rf'BIND dn="{person_dn("ada")}" mech=SIMPLE .*?\bssf=(\d+)'
     binds = re.findall(bind, server.log_text())

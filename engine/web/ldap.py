@@ -147,11 +147,16 @@ class Directory:
 
     def __init__(self, config: LdapConfig) -> None:
         self.config = config
+
+    def _servers(self) -> list[Server]:
+        """The servers to try, in order; made for each login (ldap3's keep state, and a CA file
+        that went missing is then a login that fails, not a service that does not start)."""
+        config = self.config
         tls = Tls(
             validate=ssl.CERT_REQUIRED,
             ca_certs_file=str(config.ca_file) if config.ca_file is not None else None,
         )
-        self.servers = [
+        return [
             Server(url, connect_timeout=config.timeout, tls=tls, get_info=NONE)
             for url in config.urls
         ]
@@ -212,7 +217,7 @@ class Directory:
         """A connection bound as ``dn`` (None: anonymously) to the first server that answers;
         None when the directory refuses the password; :class:`_Down` when no server answers."""
         last = "no server"
-        for server in self.servers:
+        for server in self._servers():
             conn = Connection(
                 server,
                 user=dn,
