@@ -212,7 +212,7 @@ def test_groups_map_to_the_highest_role_and_its_projects(
 # -- fiona validate ----------------------------------------------------------------------------
 
 
-def test_validate_checks_the_service_password_file_and_passwords_in_clear(
+def test_validate_checks_the_service_password_file_passwords_in_clear_and_projects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     projects = tmp_path / "projects"
@@ -224,10 +224,13 @@ def test_validate_checks_the_service_password_file_and_passwords_in_clear(
         "user_search": {"base": "OU=Staff,DC=hospital,DC=example",
                         "filter": "(&(objectClass=user)(sAMAccountName={username}))"},
         "role_map": [{"group": "CN=Fiona Admins,OU=Groups,DC=hospital,DC=example",
-                      "role": "admin"}],
+                      "role": "admin"},
+                     {"group": "CN=Fiona Lung,OU=Groups,DC=hospital,DC=example",
+                      "role": "coordinator", "projects": ["lung-ct", "lung-mr"]}],
     }  # fmt: skip
+    (projects / "lung-ct.yaml").write_text("name: lung-ct\n")
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"web": {"ldap": ldap}}))
+    site.write_text(yaml.safe_dump({"projects_dir": "projects", "web": {"ldap": ldap}}))
     loaded = load_site(site).web.ldap
     assert loaded is not None and loaded.bind_password_file == password_file  # next to the file
     assert loaded.urls == ("ldap://dc1.hospital.example", "ldap://dc2.hospital.example:389")
@@ -235,11 +238,15 @@ def test_validate_checks_the_service_password_file_and_passwords_in_clear(
     out = capsys.readouterr().out
     assert "web.ldap.bind.password_file: " in out and f"chmod 600 {password_file}" in out
     assert "web.ldap.url: warning: ldap://dc1.hospital.example without start_tls" in out
+    assert f"web.ldap.role_map[1].projects: warning: no project 'lung-mr' in {projects}" in out
+    assert "'lung-ct' in" not in out
     assert SERVICE_PASSWORD not in out
     os.chmod(password_file, 0o600)
     assert run_validate([], site_path=site, projects_dir=projects) == 0
-    assert "1 warning" in capsys.readouterr().out
-    site.write_text(yaml.safe_dump({"web": {"ldap": {**ldap, "start_tls": True}}}))
+    assert "2 warnings" in capsys.readouterr().out
+    (projects / "lung-mr.yaml").write_text("name: lung-mr\n")
+    ldap["start_tls"] = True
+    site.write_text(yaml.safe_dump({"projects_dir": "projects", "web": {"ldap": ldap}}))
     assert run_validate([], site_path=site, projects_dir=projects) == 0
     assert "warning" not in capsys.readouterr().out
 

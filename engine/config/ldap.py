@@ -20,7 +20,14 @@ from engine.config.files import ParsedFile, parse_file
 from engine.config.issues import ConfigIssue, format_path
 from engine.config.model import LdapConfig, LdapRoleRule, LdapSearch, SiteConfig
 
-__all__ = ["dn_key", "ldap_config", "ldap_issues", "ldap_validate", "password_file_problem"]
+__all__ = [
+    "dn_key",
+    "ldap_config",
+    "ldap_issues",
+    "ldap_unknown_projects",
+    "ldap_validate",
+    "password_file_problem",
+]
 
 _WHERE = ("web", "ldap")
 
@@ -188,3 +195,22 @@ def ldap_validate(site: SiteConfig) -> tuple[list[ConfigIssue], list[ConfigIssue
         where = (*_WHERE, "url")
         warnings.append(ConfigIssue(source, parsed.line_of(where), format_path(where), message))
     return errors, warnings
+
+
+def ldap_unknown_projects(site: SiteConfig, names: set[str]) -> list[ConfigIssue]:
+    """Warnings of ``fiona validate``: a ``role_map`` entry naming a project that is not among
+    ``names`` (the site's projects) gives its members nothing there (a typo, or a project still
+    to come)."""
+    ldap, source = site.web.ldap, site.source
+    if ldap is None or source is None:
+        return []
+    parsed = parse_file(source)
+    found = []
+    for i, rule in enumerate(ldap.role_map):
+        for project in rule.projects:
+            if project not in names:
+                where = (*_WHERE, "role_map", i, "projects")
+                message = f"warning: no project {project!r} in {site.projects_dir}"
+                line = parsed.line_of(where)
+                found.append(ConfigIssue(source, line, format_path(where), message))
+    return found

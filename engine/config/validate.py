@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.config.files import key_line
 from engine.config.issues import ConfigError, ConfigIssue, format_path
-from engine.config.ldap import ldap_validate
+from engine.config.ldap import ldap_unknown_projects, ldap_validate
 from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
@@ -176,6 +176,7 @@ def run_validate(
     warnings: list[ConfigIssue] = []
     checked = 0
     default_dir = DEFAULT_PROJECTS_DIR
+    site: SiteConfig | None = None
     if site_path is not None:
         checked += 1
         try:
@@ -205,6 +206,8 @@ def run_validate(
         errors, found = project_checks(project)
         issues += errors
         warnings += found
+    if site is not None and [t.resolve() for t in targets] == [site.projects_dir.resolve()]:
+        warnings += ldap_unknown_projects(site, {p.name for p in projects})
     checked += len(files)
     for ruleset in rulesets:
         kind = ruleset_kind(ruleset)
