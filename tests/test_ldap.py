@@ -452,6 +452,7 @@ def test_a_directory_admin_logs_in_as_admin(portal: Portal) -> None:
     # API tokens stay local.
     token = portal.fiona("user", "token", "ada")
     assert token.returncode == 1 and "API tokens are for local users" in token.stderr
+    assert f"log in through the directory at {portal.slapd.url}" in portal.server.log_text()
     assert portal.secrets_leaked() == []
 
 

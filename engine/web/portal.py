@@ -88,6 +88,9 @@ class Portal:
         self.sessions = SessionStore(index)
         self.users = UserStore(index)
         self.directory = Directory(site.web.ldap) if site.web.ldap is not None else None
+        if site.web.ldap is not None:
+            where = " ".join(site.web.ldap.urls)
+            log.info("portal: people with no local user log in through the directory at %s", where)
         self.tls = site.web.cert_file is not None and site.web.key_file is not None
         # __Host-: the browser keeps it to this host and path, and only over HTTPS.
         self.cookie = "__Host-fiona_session" if self.tls else "fiona_session"
