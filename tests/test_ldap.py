@@ -447,6 +447,11 @@ def test_a_directory_admin_logs_in_as_admin(portal: Portal) -> None:
     assert status == 200 and "ada (admin, phi)" in html
     assert _is_admin(ada)
     assert any(e["event"] == "login" and e["user"] == "ada" for e in portal.audit())
+    assert Client(portal.web_port).login("ada", PEOPLE["ada"])[0] == 303  # nothing changed
+    grants = [e for e in portal.audit() if e["event"] == "user_directory_grants"]
+    assert [(e["user"], e["role"], e["projects"], e["phi_grant"]) for e in grants] == [
+        ("ada", "admin", [], True)
+    ]
     listed = portal.fiona("user", "list")
     assert "from the directory (LDAP)" in listed.stdout and "ada" in listed.stdout
     # API tokens stay local.
@@ -503,6 +508,8 @@ def test_groups_are_read_again_at_each_login(portal: Portal) -> None:
     again = Client(portal.web_port, source="127.0.0.3")
     assert again.login("carl", PEOPLE["carl"])[0] == 303
     assert portal.user_row("carl") == ("viewer", 0, "ldap", "", ["beta"])
+    last = [e for e in portal.audit() if e["event"] == "user_directory_grants"][-1]
+    assert (last["user"], last["role"], last["projects"]) == ("carl", "viewer", ["beta"])
     portal.slapd.modify(
         f"dn: cn=fiona-viewers,{groups}\nchangetype: modify\n"
         f"delete: member\nmember: {person_dn('carl')}\n"

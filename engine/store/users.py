@@ -193,9 +193,7 @@ class UserStore:
                 "INSERT INTO user_projects (user, project) VALUES (?, ?)",
                 [(name, p) for p in granted],
             )
-        found = self.get(name)
-        assert found is not None
-        return found
+        return self.get(name) or User(name, role, phi, granted, now, Source.LDAP)
 
     def forget_ldap(self, name: str) -> bool:
         """Delete the row of directory user ``name`` (and so its sessions) when its groups no

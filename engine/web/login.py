@@ -23,7 +23,11 @@ __all__ = ["DirectoryDown", "LoggedIn", "Refused", "check_login"]
 
 @dataclass(frozen=True)
 class LoggedIn:
+    """A login let in; ``regranted``: the directory gave the user a role or grants other than
+    the ones its row held (or it had none: a first login)."""
+
     user: User
+    regranted: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,4 +84,5 @@ def check_login(users: UserStore, directory: Directory | None, name: str, passwo
         user = users.record_ldap(name, grant.role, projects=grant.projects, phi=grant.phi)
     except UserError:
         return Refused("the name is a local user's", name)
-    return LoggedIn(user)
+    before = None if known is None else (known.role, known.projects, known.phi)
+    return LoggedIn(user, regranted=before != (user.role, user.projects, user.phi))

@@ -239,6 +239,9 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
             messages=["wrong user name or password"],
         )  # fmt: skip
     user = outcome.user
+    if outcome.regranted:  # who held which grants when: as fiona user add is audited
+        grants = {"role": user.role.value, "projects": list(user.projects), "phi_grant": user.phi}
+        portal.audit("user_directory_grants", operator="directory", user=user.name, **grants)
     portal.sessions.succeeded(keys[:1])
     portal.sessions.purge(portal.idle, portal.most)
     session_id, _ = portal.sessions.start(user.name)
