@@ -8,7 +8,8 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 # Debian packages the test suite talks to as real peers.
-DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver)
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver
+  slapd ldap-utils)
 
 if [ "$want_test" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
@@ -20,6 +21,10 @@ if [ "$want_test" = 1 ] && command -v apt-get >/dev/null 2>&1; then
       echo "setup: installing Debian packages: ${missing[*]}"
       apt-get update -qq
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+      # The tests start their own slapd; one the package may have started is not needed.
+      if [[ " ${missing[*]} " == *" slapd "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now slapd >/dev/null 2>&1 || true
+      fi
     fi
   else
     echo "setup: not root; make sure these Debian packages are installed: ${DEBIAN_TEST_PACKAGES[*]}"

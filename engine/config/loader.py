@@ -43,6 +43,7 @@ from engine.config.issues import (
     found_value,
     issue_order,
 )
+from engine.config.ldap import ldap_config, ldap_issues
 from engine.config.model import (
     AmbiguousPolicy,
     DeidSettings,
@@ -226,11 +227,12 @@ def _site_issues(
             session_max_hours=float(doc["web"]["session_max_hours"]),
             upload_max_mb=float(doc["web"]["upload_max_mb"]),
             trusted_proxies=tuple(doc["web"]["trusted_proxies"]),
+            ldap=ldap_config(doc["web"]["ldap"], base if "web" not in blame else None),
         ),
     )
     checks = _check_tls(site.tls, parsed) + _check_web(site.web, parsed)
     checks += _check_date_languages(site.deidentification, parsed)
-    issues += sorted(checks, key=issue_order)
+    issues += sorted(checks + ldap_issues(site.web.ldap, parsed), key=issue_order)
     return (None if issues else site), issues
 
 

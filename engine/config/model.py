@@ -140,6 +140,48 @@ class StatusHttp:
 
 
 @dataclass(frozen=True)
+class LdapSearch:
+    """A search of the directory: the subtree under ``base``, with ``filter`` (RFC 4515) whose
+    ``{username}`` and ``{user_dn}`` are replaced by escaped values."""
+
+    base: str
+    filter: str
+
+
+@dataclass(frozen=True)
+class LdapRoleRule:
+    """One entry of ``web.ldap.role_map``: members of ``group`` (a DN) get ``role`` (admin,
+    coordinator, viewer; None: no role) on ``projects``, and the phi grant when ``phi``."""
+
+    group: str
+    role: str | None = None
+    projects: tuple[str, ...] = ()
+    phi: bool = False
+
+
+@dataclass(frozen=True)
+class LdapConfig:
+    """Portal logins checked against an LDAP directory or Active Directory (``web.ldap``).
+
+    ``urls`` are tried in order; ``timeout`` is in seconds. The user's DN comes from
+    ``user_search`` (as the ``bind_dn`` service account, whose password is the first line of
+    ``bind_password_file``, or anonymously) or from ``user_dn_template``; its groups from
+    ``group_search``, or the user entry's ``memberOf`` when that is None.
+    """
+
+    urls: tuple[str, ...]
+    role_map: tuple[LdapRoleRule, ...]
+    start_tls: bool = False
+    ca_file: Path | None = None
+    timeout: float = 10.0
+    bind_dn: str | None = None
+    bind_password_file: Path | None = None
+    user_search: LdapSearch | None = None
+    user_dn_template: str | None = None
+    group_search: LdapSearch | None = None
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """The web portal and API of ``fiona serve`` (``/api/v1``): on unless ``enabled`` is false
     (``fiona serve --web-port 0``); HTTPS
@@ -147,7 +189,8 @@ class WebConfig:
     ``session_idle_minutes`` without a request or ``session_max_hours`` after the login.
     ``upload_max_mb``: MiB, the largest file a test-a-file upload may be. ``trusted_proxies``:
     addresses or networks of reverse proxies whose ``X-Forwarded-For``/``-Proto`` headers are
-    believed (none by default: the headers are ignored)."""
+    believed (none by default: the headers are ignored). ``ldap``: logins of people who are not
+    local users checked against a directory (None: local users only)."""
 
     enabled: bool = True
     port: int = 8080
@@ -158,6 +201,7 @@ class WebConfig:
     session_max_hours: float = 12.0
     upload_max_mb: float = 512.0
     trusted_proxies: tuple[str, ...] = ()
+    ldap: LdapConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.config.files import key_line
 from engine.config.issues import ConfigError, ConfigIssue, format_path
+from engine.config.ldap import ldap_unknown_projects, ldap_validate
 from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
@@ -219,6 +220,9 @@ def run_validate(
         else:
             default_dir = site.projects_dir
             warnings += site_warnings(site)
+            ldap_errors, ldap_warnings = ldap_validate(site)
+            issues += ldap_errors
+            warnings += ldap_warnings
 
     targets = list(paths) + ([projects_dir] if projects_dir is not None else [])
     if not targets:
@@ -236,6 +240,8 @@ def run_validate(
         errors, found = project_checks(project)
         issues += errors + ([] if site is None else port_clashes(site, project))
         warnings += found
+    if site is not None and [t.resolve() for t in targets] == [site.projects_dir.resolve()]:
+        warnings += ldap_unknown_projects(site, {p.name for p in projects})
     checked += len(files)
     for ruleset in rulesets:
         kind = ruleset_kind(ruleset)

@@ -21,7 +21,7 @@ from engine.manage.users import UserAdmin
 from engine.store.audit import AuditLog, operator
 from engine.store.commands import run_with_index
 from engine.store.index import Index
-from engine.store.users import User, UserError, UserStore
+from engine.store.users import Source, User, UserError, UserStore
 
 __all__ = ["run_user"]
 
@@ -65,7 +65,8 @@ def _describe(user: User) -> str:
     where = ", ".join(user.projects) if user.projects else "every project"
     if user.role == "coordinator" and not user.projects:
         where = "no project yet"
-    return f"{user.role.value}, {where}{', sees PHI' if user.phi else ''}"
+    source = ", from the directory (LDAP)" if user.source is Source.LDAP else ""
+    return f"{user.role.value}, {where}{', sees PHI' if user.phi else ''}{source}"
 
 
 def _when(seconds: float | None) -> str:

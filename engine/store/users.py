@@ -1,10 +1,14 @@
-"""The web API's users and API tokens, kept in the index (migration 0010).
+"""The web API's users and API tokens, kept in the index (migrations 0010, 0012).
 
 A user has a role (:class:`Role`), the projects it is granted and a ``phi`` grant (may see
 patient names, IDs and birth dates). Passwords are stored as argon2id hashes (argon2-cffi); there
-is no default password. An API token is ``<id>.<secret>``: the id (12 hex digits) is stored as it
-is to find the row, the secret (32 random bytes, URL-safe base64) only as its SHA-256, so the
-token is shown once, when it is made, and never again.
+is no default password. A user from an LDAP directory (:class:`Source`) has no password here: its
+row is made at its first portal login and its role and grants refreshed at each login
+(:meth:`UserStore.record_ldap`); it gets no API tokens.
+
+An API token is ``<id>.<secret>``: the id (12 hex digits) is stored as it is to find the row,
+the secret (32 random bytes, URL-safe base64) only as its SHA-256, so the token is shown once,
+when it is made, and never again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from engine.store.index import Index
 
 __all__ = [
     "Role",
+    "Source",
     "TokenInfo",
     "User",
     "UserError",
@@ -51,6 +56,13 @@ class Role(StrEnum):
     VIEWER = "viewer"
 
 
+class Source(StrEnum):
+    """Where a user's password is checked: ``local`` here (argon2), ``ldap`` by the directory."""
+
+    LOCAL = "local"
+    LDAP = "ldap"
+
+
 class UserError(ValueError):
     """A user command that cannot be done; the message says what to do instead."""
 
@@ -64,6 +76,7 @@ class User:
     phi: bool
     projects: tuple[str, ...]
     created_at: float
+    source: Source = Source.LOCAL
 
     def sees_project(self, project: str) -> bool:
         """Whether the user may see ``project``'s items: an admin every project, anyone else
@@ -151,10 +164,50 @@ class UserStore:
             raise UserError(f"user {name!r} exists already (fiona user list)") from exc
         return User(name, role, phi, granted, now)
 
+    def record_ldap(
+        self, name: str, role: Role | str, *, projects: Iterable[str] = (), phi: bool = False
+    ) -> User:
+        """Make or refresh the row of a user the directory has just let in, with the role and
+        grants its groups give now; :class:`UserError` when ``name`` is a local user's."""
+        check_name(name)
+        role = Role(role)
+        granted = tuple(sorted(set(projects)))
+        now = time.time()
+        with self.index.transaction() as db:
+            row = db.execute("SELECT source FROM users WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != Source.LDAP.value:
+                raise UserError(f"{name!r} is a local user: the directory cannot log it in")
+            if row is None:
+                db.execute(
+                    "INSERT INTO users (name, role, phi, password_hash, created_at, source)"
+                    " VALUES (?, ?, ?, '', ?, ?)",
+                    (name, role.value, int(phi), now, Source.LDAP.value),
+                )
+            else:
+                db.execute(
+                    "UPDATE users SET role = ?, phi = ? WHERE name = ?",
+                    (role.value, int(phi), name),
+                )
+                db.execute("DELETE FROM user_projects WHERE user = ?", (name,))
+            db.executemany(
+                "INSERT INTO user_projects (user, project) VALUES (?, ?)",
+                [(name, p) for p in granted],
+            )
+        return self.get(name) or User(name, role, phi, granted, now, Source.LDAP)
+
+    def forget_ldap(self, name: str) -> bool:
+        """Delete the row of directory user ``name`` (and so its sessions) when its groups no
+        longer give it a role; whether there was one (a local user is never deleted here)."""
+        with self.index.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM users WHERE name = ? AND source = ?", (name, Source.LDAP.value)
+            ).rowcount
+        return bool(gone)
+
     def get(self, name: str) -> User | None:
         with self.index.reading() as db:
             row = db.execute(
-                "SELECT name, role, phi, created_at FROM users WHERE name = ?", (name,)
+                "SELECT name, role, phi, created_at, source FROM users WHERE name = ?", (name,)
             ).fetchone()
             if row is None:
                 return None
@@ -164,7 +217,9 @@ class UserStore:
                     "SELECT project FROM user_projects WHERE user = ? ORDER BY project", (name,)
                 )
             ]
-        return User(str(row[0]), Role(row[1]), bool(row[2]), tuple(projects), float(row[3]))
+        return User(
+            str(row[0]), Role(row[1]), bool(row[2]), tuple(projects), float(row[3]), Source(row[4])
+        )
 
     def all(self) -> list[User]:
         with self.index.reading() as db:
@@ -199,15 +254,20 @@ class UserStore:
         return found
 
     def set_password(self, name: str, password: str) -> None:
-        """Replace a user's password (at least 12 characters); :class:`UserError` when there is
-        no such user or the password is too short."""
+        """Replace a local user's password (at least 12 characters); :class:`UserError` when
+        there is no such user, it is a directory user, or the password is too short."""
         check_password(password)
         digest = _HASHER.hash(password)
         with self.index.transaction() as db:
             changed = db.execute(
-                "UPDATE users SET password_hash = ? WHERE name = ?", (digest, name)
+                "UPDATE users SET password_hash = ? WHERE name = ? AND source = ?",
+                (digest, name, Source.LOCAL.value),
             ).rowcount
         if not changed:
+            if self.get(name) is not None:
+                raise UserError(
+                    f"{name!r} logs in through the directory (LDAP): change the password there"
+                )
             raise UserError(f"no user {name!r} (fiona user list)")
 
     def remove(self, name: str) -> None:
@@ -218,10 +278,13 @@ class UserStore:
             raise UserError(f"no user {name!r} (fiona user list)")
 
     def check_password(self, name: str, password: str) -> User | None:
-        """The user when ``password`` is theirs, else None (an unknown user costs one hash too,
-        so the answer's time does not tell which names exist)."""
+        """The local user when ``password`` is theirs, else None (an unknown user or one of the
+        directory costs one hash too, so the answer's time does not tell which names exist)."""
         with self.index.reading() as db:
-            row = db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT password_hash FROM users WHERE name = ? AND source = ?",
+                (name, Source.LOCAL.value),
+            ).fetchone()
         stored = str(row[0]) if row else _HASHER.hash(secrets.token_hex(8))
         try:
             _HASHER.verify(stored, password)
@@ -232,9 +295,16 @@ class UserStore:
     # -- tokens --------------------------------------------------------------------------------
 
     def make_token(self, name: str, label: str = "") -> tuple[TokenInfo, str]:
-        """A new token for ``name``: its row and the token itself (shown once, never stored)."""
-        if self.get(name) is None:
+        """A new token for ``name``: its row and the token itself (shown once, never stored);
+        only a local user gets one (a directory user's access ends with its groups)."""
+        user = self.get(name)
+        if user is None:
             raise UserError(f"no user {name!r} (fiona user list)")
+        if user.source is not Source.LOCAL:
+            raise UserError(
+                f"{name!r} logs in through the directory (LDAP): API tokens are for local users"
+                " (fiona user add NAME --role ...)"
+            )
         token_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         now = time.time()

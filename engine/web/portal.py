@@ -1,11 +1,12 @@
 """The portal over HTTP: login and logout, sessions, CSRF checks, security headers, and the
 Starlette routes of :data:`engine.web.pages.PAGES` rendered with Jinja2 templates.
 
-A browser logs in with a user's password (argon2, :class:`engine.store.users.UserStore`) and
-gets a session cookie (``HttpOnly``, ``SameSite=Strict``, ``Secure`` over TLS); every POST must
-come from this site (``Origin``, else ``Referer``) and carry the session's CSRF token in the
-field ``csrf``, or it is refused with 403. Failed logins are throttled per user and per client
-address (:mod:`engine.store.sessions`) and audited, never with the password.
+A browser logs in with a user's password (argon2, :class:`engine.store.users.UserStore`; or the
+directory's, :mod:`engine.web.login`) and gets a session cookie (``HttpOnly``,
+``SameSite=Strict``, ``Secure`` over TLS); every POST must come from this site (``Origin``, else
+``Referer``) and carry the session's CSRF token in the field ``csrf``, or it is refused with 403.
+Failed logins are throttled per user and per client address (:mod:`engine.store.sessions`) and
+audited, never with the password.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from engine.store.sessions import Session, SessionStore
 from engine.store.users import UserStore
 from engine.web.api import Call
 from engine.web.auth import ApiError, check, holds_phi, strip_phi
+from engine.web.ldap import Directory
+from engine.web.login import DirectoryDown, LoggedIn, check_login
 from engine.web.pages import PAGES, Form, Page, Redirect, View
 from engine.web.uploads import bounded_form, upload_of
 
@@ -94,6 +97,10 @@ class Portal:
         self.site, self.index, self.projects = site, index, projects
         self.sessions = SessionStore(index)
         self.users = UserStore(index)
+        self.directory = Directory(site.web.ldap) if site.web.ldap is not None else None
+        if site.web.ldap is not None:
+            where = " ".join(site.web.ldap.urls)
+            log.info("portal: people with no local user log in through the directory at %s", where)
         self.tls = site.web.cert_file is not None and site.web.key_file is not None
         self.idle = site.web.session_idle_minutes * 60.0
         self.most = site.web.session_max_hours * 3600.0
@@ -239,7 +246,7 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
     address = request.client.host if request.client else "-"
     # The name as typed is kept only hashed, and audited only when it is a user's: people type
     # their password into the name field.
-    keys = [f"user:{hashlib.sha256(name.encode()).hexdigest()[:32]}", f"addr:{address}"]
+    keys = [f"user:{hashlib.sha256(name.lower().encode()).hexdigest()[:32]}", f"addr:{address}"]
     known = name if portal.users.get(name[:64]) is not None else "(no such user)"
     wait = portal.sessions.locked_for(keys)
     if wait > 0:
@@ -248,14 +255,29 @@ def _check_login(portal: Portal, request: Request, name: str, password: str, nxt
             "login.html", "Log in", None, 429, next=nxt,
             messages=[f"too many failed logins: try again in {int(wait) + 1} s"],
         )  # fmt: skip
-    user = portal.users.check_password(name, password) if name and password else None
-    if user is None:
+    outcome = check_login(portal.users, portal.directory, name, password)
+    if isinstance(outcome, DirectoryDown):  # not counted as a failure: nobody guessed wrong
+        portal.audit("login_refused", user=known, address=address, why="directory not reachable")
+        return portal.page(
+            "login.html", "Log in", None, 503, next=nxt,
+            messages=["the directory (LDAP) is not reachable: try again in a while, or ask an"
+                      " admin to look at fiona's log"],
+        )  # fmt: skip
+    if not isinstance(outcome, LoggedIn):
         failures = portal.sessions.failed(keys)
-        portal.audit("login_failed", user=known, address=address, failures=failures)
+        if outcome.why:
+            portal.audit("login_refused", user=outcome.user, address=address, why=outcome.why,
+                         failures=failures)  # fmt: skip
+        else:
+            portal.audit("login_failed", user=known, address=address, failures=failures)
         return portal.page(
             "login.html", "Log in", None, 401, next=nxt,
             messages=["wrong user name or password"],
         )  # fmt: skip
+    user = outcome.user
+    if outcome.regranted:  # who held which grants when: as fiona user add is audited
+        grants = {"role": user.role.value, "projects": list(user.projects), "phi_grant": user.phi}
+        portal.audit("user_directory_grants", operator="directory", user=user.name, **grants)
     portal.sessions.succeeded(keys[:1])
     portal.sessions.purge(portal.idle, portal.most)
     session_id, _ = portal.sessions.start(user.name)
@@ -330,7 +352,5 @@ def portal_routes(
                         media_type="text/css")  # fmt: skip
 
     routes = [*_login_routes(portal), StarletteRoute("/portal.css", stylesheet)]
-    routes += [
-        StarletteRoute(p.path, _page_endpoint(portal, p), methods=[p.method]) for p in PAGES
-    ]
+    routes += [StarletteRoute(p.path, _page_endpoint(portal, p), methods=[p.method]) for p in PAGES]
     return routes
