@@ -116,9 +116,7 @@ def test_names_are_escaped_as_rfc_4515_and_4514_say(value: str, in_filter: str, 
 def test_a_member_is_let_in_with_its_groups(config: LdapConfig) -> None:
     found = Directory(config).authenticate("carl", PEOPLE["carl"])
     assert isinstance(found, Member) and found.dn == person_dn("carl")
-    assert {g.lower() for g in found.groups} == {
-        group_dn("fiona-coord-alpha"), group_dn("canteen")
-    }
+    assert {g.lower() for g in found.groups} == {group_dn("fiona-coord-alpha"), group_dn("canteen")}
     # The same with a DN template (no service account) and a group search.
     by_template = replace(
         config, bind_dn=None, bind_password_file=None, user_search=None,
@@ -337,8 +335,12 @@ class Portal:
             row = db.execute(
                 "SELECT role, phi, source, password_hash FROM users WHERE name = ?", (name,)
             ).fetchone()
-            projects = [r[0] for r in db.execute(
-                "SELECT project FROM user_projects WHERE user = ? ORDER BY project", (name,))]
+            projects = [
+                r[0]
+                for r in db.execute(
+                    "SELECT project FROM user_projects WHERE user = ? ORDER BY project", (name,)
+                )
+            ]
         return None if row is None else (*row, projects)
 
     def audit(self) -> list[dict[str, Any]]:
@@ -457,6 +459,12 @@ def test_a_directory_admin_logs_in_as_admin(portal: Portal) -> None:
     # API tokens stay local.
     token = portal.fiona("user", "token", "ada")
     assert token.returncode == 1 and "API tokens are for local users" in token.stderr
+    # Nor is a password set here: the directory's is the one.
+    (portal.root / "new.pw").write_text("a new password of length\n")
+    password = portal.fiona(
+        "user", "password", "ada", "--password-file", str(portal.root / "new.pw")
+    )
+    assert password.returncode != 0 and "change the password there" in password.stderr
     assert f"log in through the directory at {portal.slapd.url}" in portal.server.log_text()
     assert portal.secrets_leaked() == []
 
