@@ -112,7 +112,7 @@ class ZipDestination(Destination):
         if not pending:
             return
         folder = existing_folder(self.root, self.name)
-        target = folder / archive_name(plan.study, batch.follow_up)
+        target = folder / archive_name(plan.archive, batch.follow_up)
         tmp = folder / part_name(target.name)
         try:
             _write_archive(tmp, plan, batch)

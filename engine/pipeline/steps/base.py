@@ -43,6 +43,8 @@ class Step(ABC):
     name: ClassVar[str]
     #: Whether the step gives series labels (see :meth:`produces_labels`).
     gives_labels: ClassVar[bool] = False
+    #: Step types that must come before this one (``convert`` needs ``anonymize``).
+    requires_before: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any], project_file: Path) -> None:
         self.options: dict[str, Any] = dict(options)
