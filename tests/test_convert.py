@@ -441,3 +441,37 @@ def test_a_bids_transfer_to_a_zip_destination_unzips_into_the_dataset(world: Wor
     func = dataset / "sub-S01" / "ses-1" / "func"
     assert (func / "sub-S01_ses-1_task-rest_bold.nii.gz").is_file()
     assert _validate(dataset)["issues"]["errors"] == []
+
+
+def test_converting_again_after_a_crash_gives_the_same_bids_names(world: World) -> None:
+    _, run_id = _receive(world, 54, [MR["t1_mprage"], MR["t1_mprage"]])
+    classify, anonymize, convert = world.steps(_pipeline({"format": "bids"})[:3])
+    ctx = _ctx(world, run_id, {})
+    for step in (classify, anonymize, convert):
+        assert isinstance(step.run(ctx), Done)
+    first = [e["name"] for e in ctx.state[CONVERTED]["files"]]
+    assert convert.run(ctx) == Done("2 series converted to bids (8 files)")
+    assert [e["name"] for e in ctx.state[CONVERTED]["files"]] == first
+    assert [n for n in first if n.endswith(".nii.gz")] == [
+        "sub-S01/ses-1/anat/sub-S01_ses-1_T1w.nii.gz",
+        "sub-S01/ses-1/anat/sub-S01_ses-1_run-2_T1w.nii.gz",
+    ]
+
+
+@pytest.mark.parametrize(("keeps_dates", "kept"), [(False, False), (True, True)])
+def test_sidecar_times_of_day_are_removed_unless_the_project_keeps_dates(
+    world: World, keeps_dates: bool, kept: bool
+) -> None:
+    _, run_id = _receive(world, 55, [MR["bold"]])
+    [convert] = world.steps([*_pipeline({"format": "nifti"})[1:3]])[1:]
+    # Input that still has its times (as a profile keeping them would leave them); the gate
+    # is told the institution and device serial are kept on purpose.
+    state = _fake_deidentified(
+        world, run_id, keeps_dates=keeps_dates, allow_kinds=["institution", "device_serial"]
+    )
+    ctx = _ctx(world, run_id, state)
+    assert isinstance(convert.run(ctx), Done)
+    sidecar = next(e["path"] for e in ctx.state[CONVERTED]["files"] if e["path"].endswith("json"))
+    doc = json.loads((world.data / sidecar).read_text())
+    assert ("AcquisitionTime" in doc) is kept
+    assert doc["RepetitionTime"] == 2.0  # a duration, never removed

@@ -173,6 +173,7 @@ class DatasetState:
             doc = {}
         self.sessions: dict[str, str] = dict(doc.get("sessions", {}))
         self.names: set[str] = set(doc.get("names", []))
+        self.named: dict[str, str] = dict(doc.get("named", {}))
         self.participants: set[str] = set(doc.get("participants", []))
 
     def session(self, subject: str, study_uid: str, event: str) -> str:
@@ -186,21 +187,27 @@ class DatasetState:
             self.sessions[key] = label
         return self.sessions[key]
 
-    def claim(self, stem: str) -> str:
+    def claim(self, stem: str, key: str) -> str:
         """``stem`` (a path without extension, ending ``_<suffix>``) made unique with a
-        ``run-<n>`` entity before the suffix when the name is taken; recorded as used."""
+        ``run-<n>`` entity before the suffix when the name is taken; recorded as used by
+        ``key`` (a converted volume: the de-identified series UID and dcm2niix's suffix), so
+        converting the same volume again (a step re-run after a crash) gives the same name."""
+        if key in self.named:
+            return self.named[key]
         name, n = stem, 1
         head, suffix = stem.rsplit("_", 1)
         while name in self.names:
             n += 1
             name = f"{head}_run-{n}_{suffix}"
         self.names.add(name)
+        self.named[key] = name
         return name
 
     def save(self) -> None:
         doc = {
             "sessions": self.sessions,
             "names": sorted(self.names),
+            "named": self.named,
             "participants": sorted(self.participants),
         }
         write_durable(self.file, (json.dumps(doc, indent=2) + "\n").encode())

@@ -226,7 +226,8 @@ class ConvertStep(Step):
         out: list[tuple[str, Path]] = []
         echo_times = self._echo_times(converted)
         for suffix, bids_suffix in names.items():
-            stem = dataset.claim(f"{folder}/{entities}_{bids_suffix}")
+            key = f"{series.exported.series_uid}{suffix}"
+            stem = dataset.claim(f"{folder}/{entities}_{bids_suffix}", key)
             by_ext = converted.volumes[suffix]
             self._bids_sidecar(by_ext, target, bids_suffix, entities, echo_times)
             out += [(f"{stem}{ext}", path) for ext, path in sorted(by_ext.items())]
