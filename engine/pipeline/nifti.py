@@ -92,7 +92,7 @@ def dcm2niix_path() -> str | None:
 def dcm2niix_command(executable: str, source: Path, out: Path, stem: str) -> list[str]:
     """The command line converting the series in ``source`` into ``out/<stem>*``."""
     return [
-        executable, "-g", "i", "-b", "y", "-ba", "y", "-z", "y", "-d", "0", "-w", "1",
+        executable, "-g", "i", "-b", "y", "-ba", "y", "-z", "y", "-d", "1", "-w", "1",
         "-f", stem, "-o", str(out), str(source),
     ]  # fmt: skip
 
