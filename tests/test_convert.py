@@ -30,6 +30,7 @@ from engine.pipeline.nifti import ConversionFailed, convert_series, dcm2niix_pat
 from engine.pipeline.steps.convert import CONVERTED
 from engine.pipeline.store import RunState
 from engine.pipeline.validate import check_pipeline
+from engine.transfer.base import Destination
 from engine.transfer.folder import FolderDestination
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferState
 from engine.transfer.worker import DestinationEntry, OutboxWorker
@@ -83,7 +84,7 @@ def _receive(world: World, seed: int, series: list[synth.SeriesSpec], subject: s
     return datasets, world.store.create_run(study, "p", subject, event, 0, uids)
 
 
-def _deliver(world: World, destination: FolderDestination) -> None:
+def _deliver(world: World, destination: Destination) -> None:
     outbox = Outbox(world.index, world.data)
     entry = DestinationEntry(destination, RetryPolicy(max_attempts=1))
     held: list[object] = []
@@ -475,3 +476,28 @@ def test_sidecar_times_of_day_are_removed_unless_the_project_keeps_dates(
     doc = json.loads((world.data / sidecar).read_text())
     assert ("AcquisitionTime" in doc) is kept
     assert doc["RepetitionTime"] == 2.0  # a duration, never removed
+
+
+def test_a_bids_dataset_over_sftp_lands_where_a_folder_destination_puts_it(
+    world: World,
+) -> None:
+    from tests.peers import PeerMissing
+    from tests.sshd import SshServer
+    from tests.test_transfer_files import make
+
+    server = SshServer(world.tmp / "sshd")
+    try:
+        server.start()
+    except PeerMissing as exc:
+        _missing(str(exc))
+    try:
+        _receive(world, 56, [MR["t1_mprage"], BIDS["dwi_dirs"]])
+        world.runner(world.steps(_pipeline({"format": "bids"}))).run_pending(NOW)
+        sftp = make("sftp", world.tmp, server, dataset_layout="{project}-dataset")
+        _deliver(world, sftp)
+    finally:
+        server.stop()
+    dataset = world.tmp / "out" / "p-dataset"
+    assert "sub-S01/ses-1/dwi/sub-S01_ses-1_dwi.bvec" in _files(dataset)
+    assert "sub-S01/ses-1/dwi/sub-S01_ses-1_dwi.bvec" in (dataset / "MD5SUMS").read_text()
+    assert _validate(dataset)["issues"]["errors"] == []

@@ -78,7 +78,7 @@ def _values(series: SeriesInput) -> IdentifyingValues:
 
 
 def _description(series: SeriesInput) -> str:
-    """SeriesDescription (0008,1030E) of the first de-identified file ('' when absent)."""
+    """SeriesDescription (0008,103E) of the first de-identified file ('' when absent)."""
     ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     return str(ds.get("SeriesDescription", "") or "")
 
