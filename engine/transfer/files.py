@@ -9,10 +9,13 @@ Layout. Two options place a study below the destination's root:
   with the study folder, written as ``{study_layout}`` or spelled out, so every file of the
   study lies below the study folder; ``{study_layout}`` alone puts the files in the study folder.
 
-Each file is ``<series folder>/<SOPInstanceUID>.dcm``. A field value that is not one safe path
-component (:func:`~engine.transfer.base.render_layout`) never reaches a file system: the
-instances concerned are confirmed with ``ok`` False and the reason (the outbox retries, then
-holds the study), and the others are delivered.
+Each file is ``<series folder>/<SOPInstanceUID>.dcm``. A converted file (NIfTI, a sidecar) has
+its own name from the convert step, below the study folder; a BIDS file below the dataset folder
+instead (``dataset_layout``, default ``{project}-bids``, only {project}), whose manifest lists
+every file of the dataset delivered there (study, subject and event left empty). A field value
+that is not one safe path component (:func:`~engine.transfer.base.render_layout`) never reaches
+a file system: the instances concerned are confirmed with ``ok`` False and the reason (the
+outbox retries, then holds the study), and the others are delivered.
 
 Manifest. The study folder holds ``MD5SUMS`` (``md5sum -c MD5SUMS`` checks it in that folder)
 and ``manifest.json``: project, study UID, subject pseudonym, event and, per file, its path
