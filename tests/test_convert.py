@@ -235,10 +235,12 @@ P = Path("projects/p.yaml")
     ("pipeline", "messages"),
     [
         (
-            [{"step": "convert", "format": "nifti"}],
+            [{"step": "convert", "format": "bids"}],
             [
                 "projects/p.yaml pipeline[0].step: 'convert' runs only on de-identified series,"
-                " so expected an anonymize step before it, found none"
+                " so expected an anonymize step before it, found none",
+                "projects/p.yaml pipeline[0].step: 'convert' names BIDS files from the series"
+                " labels, so expected a classify step before it, found none",
             ],
         ),
         (

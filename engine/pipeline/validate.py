@@ -111,13 +111,15 @@ class _Checker:
             return cls, None
         return cls, options
 
-    def before(self, cls: type[Step], where: JsonPath, seen: set[str]) -> None:
-        """Step types the step requires before it (``convert`` after ``anonymize``)."""
-        for name in cls.requires_before:
+    def before(
+        self, cls: type[Step], options: Mapping[str, Any], where: JsonPath, seen: set[str]
+    ) -> None:
+        """Step types the step needs before it (``convert`` after ``anonymize``)."""
+        for name, why in cls.needs_before(options).items():
             if name not in seen:
                 self.add(
                     (*where, "step"),
-                    f"'{cls.name}' runs only on de-identified series, so expected"
+                    f"'{cls.name}' {why}, so expected"
                     f" {'an' if name[0] in 'aeiou' else 'a'} {name} step before it, found none",
                 )
 
@@ -170,7 +172,7 @@ def check_pipeline(
                 known = _ANY  # its labels are unknown: do not report every label as unknown
             continue
         checker.labels(cls, options, where, known)
-        checker.before(cls, where, seen)
+        checker.before(cls, options, where, seen)
         produced = cls.produces_labels(options, file)
         if produced is not None and known is not _ANY:
             known = produced | (known if isinstance(known, frozenset) else frozenset())

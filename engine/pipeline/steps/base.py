@@ -43,8 +43,6 @@ class Step(ABC):
     name: ClassVar[str]
     #: Whether the step gives series labels (see :meth:`produces_labels`).
     gives_labels: ClassVar[bool] = False
-    #: Step types that must come before this one (``convert`` needs ``anonymize``).
-    requires_before: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any], project_file: Path) -> None:
         self.options: dict[str, Any] = dict(options)
@@ -71,6 +69,12 @@ class Step(ABC):
         """The series labels this step can give (None: it gives none), for valid options. Lets
         the validator check the labels later steps ask for."""
         return None
+
+    @classmethod
+    def needs_before(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        """Step types that must come before this one, each with why (``convert``: an
+        ``anonymize`` step, since it "runs only on de-identified series")."""
+        return {}
 
     @classmethod
     def uses_labels(cls, options: Mapping[str, Any]) -> list[tuple[JsonPath, str]]:

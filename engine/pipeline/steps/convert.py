@@ -93,8 +93,6 @@ class ConvertStep(Step):
     """Converts the de-identified series (see the module doc)."""
 
     name = "convert"
-    #: Steps that must come before this one in a pipeline.
-    requires_before = ("anonymize",)
 
     def __init__(self, options: Mapping[str, Any], project_file: Path) -> None:
         super().__init__(options, project_file)
@@ -295,6 +293,14 @@ class ConvertStep(Step):
         except ConfigError as exc:
             return list(exc.issues)
         return []
+
+    @classmethod
+    def needs_before(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        """anonymize (only de-identified series convert); for BIDS, classify (the labels)."""
+        needs = {"anonymize": "runs only on de-identified series"}
+        if options.get("format") == "bids":
+            needs["classify"] = "names BIDS files from the series labels"
+        return needs
 
     @classmethod
     def uses_labels(cls, options: Mapping[str, Any]) -> list[tuple[JsonPath, str]]:
