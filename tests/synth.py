@@ -39,6 +39,7 @@ from pydicom.uid import (
 )
 
 __all__ = [
+    "BIDS_SERIES",
     "CT_SERIES",
     "MR_SERIES",
     "SeriesSpec",
@@ -144,6 +145,10 @@ class SeriesSpec:
     n_slices: int = 10
     n_repeats: int = 1  # temporal positions (fMRI)
     b_values: tuple[float, ...] = ()  # diffusion
+    # Diffusion gradient direction of each b-value (0018,9089); empty: none written.
+    gradient_directions: tuple[tuple[float, float, float], ...] = ()
+    # Fieldmap: one magnitude volume per echo time (ms), then a phase-difference volume.
+    echo_times: tuple[float, ...] = ()
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M", "ND")
     orientation: str = "AX"  # AX | SAG | COR | LOCALIZER (cycles SAG, COR, AX)
     fov_mm: float = 240.0
@@ -160,8 +165,15 @@ class SeriesSpec:
     rescale_slope: float = 1.0
 
     @property
+    def n_volumes(self) -> int:
+        """Volumes per repeat: b-values, or a fieldmap's echoes and its phase image."""
+        if self.echo_times:
+            return len(self.echo_times) + 1
+        return max(1, len(self.b_values))
+
+    @property
     def n_instances(self) -> int:
-        return self.n_slices * max(1, len(self.b_values)) * self.n_repeats
+        return self.n_slices * self.n_volumes * self.n_repeats
 
 
 _MR_IT = ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")
@@ -210,6 +222,28 @@ MR_SERIES: dict[str, SeriesSpec] = {
         echo_time=30.0, repetition_time=2000.0, flip_angle=90.0, slice_thickness=3.0,
         spacing_between_slices=3.0, n_slices=6, n_repeats=4, orientation="AX", fov_mm=192.0,
         image_type=("ORIGINAL", "PRIMARY", "FMRI", "NONE"), contrast=0.6,
+    ),
+}  # fmt: skip
+
+#: Series a BIDS dataset needs beyond MR_SERIES (not in default_series): diffusion with
+#: gradient directions, and a phase-difference fieldmap (two magnitude echoes and the phase).
+BIDS_SERIES: dict[str, SeriesSpec] = {
+    "dwi_dirs": SeriesSpec(
+        name="dwi_dirs", series_description="ep2d_diff_mddw_6", protocol_name="ep2d_diff_mddw_6",
+        sequence_name="*ep_b", scanning_sequence=("EP",), sequence_variant=("SK", "SP"),
+        echo_time=89.0, repetition_time=5000.0, flip_angle=90.0, slice_thickness=5.0,
+        spacing_between_slices=5.0, n_slices=6, b_values=(0.0, 1000.0, 1000.0, 1000.0),
+        gradient_directions=((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+        orientation="AX", fov_mm=230.0, image_type=("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"),
+        contrast=0.7,
+    ),
+    "fieldmap": SeriesSpec(
+        name="fieldmap", series_description="gre_field_mapping",
+        protocol_name="gre_field_mapping", sequence_name="*fm2d2r", scanning_sequence=("GR",),
+        sequence_variant=("SP",), echo_time=4.92, echo_times=(4.92, 7.38),
+        repetition_time=500.0, flip_angle=60.0, slice_thickness=3.0,
+        spacing_between_slices=3.0, n_slices=6, orientation="AX", fov_mm=220.0,
+        image_type=("ORIGINAL", "PRIMARY", "M", "ND"), contrast=0.8,
     ),
 }  # fmt: skip
 
@@ -381,7 +415,7 @@ def _instance(
     study_instance_uid: str,
     for_uid: str,
 ) -> Dataset:
-    nb = max(1, len(series.b_values))
+    nb = series.n_volumes
     slice_index = k % series.n_slices
     b_index = (k // series.n_slices) % nb
     rep = k // (series.n_slices * nb)
@@ -456,17 +490,24 @@ def _instance(
         ds.ScanOptions = list(series.scan_options) if series.scan_options else ""
         ds.MRAcquisitionType = series.mr_acquisition_type
         seq_name = series.sequence_name
-        if series.b_values:
+        if series.b_values and not series.gradient_directions:
             seq_name = f"{seq_name}{int(series.b_values[b_index])}"
         ds.SequenceName = seq_name
         ds.RepetitionTime = series.repetition_time
         ds.EchoTime = series.echo_time
+        if series.echo_times:  # magnitude echoes, then the phase difference (at echo 2's TE)
+            echo = min(b_index, len(series.echo_times) - 1)
+            ds.EchoTime = series.echo_times[echo]
+            ds.EchoNumbers = echo + 1
+            if b_index == len(series.echo_times):
+                ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
         if series.inversion_time is not None:
             ds.InversionTime = series.inversion_time
         ds.NumberOfAverages = 1.0
         ds.ImagingFrequency = round(42.577478 * spec.magnetic_field_strength, 6)
         ds.ImagedNucleus = "1H"
-        ds.EchoNumbers = 1
+        if not series.echo_times:
+            ds.EchoNumbers = 1
         ds.MagneticFieldStrength = spec.magnetic_field_strength
         ds.SpacingBetweenSlices = series.spacing_between_slices
         ds.EchoTrainLength = 1
@@ -475,6 +516,9 @@ def _instance(
             b = series.b_values[b_index]
             ds.DiffusionBValue = b
             ds.DiffusionDirectionality = "ISOTROPIC" if b > 0 else "NONE"
+            if series.gradient_directions:
+                ds.DiffusionDirectionality = "DIRECTIONAL" if b > 0 else "NONE"
+                ds.DiffusionGradientOrientation = list(series.gradient_directions[b_index])
 
     ds.StudyInstanceUID = study_instance_uid
     ds.SeriesInstanceUID = series_instance_uid

@@ -755,14 +755,15 @@ P = Path("projects/p.yaml")
             [{"step": "clasify"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'clasify' (did you mean"
-                " 'classify'?); expected one of anonymize, classify, consent, copy, select, send"
+                " 'classify'?); expected one of anonymize, classify, consent, convert, copy,"
+                " select, send"
             ],
         ),
         (
             [{"step": "transmit"}],
             [
                 "projects/p.yaml pipeline[0].step: unknown step 'transmit';"
-                " expected one of anonymize, classify, consent, copy, select, send"
+                " expected one of anonymize, classify, consent, convert, copy, select, send"
             ],
         ),
         (
@@ -812,6 +813,13 @@ P = Path("projects/p.yaml")
             ],
         ),
         ([{"step": "classify"}, {"step": "select"}, {"step": "copy", "to": "/tmp/x"}], []),
+        (
+            [{"step": "convert", "format": "nifti"}],
+            [
+                "projects/p.yaml pipeline[0].step: 'convert' runs only on de-identified series,"
+                " so expected an anonymize step before it, found none"
+            ],
+        ),
     ],
 )
 def test_pipeline_messages(pipeline: list[Any], messages: list[str]) -> None:
@@ -858,7 +866,7 @@ def test_project_files_report_pipeline_problems_with_lines(tmp_path: Path) -> No
     assert [str(i) for i in issues] == [
         f"{path}:6 pipeline[1].if_empty: expected one of 'done', 'quarantine'; found 'maybe'",
         f"{path}:7 pipeline[2].step: unknown step 'cpoy' (did you mean 'copy'?);"
-        " expected one of anonymize, classify, consent, copy, select, send",
+        " expected one of anonymize, classify, consent, convert, copy, select, send",
     ]
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "LeakKind",
     "find_leaks",
     "find_leaks_in_bytes",
+    "find_text_leaks",
     "leak_reason",
 ]
 
@@ -730,6 +731,27 @@ def find_leaks(
     if meta is not None:
         _texts(meta, "", parts)
     _texts(output, "", parts)
+    return _search_parts(parts, matcher)
+
+
+def find_text_leaks(
+    parts: Iterable[tuple[str, str]],
+    values: IdentifyingValues,
+    *,
+    allow: Collection[str] = (),
+    allow_kinds: Collection[str] = (),
+) -> list[Leak]:
+    """Every ``(path, text)`` of ``parts`` holding one of the original ``values``, searched as
+    :func:`find_leaks` searches a dataset's elements: for the text of files other than DICOM
+    that leave with a study (a NIfTI sidecar's fields, with their JSON keys as paths)."""
+    matcher = values.matcher(allow, allow_kinds)
+    if matcher.empty:
+        return []
+    return _search_parts(list(parts), matcher)
+
+
+def _search_parts(parts: list[tuple[str, str]], matcher: _Matcher) -> list[Leak]:
+    """The leaks of ``(path, text)`` pairs: one search over their concatenated text."""
     parts += [(path, ascii_fold(text)) for path, text in parts if not text.isascii()]
     starts: list[int] = []
     chunks: list[str] = []

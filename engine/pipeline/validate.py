@@ -111,6 +111,18 @@ class _Checker:
             return cls, None
         return cls, options
 
+    def before(
+        self, cls: type[Step], options: Mapping[str, Any], where: JsonPath, seen: set[str]
+    ) -> None:
+        """Step types the step needs before it (``convert`` after ``anonymize``)."""
+        for name, why in cls.needs_before(options).items():
+            if name not in seen:
+                self.add(
+                    (*where, "step"),
+                    f"'{cls.name}' {why}, so expected"
+                    f" {'an' if name[0] in 'aeiou' else 'a'} {name} step before it, found none",
+                )
+
     def labels(
         self, cls: type[Step], options: Mapping[str, Any], where: JsonPath, known: object
     ) -> None:
@@ -147,17 +159,20 @@ def check_pipeline(
     """
     checker = _Checker(file, line_of)
     known: object = None  # None: no labelling step yet; _ANY: unknown labels; else frozenset
+    seen: set[str] = set()  # step types before the current one
     for i, item in enumerate(pipeline):
         where = (*base, i)
         found = checker.step(item, where)
         if found is None:
             continue
         cls, options = found
+        seen.add(cls.name)
         if options is None:
             if cls.gives_labels:
                 known = _ANY  # its labels are unknown: do not report every label as unknown
             continue
         checker.labels(cls, options, where, known)
+        checker.before(cls, options, where, seen)
         produced = cls.produces_labels(options, file)
         if produced is not None and known is not _ANY:
             known = produced | (known if isinstance(known, frozenset) else frozenset())

@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NO_CONSENT = "no_consent"  # the consent step found no (or a withdrawn) consent
     NO_PSEUDONYM = "no_pseudonym"  # REDCap holds no research ID for the subject
     TRANSFER_FAILED = "transfer_failed"  # a destination kept failing; its attempts are used up
+    CONVERSION_FAILED = "conversion_failed"  # dcm2niix could not convert a series
 
 
 #: One line per code, for ``fiona quarantine`` and the README table (same words).
@@ -69,6 +70,7 @@ MEANINGS: dict[str, str] = {
     Reason.NO_CONSENT: "the consent step found no valid consent for the subject",
     Reason.NO_PSEUDONYM: "REDCap holds no (or no single) research ID for the subject",
     Reason.TRANSFER_FAILED: "a destination kept failing; the transfer used up its attempts",
+    Reason.CONVERSION_FAILED: "dcm2niix could not convert a series; the study's others went on",
 }
 
 #: Held whatever a project's ``quarantine.hold`` says: what de-identification could not make
@@ -140,12 +142,20 @@ class Quarantine:
         return record
 
     def hold_study(
-        self, study_uid: str, reason: str, detail: str, *, project: str = ""
+        self,
+        study_uid: str,
+        reason: str,
+        detail: str,
+        *,
+        project: str = "",
+        series_uid: str | None = None,
     ) -> QuarantineRecord:
-        """Hold a whole study: its files stay in the archive, the reason is filed here.
+        """Hold a whole study, or one series of it (``series_uid``): its files stay in the
+        archive, the reason is filed here.
 
-        ``study_uid`` was validated when the study was archived. ``reason`` is a
-        :class:`Reason` code or a pipeline step's own code; ``detail`` quotes no header value.
+        ``study_uid`` (and ``series_uid``) were validated when the study was archived.
+        ``reason`` is a :class:`Reason` code or a pipeline step's own code; ``detail`` quotes
+        no header value.
         """
         now = time.time()
         qid = uuid.uuid4().hex
@@ -155,7 +165,7 @@ class Quarantine:
             qid=qid,
             reason=str(reason),
             detail=detail,
-            path=str(Path("archive") / study_uid),
+            path=str(Path("archive") / study_uid / (series_uid or "")).rstrip("/"),
             size=0,
             sha256="",
             received_at=now,
@@ -169,6 +179,7 @@ class Quarantine:
             "detail": detail,
             "held_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             "study_uid": study_uid,
+            **({"series_uid": series_uid} if series_uid else {}),
             "project": project,
             "files": record.path,
             "origins": [{**o.__dict__, "instances": n} for o, n in origins],

@@ -25,6 +25,7 @@ from engine.config.issues import ConfigIssue
 from engine.config.schema import schema_dir
 
 __all__ = [
+    "DATASET_KINDS",
     "DEFAULT_LAYOUT",
     "LAYOUT_FIELDS",
     "Confirm",
@@ -79,6 +80,16 @@ class OutgoingInstance:
     size: int
     series_number: int | None = None
     modality: str = ""
+    #: '' for a DICOM instance; for a converted file the convert step's format (``nifti``,
+    #: ``bids``). Such a file's ``sop_instance_uid`` is a key unique in its transfer, its
+    #: ``sop_class_uid`` and ``transfer_syntax`` are empty, and ``name`` is its path below
+    #: the study folder (``nifti``) or the dataset folder (``bids``).
+    kind: str = ""
+    name: str = ""
+
+
+#: ``OutgoingInstance.kind`` of files that belong to a dataset rather than a study folder.
+DATASET_KINDS = frozenset({"bids"})
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,11 @@ class StudyBatch:
     event: str
     follow_up: int
     instances: tuple[OutgoingInstance, ...]
+
+    @property
+    def dataset(self) -> bool:
+        """Whether the batch's files go into a dataset folder (BIDS) instead of a study's."""
+        return any(i.kind in DATASET_KINDS for i in self.instances)
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,14 @@ class _Checker:
         pipeline = project.raw.get("pipeline", [])
         if not isinstance(pipeline, list):
             return
+        converted = False  # a convert step came before: sends carry NIfTI, not DICOM
         for i, item in enumerate(pipeline):
+            if isinstance(item, Mapping) and item.get("step") == "convert":
+                converted = True
             if not isinstance(item, Mapping) or item.get("step") != "send":
                 continue
+            if converted:
+                self.converted_targets(project, i, item)
             to = item.get("to", [])
             targets = [(("pipeline", i, "to"), to)] if isinstance(to, str) else [
                 (("pipeline", i, "to", n), x) for n, x in enumerate(to) if isinstance(x, str)
@@ -125,6 +130,23 @@ class _Checker:
                 )
                 self.add(path, f"expected a destination under 'destinations', found '{target}'"
                          + hint)
+
+
+    def converted_targets(self, project: ProjectConfig, i: int, item: Mapping[str, Any]) -> None:
+        """A send after a convert step delivers files: not to a ``dicom`` destination."""
+        destinations = _destinations(project)
+        for n, target in enumerate(send_targets(item)):
+            entry = destinations.get(target)
+            if isinstance(entry, Mapping) and entry.get("type") == "dicom":
+                path: JsonPath = ("pipeline", i, "to")
+                if not isinstance(item.get("to"), str):
+                    path = (*path, n)
+                message = (
+                    f"a send after a convert step delivers NIfTI files, so expected a folder,"
+                    f" sftp or zip destination, found dicom destination '{target}'"
+                    " (send DICOM before the convert step)"
+                )
+                self.add(path, message)
 
 
 def check_destinations(project: ProjectConfig, line_of: LineOf | None = None) -> list[ConfigIssue]:

@@ -255,6 +255,10 @@ class DicomDestination(Destination):
 
     def send(self, batch: StudyBatch, already: frozenset[str], confirm: Confirm) -> None:
         pending = [i for i in batch.instances if i.sop_instance_uid not in already]
+        for converted in [i for i in pending if i.kind]:  # NIfTI is no DICOM (validate says so)
+            detail = f"a {converted.kind} file cannot go to a DICOM peer"
+            confirm(InstanceResult(converted.sop_instance_uid, False, detail=detail))
+        pending = [i for i in pending if not i.kind]
         answered = 0
         try:
             for proposals, instances in _plan(pending):

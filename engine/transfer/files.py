@@ -9,10 +9,13 @@ Layout. Two options place a study below the destination's root:
   with the study folder, written as ``{study_layout}`` or spelled out, so every file of the
   study lies below the study folder; ``{study_layout}`` alone puts the files in the study folder.
 
-Each file is ``<series folder>/<SOPInstanceUID>.dcm``. A field value that is not one safe path
-component (:func:`~engine.transfer.base.render_layout`) never reaches a file system: the
-instances concerned are confirmed with ``ok`` False and the reason (the outbox retries, then
-holds the study), and the others are delivered.
+Each file is ``<series folder>/<SOPInstanceUID>.dcm``. A converted file (NIfTI, a sidecar) has
+its own name from the convert step, below the study folder; a BIDS file below the dataset folder
+instead (``dataset_layout``, default ``{project}-bids``, only {project}), whose manifest lists
+every file of the dataset delivered there (study, subject and event left empty). A field value
+that is not one safe path component (:func:`~engine.transfer.base.render_layout`) never reaches
+a file system: the instances concerned are confirmed with ``ok`` False and the reason (the
+outbox retries, then holds the study), and the others are delivered.
 
 Manifest. The study folder holds ``MD5SUMS`` (``md5sum -c MD5SUMS`` checks it in that folder)
 and ``manifest.json``: project, study UID, subject pseudonym, event and, per file, its path
@@ -62,6 +65,12 @@ __all__ = [
 
 DEFAULT_STUDY_LAYOUT = "{project}/{subject}/{study_uid}"
 DEFAULT_SERIES_LAYOUT = "{study_layout}/{series_uid}"
+#: The folder of a project's BIDS dataset below a destination's root (``dataset_layout``).
+DEFAULT_DATASET_LAYOUT = "{project}-bids"
+#: Fields the dataset folder may use: the same for every study of the project.
+DATASET_FIELDS = ("project",)
+#: One part of a converted file's name (letters, digits, '.', '_', '-'; never '.' or '..').
+_NAME_PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 #: Fields the study folder may use: the same for every instance of a study.
 STUDY_FIELDS = ("project", "subject", "event", "study_uid")
 MANIFEST_JSON = "manifest.json"
@@ -101,12 +110,14 @@ class Placed:
 
 @dataclass(frozen=True)
 class Plan:
-    """Where a batch goes: the study folder below the root, each placed instance, and the
-    instances refused with the reason (a layout field that is not a safe path component)."""
+    """Where a batch goes: the study folder below the root (a BIDS batch: the dataset
+    folder), each placed instance, and the instances refused with the reason (a layout field
+    that is not a safe path component). ``archive`` names the batch's zip archive."""
 
     study: PurePosixPath
     files: tuple[Placed, ...]
     refused: tuple[tuple[OutgoingInstance, str], ...]
+    archive: PurePosixPath
 
     def refuse(self, already: frozenset[str], confirm: Callable[[InstanceResult], None]) -> None:
         """Confirm each refused instance not yet confirmed with ``ok`` False."""
@@ -122,9 +133,10 @@ class Layout:
 
     study: str
     series: str
+    dataset: str = DEFAULT_DATASET_LAYOUT
 
     def __post_init__(self) -> None:
-        problem = _layout_problem(self.study, self.series)
+        problem = _layout_problem(self.study, self.series) or _dataset_problem(self.dataset)
         if problem:
             raise ValueError(f"{problem[0]}: {problem[1]}")
 
@@ -132,7 +144,8 @@ class Layout:
     def from_options(cls, options: Mapping[str, Any]) -> Layout:
         study = str(options.get("study_layout", DEFAULT_STUDY_LAYOUT))
         series = str(options.get("layout", DEFAULT_SERIES_LAYOUT))
-        return cls(study, _expand(series, study))
+        dataset = str(options.get("dataset_layout", DEFAULT_DATASET_LAYOUT))
+        return cls(study, _expand(series, study), dataset)
 
     def study_folder(self, batch: StudyBatch) -> PurePosixPath:
         """The study folder below the root (LayoutError when a value is unsafe)."""
@@ -141,13 +154,23 @@ class Layout:
     def plan(self, batch: StudyBatch) -> Plan:
         """Render every instance's path; unsafe values refuse instances, never raise."""
         try:
-            study = self.study_folder(batch)
+            if batch.dataset:
+                study = render_layout(self.dataset, batch, _STUDY_ONLY)
+            else:
+                study = self.study_folder(batch)
         except LayoutError as exc:
             reason = f"layout: {exc}"
-            return Plan(PurePosixPath(), (), tuple((i, reason) for i in batch.instances))
+            held = tuple((i, reason) for i in batch.instances)
+            return Plan(PurePosixPath(), (), held, PurePosixPath())
         files: list[Placed] = []
         refused: list[tuple[OutgoingInstance, str]] = []
         for instance in batch.instances:
+            if instance.name:
+                try:
+                    files.append(Placed(instance, _file_name(instance.name)))
+                except LayoutError as exc:
+                    refused.append((instance, f"layout: {exc}"))
+                continue
             try:
                 folder = render_layout(self.series, batch, instance)
                 name = render_layout("{sop_instance_uid}.dcm", batch, instance)
@@ -155,7 +178,28 @@ class Layout:
                 refused.append((instance, f"layout: {exc}"))
                 continue
             files.append(Placed(instance, folder.relative_to(study) / name))
-        return Plan(study, tuple(files), tuple(refused))
+        archive = study / batch.study_uid if batch.dataset else study
+        return Plan(study, tuple(files), tuple(refused), archive)
+
+
+def _file_name(name: str) -> PurePosixPath:
+    """A converted file's relative path, each part one safe name (LayoutError otherwise)."""
+    parts = name.split("/")
+    if any(p in (".", "..") or not _NAME_PART.match(p) for p in parts):
+        raise LayoutError("a converted file's name is not a safe relative path")
+    return PurePosixPath(name)
+
+
+def _dataset_problem(dataset: str) -> tuple[str, str] | None:
+    """(option, message) when the ``dataset_layout`` template is not valid."""
+    problem = check_layout(dataset)
+    if problem:
+        return ("dataset_layout", problem)
+    fields = set(_FIELD.findall(dataset))
+    if not fields <= set(DATASET_FIELDS):
+        wrong = ", ".join(sorted(f"{{{f}}}" for f in fields - set(DATASET_FIELDS)))
+        return ("dataset_layout", f"may use only {{project}} (it holds every study), found {wrong}")
+    return None
 
 
 def _expand(series: str, study: str) -> str:
@@ -189,7 +233,8 @@ def check_file_options(
     """Issues of the layout options every file destination has."""
     study = str(options.get("study_layout", DEFAULT_STUDY_LAYOUT))
     series = _expand(str(options.get("layout", DEFAULT_SERIES_LAYOUT)), study)
-    problem = _layout_problem(study, series)
+    dataset = str(options.get("dataset_layout", DEFAULT_DATASET_LAYOUT))
+    problem = _layout_problem(study, series) or _dataset_problem(dataset)
     if problem is None:
         return []
     return [ConfigIssue(file, None, format_path((*base_path, problem[0])), problem[1])]
@@ -234,6 +279,10 @@ class Manifest:
 
     @classmethod
     def of(cls, batch: StudyBatch, entries: Iterable[FileEntry] = ()) -> Manifest:
+        """The manifest of the batch's study folder; of a BIDS batch, the dataset's (study,
+        subject and event empty: it lists the files of every study)."""
+        if batch.dataset:
+            return cls(batch.project, "", "", "", tuple(entries))
         return cls(batch.project, batch.study_uid, batch.subject, batch.event, tuple(entries))
 
     def merged(self, entries: Iterable[FileEntry]) -> Manifest:
@@ -270,7 +319,8 @@ class Manifest:
             return cls.of(batch)
         try:
             doc = json.loads(data)
-            if doc.get("format") != MANIFEST_FORMAT or doc.get("study_uid") != batch.study_uid:
+            owner = "" if batch.dataset else batch.study_uid
+            if doc.get("format") != MANIFEST_FORMAT or doc.get("study_uid") != owner:
                 raise ValueError("another format or study")
             files = [
                 FileEntry(str(f["path"]), int(f["size"]), str(f["md5"]), str(f["sha256"]))

@@ -184,10 +184,11 @@ class Outbox:
             db.executemany(
                 "INSERT OR IGNORE INTO transfer_items (transfer_id, sop_instance_uid,"
                 " sop_class_uid, transfer_syntax, series_uid, series_number, modality, path,"
-                " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " size, kind, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (transfer_id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax,
-                     i.series_uid, i.series_number, i.modality, self._rel(i.path), i.size)
+                     i.series_uid, i.series_number, i.modality, self._rel(i.path), i.size,
+                     i.kind, i.name)
                     for i in items
                 ],
             )
@@ -243,7 +244,8 @@ class Outbox:
         with self.index.reading() as db:
             rows = db.execute(
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, series_uid, path,"
-                " size, series_number, modality FROM transfer_items WHERE transfer_id = ?"
+                " size, series_number, modality, kind, name FROM transfer_items"
+                " WHERE transfer_id = ?"
                 " ORDER BY rowid",
                 (record.id,),
             ).fetchall()
@@ -257,6 +259,8 @@ class Outbox:
                 size=int(r[5]),
                 series_number=r[6],
                 modality=r[7],
+                kind=r[8],
+                name=r[9],
             )
             for r in rows
         )

@@ -11,11 +11,13 @@ Options (``schemas/destinations/zip.schema.json``)::
 
 The archive of a study is ``<path>/<study folder with '/' as '_'>.zip``
 (``proj_SUBJ0001_1.2.3.zip``); a follow-up transfer gets its own archive,
-``..._followup<N>.zip``. Inside, files sit at their layout paths (unzipping in one place gives
-the tree a ``folder`` destination would), with ``MD5SUMS`` and ``manifest.json`` in the study
-folder listing that archive's files only. Members are stored, not deflated: DICOM pixel data
-is mostly already compressed or noise-like and gains little, while deflate costs much CPU;
-zip64 is used where a member or the archive needs it.
+``..._followup<N>.zip``; a BIDS transfer's archive is named after the dataset folder and the
+study (``proj-bids_<StudyInstanceUID>.zip``), its files below the dataset folder. Inside, files
+sit at their layout paths (unzipping in one place gives the tree a ``folder`` destination
+would), with ``MD5SUMS`` and ``manifest.json`` in the study folder listing that archive's files
+only. Members are stored, not deflated: DICOM pixel data is mostly already compressed or noise-
+like and gains little, while deflate costs much CPU; zip64 is used where a member or the archive
+needs it.
 
 An archive is written whole, as ``.<name>.part``, fsynced and renamed, and only then are its
 instances confirmed. It holds every instance of the transfer, confirmed or not, so a retry
@@ -112,7 +114,7 @@ class ZipDestination(Destination):
         if not pending:
             return
         folder = existing_folder(self.root, self.name)
-        target = folder / archive_name(plan.study, batch.follow_up)
+        target = folder / archive_name(plan.archive, batch.follow_up)
         tmp = folder / part_name(target.name)
         try:
             _write_archive(tmp, plan, batch)

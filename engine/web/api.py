@@ -9,14 +9,17 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from engine.manage.assign import AssignError, assign
 from engine.manage.audit_cli import matching
 from engine.manage.explain_file import NotDicom, explain_upload
+from engine.manage.export import FORMATS, ExportError, export_files, zip_stream
 from engine.manage.overview import project_overview, study_detail
 from engine.manage.quarantine_cli import item_details, item_facts
 from engine.manage.release import Item, Releaser, find_items, get_item
 from engine.manage.status import collect_status
-from engine.store.audit import AuditLog
+from engine.store.audit import AuditLog, uid_token
 from engine.store.studies import StudyFilter, find_studies
 from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
@@ -219,6 +222,28 @@ def _explain(call: Call) -> dict[str, Any]:
         raise ApiError(503, "not explained: cannot write the audit log", "free disk space") from exc
 
 
+def _export(call: Call) -> StreamingResponse:
+    """The study's last export for a project as a zip, streamed (audited)."""
+    project, fmt = call.query.get("project", ""), call.query.get("format", "dicom")
+    if not project:
+        raise ApiError(400, "project is required", "give e.g. ?project=neuro&format=bids")
+    if fmt not in FORMATS:
+        raise ApiError(400, f"unknown format {fmt!r}", f"give one of {', '.join(FORMATS)}")
+    check_project(call.user, project)
+    study = call.params["study_uid"]
+    try:
+        files = export_files(call.index, call.site.data_dir, study, project, fmt)
+    except ExportError as exc:
+        raise ApiError(404, str(exc), "see GET /api/v1/studies/{study_uid} for its runs") from exc
+    AuditLog(call.site.data_dir).write(
+        "exported", operator=call.who, study=uid_token(study), project=project, format=fmt,
+        files=len(files),
+    )  # fmt: skip
+    name = f"{project}_{uid_token(study)}_{fmt}.zip"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(zip_stream(files), media_type="application/zip", headers=headers)
+
+
 #: Every route of /api/v1, in the order of the OpenAPI document.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", Need.READ, "Health, counts, outbox (fiona status --json)", _status),
@@ -296,6 +321,14 @@ ROUTES: tuple[Route, ...] = (
         Need.READ,
         "A study: series, labels, routes, runs, transfers, audit, explanation",
         _study,
+    ),
+    Route(
+        "GET",
+        "/studies/{study_uid}/export",
+        Need.READ,
+        "Download a project's de-identified study (dicom) or its NIfTI/BIDS as a zip (audited)",
+        _export,
+        query=("project", "format"),
     ),
     Route(
         "POST",

@@ -75,6 +75,8 @@ def _endpoint(
             if route.body:
                 call.body = await _json_body(request, route.body)
             body = await run_in_threadpool(route.handler, call)
+            if isinstance(body, Response):  # a download (a zip): de-identified data only
+                return body
             body = await run_in_threadpool(_shown, call, route, body)
         except ApiError as exc:
             return _json(exc.body(), exc.status)

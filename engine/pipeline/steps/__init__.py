@@ -12,6 +12,7 @@ from engine.pipeline.steps.anonymize import AnonymizeStep
 from engine.pipeline.steps.base import JsonPath, Step, step_schema_file
 from engine.pipeline.steps.classify import ClassifyStep
 from engine.pipeline.steps.consent import ConsentStep
+from engine.pipeline.steps.convert import ConvertStep
 from engine.pipeline.steps.copy import CopyStep
 from engine.pipeline.steps.select import SelectStep
 from engine.pipeline.steps.send import SendStep
@@ -21,6 +22,7 @@ __all__ = [
     "AnonymizeStep",
     "ClassifyStep",
     "ConsentStep",
+    "ConvertStep",
     "CopyStep",
     "JsonPath",
     "SelectStep",
@@ -36,6 +38,7 @@ STEPS: dict[str, type[Step]] = {
     "consent": ConsentStep,
     "anonymize": AnonymizeStep,
     "copy": CopyStep,
+    "convert": ConvertStep,
     "send": SendStep,
 }
 

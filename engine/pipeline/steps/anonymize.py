@@ -40,6 +40,9 @@ from engine.pipeline.steps.research_ids import FixedPseudonym, ResearchIds
 from engine.store.fsio import write_durable
 from engine.store.pseudonyms import PseudonymTable
 
+#: Profile options under which de-identified files keep dates (shifted or not).
+_DATE_OPTIONS = ("retain_longitudinal",)
+
 
 class TablePseudonyms:
     """The project's pseudonym table as the de-identifier's pseudonym source."""
@@ -156,6 +159,9 @@ class AnonymizeStep(Step):
             return Quarantined(first, f"{sum(held.values())} of {total} files held: {summary}")
         if "study_uid" not in done:
             return Done("no series to de-identify")
+        # What later steps' gates allow (a converter checks its sidecars the same way).
+        done["allow_kinds"] = sorted(exporter.allow_kinds)
+        done["keeps_dates"] = any(o.startswith(_DATE_OPTIONS) for o in self.profile.options)
         ctx.state[DEIDENTIFIED] = done
         return Done(f"{total} files de-identified")
 

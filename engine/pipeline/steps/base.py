@@ -71,6 +71,12 @@ class Step(ABC):
         return None
 
     @classmethod
+    def needs_before(cls, options: Mapping[str, Any]) -> dict[str, str]:
+        """Step types that must come before this one, each with why (``convert``: an
+        ``anonymize`` step, since it "runs only on de-identified series")."""
+        return {}
+
+    @classmethod
     def uses_labels(cls, options: Mapping[str, Any]) -> list[tuple[JsonPath, str]]:
         """The labels this step reads, each with its path below the step (``("labels", 0)``)."""
         return []

@@ -13,6 +13,11 @@ de-identified copies once ``anonymize`` ran, else the archived files of the sele
 follow-up run (series that arrived after the study was sent) queues a follow-up transfer, which
 its destination receives after the first one, under the same pseudonyms and UIDs.
 
+After a ``convert`` step, the step sends the converted files instead (NIfTI and sidecars, or a
+BIDS dataset's files): so a pipeline sends DICOM to a PACS with a send before ``convert`` and
+NIfTI to a file server with one after it (``fiona validate`` refuses a ``dicom`` destination
+there).
+
 The transfer's ``subject`` (the ``{subject}`` of file layouts) is the pseudonymised Patient ID
 (0010,0020) the de-identified files carry; without an ``anonymize`` step it is the run's
 coupling-list subject, never an original Patient ID.
@@ -28,6 +33,7 @@ from engine.dicom.header import parse_header
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome
 from engine.pipeline.steps.base import Step
+from engine.pipeline.steps.convert import CONVERTED
 from engine.transfer.base import OutgoingInstance
 from engine.transfer.outbox import Outbox
 
@@ -69,7 +75,12 @@ class SendStep(Step):
         """The instances to send, and the subject their transfer is filed under."""
         anonymized = DEIDENTIFIED in ctx.state
         subject = ctx.subject
-        items = []
+        items: list[OutgoingInstance] = []
+        converted = ctx.state.get(CONVERTED)
+        if isinstance(converted, dict):
+            for _, series in ctx.exported_series()[:1]:
+                subject = parse_header(series.files[0].read_bytes()).patient_id or subject
+            return self._converted(ctx, converted), subject
         for _, series in ctx.exported_series():
             for path in series.files:
                 data = path.read_bytes()
@@ -89,3 +100,26 @@ class SendStep(Step):
                     )
                 )
         return items, subject
+
+    @staticmethod
+    def _converted(ctx: RunContext, converted: dict[str, Any]) -> list[OutgoingInstance]:
+        """The files a convert step made, each keyed by run and name (a later run's dataset
+        files, sent again with new content, are not taken for ones already delivered)."""
+        kind = str(converted.get("format", "nifti"))
+        items = []
+        for entry in converted.get("files", []):
+            path = ctx.data_dir / str(entry["path"])
+            name = str(entry["name"])
+            items.append(
+                OutgoingInstance(
+                    sop_instance_uid=f"run-{ctx.run_id}/{name}",
+                    sop_class_uid="",
+                    transfer_syntax="",
+                    series_uid="",
+                    path=path,
+                    size=path.stat().st_size,
+                    kind=kind,
+                    name=name,
+                )
+            )
+        return items
