@@ -57,6 +57,7 @@ from engine.config.model import (
     UnroutedPolicy,
     WebConfig,
 )
+from engine.config.pacs import pacs_entries, pacs_issues
 from engine.config.rulesets import PROJECT_SUFFIXES
 from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_issues
 from engine.config.sections import project_sections
@@ -219,9 +220,21 @@ def _site_issues(
             session_idle_minutes=float(doc["web"]["session_idle_minutes"]),
             session_max_hours=float(doc["web"]["session_max_hours"]),
         ),
+        pacs=pacs_entries(doc["pacs"], lambda value: _written_path(value, base)),
     )
-    issues += sorted(_check_tls(site.tls, parsed) + _check_web(site.web, parsed), key=issue_order)
+    issues += sorted(
+        _check_tls(site.tls, parsed)
+        + _check_web(site.web, parsed)
+        + pacs_issues(site.pacs, parsed.file, parsed.line_of),
+        key=issue_order,
+    )
     return (None if issues else site), issues
+
+
+def _written_path(value: str, base: Path | None) -> Path:
+    """A path written in the site file: relative to the file's folder."""
+    p = Path(value).expanduser()
+    return base / p if base is not None and not p.is_absolute() else p
 
 
 def _log_file(doc: Mapping[str, Any], in_file: object, base: Path | None) -> LogFile:

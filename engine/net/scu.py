@@ -1,4 +1,4 @@
-"""A DICOM association as requestor (SCU): C-STORE and Study Root C-FINDs, on one thread.
+"""A DICOM association as requestor (SCU): C-ECHO, C-STORE and Study Root C-FINDs, on one thread.
 
 Protocol plumbing only, the counterpart of the receiver's :mod:`engine.net.upper` and
 :mod:`engine.net.dimse`: it knows files, UIDs and statuses, not destinations or outboxes (the
@@ -60,7 +60,9 @@ _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
-C_STORE_RQ, C_FIND_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0130
+C_STORE_RQ, C_FIND_RQ, C_ECHO_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0030, 0x0130
+#: Verification SOP Class (C-ECHO, PS3.4 A).
+VERIFICATION = "1.2.840.10008.1.1"
 #: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -128,17 +130,20 @@ def _element(elem: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, elem, len(value)) + value
 
 
-def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "") -> bytes:
-    """A C-STORE-RQ or C-FIND-RQ command set (Implicit VR Little Endian, group 0000) whose
-    data set follows: Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field
-    (0000,0100), Message ID (0000,0110), Priority (0000,0700) medium."""
+def _command(
+    field: int, message_id: int, sop_class: str, sop_instance: str = "", *, dataset: bool = True
+) -> bytes:
+    """A C-STORE-RQ, C-FIND-RQ or C-ECHO-RQ command set (Implicit VR Little Endian, group
+    0000): Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field (0000,0100),
+    Message ID (0000,0110), Priority (0000,0700) medium (not for C-ECHO), Command Data Set
+    Type (0000,0800): whether a data set follows."""
     body = b"".join(
         (
             _element(0x0002, sop_class.encode("ascii")),
             _element(0x0100, struct.pack("<H", field)),
             _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", 0x0000)),
-            _element(0x0800, struct.pack("<H", 0x0000)),
+            _element(0x0700, struct.pack("<H", 0x0000)) if field != C_ECHO_RQ else b"",
+            _element(0x0800, struct.pack("<H", 0x0000 if dataset else _NO_DATASET)),
             _element(0x1000, sop_instance.encode("ascii")) if sop_instance else b"",
         )
     )
@@ -336,12 +341,15 @@ class ScuAssociation:
             if left == 0:
                 return
 
-    def _send(self, context_id: int, command: bytes, data: BinaryIO, length: int) -> None:
-        """Write a request. PDUs are gathered into writes of about 256 KiB: with Nagle off,
-        each write is a segment of its own, and a small file then goes out in one."""
+    def _send(
+        self, context_id: int, command: bytes, data: BinaryIO | None, length: int = 0
+    ) -> None:
+        """Write a request (``data`` None: a command without a data set). PDUs are gathered
+        into writes of about 256 KiB: with Nagle off, each write is a segment of its own, and
+        a small file then goes out in one."""
         pdus = itertools.chain(
             self._pdus(context_id, 0x01, io.BytesIO(command), len(command)),
-            self._pdus(context_id, 0x00, data, length),
+            self._pdus(context_id, 0x00, data, length) if data is not None else (),
         )
         with self._io(self.opts.network_timeout, "sending a request"):
             batch: list[bytes] = []
@@ -432,6 +440,24 @@ class ScuAssociation:
             raise _Unsendable(f"the peer accepts this SOP class, but not in {stored.name}")
         data = _reencode(path, stored, target)
         yield syntaxes[target], io.BytesIO(data), len(data)
+
+    def echo(self) -> str | None:
+        """C-ECHO: None when the peer answered Success, else why not (no PHI)."""
+        syntaxes = self.accepted.get(VERIFICATION)
+        if not syntaxes:
+            return "the peer does not accept C-ECHO (Verification) from us"
+        context_id = next(iter(syntaxes.values()))
+        command = _command(C_ECHO_RQ, self._next_id(), VERIFICATION, dataset=False)
+        self._send(context_id, command, None)
+        status = self._status(self._response()[0])
+        if status != 0x0000:
+            return f"the peer answered the C-ECHO with {_status_text(status)}"
+        return None
+
+    def find(self, query: Dataset) -> list[Dataset] | str:
+        """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
+        the peer takes no such queries from us or refuses this one."""
+        return self._find(query)
 
     def _find(self, query: Dataset) -> list[Dataset] | str:
         """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
