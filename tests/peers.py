@@ -349,8 +349,13 @@ class DcmqrscpServer:
 
     def store(self, *paths: Path) -> None:
         """Load files (or folders of them, recursively) with dcmtk's storescu."""
+        self.load(self.ae_title, self.port, *paths)
+
+    @staticmethod
+    def load(ae_title: str, port: int, *paths: Path) -> None:
+        """Send files (or folders of them, recursively) to any SCP on 127.0.0.1 with storescu."""
         subprocess.run(
-            [dcmtk("storescu"), "-aec", self.ae_title, "+sd", "+r", "127.0.0.1", str(self.port)]
+            [dcmtk("storescu"), "-aec", ae_title, "+sd", "+r", "127.0.0.1", str(port)]
             + [str(p) for p in paths],
             check=True,
             capture_output=True,

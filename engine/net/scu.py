@@ -48,8 +48,9 @@ from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
 log = logging.getLogger(__name__)
 
-#: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2).
+#: Study Root Query/Retrieve Information Model - FIND and MOVE (PS3.4 C.6.2).
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 #: The transfer syntaxes a file is re-encoded to when its own was not accepted, preferred first.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # odd context IDs 1..255 (PS3.8 9.3.2.2)
@@ -60,7 +61,7 @@ _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
-C_STORE_RQ, C_FIND_RQ, C_ECHO_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0030, 0x0130
+C_STORE_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0021, 0x0030, 0x0130
 #: Verification SOP Class (C-ECHO, PS3.4 A).
 VERIFICATION = "1.2.840.10008.1.1"
 #: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
@@ -113,6 +114,25 @@ class StoreResult:
         return self.status is not None and code_to_category(self.status) in ("Success", "Warning")
 
 
+@dataclass(frozen=True)
+class MoveResult:
+    """The final answer to one C-MOVE: its Status (0000,0900) and the Number of Completed,
+    Failed and Warning Sub-operations (0000,1021)-(0000,1023) (-1 when the peer left one out);
+    ``detail`` a short text without PHI, empty for Success. Success says only what the peer
+    believes: the caller counts what arrived."""
+
+    status: int
+    completed: int
+    failed: int
+    warning: int
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Success, or Warning (0xB000: some sub-operations failed or warned)."""
+        return self.status in (0x0000, 0xB000)
+
+
 class AssociationBroken(Exception):
     """The association cannot go on (unreachable, rejected, aborted, timed out); no PHI."""
 
@@ -131,17 +151,26 @@ def _element(elem: int, value: bytes) -> bytes:
 
 
 def _command(
-    field: int, message_id: int, sop_class: str, sop_instance: str = "", *, dataset: bool = True
+    field: int,
+    message_id: int,
+    sop_class: str,
+    sop_instance: str = "",
+    *,
+    dataset: bool = True,
+    move_destination: str = "",
 ) -> bytes:
-    """A C-STORE-RQ, C-FIND-RQ or C-ECHO-RQ command set (Implicit VR Little Endian, group
-    0000): Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field (0000,0100),
-    Message ID (0000,0110), Priority (0000,0700) medium (not for C-ECHO), Command Data Set
-    Type (0000,0800): whether a data set follows."""
+    """A C-STORE-RQ, C-FIND-RQ, C-MOVE-RQ or C-ECHO-RQ command set (Implicit VR Little Endian,
+    group 0000): Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field
+    (0000,0100), Message ID (0000,0110), Move Destination (0000,0600) for a C-MOVE, Priority
+    (0000,0700) medium (not for C-ECHO), Command Data Set Type (0000,0800): whether a data set
+    follows."""
+    destination = move_destination.encode("ascii")
     body = b"".join(
         (
             _element(0x0002, sop_class.encode("ascii")),
             _element(0x0100, struct.pack("<H", field)),
             _element(0x0110, struct.pack("<H", message_id)),
+            _element(0x0600, destination + b" " * (len(destination) % 2)) if destination else b"",
             _element(0x0700, struct.pack("<H", 0x0000)) if field != C_ECHO_RQ else b"",
             _element(0x0800, struct.pack("<H", 0x0000 if dataset else _NO_DATASET)),
             _element(0x1000, sop_instance.encode("ascii")) if sop_instance else b"",
@@ -177,6 +206,23 @@ def _us(command: bytes | bytearray, elem: int) -> int | None:
             return int.from_bytes(command[pos + 8 : pos + 10], "little")
         pos += 8 + length
     return None
+
+
+def _move_status_text(status: int) -> str:
+    """A C-MOVE's final status as text (PS3.4 C.4.2.1.5)."""
+    known = {
+        0xA701: "out of resources: unable to calculate the number of matches",
+        0xA702: "out of resources: unable to perform sub-operations",
+        0xA801: "move destination unknown: the PACS does not know this AE title",
+        0xA900: "identifier does not match SOP class",
+        0xB000: "sub-operations complete, one or more failures or warnings",
+        0xFE00: "sub-operations cancelled",
+    }
+    if status in known:
+        return f"status 0x{status:04X} ({known[status]})"
+    if 0xC000 <= status <= 0xCFFF:
+        return f"status 0x{status:04X} (unable to process)"
+    return _status_text(status)
 
 
 def _status_text(status: int) -> str:
@@ -488,6 +534,33 @@ class ScuAssociation:
         if status != 0x0000:
             return f"the peer refused the C-FIND query ({_status_text(status)})"
         return matches
+
+    def move(self, identifier: Dataset, destination: str) -> MoveResult | str:
+        """A Study Root C-MOVE of what ``identifier`` names (its Query/Retrieve Level
+        (0008,0052) and unique keys) to the AE ``destination``; the final response (the
+        pending ones only report progress); a text when the peer takes no such requests from
+        us."""
+        syntaxes = self.accepted.get(STUDY_ROOT_MOVE)
+        if not syntaxes:
+            return "the peer does not accept Study Root C-MOVE requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        data = encode(identifier, UID(syntax).is_implicit_VR, True) or b""
+        command = _command(
+            C_MOVE_RQ, self._next_id(), STUDY_ROOT_MOVE, move_destination=destination
+        )
+        self._send(context_id, command, io.BytesIO(data), len(data))
+        while True:
+            response, _ = self._response()
+            status = self._status(response)
+            if status not in _PENDING:
+                break
+
+        def count(elem: int) -> int:
+            value = _us(response, elem)
+            return -1 if value is None else value
+
+        detail = "" if status == 0x0000 else _move_status_text(status)
+        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
 
     def count_instances(self, study_uid: str) -> int | str:
         """Number of Study Related Instances (0020,1208) the peer reports for the study, by a
