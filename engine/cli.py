@@ -122,6 +122,16 @@ def _add_pacs_parsers(sub: Any) -> None:
     query.add_argument("--study-description", help="Study Description (0008,1030); wildcards")
     query.add_argument("--level", choices=["study", "series"], default="study")
     query.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    retrieve = sub.add_parser(
+        "retrieve",
+        help="queue a list of studies to fetch from a PACS (C-MOVE); 'retrieve status [JOB]'",
+    )
+    _add_site_args(retrieve)
+    retrieve.add_argument("name", help="the PACS's name in the site config, or 'status'")
+    retrieve.add_argument("job", nargs="?", help="with status: one job's rows")
+    retrieve.add_argument("--list", type=Path, help="CSV: accession, study_uid or patient_id ...")
+    retrieve.add_argument("--project", help="give the studies to this project (rows may say)")
+    retrieve.add_argument("--json", action="store_true", help="with status: JSON lines")
 
 
 def _add_user_parser(sub: Any) -> None:
@@ -163,7 +173,8 @@ common commands:
   import from CD/USB   fiona ingest PATH
   de-identify a folder fiona anonymize IN OUT --secret-file KEY
   web API users        fiona user add NAME --role admin, fiona user token NAME
-  the clinical PACS    fiona pacs list, fiona pacs echo NAME, fiona query NAME --accession A
+  the clinical PACS    fiona pacs list, fiona pacs echo NAME, fiona query NAME --accession A,
+                       fiona retrieve NAME --list FILE.csv, fiona retrieve status
   look after it        fiona backup DEST, fiona restore SRC, fiona db status|upgrade
 
 The site config is --config FILE, else $FIONA_CONFIG, else /etc/fiona/site.yaml when it
@@ -370,10 +381,11 @@ def _run(args: argparse.Namespace) -> int:
         from engine.manage.audit_cli import run_audit
 
         return run_audit(args)
-    if args.command in ("pacs", "query"):
-        from engine.retrieve.cli import run_pacs, run_query
+    if args.command in ("pacs", "query", "retrieve"):
+        from engine.retrieve.cli import run_pacs, run_query, run_retrieve
 
-        return run_pacs(args) if args.command == "pacs" else run_query(args)
+        runner = {"pacs": run_pacs, "query": run_query, "retrieve": run_retrieve}
+        return runner[args.command](args)
     if args.command == "user":
         from engine.manage.users_cli import run_user
 

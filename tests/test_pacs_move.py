@@ -3,13 +3,17 @@ SCU of engine.net; and ``fiona retrieve`` jobs over it."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 
+from engine.cli import main
 from engine.config.loader import load_site
 from engine.net.scu import STUDY_ROOT_MOVE
 from engine.retrieve.peer import QUERY_PROPOSALS, open_association
@@ -64,8 +68,11 @@ def peers(
 def fiona(tmp_path: Path, fiona_port: int) -> Iterator[FionaServer]:
     projects = tmp_path / "projects"
     projects.mkdir()
+    (projects / "neuro.yaml").write_text(
+        "name: neuro\nrouting: {calling_ae: [NOBODY]}\n"
+        "completeness: {study_quiet_seconds: 3600}\npipeline: []\n"
+    )
     server = FionaServer(data_dir=tmp_path / "data", projects_dir=projects, port=fiona_port)
-    server.start()
     yield server
     server.stop()
 
@@ -79,17 +86,22 @@ def site_with(tmp_path: Path, ae: str, port: int, fiona: FionaServer) -> Path:
     return path
 
 
-def held(fiona: FionaServer, study_uid: str) -> int:
+def index_rows(fiona: FionaServer, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     db = sqlite3.connect(f"file:{fiona.data_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
     try:
-        row = db.execute(
-            "SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref"
-            " JOIN studies st ON st.id = se.study_ref WHERE st.study_uid=?",
-            (study_uid,),
-        ).fetchone()
-        return int(row[0])
+        return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def held(fiona: FionaServer, study_uid: str) -> int:
+    rows = index_rows(
+        fiona,
+        "SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref"
+        " JOIN studies st ON st.id = se.study_ref WHERE st.study_uid=?",
+        study_uid,
+    )
+    return int(rows[0][0])
 
 
 def n_instances(seed: int) -> int:
@@ -108,6 +120,7 @@ def test_c_move_into_fiona(
     peers: dict[str, tuple[str, int]], peer: str, fiona: FionaServer, tmp_path: Path
 ) -> None:
     site = load_site(site_with(tmp_path, *peers[peer], fiona))
+    fiona.start()
     assoc = open_association(site, site.pacs[0], MOVE_PROPOSALS)
     try:
         result = assoc.move(study_move(UID[1]), "FIONA")
@@ -122,3 +135,163 @@ def test_c_move_into_fiona(
         assert held(fiona, UID[2]) == 0
     finally:
         assoc.release()
+
+
+# --------------------------------------------------------------------------- fiona retrieve
+
+
+def status_rows(capsys: pytest.CaptureFixture[str], site: Path, job: int) -> list[dict[str, Any]]:
+    capsys.readouterr()
+    assert main(["retrieve", "status", str(job), "--config", str(site), "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def finished(capsys: pytest.CaptureFixture[str], site: Path, job: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = status_rows(capsys, site, job)
+        if all(r["state"] in ("done", "partial", "failed") for r in rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} not finished: {rows}")
+
+
+def queue(capsys: pytest.CaptureFixture[str], site: Path, csv: Path, *more: str) -> int:
+    capsys.readouterr()
+    status = main(["retrieve", "clinical", "--list", str(csv), "--config", str(site), *more])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return int(out.split()[2].rstrip(":"))
+
+
+@pytest.mark.parametrize("peer", ["orthanc", "dcmqrscp"])
+def test_retrieve_a_list(
+    peers: dict[str, tuple[str, int]],
+    peer: str,
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    site = site_with(tmp_path, *peers[peer], fiona)
+    fiona.config = site
+    fiona.start()
+    csv = tmp_path / "list.csv"
+    csv.write_text(
+        "accession,patient_id,study_date,subject,modality\n"
+        f"{SPECS[0].accession_number},,,S001,\n"  # by accession
+        f",{SPECS[1].patient_id},20220101-20221231,S002,\n"  # by patient and dates
+        "NO-SUCH-ACCESSION,,,S003,\n"
+        f"{SPECS[2].accession_number},,,S004,MR\n"  # a CT study: no MR series
+    )
+    job = queue(capsys, site, csv, "--project", "neuro")
+    rows = finished(capsys, site, job)
+    assert [(r["line"], r["state"]) for r in rows] == [
+        (2, "done"),
+        (3, "done"),
+        (4, "failed"),
+        (5, "failed"),
+    ]
+    assert (rows[0]["expected"], rows[0]["arrived"]) == (n_instances(1), n_instances(1))
+    assert (rows[1]["expected"], rows[1]["arrived"]) == (n_instances(2), n_instances(2))
+    assert rows[2]["reason"] == "no study matched"
+    assert rows[3]["reason"] == "no series matched the row's modality and series description"
+    assert held(fiona, UID[1]) == n_instances(1) and held(fiona, UID[3]) == 0
+    routes = index_rows(
+        fiona, "SELECT study_uid, project, subject, assigned FROM study_routes ORDER BY subject"
+    )
+    assert routes == [(UID[1], "neuro", "S001", 1), (UID[2], "neuro", "S002", 1)]
+    capsys.readouterr()
+    assert main(["retrieve", "status", "--config", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "2 done 2 failed" in out
+    assert SPECS[0].accession_number not in out and SPECS[1].patient_id not in out
+    assert SPECS[0].accession_number not in fiona.log_text()
+
+
+def test_a_killed_retrieval_resumes_without_duplicates(
+    peers: dict[str, tuple[str, int]],
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """fiona serve stopped half-way through a row (one series arrived, the row 'retrieving'):
+    the next start takes the row up, fetches only what is missing, and ends it done."""
+    site = site_with(tmp_path, *peers["orthanc"], fiona)
+    fiona.config = site
+    fiona.start()
+    loaded = load_site(site)
+    assoc = open_association(loaded, loaded.pacs[0], MOVE_PROPOSALS)
+    first = Dataset()
+    first.QueryRetrieveLevel = "SERIES"
+    first.StudyInstanceUID = UID[1]
+    first.SeriesInstanceUID = synth.series_uid(SPECS[0], SERIES[1][0], 1)
+    assert assoc.move(first, "FIONA").ok
+    assoc.release()
+    fiona.stop()
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"study_uid\n{UID[1]}\n")
+    job = queue(capsys, site, csv)
+    with sqlite3.connect(fiona.data_dir / "index.sqlite") as db:
+        db.execute("UPDATE retrieve_rows SET state='retrieving'")
+    fiona.proc = None
+    fiona.start()
+    (row,) = finished(capsys, site, job)
+    assert (row["state"], row["arrived"], row["expected"]) == (
+        "done",
+        n_instances(1),
+        n_instances(1),
+    )
+    assert held(fiona, UID[1]) == n_instances(1)
+    assert index_rows(fiona, "SELECT count(*) FROM duplicates") == [(0,)]
+    assert "retrieval: 1 rows taken up again after a restart" in fiona.log_text()
+
+
+def test_bad_lists_are_not_queued(
+    fiona: FionaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = site_with(tmp_path, "PACS", 104, fiona)
+    fiona.config = site
+    fiona.start()
+    csv = tmp_path / "list.csv"
+    csv.write_text("accession,patient_idd\nA1,\n,\n,P1\n")
+    status = main(["retrieve", "clinical", "--list", str(csv), "--config", str(site)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{csv}:1 'patient_idd': unknown column" in err
+    csv.write_text("accession,patient_id,study_date\nA1,,\n,P1,\n,,2023\n")
+    assert main(["retrieve", "clinical", "--list", str(csv), "--config", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert f"{csv}:3 study_date: a patient_id needs a study_date range" in err
+    assert f"{csv}:4: expected an accession, a study_uid or a patient_id" in err
+    assert f"{csv}:4 study_date: expected a study date" in err
+    csv.write_text("accession\nA1\n")
+    status = main(
+        ["retrieve", "clinical", "--list", str(csv), "--config", str(site), "--project", "nope"]
+    )
+    assert status == 2 and "no such project: nope" in capsys.readouterr().err
+    assert index_rows(fiona, "SELECT count(*) FROM retrieve_rows") == [(0,)]
+
+
+def test_a_pacs_that_does_not_know_the_destination_fails_the_row(
+    peers: dict[str, tuple[str, int]],
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ae, port = peers["dcmqrscp"]
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"data_dir: {fiona.data_dir}\nprojects_dir: {fiona.projects_dir}\nport: {fiona.port}\n"
+        f"pacs:\n  - {{name: clinical, ae_title: {ae}, host: 127.0.0.1, port: {port},"
+        " move_destination: NOBODY}\n"
+    )
+    fiona.config = site
+    fiona.start()
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"accession\n{SPECS[0].accession_number}\n")
+    (row,) = finished(capsys, site, queue(capsys, site, csv))
+    assert (row["state"], row["arrived"]) == ("failed", 0)
+    assert row["reason"].startswith(
+        f"{n_instances(1)} of {n_instances(1)} instances did not arrive"
+    )
+    assert "PACS clinical answered the C-MOVE with status 0x" in row["reason"]

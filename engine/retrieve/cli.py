@@ -20,9 +20,11 @@ from engine.net.scu import AssociationBroken
 from engine.retrieve.peer import echo, open_association
 from engine.retrieve.query import SERIES_KEYS, STUDY_KEYS, BadFilter, Filters, Level, query
 from engine.store.audit import AuditLog, operator
-from engine.store.commands import load_site_or_exit
+from engine.store.commands import load_site_or_exit, run_with_index
+from engine.store.index import Index
+from engine.store.retrievals import RetrievalStore
 
-__all__ = ["run_pacs", "run_query"]
+__all__ = ["run_pacs", "run_query", "run_retrieve"]
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +180,102 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    """``fiona retrieve NAME --list FILE.csv [--project P]`` (queue a job for ``fiona serve``)
+    and ``fiona retrieve status [JOB]``."""
+    if args.name == "status":
+        return run_with_index(args, lambda site, index: _status(index, args), read_only=True)
+    if args.list is None:
+        print("fiona: give the list to retrieve: --list FILE.csv", file=sys.stderr)
+        return 2
+    return run_with_index(args, lambda site, index: _queue(site, index, args))
+
+
+def _queue(site: SiteConfig, index: Index, args: argparse.Namespace) -> int:
+    from engine.projects import load_projects
+    from engine.retrieve.lists import ListError, read_list
+
+    pacs = _pacs(site, args.name)
+    if pacs is None:
+        return 2
+    try:
+        rows = read_list(args.list)
+    except ListError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    known = {p.name for p in load_projects(site.projects_dir)[0]}
+    wanted = {r.project for r in rows if r.project} | ({args.project} if args.project else set())
+    unknown = sorted(wanted - known)
+    if unknown:
+        print(f"fiona: no such project: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    import time
+
+    job = RetrievalStore(index).create_job(
+        pacs.name, args.project or "", args.list.name, rows, operator(), time.time()
+    )
+    AuditLog(site.data_dir).write(
+        "retrieve_queued", job=job, pacs=pacs.name, rows=len(rows), by=operator()
+    )
+    print(
+        f"retrieval job {job}: {len(rows)} rows queued for PACS {pacs.name}; fiona serve works"
+        f" through them within the PACS's limits (fiona retrieve status {job})"
+    )
+    return 0
+
+
+def _status(index: Index, args: argparse.Namespace) -> int:
+    store = RetrievalStore(index)
+    if args.job is None:
+        jobs = store.jobs()
+        if args.json:
+            for job in jobs:
+                print(json.dumps(job, sort_keys=True))
+            return 0
+        if not jobs:
+            print("no retrieval jobs")
+            return 0
+        table = [
+            [
+                str(j["job"]),
+                j["pacs"],
+                j["project"] or "-",
+                " ".join(f"{n} {s}" for s, n in j["rows"].items() if n),
+                f"{j['arrived']}/{j['expected']}",
+            ]
+            for j in jobs
+        ]
+        _print_table(["job", "PACS", "project", "rows", "instances"], table)
+        return 0
+    rows = store.rows(int(args.job))
+    if not rows:
+        print(f"fiona: no retrieval job {args.job}", file=sys.stderr)
+        return 2
+    found = [
+        {
+            "line": r.spec.line,
+            "state": str(r.state),
+            "studies": r.studies,
+            "expected": r.expected,
+            "arrived": r.arrived,
+            "attempts": r.attempts,
+            "reason": r.reason,
+        }
+        for r in rows
+    ]
+    if args.json:
+        for item in found:
+            print(json.dumps(item, sort_keys=True))
+        return 0
+    _print_table(
+        ["line", "state", "studies", "instances", "reason"],
+        [
+            [str(f["line"]), str(f["state"]), str(f["studies"]),
+             f"{f['arrived']}/{f['expected']}", str(f["reason"])]
+            for f in found
+        ],
+    )  # fmt: skip
+    return 0

@@ -155,7 +155,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value)
 
 
-def _matches(pattern: str, value: str) -> bool:
+def matches(pattern: str, value: str) -> bool:
     """DICOM wildcard matching, case-sensitive as PS3.4 C.2.2.2.4 (``*``, ``?``)."""
     if not pattern:
         return True
@@ -173,7 +173,7 @@ def _keep_study(row: dict[str, str], filters: Filters) -> bool:
     modalities = row.get("ModalitiesInStudy", "")
     if filters.modality and modalities:
         wanted = filters.modality
-        if not any(_matches(wanted, m) for m in modalities.split("\\")):
+        if not any(matches(wanted, m) for m in modalities.split("\\")):
             return False
     return True
 
@@ -217,7 +217,7 @@ def find_series(
             row["PatientID"] = study["PatientID"]
             row["AccessionNumber"] = study["AccessionNumber"]
             row["StudyInstanceUID"] = study["StudyInstanceUID"]
-            if row["SeriesInstanceUID"] and _matches(filters.modality, row["Modality"]):
+            if row["SeriesInstanceUID"] and matches(filters.modality, row["Modality"]):
                 rows.append(row)
     rows.sort(key=lambda r: (r["StudyInstanceUID"], _number(r["SeriesNumber"])))
     return rows
