@@ -206,6 +206,20 @@ def test_retrieve_a_list(
     assert "2 done 2 failed" in out
     assert SPECS[0].accession_number not in out and SPECS[1].patient_id not in out
     assert SPECS[0].accession_number not in fiona.log_text()
+    audit = [
+        json.loads(line)
+        for f in sorted((fiona.data_dir / "audit").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    retrieved = [e for e in audit if e["event"] == "retrieved"]
+    assert [(e["line"], e["outcome"], len(e["studies"])) for e in retrieved] == [
+        (2, "done", 1),
+        (3, "done", 1),
+        (4, "failed", 0),
+        (5, "failed", 0),
+    ]
+    text = json.dumps(audit)
+    assert UID[1] not in text and SPECS[0].accession_number not in text
 
 
 def test_a_killed_retrieval_resumes_without_duplicates(

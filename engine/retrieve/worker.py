@@ -30,6 +30,7 @@ from engine.net.scu import STUDY_ROOT_MOVE, AssociationBroken, ScuAssociation
 from engine.retrieve.peer import QUERY_PROPOSALS, open_association
 from engine.retrieve.query import Filters, matches, series_identifier, study_identifier
 from engine.route.assign import assign_study
+from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
@@ -71,9 +72,11 @@ class RetrieveWorker:
         self.site = site
         self.index = index
         self.store = RetrievalStore(index)
+        self.audit = AuditLog(site.data_dir)
         self.clock = clock
         self.local_now = local_now
         self._paused: dict[str, float] = {}  # PACS name -> monotonic time it may be asked
+        self._studies: dict[int, list[str]] = {}  # row id -> its studies' UIDs, for the audit
         resumed = self.store.resume(clock())
         if resumed:
             log.info("retrieval: %d rows taken up again after a restart", resumed)
@@ -133,6 +136,7 @@ class RetrieveWorker:
     def _work(self, pacs: PacsConfig, row: Row, assoc: ScuAssociation) -> None:
         plan = self._plan(assoc, row)
         studies = sorted({s.study_uid for s in plan})
+        self._studies[row.id] = studies
         expected = {uid for s in plan for uid in s.instances}
         project = row.spec.project
         if project:
@@ -236,6 +240,17 @@ class RetrieveWorker:
 
     def _end(self, row: Row, state: RowState, reason: str, **progress: int) -> None:
         self.store.update(row.id, self.clock(), state, reason=reason, **progress)
+        self.audit.try_write(
+            "retrieved",
+            job=row.job,
+            line=row.spec.line,
+            pacs=row.pacs,
+            project=row.spec.project,
+            outcome=str(state),
+            studies=[uid_token(s) for s in self._studies.pop(row.id, [])],
+            reason=reason,
+            **progress,
+        )
         suffix = f" ({reason})" if reason else ""
         log.info("retrieval job %d line %d: %s%s", row.job, row.spec.line, state, suffix)
 
