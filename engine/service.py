@@ -273,7 +273,7 @@ def _start_jobs(
         from engine.retrieve.worker import RetrieveWorker
 
         scheduler.add_job(
-            RetrieveWorker(store.site, store.index),
+            RetrieveWorker(store.site, store.index, store.archive),
             "interval",
             seconds=2,
             id="retrieve",

@@ -15,15 +15,14 @@ from pydicom.dataset import Dataset
 
 from engine.cli import main
 from engine.config.loader import load_site
-from engine.net.scu import STUDY_ROOT_MOVE
-from engine.retrieve.peer import QUERY_PROPOSALS, open_association
+from engine.retrieve.peer import move_proposals, open_association
 from tests import synth
 from tests.conftest import need_peer
 from tests.peers import DcmqrscpServer, FionaServer, OrthancServer, PeerMissing, free_port
 from tests.test_pacs_query import SERIES, SPECS, UID
 from tests.test_transfer_dicom import need
 
-MOVE_PROPOSALS = (*QUERY_PROPOSALS, (STUDY_ROOT_MOVE, QUERY_PROPOSALS[1][1]))
+MOVE_PROPOSALS = move_proposals()
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +76,14 @@ def fiona(tmp_path: Path, fiona_port: int) -> Iterator[FionaServer]:
     server.stop()
 
 
-def site_with(tmp_path: Path, ae: str, port: int, fiona: FionaServer) -> Path:
+def site_with(
+    tmp_path: Path, ae: str, port: int, fiona: FionaServer, retrieve: str = "move"
+) -> Path:
     path = tmp_path / "site.yaml"
     path.write_text(
         f"data_dir: {fiona.data_dir}\nprojects_dir: {fiona.projects_dir}\nport: {fiona.port}\n"
-        f"pacs:\n  - {{name: clinical, ae_title: {ae}, host: 127.0.0.1, port: {port}}}\n"
+        f"pacs:\n  - {{name: clinical, ae_title: {ae}, host: 127.0.0.1, port: {port},"
+        f" retrieve: {retrieve}}}\n"
     )
     return path
 
@@ -164,15 +166,17 @@ def queue(capsys: pytest.CaptureFixture[str], site: Path, csv: Path, *more: str)
     return int(out.split()[2].rstrip(":"))
 
 
+@pytest.mark.parametrize("method", ["move", "get"])
 @pytest.mark.parametrize("peer", ["orthanc", "dcmqrscp"])
 def test_retrieve_a_list(
     peers: dict[str, tuple[str, int]],
     peer: str,
+    method: str,
     fiona: FionaServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    site = site_with(tmp_path, *peers[peer], fiona)
+    site = site_with(tmp_path, *peers[peer], fiona, method)
     fiona.config = site
     fiona.start()
     csv = tmp_path / "list.csv"
@@ -309,3 +313,32 @@ def test_a_pacs_that_does_not_know_the_destination_fails_the_row(
         f"{n_instances(1)} of {n_instances(1)} instances did not arrive"
     )
     assert "PACS clinical answered the C-MOVE with status 0x" in row["reason"]
+
+
+def test_a_pacs_that_refuses_c_get_fails_the_row_with_its_reason(
+    tmp_path: Path, fiona: FionaServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    studies = tmp_path / "studies"
+    synth.write_study(synth.make_study(SPECS[0], SERIES[1], size=16), studies)
+    allowed = {"AET": "FIONA", "Host": "127.0.0.1", "Port": fiona.port, "AllowGet": False}
+    try:
+        orthanc = OrthancServer(
+            tmp_path / "orthanc", extra={"DicomModalities": {"fiona": allowed}}
+        ).start()
+    except PeerMissing as exc:
+        need(exc)
+    try:
+        DcmqrscpServer.load(orthanc.ae_title, orthanc.dicom_port, studies)
+        site = site_with(tmp_path, orthanc.ae_title, orthanc.dicom_port, fiona, "get")
+        fiona.config = site
+        fiona.start()
+        csv = tmp_path / "list.csv"
+        csv.write_text(f"accession\n{SPECS[0].accession_number}\n")
+        (row,) = finished(capsys, site, queue(capsys, site, csv))
+    finally:
+        orthanc.stop()
+    assert (row["state"], row["arrived"]) == ("failed", 0)
+    # Orthanc says no by aborting the association.
+    assert row["reason"] == (
+        "PACS clinical: the peer aborted the association (does the PACS allow C-GET from FIONA?)"
+    )

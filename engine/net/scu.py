@@ -26,7 +26,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -38,11 +38,13 @@ from pynetdicom.dsutils import decode, encode, split_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from engine.dicom.codecs import DecodeFailed, decompress
+from engine.net.dimse import CommandError, decode_command, encode_response
 from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 #: Study Root Query/Retrieve Information Model - FIND and MOVE (PS3.4 C.6.2).
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+C_GET_RQ = 0x0010
 #: The transfer syntaxes a file is re-encoded to when its own was not accepted, preferred first.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # odd context IDs 1..255 (PS3.8 9.3.2.2)
@@ -71,6 +75,9 @@ _NO_DATASET = 0x0101  # (0000,0800) Command Data Set Type: no data set follows
 _PENDING = (0xFF00, 0xFF01)
 
 Proposal = tuple[str, tuple[str, ...]]  # abstract syntax, transfer syntaxes
+#: Files one instance a C-GET brought: (SOP class, SOP instance, transfer syntax, data set
+#: bytes) -> the C-STORE status.
+StoreHandler = Callable[[str, str, str, bytes], int]
 
 
 class ScuOptions(Protocol):
@@ -250,18 +257,27 @@ class ScuAssociation:
         self.sock = sock
         self.opts = opts
         self.reader = PduReader(sock)  # TCP_NODELAY; ACK at once (TCP_QUICKACK)
-        self.pdvs: deque[tuple[int, bytes]] = deque()  # (control header, value) not yet read
+        #: (presentation context, control header, value) of PDVs not yet read
+        self.pdvs: deque[tuple[int, int, bytes]] = deque()
+        self.last_context = 0  # the presentation context of the PDV read last
         self.fragment = _UNLIMITED_FRAGMENT
         #: SOP class -> accepted transfer syntax -> presentation context ID
         self.accepted: dict[str, dict[str, int]] = {}
+        #: presentation context ID -> (SOP class, transfer syntax), of the accepted ones
+        self.contexts: dict[int, tuple[str, str]] = {}
         self.proposed = 0
         self.message_id = 0
 
     @classmethod
     def open(
-        cls, opts: ScuOptions, tls: ssl.SSLContext | None, proposals: Sequence[Proposal]
+        cls,
+        opts: ScuOptions,
+        tls: ssl.SSLContext | None,
+        proposals: Sequence[Proposal],
+        scp_roles: Sequence[str] = (),
     ) -> ScuAssociation:
-        """Connect, and negotiate ``proposals`` (abstract syntax, transfer syntaxes)."""
+        """Connect, and negotiate ``proposals`` (abstract syntax, transfer syntaxes), asking
+        for the SCP role for the SOP classes ``scp_roles`` (storage classes, for C-GET)."""
         where = f"{opts.host}:{opts.port}"
         try:
             sock = socket.create_connection((opts.host, opts.port), timeout=opts.connect_timeout)
@@ -272,7 +288,7 @@ class ScuAssociation:
                 sock = tls.wrap_socket(sock, server_hostname=opts.host)
             assoc = cls(sock, opts)
             with assoc._io(opts.acse_timeout, "negotiating the association"):
-                assoc._negotiate(proposals)
+                assoc._negotiate(proposals, scp_roles)
             return assoc
         except ssl.SSLError as exc:
             _close(sock)
@@ -294,7 +310,7 @@ class ScuAssociation:
                 f"the connection broke off while {what} ({short_reason(exc)})"
             ) from exc
 
-    def _negotiate(self, proposals: Sequence[Proposal]) -> None:
+    def _negotiate(self, proposals: Sequence[Proposal], scp_roles: Sequence[str] = ()) -> None:
         contexts = []
         for i, (abstract, syntaxes) in enumerate(proposals):
             cx = PresentationContext()
@@ -307,7 +323,14 @@ class ScuAssociation:
         primitive.calling_ae_title = self.opts.calling_ae_title
         primitive.called_ae_title = self.opts.ae_title
         primitive.presentation_context_definition_list = contexts
-        primitive.user_information = our_user_items(self.opts.max_pdu)
+        roles = []
+        for sop_class in scp_roles:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = sop_class
+            role.scu_role = False
+            role.scp_role = True
+            roles.append(role)
+        primitive.user_information = [*our_user_items(self.opts.max_pdu), *roles]
         rq = A_ASSOCIATE_RQ()
         rq.from_primitive(primitive)
         self.sock.sendall(rq.encode())
@@ -337,6 +360,7 @@ class ScuAssociation:
             if cx.result == 0x00 and cx.context_id is not None:
                 by_syntax = self.accepted.setdefault(str(cx.abstract_syntax), {})
                 by_syntax.setdefault(str(cx.transfer_syntax[0]), cx.context_id)
+                self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
         self.proposed = len(contexts)
 
     # -- PDUs -------------------------------------------------------------------------------
@@ -362,12 +386,13 @@ class ScuAssociation:
             while pos < len(body):
                 if pos + 6 > len(body):
                     raise AssociationBroken("a malformed P-DATA-TF PDU from the peer")
-                length, _context, control = struct.unpack_from(">LBB", body, pos)
+                length, context, control = struct.unpack_from(">LBB", body, pos)
                 if length < 2 or pos + 4 + length > len(body):
                     raise AssociationBroken("a malformed P-DATA-TF PDU from the peer")
-                self.pdvs.append((control, bytes(body[pos + 6 : pos + 4 + length])))
+                self.pdvs.append((context, control, bytes(body[pos + 6 : pos + 4 + length])))
                 pos += 4 + length
-        return self.pdvs.popleft()
+        self.last_context, control, value = self.pdvs.popleft()
+        return control, value
 
     def _pdus(
         self, context_id: int, control: int, source: BinaryIO, length: int
@@ -561,6 +586,58 @@ class ScuAssociation:
 
         detail = "" if status == 0x0000 else _move_status_text(status)
         return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+
+    def get(self, identifier: Dataset, on_store: StoreHandler) -> MoveResult | str:
+        """A Study Root C-GET of what ``identifier`` names: the peer sends each instance as a
+        C-STORE on this association, which ``on_store`` files (it returns the C-STORE status);
+        the final C-GET response as a :class:`MoveResult`; a text when the peer takes no
+        C-GET from us."""
+        syntaxes = self.accepted.get(STUDY_ROOT_GET)
+        if not syntaxes:
+            return "the peer does not accept Study Root C-GET requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        data = encode(identifier, UID(syntax).is_implicit_VR, True) or b""
+        self._send(
+            context_id,
+            _command(C_GET_RQ, self._next_id(), STUDY_ROOT_GET),
+            io.BytesIO(data),
+            len(data),
+        )
+        while True:
+            response, dataset = self._response()
+            if _us(response, 0x0100) == C_STORE_RQ:
+                self._answer_store(response, dataset, on_store)
+                continue
+            status = self._status(response)
+            if status not in _PENDING:
+                break
+
+        def count(elem: int) -> int:
+            value = _us(response, elem)
+            return -1 if value is None else value
+
+        detail = "" if status == 0x0000 else _move_status_text(status)
+        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+
+    def _answer_store(self, request: bytes, dataset: bytes | None, on_store: StoreHandler) -> None:
+        """File one C-STORE of a C-GET through ``on_store`` and answer it."""
+        context = self.last_context
+        try:
+            command = decode_command(request)
+        except CommandError as exc:
+            raise AssociationBroken(f"a C-STORE request that cannot be read ({exc})") from exc
+        sop_class, syntax = self.contexts.get(context, ("", ""))
+        if dataset is None or not syntax:
+            status = 0xC000  # cannot understand
+        else:
+            try:
+                status = on_store(
+                    command.sop_class_uid or sop_class, command.sop_instance_uid, syntax, dataset
+                )
+            except Exception:  # the guard: a handler failure is a status, not a crash
+                log.exception("C-STORE handler of a C-GET failed")
+                status = 0xA700
+        self._send(context, encode_response(command, status), None)
 
     def count_instances(self, study_uid: str) -> int | str:
         """Number of Study Related Instances (0020,1208) the peer reports for the study, by a

@@ -7,15 +7,39 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pynetdicom.presentation import StoragePresentationContexts
+
 from engine.config.model import SiteConfig
 from engine.config.pacs import PacsConfig
-from engine.net.scu import STUDY_ROOT_FIND, VERIFICATION, AssociationBroken, ScuAssociation
+from engine.net.scu import (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    VERIFICATION,
+    AssociationBroken,
+    ScuAssociation,
+)
 
 log = logging.getLogger(__name__)
 
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR LE
 #: Verification and Study Root C-FIND: what ``fiona pacs echo`` and ``fiona query`` propose.
 QUERY_PROPOSALS = ((VERIFICATION, _UNCOMPRESSED), (STUDY_ROOT_FIND, _UNCOMPRESSED))
+#: The storage SOP classes a C-GET asks the SCP role for: pynetdicom's list of the common
+#: ones (120, so that with the three above the association stays within 128 contexts).
+GET_ROLES = tuple(str(cx.abstract_syntax) for cx in StoragePresentationContexts)[:120]
+
+
+def move_proposals() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Verification, FIND and MOVE."""
+    return (*QUERY_PROPOSALS, (STUDY_ROOT_MOVE, _UNCOMPRESSED))
+
+
+def get_proposals() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Verification, FIND, GET and the storage classes of :data:`GET_ROLES`, uncompressed
+    (the PACS converts what it holds compressed, as it would for a C-MOVE to such an SCP)."""
+    storage = tuple((sop, _UNCOMPRESSED) for sop in GET_ROLES)
+    return (*QUERY_PROPOSALS, (STUDY_ROOT_GET, _UNCOMPRESSED), *storage)
 
 
 @dataclass(frozen=True)
@@ -64,11 +88,13 @@ def open_association(
     site: SiteConfig,
     pacs: PacsConfig,
     proposals: Sequence[tuple[str, tuple[str, ...]]] = QUERY_PROPOSALS,
+    scp_roles: Sequence[str] = (),
 ) -> ScuAssociation:
-    """An association with ``pacs``; raises :class:`AssociationBroken` (no PHI) when it cannot
-    be had, its text naming the PACS."""
+    """An association with ``pacs`` (``scp_roles``: the storage classes fiona takes the SCP
+    role for, for C-GET); raises :class:`AssociationBroken` (no PHI) when it cannot be had,
+    its text naming the PACS."""
     try:
-        return ScuAssociation.open(PacsPeer.of(site, pacs), tls_context(pacs), proposals)
+        return ScuAssociation.open(PacsPeer.of(site, pacs), tls_context(pacs), proposals, scp_roles)
     except (ssl.SSLError, OSError) as exc:  # a TLS file that cannot be read
         raise AssociationBroken(f"PACS {pacs.name}: {exc}") from exc
     except AssociationBroken as exc:

@@ -26,12 +26,14 @@ from pydicom.dataset import Dataset
 
 from engine.config.model import SiteConfig
 from engine.config.pacs import PacsConfig, RetrieveMethod
-from engine.net.scu import STUDY_ROOT_MOVE, AssociationBroken, ScuAssociation
-from engine.retrieve.peer import QUERY_PROPOSALS, open_association
+from engine.net.dimse import part10_header
+from engine.net.scu import AssociationBroken, MoveResult, ScuAssociation, StoreHandler
+from engine.retrieve.peer import GET_ROLES, get_proposals, move_proposals, open_association
 from engine.retrieve.query import Filters, matches, series_identifier, study_identifier
 from engine.route.assign import assign_study
+from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
-from engine.store.index import Index
+from engine.store.index import Index, Origin
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,12 @@ ROUNDS = 3
 UNREACHABLE_PAUSE = 60.0
 #: Times a row is put back for an unreachable PACS before it fails.
 MAX_UNREACHABLE = 5
+#: Times a row's association may break off during its requests before the row fails, and
+#: the pause in seconds before the next try.
+MAX_BROKEN = 2
+BROKEN_PAUSE = 5.0
 #: Instances named per image-level C-MOVE.
 IMAGE_BATCH = 100
-MOVE_PROPOSALS = (*QUERY_PROPOSALS, (STUDY_ROOT_MOVE, QUERY_PROPOSALS[1][1]))
 
 
 @dataclass
@@ -65,12 +70,14 @@ class RetrieveWorker:
         self,
         site: SiteConfig,
         index: Index,
+        archive: Archive | None = None,
         *,
         clock: Callable[[], float] = time.time,
         local_now: Callable[[], dt.datetime] = dt.datetime.now,
     ) -> None:
         self.site = site
         self.index = index
+        self.archive = archive  # where C-GET files what it brings (C-MOVE: fiona's SCP)
         self.store = RetrievalStore(index)
         self.audit = AuditLog(site.data_dir)
         self.clock = clock
@@ -102,12 +109,16 @@ class RetrieveWorker:
 
     def work(self, pacs: PacsConfig, row: Row) -> None:
         """Query, claim, move and check one row; its state says how it went."""
-        if pacs.retrieve is RetrieveMethod.GET:
-            self._end(row, RowState.FAILED, "retrieve: get (C-GET) is not built yet; use move")
+        get = pacs.retrieve is RetrieveMethod.GET
+        if get and self.archive is None:
+            self._end(row, RowState.FAILED, "retrieve: get needs the archive of fiona serve")
             return
         self.store.update(row.id, self.clock(), RowState.QUERYING)
         try:
-            assoc = open_association(self.site, pacs, MOVE_PROPOSALS)
+            if get:
+                assoc = open_association(self.site, pacs, get_proposals(), GET_ROLES)
+            else:
+                assoc = open_association(self.site, pacs, move_proposals())
         except AssociationBroken as exc:
             self._unreachable(pacs, row, str(exc))
             return
@@ -117,7 +128,7 @@ class RetrieveWorker:
             self._end(row, RowState.FAILED, str(exc))
         except AssociationBroken as exc:
             assoc.abort()
-            self._unreachable(pacs, row, f"PACS {pacs.name}: {exc}")
+            self._broken(pacs, row, f"PACS {pacs.name}: {exc}")
             return
         try:
             assoc.release()
@@ -130,6 +141,20 @@ class RetrieveWorker:
         if tries >= MAX_UNREACHABLE:
             self._end(row, RowState.FAILED, why, attempts=tries)
             return
+        log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
+        self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
+
+    def _broken(self, pacs: PacsConfig, row: Row, why: str) -> None:
+        """The association broke off during the row's requests: a PACS that aborts a C-GET or
+        C-MOVE it will not do says no this way, so the row fails the second time (after a
+        short pause, in case the PACS was only restarting)."""
+        tries = row.attempts + 1
+        if tries >= MAX_BROKEN:
+            verb = "C-GET" if pacs.retrieve is RetrieveMethod.GET else "C-MOVE"
+            hint = f" (does the PACS allow {verb} from {pacs.calling_ae_for(self.site.ae_title)}?)"
+            self._end(row, RowState.FAILED, why + hint, attempts=tries)
+            return
+        self._paused[pacs.name] = time.monotonic() + BROKEN_PAUSE
         log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
         self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
 
@@ -166,10 +191,11 @@ class RetrieveWorker:
             reason = self._move(pacs, assoc, plan, held)
             held = self.store.held_instances(sorted(expected))
             if len(held) == before and not reason:
-                reason = (
-                    f"PACS {pacs.name} answered the C-MOVE with success but delivered nothing"
-                    f" (does it send {pacs.move_destination_for(self.site.ae_title)} to this"
-                    " fiona's host and port?)"
+                reason = f"PACS {pacs.name} answered with success but delivered nothing" + (
+                    ""
+                    if pacs.retrieve is RetrieveMethod.GET
+                    else f" (does it send {pacs.move_destination_for(self.site.ae_title)}"
+                    " to this fiona's host and port?)"
                 )
             self.store.update(row.id, self.clock(), RowState.RETRIEVING, arrived=len(held))
         missing = len(expected) - len(held)
@@ -177,7 +203,8 @@ class RetrieveWorker:
             self._end(row, RowState.DONE, "", arrived=len(held), attempts=row.attempts + rounds)
             return
         state = RowState.PARTIAL if held else RowState.FAILED
-        why = f"{missing} of {len(expected)} instances did not arrive after {rounds} C-MOVEs"
+        verb = "C-GET" if pacs.retrieve is RetrieveMethod.GET else "C-MOVE"
+        why = f"{missing} of {len(expected)} instances did not arrive after {rounds} {verb}s"
         self._end(
             row,
             state,
@@ -221,22 +248,44 @@ class RetrieveWorker:
     def _move(
         self, pacs: PacsConfig, assoc: ScuAssociation, plan: list[_Series], held: set[str]
     ) -> str:
-        """C-MOVE what is missing; '' when every C-MOVE answered success, else why not."""
+        """C-MOVE (or C-GET) what is missing; '' when every one answered success, else why
+        not."""
         destination = pacs.move_destination_for(self.site.ae_title)
+        get = pacs.retrieve is RetrieveMethod.GET
+        verb = "C-GET" if get else "C-MOVE"
         problems = []
         for series in plan:
             missing = sorted(series.instances - held)
             if not missing:
                 continue
             for identifier in _identifiers(series, missing):
-                result = assoc.move(identifier, destination)
+                result: MoveResult | str
+                if get:
+                    result = assoc.get(identifier, self._filer(pacs))
+                else:
+                    result = assoc.move(identifier, destination)
                 if isinstance(result, str):
                     raise RowFailed(result)
                 if not result.ok:
-                    problems.append(f"PACS {pacs.name} answered the C-MOVE with {result.detail}")
+                    problems.append(f"PACS {pacs.name} answered the {verb} with {result.detail}")
                 elif result.failed > 0:
                     problems.append(f"PACS {pacs.name}: {result.failed} sub-operations failed")
         return problems[0] if problems else ""
+
+    def _filer(self, pacs: PacsConfig) -> StoreHandler:
+        """Files each instance a C-GET brings as the receiver files a C-STORE (the archive
+        checks it holds the SOP class and instance the command names)."""
+        archive = self.archive
+        assert archive is not None
+        calling = pacs.calling_ae_for(self.site.ae_title)
+        origin = Origin("dimse", pacs.ae_title, calling, pacs.host)
+
+        def file(sop_class: str, sop_instance: str, syntax: str, data: bytes) -> int:
+            header = part10_header(sop_class, sop_instance, syntax, pacs.ae_title)
+            outcome = archive.receive(header + data, origin, (sop_class, sop_instance))
+            return int(outcome.status)
+
+        return file
 
     def _end(self, row: Row, state: RowState, reason: str, **progress: int) -> None:
         self.store.update(row.id, self.clock(), state, reason=reason, **progress)
