@@ -232,8 +232,9 @@ def test_a_killed_retrieval_resumes_without_duplicates(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """fiona serve stopped half-way through a row (one series arrived, the row 'retrieving'):
-    the next start takes the row up, fetches only what is missing, and ends it done."""
+    """fiona serve stopped half-way through a row (one series and part of another arrived,
+    the row 'retrieving'): the next start takes the row up, fetches only what is missing (a
+    series-level and an image-level C-MOVE), and ends it done."""
     site = site_with(tmp_path, *peers["orthanc"], fiona)
     fiona.config = site
     fiona.start()
@@ -244,7 +245,16 @@ def test_a_killed_retrieval_resumes_without_duplicates(
     first.StudyInstanceUID = UID[1]
     first.SeriesInstanceUID = synth.series_uid(SPECS[0], SERIES[1][0], 1)
     assert assoc.move(first, "FIONA").ok
+    # ... and three instances of the second series: the rest go by an image-level C-MOVE.
+    second = synth.make_series(SPECS[0], SERIES[1][1], 2, size=16)
+    some = Dataset()
+    some.QueryRetrieveLevel = "IMAGE"
+    some.StudyInstanceUID = UID[1]
+    some.SeriesInstanceUID = second[0].SeriesInstanceUID
+    some.SOPInstanceUID = [str(ds.SOPInstanceUID) for ds in second[:3]]
+    assert assoc.move(some, "FIONA").completed == 3
     assoc.release()
+    assert held(fiona, UID[1]) == SERIES[1][0].n_instances + 3
     fiona.stop()
     csv = tmp_path / "list.csv"
     csv.write_text(f"study_uid\n{UID[1]}\n")
