@@ -19,6 +19,7 @@ from engine.retrieve.peer import move_proposals, open_association
 from tests import synth
 from tests.conftest import need_peer
 from tests.peers import DcmqrscpServer, FionaServer, OrthancServer, PeerMissing, free_port
+from tests.qr_peer import FlakyPacs
 from tests.test_pacs_query import SERIES, SPECS, UID
 from tests.test_transfer_dicom import need
 
@@ -352,3 +353,35 @@ def test_a_pacs_that_refuses_c_get_fails_the_row_with_its_reason(
     assert row["reason"] == (
         "PACS clinical: the peer aborted the association (does the PACS allow C-GET from FIONA?)"
     )
+
+
+@pytest.mark.parametrize(("mode", "state"), [("drop_first", "done"), ("lie", "failed")])
+def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
+    mode: str,
+    state: str,
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """drop_first: the first C-MOVE leaves one instance out and answers success; the next
+    round fetches it and the row ends done. lie: success with nothing sent is a failure."""
+    pacs = FlakyPacs(synth.make_study(SPECS[0], SERIES[1], size=16), fiona.port, mode).start()
+    try:
+        site = site_with(tmp_path, pacs.ae_title, pacs.port, fiona)
+        fiona.config = site
+        fiona.start()
+        csv = tmp_path / "list.csv"
+        csv.write_text(f"accession\n{SPECS[0].accession_number}\n")
+        (row,) = finished(capsys, site, queue(capsys, site, csv))
+    finally:
+        pacs.stop()
+    assert row["state"] == state, row
+    if mode == "drop_first":
+        assert (row["arrived"], row["expected"], row["attempts"]) == (15, 15, 2)
+        assert pacs.moves == 3  # one per series, then the dropped instance at image level
+    else:
+        assert (row["arrived"], row["expected"], row["attempts"]) == (0, 15, 3)
+        assert row["reason"].startswith(
+            "15 of 15 instances did not arrive after 3 C-MOVEs: PACS clinical answered with"
+            " success but delivered nothing (does it send FIONA to this fiona's host and port?)"
+        )
