@@ -98,3 +98,26 @@ def test_no_windows_means_any_time() -> None:
     assert PacsLimits().open_at(dt.datetime(2026, 12, 7, 12, 0))
     nights = PacsLimits(windows=(TimeWindow.parse("Mon-Fri 19:00-07:00"),))
     assert not nights.open_at(dt.datetime(2026, 12, 7, 12, 0))
+
+
+def test_validate_warns_of_a_move_that_cannot_reach_fiona(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.config.validate import run_validate
+
+    (tmp_path / "projects").mkdir()
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(
+        "projects_dir: projects\npacs:\n"
+        "  - {name: local, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+        "  - {name: clinical, ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+        "  - {name: getter, ae_title: PACS, host: 10.0.0.6, port: 104, retrieve: get}\n"
+    )
+    assert run_validate([], site_path=site_file) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"{site_file}:2 pacs[1].retrieve: warning: PACS clinical is to send C-MOVE results to"
+        " fiona's port, but fiona listens on 127.0.0.1 only: set bind_address (and"
+        " allowed_calling_aes), or retrieve: get"
+    )
+    assert "local" not in out and "getter" not in out

@@ -38,6 +38,8 @@ from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
 
+#: Seconds one call of the job works rows before it returns (a row under way is finished).
+BUDGET = 30.0
 #: C-MOVE rounds per row: the first, then retries of what is still missing.
 ROUNDS = 3
 #: Seconds a PACS that could not be reached is left alone before its rows are tried again.
@@ -89,15 +91,23 @@ class RetrieveWorker:
             log.info("retrieval: %d rows taken up again after a restart", resumed)
 
     def __call__(self) -> None:
-        for name in self.store.pacs_with_queued():
-            pacs = self.site.pacs_named(name)
-            row = self.store.next_queued(name)
-            if row is None:
-                continue
-            if pacs is None:
-                self._end(row, RowState.FAILED, f"no PACS named {name} in the site config")
-            elif self._may_ask(pacs):
-                self.work(pacs, row)
+        """Rows one after another, a row per PACS in turn, for up to :data:`BUDGET` seconds
+        (then the next call goes on), so a long list is not slowed by the job's interval."""
+        deadline = time.monotonic() + BUDGET
+        worked = True
+        while worked and time.monotonic() < deadline:
+            worked = False
+            for name in self.store.pacs_with_queued():
+                pacs = self.site.pacs_named(name)
+                row = self.store.next_queued(name)
+                if row is None:
+                    continue
+                if pacs is None:
+                    self._end(row, RowState.FAILED, f"no PACS named {name} in the site config")
+                    worked = True
+                elif self._may_ask(pacs):
+                    self.work(pacs, row)
+                    worked = True
 
     def _may_ask(self, pacs: PacsConfig) -> bool:
         if time.monotonic() < self._paused.get(pacs.name, 0.0):
