@@ -135,7 +135,9 @@ def ssh(tmp_path: Path) -> Iterator[SshServer]:
     server.stop()
 
 
-def _site(tmp: Path, orthanc: OrthancServer | None, ssh: SshServer | None) -> Iterator[Site]:
+def _site(
+    tmp: Path, orthanc: OrthancServer | None, ssh: SshServer | None
+) -> Iterator[Site]:
     projects = _project(tmp, orthanc, ssh)
     config = tmp / "site.yaml"
     config.write_text(yaml.safe_dump({"scan_interval_seconds": 0.5}))
@@ -193,7 +195,9 @@ def test_a_study_reaches_orthanc_and_sftp_de_identified_and_a_late_series_follow
         delivered = sorted(root.rglob("*.dcm"))
         assert len(delivered) == len(files)
         [md5sums] = list(root.rglob("MD5SUMS"))
-        listed = dict(reversed(line.split(maxsplit=1)) for line in md5sums.read_text().splitlines())
+        listed = dict(
+            reversed(line.split(maxsplit=1)) for line in md5sums.read_text().splitlines()
+        )
         assert len(listed) == len(files)
         for rel, md5 in listed.items():
             assert hashlib.md5((md5sums.parent / rel).read_bytes()).hexdigest() == md5
@@ -206,10 +210,8 @@ def test_a_study_reaches_orthanc_and_sftp_de_identified_and_a_late_series_follow
         site.send(storescu, late)
         wait_for(
             "the follow-up transfers",
-            lambda: (
-                sorted((t[2], t[1]) for t in site.transfers())
-                == [(0, "done"), (0, "done"), (1, "done"), (1, "done")]
-            ),
+            lambda: sorted((t[2], t[1]) for t in site.transfers())
+            == [(0, "done"), (0, "done"), (1, "done"), (1, "done")],
         )
         assert _orthanc(orthanc, "/studies") == [study_id]  # merged into the same study
         assert _orthanc_count(orthanc) == len(files) + len(late)

@@ -193,16 +193,8 @@ def test_concurrency_limits_transfers_per_destination(tmp_path: Path) -> None:
         # Two different studies (different archived UIDs) queued together.
         for run_id, uid in ((1, "1.2.3.1"), (2, "1.2.3.2")):
             rig.outbox.enqueue(
-                project="neuro",
-                destination="share",
-                study_uid=uid,
-                export_uid=uid,
-                run_id=run_id,
-                follow_up=0,
-                subject="S",
-                event="",
-                items=rig.items(),
-                now=T0,
+                project="neuro", destination="share", study_uid=uid, export_uid=uid,
+                run_id=run_id, follow_up=0, subject="S", event="", items=rig.items(), now=T0,
             )
         assert len(rig.outbox.claim_due(T0, {("neuro", "share"): 1})) == 1
         assert rig.outbox.claim_due(T0, {("neuro", "other"): 5}) == []  # not configured

@@ -501,15 +501,8 @@ def test_send_queues_the_de_identified_copies_once_per_destination(world: World)
     # Run again (a crash after the step, say): still one transfer per destination.
     run = world.run(run_id)
     ctx = RunContext(
-        run.id,
-        "p",
-        run.study_uid,
-        run.subject,
-        run.event,
-        run.follow_up,
-        world.store.series_inputs(run, world.data),
-        world.data,
-        dict(run.step_state),
+        run.id, "p", run.study_uid, run.subject, run.event, run.follow_up,
+        world.store.series_inputs(run, world.data), world.data, dict(run.step_state),
         index=world.index,
     )
     world.steps([{"step": "send", "to": "pacs"}])[0].run(ctx)

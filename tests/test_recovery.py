@@ -87,7 +87,6 @@ def test_start_sweeps_temp_files_and_files_orphans(
 
     server.start()
     try:
-
         def sweeps() -> list[str]:
             return [s for s in server.log_text().splitlines() if "start-up sweep" in s]
 

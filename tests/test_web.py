@@ -158,7 +158,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             assert result.returncode == 0, result.stderr
             studies.append((str(sent[0].StudyInstanceUID), spec))
         s.alpha_uid, s.beta_uid = studies[0][0], studies[1][0]
-        s.patients = tuple(v for _, spec in studies for v in (spec.patient_name, spec.patient_id))
+        s.patients = tuple(
+            v for _, spec in studies for v in (spec.patient_name, spec.patient_id)
+        )
         _wait("held alpha study", lambda: _held(root / "data"))
         yield s
     finally:
@@ -270,13 +272,9 @@ def test_explain_an_uploaded_file(site: Site) -> None:
     [path, *_] = synth.write_study(ds, site.root / "explain")
     boundary = uuid.uuid4().hex
     body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.dcm"\r\n'
-            "Content-Type: application/dicom\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n"
+        "Content-Type: application/dicom\r\n\r\n"
+    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
     status, text = site.call(
         "POST", "/api/v1/explain?calling_ae=MR2", "coord_b", body=body,
         content_type=f"multipart/form-data; boundary={boundary}",
