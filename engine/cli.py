@@ -98,6 +98,42 @@ def _add_quarantine_parser(sub: Any) -> None:
     audit.add_argument("--json", action="store_true", help="JSON lines instead of text")
 
 
+def _add_pacs_parsers(sub: Any) -> None:
+    """``pacs list|echo`` and ``query``: the site's remote PACS."""
+    pacs = sub.add_parser("pacs", help="the remote PACS of the site config: list, echo")
+    actions = pacs.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the configured PACS and their limits")
+    _add_site_args(listing)
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    echo = actions.add_parser("echo", help="C-ECHO one PACS; exit 1 when it does not answer")
+    _add_site_args(echo)
+    echo.add_argument("name", help="the PACS's name in the site config")
+    query = sub.add_parser(
+        "query", help="C-FIND on a PACS: which studies or series match (shown here only)"
+    )
+    _add_site_args(query)
+    query.add_argument("name", help="the PACS's name in the site config")
+    query.add_argument("--patient-id", help="Patient ID (0010,0020); wildcards * and ?")
+    query.add_argument("--accession", help="Accession Number (0008,0050); wildcards * and ?")
+    query.add_argument(
+        "--study-date", metavar="FROM-TO", help="YYYYMMDD, FROM-TO, FROM- or -TO (or ISO FROM..TO)"
+    )
+    query.add_argument("--modality", help="a modality in the study, e.g. MR")
+    query.add_argument("--study-description", help="Study Description (0008,1030); wildcards")
+    query.add_argument("--level", choices=["study", "series"], default="study")
+    query.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    retrieve = sub.add_parser(
+        "retrieve",
+        help="queue a list of studies to fetch from a PACS (C-MOVE); 'retrieve status [JOB]'",
+    )
+    _add_site_args(retrieve)
+    retrieve.add_argument("name", help="the PACS's name in the site config, or 'status'")
+    retrieve.add_argument("job", nargs="?", help="with status: one job's rows")
+    retrieve.add_argument("--list", type=Path, help="CSV: accession, study_uid or patient_id ...")
+    retrieve.add_argument("--project", help="give the studies to this project (rows may say)")
+    retrieve.add_argument("--json", action="store_true", help="with status: JSON lines")
+
+
 def _add_user_parser(sub: Any) -> None:
     """``user add|list|set|password|token|revoke-token|remove``: the web's users (audited)."""
     user = sub.add_parser(
@@ -150,6 +186,8 @@ common commands:
   import from CD/USB   fiona ingest PATH
   de-identify a folder fiona anonymize IN OUT --secret-file KEY
   web API users        fiona user add NAME --role admin, fiona user token NAME
+  the clinical PACS    fiona pacs list, fiona pacs echo NAME, fiona query NAME --accession A,
+                       fiona retrieve NAME --list FILE.csv, fiona retrieve status
   look after it        fiona backup DEST, fiona restore SRC, fiona db status|upgrade
 
 The site config is --config FILE, else $FIONA_CONFIG, else /etc/fiona/site.yaml when it
@@ -292,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quarantine_parser(sub)
     _add_ops_parsers(sub)
     _add_user_parser(sub)
+    _add_pacs_parsers(sub)
     return parser
 
 
@@ -366,6 +405,11 @@ def _run(args: argparse.Namespace) -> int:
         from engine.manage.audit_cli import run_audit
 
         return run_audit(args)
+    if args.command in ("pacs", "query", "retrieve"):
+        from engine.retrieve.cli import run_pacs, run_query, run_retrieve
+
+        runner = {"pacs": run_pacs, "query": run_query, "retrieve": run_retrieve}
+        return runner[args.command](args)
     if args.command == "user":
         from engine.manage.users_cli import run_user
 

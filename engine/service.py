@@ -274,6 +274,18 @@ def _start_jobs(
         max_instances=1,
         coalesce=True,
     )
+    if store.site.pacs:
+        from engine.retrieve.worker import RetrieveWorker
+
+        scheduler.add_job(
+            RetrieveWorker(store.site, store.index, store.archive),
+            "interval",
+            seconds=2,
+            id="retrieve",
+            name="retrieve queued list rows from the PACS, within their limits",
+            max_instances=1,
+            coalesce=True,
+        )
     _add_watch_jobs(scheduler, store)
     add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
     scheduler.start(paused=True)

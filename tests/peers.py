@@ -315,3 +315,62 @@ class StorescpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class DcmqrscpServer:
+    """dcmtk's ``dcmqrscp`` (an image archive: C-STORE, C-FIND, C-MOVE, C-GET) on a free
+    loopback port, configured in ``work_dir``. It is strict where Orthanc is lenient: a
+    called AE title it does not serve is rejected, series queries must name their study.
+    ``peers`` are (AE title, port) of move destinations on 127.0.0.1."""
+
+    work_dir: Path
+    ae_title: str = "DCMQR"
+    port: int = field(default_factory=free_port)
+    peers: tuple[tuple[str, int], ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> DcmqrscpServer:
+        db = self.work_dir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        hosts = "".join(f"{ae.lower()} = ({ae}, 127.0.0.1, {port})\n" for ae, port in self.peers)
+        config = self.work_dir / "dcmqrscp.cfg"
+        config.write_text(
+            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+            f"HostTable BEGIN\n{hosts}HostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\n{self.ae_title} {db} RW (1000, 1024mb) ANY\nAETable END\n"
+        )
+        log = (self.work_dir / "dcmqrscp.log").open("ab")
+        self.proc = subprocess.Popen(
+            [dcmtk("dcmqrscp"), "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=nodelay_env(),
+        )
+        wait_for_port(self.port, timeout, self.proc)
+        return self
+
+    def store(self, *paths: Path) -> None:
+        """Load files (or folders of them, recursively) with dcmtk's storescu."""
+        self.load(self.ae_title, self.port, *paths)
+
+    @staticmethod
+    def load(ae_title: str, port: int, *paths: Path) -> None:
+        """Send files (or folders of them, recursively) to any SCP on 127.0.0.1 with storescu."""
+        subprocess.run(
+            [dcmtk("storescu"), "-aec", ae_title, "+sd", "+r", "127.0.0.1", str(port)]
+            + [str(p) for p in paths],
+            check=True,
+            capture_output=True,
+            env=nodelay_env(),
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

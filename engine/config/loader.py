@@ -61,6 +61,7 @@ from engine.config.model import (
     UnroutedPolicy,
     WebConfig,
 )
+from engine.config.pacs import pacs_entries, pacs_issues
 from engine.config.rulesets import PROJECT_SUFFIXES, rulesets_dir
 from engine.config.schema import apply_defaults, load_schema, schema_dir, schema_issues
 from engine.config.sections import project_sections
@@ -229,11 +230,20 @@ def _site_issues(
             trusted_proxies=tuple(doc["web"]["trusted_proxies"]),
             ldap=ldap_config(doc["web"]["ldap"], base if "web" not in blame else None),
         ),
+        pacs=pacs_entries(doc["pacs"], lambda value: _written_path(value, base)),
     )
     checks = _check_tls(site.tls, parsed) + _check_web(site.web, parsed)
     checks += _check_date_languages(site.deidentification, parsed)
-    issues += sorted(checks + ldap_issues(site.web.ldap, parsed), key=issue_order)
+    checks += ldap_issues(site.web.ldap, parsed)
+    checks += pacs_issues(site.pacs, parsed.file, parsed.line_of)
+    issues += sorted(checks, key=issue_order)
     return (None if issues else site), issues
+
+
+def _written_path(value: str, base: Path | None) -> Path:
+    """A path written in the site file: relative to the file's folder."""
+    p = Path(value).expanduser()
+    return base / p if base is not None and not p.is_absolute() else p
 
 
 def _log_file(doc: Mapping[str, Any], in_file: object, base: Path | None) -> LogFile:

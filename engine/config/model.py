@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from engine.config.pacs import PacsConfig
+
 
 class DuplicatePolicy(StrEnum):
     """What to do when a SOP Instance UID arrives again with different bytes.
@@ -222,6 +224,7 @@ class SiteConfig:
     ``max_pdu``: the maximum PDU length (bytes) advertised to peers and enforced (a longer
     PDU aborts the association); 0 means unlimited.
     ``index_url``: ``sqlite:///PATH`` or empty for ``<data_dir>/index.sqlite``.
+    ``pacs``: the remote PACS fiona queries and retrieves from (:mod:`engine.config.pacs`).
     """
 
     source: Path | None = None
@@ -246,6 +249,11 @@ class SiteConfig:
     deidentification: DeidSettings = field(default_factory=DeidSettings)
     status_http: StatusHttp = field(default_factory=StatusHttp)
     web: WebConfig = field(default_factory=WebConfig)
+    pacs: tuple[PacsConfig, ...] = ()
+
+    def pacs_named(self, name: str) -> PacsConfig | None:
+        """The ``pacs`` entry called ``name`` (None when there is none)."""
+        return next((p for p in self.pacs if p.name == name), None)
 
     @property
     def index_path(self) -> Path:

@@ -17,6 +17,7 @@ from engine.config.issues import ConfigError, ConfigIssue, format_path
 from engine.config.ldap import ldap_unknown_projects, ldap_validate
 from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.config.pacs import RetrieveMethod
 from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
 from engine.config.schema import load_schema
 from engine.config.sections import project_sections
@@ -127,7 +128,25 @@ def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
     clear = web_in_clear(site)
     if clear is not None and site.source is not None:
         found.append(_warning(site.source, ("web", "bind"), clear))
-    return found + _heartbeat_warnings(site)
+    return found + _heartbeat_warnings(site) + _pacs_warnings(site)
+
+
+def _pacs_warnings(site: SiteConfig) -> list[ConfigIssue]:
+    """A PACS elsewhere that is to C-MOVE to a fiona listening on this machine only."""
+    if site.source is None or not _loopback(site.bind_address):
+        return []
+    found = []
+    for n, pacs in enumerate(site.pacs):
+        if pacs.retrieve is RetrieveMethod.MOVE and not _loopback(pacs.host):
+            message = (
+                f"PACS {pacs.name} is to send C-MOVE results to fiona's port, but fiona listens"
+                f" on {site.bind_address} only: set bind_address (and allowed_calling_aes), or"
+                " retrieve: get"
+            )
+            where = format_path(("pacs", n, "retrieve"))
+            line = key_line(site.source, ("pacs",))
+            found.append(ConfigIssue(site.source, line, where, f"warning: {message}"))
+    return found
 
 
 def _heartbeat_warnings(site: SiteConfig) -> list[ConfigIssue]:

@@ -37,6 +37,7 @@ from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso, project_activi
 from engine.manage.pidfile import serve_process
 from engine.store.commands import run_with_index
 from engine.store.index import Index
+from engine.store.mpps import MppsStore
 
 __all__ = [
     "EXIT_ATTENTION",
@@ -210,6 +211,7 @@ def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> 
         "quarantine": {k: v for k, v in quarantine.items() if k != "groups"},
         "projects": _projects(index),
         "outbox": _outbox(index, now),
+        "mpps_last_24h": MppsStore(index).counts(since=now - 86400),
     }
 
 
@@ -318,6 +320,10 @@ def render_text(status: dict[str, Any]) -> str:
         f"quarantine  {quarantine['held_items']} held ({quarantine['held_studies']} studies),"
         f" {quarantine['resolved_items']} resolved"
     )
+    mpps = status.get("mpps_last_24h") or {}
+    if any(mpps.values()):
+        steps = ", ".join(f"{n} {state.lower()}" for state, n in mpps.items())
+        lines.append(f"mpps        procedure steps of the last 24 h: {steps}")
     lines += _attention_lines(status)
     lines += ["", *_project_lines(status)]
     jobs = status["service"]["jobs"]

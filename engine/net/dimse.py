@@ -19,6 +19,8 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+N_SET_RQ = 0x0120
+N_CREATE_RQ = 0x0140
 NO_DATASET = 0x0101
 #: Status: refused, unrecognised operation (PS3.7 C.4).
 UNRECOGNIZED_OPERATION = 0x0211
@@ -35,8 +37,20 @@ class Command:
     command_field: int  # (0000,0100)
     message_id: int  # (0000,0110)
     has_dataset: bool  # (0000,0800) != 0x0101
-    sop_class_uid: str = ""  # (0000,0002) Affected SOP Class UID
-    sop_instance_uid: str = ""  # (0000,1000) Affected SOP Instance UID
+    sop_class_uid: str = ""  # (0000,0002) Affected, else (0000,0003) Requested SOP Class UID
+    sop_instance_uid: str = ""  # (0000,1000) Affected, else (0000,1001) Requested SOP Instance
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A response beyond its status: ``affected_instance`` replaces the request's SOP
+    Instance UID (an N-CREATE whose SCP chose it), ``error_id`` is Error ID (0000,0903) and
+    ``error_comment`` Error Comment (0000,0902), both sent only when set."""
+
+    status: int
+    affected_instance: str = ""
+    error_id: int | None = None
+    error_comment: str = ""
 
 
 class CommandError(ValueError):
@@ -70,8 +84,8 @@ def decode_command(data: bytes) -> Command:
         command_field=us(0x0100),
         message_id=us(0x0110),
         has_dataset=us(0x0800) != NO_DATASET,
-        sop_class_uid=text(0x0002),
-        sop_instance_uid=text(0x1000),
+        sop_class_uid=text(0x0002) or text(0x0003),
+        sop_instance_uid=text(0x1000) or text(0x1001),
     )
 
 
@@ -84,16 +98,22 @@ def _uid(value: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
-def encode_response(request: Command, status: int) -> bytes:
-    """The response command set to ``request`` (its Command Field with bit 15 set)."""
+def encode_response(request: Command, status: int | Reply) -> bytes:
+    """The response command set to ``request`` (its Command Field with bit 15 set); its
+    Affected SOP Class/Instance UID are the request's (Affected or Requested)."""
+    reply = status if isinstance(status, Reply) else Reply(status)
+    instance = reply.affected_instance or request.sop_instance_uid
+    comment = reply.error_comment.encode("ascii", "replace")[:64]
     body = b"".join(
         (
             _element(0x0002, _uid(request.sop_class_uid)) if request.sop_class_uid else b"",
             _element(0x0100, struct.pack("<H", request.command_field | 0x8000)),
             _element(0x0120, struct.pack("<H", request.message_id)),
             _element(0x0800, struct.pack("<H", NO_DATASET)),
-            _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(request.sop_instance_uid)) if request.sop_instance_uid else b"",
+            _element(0x0900, struct.pack("<H", reply.status)),
+            _element(0x0902, comment + b" " * (len(comment) % 2)) if comment else b"",
+            _element(0x0903, struct.pack("<H", reply.error_id)) if reply.error_id else b"",
+            _element(0x1000, _uid(instance)) if instance else b"",
         )
     )
     return _element(0x0000, struct.pack("<L", len(body))) + body

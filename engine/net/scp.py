@@ -1,4 +1,5 @@
-"""The DICOM Storage SCP: C-ECHO and C-STORE for every storage SOP class pynetdicom knows.
+"""The DICOM Storage SCP: C-ECHO and C-STORE for every storage SOP class pynetdicom knows,
+and the MPPS SCP (N-CREATE, N-SET; :mod:`engine.net.mpps`) on the same port.
 
 :class:`StorageHandler` is the application side: it makes the instance durable through
 :class:`engine.store.archive.Archive` and answers with its status; it never classifies, routes
@@ -23,32 +24,38 @@ from engine.net.dimse import (
     UNRECOGNIZED_OPERATION,
     VERIFICATION_SOP_CLASS,
     Command,
+    Reply,
     part10_header,
 )
+from engine.net.mpps import MPPS_SOP_CLASS, MppsHandler
 from engine.net.upper import AcceptorConfig, AssociationServer, Peer
 from engine.store.archive import Archive, Status
+from engine.store.audit import AuditLog
 from engine.store.index import Origin
+from engine.store.mpps import MppsStore
 
 log = logging.getLogger(__name__)
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification and every storage SOP class, each with every transfer syntax pydicom knows.
+    """Verification, MPPS and every storage SOP class, each with every transfer syntax pydicom
+    knows.
 
     Compressed data is therefore stored as it comes (no transcoding on receipt).
     """
     syntaxes = [str(ts) for ts in AllTransferSyntaxes]
-    abstracts = [VERIFICATION_SOP_CLASS] + [
+    abstracts = [VERIFICATION_SOP_CLASS, MPPS_SOP_CLASS] + [
         str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax
     ]
     return [build_context(abstract, syntaxes) for abstract in abstracts]
 
 
 class StorageHandler:
-    """Answers C-ECHO and files C-STOREs."""
+    """Answers C-ECHO, files C-STOREs and hands MPPS messages to :class:`MppsHandler`."""
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
+        self.mpps = MppsHandler(MppsStore(archive.index), AuditLog(archive.data_dir))
 
     def on_message(
         self,
@@ -56,9 +63,11 @@ class StorageHandler:
         context: PresentationContext,
         command: Command,
         dataset: list[memoryview] | None,
-    ) -> int:
+    ) -> int | Reply:
         if command.command_field == C_ECHO_RQ:
             return int(Status.SUCCESS)
+        if str(context.abstract_syntax) == MPPS_SOP_CLASS:
+            return self.mpps.on_message(peer, context, command, dataset)
         if command.command_field != C_STORE_RQ or dataset is None:
             return UNRECOGNIZED_OPERATION
         try:

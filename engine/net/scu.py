@@ -1,4 +1,4 @@
-"""A DICOM association as requestor (SCU): C-STORE and Study Root C-FINDs, on one thread.
+"""A DICOM association as requestor (SCU): C-ECHO, C-STORE and Study Root C-FINDs, on one thread.
 
 Protocol plumbing only, the counterpart of the receiver's :mod:`engine.net.upper` and
 :mod:`engine.net.dimse`: it knows files, UIDs and statuses, not destinations or outboxes (the
@@ -26,7 +26,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -38,18 +38,23 @@ from pynetdicom.dsutils import decode, encode, split_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from engine.dicom.codecs import DecodeFailed, decompress
+from engine.net.dimse import CommandError, decode_command, encode_response
 from engine.net.transport import PDU_HEADER, PduReader, PduTooLong
 from engine.net.upper import APPLICATION_CONTEXT, our_user_items
 
 log = logging.getLogger(__name__)
 
-#: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2).
+#: Study Root Query/Retrieve Information Model - FIND and MOVE (PS3.4 C.6.2).
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+C_GET_RQ = 0x0010
 #: The transfer syntaxes a file is re-encoded to when its own was not accepted, preferred first.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # odd context IDs 1..255 (PS3.8 9.3.2.2)
@@ -60,7 +65,9 @@ _WRITE_SIZE = 1 << 18  # bytes gathered per socket write
 _PDV_HEADER = struct.Struct(">BxLLBB")  # PDU type, length; PDV length, context, control
 _RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 _ABORT = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # source: service user, no reason
-C_STORE_RQ, C_FIND_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0130
+C_STORE_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ, N_ACTION_RQ = 0x0001, 0x0020, 0x0021, 0x0030, 0x0130
+#: Verification SOP Class (C-ECHO, PS3.4 A).
+VERIFICATION = "1.2.840.10008.1.1"
 #: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3).
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -68,6 +75,9 @@ _NO_DATASET = 0x0101  # (0000,0800) Command Data Set Type: no data set follows
 _PENDING = (0xFF00, 0xFF01)
 
 Proposal = tuple[str, tuple[str, ...]]  # abstract syntax, transfer syntaxes
+#: Files one instance a C-GET brought: (SOP class, SOP instance, transfer syntax, data set
+#: bytes) -> the C-STORE status.
+StoreHandler = Callable[[str, str, str, bytes], int]
 
 
 class ScuOptions(Protocol):
@@ -111,6 +121,25 @@ class StoreResult:
         return self.status is not None and code_to_category(self.status) in ("Success", "Warning")
 
 
+@dataclass(frozen=True)
+class MoveResult:
+    """The final answer to one C-MOVE: its Status (0000,0900) and the Number of Completed,
+    Failed and Warning Sub-operations (0000,1021)-(0000,1023) (-1 when the peer left one out);
+    ``detail`` a short text without PHI, empty for Success. Success says only what the peer
+    believes: the caller counts what arrived."""
+
+    status: int
+    completed: int
+    failed: int
+    warning: int
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Success, or Warning (0xB000: some sub-operations failed or warned)."""
+        return self.status in (0x0000, 0xB000)
+
+
 class AssociationBroken(Exception):
     """The association cannot go on (unreachable, rejected, aborted, timed out); no PHI."""
 
@@ -128,17 +157,29 @@ def _element(elem: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, elem, len(value)) + value
 
 
-def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "") -> bytes:
-    """A C-STORE-RQ or C-FIND-RQ command set (Implicit VR Little Endian, group 0000) whose
-    data set follows: Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field
-    (0000,0100), Message ID (0000,0110), Priority (0000,0700) medium."""
+def _command(
+    field: int,
+    message_id: int,
+    sop_class: str,
+    sop_instance: str = "",
+    *,
+    dataset: bool = True,
+    move_destination: str = "",
+) -> bytes:
+    """A C-STORE-RQ, C-FIND-RQ, C-MOVE-RQ or C-ECHO-RQ command set (Implicit VR Little Endian,
+    group 0000): Affected SOP Class/Instance UID (0000,0002)/(0000,1000), Command Field
+    (0000,0100), Message ID (0000,0110), Move Destination (0000,0600) for a C-MOVE, Priority
+    (0000,0700) medium (not for C-ECHO), Command Data Set Type (0000,0800): whether a data set
+    follows."""
+    destination = move_destination.encode("ascii")
     body = b"".join(
         (
             _element(0x0002, sop_class.encode("ascii")),
             _element(0x0100, struct.pack("<H", field)),
             _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", 0x0000)),
-            _element(0x0800, struct.pack("<H", 0x0000)),
+            _element(0x0600, destination + b" " * (len(destination) % 2)) if destination else b"",
+            _element(0x0700, struct.pack("<H", 0x0000)) if field != C_ECHO_RQ else b"",
+            _element(0x0800, struct.pack("<H", 0x0000 if dataset else _NO_DATASET)),
             _element(0x1000, sop_instance.encode("ascii")) if sop_instance else b"",
         )
     )
@@ -174,6 +215,23 @@ def _us(command: bytes | bytearray, elem: int) -> int | None:
     return None
 
 
+def _move_status_text(status: int) -> str:
+    """A C-MOVE's final status as text (PS3.4 C.4.2.1.5)."""
+    known = {
+        0xA701: "out of resources: unable to calculate the number of matches",
+        0xA702: "out of resources: unable to perform sub-operations",
+        0xA801: "move destination unknown: the PACS does not know this AE title",
+        0xA900: "identifier does not match SOP class",
+        0xB000: "sub-operations complete, one or more failures or warnings",
+        0xFE00: "sub-operations cancelled",
+    }
+    if status in known:
+        return f"status 0x{status:04X} ({known[status]})"
+    if 0xC000 <= status <= 0xCFFF:
+        return f"status 0x{status:04X} (unable to process)"
+    return _status_text(status)
+
+
 def _status_text(status: int) -> str:
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
     return f"status 0x{status:04X}" + (f" ({meaning[1]})" if meaning else "")
@@ -199,18 +257,27 @@ class ScuAssociation:
         self.sock = sock
         self.opts = opts
         self.reader = PduReader(sock)  # TCP_NODELAY; ACK at once (TCP_QUICKACK)
-        self.pdvs: deque[tuple[int, bytes]] = deque()  # (control header, value) not yet read
+        #: (presentation context, control header, value) of PDVs not yet read
+        self.pdvs: deque[tuple[int, int, bytes]] = deque()
+        self.last_context = 0  # the presentation context of the PDV read last
         self.fragment = _UNLIMITED_FRAGMENT
         #: SOP class -> accepted transfer syntax -> presentation context ID
         self.accepted: dict[str, dict[str, int]] = {}
+        #: presentation context ID -> (SOP class, transfer syntax), of the accepted ones
+        self.contexts: dict[int, tuple[str, str]] = {}
         self.proposed = 0
         self.message_id = 0
 
     @classmethod
     def open(
-        cls, opts: ScuOptions, tls: ssl.SSLContext | None, proposals: Sequence[Proposal]
+        cls,
+        opts: ScuOptions,
+        tls: ssl.SSLContext | None,
+        proposals: Sequence[Proposal],
+        scp_roles: Sequence[str] = (),
     ) -> ScuAssociation:
-        """Connect, and negotiate ``proposals`` (abstract syntax, transfer syntaxes)."""
+        """Connect, and negotiate ``proposals`` (abstract syntax, transfer syntaxes), asking
+        for the SCP role for the SOP classes ``scp_roles`` (storage classes, for C-GET)."""
         where = f"{opts.host}:{opts.port}"
         try:
             sock = socket.create_connection((opts.host, opts.port), timeout=opts.connect_timeout)
@@ -221,7 +288,7 @@ class ScuAssociation:
                 sock = tls.wrap_socket(sock, server_hostname=opts.host)
             assoc = cls(sock, opts)
             with assoc._io(opts.acse_timeout, "negotiating the association"):
-                assoc._negotiate(proposals)
+                assoc._negotiate(proposals, scp_roles)
             return assoc
         except ssl.SSLError as exc:
             _close(sock)
@@ -243,7 +310,7 @@ class ScuAssociation:
                 f"the connection broke off while {what} ({short_reason(exc)})"
             ) from exc
 
-    def _negotiate(self, proposals: Sequence[Proposal]) -> None:
+    def _negotiate(self, proposals: Sequence[Proposal], scp_roles: Sequence[str] = ()) -> None:
         contexts = []
         for i, (abstract, syntaxes) in enumerate(proposals):
             cx = PresentationContext()
@@ -256,7 +323,14 @@ class ScuAssociation:
         primitive.calling_ae_title = self.opts.calling_ae_title
         primitive.called_ae_title = self.opts.ae_title
         primitive.presentation_context_definition_list = contexts
-        primitive.user_information = our_user_items(self.opts.max_pdu)
+        roles = []
+        for sop_class in scp_roles:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = sop_class
+            role.scu_role = False
+            role.scp_role = True
+            roles.append(role)
+        primitive.user_information = [*our_user_items(self.opts.max_pdu), *roles]
         rq = A_ASSOCIATE_RQ()
         rq.from_primitive(primitive)
         self.sock.sendall(rq.encode())
@@ -286,6 +360,7 @@ class ScuAssociation:
             if cx.result == 0x00 and cx.context_id is not None:
                 by_syntax = self.accepted.setdefault(str(cx.abstract_syntax), {})
                 by_syntax.setdefault(str(cx.transfer_syntax[0]), cx.context_id)
+                self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
         self.proposed = len(contexts)
 
     # -- PDUs -------------------------------------------------------------------------------
@@ -311,12 +386,13 @@ class ScuAssociation:
             while pos < len(body):
                 if pos + 6 > len(body):
                     raise AssociationBroken("a malformed P-DATA-TF PDU from the peer")
-                length, _context, control = struct.unpack_from(">LBB", body, pos)
+                length, context, control = struct.unpack_from(">LBB", body, pos)
                 if length < 2 or pos + 4 + length > len(body):
                     raise AssociationBroken("a malformed P-DATA-TF PDU from the peer")
-                self.pdvs.append((control, bytes(body[pos + 6 : pos + 4 + length])))
+                self.pdvs.append((context, control, bytes(body[pos + 6 : pos + 4 + length])))
                 pos += 4 + length
-        return self.pdvs.popleft()
+        self.last_context, control, value = self.pdvs.popleft()
+        return control, value
 
     def _pdus(
         self, context_id: int, control: int, source: BinaryIO, length: int
@@ -336,12 +412,15 @@ class ScuAssociation:
             if left == 0:
                 return
 
-    def _send(self, context_id: int, command: bytes, data: BinaryIO, length: int) -> None:
-        """Write a request. PDUs are gathered into writes of about 256 KiB: with Nagle off,
-        each write is a segment of its own, and a small file then goes out in one."""
+    def _send(
+        self, context_id: int, command: bytes, data: BinaryIO | None, length: int = 0
+    ) -> None:
+        """Write a request (``data`` None: a command without a data set). PDUs are gathered
+        into writes of about 256 KiB: with Nagle off, each write is a segment of its own, and
+        a small file then goes out in one."""
         pdus = itertools.chain(
             self._pdus(context_id, 0x01, io.BytesIO(command), len(command)),
-            self._pdus(context_id, 0x00, data, length),
+            self._pdus(context_id, 0x00, data, length) if data is not None else (),
         )
         with self._io(self.opts.network_timeout, "sending a request"):
             batch: list[bytes] = []
@@ -433,6 +512,24 @@ class ScuAssociation:
         data = _reencode(path, stored, target)
         yield syntaxes[target], io.BytesIO(data), len(data)
 
+    def echo(self) -> str | None:
+        """C-ECHO: None when the peer answered Success, else why not (no PHI)."""
+        syntaxes = self.accepted.get(VERIFICATION)
+        if not syntaxes:
+            return "the peer does not accept C-ECHO (Verification) from us"
+        context_id = next(iter(syntaxes.values()))
+        command = _command(C_ECHO_RQ, self._next_id(), VERIFICATION, dataset=False)
+        self._send(context_id, command, None)
+        status = self._status(self._response()[0])
+        if status != 0x0000:
+            return f"the peer answered the C-ECHO with {_status_text(status)}"
+        return None
+
+    def find(self, query: Dataset) -> list[Dataset] | str:
+        """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
+        the peer takes no such queries from us or refuses this one."""
+        return self._find(query)
+
     def _find(self, query: Dataset) -> list[Dataset] | str:
         """The identifiers of a Study Root C-FIND's pending responses, in order; a text when
         the peer takes no such queries from us or refuses this one."""
@@ -462,6 +559,85 @@ class ScuAssociation:
         if status != 0x0000:
             return f"the peer refused the C-FIND query ({_status_text(status)})"
         return matches
+
+    def move(self, identifier: Dataset, destination: str) -> MoveResult | str:
+        """A Study Root C-MOVE of what ``identifier`` names (its Query/Retrieve Level
+        (0008,0052) and unique keys) to the AE ``destination``; the final response (the
+        pending ones only report progress); a text when the peer takes no such requests from
+        us."""
+        syntaxes = self.accepted.get(STUDY_ROOT_MOVE)
+        if not syntaxes:
+            return "the peer does not accept Study Root C-MOVE requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        data = encode(identifier, UID(syntax).is_implicit_VR, True) or b""
+        command = _command(
+            C_MOVE_RQ, self._next_id(), STUDY_ROOT_MOVE, move_destination=destination
+        )
+        self._send(context_id, command, io.BytesIO(data), len(data))
+        while True:
+            response, _ = self._response()
+            status = self._status(response)
+            if status not in _PENDING:
+                break
+
+        def count(elem: int) -> int:
+            value = _us(response, elem)
+            return -1 if value is None else value
+
+        detail = "" if status == 0x0000 else _move_status_text(status)
+        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+
+    def get(self, identifier: Dataset, on_store: StoreHandler) -> MoveResult | str:
+        """A Study Root C-GET of what ``identifier`` names: the peer sends each instance as a
+        C-STORE on this association, which ``on_store`` files (it returns the C-STORE status);
+        the final C-GET response as a :class:`MoveResult`; a text when the peer takes no
+        C-GET from us."""
+        syntaxes = self.accepted.get(STUDY_ROOT_GET)
+        if not syntaxes:
+            return "the peer does not accept Study Root C-GET requests from us"
+        syntax, context_id = next(iter(syntaxes.items()))
+        data = encode(identifier, UID(syntax).is_implicit_VR, True) or b""
+        self._send(
+            context_id,
+            _command(C_GET_RQ, self._next_id(), STUDY_ROOT_GET),
+            io.BytesIO(data),
+            len(data),
+        )
+        while True:
+            response, dataset = self._response()
+            if _us(response, 0x0100) == C_STORE_RQ:
+                self._answer_store(response, dataset, on_store)
+                continue
+            status = self._status(response)
+            if status not in _PENDING:
+                break
+
+        def count(elem: int) -> int:
+            value = _us(response, elem)
+            return -1 if value is None else value
+
+        detail = "" if status == 0x0000 else _move_status_text(status)
+        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+
+    def _answer_store(self, request: bytes, dataset: bytes | None, on_store: StoreHandler) -> None:
+        """File one C-STORE of a C-GET through ``on_store`` and answer it."""
+        context = self.last_context
+        try:
+            command = decode_command(request)
+        except CommandError as exc:
+            raise AssociationBroken(f"a C-STORE request that cannot be read ({exc})") from exc
+        sop_class, syntax = self.contexts.get(context, ("", ""))
+        if dataset is None or not syntax:
+            status = 0xC000  # cannot understand
+        else:
+            try:
+                status = on_store(
+                    command.sop_class_uid or sop_class, command.sop_instance_uid, syntax, dataset
+                )
+            except Exception:  # the guard: a handler failure is a status, not a crash
+                log.exception("C-STORE handler of a C-GET failed")
+                status = 0xA700
+        self._send(context, encode_response(command, status), None)
 
     def count_instances(self, study_uid: str) -> int | str:
         """Number of Study Related Instances (0020,1208) the peer reports for the study, by a

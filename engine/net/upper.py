@@ -40,6 +40,7 @@ from engine.net.dimse import (
     OUT_OF_RESOURCES,
     Command,
     CommandError,
+    Reply,
     decode_command,
     encode_response,
 )
@@ -78,8 +79,9 @@ class MessageHandler(Protocol):
         context: PresentationContext,
         command: Command,
         dataset: list[memoryview] | None,
-    ) -> int:
-        """Handle a request; return the DIMSE status for the response.
+    ) -> int | Reply:
+        """Handle a request; return the DIMSE status for the response (a :class:`Reply`
+        when the response carries more).
 
         ``dataset`` is the data set's fragments in order, not joined: the handler joins them
         once, with whatever it puts in front.
@@ -308,7 +310,7 @@ class Association:
         status = self.handler.on_message(self.peer, context, command, dataset)
         self._respond(context_id, command, status)
 
-    def _respond(self, context_id: int, command: Command, status: int) -> None:
+    def _respond(self, context_id: int, command: Command, status: int | Reply) -> None:
         response = encode_response(command, status)
         # One P-DATA-TF with one PDV: the command, last fragment (control header 0x03).
         pdv = struct.pack(">LBB", len(response) + 2, context_id, 0x03) + response

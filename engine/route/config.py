@@ -48,12 +48,15 @@ class Routing:
 
 @dataclass(frozen=True)
 class Completeness:
-    """When a study is complete for a project; all durations in seconds."""
+    """When a study is complete for a project; all durations in seconds. ``mpps_wait``: how
+    long after its MPPS step completed a study waits for the instances the step references
+    (0: MPPS is not used)."""
 
     study_quiet: float
     series_quiet: float
     expected_labels: frozenset[str]
     force_complete: float
+    mpps_wait: float = 600.0
 
 
 def _section(project: ProjectConfig, key: str) -> dict[str, Any]:
@@ -134,6 +137,7 @@ def completeness_of(project: ProjectConfig) -> Completeness:
         series_quiet=float(section.get("series_quiet_seconds", 16)),
         expected_labels=frozenset(section.get("expected_labels", [])),
         force_complete=float(section.get("force_complete_seconds", 86400)),
+        mpps_wait=float(section.get("mpps_wait_seconds", 600)),
     )
 
 

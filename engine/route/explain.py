@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from engine.route.router import Router, SeriesFacts
 from engine.route.tracker import site_labeller
 from engine.rules import RuleSet
 from engine.store.index import open_index
+from engine.store.mpps import MppsStore, Step
 
 
 @dataclass
@@ -52,6 +54,7 @@ class _Study:
     accession: str
     series: dict[str, _Series] = field(default_factory=dict)
     routes: list[_Route] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # its MPPS procedure steps
 
 
 def _from_files(paths: Iterable[Path], origin: tuple[str, str, str]) -> dict[str, _Study]:
@@ -87,6 +90,7 @@ def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
                     (study_uid,),
                 )
             ]
+        steps = MppsStore(index).steps_for(study_uid)
     finally:
         index.close()
     studies: dict[str, _Study] = {}
@@ -100,6 +104,7 @@ def _from_index(site: SiteConfig, study_uid: str) -> dict[str, _Study]:
                     target.datasets += series.datasets
     if study_uid in studies:
         studies[study_uid].routes = routes
+        studies[study_uid].steps = steps
     return studies
 
 
@@ -168,6 +173,7 @@ def explain_studies(
                     if seen:
                         out.append(f"        {seen}")
         out += _recorded(study.routes)
+        out += mpps_lines(study.steps)
         assigned = {r.project: list(r.reasons) for r in study.routes if r.assigned}
         if assigned:
             out.append("  assigned: the projects' routing criteria are not applied to it")
@@ -190,6 +196,18 @@ def _recorded(routes: Sequence[_Route]) -> list[str]:
         out.append(
             f"  routed to {r.project} ({', '.join(r.reasons)}){': ' + research if research else ''}"
             f", route {r.state}"
+        )
+    return out
+
+
+def mpps_lines(steps: Sequence[Step]) -> list[str]:
+    """A study's MPPS procedure steps, one line each (times UTC)."""
+    out = []
+    for step in steps:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(step.ended_at or step.updated_at))
+        out.append(
+            f"  MPPS step {step.sop_instance_uid}: {step.status}"
+            f" ({step.n_instances} instances referenced), {when} UTC"
         )
     return out
 

@@ -36,6 +36,7 @@ from engine.route.router import Router, SeriesFacts
 from engine.rules import RuleSet, SeriesLabels, load_rulesets
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
+from engine.store.mpps import MppsStore
 from engine.store.quarantine import Quarantine, Reason
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Tracker:
         self.runs = runs
         self.quarantine = Quarantine(data_dir, index)
         self.audit = AuditLog(data_dir)
+        self.mpps = MppsStore(index)
         self._received: dict[str, str] = {}  # study UID -> day of its last 'received' entry
         self._next_mark = 0
 
@@ -290,7 +292,8 @@ class Tracker:
                 "SELECT r.study_uid, r.project, r.subject, r.event, r.opened_at, r.runs,"
                 " r.done_upto, st.first_received_at, st.last_received_at, st.id,"
                 " (SELECT count(*) FROM study_routes o WHERE o.study_uid = r.study_uid),"
-                " (SELECT max(o.assigned) FROM study_routes o WHERE o.study_uid = r.study_uid)"
+                " (SELECT max(o.assigned) FROM study_routes o WHERE o.study_uid = r.study_uid),"
+                " st.routed_upto"
                 " FROM study_routes r JOIN studies st ON st.study_uid = r.study_uid"
                 " WHERE r.state = 'open' AND st.routed_upto > r.done_upto"
             ).fetchall()
@@ -299,11 +302,19 @@ class Tracker:
             study_uid, project, subject, event, opened_at, runs, done_upto = row[:7]
             if study_uid in held:
                 continue
-            first_at, last_at, study_id, n_routes, assigned = row[7:]
+            first_at, last_at, study_id, n_routes, assigned, seen_upto = row[7:]
             rule = self.completeness.get(project)
             if rule is None:
                 continue  # the project was removed or disabled; its route waits
-            why = self._why_complete(rule, study_id, done_upto, first_at, last_at, opened_at, now)
+            mpps = self._mpps_complete(rule, study_uid, seen_upto, now)
+            if mpps is None:
+                why = self._why_complete(
+                    rule, study_id, done_upto, first_at, last_at, opened_at, now
+                )
+            elif mpps:
+                why = "MPPS completed, every instance it references arrived"
+            else:  # a completed step's instances are missing: only the force deadline decides
+                why = self._forced(rule, first_at, opened_at, now)
             if why is None:
                 continue
             ambiguous = n_routes > 1 and not assigned  # an operator's choice is not ambiguous
@@ -312,7 +323,7 @@ class Tracker:
                 held.add(study_uid)
                 continue
             run_id = self._start_run(
-                study_uid, project, subject, event, runs, done_upto, study_id, now
+                study_uid, project, subject, event, runs, done_upto, study_id, now, why
             )
             log.info(
                 "study complete for project %s (%s); run %d created (follow-up %d)",
@@ -338,9 +349,27 @@ class Tracker:
         early = rule.expected_labels and quiet >= rule.series_quiet
         if early and rule.expected_labels <= self._study_labels(study_id):
             return "expected labels arrived"
+        return self._forced(rule, first_at, opened_at, now)
+
+    @staticmethod
+    def _forced(rule: Completeness, first_at: float, opened_at: float, now: float) -> str | None:
         if rule.force_complete and now - min(first_at, opened_at) >= rule.force_complete:
             return "forced"
         return None
+
+    def _mpps_complete(
+        self, rule: Completeness, study_uid: str, seen_upto: int, now: float
+    ) -> bool | None:
+        """What the study's MPPS steps say: True when a step COMPLETED within the last
+        ``mpps_wait`` seconds and every instance of every such step has been seen (ids up to
+        ``seen_upto``); False while one of them waits for instances; None when no such step
+        speaks (the quiet-time rule decides)."""
+        if rule.mpps_wait <= 0:
+            return None
+        missing = self.mpps.missing_of_completed(study_uid, seen_upto, now - rule.mpps_wait)
+        if not missing:
+            return None
+        return not any(missing)
 
     def _study_labels(self, study_id: int) -> frozenset[str]:
         with self.index.reading() as db:
@@ -357,9 +386,11 @@ class Tracker:
         done_upto: int,
         study_id: int,
         now: float,
+        why: str = "",
     ) -> int:
         """Create the pipeline run of the completed route (follow-up ``runs``); its id, as
-        the index and the runner's log lines name it."""
+        the index and the runner's log lines name it. ``why`` (the rule that completed it)
+        goes into the audit entry."""
         with self.index.reading() as db:
             series = [
                 str(r[0])
@@ -392,6 +423,7 @@ class Tracker:
             project=project,
             follow_up=runs,
             series=len(series),
+            **({"why": why} if why else {}),
         )
         return run_id
 

@@ -1,0 +1,139 @@
+"""Retrieval benchmark: ``fiona retrieve`` (C-MOVE and C-GET) against dcmtk's movescu/getscu.
+
+Run from the repo root: ``python bench/retrieve.py [--files 2000] [--size 64]``. A corpus of
+synthetic MR studies (``tests.synth.make_corpus``: 200 instances a study) is loaded into
+Orthanc, then fetched four ways, each into a fresh destination:
+
+- fiona, ``retrieve: move``: a list of the study UIDs queued with ``fiona retrieve`` and worked
+  by ``fiona serve`` (C-FIND of every series and instance, C-MOVE to fiona's own SCP, every
+  instance durable in the archive and the index, arrivals counted);
+- dcmtk ``movescu`` per study into dcmtk's ``storescp``;
+- fiona, ``retrieve: get`` (C-GET, filed through the archive on the same association);
+- dcmtk ``getscu`` per study, writing files.
+
+It prints files/s of each and fiona's ratio to dcmtk's (the issue's target: 0.8x with fiona's
+durability). The clock runs from the job being queued (or the first movescu/getscu) to the
+last instance arriving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+
+from engine.cli import main as fiona_main  # noqa: E402
+from tests.peers import (  # noqa: E402
+    DcmqrscpServer,
+    FionaServer,
+    OrthancServer,
+    StorescpServer,
+    dcmtk,
+    free_port,
+    nodelay_env,
+)
+from tests.synth import make_corpus  # noqa: E402
+
+
+def _study_uids(files: list[Path]) -> list[str]:
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+    return sorted(uids)
+
+
+def _fiona(work: Path, orthanc: OrthancServer, port: int, method: str, uids: list[str]) -> float:
+    """Seconds for ``fiona retrieve`` to bring every study."""
+    data, projects = work / f"fiona-{method}", work / f"projects-{method}"
+    projects.mkdir()
+    site = work / f"site-{method}.yaml"
+    site.write_text(
+        f"data_dir: {data}\nprojects_dir: {projects}\nport: {port}\n"
+        f"pacs:\n  - {{name: orthanc, ae_title: {orthanc.ae_title}, host: 127.0.0.1,"
+        f" port: {orthanc.dicom_port}, retrieve: {method}}}\n"
+    )
+    server = FionaServer(data_dir=data, projects_dir=projects, port=port, config=site).start()
+    try:
+        listing = work / f"list-{method}.csv"
+        listing.write_text("study_uid\n" + "".join(f"{u}\n" for u in uids))
+        start = time.perf_counter()
+        assert (
+            fiona_main(["retrieve", "orthanc", "--list", str(listing), "--config", str(site)]) == 0
+        )
+        while True:
+            db = sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
+            try:
+                states = [r[0] for r in db.execute("SELECT state FROM retrieve_rows")]
+            finally:
+                db.close()
+            if all(s in ("done", "partial", "failed") for s in states):
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        if set(states) != {"done"}:
+            raise RuntimeError(f"fiona {method}: rows ended {sorted(set(states))}")
+        return seconds
+    finally:
+        server.stop()
+
+
+def _dcmtk(
+    work: Path, orthanc: OrthancServer, tool: str, uids: list[str], store_port: int
+) -> float:
+    """Seconds for movescu (into storescp at ``store_port``) or getscu to bring every study."""
+    out = work / f"{tool}-out"
+    out.mkdir()
+    start = time.perf_counter()
+    for uid in uids:
+        args = [dcmtk(tool), "-S", "-aet", "FIONA", "-aec", orthanc.ae_title]
+        args += ["-aem", "STORESCP"] if tool == "movescu" else ["-od", str(out)]
+        args += ["-k", "0008,0052=STUDY", "-k", f"0020,000D={uid}"]
+        args += ["127.0.0.1", str(orthanc.dicom_port)]
+        subprocess.run(args, check=True, capture_output=True, env=nodelay_env())
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=64, help="image rows and columns")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fiona-bench-retrieve-") as tmp:
+        work = Path(tmp)
+        files = make_corpus(work / "corpus", args.files, args.size)
+        uids = _study_uids(files)
+        fiona_port = free_port()
+        storescp = StorescpServer(work / "storescp").start()  # writes every file, as fiona
+        modalities = {
+            "fiona": ["FIONA", "127.0.0.1", fiona_port],
+            "storescp": ["STORESCP", "127.0.0.1", storescp.port],
+        }
+        orthanc = OrthancServer(work / "orthanc", extra={"DicomModalities": modalities}).start()
+        try:
+            DcmqrscpServer.load(orthanc.ae_title, orthanc.dicom_port, work / "corpus")
+            print(f"{len(files)} files of {args.size}x{args.size} in {len(uids)} studies")
+            rates = {
+                "fiona C-MOVE": _fiona(work, orthanc, fiona_port, "move", uids),
+                "movescu": _dcmtk(work, orthanc, "movescu", uids, storescp.port),
+                "fiona C-GET": _fiona(work, orthanc, fiona_port, "get", uids),
+                "getscu": _dcmtk(work, orthanc, "getscu", uids, storescp.port),
+            }
+        finally:
+            orthanc.stop()
+            storescp.stop()
+        for name, seconds in rates.items():
+            print(f"{name:<14} {len(files) / seconds:8.1f} files/s  ({seconds:.1f} s)")
+        for ours, theirs in (("fiona C-MOVE", "movescu"), ("fiona C-GET", "getscu")):
+            print(f"{ours} / {theirs}: {rates[theirs] / rates[ours]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

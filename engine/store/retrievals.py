@@ -1,0 +1,222 @@
+"""Retrieval jobs in the index: every SQL statement on ``retrieve_jobs`` and ``retrieve_rows``.
+
+A row goes ``queued`` -> ``querying`` -> ``retrieving`` -> ``done`` | ``partial`` | ``failed``
+(with a reason). A row left ``querying`` or ``retrieving`` by a stopped service is taken up
+again from ``queued`` (:meth:`RetrievalStore.resume`): what arrived meanwhile is counted, not
+fetched twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from engine.store.index import Index
+
+
+class RowState(StrEnum):
+    QUEUED = "queued"
+    QUERYING = "querying"
+    RETRIEVING = "retrieving"
+    DONE = "done"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+FINAL_STATES = (RowState.DONE, RowState.PARTIAL, RowState.FAILED)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One line of a retrieval list: what to find, for whom, which series."""
+
+    line: int
+    accession: str = ""
+    study_uid: str = ""
+    patient_id: str = ""
+    study_date: str = ""
+    project: str = ""
+    subject: str = ""
+    event: str = ""
+    modality: str = ""
+    series_description: str = ""
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row as stored: its spec, job and progress."""
+
+    id: int
+    job: int
+    pacs: str
+    spec: RowSpec
+    state: RowState
+    reason: str
+    studies: int
+    expected: int
+    arrived: int
+    attempts: int
+
+
+_SPEC = [f.name for f in fields(RowSpec)]
+_ROW_SQL = (
+    "SELECT r.id, r.job_ref, j.pacs, j.project, r.state, r.reason, r.studies, r.expected,"
+    f" r.arrived, r.attempts, {', '.join('r.' + n for n in _SPEC)}"
+    " FROM retrieve_rows r JOIN retrieve_jobs j ON j.id = r.job_ref"
+)
+
+
+def _row(r: Sequence[Any]) -> Row:
+    spec = dict(zip(_SPEC, r[10:], strict=True))
+    spec["project"] = spec["project"] or r[3]  # the job's --project for rows without one
+    return Row(
+        id=int(r[0]),
+        job=int(r[1]),
+        pacs=str(r[2]),
+        spec=RowSpec(**spec),
+        state=RowState(r[4]),
+        reason=str(r[5]),
+        studies=int(r[6]),
+        expected=int(r[7]),
+        arrived=int(r[8]),
+        attempts=int(r[9]),
+    )
+
+
+class RetrievalStore:
+    """The retrieval tables of one index."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def create_job(
+        self,
+        pacs: str,
+        project: str,
+        list_name: str,
+        rows: Sequence[RowSpec],
+        by: str,
+        now: float,
+    ) -> int:
+        """Queue a job of ``rows``; its id."""
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO retrieve_jobs(pacs, project, list_name, created_at, created_by)"
+                " VALUES (?,?,?,?,?)",
+                (pacs, project, list_name, now, by),
+            )
+            job = int(cur.lastrowid or 0)
+            db.executemany(
+                f"INSERT INTO retrieve_rows(job_ref, updated_at, {', '.join(_SPEC)})"
+                f" VALUES (?, ?, {', '.join('?' for _ in _SPEC)})",
+                [(job, now, *(getattr(r, n) for n in _SPEC)) for r in rows],
+            )
+        return job
+
+    def resume(self, now: float) -> int:
+        """Rows a stopped service left half-way go back to ``queued``; how many."""
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "UPDATE retrieve_rows SET state='queued', updated_at=?"
+                " WHERE state IN ('querying', 'retrieving')",
+                (now,),
+            )
+            return int(cur.rowcount)
+
+    def next_queued(self, pacs: str) -> Row | None:
+        """The oldest queued row of a job on ``pacs``."""
+        with self.index.reading() as db:
+            r = db.execute(
+                _ROW_SQL + " WHERE r.state='queued' AND j.pacs=? ORDER BY r.id LIMIT 1", (pacs,)
+            ).fetchone()
+        return None if r is None else _row(r)
+
+    def pacs_with_queued(self) -> list[str]:
+        with self.index.reading() as db:
+            rows = db.execute(
+                "SELECT DISTINCT j.pacs FROM retrieve_rows r JOIN retrieve_jobs j"
+                " ON j.id = r.job_ref WHERE r.state='queued' ORDER BY j.pacs"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def studies_since(self, pacs: str, since: float) -> int:
+        """Studies retrieved from ``pacs`` by rows finished at or after ``since``."""
+        with self.index.reading() as db:
+            row = db.execute(
+                "SELECT coalesce(sum(r.studies), 0) FROM retrieve_rows r JOIN retrieve_jobs j"
+                " ON j.id = r.job_ref WHERE j.pacs=? AND r.done_at >= ?",
+                (pacs, since),
+            ).fetchone()
+        return int(row[0])
+
+    def update(self, row_id: int, now: float, state: RowState, **progress: int | str) -> None:
+        """Set a row's state (and ``reason``, ``studies``, ``expected``, ``arrived``,
+        ``attempts`` when given)."""
+        allowed = {"reason", "studies", "expected", "arrived", "attempts"}
+        assert set(progress) <= allowed, progress
+        sets = "".join(f", {k}=?" for k in progress)
+        done = now if state in FINAL_STATES else None
+        with self.index.transaction() as db:
+            db.execute(
+                f"UPDATE retrieve_rows SET state=?, updated_at=?, done_at=?{sets} WHERE id=?",
+                (str(state), now, done, *progress.values(), row_id),
+            )
+
+    def rows(self, job: int) -> list[Row]:
+        with self.index.reading() as db:
+            found = db.execute(_ROW_SQL + " WHERE r.job_ref=? ORDER BY r.line", (job,)).fetchall()
+        return [_row(r) for r in found]
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job with its row counts by state, newest first."""
+        with self.index.reading() as db:
+            jobs = db.execute(
+                "SELECT id, pacs, project, list_name, created_at, created_by FROM retrieve_jobs"
+                " ORDER BY id DESC"
+            ).fetchall()
+            counts = db.execute(
+                "SELECT job_ref, state, count(*), sum(studies), sum(expected), sum(arrived)"
+                " FROM retrieve_rows GROUP BY job_ref, state"
+            ).fetchall()
+        out = []
+        for job_id, pacs, project, list_name, created_at, by in jobs:
+            states = {str(s): 0 for s in RowState}
+            totals = {"studies": 0, "expected": 0, "arrived": 0}
+            for ref, state, n, studies, expected, arrived in counts:
+                if ref == job_id:
+                    states[str(state)] = int(n)
+                    totals["studies"] += int(studies or 0)
+                    totals["expected"] += int(expected or 0)
+                    totals["arrived"] += int(arrived or 0)
+            out.append(
+                {
+                    "job": int(job_id),
+                    "pacs": str(pacs),
+                    "project": str(project),
+                    "list": str(list_name),
+                    "created_at": float(created_at),
+                    "created_by": str(by),
+                    "rows": states,
+                    **totals,
+                }
+            )
+        return out
+
+    def held_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """Those of ``sop_uids`` (SOP Instance UID (0008,0018)) the index holds."""
+        found: set[str] = set()
+        with self.index.reading() as db:
+            for start in range(0, len(sop_uids), 500):
+                chunk = list(sop_uids[start : start + 500])
+                marks = ",".join("?" for _ in chunk)
+                found.update(
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT sop_instance_uid FROM instances"
+                        f" WHERE sop_instance_uid IN ({marks})",
+                        chunk,
+                    )
+                )
+        return found
