@@ -195,10 +195,10 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
 def _queue(site: SiteConfig, index: Index, args: argparse.Namespace) -> int:
     from engine.projects import load_projects
+    from engine.retrieve.jobs import QueueError, queue_list
     from engine.retrieve.lists import ListError, read_list
 
-    pacs = _pacs(site, args.name)
-    if pacs is None:
+    if _pacs(site, args.name) is None:
         return 2
     try:
         rows = read_list(args.list)
@@ -206,22 +206,17 @@ def _queue(site: SiteConfig, index: Index, args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    known = {p.name for p in load_projects(site.projects_dir)[0]}
-    wanted = {r.project for r in rows if r.project} | ({args.project} if args.project else set())
-    unknown = sorted(wanted - known)
-    if unknown:
-        print(f"fiona: no such project: {', '.join(unknown)}", file=sys.stderr)
+    known = [p.name for p in load_projects(site.projects_dir)[0]]
+    try:
+        job = queue_list(
+            site, index, args.name, rows, args.list.name,
+            project=args.project or "", known_projects=known, operator=operator(),
+        )  # fmt: skip
+    except QueueError as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
         return 2
-    import time
-
-    job = RetrievalStore(index).create_job(
-        pacs.name, args.project or "", args.list.name, rows, operator(), time.time()
-    )
-    AuditLog(site.data_dir).write(
-        "retrieve_queued", job=job, pacs=pacs.name, rows=len(rows), by=operator()
-    )
     print(
-        f"retrieval job {job}: {len(rows)} rows queued for PACS {pacs.name}; fiona serve works"
+        f"retrieval job {job}: {len(rows)} rows queued for PACS {args.name}; fiona serve works"
         f" through them within the PACS's limits (fiona retrieve status {job})"
     )
     return 0
@@ -250,22 +245,12 @@ def _status(index: Index, args: argparse.Namespace) -> int:
         ]
         _print_table(["job", "PACS", "project", "rows", "instances"], table)
         return 0
-    rows = store.rows(int(args.job))
-    if not rows:
+    from engine.retrieve.jobs import job_rows
+
+    found = job_rows(index, int(args.job))
+    if not found:
         print(f"fiona: no retrieval job {args.job}", file=sys.stderr)
         return 2
-    found = [
-        {
-            "line": r.spec.line,
-            "state": str(r.state),
-            "studies": r.studies,
-            "expected": r.expected,
-            "arrived": r.arrived,
-            "attempts": r.attempts,
-            "reason": r.reason,
-        }
-        for r in rows
-    ]
     if args.json:
         for item in found:
             print(json.dumps(item, sort_keys=True))

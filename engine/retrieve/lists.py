@@ -52,7 +52,13 @@ def read_list(path: Path) -> list[RowSpec]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ListError([f"{path}: cannot read the list ({exc})"]) from exc
-    reader = csv.reader(io.StringIO(text))
+    return parse_list(text, path)
+
+
+def parse_list(text: str, path: Path | str) -> list[RowSpec]:
+    """The rows of a list's CSV ``text``; messages name ``path`` (the file, or the name of an
+    uploaded one); raises :class:`ListError` with every problem."""
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
         raise ListError([f"{path}:1: expected a header line naming the columns"])
@@ -89,7 +95,7 @@ def read_list(path: Path) -> list[RowSpec]:
     return rows
 
 
-def _row_problems(path: Path, line: int, row: dict[str, str]) -> list[str]:
+def _row_problems(path: Path | str, line: int, row: dict[str, str]) -> list[str]:
     out = []
     if not (row.get("accession") or row.get("study_uid") or row.get("patient_id")):
         out.append(f"{path}:{line}: expected an accession, a study_uid or a patient_id")

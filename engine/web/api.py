@@ -23,6 +23,7 @@ from engine.store.audit import AuditLog, uid_token
 from engine.store.studies import StudyFilter, find_studies
 from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
+from engine.web.api_retrieve import RETRIEVE_ROUTES
 from engine.web.api_users import USER_ROUTES
 from engine.web.auth import ApiError, Need, check_project
 from engine.web.call import Call, Route
@@ -348,6 +349,7 @@ ROUTES: tuple[Route, ...] = (
         upload=True,
     ),
     *USER_ROUTES,
+    *RETRIEVE_ROUTES,
 )
 
 

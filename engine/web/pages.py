@@ -178,6 +178,32 @@ def _explain(call: Call, form: Form) -> View:
     return View("explain.html", "Test a file", {"found": found, "origin": origin})
 
 
+# -- retrievals ---------------------------------------------------------------------------------
+
+
+def _retrievals(call: Call, form: Form) -> View:
+    granted = [p.name for p in call.projects(call.site) if call.user.sees_project(p.name)]
+    values = {
+        "jobs": _api(call, "GET", "/retrievals"),
+        "pacs": [p.name for p in call.site.pacs],
+        "projects": granted,
+        "can_act": _acts(call),
+    }
+    return View("retrievals.html", "Retrievals", values)
+
+
+def _retrieval(call: Call, form: Form) -> View:
+    job = _api(call, "GET", "/retrievals/{job}", job=call.params["job"])
+    return View("retrieval.html", f"Retrieval job {job['job']}", {"job": job})
+
+
+def _retrieval_queue(call: Call, form: Form) -> Redirect:
+    fields = {k: _field(form, k) for k in ("pacs", "project")}
+    asked = replace(call, query=QueryParams({k: v for k, v in fields.items() if v}))
+    queued = _api(asked, "POST", "/retrievals")
+    return Redirect(f"/retrievals/{queued['job']}")
+
+
 # -- users (admins) ------------------------------------------------------------------------------
 
 
@@ -274,6 +300,9 @@ PAGES: tuple[Page, ...] = (
     Page("GET", "/audit", Need.READ, _audit),
     Page("GET", "/explain", Need.READ, _explain_form),
     Page("POST", "/explain", Need.READ, _explain, upload=True),
+    Page("GET", "/retrievals", Need.READ, _retrievals),
+    Page("POST", "/retrievals", Need.ACT, _retrieval_queue, upload=True),
+    Page("GET", "/retrievals/{job}", Need.READ, _retrieval),
     Page("GET", "/users", Need.ADMIN, _users),
     Page("POST", "/users", Need.ADMIN, _user_add),
     Page("GET", "/users/{name}", Need.ADMIN, _user),
