@@ -8,7 +8,8 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 # Debian packages the test suite talks to as real peers.
-DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver)
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver
+  tesseract-ocr tesseract-ocr-eng fonts-dejavu-core fonts-liberation)
 
 if [ "$want_test" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -45,6 +45,7 @@ class _Job:
     secret_file: str
     pixel_rules: tuple[str, ...]
     report: bool = False
+    ocr: str = ""  # "", "hold" or "redact": OCR on the images the default policy holds
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,18 @@ class _Done:
 
 def _build(job: _Job) -> Exporter:
     from engine.deid import Deidentifier, load_profile, load_secret
+    from engine.deid.burned_in import BurnedInPolicy
+    from engine.deid.ocr import tesseract_problem
     from engine.deid.pixels import load_pixel_rules
 
     profile = load_profile(job.profile, job.options)
     rules = load_pixel_rules([Path(p) for p in job.pixel_rules]) if job.pixel_rules else None
     deid = Deidentifier(profile, load_secret(job.secret_file), per_attribute=job.report)
-    return Exporter(deid, pixel_rules=rules)
+    policy = BurnedInPolicy.from_mapping({"ocr": {"action": job.ocr}} if job.ocr else {})
+    problem = tesseract_problem(policy.ocr.languages) if policy.ocr is not None else None
+    if problem is not None:
+        raise ValueError(problem)
+    return Exporter(deid, policy, pixel_rules=rules)
 
 
 def _init(job: _Job) -> None:
@@ -133,6 +140,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
         str(args.secret_file),
         tuple(args.pixel_rules or ()),
         bool(getattr(args, "report", False)),
+        str(getattr(args, "ocr", None) or ""),
     )
     try:
         _build(job)  # fail fast, in this process, on a bad profile, option or secret
