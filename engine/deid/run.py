@@ -10,8 +10,9 @@ held files with their reasons: never a header value.
 Files are written under a temporary name and renamed; the whole output is flushed to disk
 (``os.sync``, unless ``--no-sync``) before the command reports success. Held files are not an
 error: the exit status
-is 0 once every file was exported or held, 2 for a bad profile, option or secret. ``--jobs N``
-spreads files over N processes.
+is 0 once every file was exported or held, 2 for a bad profile, option or secret (or ``--ocr``
+without the tesseract program). ``--jobs N`` spreads files over N processes. ``--ocr hold|redact``
+reads the pixels of the images the default burned-in policy holds (:mod:`engine.deid.ocr`).
 """
 
 from __future__ import annotations
