@@ -6,17 +6,20 @@ tesseract-ocr, tesseract-ocr-eng, fonts-dejavu-core and fonts-liberation (script
 
 The corpus is ``tests/ocr_images.py``'s: N synthetic screenshots, N ultrasound cines of two
 frames (mono and RGB alternating), N CT dose screens (12 bit), all with text in several fonts
-and sizes (white or grey on dark, dark on a light bar, on speckle), and N images without text
-(viewer background, speckle, CT slice). The process and the tesseract programs it starts are
-pinned to core 0 (``sched_setaffinity``, inherited by children) with ``OMP_THREAD_LIMIT=1``.
+and sizes (white or grey on dark, dark on a light bar, on speckle); N ``hard`` images (text
+7-9 pixels high, dim red text, a vertical label, text over the speckle); and 3 N images
+without text (viewer background, speckle, CT slice). The process and the tesseract programs
+it starts are pinned to core 0 (``sched_setaffinity``, inherited by children), with
+``OMP_THREAD_LIMIT=1``.
 
 - **recall**: planted lines found / lines planted, per frame; a line counts as found when the
   boxes cover at least half of it (``tests.ocr_images.line_found``), by kind and by text
   height (pixels);
 - **false alarms**: images without text in which any box is found / images without text;
-- **time**: ``find_text`` on every image (decoded pixels in memory, all frames), as ms per
-  image, ms per frame and images per second on the one core; and the whole ``redact`` export
-  (OCR, blackout, the second reading, de-identification) per image with text;
+- **time**: ``find_text`` (``binarization`` otsu, the default, and sauvola) on every image
+  (decoded pixels in memory, all frames), as ms per frame and images per second on the one
+  core; and the whole ``redact`` export (OCR, blackout, the second reading,
+  de-identification) per image with text;
 - **reference**: ``tesseract FRAME.png stdout --psm 11 tsv`` by hand on the same frames,
   windowed to 8 bits and written as PNG beforehand (one polarity, as it comes: light text on
   dark), its recall from its TSV and its time per frame; the ratio is fiona's time per frame
@@ -50,15 +53,25 @@ from engine.deid import Deidentifier, load_profile  # noqa: E402
 from engine.deid.burned_in import BurnedInPolicy  # noqa: E402
 from engine.deid.export import Exported, Exporter  # noqa: E402
 from engine.deid.ocr import OcrPolicy, _gray_frames, find_text, tesseract_problem  # noqa: E402
-from tests.ocr_images import Case, Line, clean, dose, line_found, screenshot, ultrasound  # noqa: E402
+from tests.ocr_images import (  # noqa: E402
+    Case,
+    Line,
+    clean,
+    dose,
+    hard,
+    line_found,
+    screenshot,
+    ultrasound,
+)
 
 
 def corpus(n: int) -> tuple[list[Case], list[Case]]:
-    """(images with text, images without) of ``n`` each kind."""
+    """(images with text: ``n`` of each kind, ``hard`` ones included; 3 ``n`` without)."""
     text = [screenshot(s) for s in range(n)]
     text += [ultrasound(s, rgb=s % 2 == 1) for s in range(n)]
     text += [dose(s) for s in range(n)]
-    return text, [clean(s) for s in range(n)]
+    text += [hard(s) for s in range(n)]
+    return text, [clean(s) for s in range(3 * n)]
 
 
 def band(line: Line) -> str:
@@ -80,9 +93,11 @@ def recall(cases: list[Case], boxes_of: dict[str, dict[int, list[tuple[int, int,
     return found
 
 
-def fiona_pass(cases: list[Case]) -> tuple[float, dict[str, dict[int, list]]]:
+def fiona_pass(
+    cases: list[Case], binarization: str = "otsu"
+) -> tuple[float, dict[str, dict[int, list]]]:
     """Seconds for find_text over every case, and the boxes by case and frame."""
-    policy = OcrPolicy()
+    policy = OcrPolicy(binarization=binarization)
     datasets = [copy.deepcopy(c.dataset) for c in cases]
     for ds in datasets:
         ds.pixel_array  # decoded before the clock starts, as the export path has it  # noqa: B018
@@ -168,32 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     frames = sum(int(c.dataset.get("NumberOfFrames", 1) or 1) for c in everything)
     with tempfile.TemporaryDirectory() as tmp:
         pngs = write_pngs(everything, Path(tmp))
-        fiona_times, cli_times, redact_times = [], [], []
+        times: dict[str, list[float]] = defaultdict(list)
+        boxes: dict[str, dict[str, dict[int, list]]] = {}
         for _ in range(args.repeat):
-            seconds, fiona_boxes = fiona_pass(everything)
-            fiona_times.append(seconds)
-            seconds, cli_boxes = cli_pass(pngs)
-            cli_times.append(seconds)
+            for binarization in ("otsu", "sauvola"):
+                name = f"fiona {binarization}"
+                seconds, boxes[name] = fiona_pass(everything, binarization)
+                times[name].append(seconds)
+            seconds, boxes["tesseract CLI"] = cli_pass(pngs)
+            times["tesseract CLI"].append(seconds)
             seconds, redacted = redact_pass(text)
-            redact_times.append(seconds)
-    fiona_s, cli_s = statistics.median(fiona_times), statistics.median(cli_times)
-    redact_s = statistics.median(redact_times)
+            times["redact"].append(seconds)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    tools = ["fiona otsu", "fiona sauvola", "tesseract CLI"]
     print(f"corpus: {len(text)} images with text, {len(blank)} without, {frames} frames; {pinned}")
-    print(f"{'recall':<22}{'fiona':>16}{'tesseract CLI':>18}")
-    ours, theirs = recall(text, fiona_boxes), recall(text, cli_boxes)
-    for key in sorted(ours, key=lambda k: (k != "all", k)):
-        (a, n), (b, _) = ours[key], theirs[key]
-        print(f"  {key:<20}{a:>6}/{n:<4}{a / n:>6.1%}{b:>8}/{n:<4}{b / n:>6.1%}")
-    alarms = sum(any(fiona_boxes[c.name].values()) for c in blank)
-    cli_alarms = sum(any(cli_boxes[c.name].values()) for c in blank)
-    print(f"false alarms (images without text with a box): fiona {alarms}/{len(blank)}, "
-          f"tesseract CLI {cli_alarms}/{len(blank)}")  # fmt: skip
+    print(f"{'recall':<20}" + "".join(f"{t:>20}" for t in tools))
+    found = {t: recall(text, boxes[t]) for t in tools}
+    for key in sorted(found[tools[0]], key=lambda k: (k != "all", k)):
+        cells = [found[t][key] for t in tools]
+        print(f"  {key:<18}" + "".join(f"{a:>8}/{n:<4}{a / n:>8.1%}" for a, n in cells))
+    alarms = [sum(any(boxes[t][c.name].values()) for c in blank) for t in tools]
+    print(f"{'false alarms':<20}" + "".join(f"{a:>12}/{len(blank):<7}" for a in alarms))
     images = len(everything)
-    print(f"fiona find_text: {1000 * fiona_s / images:.0f} ms/image, "
-          f"{1000 * fiona_s / frames:.0f} ms/frame, {images / fiona_s:.2f} images/s on one core")
-    print(f"tesseract CLI by hand: {1000 * cli_s / frames:.0f} ms/frame; "
-          f"fiona/CLI time per frame: {fiona_s / cli_s:.2f}")
-    print(f"redact export (OCR, blackout, second reading, de-identification): "
+    print(f"{'ms per frame':<20}" + "".join(f"{1000 * median[t] / frames:>20.0f}" for t in tools))
+    print(f"{'images/s, one core':<20}" + "".join(f"{images / median[t]:>20.2f}" for t in tools))
+    cli = median["tesseract CLI"]
+    print(f"{'time / CLI time':<20}" + "".join(f"{median[t] / cli:>20.2f}" for t in tools))
+    redact_s = median["redact"]
+    print(f"redact export, otsu (OCR, blackout, second reading, de-identification): "
           f"{1000 * redact_s / len(text):.0f} ms/image with text, {redacted}/{len(text)} "
           f"exported, the rest held")  # fmt: skip
     return 0

@@ -10,7 +10,8 @@ at several sizes, white or grey on dark, and dark on a light panel (inverted):
   the scan parameters down the side; ``rgb`` frames with yellow and white text; multi-frame;
 - ``dose``: a CT dose screen (512 x 512, MONOCHROME2, 16 bit with 12 stored): a table of
   series, CTDIvol and DLP, with the patient's name and ID above it;
-- ``clean``: the same backgrounds with no text at all (the false-positive check).
+- ``clean``: the same backgrounds with no text at all (the false-positive check);
+- ``hard`` (bench only): tiny, dim, rotated text and text over speckle.
 
 :func:`make_case` gives the dataset and the planted text lines (their boxes, never used as
 anything but coordinates); :func:`line_found` is the recall criterion the tests and the bench
@@ -110,6 +111,8 @@ def _draw(
         face = font(name, points)
     width = int(draw.textlength(text, font=face))
     xy = (max(4, min(xy[0], canvas.width - 4 - width)), xy[1])  # the whole line on the image
+    if canvas.mode == "RGB" and isinstance(fill, int):
+        fill = (fill, fill, fill)  # grey, not Pillow's packed red
     draw.text(xy, text, fill=fill, font=face)
     left, top, right, bottom = draw.textbbox(xy, text, font=face)
     return Line(int(left), int(top), int(right - left), int(bottom - top))
@@ -248,6 +251,30 @@ def dose(seed: int, *, text: bool = True) -> Case:
     ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
     _set_pixels(ds, arr, "MONOCHROME2", 12)
     return Case(f"dose-{seed}", ds, tuple(lines))
+
+
+def hard(seed: int) -> Case:
+    """What Tesseract is known to miss, for the bench only: on ultrasound speckle, text 7 to 9
+    pixels high, dim red text (a third of full luminance), a vertical label (rotated 90
+    degrees) and text over the speckle inside the fan."""
+    rng = random.Random(seed)
+    rows, columns = 480, 640
+    words = _identity(rng)
+    back = _sector(rows, columns, seed)
+    canvas = Image.fromarray(np.stack([back] * 3, axis=-1))
+    lines = [
+        _draw(canvas, f"{words[0]} {words[1]}", (8, 6), rng, (255, 255, 255), size=10),
+        _draw(canvas, words[2], (8, 24), rng, (255, 0, 0), size=16),
+        _draw(canvas, words[3], (260, 240), rng, (255, 255, 255), size=16),
+    ]
+    label = Image.new("RGB", (160, 24))
+    drawn = _draw(label, words[1], (2, 2), rng, (255, 255, 255), size=16)
+    crop = label.crop((drawn.x, drawn.y, drawn.x + drawn.width, drawn.y + drawn.height))
+    canvas.paste(crop.rotate(90, expand=True), (columns - 30, 200))
+    lines.append(Line(columns - 30, 200, drawn.height, drawn.width))
+    ds = _dataset(UltrasoundMultiFrameImageStorage, "US", rows, columns)
+    _set_pixels(ds, np.asarray(canvas)[None], "RGB", 8)
+    return Case(f"hard-{seed}", ds, tuple(lines))
 
 
 def clean(seed: int) -> Case:

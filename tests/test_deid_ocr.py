@@ -28,7 +28,7 @@ from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter, Held
 from engine.deid.ocr import OcrPolicy, find_text, tesseract_problem
 from tests.compressed import CODECS, compress
-from tests.ocr_images import Case, clean, dose, line_found, screenshot, ultrasound
+from tests.ocr_images import Case, clean, dose, hard, line_found, screenshot, ultrasound
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"s" * 48
@@ -189,6 +189,16 @@ def test_apply_to_chosen_modalities_and_sop_classes() -> None:
     assert isinstance(held, Held) and "no pixel cleaning rule matches" in held.detail
 
 
+def test_sauvola_binarization_finds_dim_text_that_otsu_misses() -> None:
+    """Dim red text (a third of full luminance) beside white text on ultrasound speckle:
+    Otsu's one threshold drops it; ``binarization: sauvola`` finds it."""
+    case = hard(0)
+    dim = case.lines[1]
+    for binarization, found in (("otsu", False), ("sauvola", True)):
+        boxes = find_text(copy.deepcopy(case.dataset), OcrPolicy(binarization=binarization))
+        assert line_found(dim, [(b.x, b.y, b.width, b.height) for b in boxes]) is found
+
+
 def test_policy_values_are_checked() -> None:
     policy = BurnedInPolicy.from_mapping({"ocr": {}}).ocr
     assert policy == OcrPolicy()
@@ -198,6 +208,7 @@ def test_policy_values_are_checked() -> None:
         {"margin_px": -1},
         {"languages": []},
         {"min_confidence": 101},
+        {"binarization": "niblack"},
         {"colour": 1},
     ):
         with pytest.raises(ValueError):
