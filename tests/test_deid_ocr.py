@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from engine.deid import Deidentifier, load_profile
 from engine.deid.burned_in import BurnedInPolicy
@@ -29,6 +32,9 @@ from engine.deid.export import Exported, Exporter, Held
 from engine.deid.ocr import OcrPolicy, find_text, tesseract_problem
 from tests.compressed import CODECS, compress
 from tests.ocr_images import Case, clean, dose, hard, line_found, screenshot, ultrasound
+from tests.peers import FionaServer
+from tests.test_receive import store
+from tests.test_workflow import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"s" * 48
@@ -164,6 +170,19 @@ def test_monochrome1_is_blacked_out_with_its_maximum() -> None:
     assert (out[line.y : line.y + line.height, line.x : line.x + line.width] == 4095).all()
 
 
+def test_signed_monochrome2_is_blacked_out_with_its_minimum() -> None:
+    """A signed 12-bit screen (Pixel Representation 1, values -2048..2032): black is -2048."""
+    case = dose(0)
+    ds = case.dataset
+    arr = _frames(ds)[..., 0].astype(np.int16) - 2048
+    ds.PixelData, ds.PixelRepresentation = arr.tobytes(), 1
+    result = _exporter(action="redact").export(_bytes(ds))
+    assert isinstance(result, Exported), result
+    out = _frames(pydicom.dcmread(io.BytesIO(result.data)))[0, ..., 0]
+    line = case.lines[0]
+    assert (out[line.y : line.y + line.height, line.x : line.x + line.width] == -2048).all()
+
+
 def test_burned_in_yes_without_text_found_is_held() -> None:
     ds = clean(0).dataset
     ds.BurnedInAnnotation = "YES"
@@ -197,6 +216,22 @@ def test_sauvola_binarization_finds_dim_text_that_otsu_misses() -> None:
     for binarization, found in (("otsu", False), ("sauvola", True)):
         boxes = find_text(copy.deepcopy(case.dataset), OcrPolicy(binarization=binarization))
         assert line_found(dim, [(b.x, b.y, b.width, b.height) for b in boxes]) is found
+
+
+def test_an_image_ocr_cannot_finish_in_time_is_held() -> None:
+    exporter = _exporter(action="redact", timeout_s=0.001)
+    result = exporter.export(_bytes(ultrasound(0).dataset))
+    assert isinstance(result, Held) and result.reason == "burned_in"
+    assert result.detail == "OCR took longer than 0.001 s"
+
+
+def test_undecodable_pixels_are_held_not_read() -> None:
+    ds = screenshot(0).dataset
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8 not really a JPEG \xff\xd9"])
+    result = _exporter(action="redact").export(_bytes(ds))
+    assert isinstance(result, Held) and result.reason == "burned_in"
+    assert "cannot be decoded" in result.detail
 
 
 def test_policy_values_are_checked() -> None:
@@ -270,3 +305,60 @@ def test_fiona_anonymize_ocr_redacts_and_holds(tmp_path: Path) -> None:
         for path in out.rglob("*.dcm"):
             assert find_text(pydicom.dcmread(path), OcrPolicy()) == []
     assert shutil.which("tesseract")
+
+
+def _runs(data: Path) -> list[str]:
+    try:
+        with sqlite3.connect(data / "index.sqlite") as db:
+            return [row[0] for row in db.execute("SELECT state FROM pipeline_runs")]
+    except sqlite3.Error:  # not created yet
+        return []
+
+
+def test_fiona_serve_redacts_a_received_ultrasound_and_screenshot(
+    tmp_path: Path, storescu: str
+) -> None:
+    """The whole way: storescu sends an ultrasound cine and a screen capture of one study to
+    ``fiona serve``; the project's anonymize step (``burned_in.ocr: {action: redact}``)
+    blacks out their text and the copy step writes them with nothing legible left."""
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "us.key").write_bytes(SECRET)
+    os.chmod(projects / "us.key", 0o600)
+    out = tmp_path / "out"
+    doc = {
+        "name": "us",
+        "routing": {"calling_ae": ["SCANNER_A"]},
+        "completeness": {"study_quiet_seconds": 2},
+        "pipeline": [
+            {
+                "step": "anonymize",
+                "secret_file": "us.key",
+                "burned_in": {"ocr": {"action": "redact"}},
+            },
+            {"step": "copy", "to": str(out)},
+        ],
+    }
+    (projects / "us.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml.safe_dump({"scan_interval_seconds": 0.5}))
+    study = generate_uid()
+    files = []
+    for case in (ultrasound(2), screenshot(1)):
+        case.dataset.StudyInstanceUID = study
+        files.append(tmp_path / f"{case.name}.dcm")
+        case.dataset.save_as(files[-1], enforce_file_format=True)
+    server = FionaServer(data_dir=tmp_path / "data", projects_dir=projects, config=config).start()
+    try:
+        sent = store(storescu, server, files, aet="SCANNER_A")
+        assert sent.returncode == 0, sent.stderr
+        wait_for("the run done", lambda: _runs(tmp_path / "data") == ["done"], 180, server)
+        copies = list(out.rglob("*.dcm"))
+        assert len(copies) == 2
+        for path in copies:
+            ds = pydicom.dcmread(path)
+            assert ds.PatientName != "SYNTH^OCR" and ds.StudyInstanceUID != study
+            assert find_text(ds, OcrPolicy()) == []
+        assert "Traceback" not in server.log_text()
+    finally:
+        server.stop()

@@ -261,11 +261,16 @@ _DTYPES = {8: "u1", 16: "u2", 32: "u4"}
 
 
 def _fill(ds: Dataset, samples: int) -> list[int]:
-    """Blank value per sample: black for the photometric interpretation."""
+    """Blank value per sample: black for the photometric interpretation: the lowest value
+    (MONOCHROME2; for signed data, Pixel Representation (0028,0103) 1, -2^(BitsStored-1) in
+    two's complement over Bits Allocated), the highest (MONOCHROME1), or black (colour)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1 and samples == 1 and bits > 1
     if photometric == "MONOCHROME1":
-        return [(1 << bits) - 1]
+        return [(1 << (bits - 1)) - 1 if signed else (1 << bits) - 1]
+    if signed:
+        return [(1 << int(ds.BitsAllocated)) - (1 << (bits - 1))]
     if photometric == "YBR_FULL" and samples == 3:
         return [0, 1 << (bits - 1), 1 << (bits - 1)]
     return [0] * samples
