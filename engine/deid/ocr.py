@@ -18,9 +18,9 @@ is never kept, logged or quoted: a :class:`TextBox` is a position and a confiden
 Each frame is windowed to 8 bits (its own minimum to maximum; RGB as luminance), images
 smaller than :data:`UPSCALE_BELOW` pixels are enlarged twice, and Tesseract reads one image
 holding the frame inverted above the frame as it is (light text on dark and dark text on
-light in one call), in sparse-text mode (``--psm 11``), binarised by Otsu's global threshold or,
-with ``binarization: sauvola``, a local one. Identical frames are read once. The
-time per image is bounded by ``timeout_s``; an image that takes longer is held.
+light in one call), in sparse-text mode (``--psm 11``), binarised by Otsu's global threshold
+or, with ``binarization: sauvola``, a local one. Identical frames are read once. The time per
+image is bounded by ``timeout_s``; an image that takes longer is held.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class OcrPolicy:
         chosen = apply_to if isinstance(apply_to, Mapping) else {}
         return cls(
             action=OcrAction(doc.get("action", "hold")),
-            apply_to="chosen" if chosen or isinstance(apply_to, Mapping) else str(apply_to),
+            apply_to="chosen" if isinstance(apply_to, Mapping) else str(apply_to),
             sop_classes=frozenset(str(v) for v in chosen.get("sop_classes", ())),
             modalities=frozenset(str(v).strip().upper() for v in chosen.get("modalities", ())),
             margin_px=int(doc.get("margin_px", 4)),
@@ -193,26 +193,29 @@ def _gray_frames(ds: Dataset) -> list[Any]:
     return out
 
 
-def _read(grey: Any, policy: OcrPolicy, deadline: float) -> list[tuple[int, int, int, int, float]]:
-    """Boxes (x, y, width, height, confidence) of the lines Tesseract reads in one 8-bit
-    frame, in both polarities: each the union of the line's words of at least
-    ``min_confidence`` and ``min_characters`` (its lowest word confidence). The text read is
-    dropped here, never returned."""
+def _sheet(grey: Any) -> tuple[Any, int]:
+    """The image Tesseract reads for one 8-bit frame: the frame inverted, a white gap, the
+    frame as it is (both polarities in one call); enlarged twice when the frame is small.
+    Returns the Pillow image and its scale."""
     import numpy as np
-    import pytesseract
     from PIL import Image
 
-    rows = grey.shape[0]
     sheet = np.concatenate([255 - grey, np.full((_GAP, grey.shape[1]), 255, np.uint8), grey])
     image = Image.fromarray(sheet)
-    scale = 2 if max(grey.shape) < UPSCALE_BELOW else 1
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.LANCZOS)
+    if max(grey.shape) >= UPSCALE_BELOW:
+        return image, 1
+    return image.resize((image.width * 2, image.height * 2), Image.Resampling.LANCZOS), 2
+
+
+def _tesseract(image: Any, policy: OcrPolicy, deadline: float) -> dict[str, list[Any]]:
+    """Tesseract's word table (pytesseract's ``image_to_data``) within the time left."""
+    import pytesseract
+
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise OcrFailed(f"OCR took longer than {policy.timeout_s:g} s")
     try:
-        data = pytesseract.image_to_data(
+        data: dict[str, list[Any]] = pytesseract.image_to_data(
             image,
             lang="+".join(policy.languages),
             config=f"--psm 11 -c thresholding_method={_THRESHOLDING[policy.binarization]}",
@@ -223,6 +226,17 @@ def _read(grey: Any, policy: OcrPolicy, deadline: float) -> list[tuple[int, int,
         raise OcrFailed(f"OCR took longer than {policy.timeout_s:g} s") from exc
     except Exception as exc:  # TesseractError, TesseractNotFoundError, OSError
         raise OcrFailed(f"OCR failed ({type(exc).__name__})") from exc
+    return data
+
+
+def _read(grey: Any, policy: OcrPolicy, deadline: float) -> list[tuple[int, int, int, int, float]]:
+    """Boxes (x, y, width, height, confidence) of the lines Tesseract reads in one 8-bit
+    frame, in both polarities: each the union of the line's words of at least
+    ``min_confidence``, ``min_characters`` and :data:`MIN_HEIGHT` (its lowest word
+    confidence), once. The text read is dropped here, never returned."""
+    rows = grey.shape[0]
+    image, scale = _sheet(grey)
+    data = _tesseract(image, policy, deadline)
     lines: dict[tuple[int, ...], list[int]] = {}  # words kept, by their line: x0 y0 x1 y1 conf
     for i, word in enumerate(data["text"]):
         confidence = float(data["conf"][i])
@@ -243,8 +257,7 @@ def _read(grey: Any, policy: OcrPolicy, deadline: float) -> list[tuple[int, int,
         box = lines.setdefault(key, [x, y, x + w, y + h, int(confidence)])
         box[:4] = [min(box[0], x), min(box[1], y), max(box[2], x + w), max(box[3], y + h)]
         box[4] = min(box[4], int(confidence))
-    # One box per line (the words Tesseract kept and the gaps between them), once.
-    found: dict[tuple[int, int, int, int], float] = {}
+    found: dict[tuple[int, int, int, int], float] = {}  # a line read in both halves: once
     for x0, y0, x1, y1, confidence in lines.values():
         key = (x0, y0, x1 - x0, y1 - y0)
         found[key] = max(found.get(key, 0.0), float(confidence))
