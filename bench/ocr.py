@@ -16,7 +16,8 @@ it starts are pinned to core 0 (``sched_setaffinity``, inherited by children), w
   boxes cover at least half of it (``tests.ocr_images.line_found``), by kind and by text
   height (pixels);
 - **false alarms**: images without text in which any box is found / images without text;
-- **time**: ``find_text`` (``binarization`` otsu, the default, and sauvola) on every image
+- **time**: ``find_text`` (``binarization`` otsu, the default, and sauvola; otsu with
+  ``rotated``) on every image
   (decoded pixels in memory, all frames), as ms per frame and images per second on the one
   core; and the whole ``redact`` export (OCR, blackout, the second reading,
   de-identification) per image with text;
@@ -64,6 +65,13 @@ from tests.ocr_images import (  # noqa: E402
     ultrasound,
 )
 
+#: fiona's settings measured: (column, binarization, rotated).
+VARIANTS = [
+    ("fiona otsu", "otsu", False),
+    ("fiona sauvola", "sauvola", False),
+    ("fiona otsu rotated", "otsu", True),
+]
+
 
 def corpus(n: int) -> tuple[list[Case], list[Case]]:
     """(images with text: ``n`` of each kind, ``hard`` ones included; 3 ``n`` without)."""
@@ -94,10 +102,10 @@ def recall(cases: list[Case], boxes_of: dict[str, dict[int, list[tuple[int, int,
 
 
 def fiona_pass(
-    cases: list[Case], binarization: str = "otsu"
+    cases: list[Case], binarization: str = "otsu", rotated: bool = False
 ) -> tuple[float, dict[str, dict[int, list]]]:
     """Seconds for find_text over every case, and the boxes by case and frame."""
-    policy = OcrPolicy(binarization=binarization)
+    policy = OcrPolicy(binarization=binarization, rotated=rotated)
     datasets = [copy.deepcopy(c.dataset) for c in cases]
     for ds in datasets:
         ds.pixel_array  # decoded before the clock starts, as the export path has it  # noqa: B018
@@ -186,16 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = defaultdict(list)
         boxes: dict[str, dict[str, dict[int, list]]] = {}
         for _ in range(args.repeat):
-            for binarization in ("otsu", "sauvola"):
-                name = f"fiona {binarization}"
-                seconds, boxes[name] = fiona_pass(everything, binarization)
+            for name, binarization, rotated in VARIANTS:
+                seconds, boxes[name] = fiona_pass(everything, binarization, rotated)
                 times[name].append(seconds)
             seconds, boxes["tesseract CLI"] = cli_pass(pngs)
             times["tesseract CLI"].append(seconds)
             seconds, redacted = redact_pass(text)
             times["redact"].append(seconds)
     median = {name: statistics.median(t) for name, t in times.items()}
-    tools = ["fiona otsu", "fiona sauvola", "tesseract CLI"]
+    tools = [name for name, _, _ in VARIANTS] + ["tesseract CLI"]
     print(f"corpus: {len(text)} images with text, {len(blank)} without, {frames} frames; {pinned}")
     print(f"{'recall':<20}" + "".join(f"{t:>20}" for t in tools))
     found = {t: recall(text, boxes[t]) for t in tools}

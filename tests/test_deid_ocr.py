@@ -218,6 +218,22 @@ def test_sauvola_binarization_finds_dim_text_that_otsu_misses() -> None:
         assert line_found(dim, [(b.x, b.y, b.width, b.height) for b in boxes]) is found
 
 
+def test_rotated_reads_a_vertical_label_and_redact_blacks_it_out() -> None:
+    """A label running up the side of an ultrasound image: missed unless ``rotated``; with
+    it, found and blacked out."""
+    case = hard(0)
+    label = case.lines[3]
+    assert label.height > 5 * label.width  # vertical
+    for rotated in (False, True):
+        boxes = find_text(copy.deepcopy(case.dataset), OcrPolicy(rotated=rotated))
+        assert line_found(label, [(b.x, b.y, b.width, b.height) for b in boxes]) is rotated
+    result = _exporter(action="redact", rotated=True).export(_bytes(case.dataset))
+    assert isinstance(result, Exported), result
+    out = _frames(pydicom.dcmread(io.BytesIO(result.data)))
+    area = (out[0, label.y : label.y + label.height, label.x : label.x + label.width] == 0)
+    assert area.all(axis=-1).mean() > 0.5
+
+
 def test_an_image_ocr_cannot_finish_in_time_is_held() -> None:
     exporter = _exporter(action="redact", timeout_s=0.001)
     result = exporter.export(_bytes(ultrasound(0).dataset))
@@ -244,6 +260,7 @@ def test_policy_values_are_checked() -> None:
         {"languages": []},
         {"min_confidence": 101},
         {"binarization": "niblack"},
+        {"rotated": "yes"},
         {"colour": 1},
     ):
         with pytest.raises(ValueError):
