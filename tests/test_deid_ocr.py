@@ -234,6 +234,21 @@ def test_rotated_reads_a_vertical_label_and_redact_blacks_it_out() -> None:
     assert area.all(axis=-1).mean() > 0.5
 
 
+def test_no_image_of_the_text_is_written_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file is read, redacted and read again with a temp folder (Python's and the tesseract
+    program's) that does not exist: nothing needed one (pytesseract would fail here)."""
+    import tempfile
+
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("TMPDIR", str(missing))
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    result = _exporter(action="redact").export(_bytes(screenshot(0).dataset))
+    assert isinstance(result, Exported), result
+    assert not missing.exists()
+
+
 def test_an_image_ocr_cannot_finish_in_time_is_held() -> None:
     exporter = _exporter(action="redact", timeout_s=0.001)
     result = exporter.export(_bytes(ultrasound(0).dataset))

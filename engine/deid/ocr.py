@@ -1,5 +1,5 @@
-"""Burned-in text found by OCR: Tesseract (Debian ``tesseract-ocr``, ``tesseract-ocr-eng``)
-through pytesseract, on the pixels of the images a project chooses.
+"""Burned-in text found by OCR: Tesseract (Debian ``tesseract-ocr``, ``tesseract-ocr-eng``),
+on the pixels of the images a project chooses.
 
 A project turns it on in its burned-in policy (``schemas/pixels.schema.json``,
 ``$defs/burned_in_policy/properties/ocr``)::
@@ -15,6 +15,10 @@ boxes' positions (``hold``) or blacks the boxes out, with the margin, in every f
 the frames again, holding the file when anything legible is left (``redact``). Recognised text
 is never kept, logged or quoted: a :class:`TextBox` is a position and a confidence.
 
+The ``tesseract`` program reads each image from a pipe and writes its word table to one (the
+way pytesseract runs it, but without the temporary image files pytesseract writes, readable
+by others, to the system's temp folder): no picture of a patient's text touches the disk.
+
 Each frame is windowed to 8 bits (its own minimum to maximum; RGB as luminance), images
 smaller than :data:`UPSCALE_BELOW` pixels are enlarged twice, and Tesseract reads one image
 holding the frame inverted above the frame as it is (light text on dark and dark text on
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,24 +150,28 @@ class OcrPolicy:
 # --------------------------------------------------------------------------- Tesseract
 
 
+def _command() -> str | None:
+    """The ``tesseract`` program on the PATH (None when there is none)."""
+    return shutil.which("tesseract")
+
+
 @functools.cache
 def tesseract_problem(languages: tuple[str, ...] = ("eng",)) -> str | None:
-    """Why OCR cannot run here (None when it can): pytesseract missing, the ``tesseract``
-    program missing, or no language data for one of ``languages``."""
-    try:
-        import pytesseract
-    except ImportError:
-        return "OCR needs the Python package pytesseract (pip install pytesseract)"
-    command = str(pytesseract.pytesseract.tesseract_cmd)
-    if shutil.which(command) is None:
+    """Why OCR cannot run here (None when it can): no ``tesseract`` program on the PATH, or
+    no language data for one of ``languages``."""
+    command = _command()
+    if command is None:
         return (
-            f"OCR needs the tesseract program ('{command}' not found): install the Debian "
+            "OCR needs the tesseract program (not found on the PATH): install the Debian "
             "packages tesseract-ocr and tesseract-ocr-eng"
         )
     try:
-        installed = set(pytesseract.get_languages(config=""))
-    except Exception as exc:  # a broken installation
+        done = subprocess.run(
+            [command, "--list-langs"], capture_output=True, text=True, timeout=60, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:  # a broken installation
         return f"tesseract does not run: {type(exc).__name__}"
+    installed = {line.strip() for line in done.stdout.splitlines()[1:]}
     missing = [lang for lang in languages if lang not in installed]
     if missing:
         packages = ", ".join(f"tesseract-ocr-{m.replace('_', '-').lower()}" for m in missing)
@@ -212,7 +222,7 @@ def _sheet(grey: Any, rotated: bool) -> tuple[Any, int, list[_Panel]]:
     """The image Tesseract reads for one 8-bit frame: the frame inverted and as it is (both
     polarities in one call), and with ``rotated`` the same turned a quarter each way, one
     under the other with white between; enlarged twice when the frame is small. Returns the
-    Pillow image, its scale and where each view is."""
+    image (8-bit, numpy), its scale and where each view is."""
     import numpy as np
     from PIL import Image
 
@@ -230,10 +240,12 @@ def _sheet(grey: Any, rotated: bool) -> tuple[Any, int, list[_Panel]]:
         parts.append(np.pad(view, ((0, 0), (0, width - view.shape[1])), constant_values=255))
         panels.append(_Panel(top, view.shape[0], view.shape[1], turn))
         top += view.shape[0]
-    image = Image.fromarray(np.concatenate(parts))
+    sheet = np.concatenate(parts)
     if max(grey.shape) >= UPSCALE_BELOW:
-        return image, 1, panels
-    return image.resize((image.width * 2, image.height * 2), Image.Resampling.LANCZOS), 2, panels
+        return sheet, 1, panels
+    image = Image.fromarray(sheet)
+    size = (image.width * 2, image.height * 2)
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS)), 2, panels
 
 
 def _unturn(
@@ -248,26 +260,53 @@ def _unturn(
     return box
 
 
-def _tesseract(image: Any, policy: OcrPolicy, deadline: float) -> dict[str, list[Any]]:
-    """Tesseract's word table (pytesseract's ``image_to_data``) within the time left."""
-    import pytesseract
-
+def _tesseract(sheet: Any, policy: OcrPolicy, deadline: float) -> dict[str, list[Any]]:
+    """Tesseract's word table (its ``tsv`` output, by column) for an 8-bit image, within the
+    time left. The image goes to the program through a pipe, as PNM, and the table comes
+    back through one: no image of a patient's text is ever written to disk. The program runs
+    on one thread (``OMP_THREAD_LIMIT=1``): one image per core."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise OcrFailed(f"OCR took longer than {policy.timeout_s:g} s")
+    rows, columns = sheet.shape
+    command = [
+        _command() or "tesseract", "stdin", "stdout",
+        "-l", "+".join(policy.languages),
+        "--psm", "11",
+        "-c", f"thresholding_method={_THRESHOLDING[policy.binarization]}",
+        "tsv",
+    ]  # fmt: skip
+    image = f"P5\n{columns} {rows}\n255\n".encode("ascii") + sheet.tobytes()
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     try:
-        data: dict[str, list[Any]] = pytesseract.image_to_data(
-            image,
-            lang="+".join(policy.languages),
-            config=f"--psm 11 -c thresholding_method={_THRESHOLDING[policy.binarization]}",
-            timeout=remaining,
-            output_type=pytesseract.Output.DICT,
+        done = subprocess.run(
+            command, input=image, capture_output=True, timeout=remaining, env=env, check=False
         )
-    except RuntimeError as exc:  # pytesseract's timeout
+    except subprocess.TimeoutExpired as exc:  # the program is killed
         raise OcrFailed(f"OCR took longer than {policy.timeout_s:g} s") from exc
-    except Exception as exc:  # TesseractError, TesseractNotFoundError, OSError
+    except OSError as exc:
         raise OcrFailed(f"OCR failed ({type(exc).__name__})") from exc
-    return data
+    if done.returncode != 0:
+        raise OcrFailed(f"OCR failed (tesseract exit status {done.returncode})")
+    lines = done.stdout.decode("utf-8", "replace").splitlines()
+    names = lines[0].split("\t") if lines else []
+    table: dict[str, list[Any]] = {name: [] for name in names}
+    for line in lines[1:]:
+        cells = line.split("\t", len(names) - 1)
+        if len(cells) != len(names):
+            continue
+        for name, cell in zip(names, cells, strict=True):
+            table[name].append(_cell(name, cell))
+    if "text" not in table:
+        raise OcrFailed("OCR failed (tesseract wrote no word table)")
+    return table
+
+
+def _cell(name: str, cell: str) -> str | float | int:
+    """A cell of the word table: text, a confidence (0-100, -1 for non-words) or a number."""
+    if name == "text":
+        return cell
+    return float(cell) if name == "conf" else int(cell)
 
 
 def _words(
@@ -295,9 +334,9 @@ def _read(grey: Any, policy: OcrPolicy, deadline: float) -> list[tuple[int, int,
     ``min_confidence``, ``min_characters`` and :data:`MIN_HEIGHT` (its lowest word
     confidence), once. The text read is dropped here, never returned."""
     rows, columns = grey.shape
-    image, scale, panels = _sheet(grey, policy.rotated)
+    sheet, scale, panels = _sheet(grey, policy.rotated)
     lines: dict[tuple[int, ...], list[int]] = {}  # words kept, by their line: x0 y0 x1 y1 conf
-    data = _tesseract(image, policy, deadline)
+    data = _tesseract(sheet, policy, deadline)
     for (x, y, w, h), confidence, line_of in _words(data, scale, policy):
         at = next((n for n, p in enumerate(panels) if p.top <= y < p.top + p.height), None)
         if at is None or x >= panels[at].width:  # in a gap or the padding
