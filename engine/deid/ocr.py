@@ -24,7 +24,7 @@ smaller than :data:`UPSCALE_BELOW` pixels are enlarged twice, and Tesseract read
 holding the frame inverted above the frame as it is (light text on dark and dark text on
 light in one call), in sparse-text mode (``--psm 11``), binarised by Otsu's global threshold
 or, with ``binarization: sauvola``, a local one; with ``rotated: true`` the frame turned a
-quarter each way is read too (vertical labels), at about twice the time. Identical
+quarter each way is read too (vertical labels), at about 1.7 times the time. Identical
 frames are read once. The time per image is bounded by ``timeout_s``; an image that takes
 longer is held.
 """
