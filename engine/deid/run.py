@@ -141,7 +141,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
         str(args.secret_file),
         tuple(args.pixel_rules or ()),
         bool(getattr(args, "report", False)),
-        str(getattr(args, "ocr", None) or ""),
+        ocr=str(getattr(args, "ocr", None) or ""),
     )
     try:
         _build(job)  # fail fast, in this process, on a bad profile, option or secret
