@@ -300,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     anon.add_argument("--secret-file", required=True, help="the project key (>= 32 bytes, 0600)")
     anon.add_argument("--quarantine", help="folder for held files (default OUT_DIR-quarantine)")
     anon.add_argument("--pixel-rules", action="append", help="pixel cleaning rule files")
+    anon.add_argument(
+        "--ocr",
+        choices=["hold", "redact"],
+        help="read held images' pixels with Tesseract: hold text, or black it out and re-check",
+    )
     anon.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     anon.add_argument("--no-progress", action="store_true", help="no progress bar")
     anon.add_argument(

@@ -27,6 +27,7 @@ from pydicom.uid import UID
 
 from engine.config.issues import format_path
 from engine.config.schema import apply_defaults, load_schema
+from engine.deid.ocr import OcrPolicy
 from engine.deid.pixels import HeaderFields, PixelRuleSet, Region
 
 __all__ = [
@@ -68,6 +69,7 @@ class BurnedInPolicy:
     )
     trust_burned_in_no: bool = False
     pixel_rulesets: tuple[str, ...] = ()
+    ocr: OcrPolicy | None = None
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,7 +105,16 @@ class BurnedInPolicy:
             series_descriptions=tuple(doc["series_descriptions"]),
             trust_burned_in_no=bool(doc["trust_burned_in_no"]),
             pixel_rulesets=tuple(doc["pixel_rulesets"]),
+            ocr=OcrPolicy.from_mapping(doc["ocr"]) if "ocr" in doc else None,
         )
+
+    def ocr_reads(self, ds: HeaderFields) -> bool:
+        """Whether the project's OCR reads this file's pixels (see ``ocr.apply_to``)."""
+        if self.ocr is None or "PixelData" not in ds:
+            return False
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        held = bool(self.held_because(ds)) if self.ocr.apply_to == "held" else False
+        return self.ocr.applies(ds, held=held, implied_modality=_implied_modality(sop_class))
 
     def held_because(self, ds: HeaderFields) -> list[str]:
         """Why the policy takes ``ds`` to carry burned-in text ([] when it does not).

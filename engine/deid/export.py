@@ -5,7 +5,8 @@ call for every file. It returns either the de-identified bytes with their new UI
 :class:`Held` item with a reason code and a detail that quotes no header value:
 
 1. the burned-in gate (:mod:`engine.deid.burned_in`): a file likely to carry text in its
-   pixels is held as ``burned_in`` unless a pixel rule cleans it;
+   pixels is held as ``burned_in`` unless a pixel rule cleans it; where the project's OCR
+   reads the pixels (:mod:`engine.deid.ocr`), it decides instead: text held or blacked out;
 2. de-identification (:class:`engine.deid.Deidentifier`), pixel data copied raw;
 3. the verification gate (:mod:`engine.deid.verify`): the output bytes (all but pixel data)
    are searched for the original identifying values; a hit is held as
@@ -34,15 +35,17 @@ from engine.deid.burned_in import (
     BurnedInPolicy,
     Clean,
     Quarantine,
+    Verdict,
     check_burned_in,
 )
 from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
+from engine.deid.ocr import ocr_pixels
 from engine.deid.ops import Op
 from engine.deid.overlays import WANTED as OVERLAY_WANTED
 from engine.deid.overlays import EmbeddedOverlay, PixelBits, bits_of
-from engine.deid.pixels import HeaderFields, PixelRuleSet, clean_pixels
+from engine.deid.pixels import CleanFailed, HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
 from engine.deid.verify import (
     KEPT_UID_KEYWORDS,
@@ -120,10 +123,13 @@ class Exporter:
             except Exception as exc:
                 return Held("unparseable", f"header could not be read: {type(exc).__name__}")
         verdict = check_burned_in(original, self.policy, self.pixel_rules)
-        if isinstance(verdict, Quarantine):
+        read_text = self.policy.ocr_reads(original)
+        if isinstance(verdict, Quarantine) and not read_text:
             return Held(verdict.reason, verdict.detail)
         try:
-            if isinstance(verdict, Clean):
+            if read_text:
+                result = self._read_text(data, original, verdict, subject, event, bits)
+            elif isinstance(verdict, Clean):
                 result = self._cleaned(data, verdict, subject, event)
             else:
                 result = self.deid.process_file(data, subject=subject, event=event, bits=bits)
@@ -153,6 +159,38 @@ class Exporter:
         failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
         if failed is not None:
             return Held("burned_in", failed.detail)
+        return self._deidentified(full, data, subject, event)
+
+    def _read_text(
+        self,
+        data: bytes,
+        original: HeaderFields,
+        verdict: Verdict,
+        subject: str,
+        event: str,
+        bits: PixelBits | Literal[False] | None,
+    ) -> Result | Held:
+        """The project's OCR (:func:`engine.deid.ocr.ocr_pixels`) on the decoded pixels, after
+        a matching pixel rule's regions: held when it says so; the original bytes
+        de-identified as usual when it found no text and no rule cleaned anything; else the
+        cleaned dataset, written uncompressed."""
+        assert self.policy.ocr is not None
+        full = pydicom.dcmread(io.BytesIO(data))
+        by_rule = isinstance(verdict, Clean)
+        if isinstance(verdict, Clean):
+            failed = clean_pixels(full, verdict.regions, covers_all_text=verdict.covers_all_text)
+            if failed is not None:
+                return Held("burned_in", failed.detail)
+        burned = str(original.get("BurnedInAnnotation", "") or "").strip().upper()
+        found = ocr_pixels(full, self.policy.ocr, text_expected=burned == "YES" and not by_rule)
+        if isinstance(found, CleanFailed):
+            return Held("burned_in", found.detail)
+        if found or by_rule:
+            return self._deidentified(full, data, subject, event)
+        return self.deid.process_file(data, subject=subject, event=event, bits=bits)
+
+    def _deidentified(self, full: pydicom.Dataset, data: bytes, subject: str, event: str) -> Result:
+        """De-identify ``full`` (pixels cleaned, decoded) as one dataset; ``data`` the original."""
         counts, attributes = self.deid.clean_dataset(full, subject=subject, event=event)
         buffer = io.BytesIO()
         full.save_as(buffer, enforce_file_format=True)

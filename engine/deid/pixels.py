@@ -47,6 +47,7 @@ __all__ = [
     "check_pixel_rules",
     "clean_pixels",
     "load_pixel_rules",
+    "native_pixels",
     "pixel_rule_files",
     "pixels_dir",
     "resolve_pixel_rulesets",
@@ -260,11 +261,16 @@ _DTYPES = {8: "u1", 16: "u2", 32: "u4"}
 
 
 def _fill(ds: Dataset, samples: int) -> list[int]:
-    """Blank value per sample: black for the photometric interpretation."""
+    """Blank value per sample: black for the photometric interpretation: the lowest value
+    (MONOCHROME2; for signed data, Pixel Representation (0028,0103) 1, -2^(BitsStored-1) in
+    two's complement over Bits Allocated), the highest (MONOCHROME1), or black (colour)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     bits = int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1 and samples == 1 and bits > 1
     if photometric == "MONOCHROME1":
-        return [(1 << bits) - 1]
+        return [(1 << (bits - 1)) - 1 if signed else (1 << bits) - 1]
+    if signed:
+        return [(1 << int(ds.BitsAllocated)) - (1 << (bits - 1))]
     if photometric == "YBR_FULL" and samples == 3:
         return [0, 1 << (bits - 1), 1 << (bits - 1)]
     return [0] * samples
@@ -325,6 +331,26 @@ def _to_rgb(ds: Dataset) -> CleanFailed | None:
     return None
 
 
+def native_pixels(ds: Dataset) -> CleanFailed | None:
+    """Make ``ds``'s Pixel Data (7FE0,0010) native and full-resolution, in place: compressed
+    data decoded (:func:`engine.dicom.codecs.decompress`; YCbCr becomes RGB, the transfer
+    syntax Explicit VR Little Endian, a lossy source keeps Lossy Image Compression (0028,2110)
+    01), uncompressed subsampled YCbCr (YBR_FULL_422) converted to RGB. Returns
+    :class:`CleanFailed` when there is no pixel data or it cannot be decoded."""
+    if "PixelData" not in ds:
+        return CleanFailed("no pixel data to clean")
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str((meta or {}).get("TransferSyntaxUID", ExplicitVRLittleEndian)))
+    if is_compressed(syntax):
+        try:
+            decompress(ds)
+        except DecodeFailed as exc:
+            return CleanFailed(f"pixel data cannot be decoded for cleaning: {exc}")
+    elif str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
+        return _to_rgb(ds)
+    return None
+
+
 def clean_pixels(
     ds: Dataset, regions: Sequence[Region], *, covers_all_text: bool = False
 ) -> CleanFailed | None:
@@ -343,20 +369,11 @@ def clean_pixels(
     Returns None when done, :class:`CleanFailed` when the pixels cannot be cleaned (the
     caller quarantines; ``ds`` is then unchanged unless decompression had succeeded).
     """
-    if "PixelData" not in ds:
-        return CleanFailed("no pixel data to clean")
+    failed = native_pixels(ds)
+    if failed is not None:
+        return failed
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str((meta or {}).get("TransferSyntaxUID", ExplicitVRLittleEndian)))
-    if is_compressed(syntax):
-        try:
-            decompress(ds)
-        except DecodeFailed as exc:
-            return CleanFailed(f"pixel data cannot be decoded for cleaning: {exc}")
-        syntax = ExplicitVRLittleEndian
-    elif str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
-        failed = _to_rgb(ds)
-        if failed is not None:
-            return failed
     failed = _clean_native(ds, regions, syntax)
     if failed is not None:
         return failed

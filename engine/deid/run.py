@@ -10,8 +10,9 @@ held files with their reasons: never a header value.
 Files are written under a temporary name and renamed; the whole output is flushed to disk
 (``os.sync``, unless ``--no-sync``) before the command reports success. Held files are not an
 error: the exit status
-is 0 once every file was exported or held, 2 for a bad profile, option or secret. ``--jobs N``
-spreads files over N processes.
+is 0 once every file was exported or held, 2 for a bad profile, option or secret (or ``--ocr``
+without the tesseract program). ``--jobs N`` spreads files over N processes. ``--ocr hold|redact``
+reads the pixels of the images the default burned-in policy holds (:mod:`engine.deid.ocr`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class _Job:
     pixel_rules: tuple[str, ...]
     report: bool = False
     date_languages: tuple[str, ...] = ()
+    ocr: str = ""  # "", "hold" or "redact": OCR on the images the default policy holds
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class _Done:
 
 def _build(job: _Job) -> Exporter:
     from engine.deid import Deidentifier, load_profile, load_secret
+    from engine.deid.burned_in import BurnedInPolicy
+    from engine.deid.ocr import tesseract_problem
     from engine.deid.pixels import load_pixel_rules
     from engine.deid.verify import set_date_languages
 
@@ -69,7 +73,11 @@ def _build(job: _Job) -> Exporter:
     profile = load_profile(job.profile, job.options)
     rules = load_pixel_rules([Path(p) for p in job.pixel_rules]) if job.pixel_rules else None
     deid = Deidentifier(profile, load_secret(job.secret_file), per_attribute=job.report)
-    return Exporter(deid, pixel_rules=rules)
+    policy = BurnedInPolicy.from_mapping({"ocr": {"action": job.ocr}} if job.ocr else {})
+    problem = tesseract_problem(policy.ocr.languages) if policy.ocr is not None else None
+    if problem is not None:
+        raise ValueError(problem)
+    return Exporter(deid, policy, pixel_rules=rules)
 
 
 def _init(job: _Job) -> None:
@@ -140,6 +148,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
         tuple(
             c.strip() for c in (getattr(args, "date_languages", "") or "").split(",") if c.strip()
         ),
+        ocr=str(getattr(args, "ocr", None) or ""),
     )
     try:
         _build(job)  # fail fast, in this process, on a bad profile, option or secret

@@ -31,6 +31,7 @@ from engine.deid import Deidentifier, Pseudonym, load_profile, load_secret
 from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter
 from engine.deid.keys import PseudonymSource, secret_in_data_dir
+from engine.deid.ocr import tesseract_problem
 from engine.deid.pixels import load_pixel_rules, resolve_pixel_rulesets
 from engine.pipeline.context import DEIDENTIFIED, RunContext
 from engine.pipeline.outcome import Done, Outcome, Quarantined
@@ -73,6 +74,15 @@ def _check_secret(value: str, project_file: Path) -> None:
     folder is the site's (``fiona serve`` creates the install secret there at start)."""
     if secret_in_data_dir(value) is None:
         load_secret(_path(value, project_file))
+
+
+def _check_burned_in(burned: dict[str, Any]) -> None:
+    """The policy, and for a project that asks for OCR, Tesseract and its languages here."""
+    policy = BurnedInPolicy.from_mapping(burned)
+    if policy.ocr is not None:
+        problem = tesseract_problem(policy.ocr.languages)
+        if problem is not None:
+            raise ValueError(f"ocr: {problem}")
 
 
 class AnonymizeStep(Step):
@@ -181,7 +191,7 @@ class AnonymizeStep(Step):
                 ),
             ),
             ("secret_file", lambda: _check_secret(str(options["secret_file"]), file)),
-            ("burned_in", lambda: BurnedInPolicy.from_mapping(dict(options.get("burned_in", {})))),
+            ("burned_in", lambda: _check_burned_in(dict(options.get("burned_in", {})))),
         ):
             try:
                 attempt()
