@@ -63,7 +63,7 @@ def _fiona(work: Path, orthanc: OrthancServer, port: int, method: str, uids: lis
     try:
         listing = work / f"list-{method}.csv"
         listing.write_text("study_uid\n" + "".join(f"{u}\n" for u in uids))
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         assert (
             fiona_main(["retrieve", "orthanc", "--list", str(listing), "--config", str(site)]) == 0
         )
@@ -79,6 +79,17 @@ def _fiona(work: Path, orthanc: OrthancServer, port: int, method: str, uids: lis
         seconds = time.perf_counter() - start
         if set(states) != {"done"}:
             raise RuntimeError(f"fiona {method}: rows ended {sorted(set(states))}")
+        db = sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
+        try:
+            first, last, n = db.execute(
+                "SELECT min(received_at), max(received_at), count(*) FROM instances"
+            ).fetchone()
+        finally:
+            db.close()
+        print(
+            f"  fiona {method}: first instance {first - wall:.2f} s after queueing, {n} arrived"
+            f" in {last - first:.2f} s ({n / max(last - first, 1e-6):.0f} files/s while arriving)"
+        )
         return seconds
     finally:
         server.stop()

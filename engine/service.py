@@ -280,7 +280,7 @@ def _start_jobs(
         scheduler.add_job(
             RetrieveWorker(store.site, store.index, store.archive),
             "interval",
-            seconds=2,
+            seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",
             name="retrieve queued list rows from the PACS, within their limits",
             max_instances=1,
