@@ -260,3 +260,68 @@ def test_validate_warns_about_the_heartbeat_ae_and_a_missing_folder(
     (tmp_path / "not-mounted").mkdir()
     assert run_validate([], site_path=site) == 0
     assert capsys.readouterr().out.splitlines() == ["3 files checked, 0 errors"]
+
+
+# --------------------------------------------------------------------------- the last day
+
+
+def _plant(db: Any, received: list[float], sent: list[float], done: list[float]) -> None:
+    """Instances received at ``received``, delivered at ``sent``, transfers finished at
+    ``done`` (seconds since the epoch), as rows of the index."""
+    db.execute("INSERT INTO patients (id, patient_id) VALUES (1, 'P')")
+    db.execute("INSERT INTO studies (id, study_uid, patient_ref, first_received_at,"
+               " last_received_at) VALUES (1, '1.2', 1, 0, 0)")  # fmt: skip
+    db.execute("INSERT INTO series (id, series_uid, study_ref, first_received_at,"
+               " last_received_at) VALUES (1, '1.2.3', 1, 0, 0)")  # fmt: skip
+    for n, at in enumerate(received):
+        db.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_ref, path,"
+                   " size, received_at, via) VALUES (?, '1.2.840', 1, 'x', 1, ?, 'dimse')",
+                   (f"1.2.3.{n}", at))  # fmt: skip
+    for n, at in enumerate(done):
+        db.execute("INSERT INTO transfers (id, project, destination, study_uid, export_uid,"
+                   " run_id, state, next_try_at, created_at, updated_at, finished_at)"
+                   " VALUES (?, 'p', 'd', '1.2', '9.9', ?, 'done', 0, 0, 0, ?)",
+                   (n + 1, n + 1, at))  # fmt: skip
+    db.execute("INSERT INTO transfers (id, project, destination, study_uid, export_uid, run_id,"
+               " state, next_try_at, created_at, updated_at, finished_at)"
+               " VALUES (99, 'p', 'd', '1.2', '9.9', 99, 'failed', 0, 0, 0, ?)",
+               (done[0],))  # fmt: skip  # given up: finished, but not sent
+    for n, at in enumerate(sent):
+        db.execute("INSERT INTO transfer_items (transfer_id, sop_instance_uid, sop_class_uid,"
+                   " transfer_syntax, series_uid, path, size, state, sent_at)"
+                   " VALUES (99, ?, '1.2.840', '1.2.840.10008.1.2.1', '9.9.1', 'x', 1, 'sent', ?)",
+                   (f"9.9.1.{n}", at))  # fmt: skip
+
+
+def test_received_and_sent_are_counted_in_their_hour_of_the_last_day(tmp_path: Path) -> None:
+    from engine.store.activity import hourly_activity
+    from engine.store.index import SqliteIndex
+
+    now = 497_222 * 3600.0 + 1800  # half past an hour (UTC)
+    this_hour = now - 1800
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    ago = [1, 1800, 1801, 5 * 3600, 30 * 3600, -3600]  # seconds before now
+    with index.transaction() as db:
+        _plant(
+            db,
+            received=[now - s for s in ago],
+            sent=[now - 2 * 3600, now - 2 * 3600 + 60, now - 24 * 3600],
+            done=[this_hour - 23 * 3600, this_hour - 23 * 3600 - 1],
+        )
+    hours = hourly_activity(index, now)
+    index.close()
+    assert len(hours) == 24
+    assert hours[-1]["hour"] == "2026-09-21T14:00Z" and hours[0]["hour"] == "2026-09-20T15:00Z"
+    nonzero = {
+        (i, key): h[key]
+        for i, h in enumerate(hours)
+        for key in ("received", "sent_instances", "sent_transfers")
+        if h[key]
+    }
+    assert nonzero == {
+        (23, "received"): 2,  # this hour: its first second and one second ago
+        (22, "received"): 1,  # the last second of the hour before
+        (18, "received"): 1,  # five hours ago; 30 hours ago and the next hour are left out
+        (21, "sent_instances"): 2,
+        (0, "sent_transfers"): 1,  # the first second of the day; the failed one is not sent
+    }

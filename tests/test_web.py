@@ -379,6 +379,31 @@ def test_a_held_study_released_through_the_api_is_delivered(site: Site) -> None:
     assert released and released[-1]["operator"] == "web:coord_a"
 
 
+def _per_hour(data: Path, sql: str) -> dict[str, int]:
+    """Rows of the index by their UTC hour (``2026-01-31T12:00Z``): ``sql`` selects times."""
+    with sqlite3.connect(data / "index.sqlite") as db:
+        times = [r[0] for r in db.execute(sql)]
+    out: dict[str, int] = {}
+    for at in times:
+        hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(at))
+        out[hour] = out.get(hour, 0) + 1
+    return out
+
+
+def test_received_and_sent_per_hour_are_counted_live(site: Site) -> None:
+    data = site.root / "data"
+    hours = site.json("GET", "/api/v1/status", "viewer")["last_day"]
+    assert len(hours) == 24
+    for key, sql in (
+        ("received", "SELECT received_at FROM instances"),
+        ("sent_instances", "SELECT sent_at FROM transfer_items WHERE sent_at IS NOT NULL"),
+        ("sent_transfers", "SELECT finished_at FROM transfers WHERE state='done'"),
+    ):
+        expected = _per_hour(data, sql)
+        assert expected, key  # 16 instances received, alpha's 8 delivered in one transfer
+        assert {h["hour"]: h[key] for h in hours if h[key]} == expected, key
+
+
 # -- serving: TLS, configuration ------------------------------------------------------------------
 
 

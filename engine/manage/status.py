@@ -5,7 +5,8 @@ Everything is read when asked (so it works whether or not ``fiona serve`` runs, 
 behind a heartbeat): counts from the index, free disk from the file system, invalid project
 files from the projects folder, whether the service runs from ``<data_dir>/serve.pid``
 (:mod:`engine.manage.pidfile`), the last heartbeat from the index and the scheduled jobs from the
-status file ``<data_dir>/status.json``.
+status file ``<data_dir>/status.json``; instances received and sent per hour over the last day
+(:mod:`engine.store.activity`).
 
 Two separate verdicts:
 
@@ -35,6 +36,7 @@ from engine.config.model import SiteConfig
 from engine.manage.attention import attention, quarantine_summary
 from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso, project_activity
 from engine.manage.pidfile import serve_process
+from engine.store.activity import hourly_activity
 from engine.store.commands import run_with_index
 from engine.store.index import Index
 
@@ -210,6 +212,7 @@ def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> 
         "quarantine": {k: v for k, v in quarantine.items() if k != "groups"},
         "projects": _projects(index),
         "outbox": _outbox(index, now),
+        "last_day": hourly_activity(index, now),
     }
 
 
