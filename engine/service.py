@@ -344,7 +344,7 @@ def run_serve(args: argparse.Namespace) -> int:
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
     status_page = start_for_site(site, store.index)  # deprecated: the web API serves it too
-    web = start_web(site, store.index, load_enabled_projects)
+    web = start_web(site, load_enabled_projects)
     open_network = open_to_any_sender(site)
     if open_network is not None:
         log.warning("%s", open_network)

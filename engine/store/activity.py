@@ -1,4 +1,4 @@
-"""Received and sent per hour over the last day, counted live from the index.
+"""Received and sent per hour over the last day, and per project, counted live from the index.
 
 Hours are whole UTC hours: the last bucket is the current hour (so far), the first the hour
 23 hours before it. Received counts instances indexed (``instances.received_at``, whether by
@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.store.index import Index
 
-__all__ = ["HOURS", "hourly_activity"]
+__all__ = ["HOURS", "hourly_activity", "project_counts", "project_last_times"]
 
 #: Buckets returned: one day of whole hours.
 HOURS = 24
@@ -46,3 +46,49 @@ def hourly_activity(index: Index, now: float) -> list[dict[str, Any]]:
                 if 0 <= bucket < HOURS:
                     out[bucket][key] = int(n)
     return out
+
+
+#: Per project, one query each; every one a pass over one index of migration 0012.
+_PROJECT_COUNTS = {
+    "received": "SELECT project, count(*) FROM study_routes GROUP BY project",
+    "complete": "SELECT project, count(*) FROM study_routes WHERE state='complete'"
+    " GROUP BY project",
+    "in_pipeline": "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
+    " WHERE state IN ('pending','running') GROUP BY project",
+    # A study is sent to a project when it has transfers and all of them are done.
+    "sent": "SELECT project, count(*) FROM (SELECT project, study_uid FROM transfers"
+    " GROUP BY project, study_uid HAVING sum(state != 'done') = 0) GROUP BY project",
+    "quarantined": "SELECT project, count(DISTINCT study_uid) FROM quarantine"
+    " WHERE state='held' AND project != '' GROUP BY project",
+    "deleted": "SELECT r.project, count(*) FROM studies st JOIN study_routes r"
+    " ON r.study_uid = st.study_uid WHERE st.deleted_at IS NOT NULL GROUP BY r.project",
+}
+
+# The newest study routed to the project: read newest first, stopping at the first match.
+_LAST_RECEIPT = (
+    "SELECT st.last_received_at FROM studies st WHERE +st.study_uid IN"
+    " (SELECT study_uid FROM study_routes WHERE project = ?)"
+    " ORDER BY st.last_received_at DESC LIMIT 1"
+)
+_LAST_SEND = "SELECT project, max(finished_at) FROM transfers WHERE state='done' GROUP BY project"
+
+
+def project_counts(index: Index) -> dict[str, dict[str, int]]:
+    """Per project (by name): studies routed to it (``received``), ``complete``, in pipeline,
+    ``sent`` (every transfer done), ``quarantined`` (held) and ``deleted`` by retention."""
+    out: dict[str, dict[str, int]] = {}
+    with index.reading() as db:
+        for key, sql in _PROJECT_COUNTS.items():
+            for project, n in db.execute(sql):
+                out.setdefault(str(project), dict.fromkeys(_PROJECT_COUNTS, 0))[key] = int(n)
+    return out
+
+
+def project_last_times(index: Index) -> dict[str, tuple[float | None, float | None]]:
+    """Per project: (the last receipt of a study routed to it, its last finished transfer),
+    seconds since the epoch or None."""
+    with index.reading() as db:
+        projects = [str(p) for (p,) in db.execute("SELECT DISTINCT project FROM study_routes")]
+        received = {p: db.execute(_LAST_RECEIPT, (p,)).fetchone()[0] for p in projects}
+        sent = {str(p): at for p, at in db.execute(_LAST_SEND)}
+    return {p: (received.get(p), sent.get(p)) for p in sorted({*received, *sent})}

@@ -70,9 +70,15 @@ class AuditLog:
             return False
         return True
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry, oldest first."""
+    def entries(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Every entry, oldest first; with ``study_uid``, only those naming the study (its
+        :func:`uid_token` as ``study``), found by text before any line is parsed."""
+        mark = f'"study":"{uid_token(study_uid)}"' if study_uid else ""
         out: list[dict[str, Any]] = []
         for path in sorted(self.folder.glob("audit-*.jsonl")):
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            out += [
+                json.loads(line)
+                for line in path.read_text().splitlines()
+                if line.strip() and mark in line
+            ]
         return out

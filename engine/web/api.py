@@ -30,7 +30,10 @@ from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
 from engine.web.auth import ApiError, Need, check_project
 
-__all__ = ["ROUTES", "Call", "Route", "api_route"]
+__all__ = ["QUARANTINE_PAGE", "ROUTES", "Call", "Route", "api_route"]
+
+#: Quarantine items listed per request unless ``limit`` says otherwise (each with its facts).
+QUARANTINE_PAGE = 100
 
 
 @dataclass
@@ -113,12 +116,11 @@ def _quarantine_list(call: Call) -> list[dict[str, Any]]:
         state=None if state == "all" else state,
         reason=call.query.get("reason"),
         project=call.query.get("project"),
+        projects=call.visible(),
+        limit=call.int_query("limit", QUARANTINE_PAGE, 1000),
+        offset=call.int_query("offset", 0, 10**9),
     )
-    return [
-        {**i.as_json(), "facts": item_facts(call.index, call.site.data_dir, i)}
-        for i in items
-        if call.user.sees_all or (i.project and call.user.sees_project(i.project))
-    ]
+    return [{**i.as_json(), "facts": item_facts(call.index, call.site.data_dir, i)} for i in items]
 
 
 def _quarantine_show(call: Call) -> dict[str, Any]:
@@ -273,9 +275,9 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/quarantine",
         Need.READ,
-        "Quarantine items with their context",
+        "Quarantine items with their context, oldest first, paginated",
         _quarantine_list,
-        query=("state", "reason", "project"),
+        query=("state", "reason", "project", "limit", "offset"),
     ),
     Route(
         "GET",

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from engine.store.users import Role
-from engine.web.api import Call, api_route
+from engine.web.api import QUARANTINE_PAGE, Call, api_route
 from engine.web.auth import ApiError, Need
 
 __all__ = ["PAGES", "Form", "Page", "Redirect", "View"]
@@ -113,9 +113,12 @@ def _projects(call: Call, form: Form) -> View:
 def _quarantine(call: Call, form: Form) -> View:
     items = _api(call, "GET", "/quarantine")
     state = call.query.get("state", "held")
-    return View(
-        "quarantine.html", "Quarantine", {"items": items, "state": state, "can_act": _acts(call)}
-    )
+    limit = call.int_query("limit", QUARANTINE_PAGE, 1000)
+    offset = call.int_query("offset", 0, 10**9)
+    more = dict(call.query) | {"offset": str(offset + limit)}
+    values = {"items": items, "state": state, "can_act": _acts(call), "offset": offset,
+              "next_query": urlencode(more) if len(items) == limit else ""}  # fmt: skip
+    return View("quarantine.html", "Quarantine", values)
 
 
 def _chosen(call: Call, form: Form) -> tuple[str, list[dict[str, Any]]]:

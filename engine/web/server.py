@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,10 +26,11 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.attention import projects_signature
 from engine.manage.metrics import render
 from engine.manage.status import collect_status
 from engine.store.audit import AuditLog, uid_token
-from engine.store.index import Index
+from engine.store.index import Index, IndexUnusable, SqliteIndex, open_index
 from engine.store.users import UserStore
 from engine.web.api import ROUTES, Call, Route
 from engine.web.auth import ApiError, authenticate, check, holds_phi, strip_phi
@@ -37,7 +39,7 @@ from engine.web.portal import portal_routes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WebServer", "build_app", "start_for_site"]
+__all__ = ["WebServer", "build_app", "cached_projects", "start_for_site"]
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -175,10 +177,18 @@ def build_app(
 
 
 class WebServer:
-    """uvicorn serving an app on a socket we bound, in a daemon thread; :meth:`stop` ends it."""
+    """uvicorn serving an app on a socket we bound, in a daemon thread; :meth:`stop` ends it
+    (and closes ``index``, the web's own connection, when it has one)."""
 
-    def __init__(self, app: Starlette, sock: socket.socket, cfg: uvicorn.Config) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        sock: socket.socket,
+        cfg: uvicorn.Config,
+        index: SqliteIndex | None = None,
+    ) -> None:
         self.sock = sock
+        self.index = index
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
@@ -193,6 +203,8 @@ class WebServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+        if self.index is not None:
+            self.index.close()
 
 
 def _listen(bind: str, port: int) -> socket.socket:
@@ -208,13 +220,38 @@ def _listen(bind: str, port: int) -> socket.socket:
     return sock
 
 
+def cached_projects(
+    load: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Callable[[SiteConfig], list[ProjectConfig]]:
+    """``load`` (the enabled projects) called again only when a project file changed (see
+    :func:`engine.manage.attention.loaded_projects`): a study page or an explanation would
+    otherwise parse and check every project file per request."""
+    cache: dict[Path, tuple[object, list[ProjectConfig]]] = {}
+    lock = threading.Lock()
+
+    def projects(site: SiteConfig) -> list[ProjectConfig]:
+        signature = projects_signature(site.projects_dir)
+        with lock:
+            hit = cache.get(site.projects_dir)
+            if hit is not None and signature and hit[0] == signature:
+                return hit[1]
+            found = load(site)
+            cache[site.projects_dir] = (signature, found)
+            return found
+
+    return projects
+
+
 def start_for_site(
     site: SiteConfig,
-    index: Index,
     projects: Callable[[SiteConfig], list[ProjectConfig]],
 ) -> WebServer | None:
     """The site's web API (``web``), or None when it is off or cannot listen (the receiver
-    and the jobs run without it; the log says why)."""
+    and the jobs run without it; the log says why).
+
+    The web reads the index through a connection of its own (``fiona serve`` has opened and
+    upgraded it already): a slow page then waits for SQLite, not for the lock of the
+    receiver's connection, and WAL lets it read while the receiver commits."""
     cfg = site.web
     if not cfg.enabled:
         return None
@@ -223,7 +260,13 @@ def start_for_site(
     except OSError as exc:
         log.error("web: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
         return None
-    app = build_app(site, index, projects)
+    try:
+        index = open_index(site.index_url, site.data_dir / "index.sqlite", upgrade=False)
+    except IndexUnusable as exc:
+        sock.close()
+        log.error("web: %s", exc)
+        return None
+    app = build_app(site, index, cached_projects(projects))
     tls = cfg.cert_file is not None and cfg.key_file is not None
     config = uvicorn.Config(
         app,
@@ -234,7 +277,7 @@ def start_for_site(
         ssl_keyfile=str(cfg.key_file) if tls else None,
         server_header=False,
     )
-    server = WebServer(app, sock, config)
+    server = WebServer(app, sock, config, index)
     scheme = "https" if tls else "http"
     log.info(
         "web portal on %s://%s:%d/ (API at /api/v1, /status.json, /metrics)",
