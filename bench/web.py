@@ -100,8 +100,6 @@ class Builder:
             modality = _pick(rng, MODALITIES)
             date = time.strftime("%Y%m%d", time.gmtime(first))
             text = rng.choice(DESCRIPTIONS)
-            studies.append((s, uid, 1 + s % patients, date, f"ACC{s:09d}", text, first, last,
-                            n_inst, n_inst, last))  # fmt: skip
             n_series = min(n_inst, rng.randint(1, 6))
             left = n_inst
             for k in range(n_series):
@@ -116,6 +114,9 @@ class Builder:
                     at = first + (last - first) * (j + 1) / count
                     instances.append((instance_id, f"{uid}.{k + 1}.{j + 1}", series_id, j + 1,
                                       f"archive/{uid}/{k + 1}/{j + 1}.dcm", at))  # fmt: skip
+            # routed_upto: the last instance routing has seen (all), so the tracker reads none.
+            studies.append((s, uid, 1 + s % patients, date, f"ACC{s:09d}", text, first, last,
+                            n_inst, instance_id, last))  # fmt: skip
             roll = rng.random()
             projects = [] if roll < 0.04 else [_pick(rng, PROJECTS)]
             if roll > 0.96:

@@ -72,7 +72,7 @@ class Running:
 
 
 def start_site(tmp: Path, projects: Path, *, heartbeat: float = 3600) -> Running:
-    """`fiona serve` on ``projects`` with the status page on; the first heartbeat is taken at
+    """`fiona serve` on ``projects`` with the web portal on; the first heartbeat is taken at
     start, the next only after ``heartbeat`` seconds."""
     http_port = free_port()
     config = tmp / "site.yaml"
@@ -80,10 +80,12 @@ def start_site(tmp: Path, projects: Path, *, heartbeat: float = 3600) -> Running
         "scan_interval_seconds": 0.5,
         "heartbeat": {"interval_seconds": heartbeat},
         "retention": {"min_free_percent": 0},
-        "status_http": {"port": http_port},
+        "web": {"enabled": True, "port": http_port},
     }
     config.write_text(yaml.safe_dump(site))
-    server = FionaServer(data_dir=tmp / "data", projects_dir=projects, config=config)
+    server = FionaServer(
+        data_dir=tmp / "data", projects_dir=projects, config=config, web_port=None
+    )
     server.start()
     running = Running(server, config, http_port)
     wait_for("the first heartbeat", lambda: running.status()[0] == 0, 30, server)
@@ -203,9 +205,11 @@ def test_held_items_and_dead_letters_need_attention_live(
     assert status["projects"]["dead"]["quarantined"] == 1
     assert "dead letters     1 transfers given up" in text
     assert "invalid projects 1 disabled" in text and "broken.yaml" in text
-    with urllib.request.urlopen(f"http://127.0.0.1:{dead_end.http_port}/", timeout=10) as page:
-        html = page.read().decode()
-    assert '<h1 class="warn">fiona: healthy, 4 need attention</h1>' in html
+    # The web's /status.json, without a login, says the same.
+    url = f"http://127.0.0.1:{dead_end.http_port}/status.json"
+    with urllib.request.urlopen(url, timeout=10) as page:
+        served = json.loads(page.read())
+    assert served["attention"]["counts"] == needs["counts"] and served["healthy"]
     # Heartbeats every hour: all of the above was read live.
     assert status["heartbeat"]["age_seconds"] < 3600
     everything = json.dumps(status) + text
@@ -325,3 +329,65 @@ def test_received_and_sent_are_counted_in_their_hour_of_the_last_day(tmp_path: P
         (21, "sent_instances"): 2,
         (0, "sent_transfers"): 1,  # the first second of the day; the failed one is not sent
     }
+
+
+# --------------------------------------------------------------------------- status_http
+
+
+def test_a_deprecated_status_http_port_still_serves_status_and_metrics(
+    tmp_path: Path, empty_projects: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_port, web_port = free_port(), free_port()
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"status_http:\n  port: {old_port}\nweb:\n  port: {web_port}\n"
+        f"projects_dir: {empty_projects}\n"
+    )
+    assert run_validate([], site_path=site) == 0  # a warning, not an error
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{site}:1 status_http: warning: status_http is deprecated and goes in the next"
+        f" release: the web portal's port (web.port, {web_port}) answers GET /status.json and"
+        " GET /metrics without a login, and its dashboard replaces the page; point Prometheus"
+        " and monitoring at that port and remove status_http (until then port"
+        f" {old_port} still answers /status.json, /metrics and / as plain text)"
+    )
+    # The web off (as in most tests): the old port alone still answers, without a login.
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    try:
+        base = f"http://127.0.0.1:{old_port}"
+        wait_for("the status port", lambda: _answers(base + "/metrics"), 30, server)
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
+            assert b"fiona_instances_received_total" in answer.read()
+        with urllib.request.urlopen(base + "/status.json", timeout=10) as answer:
+            assert json.loads(answer.read())["ae_title"] == "FIONA"
+        with urllib.request.urlopen(base + "/", timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain")
+            assert answer.read().decode().startswith("fiona FIONA: ")
+        assert "status_http is deprecated" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_status_http_port_that_is_the_webs_is_served_by_the_web(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    port = free_port()
+    site = tmp_path / "site.yaml"
+    site.write_text(f"status_http:\n  port: {port}\nweb:\n  enabled: true\n  port: {port}\n")
+    server = FionaServer(tmp_path / "data", empty_projects, config=site, web_port=None).start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for("the web port", lambda: _answers(url), 30, server)
+        assert f"port {port} is the web portal's" in server.log_text()
+        assert "cannot listen" not in server.log_text()
+    finally:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

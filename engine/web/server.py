@@ -1,10 +1,9 @@
 """The web application and its server: Starlette on uvicorn, in a thread of ``fiona serve``.
 
 Besides ``/api/v1`` it serves the portal (:mod:`engine.web.portal`; its dashboard at ``/``
-took the place of the status page) and, unauthenticated as the status page
-(:mod:`engine.manage.status_http`) does (counts, times and project names only, no PHI),
-``GET /status.json`` and ``GET /metrics``. Every answer carries ``Cache-Control:
-no-store`` and headers that keep it out of frames and sniffing.
+took the place of the old status page) and, without a login (counts, times and project names
+only, no PHI), ``GET /status.json`` and ``GET /metrics``. Every answer carries
+``Cache-Control: no-store`` and headers that keep it out of frames and sniffing.
 """
 
 from __future__ import annotations
@@ -39,7 +38,14 @@ from engine.web.portal import portal_routes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WebServer", "build_app", "cached_projects", "start_for_site"]
+__all__ = [
+    "WebServer",
+    "build_app",
+    "cached_projects",
+    "listen",
+    "start_for_site",
+    "status_routes",
+]
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -130,12 +136,10 @@ async def _upload(request: Request) -> bytes:
     return data
 
 
-def build_app(
-    site: SiteConfig,
-    index: Index,
-    projects: Callable[[SiteConfig], list[ProjectConfig]],
-) -> Starlette:
-    """The application: ``/api/v1`` (:data:`ROUTES`), its OpenAPI document, the status page."""
+def status_routes(site: SiteConfig, index: Index) -> list[StarletteRoute]:
+    """``GET /status.json`` (``fiona status --json``) and ``GET /metrics`` (Prometheus text or
+    OpenMetrics, as the scraper's ``Accept`` asks), without a login: counts, times and project
+    names only."""
 
     def status_json(request: Request) -> Response:
         return _json(collect_status(site, index))
@@ -144,14 +148,21 @@ def build_app(
         body, content_type = render(site, index, request.headers.get("accept", ""))
         return Response(body, headers={**_HEADERS, "Content-Type": content_type})
 
+    return [StarletteRoute("/status.json", status_json), StarletteRoute("/metrics", metrics)]
+
+
+def build_app(
+    site: SiteConfig,
+    index: Index,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Starlette:
+    """The application: ``/api/v1`` (:data:`ROUTES`), its OpenAPI document, ``/status.json``
+    and ``/metrics``, the portal."""
+
     def openapi(request: Request) -> Response:
         return _json(openapi_document())
 
-    routes = [
-        StarletteRoute("/status.json", status_json),
-        StarletteRoute("/metrics", metrics),
-        StarletteRoute("/api/v1/openapi.json", openapi),
-    ]
+    routes = [*status_routes(site, index), StarletteRoute("/api/v1/openapi.json", openapi)]
     routes += [
         StarletteRoute("/api/v1" + r.path, _endpoint(r, site, index, projects), methods=[r.method])
         for r in ROUTES
@@ -207,7 +218,7 @@ class WebServer:
             self.index.close()
 
 
-def _listen(bind: str, port: int) -> socket.socket:
+def listen(bind: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -242,6 +253,30 @@ def cached_projects(
     return projects
 
 
+def own_index(site: SiteConfig, sock: socket.socket) -> SqliteIndex | None:
+    """A connection of the web's own to the site's index (None, ``sock`` closed and the
+    reason logged, when it cannot be opened)."""
+    try:
+        return open_index(site.index_url, site.data_dir / "index.sqlite", upgrade=False)
+    except IndexUnusable as exc:
+        sock.close()
+        log.error("web: %s", exc)
+        return None
+
+
+def uvicorn_config(app: Starlette, cert: Path | None, key: Path | None) -> uvicorn.Config:
+    """uvicorn for ``app``: fiona's logging, no access log, TLS with ``cert`` and ``key``."""
+    return uvicorn.Config(
+        app,
+        log_config=None,  # fiona's logging stays as it is
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
+        server_header=False,
+    )
+
+
 def start_for_site(
     site: SiteConfig,
     projects: Callable[[SiteConfig], list[ProjectConfig]],
@@ -256,27 +291,16 @@ def start_for_site(
     if not cfg.enabled:
         return None
     try:
-        sock = _listen(cfg.bind, cfg.port)
+        sock = listen(cfg.bind, cfg.port)
     except OSError as exc:
         log.error("web: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
         return None
-    try:
-        index = open_index(site.index_url, site.data_dir / "index.sqlite", upgrade=False)
-    except IndexUnusable as exc:
-        sock.close()
-        log.error("web: %s", exc)
+    index = own_index(site, sock)
+    if index is None:
         return None
     app = build_app(site, index, cached_projects(projects))
     tls = cfg.cert_file is not None and cfg.key_file is not None
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # fiona's logging stays as it is
-        access_log=False,
-        lifespan="off",
-        ssl_certfile=str(cfg.cert_file) if tls else None,
-        ssl_keyfile=str(cfg.key_file) if tls else None,
-        server_header=False,
-    )
+    config = uvicorn_config(app, cfg.cert_file if tls else None, cfg.key_file if tls else None)
     server = WebServer(app, sock, config, index)
     scheme = "https" if tls else "http"
     log.info(
