@@ -1,9 +1,9 @@
 """What needs a person: held quarantine items, dead-lettered transfers, invalid project files.
 
 Read live from the index and the projects folder (``fiona status``, the web's dashboard,
-``/status.json`` and ``/metrics`` call these at request time). None of these make the service unhealthy: it keeps
-working around them, but each stays until someone acts (``fiona quarantine``, ``fiona
-transfers retry``, fixing the file that ``fiona validate`` names).
+``/status.json`` and ``/metrics`` call these at request time). None of these make the service
+unhealthy: it keeps working around them, but each stays until someone acts (``fiona
+quarantine``, ``fiona transfers retry``, fixing the file that ``fiona validate`` names).
 
 Counts, reason codes, project and destination names, transfer ids and file paths only: no UIDs,
 no header values (a transfer's last error never quotes one).

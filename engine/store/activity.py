@@ -25,7 +25,7 @@ _COUNTS = {
     "sent_instances": "SELECT CAST((sent_at - ?) / 3600 AS INTEGER), count(*) FROM transfer_items"
     " WHERE sent_at >= ? AND sent_at < ? GROUP BY 1",
     "sent_transfers": "SELECT CAST((finished_at - ?) / 3600 AS INTEGER), count(*) FROM transfers"
-    " WHERE finished_at >= ? AND finished_at < ? AND state = 'done' GROUP BY 1",
+    " WHERE finished_at >= ? AND finished_at < ? AND +state = 'done' GROUP BY 1",
 }
 
 
@@ -48,21 +48,23 @@ def hourly_activity(index: Index, now: float) -> list[dict[str, Any]]:
     return out
 
 
-#: Per project, one query each; every one a pass over one index of migration 0012.
+#: Per project: each query one pass over one index of migration 0012. SQLite has no statistics
+#: here (fiona never runs ANALYZE), so "+column" and CROSS JOIN keep it on those indexes.
 _PROJECT_COUNTS = {
-    "received": "SELECT project, count(*) FROM study_routes GROUP BY project",
-    "complete": "SELECT project, count(*) FROM study_routes WHERE state='complete'"
-    " GROUP BY project",
-    "in_pipeline": "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
+    ("received", "complete"): "SELECT project, count(*), sum(state = 'complete')"
+    " FROM study_routes GROUP BY project",
+    ("in_pipeline",): "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
     " WHERE state IN ('pending','running') GROUP BY project",
     # A study is sent to a project when it has transfers and all of them are done.
-    "sent": "SELECT project, count(*) FROM (SELECT project, study_uid FROM transfers"
-    " GROUP BY project, study_uid HAVING sum(state != 'done') = 0) GROUP BY project",
-    "quarantined": "SELECT project, count(DISTINCT study_uid) FROM quarantine"
+    ("sent",): "SELECT project, count(DISTINCT study_uid)"
+    " - count(DISTINCT CASE WHEN state != 'done' THEN study_uid END) FROM transfers"
+    " GROUP BY project",
+    ("quarantined",): "SELECT project, count(DISTINCT study_uid) FROM quarantine"
     " WHERE state='held' AND project != '' GROUP BY project",
-    "deleted": "SELECT r.project, count(*) FROM studies st JOIN study_routes r"
+    ("deleted",): "SELECT r.project, count(*) FROM studies st CROSS JOIN study_routes r"
     " ON r.study_uid = st.study_uid WHERE st.deleted_at IS NOT NULL GROUP BY r.project",
 }
+_KEYS = tuple(k for keys in _PROJECT_COUNTS for k in keys)
 
 # The newest study routed to the project: read newest first, stopping at the first match.
 _LAST_RECEIPT = (
@@ -70,7 +72,7 @@ _LAST_RECEIPT = (
     " (SELECT study_uid FROM study_routes WHERE project = ?)"
     " ORDER BY st.last_received_at DESC LIMIT 1"
 )
-_LAST_SEND = "SELECT project, max(finished_at) FROM transfers WHERE state='done' GROUP BY project"
+_LAST_SEND = "SELECT project, max(finished_at) FROM transfers WHERE +state='done' GROUP BY project"
 
 
 def project_counts(index: Index) -> dict[str, dict[str, int]]:
@@ -78,9 +80,10 @@ def project_counts(index: Index) -> dict[str, dict[str, int]]:
     ``sent`` (every transfer done), ``quarantined`` (held) and ``deleted`` by retention."""
     out: dict[str, dict[str, int]] = {}
     with index.reading() as db:
-        for key, sql in _PROJECT_COUNTS.items():
-            for project, n in db.execute(sql):
-                out.setdefault(str(project), dict.fromkeys(_PROJECT_COUNTS, 0))[key] = int(n)
+        for keys, sql in _PROJECT_COUNTS.items():
+            for project, *counts in db.execute(sql):
+                row = out.setdefault(str(project), dict.fromkeys(_KEYS, 0))
+                row.update({k: int(n) for k, n in zip(keys, counts, strict=True)})
     return out
 
 
