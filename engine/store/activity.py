@@ -49,30 +49,34 @@ def hourly_activity(index: Index, now: float) -> list[dict[str, Any]]:
 
 
 #: Per project: each query one pass over one index of migration 0012. SQLite has no statistics
-#: here (fiona never runs ANALYZE), so "+column" and CROSS JOIN keep it on those indexes.
+#: here (fiona never runs ANALYZE), so CROSS JOIN keeps it on those indexes.
 _PROJECT_COUNTS = {
     ("received", "complete"): "SELECT project, count(*), sum(state = 'complete')"
     " FROM study_routes GROUP BY project",
     ("in_pipeline",): "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
     " WHERE state IN ('pending','running') GROUP BY project",
-    # A study is sent to a project when it has transfers and all of them are done.
-    ("sent",): "SELECT project, count(DISTINCT study_uid)"
-    " - count(DISTINCT CASE WHEN state != 'done' THEN study_uid END) FROM transfers"
-    " GROUP BY project",
     ("quarantined",): "SELECT project, count(DISTINCT study_uid) FROM quarantine"
     " WHERE state='held' AND project != '' GROUP BY project",
     ("deleted",): "SELECT r.project, count(*) FROM studies st CROSS JOIN study_routes r"
     " ON r.study_uid = st.study_uid WHERE st.deleted_at IS NOT NULL GROUP BY r.project",
 }
-_KEYS = tuple(k for keys in _PROJECT_COUNTS for k in keys)
+_KEYS = ("received", "complete", "in_pipeline", "sent", "quarantined", "deleted")
 
+# Per project, each a range of one index. A study is sent to a project when it has transfers
+# and all of them are done (grouped in the index's order, no sort).
+_SENT = (
+    "SELECT count(*) FROM (SELECT 1 FROM transfers WHERE project = ? GROUP BY study_uid"
+    " HAVING sum(state != 'done') = 0)"
+)
 # The newest study routed to the project: read newest first, stopping at the first match.
 _LAST_RECEIPT = (
-    "SELECT st.last_received_at FROM studies st WHERE +st.study_uid IN"
-    " (SELECT study_uid FROM study_routes WHERE project = ?)"
+    "SELECT st.last_received_at FROM studies st WHERE EXISTS (SELECT 1 FROM study_routes r"
+    " WHERE r.study_uid = st.study_uid AND r.project = ?)"
     " ORDER BY st.last_received_at DESC LIMIT 1"
 )
-_LAST_SEND = "SELECT project, max(finished_at) FROM transfers WHERE +state='done' GROUP BY project"
+_LAST_SEND = "SELECT max(finished_at) FROM transfers WHERE project = ? AND state = 'done'"
+# Projects with a route; every transfer comes from a run of a route, and routes are kept.
+_PROJECTS = "SELECT project FROM study_routes GROUP BY project"
 
 
 def project_counts(index: Index) -> dict[str, dict[str, int]]:
@@ -84,6 +88,8 @@ def project_counts(index: Index) -> dict[str, dict[str, int]]:
             for project, *counts in db.execute(sql):
                 row = out.setdefault(str(project), dict.fromkeys(_KEYS, 0))
                 row.update({k: int(n) for k, n in zip(keys, counts, strict=True)})
+        for project, row in out.items():
+            row["sent"] = int(db.execute(_SENT, (project,)).fetchone()[0])
     return out
 
 
@@ -91,7 +97,11 @@ def project_last_times(index: Index) -> dict[str, tuple[float | None, float | No
     """Per project: (the last receipt of a study routed to it, its last finished transfer),
     seconds since the epoch or None."""
     with index.reading() as db:
-        projects = [str(p) for (p,) in db.execute("SELECT DISTINCT project FROM study_routes")]
-        received = {p: db.execute(_LAST_RECEIPT, (p,)).fetchone()[0] for p in projects}
-        sent = {str(p): at for p, at in db.execute(_LAST_SEND)}
-    return {p: (received.get(p), sent.get(p)) for p in sorted({*received, *sent})}
+        projects = [str(p) for (p,) in db.execute(_PROJECTS)]
+        return {
+            p: (
+                db.execute(_LAST_RECEIPT, (p,)).fetchone()[0],
+                db.execute(_LAST_SEND, (p,)).fetchone()[0],
+            )
+            for p in projects
+        }

@@ -51,11 +51,12 @@ class StudyFilter:
 
 def _where(f: StudyFilter) -> tuple[str, list[Any]]:
     """The WHERE clause and its arguments. Projects and modalities are ``IN`` lists of their
-    indexes (migration 0012), so SQLite may start from them or from the newest studies."""
+    indexes (migration 0012). A project's studies are a set each study is tested against
+    ("+": never a lookup per routed study, which SQLite, without statistics, would otherwise
+    nest inside the modality's list), so a page reads the newest studies first and stops at
+    its end."""
     clauses: list[str] = []
     args: list[Any] = []
-    # "+": tested against the project's set rather than driving a lookup per routed study, so
-    # the newest studies are read first and a page stops early.
     routed = "+st.study_uid IN (SELECT r.study_uid FROM study_routes r WHERE "
     if f.projects is not None:
         marks = ",".join("?" * len(f.projects)) or "NULL"
