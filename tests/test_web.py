@@ -528,3 +528,30 @@ def test_user_add_asks_for_the_password_twice_on_a_terminal(site: Site) -> None:
         assert users.check_password("carol", "first password!!") is None
     finally:
         index.close()
+
+
+def test_the_webs_projects_are_read_again_only_when_a_project_file_changed(
+    tmp_path: Path,
+) -> None:
+    from engine.config.loader import load_site
+    from engine.web.server import cached_projects
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "a.yaml").write_text("name: a\n")
+    site = load_site(None, {"data_dir": str(tmp_path / "data"), "projects_dir": str(projects)})
+    calls: list[int] = []
+
+    def load(_: Any) -> list[Any]:
+        calls.append(1)
+        return []
+
+    cached = cached_projects(load)
+    cached(site)
+    cached(site)
+    assert len(calls) == 1
+    os.utime(projects / "a.yaml", ns=(0, 10**18))  # edited
+    cached(site)
+    (projects / "b.yaml").write_text("name: b\n")  # added
+    cached(site)
+    assert len(calls) == 3

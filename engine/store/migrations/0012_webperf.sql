@@ -10,8 +10,9 @@ CREATE INDEX studies_by_date ON studies(study_date);
 CREATE INDEX series_by_modality ON series(modality, study_ref);
 -- Counts per project (status, dashboard, /metrics): one pass over an index each.
 CREATE INDEX study_routes_by_project ON study_routes(project, state, completed_at, study_uid);
-CREATE INDEX transfers_by_project ON transfers(project, study_uid, state, finished_at);
-CREATE INDEX transfers_by_project_state ON transfers(project, state, finished_at, destination);
+CREATE INDEX transfers_by_project ON transfers(project, study_uid, state);
+CREATE INDEX transfers_by_project_state ON transfers(project, state, finished_at);
+CREATE INDEX transfers_by_destination ON transfers(project, destination, state);
 CREATE INDEX pipeline_runs_by_project ON pipeline_runs(project, state);
 CREATE INDEX studies_deleted ON studies(deleted_at) WHERE deleted_at IS NOT NULL;
 -- The quarantine list by state (held items are few among the resolved).
