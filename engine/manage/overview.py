@@ -26,11 +26,13 @@ from engine.transfer.outbox import Outbox
 __all__ = ["project_overview", "study_detail"]
 
 
-def project_overview(site: SiteConfig, index: Index) -> list[dict[str, Any]]:
+def project_overview(
+    site: SiteConfig, index: Index, *, counts: bool = True
+) -> list[dict[str, Any]]:
     """Every project file's project: enabled or not, the validation errors that disabled it,
-    its counts (as ``fiona status`` gives them); by name."""
+    its counts (as ``fiona status`` gives them; without ``counts``, empty); by name."""
     projects, issues = loaded_projects(site.projects_dir)
-    counts = project_rows(index)
+    rows = project_rows(index) if counts else {}
     errors: dict[str, list[str]] = {}
     for issue in issues:
         errors.setdefault(issue.file.stem, []).append(str(issue))
@@ -42,7 +44,7 @@ def project_overview(site: SiteConfig, index: Index) -> list[dict[str, Any]]:
         out.setdefault(name, {"name": name, "enabled": False, "file": ""})["errors"] = found
     for name, row in out.items():
         row["enabled"] = bool(row["enabled"]) and not row["errors"]
-        row["counts"] = counts.get(name, {})
+        row["counts"] = rows.get(name, {})
     return [out[name] for name in sorted(out)]
 
 

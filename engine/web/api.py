@@ -94,7 +94,9 @@ def _status(call: Call) -> dict[str, Any]:
 
 
 def _projects(call: Call) -> list[dict[str, Any]]:
-    return [p for p in project_overview(call.site, call.index) if call.user.sees_project(p["name"])]
+    counts = call.query.get("counts", "yes") != "no"
+    found = project_overview(call.site, call.index, counts=counts)
+    return [p for p in found if call.user.sees_project(p["name"])]
 
 
 # -- quarantine --------------------------------------------------------------------------------
@@ -270,7 +272,14 @@ def _explain(call: Call) -> dict[str, Any]:
 #: Every route of /api/v1, in the order of the OpenAPI document.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", Need.READ, "Health, counts, outbox (fiona status --json)", _status),
-    Route("GET", "/projects", Need.READ, "Projects: enabled, validation errors, counts", _projects),
+    Route(
+        "GET",
+        "/projects",
+        Need.READ,
+        "Projects: enabled, validation errors, counts (counts=no: without)",
+        _projects,
+        query=("counts",),
+    ),
     Route(
         "GET",
         "/quarantine",

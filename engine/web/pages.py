@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from starlette.datastructures import QueryParams
+
 from engine.store.users import Role
 from engine.web.api import QUARANTINE_PAGE, Call, api_route
 from engine.web.auth import ApiError, Need
@@ -47,12 +49,19 @@ class Page:
 
 
 def _api(
-    call: Call, method: str, path: str, body: dict[str, str] | None = None, **params: str
+    call: Call,
+    method: str,
+    path: str,
+    body: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+    **params: str,
 ) -> Any:
-    """What the API route ``method path`` answers this user (its project checks included)."""
+    """What the API route ``method path`` answers this user (its project checks included);
+    ``query``: its query parameters instead of the page's."""
     route = api_route(method, path)
+    asked = call.query if query is None else QueryParams(query)
     return route.handler(
-        Call(call.user, call.site, call.index, call.projects, params, call.query, call.upload,
+        Call(call.user, call.site, call.index, call.projects, params, asked, call.upload,
              body or {})
     )  # fmt: skip
 
@@ -99,7 +108,7 @@ def _dashboard(call: Call, form: Form) -> View:
     status = _api(call, "GET", "/status")
     values = {
         "status": status,
-        "projects": _api(call, "GET", "/projects"),
+        "projects": _api(call, "GET", "/projects", query={"counts": "no"}),  # status has them
         "held": _held(call, status["attention"]["quarantine"]),
         "chart": _bars(status["last_day"]),
     }
