@@ -380,12 +380,17 @@ def receiver(client: Client, port: int, work: Path, files: int, repeat: int) -> 
                 rates[mode].append(files / send(corpus, port))
             polls += poller.times
     quiet, polled = statistics.median(rates["quiet"]), statistics.median(rates["polled"])
+    # Each round's polled run against the quiet run just before it: the disk's slow spells
+    # (its flush time varies 2-4x from minute to minute here) then hit both alike.
+    pairs = statistics.median(p / q for q, p in zip(rates["quiet"], rates["polled"], strict=True))
     print(f"\nreceiver, {files} files of 64x64 per run, median of {repeat}:")
     print(f"{'without the web':>28} {quiet:8.1f} files/s")
     poll_ms = statistics.median(polls or [0]) * 1000
     print(f"{'dashboard polled every 1 s':>28} {polled:8.1f} files/s"
           f"  ({len(polls)} polls, median {poll_ms:.0f} ms)")  # fmt: skip
-    print(f"{'ratio (target >= 0.90)':>28} {polled / quiet:8.2f}", flush=True)
+    print(f"{'ratio of the medians':>28} {polled / quiet:8.2f}")
+    print(f"{'ratio (target >= 0.90)':>28} {pairs:8.2f}  (median of each round's ratio)",
+          flush=True)  # fmt: skip
 
 
 def main() -> int:
