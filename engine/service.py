@@ -13,13 +13,12 @@ from typing import Any
 
 from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
-from engine.config.validate import open_to_any_sender, web_in_clear
+from engine.config.validate import open_to_any_sender, status_http_deprecated, web_in_clear
 from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
 from engine.deid.verify import set_date_languages
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
 from engine.manage.retention import RetentionJob
-from engine.manage.status_http import start_for_site
 from engine.net.scp import start_scp
 from engine.pipeline.redcap_jobs import add_redcap_jobs
 from engine.projects import load_enabled_projects
@@ -35,6 +34,7 @@ from engine.transfer.config import destinations_of
 from engine.transfer.outbox import Outbox
 from engine.transfer.worker import OutboxWorker
 from engine.web.server import start_for_site as start_web
+from engine.web.status_port import start_status_port
 from engine.workflow import Workflow, site_labeller
 
 log = logging.getLogger("fiona")
@@ -363,14 +363,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
     scheduler.resume()
-    status_page = start_for_site(site, store.index)  # deprecated: the web API serves it too
-    web = start_web(site, store.index, load_enabled_projects)
+    status_page = start_status_port(site)  # deprecated: the web serves the same
+    web = start_web(site, load_enabled_projects)
     open_network = open_to_any_sender(site)
     if open_network is not None:
         log.warning("%s", open_network)
     clear = web_in_clear(site)
     if clear is not None:
         log.warning("%s", clear)
+    deprecated = status_http_deprecated(site)
+    if deprecated is not None:
+        log.warning("%s", deprecated)
     log.info(
         "fiona serving AE %s on %s:%d, data in %s",
         site.ae_title,

@@ -99,6 +99,18 @@ def test_matching_filters_by_study_project_event_and_day(tmp_path: Path) -> None
     assert len(matching(entries, since="2000-01-01")) == 2
 
 
+def test_a_studys_entries_are_read_without_parsing_the_others(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path)
+    log.write("routed", study=uid_token("1.2.3"), project="p")
+    log.write("routed", study=uid_token("1.2.4"), project="p")
+    log.write("sent", project="p", study=uid_token("1.2.3"), note='"study":"elsewhere"')
+    files = list((tmp_path / "audit").glob("audit-*.jsonl"))
+    with files[0].open("a") as f:
+        f.write("not json, and not about the study\n")  # never parsed
+    assert [e["event"] for e in log.entries("1.2.3")] == ["routed", "sent"]
+    assert log.entries("9.9") == []
+
+
 def test_an_audit_failure_does_not_stop_the_pipeline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -295,6 +296,33 @@ def test_without_the_phi_grant_no_page_names_the_patient(site: Site, chrome: obj
     seen = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "phi_viewed"]
     assert seen[-1]["user"] == "admin" and seen[-1]["route"].endswith("(portal)")
     assert not any(v in str(seen) for v in site.patients)
+
+
+def test_the_dashboard_charts_the_last_day_and_shows_disk_and_jobs(
+    site: Site, chrome: object
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    d: object = chrome
+    _login(d, site, "viewer")
+    d.get(f"http://127.0.0.1:{site.web_port}/")  # type: ignore[attr-defined]
+    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+        received = [r[0] for r in db.execute("SELECT received_at FROM instances")]
+    hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(received[-1]))
+    in_hour = sum(time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(t)) == hour for t in received)
+    rows = d.find_elements(By.CSS_SELECTOR, "#last-day-table tr")  # type: ignore[attr-defined]
+    cells = {r.find_element(By.TAG_NAME, "th").text: r.text.split()[1:] for r in rows[1:]}
+    assert len(cells) == 24 and cells[hour][0] == str(in_hour)
+    bars = d.find_elements(By.CSS_SELECTOR, "#last-day svg rect.bar-received")  # type: ignore[attr-defined]
+    assert len(bars) == 24
+    tallest = max(bars, key=lambda b: float(b.get_attribute("height")))
+    assert tallest.rect["height"] > 50  # drawn, not blocked by the CSP
+    assert tallest.value_of_css_property("fill") == "rgb(51, 102, 204)"  # the stylesheet's
+    disk = d.find_element(By.ID, "disk").text  # type: ignore[attr-defined]
+    assert "GiB free of" in disk
+    jobs = d.find_elements(By.CSS_SELECTOR, "#jobs tr")  # type: ignore[attr-defined]
+    names = " ".join(j.text for j in jobs[1:])
+    assert "heartbeat" in names and "workflow" in names, names
 
 
 def test_a_held_study_released_in_the_browser_is_delivered(site: Site, chrome: object) -> None:

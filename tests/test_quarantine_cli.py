@@ -572,3 +572,31 @@ def test_a_quarantined_instance_shows_the_modality_and_date_it_carries(
     code, text = world.cli(capsys, "quarantine", "list")
     expected = f"from MR1@10.0.0.9 -> FIONA; MR; study date {_iso(first.StudyDate)}; 1 instance"
     assert code == 0 and expected in text, text
+
+
+def test_items_are_listed_a_page_at_a_time_and_only_of_the_given_projects(
+    tmp_path: Path,
+) -> None:
+    from engine.manage.release import find_items
+    from engine.store.index import QuarantineRecord
+
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    projects = ["a", "b", "", "a", "a", "b"]
+    for n, project in enumerate(projects):
+        index.add_quarantine(QuarantineRecord(
+            f"{n:012x}", "unrouted", "", f"quarantine/20260101/{n:012x}.dcm", 1, "x",
+            float(n), Origin("dimse"), project=project,
+        ))  # fmt: skip
+    try:
+
+        def qids(**kw: Any) -> list[str]:
+            return [i.qid[-1] for i in find_items(index, **kw)]
+
+        assert qids() == ["0", "1", "2", "3", "4", "5"]  # oldest first
+        assert qids(limit=2, offset=2) == ["2", "3"]
+        assert qids(projects=["a"], limit=2) == ["0", "3"]
+        assert qids(projects=["a"], limit=2, offset=2) == ["4"]
+        assert qids(projects=["a", "b"]) == ["0", "1", "3", "4", "5"]  # none held at receipt
+        assert qids(projects=[]) == []
+    finally:
+        index.close()

@@ -182,10 +182,14 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def serve_with(tmp_path: Path, projects: Path, site_yaml: str) -> FionaServer:
+def serve_with(
+    tmp_path: Path, projects: Path, site_yaml: str, web_port: int | None = 0
+) -> FionaServer:
+    """``fiona serve`` with ``site_yaml``; the web off (``web_port`` 0), or as the file's
+    ``web`` section says (None)."""
     site = tmp_path / "site.yaml"
     site.write_text(site_yaml)
-    return FionaServer(tmp_path / "data", projects, config=site).start()
+    return FionaServer(tmp_path / "data", projects, config=site, web_port=web_port).start()
 
 
 GIB = 1 << 30
@@ -242,7 +246,8 @@ def test_a_data_set_that_never_ends_is_refused_past_max_instance_mb(
     server = serve_with(
         tmp_path,
         empty_projects,
-        f"limits:\n  max_instance_mb: 8\nstatus_http:\n  port: {status_port}\n",
+        f"limits:\n  max_instance_mb: 8\nweb:\n  enabled: true\n  port: {status_port}\n",
+        web_port=None,
     )
     try:
         assert server.proc is not None

@@ -72,7 +72,7 @@ class Running:
 
 
 def start_site(tmp: Path, projects: Path, *, heartbeat: float = 3600) -> Running:
-    """`fiona serve` on ``projects`` with the status page on; the first heartbeat is taken at
+    """`fiona serve` on ``projects`` with the web portal on; the first heartbeat is taken at
     start, the next only after ``heartbeat`` seconds."""
     http_port = free_port()
     config = tmp / "site.yaml"
@@ -80,10 +80,10 @@ def start_site(tmp: Path, projects: Path, *, heartbeat: float = 3600) -> Running
         "scan_interval_seconds": 0.5,
         "heartbeat": {"interval_seconds": heartbeat},
         "retention": {"min_free_percent": 0},
-        "status_http": {"port": http_port},
+        "web": {"enabled": True, "port": http_port},
     }
     config.write_text(yaml.safe_dump(site))
-    server = FionaServer(data_dir=tmp / "data", projects_dir=projects, config=config)
+    server = FionaServer(data_dir=tmp / "data", projects_dir=projects, config=config, web_port=None)
     server.start()
     running = Running(server, config, http_port)
     wait_for("the first heartbeat", lambda: running.status()[0] == 0, 30, server)
@@ -203,9 +203,11 @@ def test_held_items_and_dead_letters_need_attention_live(
     assert status["projects"]["dead"]["quarantined"] == 1
     assert "dead letters     1 transfers given up" in text
     assert "invalid projects 1 disabled" in text and "broken.yaml" in text
-    with urllib.request.urlopen(f"http://127.0.0.1:{dead_end.http_port}/", timeout=10) as page:
-        html = page.read().decode()
-    assert '<h1 class="warn">fiona: healthy, 4 need attention</h1>' in html
+    # The web's /status.json, without a login, says the same.
+    url = f"http://127.0.0.1:{dead_end.http_port}/status.json"
+    with urllib.request.urlopen(url, timeout=10) as page:
+        served = json.loads(page.read())
+    assert served["attention"]["counts"] == needs["counts"] and served["healthy"]
     # Heartbeats every hour: all of the above was read live.
     assert status["heartbeat"]["age_seconds"] < 3600
     everything = json.dumps(status) + text
@@ -282,3 +284,130 @@ def test_validate_refuses_a_commitment_port_the_service_listens_on(
     ]
     # Without the site file nothing is known of its ports.
     assert run_validate([projects]) == 0
+
+
+# --------------------------------------------------------------------------- the last day
+
+
+def _plant(db: Any, received: list[float], sent: list[float], done: list[float]) -> None:
+    """Instances received at ``received``, delivered at ``sent``, transfers finished at
+    ``done`` (seconds since the epoch), as rows of the index."""
+    db.execute("INSERT INTO patients (id, patient_id) VALUES (1, 'P')")
+    db.execute("INSERT INTO studies (id, study_uid, patient_ref, first_received_at,"
+               " last_received_at) VALUES (1, '1.2', 1, 0, 0)")  # fmt: skip
+    db.execute("INSERT INTO series (id, series_uid, study_ref, first_received_at,"
+               " last_received_at) VALUES (1, '1.2.3', 1, 0, 0)")  # fmt: skip
+    for n, at in enumerate(received):
+        db.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, series_ref, path,"
+                   " size, received_at, via) VALUES (?, '1.2.840', 1, 'x', 1, ?, 'dimse')",
+                   (f"1.2.3.{n}", at))  # fmt: skip
+    for n, at in enumerate(done):
+        db.execute("INSERT INTO transfers (id, project, destination, study_uid, export_uid,"
+                   " run_id, state, next_try_at, created_at, updated_at, finished_at)"
+                   " VALUES (?, 'p', 'd', '1.2', '9.9', ?, 'done', 0, 0, 0, ?)",
+                   (n + 1, n + 1, at))  # fmt: skip
+    db.execute("INSERT INTO transfers (id, project, destination, study_uid, export_uid, run_id,"
+               " state, next_try_at, created_at, updated_at, finished_at)"
+               " VALUES (99, 'p', 'd', '1.2', '9.9', 99, 'failed', 0, 0, 0, ?)",
+               (done[0],))  # fmt: skip  # given up: finished, but not sent
+    for n, at in enumerate(sent):
+        db.execute("INSERT INTO transfer_items (transfer_id, sop_instance_uid, sop_class_uid,"
+                   " transfer_syntax, series_uid, path, size, state, sent_at)"
+                   " VALUES (99, ?, '1.2.840', '1.2.840.10008.1.2.1', '9.9.1', 'x', 1, 'sent', ?)",
+                   (f"9.9.1.{n}", at))  # fmt: skip
+
+
+def test_received_and_sent_are_counted_in_their_hour_of_the_last_day(tmp_path: Path) -> None:
+    from engine.store.activity import hourly_activity
+    from engine.store.index import SqliteIndex
+
+    now = 497_222 * 3600.0 + 1800  # half past an hour (UTC)
+    this_hour = now - 1800
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    ago = [1, 1800, 1801, 5 * 3600, 30 * 3600, -3600]  # seconds before now
+    with index.transaction() as db:
+        _plant(
+            db,
+            received=[now - s for s in ago],
+            sent=[now - 2 * 3600, now - 2 * 3600 + 60, now - 24 * 3600],
+            done=[this_hour - 23 * 3600, this_hour - 23 * 3600 - 1],
+        )
+    hours = hourly_activity(index, now)
+    index.close()
+    assert len(hours) == 24
+    assert hours[-1]["hour"] == "2026-09-21T14:00Z" and hours[0]["hour"] == "2026-09-20T15:00Z"
+    nonzero = {
+        (i, key): h[key]
+        for i, h in enumerate(hours)
+        for key in ("received", "sent_instances", "sent_transfers")
+        if h[key]
+    }
+    assert nonzero == {
+        (23, "received"): 2,  # this hour: its first second and one second ago
+        (22, "received"): 1,  # the last second of the hour before
+        (18, "received"): 1,  # five hours ago; 30 hours ago and the next hour are left out
+        (21, "sent_instances"): 2,
+        (0, "sent_transfers"): 1,  # the first second of the day; the failed one is not sent
+    }
+
+
+# --------------------------------------------------------------------------- status_http
+
+
+def test_a_deprecated_status_http_port_still_serves_status_and_metrics(
+    tmp_path: Path, empty_projects: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_port, web_port = free_port(), free_port()
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"status_http:\n  port: {old_port}\nweb:\n  port: {web_port}\n"
+        f"projects_dir: {empty_projects}\n"
+    )
+    assert run_validate([], site_path=site) == 0  # a warning, not an error
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"{site}:1 status_http: warning: status_http is deprecated and goes in the next"
+        f" release: the web portal's port (web.port, {web_port}) answers GET /status.json and"
+        " GET /metrics without a login, and its dashboard replaces the page; point Prometheus"
+        " and monitoring at that port and remove status_http (until then port"
+        f" {old_port} still answers /status.json, /metrics and / as plain text)"
+    )
+    # The web off (as in most tests): the old port alone still answers, without a login.
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    try:
+        base = f"http://127.0.0.1:{old_port}"
+        wait_for("the status port", lambda: _answers(base + "/metrics"), 30, server)
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
+            assert b"fiona_instances_received_total" in answer.read()
+        with urllib.request.urlopen(base + "/status.json", timeout=10) as answer:
+            assert json.loads(answer.read())["ae_title"] == "FIONA"
+        with urllib.request.urlopen(base + "/", timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain")
+            assert answer.read().decode().startswith("fiona FIONA: ")
+        assert "status_http is deprecated" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_status_http_port_that_is_the_webs_is_served_by_the_web(
+    tmp_path: Path, empty_projects: Path
+) -> None:
+    port = free_port()
+    site = tmp_path / "site.yaml"
+    site.write_text(f"status_http:\n  port: {port}\nweb:\n  enabled: true\n  port: {port}\n")
+    server = FionaServer(tmp_path / "data", empty_projects, config=site, web_port=None).start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for("the web port", lambda: _answers(url), 30, server)
+        assert f"port {port} is the web portal's" in server.log_text()
+        assert "cannot listen" not in server.log_text()
+    finally:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

@@ -163,11 +163,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
                 "scan_interval_seconds": 0.5,
                 "heartbeat": {"interval_seconds": 1},
                 "retention": {"interval_seconds": 1, "min_free_percent": 0},
-                "status_http": {"port": http_port},
+                "web": {"enabled": True, "port": http_port},
             }
         )
     )
-    server = FionaServer(data_dir=tmp_path / "data", projects_dir=projects, config=config)
+    server = FionaServer(
+        data_dir=tmp_path / "data", projects_dir=projects, config=config, web_port=None
+    )
     server.start()
     yield Site(tmp_path, server, config, http_port, out)
     server.stop()
@@ -204,8 +206,8 @@ def test_serve_heartbeat_status_file_and_web_page(
     kind, body = _get(site.http_port, "/status.json")
     assert kind == "application/json"
     assert json.loads(body)["projects"]["stuck"]["received"] == 1
-    kind, page = _get(site.http_port, "/")
-    assert kind.startswith("text/html") and b"stuck" in page
+    kind, page = _get(site.http_port, "/metrics")  # no login, as Prometheus scrapes it
+    assert kind.startswith("text/plain") and b'project="stuck"' in page
 
     server.stop()
     code, status = _fiona_status(site.data, server.projects_dir, site.config)

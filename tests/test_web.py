@@ -535,6 +535,31 @@ def test_a_held_study_released_through_the_api_is_delivered(site: Site) -> None:
     assert released and released[-1]["operator"] == "web:coord_a"
 
 
+def _per_hour(data: Path, sql: str) -> dict[str, int]:
+    """Rows of the index by their UTC hour (``2026-01-31T12:00Z``): ``sql`` selects times."""
+    with sqlite3.connect(data / "index.sqlite") as db:
+        times = [r[0] for r in db.execute(sql)]
+    out: dict[str, int] = {}
+    for at in times:
+        hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(at))
+        out[hour] = out.get(hour, 0) + 1
+    return out
+
+
+def test_received_and_sent_per_hour_are_counted_live(site: Site) -> None:
+    data = site.root / "data"
+    hours = site.json("GET", "/api/v1/status", "viewer")["last_day"]
+    assert len(hours) == 24
+    for key, sql in (
+        ("received", "SELECT received_at FROM instances"),
+        ("sent_instances", "SELECT sent_at FROM transfer_items WHERE sent_at IS NOT NULL"),
+        ("sent_transfers", "SELECT finished_at FROM transfers WHERE state='done'"),
+    ):
+        expected = _per_hour(data, sql)
+        assert expected, key  # 16 instances received, alpha's 8 delivered in one transfer
+        assert {h["hour"]: h[key] for h in hours if h[key]} == expected, key
+
+
 # -- serving: TLS, configuration ------------------------------------------------------------------
 
 
@@ -659,3 +684,30 @@ def test_user_add_asks_for_the_password_twice_on_a_terminal(site: Site) -> None:
         assert users.check_password("carol", "first password!!") is None
     finally:
         index.close()
+
+
+def test_the_webs_projects_are_read_again_only_when_a_project_file_changed(
+    tmp_path: Path,
+) -> None:
+    from engine.config.loader import load_site
+    from engine.web.server import cached_projects
+
+    projects = tmp_path / "projects"
+    projects.mkdir()
+    (projects / "a.yaml").write_text("name: a\n")
+    site = load_site(None, {"data_dir": str(tmp_path / "data"), "projects_dir": str(projects)})
+    calls: list[int] = []
+
+    def load(_: Any) -> list[Any]:
+        calls.append(1)
+        return []
+
+    cached = cached_projects(load)
+    cached(site)
+    cached(site)
+    assert len(calls) == 1
+    os.utime(projects / "a.yaml", ns=(0, 10**18))  # edited
+    cached(site)
+    (projects / "b.yaml").write_text("name: b\n")  # added
+    cached(site)
+    assert len(calls) == 3

@@ -104,6 +104,21 @@ def web_in_clear(site: SiteConfig) -> str | None:
     )
 
 
+def status_http_deprecated(site: SiteConfig) -> str | None:
+    """How to move off the deprecated ``status_http`` section when it is on, or None."""
+    old = site.status_http
+    if not old.port:
+        return None
+    web = site.web
+    where = f"web.port, {web.port}" if web.enabled else "web.port, once web.enabled is true"
+    return (
+        f"status_http is deprecated and goes in the next release: the web portal's port ({where})"
+        " answers GET /status.json and GET /metrics without a login, and its dashboard replaces"
+        " the page; point Prometheus and monitoring at that port and remove status_http (until"
+        f" then port {old.port} still answers /status.json, /metrics and / as plain text)"
+    )
+
+
 def open_to_any_sender(site: SiteConfig) -> str | None:
     """Why the receiver takes images from anyone who can reach it (bound beyond loopback and
     no ``allowed_calling_aes`` list), or None when it does not."""
@@ -120,7 +135,8 @@ def open_to_any_sender(site: SiteConfig) -> str | None:
 
 def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
     """The receiver open to any sender on the network; the web API in clear on the network;
-    the heartbeat's calling AE not on a set ``allowed_calling_aes`` list."""
+    the deprecated ``status_http`` section; the heartbeat's calling AE not on a set
+    ``allowed_calling_aes`` list."""
     found = []
     open_network = open_to_any_sender(site)
     if open_network is not None and site.source is not None:
@@ -128,6 +144,9 @@ def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
     clear = web_in_clear(site)
     if clear is not None and site.source is not None:
         found.append(_warning(site.source, ("web", "bind"), clear))
+    old = status_http_deprecated(site)
+    if old is not None and site.source is not None:
+        found.append(_warning(site.source, ("status_http",), old))
     return found + _heartbeat_warnings(site) + _pacs_warnings(site)
 
 

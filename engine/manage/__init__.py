@@ -1,4 +1,4 @@
-"""What operators run and read: status and the status page, quarantine, audit, backup, ``db``,
+"""What operators run and read: status, quarantine, audit, backup, ``db``,
 ``explain``'s command, and the service watching itself (heartbeat, retention, ``/metrics``).
 
 These read what ``fiona serve`` writes (index rows, the status file, the audit log) and never

@@ -1,9 +1,9 @@
 """What needs a person: held quarantine items, dead-lettered transfers, invalid project files.
 
-Read live from the index and the projects folder (``fiona status``, the status page and
-``/metrics`` call these at request time). None of these make the service unhealthy: it keeps
-working around them, but each stays until someone acts (``fiona quarantine``, ``fiona
-transfers retry``, fixing the file that ``fiona validate`` names).
+Read live from the index and the projects folder (``fiona status``, the web's dashboard,
+``/status.json`` and ``/metrics`` call these at request time). None of these make the service
+unhealthy: it keeps working around them, but each stays until someone acts (``fiona
+quarantine``, ``fiona transfers retry``, fixing the file that ``fiona validate`` names).
 
 Counts, reason codes, project and destination names, transfer ids and file paths only: no UIDs,
 no header values (a transfer's last error never quotes one).
@@ -15,11 +15,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from engine.config.issues import ConfigIssue
 from engine.config.loader import project_files
+from engine.config.model import ProjectConfig
 from engine.manage.heartbeat import iso
 from engine.store.index import Index
 
-__all__ = ["MAX_LISTED", "attention", "dead_letters", "invalid_projects", "quarantine_summary"]
+__all__ = [
+    "MAX_LISTED",
+    "attention",
+    "dead_letters",
+    "invalid_projects",
+    "loaded_projects",
+    "projects_signature",
+    "quarantine_summary",
+]
 
 #: Dead letters listed one by one (all are counted).
 MAX_LISTED = 20
@@ -74,11 +84,11 @@ def dead_letters(index: Index) -> tuple[int, list[dict[str, Any]]]:
     return int(count), listed
 
 
-_projects_cache: dict[Path, tuple[tuple[tuple[str, int], ...], list[dict[str, Any]]]] = {}
+_projects_cache: dict[Path, tuple[tuple[tuple[str, int], ...], Any]] = {}
 _projects_lock = threading.Lock()
 
 
-def _signature(folder: Path) -> tuple[tuple[str, int], ...]:
+def projects_signature(folder: Path) -> tuple[tuple[str, int], ...]:
     """Names and modification times of the folder and its project files."""
     try:
         stamps = [(f.name, f.stat().st_mtime_ns) for f in project_files(folder)]
@@ -87,25 +97,33 @@ def _signature(folder: Path) -> tuple[tuple[str, int], ...]:
         return ()
 
 
-def invalid_projects(projects_dir: Path) -> list[dict[str, Any]]:
-    """Each project file left out for being invalid: ``{"file", "problems"}`` (a missing
-    projects folder is one entry). Reloaded only when a file changed."""
+def loaded_projects(projects_dir: Path) -> tuple[list[ProjectConfig], list[ConfigIssue]]:
+    """Every project file's project and the issues of the invalid ones
+    (:func:`engine.projects.load_projects`), read again only when a project file changed
+    (its name or modification time; a rule set or key file a project names is read when the
+    project is). The status, the dashboard and every web request ask for them."""
     # Imported here: every layer's checks come with it (pynetdicom, paramiko, PyCap), which
     # `fiona status` pays only when it reads the project files.
     from engine.projects import load_projects
 
-    signature = _signature(projects_dir)
+    signature = projects_signature(projects_dir)
     with _projects_lock:
         cached = _projects_cache.get(projects_dir)
         if cached is not None and signature and cached[0] == signature:
-            return cached[1]
-        _, issues = load_projects(projects_dir)
-        by_file: dict[str, list[str]] = {}
-        for issue in issues:
-            by_file.setdefault(str(issue.file), []).append(str(issue))
-        found = [{"file": f, "problems": p} for f, p in sorted(by_file.items())]
+            return cached[1]  # type: ignore[no-any-return]
+        found = load_projects(projects_dir)
         _projects_cache[projects_dir] = (signature, found)
         return found
+
+
+def invalid_projects(projects_dir: Path) -> list[dict[str, Any]]:
+    """Each project file left out for being invalid: ``{"file", "problems"}`` (a missing
+    projects folder is one entry). Reloaded only when a file changed."""
+    _, issues = loaded_projects(projects_dir)
+    by_file: dict[str, list[str]] = {}
+    for issue in issues:
+        by_file.setdefault(str(issue.file), []).append(str(issue))
+    return [{"file": f, "problems": p} for f, p in sorted(by_file.items())]
 
 
 def attention(

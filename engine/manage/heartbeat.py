@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import SiteConfig
+from engine.store.activity import project_last_times
 from engine.store.fsio import write_durable
 from engine.store.index import Index
 
@@ -167,20 +168,10 @@ def queue_depths(index: Index) -> dict[str, Any]:
 def project_activity(index: Index) -> dict[str, dict[str, str | None]]:
     """Per project: the last instance received for a study routed to it, and its last finished
     transfer (ISO 8601 UTC, None when there was none)."""
-    with index.reading() as db:
-        received = db.execute(
-            "SELECT r.project, max(st.last_received_at) FROM study_routes r"
-            " JOIN studies st ON st.study_uid = r.study_uid GROUP BY r.project"
-        ).fetchall()
-        sent = db.execute(
-            "SELECT project, max(finished_at) FROM transfers WHERE state='done' GROUP BY project"
-        ).fetchall()
-    out: dict[str, dict[str, str | None]] = {}
-    for project, at in received:
-        out.setdefault(project, {"last_receipt": None, "last_send": None})["last_receipt"] = iso(at)
-    for project, at in sent:
-        out.setdefault(project, {"last_receipt": None, "last_send": None})["last_send"] = iso(at)
-    return dict(sorted(out.items()))
+    return {
+        project: {"last_receipt": iso(received), "last_send": iso(sent)}
+        for project, (received, sent) in project_last_times(index).items()
+    }
 
 
 def beat(

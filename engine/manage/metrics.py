@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus metrics of ``fiona serve`` (on the status page's port).
+"""``GET /metrics``: Prometheus metrics of ``fiona serve`` (on the web portal's port).
 
 Two sources, served together by :func:`render`:
 

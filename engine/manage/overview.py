@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.attention import loaded_projects
 from engine.manage.audit_cli import matching
-from engine.manage.status import collect_status
+from engine.manage.status import project_rows
 from engine.pipeline.store import RunStore
-from engine.projects import load_projects
 from engine.route.explain import explain_lines
 from engine.store.audit import AuditLog
 from engine.store.index import Index
@@ -26,11 +26,13 @@ from engine.transfer.outbox import Outbox
 __all__ = ["project_overview", "study_detail"]
 
 
-def project_overview(site: SiteConfig, index: Index) -> list[dict[str, Any]]:
+def project_overview(
+    site: SiteConfig, index: Index, *, counts: bool = True
+) -> list[dict[str, Any]]:
     """Every project file's project: enabled or not, the validation errors that disabled it,
-    its counts (as ``fiona status`` gives them); by name."""
-    projects, issues = load_projects(site.projects_dir)
-    counts = collect_status(site, index)["projects"]
+    its counts (as ``fiona status`` gives them; without ``counts``, empty); by name."""
+    projects, issues = loaded_projects(site.projects_dir)
+    rows = project_rows(index) if counts else {}
     errors: dict[str, list[str]] = {}
     for issue in issues:
         errors.setdefault(issue.file.stem, []).append(str(issue))
@@ -42,7 +44,7 @@ def project_overview(site: SiteConfig, index: Index) -> list[dict[str, Any]]:
         out.setdefault(name, {"name": name, "enabled": False, "file": ""})["errors"] = found
     for name, row in out.items():
         row["enabled"] = bool(row["enabled"]) and not row["errors"]
-        row["counts"] = counts.get(name, {})
+        row["counts"] = rows.get(name, {})
     return [out[name] for name in sorted(out)]
 
 
@@ -90,7 +92,7 @@ def study_detail(
     ]
     out["audit"] = [
         e
-        for e in matching(AuditLog(site.data_dir).entries(), study_uid=study_uid)
+        for e in matching(AuditLog(site.data_dir).entries(study_uid), study_uid=study_uid)
         if visible is None or not e.get("project") or shown(str(e["project"]))
     ]
     try:

@@ -112,16 +112,29 @@ def find_items(
     state: str | None = "held",
     reason: str | None = None,
     project: str | None = None,
+    projects: Sequence[str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[Item]:
-    """Quarantine items, oldest first, filtered by state, reason code and project."""
-    where, args = [], []
+    """Quarantine items, oldest first, filtered by state, reason code and project; ``projects``
+    (None: all) keeps only items of those projects (not those held at receipt); ``limit`` and
+    ``offset`` give one page."""
+    where: list[str] = []
+    args: list[Any] = []
     for column, value in (("state", state), ("reason", reason), ("project", project)):
         if value:
             where.append(f"{column} = ?")
             args.append(value)
+    if projects is not None:
+        where.append(f"project IN ({','.join('?' * len(projects)) or 'NULL'})")
+        args += list(projects)
     sql = f"SELECT {_COLUMNS} FROM quarantine" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ? OFFSET ?"
+        args += [limit, offset]
     with index.reading() as db:
-        rows = db.execute(sql + " ORDER BY id", args).fetchall()
+        rows = db.execute(sql, args).fetchall()
     return [_item(r) for r in rows]
 
 

@@ -5,7 +5,8 @@ Everything is read when asked (so it works whether or not ``fiona serve`` runs, 
 behind a heartbeat): counts from the index, free disk from the file system, invalid project
 files from the projects folder, whether the service runs from ``<data_dir>/serve.pid``
 (:mod:`engine.manage.pidfile`), the last heartbeat from the index and the scheduled jobs from the
-status file ``<data_dir>/status.json``.
+status file ``<data_dir>/status.json``; instances received and sent per hour over the last day
+(:mod:`engine.store.activity`).
 
 Two separate verdicts:
 
@@ -33,8 +34,9 @@ from typing import Any
 
 from engine.config.model import SiteConfig
 from engine.manage.attention import attention, quarantine_summary
-from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso, project_activity
+from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso
 from engine.manage.pidfile import serve_process
+from engine.store.activity import hourly_activity, project_counts, project_last_times
 from engine.store.commands import run_with_index
 from engine.store.index import Index
 from engine.store.mpps import MppsStore
@@ -47,6 +49,7 @@ __all__ = [
     "STALE_BEATS",
     "collect_status",
     "exit_code",
+    "project_rows",
     "render_text",
     "run_status",
 ]
@@ -58,32 +61,16 @@ EXIT_UNHEALTHY = 1
 EXIT_CONFIG = 2
 EXIT_ATTENTION = 3
 
-_PROJECT_SQL = {
-    "received": "SELECT project, count(*) FROM study_routes GROUP BY project",
-    "complete": "SELECT project, count(*) FROM study_routes WHERE state='complete'"
-    " GROUP BY project",
-    "in_pipeline": "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
-    " WHERE state IN ('pending','running') GROUP BY project",
-    # A study is sent to a project when it has transfers and all of them are done.
-    "sent": "SELECT project, count(*) FROM (SELECT project, study_uid FROM transfers"
-    " GROUP BY project, study_uid HAVING sum(state != 'done') = 0) GROUP BY project",
-    "quarantined": "SELECT project, count(DISTINCT study_uid) FROM quarantine"
-    " WHERE state='held' AND project != '' GROUP BY project",
-    "deleted": "SELECT r.project, count(*) FROM study_routes r JOIN studies st"
-    " ON st.study_uid = r.study_uid WHERE st.deleted_at IS NOT NULL GROUP BY r.project",
-}
+_PROJECT_KEYS = ("received", "complete", "in_pipeline", "sent", "quarantined", "deleted")
 
 
-def _projects(index: Index) -> dict[str, dict[str, Any]]:
+def project_rows(index: Index) -> dict[str, dict[str, Any]]:
     """Per project: studies received (routed to it), complete, in pipeline, sent, quarantined,
     deleted by retention; its last receipt and last delivery (ISO 8601 UTC or None)."""
-    out: dict[str, dict[str, Any]] = {}
-    with index.reading() as db:
-        for key, sql in _PROJECT_SQL.items():
-            for project, n in db.execute(sql):
-                out.setdefault(str(project), dict.fromkeys(_PROJECT_SQL, 0))[key] = int(n)
-    for project, seen in project_activity(index).items():
-        out.setdefault(project, dict.fromkeys(_PROJECT_SQL, 0)).update(seen)
+    out: dict[str, dict[str, Any]] = dict(project_counts(index))
+    for project, (received, sent) in project_last_times(index).items():
+        row = out.setdefault(project, dict.fromkeys(_PROJECT_KEYS, 0))
+        row.update(last_receipt=iso(received), last_send=iso(sent))
     for counts in out.values():
         counts.setdefault("last_receipt", None)
         counts.setdefault("last_send", None)
@@ -209,9 +196,10 @@ def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> 
         "heartbeat": heartbeat,
         "disk": disk,
         "quarantine": {k: v for k, v in quarantine.items() if k != "groups"},
-        "projects": _projects(index),
+        "projects": project_rows(index),
         "outbox": _outbox(index, now),
         "mpps_last_24h": MppsStore(index).counts(since=now - 86400),
+        "last_day": hourly_activity(index, now),
     }
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,27 @@ class AuditLog:
             return False
         return True
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry, oldest first."""
+    def entries(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """Every entry, oldest first; with ``study_uid``, only those naming the study (its
+        :func:`uid_token` as ``study``), found in the bytes before any line is parsed (a
+        study's page reads a year of entries in milliseconds)."""
         out: list[dict[str, Any]] = []
         for path in sorted(self.folder.glob("audit-*.jsonl")):
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            raw = path.read_bytes()
+            if study_uid is None:
+                lines = raw.splitlines()
+            else:
+                lines = list(_lines_with(raw, f'"study":"{uid_token(study_uid)}"'.encode()))
+            out += [json.loads(line) for line in lines if line.strip()]
         return out
+
+
+def _lines_with(raw: bytes, mark: bytes) -> Iterator[bytes]:
+    """The lines of ``raw`` that contain ``mark``, in order."""
+    at = raw.find(mark)
+    while at >= 0:
+        start = raw.rfind(b"\n", 0, at) + 1
+        end = raw.find(b"\n", at)
+        end = len(raw) if end < 0 else end
+        yield raw[start:end]
+        at = raw.find(mark, end)

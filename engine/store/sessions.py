@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from engine.store.index import Index
 from engine.store.users import User, UserStore
 
-__all__ = ["FIRST_LOCK", "FREE_FAILURES", "LONGEST_LOCK", "Session", "SessionStore"]
+__all__ = [
+    "FIRST_LOCK",
+    "FREE_FAILURES",
+    "LONGEST_LOCK",
+    "SEEN_RESOLUTION",
+    "Session",
+    "SessionStore",
+]
 
 #: Failed logins of one key before it is locked.
 FREE_FAILURES = 5
@@ -29,6 +36,9 @@ FIRST_LOCK = 30.0
 LONGEST_LOCK = 900.0
 #: Seconds: failures older than this are forgotten.
 FORGET_AFTER = 3600.0
+#: Seconds: a session's last use is written at most this often (the idle expiry may end up to
+#: this much later than ``web.session_idle_minutes`` says).
+SEEN_RESOLUTION = 15.0
 
 
 def _digest(session_id: str) -> str:
@@ -65,24 +75,28 @@ class SessionStore:
     def find(
         self, session_id: str, idle: float, most: float, now: float | None = None
     ) -> Session | None:
-        """The live session of ``session_id`` (its last use brought up to date), or None when
-        there is none or it has expired (``idle``, ``most``: seconds; an expired one is
-        deleted)."""
+        """The live session of ``session_id`` (its last use brought up to date, at most every
+        :data:`SEEN_RESOLUTION` seconds), or None when there is none or it has expired
+        (``idle``, ``most``: seconds; an expired one is deleted). Most page views only read:
+        no write transaction to wait for or make the receiver wait."""
         if not session_id or len(session_id) > 128 or not session_id.isascii():
             return None
         now = time.time() if now is None else now
         key = _digest(session_id)
-        with self.index.transaction() as db:
+        with self.index.reading() as db:
             row = db.execute(
                 "SELECT user, csrf, created_at, seen_at FROM web_sessions WHERE id_hash = ?",
                 (key,),
             ).fetchone()
-            if row is None:
-                return None
-            if now - float(row[3]) > idle or now - float(row[2]) > most:
+        if row is None:
+            return None
+        if now - float(row[3]) > idle or now - float(row[2]) > most:
+            with self.index.transaction() as db:
                 db.execute("DELETE FROM web_sessions WHERE id_hash = ?", (key,))
-                return None
-            db.execute("UPDATE web_sessions SET seen_at = ? WHERE id_hash = ?", (now, key))
+            return None
+        if now - float(row[3]) >= SEEN_RESOLUTION:
+            with self.index.transaction() as db:
+                db.execute("UPDATE web_sessions SET seen_at = ? WHERE id_hash = ?", (now, key))
         user = UserStore(self.index).get(str(row[0]))
         return None if user is None else Session(user, str(row[1]))
 

@@ -28,7 +28,10 @@ from engine.web.api_users import USER_ROUTES
 from engine.web.auth import ApiError, Need, check_project
 from engine.web.call import Call, Route
 
-__all__ = ["ROUTES", "Call", "Route", "api_route"]
+__all__ = ["QUARANTINE_PAGE", "ROUTES", "Call", "Route", "api_route"]
+
+#: Quarantine items listed per request unless ``limit`` says otherwise (each with its facts).
+QUARANTINE_PAGE = 100
 
 
 # -- status and projects -----------------------------------------------------------------------
@@ -43,7 +46,9 @@ def _status(call: Call) -> dict[str, Any]:
 
 
 def _projects(call: Call) -> list[dict[str, Any]]:
-    return [p for p in project_overview(call.site, call.index) if call.user.sees_project(p["name"])]
+    counts = call.query.get("counts", "yes") != "no"
+    found = project_overview(call.site, call.index, counts=counts)
+    return [p for p in found if call.user.sees_project(p["name"])]
 
 
 # -- quarantine --------------------------------------------------------------------------------
@@ -65,12 +70,11 @@ def _quarantine_list(call: Call) -> list[dict[str, Any]]:
         state=None if state == "all" else state,
         reason=call.query.get("reason"),
         project=call.query.get("project"),
+        projects=call.visible(),
+        limit=call.int_query("limit", QUARANTINE_PAGE, 1000),
+        offset=call.int_query("offset", 0, 10**9),
     )
-    return [
-        {**i.as_json(), "facts": item_facts(call.index, call.site.data_dir, i)}
-        for i in items
-        if call.user.sees_all or (i.project and call.user.sees_project(i.project))
-    ]
+    return [{**i.as_json(), "facts": item_facts(call.index, call.site.data_dir, i)} for i in items]
 
 
 def _quarantine_show(call: Call) -> dict[str, Any]:
@@ -248,14 +252,21 @@ def _export(call: Call) -> StreamingResponse:
 #: Every route of /api/v1, in the order of the OpenAPI document.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", Need.READ, "Health, counts, outbox (fiona status --json)", _status),
-    Route("GET", "/projects", Need.READ, "Projects: enabled, validation errors, counts", _projects),
+    Route(
+        "GET",
+        "/projects",
+        Need.READ,
+        "Projects: enabled, validation errors, counts (counts=no: without)",
+        _projects,
+        query=("counts",),
+    ),
     Route(
         "GET",
         "/quarantine",
         Need.READ,
-        "Quarantine items with their context",
+        "Quarantine items with their context, oldest first, paginated",
         _quarantine_list,
-        query=("state", "reason", "project"),
+        query=("state", "reason", "project", "limit", "offset"),
     ),
     Route(
         "GET",

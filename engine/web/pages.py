@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 from starlette.datastructures import QueryParams
 
 from engine.store.users import Role
-from engine.web.api import Call, api_route
+from engine.web.api import QUARANTINE_PAGE, Call, api_route
 from engine.web.auth import ApiError, Need
 
 __all__ = ["PAGES", "Form", "Page", "Redirect", "View"]
@@ -51,12 +51,19 @@ class Page:
 
 
 def _api(
-    call: Call, method: str, path: str, body: dict[str, str] | None = None, **params: str
+    call: Call,
+    method: str,
+    path: str,
+    body: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+    **params: str,
 ) -> Any:
-    """What the API route ``method path`` answers this user (its project checks included)."""
+    """What the API route ``method path`` answers this user (its project checks included);
+    ``query``: its query parameters instead of the page's."""
     route = api_route(method, path)
+    asked = call.query if query is None else QueryParams(query)
     return route.handler(
-        Call(call.user, call.site, call.index, call.projects, params, call.query, call.upload,
+        Call(call.user, call.site, call.index, call.projects, params, asked, call.upload,
              body or {})
     )  # fmt: skip
 
@@ -69,11 +76,43 @@ def _acts(call: Call) -> bool:
     return call.user.role is not Role.VIEWER
 
 
+#: The dashboard's hourly chart: pixels of the tallest bar, of one hour's slot, of its bars.
+_CHART_HEIGHT, _SLOT, _BAR = 100, 20, 8
+
+
+def _bars(hours: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last day's received and sent per hour as SVG bar geometry (pixels; drawn by the
+    template with attributes and classes only: the CSP allows no inline style)."""
+    top = max((max(h["received"], h["sent_instances"]) for h in hours), default=0) or 1
+    bars = []
+    for i, h in enumerate(hours):
+        for j, key in enumerate(("received", "sent_instances")):
+            height = round(_CHART_HEIGHT * h[key] / top)
+            x = i * _SLOT + 2 + j * _BAR
+            bars.append({"x": x, "y": _CHART_HEIGHT - height, "height": height, "kind": key,
+                         "count": h[key], "hour": h["hour"]})  # fmt: skip
+    width = len(hours) * _SLOT
+    return {"bars": bars, "width": width, "height": _CHART_HEIGHT, "top": top, "bar": _BAR}
+
+
+def _held(call: Call, groups: list[dict[str, Any]]) -> int:
+    """Held quarantine items the user may see (as ``GET /quarantine`` lists them), counted from
+    the status's groups by project and reason rather than listed one by one."""
+    user = call.user
+    return sum(
+        g["items"]
+        for g in groups
+        if user.sees_all or (g["project"] and user.sees_project(g["project"]))
+    )
+
+
 def _dashboard(call: Call, form: Form) -> View:
+    status = _api(call, "GET", "/status")
     values = {
-        "status": _api(call, "GET", "/status"),
-        "projects": _api(call, "GET", "/projects"),
-        "held": _api(call, "GET", "/quarantine"),
+        "status": status,
+        "projects": _api(call, "GET", "/projects", query={"counts": "no"}),  # status has them
+        "held": _held(call, status["attention"]["quarantine"]),
+        "chart": _bars(status["last_day"]),
     }
     return View("dashboard.html", "Dashboard", values)
 
@@ -85,9 +124,12 @@ def _projects(call: Call, form: Form) -> View:
 def _quarantine(call: Call, form: Form) -> View:
     items = _api(call, "GET", "/quarantine")
     state = call.query.get("state", "held")
-    return View(
-        "quarantine.html", "Quarantine", {"items": items, "state": state, "can_act": _acts(call)}
-    )
+    limit = call.int_query("limit", QUARANTINE_PAGE, 1000)
+    offset = call.int_query("offset", 0, 10**9)
+    more = dict(call.query) | {"offset": str(offset + limit)}
+    values = {"items": items, "state": state, "can_act": _acts(call), "offset": offset,
+              "next_query": urlencode(more) if len(items) == limit else ""}  # fmt: skip
+    return View("quarantine.html", "Quarantine", values)
 
 
 def _chosen(call: Call, form: Form) -> tuple[str, list[dict[str, Any]]]:

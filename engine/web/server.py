@@ -1,10 +1,9 @@
 """The web application and its server: Starlette on uvicorn, in a thread of ``fiona serve``.
 
 Besides ``/api/v1`` it serves the portal (:mod:`engine.web.portal`; its dashboard at ``/``
-took the place of the status page) and, unauthenticated as the status page
-(:mod:`engine.manage.status_http`) does (counts, times and project names only, no PHI),
-``GET /status.json`` and ``GET /metrics``. Every answer carries ``Cache-Control:
-no-store`` and headers that keep it out of frames and sniffing.
+took the place of the old status page) and, without a login (counts, times and project names
+only, no PHI), ``GET /status.json`` and ``GET /metrics``. Every answer carries
+``Cache-Control: no-store`` and headers that keep it out of frames and sniffing.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,10 +25,11 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
 from engine.config.model import ProjectConfig, SiteConfig
+from engine.manage.attention import projects_signature
 from engine.manage.metrics import render
 from engine.manage.status import collect_status
 from engine.store.audit import AuditLog, uid_token
-from engine.store.index import Index
+from engine.store.index import Index, IndexUnusable, SqliteIndex, open_index
 from engine.store.users import UserStore
 from engine.web.api import ROUTES, Call, Route
 from engine.web.auth import ApiError, authenticate, check, holds_phi, strip_phi
@@ -38,7 +39,14 @@ from engine.web.uploads import bounded_form, upload_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WebServer", "build_app", "start_for_site"]
+__all__ = [
+    "WebServer",
+    "build_app",
+    "cached_projects",
+    "listen",
+    "start_for_site",
+    "status_routes",
+]
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -113,12 +121,10 @@ async def _json_body(request: Request, fields: tuple[str, ...]) -> dict[str, str
     return {f: str(doc[f]) for f in fields if f in doc}
 
 
-def build_app(
-    site: SiteConfig,
-    index: Index,
-    projects: Callable[[SiteConfig], list[ProjectConfig]],
-) -> Starlette:
-    """The application: ``/api/v1`` (:data:`ROUTES`), its OpenAPI document, the status page."""
+def status_routes(site: SiteConfig, index: Index) -> list[StarletteRoute]:
+    """``GET /status.json`` (``fiona status --json``) and ``GET /metrics`` (Prometheus text or
+    OpenMetrics, as the scraper's ``Accept`` asks), without a login: counts, times and project
+    names only."""
 
     def status_json(request: Request) -> Response:
         return _json(collect_status(site, index))
@@ -127,14 +133,21 @@ def build_app(
         body, content_type = render(site, index, request.headers.get("accept", ""))
         return Response(body, headers={**_HEADERS, "Content-Type": content_type})
 
+    return [StarletteRoute("/status.json", status_json), StarletteRoute("/metrics", metrics)]
+
+
+def build_app(
+    site: SiteConfig,
+    index: Index,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Starlette:
+    """The application: ``/api/v1`` (:data:`ROUTES`), its OpenAPI document, ``/status.json``
+    and ``/metrics``, the portal."""
+
     def openapi(request: Request) -> Response:
         return _json(openapi_document())
 
-    routes = [
-        StarletteRoute("/status.json", status_json),
-        StarletteRoute("/metrics", metrics),
-        StarletteRoute("/api/v1/openapi.json", openapi),
-    ]
+    routes = [*status_routes(site, index), StarletteRoute("/api/v1/openapi.json", openapi)]
     routes += [
         StarletteRoute("/api/v1" + r.path, _endpoint(r, site, index, projects), methods=[r.method])
         for r in ROUTES
@@ -160,10 +173,18 @@ def build_app(
 
 
 class WebServer:
-    """uvicorn serving an app on a socket we bound, in a daemon thread; :meth:`stop` ends it."""
+    """uvicorn serving an app on a socket we bound, in a daemon thread; :meth:`stop` ends it
+    (and closes ``index``, the web's own connection, when it has one)."""
 
-    def __init__(self, app: Starlette, sock: socket.socket, cfg: uvicorn.Config) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        sock: socket.socket,
+        cfg: uvicorn.Config,
+        index: SqliteIndex | None = None,
+    ) -> None:
         self.sock = sock
+        self.index = index
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
@@ -178,9 +199,11 @@ class WebServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+        if self.index is not None:
+            self.index.close()
 
 
-def _listen(bind: str, port: int) -> socket.socket:
+def listen(bind: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -193,36 +216,84 @@ def _listen(bind: str, port: int) -> socket.socket:
     return sock
 
 
-def start_for_site(
-    site: SiteConfig,
-    index: Index,
-    projects: Callable[[SiteConfig], list[ProjectConfig]],
-) -> WebServer | None:
-    """The site's web API (``web``), or None when it is off or cannot listen (the receiver
-    and the jobs run without it; the log says why)."""
-    cfg = site.web
-    if not cfg.enabled:
-        return None
+def cached_projects(
+    load: Callable[[SiteConfig], list[ProjectConfig]],
+) -> Callable[[SiteConfig], list[ProjectConfig]]:
+    """``load`` (the enabled projects) called again only when a project file changed (see
+    :func:`engine.manage.attention.loaded_projects`): a study page or an explanation would
+    otherwise parse and check every project file per request."""
+    cache: dict[Path, tuple[object, list[ProjectConfig]]] = {}
+    lock = threading.Lock()
+
+    def projects(site: SiteConfig) -> list[ProjectConfig]:
+        signature = projects_signature(site.projects_dir)
+        with lock:
+            hit = cache.get(site.projects_dir)
+            if hit is not None and signature and hit[0] == signature:
+                return hit[1]
+            found = load(site)
+            cache[site.projects_dir] = (signature, found)
+            return found
+
+    return projects
+
+
+def own_index(site: SiteConfig, sock: socket.socket) -> SqliteIndex | None:
+    """A connection of the web's own to the site's index (None, ``sock`` closed and the
+    reason logged, when it cannot be opened)."""
     try:
-        sock = _listen(cfg.bind, cfg.port)
-    except OSError as exc:
-        log.error("web: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
+        return open_index(site.index_url, site.data_dir / "index.sqlite", upgrade=False)
+    except IndexUnusable as exc:
+        sock.close()
+        log.error("web: %s", exc)
         return None
-    app = build_app(site, index, projects)
-    tls = cfg.cert_file is not None and cfg.key_file is not None
-    config = uvicorn.Config(
+
+
+def uvicorn_config(
+    app: Starlette, cert: Path | None, key: Path | None, trusted_proxies: tuple[str, ...] = ()
+) -> uvicorn.Config:
+    """uvicorn for ``app``: fiona's logging, no access log, TLS with ``cert`` and ``key``,
+    ``X-Forwarded-*`` believed only from ``trusted_proxies``."""
+    return uvicorn.Config(
         app,
         log_config=None,  # fiona's logging stays as it is
         access_log=False,
         lifespan="off",
-        ssl_certfile=str(cfg.cert_file) if tls else None,
-        ssl_keyfile=str(cfg.key_file) if tls else None,
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
         server_header=False,
         # X-Forwarded-For/-Proto believed only from the configured reverse proxies.
-        proxy_headers=bool(cfg.trusted_proxies),
-        forwarded_allow_ips=list(cfg.trusted_proxies),
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=list(trusted_proxies),
     )
-    server = WebServer(app, sock, config)
+
+
+def start_for_site(
+    site: SiteConfig,
+    projects: Callable[[SiteConfig], list[ProjectConfig]],
+) -> WebServer | None:
+    """The site's web API (``web``), or None when it is off or cannot listen (the receiver
+    and the jobs run without it; the log says why).
+
+    The web reads the index through a connection of its own (``fiona serve`` has opened and
+    upgraded it already): a slow page then waits for SQLite, not for the lock of the
+    receiver's connection, and WAL lets it read while the receiver commits."""
+    cfg = site.web
+    if not cfg.enabled:
+        return None
+    try:
+        sock = listen(cfg.bind, cfg.port)
+    except OSError as exc:
+        log.error("web: cannot listen on %s:%d: %s", cfg.bind, cfg.port, exc.strerror)
+        return None
+    index = own_index(site, sock)
+    if index is None:
+        return None
+    app = build_app(site, index, cached_projects(projects))
+    tls = cfg.cert_file is not None and cfg.key_file is not None
+    cert, key = (cfg.cert_file, cfg.key_file) if tls else (None, None)
+    config = uvicorn_config(app, cert, key, cfg.trusted_proxies)
+    server = WebServer(app, sock, config, index)
     scheme = "https" if tls else "http"
     log.info(
         "web portal on %s://%s:%d/ (API at /api/v1, /status.json, /metrics)",
