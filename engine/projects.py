@@ -25,6 +25,7 @@ from engine.config.sections import (
 )
 from engine.deid.pixels import PIXELS_KIND
 from engine.deid.profile import PROFILE_KIND
+from engine.pipeline.bids import BIDS_KIND
 from engine.pipeline.validate import SECTION as PIPELINE
 from engine.redcap.settings import SECTION as REDCAP
 from engine.route.config import SECTION as ROUTING
@@ -38,7 +39,7 @@ log = logging.getLogger("fiona")
 #: The sections of a project file other layers own, in the order their checks run.
 PROJECT_SECTIONS: tuple[ProjectSection, ...] = (ROUTING, PIPELINE, DESTINATIONS, REDCAP)
 #: Kinds of rule set files, by the folder under ``rulesets/`` ("": any other folder).
-RULESET_KINDS: tuple[RulesetKind, ...] = (PIXELS_KIND, PROFILE_KIND, RULESET_KIND)
+RULESET_KINDS: tuple[RulesetKind, ...] = (PIXELS_KIND, PROFILE_KIND, BIDS_KIND, RULESET_KIND)
 
 for _section in PROJECT_SECTIONS:
     register_section(_section)

@@ -265,7 +265,7 @@ P = Path("projects/p.yaml")
                 " only, found it with dwi",
                 "projects/p.yaml pipeline[2].bids.series.flair: unknown BIDS datatype 'nat';"
                 " expected one of anat, dwi, fmap, func, perf",
-                "projects/p.yaml pipeline[2].bids.series.t1: 'T1' is not a anat suffix; expected"
+                "projects/p.yaml pipeline[2].bids.series.t1: 'T1' is not a suffix of anat; expected"
                 " one of " + ", ".join(sorted(SUFFIXES["anat"])),
             ],
         ),
@@ -333,7 +333,7 @@ def test_the_default_mapping_names_labels_the_classify_rule_sets_give(tmp_path: 
     with pytest.raises(ConfigError) as caught:
         load_mapping(broken)
     assert [str(i) for i in caught.value.issues] == [
-        f"{broken}:3 series.bold: 'bolt' is not a func suffix; expected one of bold, cbv,"
+        f"{broken}:3 series.bold: 'bolt' is not a suffix of func; expected one of bold, cbv,"
         " phase, sbref"
     ]
 

@@ -34,9 +34,11 @@ from typing import Any
 from engine.config.files import parse_file
 from engine.config.issues import ConfigError, ConfigIssue, format_path
 from engine.config.rulesets import rulesets_dir
+from engine.config.sections import RulesetKind
 from engine.store.fsio import write_durable
 
 __all__ = [
+    "BIDS_KIND",
     "BIDS_VERSION",
     "SUFFIXES",
     "BidsTarget",
@@ -108,7 +110,7 @@ def _entry(label: str, value: object) -> tuple[BidsTarget | None, str, tuple[str
         return None, f"unknown BIDS datatype '{datatype}'; expected one of {known}", where
     if suffix not in SUFFIXES[datatype]:
         known = ", ".join(sorted(SUFFIXES[datatype]))
-        return None, f"'{suffix}' is not a {datatype} suffix; expected one of {known}", where
+        return None, f"'{suffix}' is not a suffix of {datatype}; expected one of {known}", where
     if task and datatype != "func":
         return None, f"'task' is for func series only, found it with {datatype}", ("task",)
     if task and task != FROM_DESCRIPTION and (bids_label(task) != task or not task):
@@ -149,6 +151,20 @@ def load_mapping(file: Path) -> list[BidsTarget]:
         ]
         raise ConfigError(located)
     return targets
+
+
+def _check_mapping_file(file: Path) -> list[ConfigIssue]:
+    """Every problem of a mapping file under ``rulesets/bids/`` (``fiona validate``)."""
+    try:
+        load_mapping(file)
+    except ConfigError as exc:
+        return list(exc.issues)
+    return []
+
+
+#: BIDS mapping files (``rulesets/bids/``): label -> datatype/suffix, as the convert step's
+#: ``bids.series`` (registered by :mod:`engine.projects`).
+BIDS_KIND = RulesetKind("bids", "steps/convert.schema.json#/properties/bids", _check_mapping_file)
 
 
 def _split(path: str) -> tuple[str, ...]:
