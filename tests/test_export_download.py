@@ -7,6 +7,7 @@ tokens (``fiona user token``). The unzipped BIDS dataset is checked by the real 
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from tests import synth
 from tests.conftest import need_peer
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_convert import _validate, _validator
+from tests.test_ldap import Client
 from tests.test_web import PASSWORD, _wait
 
 
@@ -119,6 +121,22 @@ def test_a_coordinator_downloads_the_bids_and_dicom_export_of_a_granted_study(
         assert len(members) == len(files)
         assert not [m for m in members if spec.patient_id.encode() in m or uid.encode() in m]
 
+        # The portal: the study page links the downloads, a session downloads the same zip.
+        browser = Client(port)
+        assert browser.login("coord_a", PASSWORD)[0] == 303
+        status, page = browser.go(f"/studies/{uid}")
+        assert status == 200 and f"/studies/{uid}/export?project=neuro&amp;format=dicom" in page
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", f"/studies/{uid}/export?project=neuro&format=dicom",
+                     headers={"Cookie": browser.cookie})  # fmt: skip
+        answer = conn.getresponse()
+        zipped = answer.read()
+        conn.close()
+        assert answer.status == 200 and answer.getheader("Content-Type") == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(zipped)) as opened:
+            assert len(opened.namelist()) == len(files)
+        assert browser.go(f"/studies/{uid}/export?project=other&format=dicom")[0] == 403
+
         status, body, _ = _get(port, f"{base}?project=neuro&format=bids", tokens["coord_b"])
         assert status == 403, body
         status, body, _ = _get(port, f"{base}?project=neuro&format=nifti", tokens["coord_a"])
@@ -129,6 +147,6 @@ def test_a_coordinator_downloads_the_bids_and_dicom_export_of_a_granted_study(
         server.stop()
     exported = [e for e in AuditLog(tmp_path / "data").entries() if e.get("event") == "exported"]
     assert [(e["format"], e["operator"]) for e in exported] == [
-        ("bids", "web:coord_a"), ("dicom", "web:coord_a"),
+        ("bids", "web:coord_a"), ("dicom", "web:coord_a"), ("dicom", "web:coord_a"),
     ]  # fmt: skip
     assert not [e for e in exported if uid in json.dumps(e)]

@@ -46,7 +46,7 @@ class Page:
     method: str
     path: str
     need: Need
-    handler: Callable[[Call, Form], View | Redirect]
+    handler: Callable[[Call, Form], View | Redirect | Any]  # Any: a streamed download
     upload: bool = False
 
 
@@ -173,6 +173,11 @@ def _studies(call: Call, form: Form) -> View:
 def _study(call: Call, form: Form) -> View:
     study = _api(call, "GET", "/studies/{study_uid}", study_uid=call.params["study_uid"])
     return View("study.html", f"Study {study['token']}", {"study": study})
+
+
+def _study_export(call: Call, form: Form) -> Any:
+    """The study's last export for ``?project=&format=`` as a zip (the API's download)."""
+    return _api(call, "GET", "/studies/{study_uid}/export", study_uid=call.params["study_uid"])
 
 
 def _assign_form(call: Call, form: Form) -> View:
@@ -334,6 +339,7 @@ PAGES: tuple[Page, ...] = (
     Page("POST", "/quarantine/act", Need.ACT, _quarantine_act),
     Page("GET", "/studies", Need.READ, _studies),
     Page("GET", "/studies/{study_uid}", Need.READ, _study),
+    Page("GET", "/studies/{study_uid}/export", Need.READ, _study_export),
     Page("GET", "/studies/{study_uid}/assign", Need.ADMIN, _assign_form),
     Page("POST", "/studies/{study_uid}/assign", Need.ADMIN, _assign),
     Page("GET", "/transfers", Need.READ, _transfers),

@@ -330,6 +330,9 @@ def _page_endpoint(portal: Portal, page: Page) -> Callable[[Request], Any]:
             done = await run_in_threadpool(page.handler, call, form)
             if isinstance(done, Redirect):
                 return RedirectResponse(done.url, 303, headers=HEADERS)
+            if isinstance(done, Response):  # a download, streamed as the API streams it
+                done.headers.update(HEADERS)
+                return done
             values = await run_in_threadpool(_shown, portal, call, page, done)
         except ApiError as exc:
             return portal.error(exc, session)
