@@ -579,13 +579,7 @@ class ScuAssociation:
             status = self._status(response)
             if status not in _PENDING:
                 break
-
-        def count(elem: int) -> int:
-            value = _us(response, elem)
-            return -1 if value is None else value
-
-        detail = "" if status == 0x0000 else _move_status_text(status)
-        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+        return _retrieve_result(response, status)
 
     def get(self, identifier: Dataset, on_store: StoreHandler) -> MoveResult | str:
         """A Study Root C-GET of what ``identifier`` names: the peer sends each instance as a
@@ -611,13 +605,7 @@ class ScuAssociation:
             status = self._status(response)
             if status not in _PENDING:
                 break
-
-        def count(elem: int) -> int:
-            value = _us(response, elem)
-            return -1 if value is None else value
-
-        detail = "" if status == 0x0000 else _move_status_text(status)
-        return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
+        return _retrieve_result(response, status)
 
     def _answer_store(self, request: bytes, dataset: bytes | None, on_store: StoreHandler) -> None:
         """File one C-STORE of a C-GET through ``on_store`` and answer it."""
@@ -736,6 +724,18 @@ def _reencode(path: Path, stored: UID, target: UID) -> bytes:
     if data is None:
         raise _Unsendable(f"cannot encode the data set as {target.name}")
     return data
+
+
+def _retrieve_result(response: bytes, status: int) -> MoveResult:
+    """The final C-MOVE or C-GET response as a :class:`MoveResult`: its status and the
+    sub-operation counts (0000,1021-1023; -1 when absent)."""
+
+    def count(elem: int) -> int:
+        value = _us(response, elem)
+        return -1 if value is None else value
+
+    detail = "" if status == 0x0000 else _move_status_text(status)
+    return MoveResult(status, count(0x1021), count(0x1022), count(0x1023), detail)
 
 
 def short_reason(exc: BaseException) -> str:
