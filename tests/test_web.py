@@ -269,6 +269,18 @@ def test_studies_are_filtered_and_paginated(site: Site) -> None:
     assert site.json("GET", "/api/v1/studies?modality=CT", "admin")["total"] == 0
     assert site.json("GET", "/api/v1/studies?date_from=2999-01-01", "admin")["total"] == 0
     site.json("GET", "/api/v1/studies?limit=ten", "admin", code=400)
+    # A study's state comes from its routes, and the filter agrees with the list.
+    states = {}
+    for row in site.json("GET", "/api/v1/studies", "admin")["studies"]:
+        routes = site.json("GET", f"/api/v1/studies/{row['study_uid']}", "admin")["routes"]
+        complete = any(r["state"] == "complete" for r in routes)
+        assert row["state"] == ("complete" if complete else "receiving" if routes else "unrouted")
+        states[row["study_uid"]] = row["state"]
+    assert "complete" in states.values()
+    for state in ("receiving", "complete", "unrouted", "deleted"):
+        found = site.json("GET", f"/api/v1/studies?state={state}", "admin")["studies"]
+        assert {s["study_uid"] for s in found} == {u for u, s in states.items() if s == state}
+    site.json("GET", "/api/v1/studies?state=done", "admin", code=400)
     body = site.json("GET", "/api/v1/audit?since=yesterday", "admin", code=400)
     assert "YYYY-MM-DD" in body["error"]
 

@@ -16,10 +16,21 @@ from typing import Any
 from engine.store.audit import uid_token
 from engine.store.index import Index
 
-__all__ = ["StudyFilter", "find_studies", "study_rows"]
+__all__ = ["STUDY_STATES", "StudyFilter", "find_studies", "study_rows"]
 
+#: A study's state as the list shows and filters it, from its routes: ``deleted`` by
+#: retention; ``complete`` when a project's route is complete (its pipeline ran or runs);
+#: ``receiving`` when routed but still arriving; ``unrouted`` when no project claims it (yet).
+STUDY_STATES = ("receiving", "complete", "unrouted", "deleted")
+_STATE = (
+    "(CASE WHEN st.deleted_at IS NOT NULL THEN 'deleted'"
+    " WHEN EXISTS (SELECT 1 FROM study_routes r WHERE r.study_uid = st.study_uid"
+    " AND r.state = 'complete') THEN 'complete'"
+    " WHEN EXISTS (SELECT 1 FROM study_routes r WHERE r.study_uid = st.study_uid)"
+    " THEN 'receiving' ELSE 'unrouted' END)"
+)
 _SELECT = (
-    "SELECT st.study_uid, st.study_date, st.description, st.n_instances, st.state,"
+    f"SELECT st.study_uid, st.study_date, st.description, st.n_instances, {_STATE},"
     " st.first_received_at, st.last_received_at, st.deleted_at,"
     " p.patient_name, p.patient_id, p.birth_date, st.accession_number,"
     " (SELECT group_concat(DISTINCT se.modality) FROM series se WHERE se.study_ref = st.id),"
@@ -66,7 +77,7 @@ def _where(f: StudyFilter) -> tuple[str, list[Any]]:
         clauses.append(routed + "r.project = ?)")
         args.append(f.project)
     if f.state:
-        clauses.append("st.state = ?")
+        clauses.append(f"{_STATE} = ?")
         args.append(f.state)
     if f.modality:
         clauses.append("st.id IN (SELECT se.study_ref FROM series se WHERE se.modality = ?)")

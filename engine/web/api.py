@@ -20,7 +20,7 @@ from engine.manage.quarantine_cli import item_details, item_facts
 from engine.manage.release import Item, Releaser, find_items, get_item
 from engine.manage.status import collect_status
 from engine.store.audit import AuditLog, uid_token
-from engine.store.studies import StudyFilter, find_studies
+from engine.store.studies import STUDY_STATES, StudyFilter, find_studies
 from engine.transfer.cli import change_transfer, transfer_json
 from engine.transfer.outbox import Outbox
 from engine.web.api_retrieve import RETRIEVE_ROUTES
@@ -157,10 +157,13 @@ def _studies(call: Call) -> dict[str, Any]:
     limit = call.int_query("limit", 50, 500)
     offset = call.int_query("offset", 0, 10**9)
     q = call.query
+    state = q.get("state") or None
+    if state is not None and state not in STUDY_STATES:
+        raise ApiError(400, f"unknown study state {state!r}", f"one of {', '.join(STUDY_STATES)}")
     f = StudyFilter(
         projects=call.visible(),
         project=q.get("project"),
-        state=q.get("state"),
+        state=state,
         modality=q.get("modality"),
         date_from=(q.get("date_from") or "").replace("-", "") or None,
         date_to=(q.get("date_to") or "").replace("-", "") or None,

@@ -12,6 +12,7 @@ from urllib.parse import quote, urlencode
 
 from starlette.datastructures import QueryParams
 
+from engine.store.studies import STUDY_STATES
 from engine.store.users import Role
 from engine.web.api import QUARANTINE_PAGE, Call, api_route
 from engine.web.auth import ApiError, Need
@@ -167,7 +168,7 @@ def _studies(call: Call, form: Form) -> View:
     found = _api(call, "GET", "/studies")
     more = dict(call.query) | {"offset": str(found["offset"] + found["limit"])}
     values = {"found": found, "q": dict(call.query), "next_query": urlencode(more)}
-    return View("studies.html", "Studies", values)
+    return View("studies.html", "Studies", {**values, "states": STUDY_STATES})
 
 
 def _study(call: Call, form: Form) -> View:
