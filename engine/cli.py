@@ -124,11 +124,16 @@ def _add_pacs_parsers(sub: Any) -> None:
     query.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     retrieve = sub.add_parser(
         "retrieve",
-        help="queue a list of studies to fetch from a PACS (C-MOVE); 'retrieve status [JOB]'",
+        help="queue a list of studies to fetch from a PACS (C-MOVE); 'retrieve status [JOB]',"
+        " 'retrieve cancel|retry JOB'",
     )
     _add_site_args(retrieve)
-    retrieve.add_argument("name", help="the PACS's name in the site config, or 'status'")
-    retrieve.add_argument("job", nargs="?", help="with status: one job's rows")
+    retrieve.add_argument(
+        "name", help="the PACS's name in the site config, or 'status', 'cancel', 'retry'"
+    )
+    retrieve.add_argument(
+        "job", nargs="?", help="with status: one job's rows; with cancel or retry: the job"
+    )
     retrieve.add_argument("--list", type=Path, help="CSV: accession, study_uid or patient_id ...")
     retrieve.add_argument("--project", help="give the studies to this project (rows may say)")
     retrieve.add_argument("--json", action="store_true", help="with status: JSON lines")
@@ -187,7 +192,7 @@ common commands:
   de-identify a folder fiona anonymize IN OUT --secret-file KEY
   web API users        fiona user add NAME --role admin, fiona user token NAME
   the clinical PACS    fiona pacs list, fiona pacs echo NAME, fiona query NAME --accession A,
-                       fiona retrieve NAME --list FILE.csv, fiona retrieve status
+                       fiona retrieve NAME --list FILE.csv, fiona retrieve status|cancel|retry
   look after it        fiona backup DEST, fiona restore SRC, fiona db status|upgrade
 
 The site config is --config FILE, else $FIONA_CONFIG, else /etc/fiona/site.yaml when it

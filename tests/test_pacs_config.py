@@ -121,3 +121,16 @@ def test_validate_warns_of_a_move_that_cannot_reach_fiona(
         " allowed_calling_aes), or retrieve: get"
     )
     assert "local" not in out and "getter" not in out
+
+
+@pytest.mark.parametrize("word", ["status", "cancel", "retry"])
+def test_a_pacs_may_not_be_named_as_a_retrieve_word(tmp_path: Path, word: str) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(f"pacs:\n  - {{name: {word}, ae_title: X, host: 127.0.0.1, port: 104}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_site(site)
+    (issue,) = caught.value.issues
+    assert str(issue) == (
+        f"{site}:2 pacs[0].name: '{word}' is a word of fiona retrieve (status, cancel, retry):"
+        " choose another PACS name"
+    )

@@ -5,6 +5,7 @@ on the portal's Retrievals pages; per-project grants and the PHI grant hold."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,7 @@ def web_site(
         f"data_dir: {root / 'data'}\nprojects_dir: {projects}\nport: {fiona_port}\n"
         f"web: {{port: {web_port}}}\n"
         f"pacs:\n  - {{name: clinical, ae_title: {ae}, host: 127.0.0.1, port: {port}}}\n"
+        f"  - {{name: dead, ae_title: GONE, host: 127.0.0.1, port: {free_port()}}}\n"
     )
     server = FionaServer(
         root / "data", projects, port=fiona_port, config=root / "site.yaml", web_port=None
@@ -113,6 +115,45 @@ def test_a_list_queued_on_the_web_is_retrieved_and_followed(web_site: Site) -> N
     assert status == 200 and f'href="/retrievals/{job}"' in page and "1 done" in page
     status, page = browser.go(f"/retrievals/{job}")
     assert status == 200 and 'class="row done"' in page and accession not in page
+    # Nothing partial or failed: a retry queues nothing.
+    again = site.json("POST", f"/api/v1/retrievals/{job}/retry", "neuro")
+    assert again == {"job": job, "queued": 0}
+
+
+def _states(site: Site, job: int) -> list[str]:
+    rows = site.json("GET", f"/api/v1/retrievals/{job}", "boss")["rows_detail"]
+    return [r["state"] for r in rows]
+
+
+def test_a_job_is_cancelled_and_queued_again(web_site: Site) -> None:
+    site = web_site
+    lines = "accession\n" + "".join(f"ACC{n}\n" for n in range(3))
+    status, queued = _queue(site, "neuro", lines, pacs="dead", project="neuro")
+    assert status == 200, queued
+    job = queued["job"]
+    assert site.call("POST", f"/api/v1/retrievals/{job}/cancel", "cardio")[0] == 403
+    assert site.call("POST", f"/api/v1/retrievals/{job}/cancel", "look")[0] == 403
+    # The portal's button, with the session's CSRF token.
+    browser = Client(site.web_port)
+    assert browser.login("neuro", PASSWORD)[0] == 303
+    page = browser.go(f"/retrievals/{job}")[1]
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token is not None and 'id="do-cancel"' in page
+    assert browser.go(f"/retrievals/{job}/cancel", {"csrf": token.group(1)})[0] == 303
+    assert _states(site, job) == ["cancelled"] * 3
+    time.sleep(2)  # the worker's ticks (every 0.5 s) leave cancelled rows alone
+    assert _states(site, job) == ["cancelled"] * 3
+    again = site.json("POST", f"/api/v1/retrievals/{job}/retry", "neuro")
+    assert again == {"job": job, "queued": 3}
+    assert set(_states(site, job)) <= {"queued", "querying"}
+    cancelled = site.fiona("retrieve", "cancel", str(job))  # the command line, the same
+    assert cancelled.returncode == 0
+    assert f"retrieval job {job}: 3 rows cancelled" in cancelled.stdout
+    assert site.fiona("retrieve", "retry").returncode == 2
+    assert site.fiona("retrieve", "retry", "999").stderr.strip() == "fiona: no retrieval job 999"
+    audit = (site.root / "data" / "audit").glob("*.jsonl")
+    events = [json.loads(line)["event"] for f in audit for line in f.read_text().splitlines()]
+    assert events.count("retrieve_cancelled") == 2 and events.count("retrieve_requeued") == 1
 
 
 def test_a_list_with_problems_or_from_a_viewer_is_refused(web_site: Site) -> None:

@@ -184,9 +184,20 @@ def pacs_issues(
             where = ("pacs", n, "name")
             message = f"PACS name '{entry.name}' is already used by pacs[{first[entry.name]}]"
             issues.append(ConfigIssue(file, line_of(where), format_path(where), message))
+        if entry.name in RESERVED_NAMES:
+            where = ("pacs", n, "name")
+            message = (
+                f"'{entry.name}' is a word of fiona retrieve ({', '.join(RESERVED_NAMES)}):"
+                " choose another PACS name"
+            )
+            issues.append(ConfigIssue(file, line_of(where), format_path(where), message))
         first.setdefault(entry.name, n)
         issues += _tls_issues(entry.tls, n, file, line_of)
     return issues
+
+
+#: Words ``fiona retrieve`` takes in the place of a PACS name.
+RESERVED_NAMES = ("status", "cancel", "retry")
 
 
 def _tls_issues(

@@ -187,6 +187,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
     and ``fiona retrieve status [JOB]``."""
     if args.name == "status":
         return run_with_index(args, lambda site, index: _status(index, args), read_only=True)
+    if args.name in ("cancel", "retry"):
+        return run_with_index(args, lambda site, index: _change(site, index, args))
     if args.list is None:
         print("fiona: give the list to retrieve: --list FILE.csv", file=sys.stderr)
         return 2
@@ -219,6 +221,27 @@ def _queue(site: SiteConfig, index: Index, args: argparse.Namespace) -> int:
         f"retrieval job {job}: {len(rows)} rows queued for PACS {args.name}; fiona serve works"
         f" through them within the PACS's limits (fiona retrieve status {job})"
     )
+    return 0
+
+
+def _change(site: SiteConfig, index: Index, args: argparse.Namespace) -> int:
+    """``fiona retrieve cancel JOB`` and ``fiona retrieve retry JOB``."""
+    from engine.retrieve.jobs import QueueError, cancel_job, requeue_job
+
+    if args.job is None or not str(args.job).isdigit():
+        print(f"fiona: give the job: fiona retrieve {args.name} JOB", file=sys.stderr)
+        return 2
+    job = int(args.job)
+    try:
+        if args.name == "cancel":
+            count = cancel_job(site, index, job, operator=operator())
+            print(f"retrieval job {job}: {count} rows cancelled")
+        else:
+            count = requeue_job(site, index, job, operator=operator())
+            print(f"retrieval job {job}: {count} partial, failed or cancelled rows queued again")
+    except QueueError as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,7 +18,7 @@ from engine.store.audit import AuditLog
 from engine.store.index import Index
 from engine.store.retrievals import RetrievalStore, RowSpec
 
-__all__ = ["QueueError", "job_rows", "queue_list"]
+__all__ = ["QueueError", "cancel_job", "job_rows", "queue_list", "requeue_job"]
 
 
 class QueueError(ValueError):
@@ -54,6 +54,28 @@ def queue_list(
         "retrieve_queued", job=job, pacs=pacs.name, rows=len(rows), by=operator
     )
     return job
+
+
+def cancel_job(site: SiteConfig, index: Index, job: int, *, operator: str) -> int:
+    """Cancel job ``job``'s rows not finished yet (a row under way stops after its current
+    C-FIND, C-MOVE or C-GET), audited; how many."""
+    store = RetrievalStore(index)
+    if not store.job_exists(job):
+        raise QueueError(f"no retrieval job {job}")
+    count = store.cancel(job, time.time())
+    AuditLog(site.data_dir).write("retrieve_cancelled", job=job, rows=count, by=operator)
+    return count
+
+
+def requeue_job(site: SiteConfig, index: Index, job: int, *, operator: str) -> int:
+    """Queue job ``job``'s partial, failed and cancelled rows again, audited; how many. Only
+    what fiona does not hold yet is fetched."""
+    store = RetrievalStore(index)
+    if not store.job_exists(job):
+        raise QueueError(f"no retrieval job {job}")
+    count = store.requeue(job, time.time())
+    AuditLog(site.data_dir).write("retrieve_requeued", job=job, rows=count, by=operator)
+    return count
 
 
 def job_rows(index: Index, job: int, *, phi: bool = False) -> list[dict[str, Any]]:

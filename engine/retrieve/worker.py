@@ -123,7 +123,8 @@ class RetrieveWorker:
         if get and self.archive is None:
             self._end(row, RowState.FAILED, "retrieve: get needs the archive of fiona serve")
             return
-        self.store.update(row.id, self.clock(), RowState.QUERYING)
+        if not self.store.claim(row.id, self.clock()):
+            return  # cancelled since it was picked
         try:
             if get:
                 assoc = open_association(self.site, pacs, get_proposals(), GET_ROLES)
@@ -196,6 +197,9 @@ class RetrieveWorker:
         reason = ""
         rounds = 0
         while len(held) < len(expected) and rounds < ROUNDS:
+            if self.store.cancelled(row.id):
+                log.info("retrieval job %d line %d: cancelled", row.job, row.spec.line)
+                return
             rounds += 1
             before = len(held)
             reason = self._move(pacs, assoc, plan, held)

@@ -23,9 +23,12 @@ class RowState(StrEnum):
     DONE = "done"
     PARTIAL = "partial"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-FINAL_STATES = (RowState.DONE, RowState.PARTIAL, RowState.FAILED)
+FINAL_STATES = (RowState.DONE, RowState.PARTIAL, RowState.FAILED, RowState.CANCELLED)
+#: States a cancelled job's rows leave (a row under way stops after its current request).
+_OPEN = ("queued", "querying", "retrieving")
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,55 @@ class RetrievalStore:
         assert set(progress) <= allowed, progress
         sets = "".join(f", {k}=?" for k in progress)
         done = now if state in FINAL_STATES else None
-        with self.index.transaction() as db:
+        with self.index.transaction() as db:  # a cancelled row stays so (cancel may come mid-way)
             db.execute(
-                f"UPDATE retrieve_rows SET state=?, updated_at=?, done_at=?{sets} WHERE id=?",
+                f"UPDATE retrieve_rows SET state=?, updated_at=?, done_at=?{sets}"
+                " WHERE id=? AND state != 'cancelled'",
                 (str(state), now, done, *progress.values(), row_id),
             )
+
+    def claim(self, row_id: int, now: float) -> bool:
+        """Start a queued row (``querying``); False when it is no longer queued (cancelled)."""
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "UPDATE retrieve_rows SET state='querying', updated_at=? WHERE id=?"
+                " AND state='queued'",
+                (now, row_id),
+            )
+            return cur.rowcount == 1
+
+    def cancelled(self, row_id: int) -> bool:
+        """Whether the row was cancelled (the worker stops it between requests)."""
+        with self.index.reading() as db:
+            row = db.execute("SELECT state FROM retrieve_rows WHERE id=?", (row_id,)).fetchone()
+        return row is not None and row[0] == RowState.CANCELLED.value
+
+    def cancel(self, job: int, now: float) -> int:
+        """Cancel a job's rows not yet finished; how many."""
+        marks = ",".join("?" * len(_OPEN))
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "UPDATE retrieve_rows SET state='cancelled', reason='cancelled', updated_at=?,"
+                f" done_at=? WHERE job_ref=? AND state IN ({marks})",
+                (now, now, job, *_OPEN),
+            )
+            return int(cur.rowcount)
+
+    def requeue(self, job: int, now: float) -> int:
+        """Queue a job's partial, failed and cancelled rows again (what is held already is not
+        fetched twice); how many."""
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "UPDATE retrieve_rows SET state='queued', reason='', updated_at=?, done_at=NULL"
+                " WHERE job_ref=? AND state IN ('partial', 'failed', 'cancelled')",
+                (now, job),
+            )
+            return int(cur.rowcount)
+
+    def job_exists(self, job: int) -> bool:
+        with self.index.reading() as db:
+            found = db.execute("SELECT 1 FROM retrieve_jobs WHERE id=?", (job,)).fetchone()
+        return found is not None
 
     def rows(self, job: int) -> list[Row]:
         with self.index.reading() as db:

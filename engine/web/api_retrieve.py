@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.retrieve.jobs import QueueError, job_rows, queue_list
+from engine.retrieve.jobs import QueueError, cancel_job, job_rows, queue_list, requeue_job
 from engine.retrieve.lists import ListError, parse_list
 from engine.store.retrievals import RetrievalStore
 from engine.web.auth import ApiError, Need, check_project
@@ -30,13 +30,29 @@ def _jobs(call: Call) -> list[dict[str, Any]]:
     return [j for j in RetrievalStore(call.index).jobs() if _visible(call, j)]
 
 
-def _job(call: Call) -> dict[str, Any]:
+def _granted_job(call: Call) -> dict[str, Any]:
+    """The job of the path, when the user's projects include it (404, 403)."""
     raw = call.params["job"]
     found = next((j for j in RetrievalStore(call.index).jobs() if str(j["job"]) == raw), None)
     if found is None:
         raise ApiError(404, f"no retrieval job {raw}", "list them: GET /api/v1/retrievals")
     check_project(call.user, str(found["project"]))
-    return {**found, "rows_detail": job_rows(call.index, int(raw), phi=True)}
+    return found
+
+
+def _job(call: Call) -> dict[str, Any]:
+    found = _granted_job(call)
+    return {**found, "rows_detail": job_rows(call.index, int(found["job"]), phi=True)}
+
+
+def _cancel(call: Call) -> dict[str, Any]:
+    job = int(_granted_job(call)["job"])
+    return {"job": job, "cancelled": cancel_job(call.site, call.index, job, operator=call.who)}
+
+
+def _retry(call: Call) -> dict[str, Any]:
+    job = int(_granted_job(call)["job"])
+    return {"job": job, "queued": requeue_job(call.site, call.index, job, operator=call.who)}
 
 
 def _queue(call: Call) -> dict[str, Any]:
@@ -79,6 +95,20 @@ RETRIEVE_ROUTES: tuple[Route, ...] = (
         Need.READ,
         "One retrieval job: each row's state, instances arrived/expected and reason",
         _job,
+    ),
+    Route(
+        "POST",
+        "/retrievals/{job}/cancel",
+        Need.ACT,
+        "Cancel a job's unfinished rows (fiona retrieve cancel JOB)",
+        _cancel,
+    ),
+    Route(
+        "POST",
+        "/retrievals/{job}/retry",
+        Need.ACT,
+        "Queue a job's partial, failed and cancelled rows again (fiona retrieve retry JOB)",
+        _retry,
     ),
     Route(
         "POST",

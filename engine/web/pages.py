@@ -242,7 +242,16 @@ def _retrievals(call: Call, form: Form) -> View:
 
 def _retrieval(call: Call, form: Form) -> View:
     job = _api(call, "GET", "/retrievals/{job}", job=call.params["job"])
-    return View("retrieval.html", f"Retrieval job {job['job']}", {"job": job})
+    values = {"job": job, "can_act": _acts(call)}
+    return View("retrieval.html", f"Retrieval job {job['job']}", values)
+
+
+def _retrieval_change(action: str) -> Callable[[Call, Form], Redirect]:
+    def change(call: Call, form: Form) -> Redirect:
+        _api(call, "POST", f"/retrievals/{{job}}/{action}", job=call.params["job"])
+        return Redirect(f"/retrievals/{call.params['job']}")
+
+    return change
 
 
 def _retrieval_queue(call: Call, form: Form) -> Redirect:
@@ -352,6 +361,8 @@ PAGES: tuple[Page, ...] = (
     Page("GET", "/retrievals", Need.READ, _retrievals),
     Page("POST", "/retrievals", Need.ACT, _retrieval_queue, upload=True),
     Page("GET", "/retrievals/{job}", Need.READ, _retrieval),
+    Page("POST", "/retrievals/{job}/cancel", Need.ACT, _retrieval_change("cancel")),
+    Page("POST", "/retrievals/{job}/retry", Need.ACT, _retrieval_change("retry")),
     Page("GET", "/users", Need.ADMIN, _users),
     Page("POST", "/users", Need.ADMIN, _user_add),
     Page("GET", "/users/{name}", Need.ADMIN, _user),
