@@ -308,6 +308,8 @@ def _check_web_tls(web: WebConfig, parsed: ParsedFile) -> list[ConfigIssue]:
 
 def _check_date_languages(deid: DeidSettings, parsed: ParsedFile) -> list[ConfigIssue]:
     """Each language must be one of ``rulesets/anonymize/month_names.json``."""
+    if not deid.date_languages:
+        return []  # the table is read only when a site lists languages
     table = rulesets_dir() / "anonymize" / "month_names.json"
     known = sorted(json.loads(table.read_text("utf-8"))["languages"])
     issues = []

@@ -60,7 +60,7 @@ def cancel_job(site: SiteConfig, index: Index, job: int, *, operator: str) -> in
     """Cancel job ``job``'s rows not finished yet (a row under way stops after its current
     C-FIND, C-MOVE or C-GET), audited; how many."""
     store = RetrievalStore(index)
-    if not store.job_exists(job):
+    if not store.jobs(job):
         raise QueueError(f"no retrieval job {job}")
     count = store.cancel(job, time.time())
     AuditLog(site.data_dir).write("retrieve_cancelled", job=job, rows=count, by=operator)
@@ -71,7 +71,7 @@ def requeue_job(site: SiteConfig, index: Index, job: int, *, operator: str) -> i
     """Queue job ``job``'s partial, failed and cancelled rows again, audited; how many. Only
     what fiona does not hold yet is fetched."""
     store = RetrievalStore(index)
-    if not store.job_exists(job):
+    if not store.jobs(job):
         raise QueueError(f"no retrieval job {job}")
     count = store.requeue(job, time.time())
     AuditLog(site.data_dir).write("retrieve_requeued", job=job, rows=count, by=operator)

@@ -206,26 +206,26 @@ class RetrievalStore:
             )
             return int(cur.rowcount)
 
-    def job_exists(self, job: int) -> bool:
-        with self.index.reading() as db:
-            found = db.execute("SELECT 1 FROM retrieve_jobs WHERE id=?", (job,)).fetchone()
-        return found is not None
-
     def rows(self, job: int) -> list[Row]:
         with self.index.reading() as db:
             found = db.execute(_ROW_SQL + " WHERE r.job_ref=? ORDER BY r.line", (job,)).fetchall()
         return [_row(r) for r in found]
 
-    def jobs(self) -> list[dict[str, Any]]:
-        """Every job with its row counts by state, newest first."""
+    def jobs(self, job: int | None = None) -> list[dict[str, Any]]:
+        """Every job (or only ``job``: [] when there is none) with its row counts by state,
+        newest first."""
+        only, args = ("", ()) if job is None else (" WHERE id = ?", (job,))
+        rows_of = "" if job is None else " WHERE job_ref = ?"
         with self.index.reading() as db:
             jobs = db.execute(
                 "SELECT id, pacs, project, list_name, created_at, created_by FROM retrieve_jobs"
-                " ORDER BY id DESC"
+                f"{only} ORDER BY id DESC",
+                args,
             ).fetchall()
             counts = db.execute(
                 "SELECT job_ref, state, count(*), sum(studies), sum(expected), sum(arrived)"
-                " FROM retrieve_rows GROUP BY job_ref, state"
+                f" FROM retrieve_rows{rows_of} GROUP BY job_ref, state",
+                args,
             ).fetchall()
         out = []
         for job_id, pacs, project, list_name, created_at, by in jobs:

@@ -33,11 +33,11 @@ def _jobs(call: Call) -> list[dict[str, Any]]:
 def _granted_job(call: Call) -> dict[str, Any]:
     """The job of the path, when the user's projects include it (404, 403)."""
     raw = call.params["job"]
-    found = next((j for j in RetrievalStore(call.index).jobs() if str(j["job"]) == raw), None)
-    if found is None:
+    found = RetrievalStore(call.index).jobs(int(raw)) if raw.isdigit() else []
+    if not found:
         raise ApiError(404, f"no retrieval job {raw}", "list them: GET /api/v1/retrievals")
-    check_project(call.user, str(found["project"]))
-    return found
+    check_project(call.user, str(found[0]["project"]))
+    return found[0]
 
 
 def _job(call: Call) -> dict[str, Any]:
