@@ -202,9 +202,9 @@ class OutboxJob:
             self.holder.hold(study_uid, "transfer_failed", detail, project)
 
         outbox = Outbox(store.index, data_dir)
-        resumed = outbox.resume()
+        resumed = outbox.take_back_own()
         if resumed:
-            log.info("resuming %d interrupted transfers", resumed)
+            log.info("taking back %d transfers this node left unfinished", resumed)
         self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
 
     def configure(self, projects: list[ProjectConfig]) -> None:

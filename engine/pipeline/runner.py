@@ -1,8 +1,9 @@
 """The pipeline interpreter: runs each runnable run's steps, in order, recording every outcome.
 
-For each runnable run (:meth:`RunStore.runnable`) the runner starts at the first step not yet
-done (a restart resumes there; a finished step is never repeated) and, after each step, records
-its outcome durably (with the steps' shared state) before the next one starts:
+For each runnable run (claimed one at a time, with a lease other nodes respect:
+:meth:`RunStore.claim_next`) the runner starts at the first step not yet done (a restart resumes
+there; a finished step is never repeated) and, after each step, records its outcome durably
+(with the steps' shared state) before the next one starts:
 
 * ``Done``: on to the next step; after the last one the run is ``done``;
 * ``Quarantined(reason, detail)``: the run stops, ``quarantine_hook(run, reason, detail)`` files
@@ -35,6 +36,7 @@ from engine.pipeline.steps import Step
 from engine.pipeline.store import RunRecord, RunState, RunStore
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
+from engine.store.leases import LeaseLost
 from engine.store.quarantine import Reason
 
 __all__ = ["MAX_ATTEMPTS", "PipelineRunner", "QuarantineHook"]
@@ -83,21 +85,29 @@ class PipelineRunner:
         self._waiting: set[int] = set()  # runs of unknown projects, logged once
 
     def run_pending(self, now: float | None = None) -> int:
-        """Work through every runnable run; the number of runs worked on."""
+        """Work through every runnable run, claiming one at a time (other nodes claim the
+        others); the number of runs worked on."""
         now = time.time() if now is None else now
+        names = sorted(self.pipelines)
+        for other in self.store.waiting(now, names):
+            if other.id not in self._waiting:
+                self._waiting.add(other.id)
+                log.warning(
+                    "run %d: project %s has no pipeline here; waiting", other.id, other.project
+                )
         count = 0
-        for run in self.store.runnable(now):
-            steps = self.pipelines.get(run.project)
-            if steps is None:
-                if run.id not in self._waiting:
-                    self._waiting.add(run.id)
-                    log.warning(
-                        "run %d: project %s has no pipeline here; waiting", run.id, run.project
-                    )
-                continue
+        after = 0
+        while (run := self.store.claim_next(now, names, after)) is not None:
+            after = run.id
             count += 1
             try:
-                self.run_one(run, steps, now)
+                self.run_one(run, self.pipelines[run.project], now)
+            except LeaseLost:
+                log.warning(
+                    "run %d (project %s): another node holds it now; stopped here",
+                    run.id,
+                    run.project,
+                )
             except Exception as exc:  # the store failed: the run stays runnable
                 log.error(
                     "run %d (project %s): could not record progress (%s); retrying next scan",
@@ -105,7 +115,15 @@ class PipelineRunner:
                     run.project,
                     type(exc).__name__,
                 )
+            finally:
+                self._release(run)
         return count
+
+    def _release(self, run: RunRecord) -> None:
+        try:
+            self.store.release(run.id)
+        except Exception as exc:  # its lease runs out instead
+            log.error("run %d: could not release it (%s)", run.id, type(exc).__name__)
 
     def run_one(self, run: RunRecord, steps: Sequence[Step], now: float) -> RunState:
         """Run ``run`` from its first step not done until it finishes, waits or is held."""
@@ -208,7 +226,9 @@ class PipelineRunner:
 
     def _hold(self, run: RunRecord, reason: str, detail: str, now: float) -> RunState:
         """File the quarantine, then end the run (a crash in between files it again: a held
-        study is never lost, at worst held twice)."""
+        study is never lost, at worst held twice). Nothing is filed for a run another node
+        holds now (:class:`LeaseLost`)."""
+        self.store.check_held(run.id, now)
         try:
             held = self.quarantine_hook(run, reason, detail)
         except Exception as exc:

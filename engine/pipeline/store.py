@@ -5,9 +5,15 @@ A run is created once per (study, project, follow-up) when the study is complete
 outcome, together with the steps' shared state, in one transaction before it starts the next
 step, so a restart resumes at the first step not done and never repeats a finished one.
 
-Run states: ``pending`` (waiting, possibly until ``next_try_at``), ``running`` (a runner is at
-it, or was when the engine stopped: such runs are resumed), ``done``, ``quarantined`` (the study
-was held with ``reason``), ``failed`` (reserved for runs given up without a quarantine).
+Run states: ``pending`` (waiting, possibly until ``next_try_at``), ``running`` (a node's runner
+is at it, or was when it stopped: such runs are taken up again once its lease runs out),
+``done``, ``quarantined`` (the study was held with ``reason``), ``failed`` (reserved for runs
+given up without a quarantine).
+
+Several nodes share the runs: a runner claims one run at a time with a lease
+(:meth:`RunStore.claim_next`, :mod:`engine.store.leases`), its outcomes are written only while it
+holds the run (:class:`~engine.store.leases.LeaseLost` otherwise), and it releases the run when
+it stops working on it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 from engine.pipeline.context import SeriesInput
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
 from engine.store.index import Index
+from engine.store.leases import Leases, claimable, skip_locked
+from engine.store.nodes import Node
 
 __all__ = ["RunRecord", "RunState", "RunStore", "StepRecord", "StepState"]
 
@@ -123,10 +131,12 @@ def _json(value: object) -> str:
 
 
 class RunStore:
-    """Pipeline runs in the index's database, through its shared connection."""
+    """Pipeline runs in the index's database, through its shared connection; ``node`` (default:
+    this process's) is who claims them."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, node: Node | None = None) -> None:
         self.index = index
+        self.leases = Leases(index, "pipeline_runs", node)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -173,6 +183,51 @@ class RunStore:
             ).fetchall()
         return [_run(r) for r in rows]
 
+    def claim_next(
+        self, now: float, projects: Sequence[str], after: int = 0
+    ) -> RunRecord | None:
+        """Claim the oldest runnable run of ``projects`` with an id above ``after`` that no
+        node holds (or whose holder's lease ran out): it is ``running``, leased to this node,
+        and returned; None when there is none. One statement, so two nodes never get one run.
+        """
+        if not projects:
+            return None
+        leases = self.leases
+        lease_now = leases.clock()
+        marks = ",".join("?" * len(projects))
+        with self.index.transaction() as db:
+            row = db.execute(
+                "UPDATE pipeline_runs SET state='running', claimed_by=?, lease_until=?,"
+                " updated_at=? WHERE id IN (SELECT id FROM pipeline_runs"
+                " WHERE state IN ('pending', 'running')"
+                " AND (next_try_at IS NULL OR next_try_at <= ?)"
+                f" AND {claimable()} AND id > ? AND project IN ({marks}) ORDER BY id LIMIT 1"
+                f"{skip_locked(db)}) AND {claimable()} RETURNING {_RUN_COLUMNS}",
+                (leases.node.id, leases.until(), now, now, lease_now, after, *projects,
+                 lease_now),
+            ).fetchone()
+        if row is None:
+            return None
+        run = _run(row)
+        leases.took([run.id])
+        return run
+
+    def release(self, run_id: int) -> None:
+        """This node stops working on the run (whatever its state): any node may claim it."""
+        self.leases.release(run_id)
+
+    def waiting(self, now: float, projects: Sequence[str]) -> list[RunRecord]:
+        """Runnable runs of projects not in ``projects`` (none of this node's pipelines)."""
+        marks = ",".join("?" * len(projects))
+        other = f" AND project NOT IN ({marks})" if projects else ""
+        with self.index.reading() as db:
+            rows = db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM pipeline_runs WHERE state IN ('pending', 'running')"
+                f" AND (next_try_at IS NULL OR next_try_at <= ?){other} ORDER BY id",
+                (now, *projects),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
     def runs_for_study(self, study_uid: str) -> list[RunRecord]:
         """Every run of a study (all projects), in creation order."""
         with self.index.reading() as db:
@@ -213,6 +268,7 @@ class RunStore:
             final.value,
             reason,
             detail,
+            release=True,
         )
 
     def reopen(self, run_id: int, now: float | None = None) -> int | None:
@@ -243,12 +299,32 @@ class RunStore:
             )
         return resume_at
 
-    def _update(self, run_id: int, now: float | None, assignments: str, *values: object) -> None:
+    def _update(
+        self,
+        run_id: int,
+        now: float | None,
+        assignments: str,
+        *values: object,
+        release: bool = False,
+    ) -> None:
+        """Update a run; for a run this node holds, only while it holds it (else
+        :class:`~engine.store.leases.LeaseLost`, nothing written). ``release``: the run ends,
+        this node lets go of it in the same transaction."""
+        guard, held = self.leases.guard(run_id)
+        let_go = ", claimed_by=NULL, lease_until=NULL" if release and guard else ""
         with self.index.transaction() as db:
-            db.execute(
-                f"UPDATE pipeline_runs SET {assignments}, updated_at=? WHERE id=?",
-                (*values, time.time() if now is None else now, run_id),
+            cur = db.execute(
+                f"UPDATE pipeline_runs SET {assignments}{let_go}, updated_at=? WHERE id=?{guard}",
+                (*values, time.time() if now is None else now, run_id, *held),
             )
+            self.leases.check(db, cur.rowcount, run_id)
+        if let_go:
+            self.leases.released(run_id)
+
+    def check_held(self, run_id: int, now: float | None = None) -> None:
+        """Raise :class:`~engine.store.leases.LeaseLost` when another node holds the run now
+        (before a side effect outside the index, such as filing a quarantine)."""
+        self._update(run_id, now, "state=state")
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -297,7 +373,14 @@ class RunStore:
         else:
             kind = StepState.ERROR if error else StepState.RETRY
             row = (kind, outcome.reason, f"retry in {outcome.after:g} s")
+        guard, held = self.leases.guard(run_id)
         with self.index.transaction() as db:
+            if guard:  # a run this node holds: only while it holds it
+                cur = db.execute(
+                    f"UPDATE pipeline_runs SET updated_at=? WHERE id=?{guard}",
+                    (now, run_id, *held),
+                )
+                self.leases.check(db, cur.rowcount, run_id)
             db.execute(
                 "INSERT OR REPLACE INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
                 " finished_at) VALUES (?,?,?,?,?,?,?)",

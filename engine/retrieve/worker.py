@@ -34,6 +34,7 @@ from engine.route.assign import assign_study
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index, Origin
+from engine.store.leases import LeaseLost
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class RetrieveWorker:
         self.local_now = local_now
         self._paused: dict[str, float] = {}  # PACS name -> monotonic time it may be asked
         self._studies: dict[int, list[str]] = {}  # row id -> its studies' UIDs, for the audit
-        resumed = self.store.resume(clock())
+        resumed = self.store.take_back_own()
         if resumed:
             log.info("retrieval: %d rows taken up again after a restart", resumed)
 
@@ -124,7 +125,18 @@ class RetrieveWorker:
             self._end(row, RowState.FAILED, "retrieve: get needs the archive of fiona serve")
             return
         if not self.store.claim(row.id, self.clock()):
-            return  # cancelled since it was picked
+            return  # cancelled since it was picked, or another node took it
+        try:
+            self._claimed(pacs, row, get)
+        except LeaseLost:
+            log.warning(
+                "retrieval job %d line %d: another node holds it now", row.job, row.spec.line
+            )
+        finally:
+            self.store.release(row.id)
+
+    def _claimed(self, pacs: PacsConfig, row: Row, get: bool) -> None:
+        """Work a row this node claimed."""
         try:
             if get:
                 assoc = open_association(self.site, pacs, get_proposals(), GET_ROLES)
@@ -141,6 +153,9 @@ class RetrieveWorker:
             assoc.abort()
             self._broken(pacs, row, f"PACS {pacs.name}: {exc}")
             return
+        except LeaseLost:
+            assoc.abort()
+            raise
         try:
             assoc.release()
         except AssociationBroken:

@@ -1,9 +1,10 @@
 """Retrieval jobs in the index: every SQL statement on ``retrieve_jobs`` and ``retrieve_rows``.
 
 A row goes ``queued`` -> ``querying`` -> ``retrieving`` -> ``done`` | ``partial`` | ``failed``
-(with a reason). A row left ``querying`` or ``retrieving`` by a stopped service is taken up
-again from ``queued`` (:meth:`RetrievalStore.resume`): what arrived meanwhile is counted, not
-fetched twice.
+(with a reason). A row being worked is leased to its node (:mod:`engine.store.leases`); one
+left ``querying`` or ``retrieving`` by a node that stopped is claimed again once its lease runs
+out (at once by the same node name, :meth:`RetrievalStore.take_back_own`): what arrived
+meanwhile is counted, not fetched twice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from enum import StrEnum
 from typing import Any
 
 from engine.store.index import Index
+from engine.store.leases import Leases, claimable
+from engine.store.nodes import Node
 
 
 class RowState(StrEnum):
@@ -29,6 +32,8 @@ class RowState(StrEnum):
 FINAL_STATES = (RowState.DONE, RowState.PARTIAL, RowState.FAILED, RowState.CANCELLED)
 #: States a cancelled job's rows leave (a row under way stops after its current request).
 _OPEN = ("queued", "querying", "retrieving")
+#: A row a node may claim: open, and nobody holds it (or its holder's lease ran out; one ``?``).
+_CLAIMABLE = f"r.state IN ('queued', 'querying', 'retrieving') AND {claimable('r')}"
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,11 @@ def _row(r: Sequence[Any]) -> Row:
 
 
 class RetrievalStore:
-    """The retrieval tables of one index."""
+    """The retrieval tables of one index; ``node`` (default: this process's) claims rows."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, node: Node | None = None) -> None:
         self.index = index
+        self.leases = Leases(index, "retrieve_rows", node)
 
     def create_job(
         self,
@@ -118,29 +124,28 @@ class RetrievalStore:
             )
         return job
 
-    def resume(self, now: float) -> int:
-        """Rows a stopped service left half-way go back to ``queued``; how many."""
-        with self.index.transaction() as db:
-            cur = db.execute(
-                "UPDATE retrieve_rows SET state='queued', updated_at=?"
-                " WHERE state IN ('querying', 'retrieving')",
-                (now,),
-            )
-            return int(cur.rowcount)
+    def take_back_own(self) -> int:
+        """At start: rows this node's name left half-way in a previous life may be claimed
+        again at once (other nodes' wait for their leases to run out); how many."""
+        return self.leases.expire_own()
 
     def next_queued(self, pacs: str) -> Row | None:
-        """The oldest queued row of a job on ``pacs``."""
+        """The oldest row of a job on ``pacs`` a node may claim (queued, or left half-way by a
+        node whose lease ran out)."""
         with self.index.reading() as db:
             r = db.execute(
-                _ROW_SQL + " WHERE r.state='queued' AND j.pacs=? ORDER BY r.id LIMIT 1", (pacs,)
+                _ROW_SQL + f" WHERE {_CLAIMABLE} AND j.pacs=? ORDER BY r.id LIMIT 1",
+                (self.leases.clock(), pacs),
             ).fetchone()
         return None if r is None else _row(r)
 
     def pacs_with_queued(self) -> list[str]:
+        """The PACS with rows a node may claim."""
         with self.index.reading() as db:
             rows = db.execute(
                 "SELECT DISTINCT j.pacs FROM retrieve_rows r JOIN retrieve_jobs j"
-                " ON j.id = r.job_ref WHERE r.state='queued' ORDER BY j.pacs"
+                f" ON j.id = r.job_ref WHERE {_CLAIMABLE} ORDER BY j.pacs",
+                (self.leases.clock(),),
             ).fetchall()
         return [str(r[0]) for r in rows]
 
@@ -156,27 +161,46 @@ class RetrievalStore:
 
     def update(self, row_id: int, now: float, state: RowState, **progress: int | str) -> None:
         """Set a row's state (and ``reason``, ``studies``, ``expected``, ``arrived``,
-        ``attempts`` when given)."""
+        ``attempts`` when given). For a row this node claimed: only while it holds it (else
+        :class:`~engine.store.leases.LeaseLost`, nothing written), and a row that ends or goes
+        back to ``queued`` is released."""
         allowed = {"reason", "studies", "expected", "arrived", "attempts"}
         assert set(progress) <= allowed, progress
         sets = "".join(f", {k}=?" for k in progress)
         done = now if state in FINAL_STATES else None
+        guard, held = self.leases.guard(row_id)
+        release = bool(guard) and (state in FINAL_STATES or state is RowState.QUEUED)
         with self.index.transaction() as db:  # a cancelled row stays so (cancel may come mid-way)
-            db.execute(
+            cur = db.execute(
                 f"UPDATE retrieve_rows SET state=?, updated_at=?, done_at=?{sets}"
-                " WHERE id=? AND state != 'cancelled'",
-                (str(state), now, done, *progress.values(), row_id),
+                f" WHERE id=? AND state != 'cancelled'{guard}",
+                (str(state), now, done, *progress.values(), row_id, *held),
             )
+            self.leases.check(db, cur.rowcount, row_id)
+            if release:
+                db.execute(self.leases.release_sql(), (row_id, self.leases.node.id))
+        if release:
+            self.leases.released(row_id)
 
     def claim(self, row_id: int, now: float) -> bool:
-        """Start a queued row (``querying``); False when it is no longer queued (cancelled)."""
+        """Start a row (``querying``), leased to this node, in one statement; False when it is
+        no longer open (cancelled) or another node holds it."""
+        leases = self.leases
         with self.index.transaction() as db:
             cur = db.execute(
-                "UPDATE retrieve_rows SET state='querying', updated_at=? WHERE id=?"
-                " AND state='queued'",
-                (now, row_id),
+                "UPDATE retrieve_rows SET state='querying', claimed_by=?, lease_until=?,"
+                " updated_at=? WHERE id=? AND state IN ('queued', 'querying', 'retrieving')"
+                f" AND {claimable()}",
+                (leases.node.id, leases.until(), now, row_id, leases.clock()),
             )
-            return cur.rowcount == 1
+            mine = cur.rowcount == 1
+        if mine:
+            leases.took([row_id])
+        return mine
+
+    def release(self, row_id: int) -> None:
+        """This node stops working on the row (whatever its state)."""
+        self.leases.release(row_id)
 
     def cancelled(self, row_id: int) -> bool:
         """Whether the row was cancelled (the worker stops it between requests)."""

@@ -8,10 +8,11 @@ again. A transfer that fails is retried with exponential backoff and jitter; bey
 destination's ``retry.max_attempts`` it becomes a dead letter (``failed``) and its study is
 quarantined as ``transfer_failed``. Nothing is dropped: ``fiona transfers retry`` queues it again.
 
-States: ``queued`` (waiting for ``next_try_at``), ``sending`` (a worker has it, or had it when
-the engine stopped: :meth:`Outbox.resume` queues those again at start), ``done``, ``failed``,
-``cancelled``. Transfers of one study to one destination run one at a time, oldest first, so a
-follow-up (series that arrived after the study was sent) reaches the peer after the study.
+States: ``queued`` (waiting for ``next_try_at``), ``sending`` (a node's worker has it, leased:
+:mod:`engine.store.leases`; one whose node stopped is claimed again once the lease runs out, its
+confirmed instances are not sent again), ``done``, ``failed``, ``cancelled``. Transfers of one
+study to one destination run one at a time, oldest first, so a follow-up (series that arrived
+after the study was sent) reaches the peer after the study.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.store.index import Index
+from engine.store.leases import Leases, claimable, skip_locked
+from engine.store.nodes import Node
 from engine.transfer.base import InstanceResult, OutgoingInstance, StudyBatch
 
 __all__ = ["Outbox", "RetryPolicy", "TransferItem", "TransferRecord", "TransferState"]
@@ -139,12 +142,14 @@ def _record(row: Sequence[Any]) -> TransferRecord:
 class Outbox:
     """The outbox tables of one index; paths of items are relative to ``data_dir`` when inside.
 
-    Every method is one transaction (or one read) on the index's shared connection.
+    Every method is one transaction (or one read) on the index's shared connection. ``node``
+    (default: this process's) is who claims transfers.
     """
 
-    def __init__(self, index: Index, data_dir: Path) -> None:
+    def __init__(self, index: Index, data_dir: Path, node: Node | None = None) -> None:
         self.index = index
         self.data_dir = data_dir
+        self.leases = Leases(index, "transfers", node)
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -194,50 +199,67 @@ class Outbox:
             )
         return transfer_id
 
-    def resume(self, now: float | None = None) -> int:
-        """At start: transfers left ``sending`` by a stopped engine are queued again, due now."""
-        now = time.time() if now is None else now
-        with self.index.transaction() as db:
-            cur = db.execute(
-                "UPDATE transfers SET state = 'queued', next_try_at = ?, updated_at = ?"
-                " WHERE state = 'sending'",
-                (now, now),
-            )
-            return cur.rowcount
+    def take_back_own(self) -> int:
+        """At start: transfers this node's name left ``sending`` in a previous life may be
+        claimed again at once (other nodes' wait for their leases to run out); how many."""
+        return self.leases.expire_own()
 
     # -- the worker's side ----------------------------------------------------------------------
 
     def claim_due(
         self, now: float, slots: Mapping[tuple[str, str], int]
     ) -> list[TransferRecord]:
-        """Mark due transfers ``sending`` and return them, at most ``slots[(project,
-        destination)]`` per destination (destinations not in ``slots`` get none: not
-        configured now). A transfer waits while an older one of its study to the same
-        destination is still open."""
-        claimed: list[TransferRecord] = []
-        free = dict(slots)
+        """Claim due transfers for this node (``sending``, leased) and return them: at most
+        ``slots[(project, destination)]`` transfers of a destination are sending at once in
+        the whole cluster (destinations not in ``slots`` get none: not configured here).
+        Due: queued with ``next_try_at`` reached, or sending by a node whose lease ran out. A
+        transfer waits while an older one of its study to the same destination is still
+        open."""
+        leases = self.leases
+        lease_now = leases.clock()
+        claimed: list[int] = []
         with self.index.transaction() as db:
+            busy = {
+                (str(p), str(d)): int(n)
+                for p, d, n in db.execute(
+                    "SELECT project, destination, count(*) FROM transfers WHERE state = 'sending'"
+                    " AND claimed_by IS NOT NULL AND lease_until >= ?"
+                    " GROUP BY project, destination",
+                    (lease_now,),
+                )
+            }
+            free = {key: n - busy.get(key, 0) for key, n in slots.items()}
             rows = db.execute(
-                _RECORD_SQL
-                + " WHERE t.state = 'queued' AND t.next_try_at <= ? AND NOT EXISTS ("
+                "SELECT t.id, t.project, t.destination FROM transfers t"
+                " WHERE ((t.state = 'queued' AND t.next_try_at <= ?)"
+                f" OR (t.state = 'sending' AND {claimable('t')})) AND NOT EXISTS ("
                 "   SELECT 1 FROM transfers o WHERE o.project = t.project"
                 "   AND o.destination = t.destination AND o.study_uid = t.study_uid"
                 "   AND o.id < t.id AND o.state IN ('queued', 'sending'))"
-                " ORDER BY t.next_try_at, t.id",
-                (now,),
+                " ORDER BY t.next_try_at, t.id" + skip_locked(db),
+                (now, lease_now),
             ).fetchall()
-            for row in rows:
-                record = _record(row)
-                key = (record.project, record.destination)
+            for transfer_id, project, destination in rows:
+                key = (str(project), str(destination))
                 if free.get(key, 0) <= 0:
                     continue
-                free[key] -= 1
-                db.execute(
-                    "UPDATE transfers SET state = 'sending', updated_at = ? WHERE id = ?",
-                    (now, record.id),
+                cur = db.execute(
+                    "UPDATE transfers SET state = 'sending', claimed_by = ?, lease_until = ?,"
+                    " updated_at = ? WHERE id = ? AND (state = 'queued' OR "
+                    + claimable()
+                    + ")",
+                    (leases.node.id, leases.until(), now, transfer_id, lease_now),
                 )
-                claimed.append(record)
-        return claimed
+                if cur.rowcount == 1:
+                    free[key] -= 1
+                    claimed.append(int(transfer_id))
+        leases.took(claimed)
+        records = [self.get(i) for i in claimed]
+        return [r for r in records if r is not None]
+
+    def release(self, transfer_id: int) -> None:
+        """This node stops working on the transfer (whatever its state)."""
+        self.leases.release(transfer_id)
 
     def batch(self, record: TransferRecord) -> StudyBatch:
         """The study batch of a transfer: all its instances, in series and instance order."""
@@ -313,12 +335,15 @@ class Outbox:
         """The destination has every instance: the transfer is done."""
         now = time.time() if now is None else now
         with self.index.transaction() as db:
+            self._check_held(db, transfer_id)
             # Only a transfer still being sent: one cancelled meanwhile stays cancelled.
             db.execute(
                 "UPDATE transfers SET state = 'done', last_error = '', updated_at = ?,"
                 " finished_at = ? WHERE id = ? AND state = 'sending'",
                 (now, now, transfer_id),
             )
+            db.execute(self.leases.release_sql(), (transfer_id, self.leases.node.id))
+        self.leases.released(transfer_id)
 
     def fail_attempt(
         self,
@@ -332,12 +357,15 @@ class Outbox:
         letter) once the policy's attempts are used up. Returns the new state."""
         now = time.time() if now is None else now
         with self.index.transaction() as db:
+            self._check_held(db, transfer_id)
             row = db.execute(
                 "SELECT attempts, state FROM transfers WHERE id = ?", (transfer_id,)
             ).fetchone()
             if row is None:
                 raise KeyError(transfer_id)
+            db.execute(self.leases.release_sql(), (transfer_id, self.leases.node.id))
             if row[1] == TransferState.CANCELLED:
+                self.leases.released(transfer_id)
                 return TransferState.CANCELLED  # cancelled while it was being sent
             attempts = int(row[0]) + 1
             if attempts >= policy.max_attempts:
@@ -350,7 +378,18 @@ class Outbox:
                 " updated_at = ?, finished_at = ? WHERE id = ?",
                 (state, attempts, next_try, error[:1000], now, finished, transfer_id),
             )
+        self.leases.released(transfer_id)
         return state
+
+    def _check_held(self, db: sqlite3.Connection, transfer_id: int) -> None:
+        """Raise :class:`~engine.store.leases.LeaseLost` (in ``db``'s transaction, so nothing
+        is written) when this node claimed the transfer and another node holds it now."""
+        if self.leases.holds(transfer_id):
+            row = db.execute(
+                "SELECT 1 FROM transfers WHERE id = ? AND claimed_by = ?",
+                (transfer_id, self.leases.node.id),
+            ).fetchone()
+            self.leases.check(db, 0 if row is None else 1, transfer_id)
 
     # -- operators' side ------------------------------------------------------------------------
 

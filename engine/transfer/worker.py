@@ -1,8 +1,11 @@
 """The outbox worker: claims due transfers and runs each on its destination in a thread.
 
 :meth:`OutboxWorker.tick` is what the scheduler calls every second: it claims as many due
-transfers as each destination has free slots (its ``concurrency``) and starts them; it never
-waits for a send. :meth:`OutboxWorker.run_due` does the same and waits, for commands and tests.
+transfers as each destination has free slots (its ``concurrency``, counted over every node of
+the cluster) and starts them; it never waits for a send. A claim is a lease
+(:mod:`engine.store.leases`): when another node took the transfer over (this node's lease ran
+out), the send stops at its next confirmed instance and nothing of its outcome is written.
+:meth:`OutboxWorker.run_due` does the same and waits, for commands and tests.
 
 A transfer ends ``done`` only when its destination confirmed every instance and its ``verify``
 passed. Anything else is a failed attempt (retried with backoff, a dead letter at the limit,
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 from engine import metrics
 from engine.store.audit import AuditLog, uid_token
+from engine.store.leases import LeaseLost
 from engine.transfer.base import DeliveryError, Destination, InstanceResult
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferRecord, TransferState
 
@@ -58,7 +62,6 @@ class OutboxWorker:
         self.hold = hold
         self.audit = audit
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], int] = {}
         self._destinations: dict[tuple[str, str], DestinationEntry] = dict(destinations)
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="outbox")
 
@@ -71,17 +74,12 @@ class OutboxWorker:
         """Start every due transfer there is a free slot for; returns their futures."""
         now = self.clock() if now is None else now
         with self._lock:
-            slots = {
-                key: entry.concurrency - self._running.get(key, 0)
-                for key, entry in self._destinations.items()
-            }
+            slots = {key: entry.concurrency for key, entry in self._destinations.items()}
             claimed = self.outbox.claim_due(now, slots)
             started = []
             for record in claimed:
-                key = (record.project, record.destination)
-                entry = self._destinations[key]
-                self._running[key] = self._running.get(key, 0) + 1
-                started.append(self._pool.submit(self._run, record, entry, key))
+                entry = self._destinations[(record.project, record.destination)]
+                started.append(self._pool.submit(self._run, record, entry))
         return started
 
     def run_due(self, now: float | None = None, timeout: float | None = None) -> int:
@@ -100,18 +98,24 @@ class OutboxWorker:
 
     # -- one transfer ---------------------------------------------------------------------------
 
-    def _run(
-        self, record: TransferRecord, entry: DestinationEntry, key: tuple[str, str]
-    ) -> TransferState:
+    def _run(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
         metrics.transfer_attempt(record.project, record.destination, entry.destination.type)
         try:
             return self._attempt(record, entry)
+        except LeaseLost:
+            log.warning("transfer %d: another node holds it now; stopped here", record.id)
+            return TransferState.SENDING
         except Exception as exc:  # a bug, not the peer: counted as a failed attempt all the same
             log.exception("transfer %d to %s failed unexpectedly", record.id, record.destination)
-            return self._failed(record, entry, f"internal error: {type(exc).__name__}")
+            try:
+                return self._failed(record, entry, f"internal error: {type(exc).__name__}")
+            except LeaseLost:
+                return TransferState.SENDING
         finally:
-            with self._lock:
-                self._running[key] = max(0, self._running.get(key, 1) - 1)
+            try:
+                self.outbox.release(record.id)
+            except Exception as exc:  # its lease runs out instead
+                log.error("transfer %d: could not release it (%s)", record.id, type(exc).__name__)
 
     def _attempt(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
         batch = self.outbox.batch(record)
@@ -122,6 +126,8 @@ class OutboxWorker:
 
         def confirm(result: InstanceResult) -> None:
             self.outbox.confirm(record.id, result, self.clock())
+            if self.outbox.leases.lost(record.id):
+                raise LeaseLost(f"transfer {record.id} is held by another node now")
 
         started = time.monotonic()
         try:
