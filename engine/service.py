@@ -26,6 +26,8 @@ from engine.store.archive import Archive
 from engine.store.audit import AuditLog
 from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
+from engine.store.leases import ClusterLocks, OncePerCluster
+from engine.store.nodes import Node, NodeStore, node_id, set_this_node
 from engine.store.quarantine import Quarantine
 from engine.store.quarantine_policy import Holder, policies_of
 from engine.store.recovery import WriterMark, recover
@@ -156,14 +158,18 @@ class WorkflowJob:
         store: Store,
         projects: list[ProjectConfig],
         on_reload: Callable[[list[ProjectConfig]], None] | None = None,
+        locks: ClusterLocks | None = None,
     ) -> None:
         self.store = store
         self.on_reload = on_reload
+        self.locks = locks
         #: Set by SIGHUP (:meth:`request_reload`): the next scan reloads even unchanged files.
         self.reload_requested = False
         self.labeller = site_labeller(store.site)
         self.signature = _projects_signature(store.site)
-        self.workflow = Workflow(store.index, store.site, projects, labeller=self.labeller)
+        self.workflow = Workflow(
+            store.index, store.site, projects, labeller=self.labeller, locks=locks
+        )
 
     def request_reload(self) -> None:
         """Reload the project files at the next scan, changed or not (SIGHUP)."""
@@ -177,7 +183,11 @@ class WorkflowJob:
             log.info("%s; reloading projects", why)
             projects = load_enabled_projects(self.store.site)
             self.workflow = Workflow(
-                self.store.index, self.store.site, projects, labeller=self.labeller
+                self.store.index,
+                self.store.site,
+                projects,
+                labeller=self.labeller,
+                locks=self.locks,
             )
             if self.on_reload is not None:
                 self.on_reload(projects)
@@ -187,8 +197,8 @@ class WorkflowJob:
 class OutboxJob:
     """The scheduled outbox tick: starts due transfers on the projects' destinations.
 
-    At start, transfers a stopped engine left half-sent are queued again (their confirmed
-    instances are not sent twice).
+    At start, transfers this node's name left half-sent are claimed again at once (other nodes'
+    once their leases run out; confirmed instances are not sent twice).
     """
 
     def __init__(self, store: Store, projects: list[ProjectConfig]) -> None:
@@ -228,7 +238,12 @@ def _start_jobs(
     from apscheduler.schedulers.background import BackgroundScheduler
 
     scheduler = BackgroundScheduler(timezone="UTC")
+    data_dir = store.site.data_dir
     outbox = OutboxJob(store, projects)
+    locks = ClusterLocks(store.index)
+
+    def once(name: str, job: Any) -> OncePerCluster:
+        return OncePerCluster(name, job, locks)
 
     reloaded: queue.SimpleQueue[list[ProjectConfig]] = queue.SimpleQueue()
 
@@ -244,10 +259,10 @@ def _start_jobs(
         while not reloaded.empty():
             latest = reloaded.get_nowait()
         if latest is not None:
-            add_redcap_jobs(scheduler, store.index, store.site.data_dir, latest)
+            add_redcap_jobs(scheduler, store.index, store.site.data_dir, latest, once)
 
     scheduler.add_job(
-        WorkflowJob(store, projects, reload),
+        WorkflowJob(store, projects, reload, locks),
         "interval",
         seconds=store.site.scan_interval,
         id="workflow",
@@ -256,10 +271,9 @@ def _start_jobs(
         coalesce=True,
     )
     scheduler.add_job(
-        write_pending_summaries,
+        once("series-summaries", lambda: write_pending_summaries(store.index, data_dir, 2.0)),
         "interval",
         seconds=2,
-        args=(store.index, store.site.data_dir, 2.0),
         id="series-summaries",
         name="write series summaries",
         max_instances=1,
@@ -278,7 +292,7 @@ def _start_jobs(
         from engine.retrieve.worker import RetrieveWorker
 
         scheduler.add_job(
-            RetrieveWorker(store.site, store.index, store.archive),
+            once("retrieve", RetrieveWorker(store.site, store.index, store.archive)),
             "interval",
             seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",
@@ -286,15 +300,17 @@ def _start_jobs(
             max_instances=1,
             coalesce=True,
         )
-    _add_watch_jobs(scheduler, store)
-    add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects)
+    _add_watch_jobs(scheduler, store, once)
+    add_redcap_jobs(scheduler, store.index, store.site.data_dir, projects, once)
     scheduler.start(paused=True)
     return scheduler, outbox, apply_reloads
 
 
-def _add_watch_jobs(scheduler: Any, store: Store) -> None:
-    """The service watching itself: the heartbeat (first beat at once, so the status file
-    exists from the start) and retention."""
+def _add_watch_jobs(
+    scheduler: Any, store: Store, once: Callable[[str, Any], OncePerCluster]
+) -> None:
+    """The service watching itself: the node's heartbeat (first beat at once, so the status
+    file exists from the start) and retention (once per cluster)."""
     from datetime import UTC, datetime
 
     site = store.site
@@ -309,8 +325,11 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
         coalesce=True,
     )
     scheduler.add_job(
-        RetentionJob(
-            site.data_dir, site.projects_dir, store.index, site.retention.min_free_percent
+        once(
+            "retention",
+            RetentionJob(
+                site.data_dir, site.projects_dir, store.index, site.retention.min_free_percent
+            ),
         ),
         "interval",
         seconds=site.retention.interval,
@@ -319,6 +338,54 @@ def _add_watch_jobs(scheduler: Any, store: Store) -> None:
         max_instances=1,
         coalesce=True,
     )
+
+
+def _node_in_use(row: dict[str, Any], node: Node, site: SiteConfig, now: float) -> bool:
+    """Whether the ``nodes`` row of ``node``'s name belongs to another process that runs:
+    not stopped, a heartbeat within the last 3 intervals, and another host, or this host
+    with another live process id."""
+    import os
+
+    if row["stopped_at"] is not None or now - row["last_heartbeat"] > 3 * site.heartbeat.interval:
+        return False
+    if row["host"] != node.host:
+        return True
+    if row["pid"] == node.pid:
+        return False
+    try:
+        os.kill(row["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def join_cluster(store: Store) -> Node | None:
+    """This process as a node of the index's cluster: its id (``node.name``, else
+    ``<host>/<pid>``) made this process's and its row written; what it held under that name
+    before is claimable again at once. None (logged) when a running node has the name."""
+    import time
+
+    from engine import __version__
+
+    site = store.site
+    node = Node(node_id(site.node.name), site.node.lease_seconds)
+    nodes = NodeStore(store.index)
+    row = nodes.get(node.id)
+    if row is not None and _node_in_use(row, node, site, time.time()):
+        log.error(
+            "node name %s is in use by a running node (host %s, pid %d): give each node its"
+            " own node.name",
+            node.id,
+            row["host"],
+            row["pid"],
+        )
+        return None
+    set_this_node(node)
+    nodes.register(node, __version__)
+    log.info("node %s (lease %g s)", node.id, node.lease_seconds)
+    return node
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -348,6 +415,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     projects = load_enabled_projects(site)
     store = open_store(site)
+    node = join_cluster(store)
+    if node is None:
+        store.close()
+        return 2
     # What a crash left (temp files, archived but unindexed files), when a writer crashed.
     recover(store.archive, store.mark, force=args.sweep)
     # Everything is set up before the port opens, so a sender never competes with start-up;
@@ -359,6 +430,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", site.bind_address, site.port, exc.strerror)
         scheduler.shutdown(wait=False)
         outbox.worker.close()
+        NodeStore(store.index).stopped(node)
         store.close()
         return 1
     write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
@@ -395,5 +467,6 @@ def run_serve(args: argparse.Namespace) -> int:
     remove_pid_file(site.data_dir)
     outbox.worker.close()
     write_pending_summaries(store.index, site.data_dir, 0.0)
+    NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
     store.close()
     return 0

@@ -2,7 +2,9 @@
 
 :class:`Workflow` is what the scheduler calls every ``scan_interval`` seconds: the tracker turns
 new instances into complete studies and pipeline runs, then the runner works through the runs.
-Both keep all state in the index, so a restart resumes.
+Both keep all state in the index, so a restart resumes. In a cluster the tracker runs on one node
+at a time (the lock ``tracker``, :class:`~engine.store.leases.ClusterLocks`); every node's runner
+claims runs with leases.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from engine.route.tracker import Tracker, site_labeller
 from engine.rules import RuleSet
 from engine.store.audit import AuditLog
 from engine.store.index import Index
+from engine.store.leases import ClusterLocks
 from engine.store.quarantine import Quarantine
 from engine.store.quarantine_policy import Holder, policies_of
 
@@ -37,8 +40,10 @@ class Workflow:
         projects: Sequence[ProjectConfig],
         *,
         labeller: RuleSet | None = None,
+        locks: ClusterLocks | None = None,
     ) -> None:
         self.index = index
+        self.locks = locks
         self.data_dir = site.data_dir
         self.quarantine = Quarantine(site.data_dir, index)
         self.runs = RunStore(index)
@@ -69,7 +74,10 @@ class Workflow:
         """One pass: route, label and complete; then run what is runnable."""
         now = time.time() if now is None else now
         try:
-            self.tracker.scan(now)
+            if self.locks is None or self.locks.acquire("tracker"):
+                self.tracker.scan(now)
+            else:
+                log.debug("tracker: another node runs it; skipped")
         except Exception:
             log.exception("routing and completeness scan failed; retrying next scan")
         try:

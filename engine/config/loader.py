@@ -51,6 +51,7 @@ from engine.config.model import (
     HeartbeatConfig,
     Limits,
     LogFile,
+    NodeConfig,
     ProjectConfig,
     RetentionPolicy,
     RoutingPolicy,
@@ -208,6 +209,9 @@ def _site_issues(
         log_level=doc["log_level"],
         log_file=_log_file(doc["log_file"], from_file.get("log_file"), base),
         heartbeat=_heartbeat(doc["heartbeat"]),
+        node=NodeConfig(
+            name=doc["node"]["name"], lease_seconds=float(doc["node"]["lease_seconds"])
+        ),
         retention=RetentionPolicy(
             interval=float(doc["retention"]["interval_seconds"]),
             min_free_percent=float(doc["retention"]["min_free_percent"]),

@@ -114,6 +114,18 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """This process as a node of a cluster (:mod:`engine.store.nodes`).
+
+    ``name``: its id (None: ``<host>/<pid>``). ``lease_seconds``: how long a claim lasts
+    without renewal.
+    """
+
+    name: str | None = None
+    lease_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class RetentionPolicy:
     """The retention job (:mod:`engine.manage.retention`).
 
@@ -245,6 +257,7 @@ class SiteConfig:
     log_level: str = "INFO"
     log_file: LogFile = field(default_factory=LogFile)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     deidentification: DeidSettings = field(default_factory=DeidSettings)
     status_http: StatusHttp = field(default_factory=StatusHttp)

@@ -3,7 +3,8 @@
 Each beat C-ECHOes our own Storage SCP (a real association over the socket peers use), measures
 the free disk of the data folder, counts the queues (pipeline runs, transfers, held quarantine
 items) and finds the last receipt and the last delivery per project. The result goes to three
-places: a row in the index's ``heartbeats`` table (the last ``heartbeat.keep`` are kept), the
+places: a row in the index's ``heartbeats`` table (the last ``heartbeat.keep`` are kept, each
+naming the node that took it; the node's row in ``nodes`` gets its ``last_heartbeat``), the
 status file ``<data_dir>/status.json`` (written atomically, with the scheduler's jobs and their
 next run times) and, when ``heartbeat.url`` is set, an HTTP POST. Nothing here raises into the
 scheduler: a failed echo is a recorded result, a failed POST a log line.
@@ -29,6 +30,7 @@ from engine.config.model import SiteConfig
 from engine.store.activity import project_last_times
 from engine.store.fsio import write_durable
 from engine.store.index import Index
+from engine.store.nodes import Node, NodeStore, this_node
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +177,19 @@ def project_activity(index: Index) -> dict[str, dict[str, str | None]]:
 
 
 def beat(
-    site: SiteConfig, index: Index, now: float | None = None, echo: EchoResult | None = None
+    site: SiteConfig,
+    index: Index,
+    now: float | None = None,
+    echo: EchoResult | None = None,
+    node: Node | None = None,
 ) -> dict[str, Any]:
-    """Take one heartbeat and record it in the index (pruned to ``heartbeat.keep`` rows).
+    """Take one heartbeat of ``node`` (default: this process's) and record it in the index
+    (pruned to ``heartbeat.keep`` rows).
 
     ``echo`` replaces the C-ECHO (tests); the report is returned.
     """
     now = time.time() if now is None else now
+    node = this_node() if node is None else node
     result = echo_self(site) if echo is None else echo
     if not result.ok:
         log.error("heartbeat: our own SCP did not answer C-ECHO: %s", result.detail)
@@ -190,6 +198,7 @@ def beat(
     disk = disk_usage(site.data_dir)
     report = {
         "at": iso(now),
+        "node": node.id,
         "echo": asdict(result),
         "disk": asdict(disk),
         "queues": queue_depths(index),
@@ -197,8 +206,8 @@ def beat(
     }
     with index.transaction() as db:
         db.execute(
-            "INSERT INTO heartbeats(at, echo_ok, echo_detail, free_bytes, total_bytes, report)"
-            " VALUES (?,?,?,?,?,?)",
+            "INSERT INTO heartbeats(at, echo_ok, echo_detail, free_bytes, total_bytes, report,"
+            " node) VALUES (?,?,?,?,?,?,?)",
             (
                 now,
                 int(result.ok),
@@ -206,12 +215,14 @@ def beat(
                 disk.free_bytes,
                 disk.total_bytes,
                 json.dumps(report, sort_keys=True),
+                node.id,
             ),
         )
         db.execute(
             "DELETE FROM heartbeats WHERE id <= (SELECT max(id) FROM heartbeats) - ?",
             (site.heartbeat.keep,),
         )
+    NodeStore(index).beat(node, now)
     return report
 
 

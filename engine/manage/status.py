@@ -6,11 +6,13 @@ behind a heartbeat): counts from the index, free disk from the file system, inva
 files from the projects folder, whether the service runs from ``<data_dir>/serve.pid``
 (:mod:`engine.manage.pidfile`), the last heartbeat from the index and the scheduled jobs from the
 status file ``<data_dir>/status.json``; instances received and sent per hour over the last day
-(:mod:`engine.store.activity`).
+(:mod:`engine.store.activity`); the nodes sharing the index, their heartbeats and what each
+holds (:mod:`engine.manage.status_nodes`).
 
 Two separate verdicts:
 
-* **healthy**: the service works: a ``fiona serve`` process serves this data folder, its last
+* **healthy**: the service works: a ``fiona serve`` process serves this data folder (its pid
+  file names a live one, or a node of the cluster is running), its last
   heartbeat is younger than ``STALE_BEATS`` intervals and its C-ECHO of our own SCP succeeded,
   and the data folder has at least ``limits.min_free_disk_mb`` free (below it C-STOREs are
   refused). Each failed check is one line in ``problems``.
@@ -35,7 +37,8 @@ from typing import Any
 from engine.config.model import SiteConfig
 from engine.manage.attention import attention, quarantine_summary
 from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso
-from engine.manage.pidfile import serve_process
+from engine.manage.pidfile import ServeProcess, serve_process
+from engine.manage.status_nodes import node_lines, node_rows
 from engine.store.activity import hourly_activity, project_counts, project_last_times
 from engine.store.commands import run_with_index
 from engine.store.index import Index
@@ -113,10 +116,14 @@ def _last_heartbeat(index: Index, now: float) -> dict[str, Any] | None:
     }
 
 
-def _service(data_dir: Path) -> dict[str, Any]:
-    """Whether ``fiona serve`` runs (its pid file names a live ``fiona serve`` process) and,
-    when it does, its jobs from the status file."""
+def _service(data_dir: Path, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether ``fiona serve`` runs (its pid file names a live ``fiona serve`` process, or a
+    node sharing the index runs: several nodes share one data folder, and the pid file names
+    the last one started) and, when it does, its jobs from the status file."""
     process = serve_process(data_dir)
+    running = [n for n in nodes if n["state"] == "running"]
+    if not process.running and running:
+        process = ServeProcess(True, running[0]["pid"])
     jobs: list[dict[str, Any]] = []
     written = None
     if process.running:
@@ -179,7 +186,8 @@ def _problems(
 def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> dict[str, Any]:
     """The whole status as JSON-ready data (``fiona status --json`` and ``GET /status.json``)."""
     now = time.time() if now is None else now
-    service = _service(site.data_dir)
+    nodes = node_rows(index, site.heartbeat.interval, STALE_BEATS, now)
+    service = _service(site.data_dir, nodes)
     heartbeat = _last_heartbeat(index, now)
     disk = _disk(site)
     problems = _problems(site, service, heartbeat, disk)
@@ -193,6 +201,7 @@ def collect_status(site: SiteConfig, index: Index, now: float | None = None) -> 
         "ae_title": site.ae_title,
         "heartbeat_interval_seconds": site.heartbeat.interval,
         "service": service,
+        "nodes": nodes,
         "heartbeat": heartbeat,
         "disk": disk,
         "quarantine": {k: v for k, v in quarantine.items() if k != "groups"},
@@ -313,6 +322,7 @@ def render_text(status: dict[str, Any]) -> str:
         steps = ", ".join(f"{n} {state.lower()}" for state, n in mpps.items())
         lines.append(f"mpps        procedure steps of the last 24 h: {steps}")
     lines += _attention_lines(status)
+    lines += node_lines(status.get("nodes") or [])
     lines += ["", *_project_lines(status)]
     jobs = status["service"]["jobs"]
     if jobs:

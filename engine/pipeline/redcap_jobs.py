@@ -12,7 +12,7 @@ logged and tried again at the next tick); APScheduler never sees an exception.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def add_redcap_jobs(
-    scheduler: Any, index: Index, data_dir: Path, projects: Sequence[ProjectConfig]
+    scheduler: Any,
+    index: Index,
+    data_dir: Path,
+    projects: Sequence[ProjectConfig],
+    wrap: Callable[[str, Any], Any] | None = None,
 ) -> list[str]:
     """Add the jobs ``projects`` need to an APScheduler ``scheduler``; their ids.
 
     Called again when project files change: the jobs are replaced, and one no project needs
-    any more is removed."""
+    any more is removed. ``wrap(job_id, job)`` (``fiona serve``: once per cluster) is what is
+    scheduled instead of each job; it keeps the job's ``interval``."""
     for job_id in JOB_IDS:
         if scheduler.get_job(job_id) is not None:
             scheduler.remove_job(job_id)
@@ -55,6 +60,8 @@ def add_redcap_jobs(
     for job_id, name, job in jobs:
         if job is None:
             continue
+        if wrap is not None:
+            job = wrap(job_id, job)
         scheduler.add_job(
             job,
             "interval",

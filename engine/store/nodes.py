@@ -105,8 +105,10 @@ class NodeStore:
         now = time.time() if now is None else now
         with self.index.transaction() as db:
             db.execute(
-                "UPDATE nodes SET last_heartbeat = ?, stopped_at = NULL WHERE id = ?",
-                (now, node.id),
+                "INSERT INTO nodes(id, host, pid, started_at, last_heartbeat) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat,"
+                " stopped_at = NULL",
+                (node.id, node.host, node.pid, now, now),
             )
             held = " AND ".join(
                 f"NOT EXISTS (SELECT 1 FROM {t} WHERE claimed_by = nodes.id)" for t in HELD
