@@ -36,7 +36,7 @@ def node_rows(index: Index, interval: float, stale_beats: int, now: float) -> li
     (leased runs, transfers, retrieval rows) and jobs (the once-per-cluster jobs it runs)."""
     here = socket.gethostname()
     out = []
-    for n in NodeStore(index).nodes(now):
+    for n in NodeStore(index).nodes():
         age = now - n["last_heartbeat"]
         if n["stopped_at"] is not None:
             state = "stopped"

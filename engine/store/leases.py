@@ -122,10 +122,16 @@ class Leases:
         with self._lock:
             return key in self._lost
 
+    def _claimed(self, key: Any) -> bool:
+        """Whether this node claimed the row: it holds it, or held it and lost it."""
+        with self._lock:
+            return key in self._held or key in self._lost
+
     def guard(self, key: Any) -> tuple[str, tuple[Any, ...]]:
-        """The condition (and its value) an outcome's write adds for a row this node holds:
-        ``AND claimed_by = ?``; nothing for a row it does not hold (an operator's change)."""
-        if self.holds(key):
+        """The condition (and its value) an outcome's write adds for a row this node claimed
+        (holds, or lost): ``AND claimed_by = ?``; nothing for a row it never claimed (an
+        operator's change)."""
+        if self._claimed(key):
             return " AND claimed_by = ?", (self.node.id,)
         return "", ()
 
@@ -133,7 +139,7 @@ class Leases:
         """After a guarded write on ``db`` (in its transaction, which the exception rolls
         back): raise :class:`LeaseLost` when it changed nothing because the row is held by
         another node now (or released by one that took it over)."""
-        if rowcount == 0 and self.holds(key):
+        if rowcount == 0 and self._claimed(key):
             row = db.execute(
                 f"SELECT claimed_by FROM {self.table} WHERE {self.key} = ?", (key,)
             ).fetchone()

@@ -130,11 +130,11 @@ class NodeStore:
                     (node.id,),
                 )
 
-    def nodes(self, now: float | None = None) -> list[dict[str, Any]]:
+    def nodes(self) -> list[dict[str, Any]]:
         """Every node: id, host, pid, version, started_at, last_heartbeat, stopped_at (epoch
-        seconds or None) and ``holds``: its leased runs, transfers and retrieval rows, and the
-        once-per-cluster jobs (``locks``) it runs, with leases not run out at ``now``."""
-        now = time.time() if now is None else now
+        seconds or None), ``holds``: the runs, transfers and retrieval rows it claimed (a dead
+        node's until another takes them over), and ``jobs``: the once-per-cluster jobs (locks)
+        it runs."""
         with self.index.reading() as db:
             rows = db.execute(
                 "SELECT id, host, pid, version, started_at, last_heartbeat, stopped_at"
@@ -144,15 +144,12 @@ class NodeStore:
             for table, word in HELD.items():
                 for holder, n in db.execute(
                     f"SELECT claimed_by, count(*) FROM {table} WHERE claimed_by IS NOT NULL"
-                    " AND lease_until >= ? GROUP BY claimed_by",
-                    (now,),
+                    " GROUP BY claimed_by"
                 ):
                     counts.setdefault(str(holder), {})[word] = int(n)
             locks: dict[str, list[str]] = {}
             for name, holder in db.execute(
-                "SELECT name, claimed_by FROM locks WHERE claimed_by IS NOT NULL"
-                " AND lease_until >= ? ORDER BY name",
-                (now,),
+                "SELECT name, claimed_by FROM locks WHERE claimed_by IS NOT NULL ORDER BY name"
             ):
                 locks.setdefault(str(holder), []).append(str(name))
         out = []

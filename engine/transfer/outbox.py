@@ -384,7 +384,7 @@ class Outbox:
     def _check_held(self, db: sqlite3.Connection, transfer_id: int) -> None:
         """Raise :class:`~engine.store.leases.LeaseLost` (in ``db``'s transaction, so nothing
         is written) when this node claimed the transfer and another node holds it now."""
-        if self.leases.holds(transfer_id):
+        if self.leases.guard(transfer_id)[0]:
             row = db.execute(
                 "SELECT 1 FROM transfers WHERE id = ? AND claimed_by = ?",
                 (transfer_id, self.leases.node.id),
