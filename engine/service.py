@@ -26,7 +26,7 @@ from engine.store.archive import Archive
 from engine.store.audit import AuditLog
 from engine.store.commands import load_site_or_exit
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
-from engine.store.leases import ClusterLocks, OncePerCluster
+from engine.store.leases import ClusterLocks, OncePerCluster, Renewer
 from engine.store.nodes import Node, NodeStore, node_id, set_this_node
 from engine.store.quarantine import Quarantine
 from engine.store.quarantine_policy import Holder, policies_of
@@ -467,6 +467,7 @@ def run_serve(args: argparse.Namespace) -> int:
     remove_pid_file(site.data_dir)
     outbox.worker.close()
     write_pending_summaries(store.index, site.data_dir, 0.0)
+    Renewer.shared().stop()
     NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
     store.close()
     return 0

@@ -247,6 +247,12 @@ class Renewer:
             leases = [w.node.lease_seconds for w in self._watched]
         return max(0.1, min(leases, default=60.0) / 3)
 
+    def stop(self) -> None:
+        """Renew nothing any more (``fiona serve`` at a clean stop, before it releases what it
+        holds and closes the index)."""
+        with self._lock:
+            self._watched = weakref.WeakSet()
+
     def renew_all(self) -> None:
         with self._lock:
             watched = list(self._watched)
