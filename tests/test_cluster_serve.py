@@ -9,6 +9,7 @@ delivery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -198,3 +199,31 @@ def test_a_node_killed_mid_transfer_is_taken_over_after_its_lease(
     found = re.search(r"transfer \d+: (\d+) instances to multi/share", survivor.log_text())
     assert found is not None and int(found.group(1)) <= len(files) - before
     assert "Traceback" not in survivor.log_text()
+
+
+def test_a_node_name_in_use_by_a_running_node_is_refused(tmp_path: Path) -> None:
+    """``node.name`` must be unique: a second process under a running node's name stops at
+    start with one message (two nodes with one name would renew each other's leases); once
+    the first stopped, a node may start under it again."""
+    data, projects = tmp_path / "data", tmp_path / "projects"
+    projects.mkdir()
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"node": {"name": "mri-1"}}))
+    first = FionaServer(data, projects, config=site).start()
+    try:
+        second = FionaServer(data, projects, config=site)
+        with contextlib.suppress(RuntimeError):  # it exits before listening, as it should
+            second.start()
+        assert second.proc is not None
+        assert second.proc.wait(timeout=30) == 2
+        assert "node name mri-1 is in use by a running node" in second.log_text()
+        assert "Traceback" not in second.log_text()
+    finally:
+        first.stop()
+    again = FionaServer(data, projects, config=site).start()
+    try:
+        assert again.alive()
+        rows = _index(data, "SELECT id, pid, stopped_at FROM nodes")
+        assert rows == [("mri-1", again.proc.pid if again.proc else 0, None)]
+    finally:
+        again.stop()
