@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.config.model import SiteConfig
+from engine.manage.metrics import render
 from engine.manage.status_nodes import node_lines, node_rows
 from engine.pipeline.outcome import Done
 from engine.pipeline.store import RunState, RunStore
@@ -292,7 +294,12 @@ def test_nodes_are_listed_with_heartbeat_holds_and_stale_ones_flagged(
     assert rows["b"]["jobs"] == ["tracker"]
     text = "\n".join(node_lines(list(rows.values())))
     assert "STALE" in text and "runs 1, transfers 0" in text
+    body, _ = render(SiteConfig(data_dir=a.index.path.parent), a.index)
+    assert b'fiona_node_heartbeat_age_seconds{node="a"}' in body
+    assert b'fiona_node_heartbeat_age_seconds{node="b"}' in body
     store.stopped(a.node, now=T0 + 301)
     rows = {n["id"]: n for n in node_rows(a.index, 60.0, 3, T0 + 301)}
     assert rows["a"]["state"] == "stopped"
     assert rows["a"]["holds"]["runs"] == 0  # released by the clean stop
+    body, _ = render(SiteConfig(data_dir=a.index.path.parent), a.index)
+    assert b'node="a"' not in body  # a clean stop is no alert

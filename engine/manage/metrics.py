@@ -28,6 +28,7 @@ from engine.config.model import SiteConfig
 from engine.manage.attention import attention
 from engine.manage.heartbeat import disk_usage
 from engine.store.index import Index
+from engine.store.nodes import NodeStore
 from engine.store.quarantine import Reason
 
 __all__ = ["IndexCollector", "render"]
@@ -66,6 +67,22 @@ class IndexCollector(Collector):
         yield from self._from_index()
         yield from self._attention()
         yield from self._disk()
+        yield from self._nodes()
+
+    def _nodes(self) -> Iterator[Metric]:
+        """Each node's heartbeat age (nodes stopped cleanly are left out): an alert on it
+        finds a node of the cluster that died while the others run on."""
+        now = time.time()
+        yield _gauge(
+            "fiona_node_heartbeat_age_seconds",
+            "Seconds since each running node's last heartbeat",
+            ["node"],
+            [
+                (n["id"], now - n["last_heartbeat"])
+                for n in NodeStore(self.index).nodes()
+                if n["stopped_at"] is None
+            ],
+        )
 
     def _from_index(self) -> Iterator[Metric]:
         now = time.time()
