@@ -74,9 +74,9 @@ class Workflow:
         """One pass: route, label and complete; then run what is runnable."""
         now = time.time() if now is None else now
         try:
-            if self.locks is None or self.locks.acquire("tracker"):
+            if self.locks is None:
                 self.tracker.scan(now)
-            else:
+            elif not self.locks.run("tracker", lambda: self.tracker.scan(now)):
                 log.debug("tracker: another node runs it; skipped")
         except Exception:
             log.exception("routing and completeness scan failed; retrying next scan")

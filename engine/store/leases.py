@@ -154,6 +154,11 @@ class Leases:
             f" WHERE {self.key} = ? AND claimed_by = ?"
         )
 
+    def forget(self, key: Any) -> None:
+        """Stop renewing the row's lease without releasing it (it runs out unless taken
+        again)."""
+        self._forget(key, lost=False)
+
     def released(self, key: Any) -> None:
         """The row was released (by :meth:`release_sql` in the caller's transaction)."""
         self._forget(key, lost=False)
@@ -274,11 +279,13 @@ class Renewer:
 class ClusterLocks:
     """Once-per-cluster jobs: the row ``locks.name`` says which node runs the job.
 
-    A node that takes a lock keeps it while it lives (its :class:`Renewer` renews it), so the
-    job runs on that node's schedule only; when the node stops (released) or dies (its lease
-    runs out), the next node whose tick comes takes it. A row lock in the index works on both
-    engines; :func:`_engine_lock` is where an engine's own lock (PostgreSQL's
-    ``pg_try_advisory_lock``) would be taken in addition.
+    A node that takes a lock keeps it from tick to tick (each tick takes it for another lease;
+    while the job runs, its :class:`Renewer` renews it), so a job ticking more often than the
+    lease runs on that node's schedule only; when the node stops (released), dies, or no longer
+    schedules the job (its lease runs out), the next node whose tick comes takes it. A job that
+    ticks less often than the lease (retention) may change nodes between ticks. A row lock in
+    the index works on both engines; :func:`_engine_lock` is where an engine's own lock
+    (PostgreSQL's ``pg_try_advisory_lock``) would be taken in addition.
     """
 
     def __init__(
@@ -305,10 +312,19 @@ class ClusterLocks:
                 (name, self.node.id, leases.until(), now, now),
             )
             row = db.execute("SELECT claimed_by FROM locks WHERE name = ?", (name,)).fetchone()
-        mine = row is not None and row[0] == self.node.id
-        if mine:
-            leases.took([name])
-        return mine
+        return row is not None and row[0] == self.node.id
+
+    def run(self, name: str, job: Callable[[], object]) -> bool:
+        """Run ``job`` when this node gets the lock ``name`` (renewed while the job runs, kept
+        after it); False when another node holds it."""
+        if not self.acquire(name):
+            return False
+        self.leases.took([name])
+        try:
+            job()
+        finally:
+            self.leases.forget(name)
+        return True
 
     def release_all(self) -> None:
         """At a clean stop: every lock this node holds is free for the other nodes."""
@@ -359,4 +375,8 @@ class OncePerCluster:
         if not mine:
             log.debug("job %s: another node runs it; skipped", self.name)
             return
-        self.job()
+        self.locks.leases.took([self.name])
+        try:
+            self.job()
+        finally:
+            self.locks.leases.forget(self.name)
