@@ -326,16 +326,6 @@ class ClusterLocks:
             self.leases.forget(name)
         return True
 
-    def release_all(self) -> None:
-        """At a clean stop: every lock this node holds is free for the other nodes."""
-        with self.leases.index.transaction() as db:
-            db.execute(
-                "UPDATE locks SET claimed_by = NULL, lease_until = NULL WHERE claimed_by = ?",
-                (self.node.id,),
-            )
-        with self.leases._lock:
-            self.leases._held.clear()
-
     def holders(self) -> dict[str, tuple[str, float]]:
         """Every lock held now: name -> (node id, lease end)."""
         with self.leases.index.reading() as db:
