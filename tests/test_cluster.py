@@ -303,3 +303,18 @@ def test_nodes_are_listed_with_heartbeat_holds_and_stale_ones_flagged(
     assert rows["a"]["holds"]["runs"] == 0  # released by the clean stop
     body, _ = render(SiteConfig(data_dir=a.index.path.parent), a.index)
     assert b'node="a"' not in body  # a clean stop is no alert
+
+
+def test_an_operator_ending_a_run_stops_the_node_working_on_it(
+    members: Callable[[str], Member],
+) -> None:
+    a, operator = members("a"), members("operator")
+    [run_id] = _runs(a, 1)
+    assert a.runs.claim_next(T0, ["p"]) is not None
+    # fiona quarantine discard (another process, which never claimed the run) ends it.
+    operator.runs.finish(run_id, RunState.FAILED, "discarded", now=T0)
+    with pytest.raises(LeaseLost):
+        a.runs.record_step(run_id, 0, "anonymize", Done("x"), now=T0)
+    record = operator.runs.get(run_id)
+    assert record is not None and record.state is RunState.FAILED
+    assert NodeStore(a.index).nodes() == []  # nothing registered, nothing held

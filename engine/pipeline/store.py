@@ -309,9 +309,10 @@ class RunStore:
     ) -> None:
         """Update a run; for a run this node holds, only while it holds it (else
         :class:`~engine.store.leases.LeaseLost`, nothing written). ``release``: the run ends,
-        this node lets go of it in the same transaction."""
+        whoever held it lets go in the same transaction (an operator's end stops the node that
+        works on it at its next write)."""
         guard, held = self.leases.guard(run_id)
-        let_go = ", claimed_by=NULL, lease_until=NULL" if release and guard else ""
+        let_go = ", claimed_by=NULL, lease_until=NULL" if release else ""
         with self.index.transaction() as db:
             cur = db.execute(
                 f"UPDATE pipeline_runs SET {assignments}{let_go}, updated_at=? WHERE id=?{guard}",
