@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -170,9 +171,16 @@ def test_a_writer_mark_tells_a_crash_from_a_clean_stop(tmp_path: Path) -> None:
     assert after_crash.sweep_needed and not after_crash.first
     assert len(after_crash.unclean) == 2
     after_crash.forget_unclean()
-    assert sorted(p.name for p in (data / RUN_DIR).iterdir()) == [str(os.getpid())]
+    assert sorted(p.name for p in (data / RUN_DIR).iterdir()) == [after_crash.path.name]
     after_crash.release()
     assert list((data / RUN_DIR).iterdir()) == []
+    # Another host's node writing to a shared data folder: its process is not visible here,
+    # so its mark is no crash (a dead pid here may be a live one there).
+    (data / RUN_DIR / f"{_dead_pid()}@another-host").write_text("7\n")
+    shared = WriterMark(data)
+    assert not shared.sweep_needed
+    assert shared.path.name == f"{os.getpid()}@{socket.gethostname()}"
+    shared.release()
 
 
 def _acknowledged(output: str, files: list[Path]) -> list[Path]:

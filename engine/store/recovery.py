@@ -24,10 +24,13 @@ then looks again.
 The walk reads every folder of the archive and the index of every series, which takes minutes
 on a large archive, so it runs only when some writer did not stop cleanly. Each process that
 writes to the data folder (``fiona serve``, ``fiona ingest``, ``fiona quarantine release``)
-holds a :class:`WriterMark`, a file ``run/<pid>`` naming its process (pid and start time), made
-before it writes anything and removed when it stops cleanly. A mark whose process is gone is
-a crash: the next start sweeps, then removes the dead marks. A folder without ``run/`` (made
-by a version before the marks) is swept once; ``fiona serve --sweep`` forces a sweep.
+holds a :class:`WriterMark`, a file ``run/<pid>@<host>`` naming its process (pid and start
+time), made before it writes anything and removed when it stops cleanly. A mark whose process is
+gone is a crash: the next start sweeps, then removes the dead marks. A data folder shared by
+nodes on several hosts (README, "Several nodes") holds marks of other hosts, whose processes
+this host cannot see: they never count as crashes here (their own host's next start does). A
+folder without ``run/`` (made by a version before the marks) is swept once; ``fiona serve
+--sweep`` forces a sweep.
 
 Only file counts are logged, never names (they are UIDs).
 """
@@ -38,6 +41,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +87,13 @@ def _start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
+def _mark_name(pid: int) -> str:
+    """A writer mark's file name: ``<pid>@<host>``."""
+    return f"{pid}@{socket.gethostname()}"
+
+
 class WriterMark:
-    """This process's mark ``run/<pid>`` in a data folder (see the module doc).
+    """This process's mark ``run/<pid>@<host>`` in a data folder (see the module doc).
 
     ``unclean`` lists the marks of writers gone without a clean stop, found when the mark was
     made; ``first`` is true when the folder had no ``run/`` yet (an older version's folder, or
@@ -97,7 +106,7 @@ class WriterMark:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         own = os.getpid()
         self.unclean = [m for m in self.run_dir.iterdir() if _dead_mark(m)]
-        self.path = self.run_dir / str(own)
+        self.path = self.run_dir / _mark_name(own)
         write_durable(self.path, f"{_start_time(own)}\n".encode(), mode=0o644)
         self._open = True
 
@@ -125,11 +134,13 @@ class WriterMark:
 
 
 def _dead_mark(mark: Path) -> bool:
-    """Whether ``mark`` (``run/<pid>``) names a process that is gone: none runs under its
-    pid, or the one that does started at another time (the pid was reused, ours included)."""
-    if not mark.name.isdigit():
+    """Whether ``mark`` (``run/<pid>@<host>``, or ``run/<pid>`` of an older version) names a
+    process of this host that is gone: none runs under its pid, or the one that does started
+    at another time (the pid was reused, ours included). Another host's mark: never."""
+    number, _, host = mark.name.partition("@")
+    if not number.isdigit() or (host and host != socket.gethostname()):
         return False
-    pid = int(mark.name)
+    pid = int(number)
     if not _running(pid):
         return True
     try:
