@@ -318,3 +318,15 @@ def test_an_operator_ending_a_run_stops_the_node_working_on_it(
     record = operator.runs.get(run_id)
     assert record is not None and record.state is RunState.FAILED
     assert NodeStore(a.index).nodes() == []  # nothing registered, nothing held
+
+
+def test_the_claims_pass_over_locked_rows_on_postgresql_only() -> None:
+    import sqlite3
+
+    from engine.store.leases import skip_locked
+
+    class PgConnection:  # what a psycopg connection adapter names itself
+        dialect = "postgresql"
+
+    assert skip_locked(sqlite3.connect(":memory:")) == ""
+    assert skip_locked(PgConnection()) == " FOR UPDATE SKIP LOCKED"

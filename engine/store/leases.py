@@ -61,10 +61,18 @@ def claimable(alias: str = "") -> str:
 
 
 def skip_locked(db: Any) -> str:
-    """What a claim's sub-select ends with on this engine: ``FOR UPDATE SKIP LOCKED`` on
-    PostgreSQL (rows another node's claim is locking are passed over, not waited for), nothing
-    on SQLite, where ``BEGIN IMMEDIATE`` already serialises the claims."""
-    return "" if isinstance(db, sqlite3.Connection) else " FOR UPDATE SKIP LOCKED"
+    """What a claim's sub-select ends with on the engine of connection ``db``: ``FOR UPDATE
+    SKIP LOCKED`` on PostgreSQL (rows another node's claim is locking are passed over, not
+    waited for), nothing on SQLite, where ``BEGIN IMMEDIATE`` already serialises the claims.
+
+    The engine is the connection's ``dialect`` attribute when it has one, else the package of
+    its class (``psycopg``, ``sqlite3``). Without the clause a claim is still safe on
+    PostgreSQL (every claim re-checks "nobody holds it" on the row it locks): concurrent
+    claims then wait for each other instead of passing over."""
+    if isinstance(db, sqlite3.Connection):
+        return ""
+    engine = str(getattr(db, "dialect", "") or type(db).__module__)
+    return " FOR UPDATE SKIP LOCKED" if engine.startswith(("postgres", "psycopg")) else ""
 
 
 def _marks(n: int) -> str:
