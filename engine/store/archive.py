@@ -176,6 +176,11 @@ class Archive:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raise
+        if added.duplicate:
+            # Another receiver (a second fiona on the port) indexed this UID meanwhile: the
+            # file at its path is the instance; ours is kept, the sender is answered Success.
+            log.info("instance indexed meanwhile by another receiver: treated as a duplicate")
+            return StoreOutcome("duplicate", Status.SUCCESS)
         if added.new_study:
             self._make_views(header)
         return StoreOutcome("stored", Status.SUCCESS)

@@ -1,0 +1,216 @@
+"""Group commit: adds from concurrent associations share one index transaction.
+
+The queue (:class:`engine.store.group_commit.GroupCommit`) is tested with a batch function the
+test holds, so which items share a batch is decided by the test, not by timing; the index's
+add path (:class:`engine.store.index.SqliteIndex`) over a real SQLite file, with its lock held
+by the test while the adds queue up.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from engine.dicom.header import InstanceHeader, parse_header
+from engine.store.group_commit import GroupCommit
+from engine.store.index import AddResult, Origin, SqliteIndex
+from tests import synth
+
+ORIGIN = Origin(via="dimse", calling_ae="SCANNER", called_ae="FIONA", peer_ip="127.0.0.1")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+class HeldBatches:
+    """A batch function whose first call blocks until released; records every batch."""
+
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.fail = fail or set()
+
+    def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            assert self.release.wait(10)
+        return [ValueError(f"item {i}") if i in self.fail else i * 10 for i in items]
+
+
+def submit_in_threads(
+    queue: GroupCommit[int, int], items: Sequence[int], results: dict[int, Any]
+) -> list[threading.Thread]:
+    def run(item: int) -> None:
+        try:
+            results[item] = queue.submit(item)
+        except Exception as exc:
+            results[item] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in items]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_a_lone_submit_commits_at_once_in_its_own_batch() -> None:
+    batches: list[list[int]] = []
+
+    def batch(items: Sequence[int]) -> list[int | BaseException]:
+        batches.append(list(items))
+        return [i + 1 for i in items]
+
+    queue: GroupCommit[int, int] = GroupCommit(batch)
+    assert [queue.submit(i) for i in (1, 2, 3)] == [2, 3, 4]
+    assert batches == [[1], [2], [3]]
+
+
+def test_items_submitted_during_a_commit_share_the_next_batch_and_each_gets_its_result() -> None:
+    held = HeldBatches()
+    queue: GroupCommit[int, int] = GroupCommit(held)
+    results: dict[int, Any] = {}
+    threads = submit_in_threads(queue, [1], results)
+    wait_until(lambda: len(held.batches) == 1)  # item 1 is being committed, alone
+    threads += submit_in_threads(queue, [2, 3, 4, 5], results)
+    wait_until(lambda: queue.pending == 4)
+    held.release.set()
+    for t in threads:
+        t.join(10)
+    assert held.batches[0] == [1]
+    assert sorted(held.batches[1]) == [2, 3, 4, 5]  # one batch: one commit for four adds
+    assert len(held.batches) == 2 and queue.batches == 2
+    assert results == {1: 10, 2: 20, 3: 30, 4: 40, 5: 50}
+
+
+def test_a_failing_item_fails_alone() -> None:
+    held = HeldBatches(fail={3})
+    queue: GroupCommit[int, int] = GroupCommit(held)
+    results: dict[int, Any] = {}
+    threads = submit_in_threads(queue, [1], results)
+    wait_until(lambda: len(held.batches) == 1)
+    threads += submit_in_threads(queue, [2, 3, 4], results)
+    wait_until(lambda: queue.pending == 3)
+    held.release.set()
+    for t in threads:
+        t.join(10)
+    assert isinstance(results[3], ValueError) and str(results[3]) == "item 3"
+    assert {k: v for k, v in results.items() if k != 3} == {1: 10, 2: 20, 4: 40}
+
+
+def test_the_queue_is_bounded_and_a_full_queue_holds_the_submitters_back() -> None:
+    held = HeldBatches()
+    queue: GroupCommit[int, int] = GroupCommit(held, max_pending=2, max_batch=2)
+    results: dict[int, Any] = {}
+    threads = submit_in_threads(queue, [1], results)
+    wait_until(lambda: len(held.batches) == 1)
+    threads += submit_in_threads(queue, [2, 3, 4, 5, 6], results)
+    wait_until(lambda: queue.pending == 2)
+    time.sleep(0.2)  # the other three submitters are blocked, not queued
+    assert queue.pending == 2
+    held.release.set()
+    for t in threads:
+        t.join(10)
+    assert results == {i: i * 10 for i in range(1, 7)}
+    assert all(len(b) <= 2 for b in held.batches)
+    assert sorted(i for b in held.batches for i in b) == [1, 2, 3, 4, 5, 6]
+
+
+# -- the index's add path ------------------------------------------------------------------
+
+
+@pytest.fixture
+def headers() -> list[InstanceHeader]:
+    spec = synth.make_study_spec(11)
+    datasets = synth.make_study(spec, [synth.MR_SERIES["t2_tse"]], size=8)
+    return [parse_header(part10(ds)) for ds in datasets[:6]]
+
+
+def part10(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def add_in_threads(
+    index: SqliteIndex, headers: Sequence[InstanceHeader], results: dict[str, Any]
+) -> list[threading.Thread]:
+    def run(h: InstanceHeader) -> None:
+        try:
+            path = f"archive/{h.sop_instance_uid}.dcm"
+            results[h.sop_instance_uid] = index.add_instance(h, path, 1, ORIGIN)
+        except Exception as exc:
+            results[h.sop_instance_uid] = exc
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in headers]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def indexed(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
+    finally:
+        db.close()
+
+
+def test_concurrent_adds_share_one_transaction_and_a_bad_row_fails_only_itself(
+    tmp_path: Path, headers: list[InstanceHeader]
+) -> None:
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    first, *rest = headers
+    # A row that cannot be written: its attributes are not JSON (json.dumps raises).
+    bad = replace(rest[1], attrs={"x": object()})
+    rest[1] = bad
+    results: dict[str, Any] = {}
+    with index.reading():  # the test holds the connection: the first add waits, the rest queue
+        threads = add_in_threads(index, [first], results)
+        wait_until(lambda: index.adds.pending == 0 and index.adds.batches == 1)
+        threads += add_in_threads(index, rest, results)
+        wait_until(lambda: index.adds.pending == len(rest))
+    for t in threads:
+        t.join(10)
+    assert index.adds.batches == 2  # the first alone, then every waiting add in one batch
+    assert isinstance(results[bad.sop_instance_uid], TypeError)
+    good = [h.sop_instance_uid for h in [first, *rest] if h is not bad]
+    assert all(isinstance(results[uid], AddResult) for uid in good), results
+    assert results[first.sop_instance_uid] == AddResult(new_study=True, new_series=True)
+    assert all(not results[uid].new_study for uid in good[1:])
+    assert indexed(tmp_path / "index.sqlite") == set(good)
+    index.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    (n_study,) = db.execute("SELECT n_instances FROM studies").fetchone()
+    (n_series,) = db.execute("SELECT n_instances FROM series").fetchone()
+    db.close()
+    assert n_study == n_series == len(good)  # the failed row's counts were rolled back
+
+
+def test_an_instance_indexed_meanwhile_by_another_process_is_a_duplicate_not_an_error(
+    tmp_path: Path, headers: list[InstanceHeader]
+) -> None:
+    one = SqliteIndex(tmp_path / "index.sqlite")
+    two = SqliteIndex(tmp_path / "index.sqlite")  # a second receiver on the same index
+    h = headers[0]
+    assert one.add_instance(h, "archive/a.dcm", 1, ORIGIN) == AddResult(True, True)
+    assert two.add_instance(h, "archive/a.dcm", 1, ORIGIN) == AddResult(False, False, True)
+    # The other receiver's study and series rows are counted in, not inserted again.
+    assert two.add_instance(headers[1], "archive/b.dcm", 1, ORIGIN) == AddResult(False, False)
+    counts = two.counts()
+    assert counts["studies"] == 1 and counts["series"] == 1 and counts["instances"] == 2
+    with two.reading() as db:
+        assert db.execute("SELECT n_instances FROM studies").fetchone()[0] == 2
+    one.close()
+    two.close()
