@@ -110,7 +110,8 @@ class FionaServer:
         if self.web_port is not None:
             args += ["--web-port", str(self.web_port)]
         args += self.extra_args
-        self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
+        if self.log_path is None:  # two servers on one port and data dir set their own
+            self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, timeout, self.proc)
