@@ -47,8 +47,9 @@ class GroupCommit(Generic[T, R]):
     """Runs ``batch`` over items submitted by many threads, one batch at a time.
 
     ``max_pending``: items queued at most (submitters beyond it wait for room);
-    ``max_batch``: items per call of ``batch`` at most. ``batches`` counts the calls, for
-    tests and the benchmark (items / batches is the mean batch size).
+    ``max_batch``: items per call of ``batch`` at most (1: every item alone, no grouping).
+    ``batches`` counts the calls and ``items`` the items, for tests, the log and the
+    benchmark (items / batches is the mean batch size).
     """
 
     def __init__(
@@ -62,7 +63,7 @@ class GroupCommit(Generic[T, R]):
             raise ValueError("max_pending and max_batch must be at least 1")
         self._batch = batch
         self._max_pending = max_pending
-        self._max_batch = max_batch
+        self.max_batch = max_batch
         self._queue: deque[_Waiter[T, R]] = deque()
         self._room = threading.Condition()
         self._leading = False
@@ -96,7 +97,7 @@ class GroupCommit(Generic[T, R]):
     def _lead(self) -> None:
         """Take the waiting items, commit them as one batch, release each, pass the lead on."""
         with self._room:
-            n = min(len(self._queue), self._max_batch)
+            n = min(len(self._queue), self.max_batch)
             taken = [self._queue.popleft() for _ in range(n)]
             self._room.notify_all()
         try:

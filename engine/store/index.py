@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any, NamedTuple, Protocol
 
 from engine.dicom.header import InstanceHeader
 from engine.store.group_commit import GroupCommit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -686,6 +689,12 @@ class SqliteIndex:
             yield self._db
 
     def close(self) -> None:
+        if self.adds.items:
+            log.info(
+                "index: %d instances added in %d transactions (group commit)",
+                self.adds.items,
+                self.adds.batches,
+            )
         with self._lock:
             self._db.close()
 
