@@ -214,3 +214,27 @@ def test_an_instance_indexed_meanwhile_by_another_process_is_a_duplicate_not_an_
         assert db.execute("SELECT n_instances FROM studies").fetchone()[0] == 2
     one.close()
     two.close()
+
+
+def test_a_receiver_losing_the_race_for_one_uid_answers_success_and_keeps_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two receivers (two processes on one port) get the same instance at once: both look it
+    up before either commits. The second to commit finds the row there: a duplicate, answered
+    Success, and the archived file (at the path both wrote) stays."""
+    from engine.store.archive import Archive, Status
+
+    ds = synth.make_study(synth.make_study_spec(3), [synth.MR_SERIES["t2_tse"]], size=8)[0]
+    blob = part10(ds)
+    first = Archive(tmp_path, SqliteIndex(tmp_path / "index.sqlite"))
+    second = Archive(tmp_path, SqliteIndex(tmp_path / "index.sqlite"))
+    assert first.receive(blob, ORIGIN).action == "stored"
+    # The second receiver's look-up ran before the first one's commit.
+    monkeypatch.setattr(second.index, "find_instance", lambda uid: None)
+    outcome = second.receive(blob, ORIGIN)
+    assert (outcome.action, outcome.status) == ("duplicate", Status.SUCCESS)
+    stored = first.index.find_instance(str(ds.SOPInstanceUID))
+    assert stored is not None and (tmp_path / stored.path).read_bytes() == blob
+    assert first.index.counts()["instances"] == 1
+    with first.index.reading() as db:
+        assert db.execute("SELECT n_instances FROM series").fetchone()[0] == 1

@@ -279,7 +279,8 @@ def _symlink(link: Path, target: Path) -> None:
     if link.is_symlink():
         return
     ensure_dir(link.parent)
-    os.symlink(target, link)
+    with contextlib.suppress(FileExistsError):  # made meanwhile by another receiver process
+        os.symlink(target, link)
 
 
 def _os_error_text(exc: OSError) -> str:
