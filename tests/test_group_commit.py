@@ -238,3 +238,25 @@ def test_a_receiver_losing_the_race_for_one_uid_answers_success_and_keeps_the_fi
     assert first.index.counts()["instances"] == 1
     with first.index.reading() as db:
         assert db.execute("SELECT n_instances FROM series").fetchone()[0] == 1
+
+
+def test_adds_wait_for_the_writers_lock_other_processes_hold(
+    tmp_path: Path, headers: list[InstanceHeader]
+) -> None:
+    """Receivers in other processes take turns by an flock on ``index.sqlite-writer``: while
+    another holds it, an add waits (and is committed as soon as it is released)."""
+    import fcntl
+    import os
+
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    other = os.open(tmp_path / "index.sqlite-writer", os.O_RDWR)  # another process's turn
+    fcntl.flock(other, fcntl.LOCK_EX)
+    results: dict[str, Any] = {}
+    (thread,) = add_in_threads(index, headers[:1], results)
+    thread.join(0.5)
+    assert thread.is_alive() and not results  # waiting for its turn
+    fcntl.flock(other, fcntl.LOCK_UN)
+    os.close(other)
+    thread.join(10)
+    assert isinstance(results[headers[0].sop_instance_uid], AddResult)
+    index.close()

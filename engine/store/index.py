@@ -8,9 +8,11 @@ Callers use :class:`Index` only, so a PostgreSQL implementation can be added beh
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -274,6 +276,7 @@ class SqliteIndex:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.is_file():
             raise IndexMissing(path)
+        self._writer_fd = -1
         target = _read_only_uri(path) if read_only else str(path)
         try:
             self._db = sqlite3.connect(
@@ -293,6 +296,8 @@ class SqliteIndex:
         except BaseException:
             self._db.close()
             raise
+        if not read_only:
+            self._writer_fd = _open_writer_lock(path)
 
     def _configure(self, read_only: bool, upgrade: bool) -> None:
         # The version first: an index this code must not change is left byte for byte as is.
@@ -438,7 +443,7 @@ class SqliteIndex:
     def _add_batch(self, adds: Sequence[_Add]) -> list[AddResult | BaseException]:
         """Commit ``adds`` in one transaction; when one of them fails, roll back and commit
         each alone, so only the failing one gets its error."""
-        with self._lock:
+        with self._lock, self._writer_turn():
             if len(adds) > 1:
                 together = self._add_together(adds)
                 if together is not None:
@@ -485,6 +490,22 @@ class SqliteIndex:
             self._rollback()
             raise
         return result
+
+    @contextlib.contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """This process's turn to write, among the processes adding to the index (several
+        receivers on one port): an exclusive ``flock`` on ``<index>-writer``. SQLite would
+        serialise them too, but a writer finding the database locked sleeps 1, 2, 5, 10...
+        ms before it looks again, while a commit takes well under a millisecond: the lock
+        wakes the next process as soon as the last one commits."""
+        if self._writer_fd < 0:
+            yield
+            return
+        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
 
     def _rollback(self) -> None:
         """Roll back the open transaction, if SQLite has not already (it does on some errors)."""
@@ -697,6 +718,18 @@ class SqliteIndex:
             )
         with self._lock:
             self._db.close()
+            if self._writer_fd >= 0:
+                os.close(self._writer_fd)
+                self._writer_fd = -1
+
+
+def _open_writer_lock(path: Path) -> int:
+    """The descriptor of the writers' lock file beside the index (``-1`` when it cannot be
+    opened: the adds then rely on SQLite's own locking alone)."""
+    try:
+        return os.open(f"{path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError:
+        return -1
 
 
 def _split_sql(script: str) -> list[str]:
