@@ -268,7 +268,9 @@ def main() -> int:
             table["baseline1"] = fiona(1, "baseline1", args.baseline.resolve())
             wanted.append("baseline1")
         receivers = {name: table[name] for name in wanted}
+        load_before = os.getloadavg()[0]
         times = run_rounds(receivers, tmp, args.repeat)
+        load_after = os.getloadavg()[0]
         if _FAILURES:
             raise RuntimeError(f"storescu failed: {_FAILURES[0]}")
         medians = {name: statistics.median(v) for name, v in times.items()}
@@ -277,7 +279,8 @@ def main() -> int:
         print(
             f"{len(files)} files of {args.size}x{args.size} ({mb:.1f} MB), {args.senders} senders"
             f" ({each} per association), median of {args.repeat};"
-            f" index {args.index_url or 'SQLite'}"
+            f" index {args.index_url or 'SQLite'}; load average {load_before:.1f} before,"
+            f" {load_after:.1f} after on {os.cpu_count()} cores"
         )
         print(f"{'receiver':>10} {'files/s':>9} {'MB/s':>7}  notes")
         for name, rate in rates.items():
