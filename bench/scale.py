@@ -250,7 +250,7 @@ def main() -> int:
                     raise RuntimeError(f"index: {rows} rows, {distinct} UIDs, not {len(files)}")
                 items, batches = group.batches()
                 spread = "+".join(map(str, group.spread()))
-                notes.setdefault(name, []).append((items / batches if batches else 0.0, spread))
+                notes.setdefault(name, []).append((items / batches if batches else -1.0, spread))
                 return seconds
 
             return one_round
@@ -285,9 +285,10 @@ def main() -> int:
         print(f"{'receiver':>10} {'files/s':>9} {'MB/s':>7}  notes")
         for name, rate in rates.items():
             rounds = notes.get(name, [])
+            per = [r[0] for r in rounds if r[0] >= 0]  # an older checkout logs no counts
             note = (
-                f"{statistics.mean(r[0] for r in rounds):.1f} instances/commit;"
-                f" associations per process {', '.join(r[1] for r in rounds)}"
+                (f"{statistics.mean(per):.1f} instances/commit; " if per else "")
+                + f"associations per process {', '.join(r[1] for r in rounds)}"
                 if rounds
                 else ""
             )

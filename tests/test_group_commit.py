@@ -260,3 +260,20 @@ def test_adds_wait_for_the_writers_lock_other_processes_hold(
     thread.join(10)
     assert isinstance(results[headers[0].sop_instance_uid], AddResult)
     index.close()
+
+
+def test_shutdown_waits_for_what_is_queued() -> None:
+    held = HeldBatches()
+    queue: GroupCommit[int, int] = GroupCommit(held)
+    results: dict[int, Any] = {}
+    threads = submit_in_threads(queue, [1], results)
+    wait_until(lambda: len(held.batches) == 1)
+    threads += submit_in_threads(queue, [2, 3], results)
+    wait_until(lambda: queue.pending == 2)
+    assert not queue.wait_idle(0.1)  # a batch runs, two wait
+    held.release.set()
+    assert queue.wait_idle(10)
+    assert sorted(i for b in held.batches for i in b) == [1, 2, 3]  # all committed
+    for t in threads:
+        t.join(10)
+    assert results == {1: 10, 2: 20, 3: 30}

@@ -9,8 +9,9 @@ becomes the leader, takes every waiting item (up to ``max_batch``), hands them t
 function in one call (one transaction, one commit) and wakes each waiter with its own result.
 
 Leader/follower, no committer thread: a lone submitter commits at once on its own thread (no
-timer, no hand-off), and there is nothing to stop at shutdown: every submitter waits for its
-own item, so whatever was queued is committed before its association can close. The queue
+timer, no hand-off), and there is no thread to stop at shutdown: every submitter waits for its
+own item, and :meth:`GroupCommit.wait_idle` lets the index wait for what is queued before it
+closes. The queue
 holds at most ``max_pending`` items; a submitter finding it full waits for room (back-pressure
 on the associations, memory bounded).
 
@@ -94,6 +95,12 @@ class GroupCommit(Generic[T, R]):
             raise waiter.error
         return waiter.result  # type: ignore[return-value]  # set with the event
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no batch runs and none is queued (at shutdown, before the index
+        closes); False when ``timeout`` seconds passed first."""
+        with self._room:
+            return self._room.wait_for(lambda: not self._leading, timeout)
+
     def _lead(self) -> None:
         """Take the waiting items, commit them as one batch, release each, pass the lead on."""
         with self._room:
@@ -102,6 +109,13 @@ class GroupCommit(Generic[T, R]):
             self._room.notify_all()
         try:
             results = self._run(taken)
+            for waiter, result in zip(taken, results, strict=True):
+                if isinstance(result, BaseException):
+                    waiter.error = result
+                else:
+                    waiter.result = result
+                waiter.lead = False
+                waiter.event.set()
         finally:
             with self._room:
                 if self._queue:
@@ -110,13 +124,7 @@ class GroupCommit(Generic[T, R]):
                     successor.event.set()
                 else:
                     self._leading = False
-        for waiter, result in zip(taken, results, strict=True):
-            if isinstance(result, BaseException):
-                waiter.error = result
-            else:
-                waiter.result = result
-            waiter.lead = False
-            waiter.event.set()
+                    self._room.notify_all()  # for wait_idle
 
     def _run(self, taken: list[_Waiter[T, R]]) -> Sequence[R | BaseException]:
         self.batches += 1

@@ -710,6 +710,10 @@ class SqliteIndex:
             yield self._db
 
     def close(self) -> None:
+        """Close the index once the adds already queued are committed (10 s at most: an add
+        after that fails, and its sender is not answered Success)."""
+        if not self.adds.wait_idle(10.0):
+            log.warning("index closed with instance adds still queued: they are not answered")
         if self.adds.items:
             log.info(
                 "index: %d instances added in %d transactions (group commit)",
