@@ -277,3 +277,38 @@ def test_shutdown_waits_for_what_is_queued() -> None:
     for t in threads:
         t.join(10)
     assert results == {1: 10, 2: 20, 3: 30}
+
+
+def test_two_processes_receiving_one_instance_take_turns(tmp_path: Path) -> None:
+    """The archive keeps two receipts of one SOP Instance UID apart across processes too: while
+    another process holds the UID's stripe (a byte of ``archive.lock``), a receipt waits."""
+    import subprocess
+    import sys
+    import zlib
+
+    from engine.store.archive import Archive
+
+    ds = synth.make_study(synth.make_study_spec(4), [synth.MR_SERIES["t2_tse"]], size=8)[0]
+    archive = Archive(tmp_path, SqliteIndex(tmp_path / "index.sqlite"))
+    stripe = zlib.crc32(str(ds.SOPInstanceUID).encode()) % 64
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({str(tmp_path / 'archive.lock')!r}, os.O_RDWR)\n"
+         f"fcntl.lockf(fd, fcntl.LOCK_EX, 1, {stripe})\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        outcome: list[Any] = []
+        blob = part10(ds)
+        receipt = threading.Thread(target=lambda: outcome.append(archive.receive(blob, ORIGIN)))
+        receipt.start()
+        receipt.join(0.5)
+        assert receipt.is_alive() and not outcome  # waiting for the other process
+    finally:
+        holder.communicate("\n", timeout=10)
+    receipt.join(10)
+    assert outcome[0].action == "stored"

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -298,6 +299,8 @@ class SqliteIndex:
             raise
         if not read_only:
             self._writer_fd = _open_writer_lock(path)
+        if self._writer_fd >= 0:  # closed with the index, or when it is collected
+            self._close_writer = weakref.finalize(self, os.close, self._writer_fd)
 
     def _configure(self, read_only: bool, upgrade: bool) -> None:
         # The version first: an index this code must not change is left byte for byte as is.
@@ -723,8 +726,8 @@ class SqliteIndex:
         with self._lock:
             self._db.close()
             if self._writer_fd >= 0:
-                os.close(self._writer_fd)
                 self._writer_fd = -1
+                self._close_writer()
 
 
 def _open_writer_lock(path: Path) -> int:
