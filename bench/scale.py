@@ -246,8 +246,17 @@ def main() -> int:
                 finally:
                     group.stop()
                 rows, distinct = group.indexed()
-                if rows != len(files) or distinct != len(files):
-                    raise RuntimeError(f"index: {rows} rows, {distinct} UIDs, not {len(files)}")
+                if _FAILURES or rows != len(files) or distinct != len(files):
+                    problems = [
+                        line
+                        for s in group.servers
+                        for line in s.log_text().splitlines()
+                        if " WARNING " in line or " ERROR " in line
+                    ]
+                    raise RuntimeError(
+                        f"{name}: index {rows} rows, {distinct} UIDs, not {len(files)};"
+                        f" storescu: {_FAILURES[:1]}; fiona: {problems[:20]}"
+                    )
                 items, batches = group.batches()
                 spread = "+".join(map(str, group.spread()))
                 notes.setdefault(name, []).append((items / batches if batches else -1.0, spread))

@@ -284,13 +284,13 @@ def test_two_processes_receiving_one_instance_take_turns(tmp_path: Path) -> None
     another process holds the UID's stripe (a byte of ``archive.lock``), a receipt waits."""
     import subprocess
     import sys
-    import zlib
 
     from engine.store.archive import Archive
+    from engine.store.uid_locks import stripe_of
 
     ds = synth.make_study(synth.make_study_spec(4), [synth.MR_SERIES["t2_tse"]], size=8)[0]
     archive = Archive(tmp_path, SqliteIndex(tmp_path / "index.sqlite"))
-    stripe = zlib.crc32(str(ds.SOPInstanceUID).encode()) % 64
+    stripe = stripe_of(str(ds.SOPInstanceUID))
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, os, sys\n"
@@ -312,3 +312,63 @@ def test_two_processes_receiving_one_instance_take_turns(tmp_path: Path) -> None
         holder.communicate("\n", timeout=10)
     receipt.join(10)
     assert outcome[0].action == "stored"
+
+
+def test_two_processes_waiting_for_each_others_stripes_are_not_told_deadlock(
+    tmp_path: Path,
+) -> None:
+    """Thread 1 here holds stripe A; the other process holds B and waits for A; thread 2 here
+    asks for B. Nothing is stuck (thread 1 lets A go without needing B), but classic fcntl
+    locks belong to the process, so the kernel would see a cycle and fail thread 2 with
+    EDEADLK: an instance answered 0xA700 for nothing. The UID locks must just wait."""
+    import subprocess
+    import sys
+
+    from engine.store.uid_locks import UidLocks, stripe_of
+    from tests.peers import REPO
+
+    a = "1.2.3.1"
+    b = next(f"1.2.3.{n}" for n in range(2, 99) if stripe_of(f"1.2.3.{n}") != stripe_of(a))
+    locks = UidLocks(tmp_path / "archive.lock")
+    release_a = threading.Event()
+    a_held = threading.Event()
+
+    def hold_a() -> None:
+        with locks.hold(a):
+            a_held.set()
+            release_a.wait(10)
+
+    first = threading.Thread(target=hold_a)
+    first.start()
+    assert a_held.wait(10)
+    other = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path\n"
+         "from engine.store.uid_locks import UidLocks\n"
+         f"locks = UidLocks(Path({str(tmp_path / 'archive.lock')!r}))\n"
+         f"with locks.hold({b!r}):\n"
+         "    print('b', flush=True)\n"
+         f"    with locks.hold({a!r}):\n"
+         "        print('a', flush=True)\n"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert other.stdout is not None and other.stdout.readline() == "b\n"
+    errors: list[BaseException] = []
+
+    def take_b() -> None:
+        try:
+            with locks.hold(b):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    second = threading.Thread(target=take_b)
+    second.start()
+    time.sleep(0.3)  # the other process waits for A, thread 2 for B
+    release_a.set()
+    first.join(10)
+    assert other.stdout.readline() == "a\n"
+    other.wait(10)
+    second.join(10)
+    assert not second.is_alive() and errors == []
+    locks.close()

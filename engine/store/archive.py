@@ -15,15 +15,10 @@ ID is reduced to a safe name first (see :func:`safe_component`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import re
-import threading
-import weakref
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -33,6 +28,7 @@ from engine.dicom.header import HeaderError, InstanceHeader, parse_header
 from engine.store.fsio import ensure_dir, write_durable
 from engine.store.index import Index, Origin
 from engine.store.quarantine import Quarantine, Reason
+from engine.store.uid_locks import UidLocks
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +92,11 @@ class Archive:
         self.duplicate_policy = DuplicatePolicy(duplicate_policy)
         self.min_free_bytes = min_free_disk_mb * 1024 * 1024
         self.max_instance_bytes = max_instance_mb * 1024 * 1024
-        # Striped locks: two associations sending the same SOP Instance UID must not race,
-        # in this process (threads) nor in others receiving into the same folder (a byte of
-        # the stripes file each, locked with fcntl; -1 when it cannot be opened).
-        self._locks = [threading.Lock() for _ in range(_STRIPES)]
         for sub in ("archive", "raw", "participants", "quarantine"):
             ensure_dir(data_dir / sub)
-        self._stripes_fd = _open_stripes(data_dir / STRIPES_FILE)
-        if self._stripes_fd >= 0:  # closed with the archive, or when it is collected
-            self._close_stripes = weakref.finalize(self, os.close, self._stripes_fd)
+        # Two associations sending the same SOP Instance UID must not race, in this process
+        # nor in another receiving into the same folder.
+        self._uid_locks = UidLocks(data_dir / UID_LOCK_FILE)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -129,7 +121,7 @@ class Archive:
         except HeaderError as exc:
             return self._quarantine(data, exc, origin)
         try:
-            with self._stripe(header.sop_instance_uid):
+            with self._uid_locks.hold(header.sop_instance_uid):
                 return self._file(data, header, origin)
         except OSError as exc:
             log.error("could not store instance: %s", _os_error_text(exc))
@@ -143,31 +135,14 @@ class Archive:
             )
 
     def close(self) -> None:
-        """Release the stripes file (the index is closed by its owner)."""
-        if self._stripes_fd >= 0:
-            self._stripes_fd = -1
-            self._close_stripes()
+        """Close the UID locks' file (the index is closed by its owner)."""
+        self._uid_locks.close()
 
     def instance_path(self, header: InstanceHeader) -> Path:
         """Where an instance lives; the header's UIDs were validated by ``parse_header``."""
         return self.data_dir / _instance_rel(header)
 
     # -- internals --------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _stripe(self, sop_instance_uid: str) -> Iterator[None]:
-        """Hold the UID's stripe: its thread lock, then its byte of the stripes file (a
-        stable hash, so every process picks the same one)."""
-        stripe = zlib.crc32(sop_instance_uid.encode()) % _STRIPES
-        with self._locks[stripe]:
-            if self._stripes_fd < 0:
-                yield
-                return
-            fcntl.lockf(self._stripes_fd, fcntl.LOCK_EX, 1, stripe)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self._stripes_fd, fcntl.LOCK_UN, 1, stripe)
 
     def _check_resources(self, size: int) -> None:
         if size > self.max_instance_bytes:
@@ -276,22 +251,8 @@ class Archive:
             log.error("could not create the views of a study: %s", _os_error_text(exc))
 
 
-#: Stripes of the locks that keep two receipts of one SOP Instance UID apart.
-_STRIPES = 64
-#: The file (in the data folder) whose bytes are the stripes' locks between processes.
-STRIPES_FILE = "archive.lock"
-
-
-def _open_stripes(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    except OSError as exc:
-        log.warning(
-            "cannot open %s (%s): receipts of one instance by two processes are not kept apart",
-            path.name,
-            exc.strerror,
-        )
-        return -1
+#: The lock file (in the data folder) of :class:`engine.store.uid_locks.UidLocks`.
+UID_LOCK_FILE = "archive.lock"
 
 
 def _check_expected(header: InstanceHeader, expected: tuple[str, str]) -> None:
