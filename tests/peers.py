@@ -87,6 +87,8 @@ class FionaServer:
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: The checkout whose ``engine`` runs (bench/scale.py's ``--baseline`` runs an older one).
+    repo: Path = REPO
 
     def start(self, timeout: float = 30.0) -> FionaServer:
         args = [
@@ -110,9 +112,10 @@ class FionaServer:
         if self.web_port is not None:
             args += ["--web-port", str(self.web_port)]
         args += self.extra_args
-        self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
+        if self.log_path is None:  # two servers on one port and data dir set their own
+            self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=self.repo, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, timeout, self.proc)
         return self
 

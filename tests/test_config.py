@@ -198,8 +198,8 @@ def test_overrides_replace_file_values(
             "(command line) (root): 'colour' is not allowed (allowed: $comment, ae_title, "
             "allowed_calling_aes, bind_address, data_dir, deidentification, duplicate_policy, "
             "heartbeat, index_url, limits, log_file, log_level, max_pdu, node, pacs, port, "
-            "projects_dir, retention, routing, scan_interval_seconds, status_http, timeouts, "
-            "tls, web)",
+            "projects_dir, retention, reuse_port, routing, scan_interval_seconds, status_http, "
+            "timeouts, tls, web)",
         ),
     ],
 )

@@ -175,6 +175,7 @@ def _site_issues(
         ae_title=doc["ae_title"],
         port=int(doc["port"]),
         bind_address=doc["bind_address"],
+        reuse_port=bool(doc["reuse_port"]),
         data_dir=file_path("data_dir", doc["data_dir"]),
         projects_dir=file_path("projects_dir", doc["projects_dir"]),
         index_url=index_url,

@@ -236,6 +236,7 @@ class SiteConfig:
     ``max_pdu``: the maximum PDU length (bytes) advertised to peers and enforced (a longer
     PDU aborts the association); 0 means unlimited.
     ``index_url``: ``sqlite:///PATH`` or empty for ``<data_dir>/index.sqlite``.
+    ``reuse_port``: the SCP's port may be shared with other fiona processes (``SO_REUSEPORT``).
     ``pacs``: the remote PACS fiona queries and retrieves from (:mod:`engine.config.pacs`).
     """
 
@@ -243,6 +244,7 @@ class SiteConfig:
     ae_title: str = "FIONA"
     port: int = 11112
     bind_address: str = "127.0.0.1"
+    reuse_port: bool = False
     data_dir: Path = Path("var")
     projects_dir: Path = Path("projects")
     index_url: str = ""

@@ -120,5 +120,7 @@ def start_scp(site: SiteConfig, archive: Archive) -> tuple[AssociationServer, St
         network_timeout=site.timeouts.network,
         ssl_context=_ssl_context(site),
     )
-    server = AssociationServer((site.bind_address, site.port), config, handler).start()
+    server = AssociationServer(
+        (site.bind_address, site.port), config, handler, reuse_port=site.reuse_port
+    ).start()
     return server, handler

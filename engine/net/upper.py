@@ -350,11 +350,19 @@ class AssociationServer:
     """
 
     def __init__(
-        self, address: tuple[str, int], config: AcceptorConfig, handler: MessageHandler
+        self,
+        address: tuple[str, int],
+        config: AcceptorConfig,
+        handler: MessageHandler,
+        *,
+        reuse_port: bool = False,
     ) -> None:
+        """Listen on ``address``; with ``reuse_port``, other processes that also set it
+        (``SO_REUSEPORT``) may listen on the same port, and the kernel spreads new
+        connections over the listeners."""
         self.config = config
         self.handler = handler
-        self.socket = socket.create_server(address, reuse_port=False, backlog=64)
+        self.socket = socket.create_server(address, reuse_port=reuse_port, backlog=64)
         self._active = 0
         self._per_peer: dict[str, int] = {}
         self._refusals = _RefusalLog()

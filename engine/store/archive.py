@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -29,6 +28,7 @@ from engine.dicom.header import HeaderError, InstanceHeader, parse_header
 from engine.store.fsio import ensure_dir, write_durable
 from engine.store.index import Index, Origin
 from engine.store.quarantine import Quarantine, Reason
+from engine.store.uid_locks import UidLocks
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,11 @@ class Archive:
         self.duplicate_policy = DuplicatePolicy(duplicate_policy)
         self.min_free_bytes = min_free_disk_mb * 1024 * 1024
         self.max_instance_bytes = max_instance_mb * 1024 * 1024
-        # Striped locks: two associations sending the same SOP Instance UID must not race.
-        self._locks = [threading.Lock() for _ in range(64)]
         for sub in ("archive", "raw", "participants", "quarantine"):
             ensure_dir(data_dir / sub)
+        # Two associations sending the same SOP Instance UID must not race, in this process
+        # nor in another receiving into the same folder.
+        self._uid_locks = UidLocks(data_dir / UID_LOCK_FILE)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -119,9 +120,8 @@ class Archive:
                 _check_expected(header, expected)
         except HeaderError as exc:
             return self._quarantine(data, exc, origin)
-        lock = self._locks[hash(header.sop_instance_uid) % len(self._locks)]
         try:
-            with lock:
+            with self._uid_locks.hold(header.sop_instance_uid):
                 return self._file(data, header, origin)
         except OSError as exc:
             log.error("could not store instance: %s", _os_error_text(exc))
@@ -133,6 +133,10 @@ class Archive:
             return StoreOutcome(
                 "rejected", Status.OUT_OF_RESOURCES, "out_of_resources", type(exc).__name__
             )
+
+    def close(self) -> None:
+        """Close the UID locks' file (the index is closed by its owner)."""
+        self._uid_locks.close()
 
     def instance_path(self, header: InstanceHeader) -> Path:
         """Where an instance lives; the header's UIDs were validated by ``parse_header``."""
@@ -176,6 +180,11 @@ class Archive:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raise
+        if added.duplicate:
+            # Another receiver (a second fiona on the port) indexed this UID meanwhile: the
+            # file at its path is the instance; ours is kept, the sender is answered Success.
+            log.info("instance indexed meanwhile by another receiver: treated as a duplicate")
+            return StoreOutcome("duplicate", Status.SUCCESS)
         if added.new_study:
             self._make_views(header)
         return StoreOutcome("stored", Status.SUCCESS)
@@ -242,6 +251,10 @@ class Archive:
             log.error("could not create the views of a study: %s", _os_error_text(exc))
 
 
+#: The lock file (in the data folder) of :class:`engine.store.uid_locks.UidLocks`.
+UID_LOCK_FILE = "archive.lock"
+
+
 def _check_expected(header: InstanceHeader, expected: tuple[str, str]) -> None:
     """Raise :class:`HeaderError` when a C-STORE's dataset is not what was negotiated and
     announced (the UIDs themselves are not quoted: the detail stays free of header values)."""
@@ -274,7 +287,8 @@ def _symlink(link: Path, target: Path) -> None:
     if link.is_symlink():
         return
     ensure_dir(link.parent)
-    os.symlink(target, link)
+    with contextlib.suppress(FileExistsError):  # made meanwhile by another receiver process
+        os.symlink(target, link)
 
 
 def _os_error_text(exc: OSError) -> str:

@@ -21,14 +21,17 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def ensure_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents, fsyncing each parent that gained an entry."""
+    """Create ``path`` and its missing parents, fsyncing each parent that gained an entry.
+
+    When another thread or process created ``path`` in between, its parent is fsynced all the
+    same: the other may not have done so yet, and what this caller writes into ``path`` must
+    not depend on the other's progress to survive a power cut.
+    """
     if path.is_dir():
         return
     ensure_dir(path.parent)
-    try:
+    with contextlib.suppress(FileExistsError):
         path.mkdir()
-    except FileExistsError:
-        return
     fsync_dir(path.parent)
 
 

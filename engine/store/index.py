@@ -8,18 +8,25 @@ Callers use :class:`Index` only, so a PostgreSQL implementation can be added beh
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.dicom.header import InstanceHeader
+from engine.store.group_commit import GroupCommit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,29 @@ class StoredInstance:
 
 @dataclass(frozen=True)
 class AddResult:
-    """What adding an instance created: a new study or series gets its views and summary."""
+    """What adding an instance created: a new study or series gets its views and summary.
+
+    ``duplicate``: nothing was added, the SOP Instance UID was indexed already (by another
+    receiver between this one's look-up and its commit).
+    """
 
     new_study: bool
     new_series: bool
+    duplicate: bool = False
+
+
+class _Add(NamedTuple):
+    """One instance waiting for the group commit; ``now`` is its receipt time (epoch s)."""
+
+    header: InstanceHeader
+    path: str
+    size: int
+    origin: Origin
+    now: float
+
+
+class _AlreadyIndexed(Exception):
+    """The instance row exists already (raised inside the add's transaction, rolled back)."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +241,14 @@ class SqliteIndex:
     """:class:`Index` on one SQLite file in WAL mode, committing with ``synchronous=FULL``.
 
     One connection is shared by all receiver threads under a lock: SQLite serialises writers
-    anyway, and a single connection keeps the commit path short.
+    anyway, and a single connection keeps the commit path short. Instances are added through a
+    :class:`~engine.store.group_commit.GroupCommit`: adds that arrive while a commit runs are
+    committed together in the next transaction, one flush for all of them.
     """
+
+    #: Instance adds queued for the group commit at most, and per transaction at most.
+    MAX_PENDING_ADDS = 256
+    MAX_BATCH = 64
 
     def __init__(
         self,
@@ -238,10 +270,14 @@ class SqliteIndex:
         self.path = path
         self.upgraded_from: int | None = None
         self._lock = threading.Lock()
+        self.adds: GroupCommit[_Add, AddResult] = GroupCommit(
+            self._add_batch, max_pending=self.MAX_PENDING_ADDS, max_batch=self.MAX_BATCH
+        )
         if upgrade and not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.is_file():
             raise IndexMissing(path)
+        self._writer_fd = -1
         target = _read_only_uri(path) if read_only else str(path)
         try:
             self._db = sqlite3.connect(
@@ -261,6 +297,10 @@ class SqliteIndex:
         except BaseException:
             self._db.close()
             raise
+        if not read_only:
+            self._writer_fd = _open_writer_lock(path)
+        if self._writer_fd >= 0:  # closed with the index, or when it is collected
+            self._close_writer = weakref.finalize(self, os.close, self._writer_fd)
 
     def _configure(self, read_only: bool, upgrade: bool) -> None:
         # The version first: an index this code must not change is left byte for byte as is.
@@ -315,9 +355,12 @@ class SqliteIndex:
         if row:
             return int(row[0])
         cur = self._db.execute(
-            "INSERT INTO patients(patient_id, patient_name, birth_date, sex) VALUES (?,?,?,?)",
+            "INSERT INTO patients(patient_id, patient_name, birth_date, sex) VALUES (?,?,?,?)"
+            " ON CONFLICT (patient_id, patient_name, birth_date) DO NOTHING",
             (*key, h.sex),
         )
+        if cur.rowcount == 0:  # another writer's row, committed since the look-up
+            return self._patient_ref(h)
         return int(cur.lastrowid or 0)
 
     def _touch_or_insert(
@@ -348,7 +391,9 @@ class SqliteIndex:
                 )
         if rows:
             return int(rows[0][0]), False
-        cur = self._db.execute(insert, values())
+        cur = self._db.execute(f"{insert} ON CONFLICT ({uid_column}) DO NOTHING", values())
+        if cur.rowcount == 0:  # another writer's row, committed since the update: count in it
+            return self._touch_or_insert(table, uid_column, uid, now, insert, values)
         return int(cur.lastrowid or 0), True
 
     def _study_ref(self, h: InstanceHeader, now: float) -> tuple[int, bool]:
@@ -394,25 +439,100 @@ class SqliteIndex:
     def add_instance(
         self, header: InstanceHeader, path: str, size: int, origin: Origin
     ) -> AddResult:
-        now = time.time()
-        with self._lock:
+        """Index one instance (its study, series and patient rows as needed); returns once
+        committed, in a transaction shared with the adds of other threads waiting meanwhile."""
+        return self.adds.submit(_Add(header, path, size, origin, time.time()))
+
+    def _add_batch(self, adds: Sequence[_Add]) -> list[AddResult | BaseException]:
+        """Commit ``adds`` in one transaction; when one of them fails, roll back and commit
+        each alone, so only the failing one gets its error."""
+        with self._lock, self._writer_turn():
+            if len(adds) > 1:
+                together = self._add_together(adds)
+                if together is not None:
+                    return together
+            return [self._add_alone(add) for add in adds]
+
+    def _add_together(self, adds: Sequence[_Add]) -> list[AddResult | BaseException] | None:
+        """One transaction for all; None when an add failed (rolled back, to be retried one
+        by one); a failure to begin or commit is every add's."""
+        try:
             self._db.execute("BEGIN IMMEDIATE")
-            try:
-                study_ref, new_study = self._study_ref(header, now)
-                series_ref, new_series = self._series_ref(header, study_ref, now)
-                self._db.execute(
-                    f"INSERT INTO instances(sop_instance_uid, series_ref, {', '.join(_FIELDS)})"
-                    f" VALUES (?,?,{','.join('?' * len(_FIELDS))})",
-                    (
-                        header.sop_instance_uid,
-                        series_ref,
-                        *_values(header, path, size, now, origin),
-                    ),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        except Exception as exc:
+            return [exc] * len(adds)
+        try:
+            results: list[AddResult | BaseException] = [self._insert(add) for add in adds]
+        except Exception:
+            self._rollback()
+            return None
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            return [exc] * len(adds)
+        return results
+
+    def _add_alone(self, add: _Add) -> AddResult | BaseException:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            return exc
+        try:
+            result = self._insert(add)
+            self._db.execute("COMMIT")
+        except _AlreadyIndexed:
+            self._rollback()
+            return AddResult(new_study=False, new_series=False, duplicate=True)
+        except Exception as exc:
+            self._rollback()
+            return exc
+        except BaseException:
+            self._rollback()
+            raise
+        return result
+
+    @contextlib.contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """This process's turn to write, among the processes adding to the index (several
+        receivers on one port): an exclusive ``flock`` on ``<index>-writer``. SQLite would
+        serialise them too, but a writer finding the database locked sleeps 1, 2, 5, 10...
+        ms before it looks again, while a commit takes well under a millisecond: the lock
+        wakes the next process as soon as the last one commits."""
+        if self._writer_fd < 0:
+            yield
+            return
+        fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on some errors)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+
+    def _insert(self, add: _Add) -> AddResult:
+        """The rows of one add, inside the caller's transaction; :class:`_AlreadyIndexed`
+        when the instance is (its study and series counts must then be rolled back)."""
+        header, now = add.header, add.now
+        study_ref, new_study = self._study_ref(header, now)
+        series_ref, new_series = self._series_ref(header, study_ref, now)
+        cur = self._db.execute(
+            f"INSERT INTO instances(sop_instance_uid, series_ref, {', '.join(_FIELDS)})"
+            f" VALUES (?,?,{','.join('?' * len(_FIELDS))})"
+            " ON CONFLICT (sop_instance_uid) DO NOTHING",
+            (
+                header.sop_instance_uid,
+                series_ref,
+                *_values(header, add.path, add.size, now, add.origin),
+            ),
+        )
+        if cur.rowcount == 0:
+            raise _AlreadyIndexed
         return AddResult(new_study=new_study, new_series=new_series)
 
     def replace_instance(
@@ -593,8 +713,30 @@ class SqliteIndex:
             yield self._db
 
     def close(self) -> None:
+        """Close the index once the adds already queued are committed (10 s at most: an add
+        after that fails, and its sender is not answered Success)."""
+        if not self.adds.wait_idle(10.0):
+            log.warning("index closed with instance adds still queued: they are not answered")
+        if self.adds.items:
+            log.info(
+                "index: %d instances added in %d transactions (group commit)",
+                self.adds.items,
+                self.adds.batches,
+            )
         with self._lock:
             self._db.close()
+            if self._writer_fd >= 0:
+                self._writer_fd = -1
+                self._close_writer()
+
+
+def _open_writer_lock(path: Path) -> int:
+    """The descriptor of the writers' lock file beside the index (``-1`` when it cannot be
+    opened: the adds then rely on SQLite's own locking alone)."""
+    try:
+        return os.open(f"{path}-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError:
+        return -1
 
 
 def _split_sql(script: str) -> list[str]:
