@@ -1,0 +1,265 @@
+"""One retrieval row on one association: C-FIND what must arrive, claim it for the row's
+project, C-MOVE or C-GET what is missing, count what arrived.
+
+For a row: C-FIND the studies it names (study level), their series (series level, filtered
+by the row's modality and series description) and their instances (image level): that is what
+must arrive. The studies are given to the row's project (an assigned route, as a coupling-list
+entry or ``fiona ingest --project`` gives them) before anything arrives. Then fetch what fiona
+does not hold yet (a whole study when the row takes every series and none has arrived, else a
+whole series, or the missing instances of one), up to :data:`ROUNDS` times, counting what
+arrived in the index after each: a C-MOVE that answers success but delivers nothing is a
+failure, not a success. Reasons carry counts and the PACS's name, never a patient's or study's
+identifiers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from engine.config.model import SiteConfig
+from engine.config.pacs import PacsConfig, RetrieveMethod
+from engine.net.dimse import part10_header
+from engine.net.scu import MoveResult, PeerClosed, ScuAssociation
+from engine.retrieve.query import Filters, matches, series_identifier, study_identifier
+from engine.route.assign import assign_study
+from engine.store.archive import Archive
+from engine.store.index import Index, Origin
+from engine.store.retrievals import RetrievalStore, Row, RowState
+
+#: C-MOVE rounds per row: the first, then retries of what is still missing.
+ROUNDS = 3
+#: Instances named per image-level C-MOVE.
+IMAGE_BATCH = 100
+#: Final C-GET statuses that say the PACS will not do C-GET for us (PS3.7 C: refused, SOP
+#: class not supported; refused, not authorized).
+GET_REFUSED_STATUSES = (0x0122, 0x0124)
+
+
+class RowFailed(Exception):
+    """The row cannot go on; the message is its reason (no PHI)."""
+
+
+class GetRefused(Exception):
+    """The PACS will not do C-GET for fiona (not accepted at association, the association
+    ended on a C-GET request, or a 'refused' status); the message says how (no PHI).
+    ``aborted``: the association ended, which a PACS restarting does too."""
+
+    def __init__(self, why: str, *, aborted: bool = False) -> None:
+        super().__init__(why)
+        self.aborted = aborted
+
+
+@dataclass
+class Series:
+    study_uid: str
+    series_uid: str
+    instances: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a row ended: its state, reason, instances arrived and requests made."""
+
+    state: RowState
+    reason: str
+    arrived: int
+    rounds: int
+
+
+@dataclass
+class RowFetch:
+    """Works one row on an open association; :meth:`run` returns how it ended, or None when
+    the row was cancelled mid-way. ``method`` is how this association fetches (a ``get`` PACS
+    that refused C-GET is fetched by C-MOVE)."""
+
+    site: SiteConfig
+    index: Index
+    archive: Archive | None
+    pacs: PacsConfig
+    method: RetrieveMethod
+    clock: Callable[[], float]
+    #: the studies of the row, once found (for the audit)
+    studies: list[str] = field(default_factory=list)
+
+    @property
+    def verb(self) -> str:
+        return "C-GET" if self.method is RetrieveMethod.GET else "C-MOVE"
+
+    def run(self, assoc: ScuAssociation, row: Row) -> Finished | None:
+        store = RetrievalStore(self.index)
+        plan = plan_row(assoc, row)
+        self.studies = sorted({s.study_uid for s in plan})
+        expected = {uid for s in plan for uid in s.instances}
+        if row.spec.project:
+            for study_uid in self.studies:
+                assign_study(
+                    self.index,
+                    study_uid,
+                    row.spec.project,
+                    subject=row.spec.subject,
+                    event=row.spec.event,
+                    now=self.clock(),
+                )
+        held = store.held_instances(sorted(expected))
+        store.update(
+            row.id,
+            self.clock(),
+            RowState.RETRIEVING,
+            studies=len(self.studies),
+            expected=len(expected),
+            arrived=len(held),
+        )
+        whole = not (row.spec.modality or row.spec.series_description)
+        reason = ""
+        rounds = 0
+        while len(held) < len(expected) and rounds < ROUNDS:
+            if store.cancelled(row.id):
+                return None
+            rounds += 1
+            before = len(held)
+            reason = self._fetch(assoc, plan, held, whole)
+            held = store.held_instances(sorted(expected))
+            if len(held) == before and not reason:
+                reason = f"PACS {self.pacs.name} answered with success but delivered nothing" + (
+                    ""
+                    if self.method is RetrieveMethod.GET
+                    else f" (does it send {self.pacs.move_destination_for(self.site.ae_title)}"
+                    " to this fiona's host and port?)"
+                )
+            store.update(row.id, self.clock(), RowState.RETRIEVING, arrived=len(held))
+        missing = len(expected) - len(held)
+        if not missing:
+            return Finished(RowState.DONE, "", len(held), rounds)
+        state = RowState.PARTIAL if held else RowState.FAILED
+        why = f"{missing} of {len(expected)} instances did not arrive after {rounds} {self.verb}s"
+        return Finished(state, f"{why}: {reason}" if reason else why, len(held), rounds)
+
+    def _fetch(self, assoc: ScuAssociation, plan: list[Series], held: set[str], whole: bool) -> str:
+        """C-MOVE (or C-GET) what is missing; '' when every request answered success, else
+        why not. ``whole``: the plan has every series of its studies (no series filter)."""
+        problems = []
+        for identifier in _identifiers(plan, held, whole):
+            result = self._request(assoc, identifier)
+            if not result.ok:
+                problems.append(
+                    f"PACS {self.pacs.name} answered the {self.verb} with {result.detail}"
+                )
+            elif result.failed > 0:
+                problems.append(f"PACS {self.pacs.name}: {result.failed} sub-operations failed")
+        return problems[0] if problems else ""
+
+    def _request(self, assoc: ScuAssociation, identifier: Dataset) -> MoveResult:
+        if self.method is RetrieveMethod.MOVE:
+            moved = assoc.move(identifier, self.pacs.move_destination_for(self.site.ae_title))
+            if isinstance(moved, str):
+                raise RowFailed(moved)
+            return moved
+        filer = self._filer()
+        try:
+            got = assoc.get(identifier, filer)
+        except PeerClosed as exc:
+            if filer.stored:  # it was sending: a broken association, not a refusal
+                raise
+            raise GetRefused(f"PACS {self.pacs.name}: {exc}", aborted=True) from exc
+        if isinstance(got, str):
+            raise GetRefused(f"PACS {self.pacs.name}: {got}")
+        if got.status in GET_REFUSED_STATUSES and got.completed <= 0:
+            raise GetRefused(f"PACS {self.pacs.name} answered the C-GET with {got.detail}")
+        return got
+
+    def _filer(self) -> _Filer:
+        if self.archive is None:
+            raise RowFailed("retrieve: get needs the archive of fiona serve")
+        return _Filer(self.archive, self.pacs, self.pacs.calling_ae_for(self.site.ae_title))
+
+
+class _Filer:
+    """Files each instance a C-GET brings as the receiver files a C-STORE (the archive
+    checks it holds the SOP class and instance the command names); counts them."""
+
+    def __init__(self, archive: Archive, pacs: PacsConfig, calling_ae: str) -> None:
+        self.archive = archive
+        self.sender = pacs.ae_title
+        self.origin = Origin("dimse", pacs.ae_title, calling_ae, pacs.host)
+        self.stored = 0
+
+    def __call__(self, sop_class: str, sop_instance: str, syntax: str, data: bytes) -> int:
+        self.stored += 1
+        header = part10_header(sop_class, sop_instance, syntax, self.sender)
+        outcome = self.archive.receive(header + data, self.origin, (sop_class, sop_instance))
+        return int(outcome.status)
+
+
+def plan_row(assoc: ScuAssociation, row: Row) -> list[Series]:
+    """The row's series and their instances, as the PACS lists them."""
+    spec = row.spec
+    query = study_identifier(Filters(spec.patient_id, spec.accession, spec.study_date))
+    query.StudyInstanceUID = spec.study_uid
+    found = assoc.find(query)
+    if isinstance(found, str):
+        raise RowFailed(found)
+    study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for ds in found} - {""})
+    if not study_uids:
+        raise RowFailed("no study matched")
+    plan: list[Series] = []
+    for study_uid in study_uids:
+        series = assoc.find(series_identifier(study_uid, spec.modality))
+        if isinstance(series, str):
+            raise RowFailed(series)
+        for ds in series:
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            if not uid or not matches(spec.modality, str(ds.get("Modality", ""))):
+                continue
+            if not matches(spec.series_description, str(ds.get("SeriesDescription", ""))):
+                continue
+            instances = assoc.list_instances(study_uid, uid)
+            if isinstance(instances, str):
+                raise RowFailed(instances)
+            plan.append(Series(study_uid, uid, instances))
+    if not plan:
+        raise RowFailed("no series matched the row's modality and series description")
+    if not any(s.instances for s in plan):
+        raise RowFailed("the PACS listed no instances for the matching series")
+    return plan
+
+
+def _identifiers(plan: list[Series], held: set[str], whole: bool) -> list[Dataset]:
+    """What to ask for: a study-level identifier for a study none of whose instances is held
+    when the plan has all its series (``whole``), else per series (:func:`_series_identifiers`)."""
+    out: list[Dataset] = []
+    for study_uid in sorted({s.study_uid for s in plan}):
+        series = [s for s in plan if s.study_uid == study_uid]
+        if whole and not any(s.instances & held for s in series):
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.StudyInstanceUID = study_uid
+            out.append(ds)
+            continue
+        for one in series:
+            missing = sorted(one.instances - held)
+            if missing:
+                out += _series_identifiers(one, missing)
+    return out
+
+
+def _series_identifiers(series: Series, missing: list[str]) -> list[Dataset]:
+    """A series-level identifier when the whole series is missing, else image-level ones
+    naming the missing SOP Instance UIDs (0008,0018) in batches."""
+    base = Dataset()
+    base.StudyInstanceUID = series.study_uid
+    base.SeriesInstanceUID = series.series_uid
+    if len(missing) == len(series.instances):
+        base.QueryRetrieveLevel = "SERIES"
+        return [base]
+    out = []
+    for start in range(0, len(missing), IMAGE_BATCH):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE"
+        ds.StudyInstanceUID = series.study_uid
+        ds.SeriesInstanceUID = series.series_uid
+        ds.SOPInstanceUID = missing[start : start + IMAGE_BATCH]
+        out.append(ds)
+    return out
