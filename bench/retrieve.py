@@ -1,12 +1,14 @@
 """Retrieval benchmark: ``fiona retrieve`` (C-MOVE and C-GET) against dcmtk's movescu/getscu.
 
-Run from the repo root: ``python bench/retrieve.py [--files 2000] [--size 64]``. A corpus of
+Run from the repo root: ``python bench/retrieve.py [--files 2000] [--size 64]
+[--associations 4]``. A corpus of
 synthetic MR studies (``tests.synth.make_corpus``: 200 instances a study) is loaded into
 Orthanc, then fetched four ways, each into a fresh destination:
 
 - fiona, ``retrieve: move``: a list of the study UIDs queued with ``fiona retrieve`` and worked
-  by ``fiona serve`` (C-FIND of every series and instance, C-MOVE to fiona's own SCP, every
-  instance durable in the archive and the index, arrivals counted);
+  by ``fiona serve`` in ``--associations`` lanes (the PACS's ``limits.max_associations``: rows
+  in parallel, one association each; C-FIND of every series and instance, C-MOVE to fiona's
+  own SCP, every instance durable in the archive and the index, arrivals counted);
 - dcmtk ``movescu`` per study into dcmtk's ``storescp``;
 - fiona, ``retrieve: get`` (C-GET, filed through the archive on the same association);
 - dcmtk ``getscu`` per study, writing files.
@@ -49,7 +51,9 @@ def _study_uids(files: list[Path]) -> list[str]:
     return sorted(uids)
 
 
-def _fiona(work: Path, orthanc: OrthancServer, port: int, method: str, uids: list[str]) -> float:
+def _fiona(
+    work: Path, orthanc: OrthancServer, port: int, method: str, uids: list[str], lanes: int
+) -> float:
     """Seconds for ``fiona retrieve`` to bring every study."""
     data, projects = work / f"fiona-{method}", work / f"projects-{method}"
     projects.mkdir()
@@ -57,7 +61,8 @@ def _fiona(work: Path, orthanc: OrthancServer, port: int, method: str, uids: lis
     site.write_text(
         f"data_dir: {data}\nprojects_dir: {projects}\nport: {port}\n"
         f"pacs:\n  - {{name: orthanc, ae_title: {orthanc.ae_title}, host: 127.0.0.1,"
-        f" port: {orthanc.dicom_port}, retrieve: {method}}}\n"
+        f" port: {orthanc.dicom_port}, retrieve: {method},"
+        f" limits: {{max_associations: {lanes}}}}}\n"
     )
     server = FionaServer(data_dir=data, projects_dir=projects, port=port, config=site).start()
     try:
@@ -115,6 +120,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64, help="image rows and columns")
+    parser.add_argument(
+        "--associations",
+        type=int,
+        default=4,
+        help="the PACS's limits.max_associations: rows fiona retrieves in parallel",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fiona-bench-retrieve-") as tmp:
         work = Path(tmp)
@@ -129,11 +140,14 @@ def main() -> int:
         orthanc = OrthancServer(work / "orthanc", extra={"DicomModalities": modalities}).start()
         try:
             DcmqrscpServer.load(orthanc.ae_title, orthanc.dicom_port, work / "corpus")
-            print(f"{len(files)} files of {args.size}x{args.size} in {len(uids)} studies")
+            print(
+                f"{len(files)} files of {args.size}x{args.size} in {len(uids)} studies;"
+                f" fiona with max_associations {args.associations}, dcmtk one study at a time"
+            )
             rates = {
-                "fiona C-MOVE": _fiona(work, orthanc, fiona_port, "move", uids),
+                "fiona C-MOVE": _fiona(work, orthanc, fiona_port, "move", uids, args.associations),
                 "movescu": _dcmtk(work, orthanc, "movescu", uids, storescp.port),
-                "fiona C-GET": _fiona(work, orthanc, fiona_port, "get", uids),
+                "fiona C-GET": _fiona(work, orthanc, fiona_port, "get", uids, args.associations),
                 "getscu": _dcmtk(work, orthanc, "getscu", uids, storescp.port),
             }
         finally:

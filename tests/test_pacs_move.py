@@ -391,8 +391,9 @@ def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """drop_first: the first C-MOVE leaves one instance out and answers success; the next
-    round fetches it and the row ends done. lie: success with nothing sent is a failure."""
+    """drop_first: the first C-MOVE leaves one instance out and answers success; the series
+    that came up short against its count is listed, the next round fetches the missing
+    instance and the row ends done. lie: success with nothing sent is a failure."""
     pacs = FlakyPacs(synth.make_study(SPECS[0], SERIES[1], size=16), fiona.port, mode).start()
     try:
         site = site_with(tmp_path, pacs.ae_title, pacs.port, fiona)
@@ -407,6 +408,8 @@ def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
     if mode == "drop_first":
         assert (row["arrived"], row["expected"], row["attempts"]) == (15, 15, 2)
         assert pacs.moves == 2  # the whole study, then the dropped instance at image level
+        # Both series counted (0020,1209), only the short one listed instance by instance.
+        assert pacs.image_finds == 1
     else:
         assert (row["arrived"], row["expected"], row["attempts"]) == (0, 15, 3)
         assert row["reason"].startswith(

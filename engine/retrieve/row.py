@@ -1,15 +1,19 @@
 """One retrieval row on one association: C-FIND what must arrive, claim it for the row's
 project, C-MOVE or C-GET what is missing, count what arrived.
 
-For a row: C-FIND the studies it names (study level), their series (series level, filtered
-by the row's modality and series description) and their instances (image level): that is what
-must arrive. The studies are given to the row's project (an assigned route, as a coupling-list
-entry or ``fiona ingest --project`` gives them) before anything arrives. Then fetch what fiona
-does not hold yet (a whole study when the row takes every series and none has arrived, else a
-whole series, or the missing instances of one), up to :data:`ROUNDS` times, counting what
-arrived in the index after each: a C-MOVE that answers success but delivers nothing is a
-failure, not a success. Reasons carry counts and the PACS's name, never a patient's or study's
-identifiers.
+For a row: C-FIND the studies it names (study level) and their series (series level, filtered
+by the row's modality and series description): that is what must arrive. A series fiona holds
+nothing of is counted by the Number of Series Related Instances (0020,1209) the PACS reports
+(dcmtk's movescu asks nothing; fiona asks this much, so as to know what to check); one it holds
+part of (a row taken up again), or whose count the PACS does not report, is listed instance by
+instance (image level). The studies are given to the row's project (an assigned route, as a
+coupling-list entry or ``fiona ingest --project`` gives them) before anything arrives. Then
+fetch what fiona does not hold yet (a whole study when the row takes every series and none has
+arrived, else a whole series, or the missing instances of one), up to :data:`ROUNDS` times,
+counting what arrived in the index after each: a counted series that came up short is listed
+then, so the next request names exactly what is missing; a C-MOVE that answers success but
+delivers nothing is a failure, not a success. Reasons carry counts and the PACS's name, never
+a patient's or study's identifiers.
 """
 
 from __future__ import annotations
@@ -54,9 +58,48 @@ class GetRefused(Exception):
 
 @dataclass
 class Series:
+    """One series to fetch: ``listed`` with its SOP Instance UIDs (0008,0018) in
+    ``instances``, else ``count`` instances as the PACS reported them."""
+
     study_uid: str
     series_uid: str
     instances: set[str] = field(default_factory=set)
+    count: int = 0
+    listed: bool = True
+
+    @property
+    def expected(self) -> int:
+        return len(self.instances) if self.listed else self.count
+
+
+@dataclass(frozen=True)
+class Arrived:
+    """What fiona holds of a plan: the listed instances it has (``held``), the instances of
+    each counted series (``counts``), and the total towards the plan (``n``)."""
+
+    held: set[str]
+    counts: dict[str, int]
+    n: int
+
+    @classmethod
+    def of(cls, store: RetrievalStore, plan: list[Series]) -> Arrived:
+        held = store.held_instances(sorted(u for s in plan if s.listed for u in s.instances))
+        counts = store.series_counts([s.series_uid for s in plan if not s.listed])
+        counted = sum(min(counts.get(s.series_uid, 0), s.count) for s in plan if not s.listed)
+        return cls(held, counts, len(held) + counted)
+
+    def missing(self, series: Series) -> list[str] | None:
+        """The missing SOP Instance UIDs of a listed series; for a counted one, None when it
+        is short, [] when complete."""
+        if series.listed:
+            return sorted(series.instances - self.held)
+        return None if self.counts.get(series.series_uid, 0) < series.count else []
+
+    def untouched(self, series: Series) -> bool:
+        """Nothing of the series has arrived."""
+        if series.listed:
+            return not series.instances & self.held
+        return not self.counts.get(series.series_uid, 0)
 
 
 @dataclass(frozen=True)
@@ -90,9 +133,8 @@ class RowFetch:
 
     def run(self, assoc: ScuAssociation, row: Row) -> Finished | None:
         store = RetrievalStore(self.index)
-        plan = plan_row(assoc, row)
+        plan = plan_row(assoc, row, store.series_counts)
         self.studies = sorted({s.study_uid for s in plan})
-        expected = {uid for s in plan for uid in s.instances}
         if row.spec.project:
             for study_uid in self.studies:
                 assign_study(
@@ -103,45 +145,55 @@ class RowFetch:
                     event=row.spec.event,
                     now=self.clock(),
                 )
-        held = store.held_instances(sorted(expected))
+        have = Arrived.of(store, plan)
         store.update(
             row.id,
             self.clock(),
             RowState.RETRIEVING,
             studies=len(self.studies),
-            expected=len(expected),
-            arrived=len(held),
+            expected=_expected(plan),
+            arrived=have.n,
         )
         whole = not (row.spec.modality or row.spec.series_description)
         reason = ""
         rounds = 0
-        while len(held) < len(expected) and rounds < ROUNDS:
+        while have.n < _expected(plan) and rounds < ROUNDS:
             if store.cancelled(row.id):
                 return None
             rounds += 1
-            before = len(held)
-            reason = self._fetch(assoc, plan, held, whole)
-            held = store.held_instances(sorted(expected))
-            if len(held) == before and not reason:
+            before = have.n
+            reason = self._fetch(assoc, plan, have, whole)
+            have = Arrived.of(store, plan)
+            if have.n < _expected(plan):
+                _list_short(assoc, plan, have)
+                have = Arrived.of(store, plan)
+            if have.n == before and not reason:
                 reason = f"PACS {self.pacs.name} answered with success but delivered nothing" + (
                     ""
                     if self.method is RetrieveMethod.GET
                     else f" (does it send {self.pacs.move_destination_for(self.site.ae_title)}"
                     " to this fiona's host and port?)"
                 )
-            store.update(row.id, self.clock(), RowState.RETRIEVING, arrived=len(held))
-        missing = len(expected) - len(held)
+            store.update(
+                row.id,
+                self.clock(),
+                RowState.RETRIEVING,
+                expected=_expected(plan),
+                arrived=have.n,
+            )
+        expected = _expected(plan)
+        missing = expected - have.n
         if not missing:
-            return Finished(RowState.DONE, "", len(held), rounds)
-        state = RowState.PARTIAL if held else RowState.FAILED
-        why = f"{missing} of {len(expected)} instances did not arrive after {rounds} {self.verb}s"
-        return Finished(state, f"{why}: {reason}" if reason else why, len(held), rounds)
+            return Finished(RowState.DONE, "", have.n, rounds)
+        state = RowState.PARTIAL if have.n else RowState.FAILED
+        why = f"{missing} of {expected} instances did not arrive after {rounds} {self.verb}s"
+        return Finished(state, f"{why}: {reason}" if reason else why, have.n, rounds)
 
-    def _fetch(self, assoc: ScuAssociation, plan: list[Series], held: set[str], whole: bool) -> str:
+    def _fetch(self, assoc: ScuAssociation, plan: list[Series], have: Arrived, whole: bool) -> str:
         """C-MOVE (or C-GET) what is missing; '' when every request answered success, else
         why not. ``whole``: the plan has every series of its studies (no series filter)."""
         problems = []
-        for identifier in _identifiers(plan, held, whole):
+        for identifier in _identifiers(plan, have, whole):
             result = self._request(assoc, identifier)
             if not result.ok:
                 problems.append(
@@ -193,8 +245,11 @@ class _Filer:
         return int(outcome.status)
 
 
-def plan_row(assoc: ScuAssociation, row: Row) -> list[Series]:
-    """The row's series and their instances, as the PACS lists them."""
+def plan_row(
+    assoc: ScuAssociation, row: Row, held_counts: Callable[[list[str]], dict[str, int]]
+) -> list[Series]:
+    """The row's series, counted or listed (see the module's docstring); ``held_counts``
+    gives the instances fiona holds per Series Instance UID."""
     spec = row.spec
     query = study_identifier(Filters(spec.patient_id, spec.accession, spec.study_date))
     query.StudyInstanceUID = spec.study_uid
@@ -204,7 +259,7 @@ def plan_row(assoc: ScuAssociation, row: Row) -> list[Series]:
     study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for ds in found} - {""})
     if not study_uids:
         raise RowFailed("no study matched")
-    plan: list[Series] = []
+    wanted: list[tuple[str, str, int]] = []  # study, series, count reported (0: none)
     for study_uid in study_uids:
         series = assoc.find(series_identifier(study_uid, spec.modality))
         if isinstance(series, str):
@@ -215,45 +270,80 @@ def plan_row(assoc: ScuAssociation, row: Row) -> list[Series]:
                 continue
             if not matches(spec.series_description, str(ds.get("SeriesDescription", ""))):
                 continue
-            instances = assoc.list_instances(study_uid, uid)
-            if isinstance(instances, str):
-                raise RowFailed(instances)
-            plan.append(Series(study_uid, uid, instances))
-    if not plan:
+            wanted.append((study_uid, uid, _count(ds)))
+    if not wanted:
         raise RowFailed("no series matched the row's modality and series description")
-    if not any(s.instances for s in plan):
+    held = held_counts([uid for _, uid, _ in wanted])
+    plan: list[Series] = []
+    for study_uid, uid, count in wanted:
+        if count > 0 and not held.get(uid):
+            plan.append(Series(study_uid, uid, count=count, listed=False))
+            continue
+        instances = assoc.list_instances(study_uid, uid)
+        if isinstance(instances, str):
+            raise RowFailed(instances)
+        plan.append(Series(study_uid, uid, instances))
+    if not _expected(plan):
         raise RowFailed("the PACS listed no instances for the matching series")
     return plan
 
 
-def _identifiers(plan: list[Series], held: set[str], whole: bool) -> list[Dataset]:
-    """What to ask for: a study-level identifier for a study none of whose instances is held
-    when the plan has all its series (``whole``), else per series (:func:`_series_identifiers`)."""
+def _count(ds: Dataset) -> int:
+    """Number of Series Related Instances (0020,1209) of a series-level answer; 0 when absent
+    or unreadable."""
+    try:
+        return max(int(ds.get("NumberOfSeriesRelatedInstances") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _expected(plan: list[Series]) -> int:
+    return sum(s.expected for s in plan)
+
+
+def _list_short(assoc: ScuAssociation, plan: list[Series], have: Arrived) -> None:
+    """List the instances of the counted series that came up short, so the next request
+    names exactly what is missing."""
+    for series in plan:
+        if series.listed or have.missing(series) is not None:
+            continue
+        listed = assoc.list_instances(series.study_uid, series.series_uid)
+        if isinstance(listed, str):
+            raise RowFailed(listed)
+        series.instances, series.listed = listed, True
+
+
+def _identifiers(plan: list[Series], have: Arrived, whole: bool) -> list[Dataset]:
+    """What to ask for: a study-level identifier for a study nothing of which has arrived
+    when the plan has all its series (``whole``), else per series: the whole series when
+    nothing of it has arrived, else the missing instances (:func:`_image_identifiers`)."""
     out: list[Dataset] = []
     for study_uid in sorted({s.study_uid for s in plan}):
         series = [s for s in plan if s.study_uid == study_uid]
-        if whole and not any(s.instances & held for s in series):
+        if whole and all(have.untouched(s) for s in series):
             ds = Dataset()
             ds.QueryRetrieveLevel = "STUDY"
             ds.StudyInstanceUID = study_uid
             out.append(ds)
             continue
         for one in series:
-            missing = sorted(one.instances - held)
-            if missing:
-                out += _series_identifiers(one, missing)
+            missing = have.missing(one)
+            if missing == []:
+                continue
+            if missing is None or have.untouched(one):
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "SERIES"
+                ds.StudyInstanceUID = one.study_uid
+                ds.SeriesInstanceUID = one.series_uid
+                out.append(ds)
+                continue
+            out += _image_identifiers(one, missing)
     return out
 
 
-def _series_identifiers(series: Series, missing: list[str]) -> list[Dataset]:
-    """A series-level identifier when the whole series is missing, else image-level ones
-    naming the missing SOP Instance UIDs (0008,0018) in batches."""
-    base = Dataset()
-    base.StudyInstanceUID = series.study_uid
-    base.SeriesInstanceUID = series.series_uid
-    if len(missing) == len(series.instances):
-        base.QueryRetrieveLevel = "SERIES"
-        return [base]
+def _image_identifiers(series: Series, missing: list[str]) -> list[Dataset]:
+    """Image-level identifiers naming the missing SOP Instance UIDs (0008,0018) of a series,
+    in batches."""
     out = []
     for start in range(0, len(missing), IMAGE_BATCH):
         ds = Dataset()
