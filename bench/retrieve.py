@@ -1,7 +1,7 @@
 """Retrieval benchmark: ``fiona retrieve`` (C-MOVE and C-GET) against dcmtk's movescu/getscu.
 
 Run from the repo root: ``python bench/retrieve.py [--files 2000] [--size 64]
-[--associations 4]``. A corpus of
+[--associations 1,4] [--repeat 3]``. A corpus of
 synthetic MR studies (``tests.synth.make_corpus``: 200 instances a study) is loaded into
 Orthanc, then fetched four ways, each into a fresh destination:
 
@@ -9,7 +9,7 @@ Orthanc, then fetched four ways, each into a fresh destination:
   by ``fiona serve`` in ``--associations`` lanes (the PACS's ``limits.max_associations``: rows
   in parallel, one association each; C-FIND of every series and instance, C-MOVE to fiona's
   own SCP, every instance durable in the archive and the index, arrivals counted);
-- dcmtk ``movescu`` per study into dcmtk's ``storescp``;
+- dcmtk ``movescu`` per study into dcmtk's ``storescp`` (one at a time, as a script would);
 - fiona, ``retrieve: get`` (C-GET, filed through the archive on the same association);
 - dcmtk ``getscu`` per study, writing files.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,10 +56,11 @@ def _study_uids(files: list[Path]) -> list[str]:
 def _fiona(
     work: Path, orthanc: OrthancServer, port: int, method: str, uids: list[str], lanes: int
 ) -> float:
-    """Seconds for ``fiona retrieve`` to bring every study."""
-    data, projects = work / f"fiona-{method}", work / f"projects-{method}"
+    """Seconds for ``fiona retrieve`` to bring every study, in ``lanes`` associations."""
+    tag = f"{method}-{lanes}-{time.monotonic_ns()}"
+    data, projects = work / f"fiona-{tag}", work / f"projects-{tag}"
     projects.mkdir()
-    site = work / f"site-{method}.yaml"
+    site = work / f"site-{tag}.yaml"
     site.write_text(
         f"data_dir: {data}\nprojects_dir: {projects}\nport: {port}\n"
         f"pacs:\n  - {{name: orthanc, ae_title: {orthanc.ae_title}, host: 127.0.0.1,"
@@ -67,7 +69,7 @@ def _fiona(
     )
     server = FionaServer(data_dir=data, projects_dir=projects, port=port, config=site).start()
     try:
-        listing = work / f"list-{method}.csv"
+        listing = work / f"list-{tag}.csv"
         listing.write_text("study_uid\n" + "".join(f"{u}\n" for u in uids))
         assert (
             fiona_main(["retrieve", "orthanc", "--list", str(listing), "--config", str(site)]) == 0
@@ -93,8 +95,9 @@ def _fiona(
         finally:
             db.close()
         print(
-            f"  fiona {method}: first instance {first - wall:.2f} s after queueing, {n} arrived"
-            f" in {last - first:.2f} s ({n / max(last - first, 1e-6):.0f} files/s while arriving)"
+            f"  fiona {method} x{lanes}: first instance {first - wall:.2f} s after queueing,"
+            f" {n} arrived in {last - first:.2f} s"
+            f" ({n / max(last - first, 1e-6):.0f} files/s while arriving)"
         )
         return seconds
     finally:
@@ -105,7 +108,7 @@ def _dcmtk(
     work: Path, orthanc: OrthancServer, tool: str, uids: list[str], store_port: int
 ) -> float:
     """Seconds for movescu (into storescp at ``store_port``) or getscu to bring every study."""
-    out = work / f"{tool}-out"
+    out = work / f"{tool}-out-{time.monotonic_ns()}"
     out.mkdir()
     start = time.perf_counter()
     for uid in uids:
@@ -123,11 +126,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64, help="image rows and columns")
     parser.add_argument(
         "--associations",
-        type=int,
-        default=4,
-        help="the PACS's limits.max_associations: rows fiona retrieves in parallel",
+        default="1,4",
+        help="the PACS's limits.max_associations fiona is run with (rows retrieved in"
+        " parallel), comma-separated: each is a run of its own",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; medians are printed")
     args = parser.parse_args()
+    lanes = [int(n) for n in args.associations.split(",")]
     with tempfile.TemporaryDirectory(prefix="fiona-bench-retrieve-") as tmp:
         work = Path(tmp)
         files = make_corpus(work / "corpus", args.files, args.size)
@@ -139,26 +144,39 @@ def main() -> int:
             "storescp": ["STORESCP", "127.0.0.1", storescp.port],
         }
         orthanc = OrthancServer(work / "orthanc", extra={"DicomModalities": modalities}).start()
+        runs: dict[str, list[float]] = {}
         try:
             DcmqrscpServer.load(orthanc.ae_title, orthanc.dicom_port, work / "corpus")
             print(
-                f"{len(files)} files of {args.size}x{args.size} in {len(uids)} studies;"
-                f" fiona with max_associations {args.associations}, dcmtk one study at a time"
+                f"{len(files)} files of {args.size}x{args.size} in {len(uids)} studies; fiona"
+                f" with max_associations {', '.join(map(str, lanes))}, dcmtk one study at a"
+                f" time; {args.repeat} rounds, each tool in turn"
             )
-            rates = {
-                "fiona C-MOVE": _fiona(work, orthanc, fiona_port, "move", uids, args.associations),
-                "movescu": _dcmtk(work, orthanc, "movescu", uids, storescp.port),
-                "fiona C-GET": _fiona(work, orthanc, fiona_port, "get", uids, args.associations),
-                "getscu": _dcmtk(work, orthanc, "getscu", uids, storescp.port),
-            }
+            for _ in range(args.repeat):
+                for method, tool in (("move", "movescu"), ("get", "getscu")):
+                    for n in lanes:
+                        seconds = _fiona(work, orthanc, fiona_port, method, uids, n)
+                        runs.setdefault(f"fiona C-{method.upper()} x{n}", []).append(seconds)
+                    seconds = _dcmtk(work, orthanc, tool, uids, storescp.port)
+                    runs.setdefault(tool, []).append(seconds)
         finally:
             orthanc.stop()
             storescp.stop()
-        for name, seconds in rates.items():
-            print(f"{name:<14} {len(files) / seconds:8.1f} files/s  ({seconds:.1f} s)")
-        for ours, theirs in (("fiona C-MOVE", "movescu"), ("fiona C-GET", "getscu")):
-            print(f"{ours} / {theirs}: {rates[theirs] / rates[ours]:.2f}x")
+        _report(len(files), runs, lanes)
     return 0
+
+
+def _report(files: int, runs: dict[str, list[float]], lanes: list[int]) -> None:
+    """files/s of each (median of the rounds) and fiona's ratio to dcmtk (median of the
+    rounds' ratios: each round's runs were close in time)."""
+    for name, seconds in runs.items():
+        mid = statistics.median(seconds)
+        print(f"{name:<18} {files / mid:8.1f} files/s  ({mid:.1f} s)")
+    for method, tool in (("MOVE", "movescu"), ("GET", "getscu")):
+        for n in lanes:
+            ours = runs[f"fiona C-{method} x{n}"]
+            ratio = statistics.median(t / o for t, o in zip(runs[tool], ours, strict=True))
+            print(f"fiona C-{method} x{n} / {tool}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

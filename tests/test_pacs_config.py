@@ -10,6 +10,7 @@ import pytest
 
 from engine.config.loader import ConfigError, load_site
 from engine.config.pacs import (
+    OnGetRefused,
     PacsConfig,
     PacsLimits,
     PacsTimeouts,
@@ -32,6 +33,7 @@ def test_pacs_entries_load_with_defaults(tmp_path: Path) -> None:
         "    port: 11112\n"
         "    calling_ae: FIONA_Q\n"
         "    retrieve: get\n"
+        "    on_get_refused: move\n"
         "    move_destination: FIONA_STORE\n"
         "    tls: {enabled: true, ca_file: ca.pem}\n"
         "    limits: {max_associations: 1, studies_per_hour: 30, windows: [Sat-Sun]}\n"
@@ -44,6 +46,8 @@ def test_pacs_entries_load_with_defaults(tmp_path: Path) -> None:
     assert clinical.move_destination_for(site.ae_title) == "RESEARCH"
     assert clinical.retrieve is RetrieveMethod.MOVE
     assert archive.retrieve is RetrieveMethod.GET
+    assert clinical.on_get_refused is OnGetRefused.FAIL  # C-MOVE needs the PACS's set-up
+    assert archive.on_get_refused is OnGetRefused.MOVE
     assert archive.calling_ae_for(site.ae_title) == "FIONA_Q"
     assert archive.move_destination_for(site.ae_title) == "FIONA_STORE"
     assert archive.tls == PacsTls(enabled=True, ca_file=tmp_path / "ca.pem")
