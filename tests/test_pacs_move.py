@@ -276,6 +276,34 @@ def test_a_killed_retrieval_resumes_without_duplicates(
     assert "retrieval: 1 rows taken up again after a restart" in fiona.log_text()
 
 
+def test_studies_per_hour_hold_with_rows_in_parallel(
+    peers: dict[str, tuple[str, int]],
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """studies_per_hour 1 with two lanes: a row under way counts, so the second lane does not
+    take the second row while the first is being fetched, nor after it (the hour is full)."""
+    site = site_with(tmp_path, *peers["orthanc"], fiona)
+    text = site.read_text().replace(
+        "retrieve: move", "retrieve: move, limits: {max_associations: 2, studies_per_hour: 1}"
+    )
+    site.write_text(text)
+    fiona.config = site
+    fiona.start()
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"study_uid\n{UID[1]}\n{UID[2]}\n")
+    job = queue(capsys, site, csv)
+    deadline = time.monotonic() + 60
+    while not any(r["state"] == "done" for r in status_rows(capsys, site, job)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2.0)  # four more ticks of the job
+    rows = status_rows(capsys, site, job)
+    assert sorted(r["state"] for r in rows) == ["done", "queued"], rows
+    assert held(fiona, UID[1]) + held(fiona, UID[2]) in (n_instances(1), n_instances(2))
+
+
 def test_bad_lists_are_not_queued(
     fiona: FionaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
