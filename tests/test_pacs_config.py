@@ -116,6 +116,8 @@ def test_validate_warns_of_a_move_that_cannot_reach_fiona(
         "  - {name: local, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
         "  - {name: clinical, ae_title: PACS, host: 10.0.0.5, port: 104}\n"
         "  - {name: getter, ae_title: PACS, host: 10.0.0.6, port: 104, retrieve: get}\n"
+        "  - {name: fallback, ae_title: PACS, host: 10.0.0.7, port: 104, retrieve: get,"
+        " on_get_refused: move}\n"
     )
     assert run_validate([], site_path=site_file) == 0
     out = capsys.readouterr().out
@@ -123,6 +125,11 @@ def test_validate_warns_of_a_move_that_cannot_reach_fiona(
         f"{site_file}:2 pacs[1].retrieve: warning: PACS clinical is to send C-MOVE results to"
         " fiona's port, but fiona listens on 127.0.0.1 only: set bind_address (and"
         " allowed_calling_aes), or retrieve: get"
+    )
+    assert out.splitlines()[1] == (
+        f"{site_file}:2 pacs[3].on_get_refused: warning: PACS fallback is to send C-MOVE"
+        " results to fiona's port when it refuses C-GET, but fiona listens on 127.0.0.1 only:"
+        " set bind_address (and allowed_calling_aes), or on_get_refused: fail"
     )
     assert "local" not in out and "getter" not in out
 
