@@ -411,6 +411,39 @@ def test_a_pacs_that_refuses_c_get(
     )
 
 
+@pytest.mark.parametrize("on_refused", ["fail", "move"])
+def test_a_pacs_without_c_get(
+    on_refused: str, fiona: FionaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS that does not accept Study Root C-GET at all (its association takes FIND and
+    MOVE only): fail says so at once; move fetches the row by C-MOVE."""
+    pacs = FlakyPacs(synth.make_study(SPECS[0], SERIES[1], size=16), fiona.port).start()
+    try:
+        site = site_with(tmp_path, pacs.ae_title, pacs.port, fiona, "get")
+        text = site.read_text().replace(
+            "retrieve: get", f"retrieve: get, on_get_refused: {on_refused}"
+        )
+        site.write_text(text)
+        fiona.config = site
+        fiona.start()
+        csv = tmp_path / "list.csv"
+        csv.write_text(f"accession\n{SPECS[0].accession_number}\n")
+        (row,) = finished(capsys, site, queue(capsys, site, csv))
+    finally:
+        pacs.stop()
+    refused = "PACS clinical: the peer does not accept Study Root C-GET requests from us"
+    if on_refused == "fail":
+        assert (row["state"], row["attempts"]) == ("failed", 0)
+        assert (
+            row["reason"]
+            == f"{refused} (with on_get_refused: move fiona retrieves by C-MOVE instead)"
+        )
+        assert pacs.moves == 0
+        return
+    assert (row["state"], row["arrived"], row["expected"]) == ("done", 15, 15), row
+    assert pacs.moves == 2  # the study, then the instance its first C-MOVE left out
+
+
 @pytest.mark.parametrize(("mode", "state"), [("drop_first", "done"), ("lie", "failed")])
 def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
     mode: str,
