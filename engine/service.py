@@ -278,7 +278,7 @@ def _start_jobs(
         from engine.retrieve.worker import RetrieveWorker
 
         scheduler.add_job(
-            RetrieveWorker(store.site, store.index, store.archive),
+            RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler),
             "interval",
             seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",

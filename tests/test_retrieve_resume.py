@@ -1,6 +1,7 @@
-"""A retrieval killed mid-way (SIGKILL of ``fiona serve`` while two lanes are moving or getting
-from Orthanc) and resumed by the next start: every row ends done, every instance is held
-once, nothing is fetched twice."""
+"""A retrieval killed (SIGKILL) or stopped (SIGTERM) mid-way, while two lanes of ``fiona serve``
+are moving or getting from Orthanc, and resumed by the next start: every row ends done, every
+instance is held once, nothing is fetched twice. A stop queues the rows under way again after
+their current request, cleanly."""
 
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def _count(data: Path, sql: str) -> Any:
         db.close()
 
 
+@pytest.mark.parametrize("how", ["kill", "stop"])
 @pytest.mark.parametrize("method", ["move", "get"])
-def test_a_killed_retrieval_resumes_with_no_duplicate_and_no_loss(
+def test_an_interrupted_retrieval_resumes_with_no_duplicate_and_no_loss(
+    how: str,
     method: str,
     orthanc: OrthancServer,
     corpus: tuple[Path, list[str]],
@@ -90,14 +93,23 @@ def test_a_killed_retrieval_resumes_with_no_duplicate_and_no_loss(
             assert time.monotonic() < deadline, "nothing arrived"
             time.sleep(0.01)
         assert fiona.proc is not None
-        fiona.proc.send_signal(signal.SIGKILL)
-        fiona.proc.wait()
-        at_kill = _count(data, "SELECT count(*) FROM instances")
-        assert at_kill < FILES, "the retrieval finished before it was killed"
+        if how == "kill":
+            fiona.proc.send_signal(signal.SIGKILL)
+            fiona.proc.wait()
+        else:
+            assert fiona.stop() == 0
+        at_stop = _count(data, "SELECT count(*) FROM instances")
+        assert at_stop < FILES, "the retrieval finished before it was interrupted"
         under_way = _count(
             data, "SELECT count(*) FROM retrieve_rows WHERE state IN ('querying', 'retrieving')"
         )
-        assert under_way >= 1
+        first_log = fiona.log_text()
+        if how == "kill":
+            assert under_way >= 1
+        else:  # rows under way finished or were queued again; the ticks never waited
+            assert under_way == 0
+            assert "Traceback" not in first_log
+            assert "maximum number of running instances reached" not in first_log
         fiona.proc = None
         fiona.start()
         rows = finished(capsys, site, job)
@@ -109,4 +121,5 @@ def test_a_killed_retrieval_resumes_with_no_duplicate_and_no_loss(
     assert _count(data, "SELECT count(*) FROM instances") == FILES
     assert _count(data, "SELECT count(DISTINCT sop_instance_uid) FROM instances") == FILES
     assert _count(data, "SELECT count(*) FROM duplicates") == 0
-    assert f"retrieval: {under_way} rows taken up again after a restart" in fiona.log_text()
+    if how == "kill":
+        assert f"retrieval: {under_way} rows taken up again after a restart" in fiona.log_text()

@@ -115,8 +115,8 @@ class Finished:
 @dataclass
 class RowFetch:
     """Works one row on an open association; :meth:`run` returns how it ended, or None when
-    the row was cancelled mid-way. ``method`` is how this association fetches (a ``get`` PACS
-    that refused C-GET is fetched by C-MOVE)."""
+    the row was cancelled, or fiona is stopping, mid-way. ``method`` is how this association
+    fetches (a ``get`` PACS that refused C-GET is fetched by C-MOVE)."""
 
     site: SiteConfig
     index: Index
@@ -124,6 +124,8 @@ class RowFetch:
     pacs: PacsConfig
     method: RetrieveMethod
     clock: Callable[[], float]
+    #: whether fiona is stopping (checked between requests, as cancelling is)
+    stopping: Callable[[], bool] = lambda: False
     #: the studies of the row, once found (for the audit)
     studies: list[str] = field(default_factory=list)
 
@@ -158,7 +160,7 @@ class RowFetch:
         reason = ""
         rounds = 0
         while have.n < _expected(plan) and rounds < ROUNDS:
-            if store.cancelled(row.id):
+            if self.stopping() or store.cancelled(row.id):
                 return None
             rounds += 1
             before = have.n

@@ -1,15 +1,18 @@
 """The retrieval job of ``fiona serve``: works queued list rows, up to ``max_associations`` at
 once per PACS.
 
-Each call of the job starts, for every PACS with queued rows, up to its
-``limits.max_associations`` lanes. A lane is a thread with one association to the PACS, kept
-open from row to row (a new one when the PACS has ended it): it claims the PACS's next queued
-row, works it (:class:`engine.retrieve.row.RowFetch`: C-FIND, claim for the project, C-MOVE or
-C-GET what is missing, count arrivals) and takes the next one at once, for as long as the PACS
-may be asked: inside its time windows, below its studies per hour (a row under way counts as
-one), and not paused after it could not be reached. A claim is one conditional update in the
-index, so a row is worked once; a cancelled row stops between requests; rows a stopped
-service left half-way are queued again when the worker starts (fetching only what is missing).
+Each call of the job (every half second) starts, for every PACS with queued rows that may be
+asked now, lanes up to its ``limits.max_associations`` (counting those still running) and
+returns at once. A lane is a thread with one association to the PACS, kept open from row to
+row (a new one when the PACS has ended it): it claims the PACS's next queued row, works it
+(:class:`engine.retrieve.row.RowFetch`: C-FIND, claim for the project, C-MOVE or C-GET what is
+missing, count arrivals) and takes the next one at once, for as long as the PACS may be asked:
+inside its time windows, below its studies per hour (a row under way counts as one), and not
+paused after it could not be reached. A claim is one conditional update in the index, so a
+row is worked once; a cancelled row stops between requests; when fiona stops (the scheduler's
+shutdown calls :meth:`RetrieveWorker.close`), a row under way is queued again after its
+current request, and rows a stopped (or killed) service left half-way are queued again when
+the worker starts: only what is missing is fetched.
 
 ``retrieve: get`` with ``on_get_refused: move``: once the PACS refuses C-GET, the lanes fetch
 by C-MOVE until fiona restarts (a log line; each row's audit entry says so). Log lines and
@@ -22,7 +25,9 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from engine.config.model import SiteConfig
 from engine.config.pacs import OnGetRefused, PacsConfig, RetrieveMethod
@@ -36,9 +41,6 @@ from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
 
-#: Seconds one call of the job takes new rows (rows under way are finished); the next call,
-#: half a second later, goes on.
-BUDGET = 30.0
 #: Seconds a PACS that could not be reached is left alone before its rows are tried again.
 UNREACHABLE_PAUSE = 60.0
 #: Times a row is put back for an unreachable PACS before it fails.
@@ -100,7 +102,10 @@ class RetrieveWorker:
         *,
         clock: Callable[[], float] = time.time,
         local_now: Callable[[], dt.datetime] = dt.datetime.now,
+        scheduler: Any = None,
     ) -> None:
+        """``scheduler``: the APScheduler that calls the job; its shutdown stops the lanes
+        (:meth:`close`) before the index is closed."""
         self.site = site
         self.index = index
         self.archive = archive  # where C-GET files what it brings (C-MOVE: fiona's SCP)
@@ -113,40 +118,65 @@ class RetrieveWorker:
         self._busy: dict[int, str] = {}  # row id -> its PACS, for the rows under way
         self._refused: dict[str, str] = {}  # PACS name -> how it refused C-GET (fallback)
         self._stale: set[int] = set()  # rows put back once for a reused association's break
+        self._lanes: list[tuple[str, threading.Thread]] = []  # (PACS name, lane)
+        self._stop = threading.Event()
+        if scheduler is not None:
+            from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN
+
+            scheduler.add_listener(lambda _event: self.close(), EVENT_SCHEDULER_SHUTDOWN)
         resumed = self.store.resume(clock())
         if resumed:
             log.info("retrieval: %d rows taken up again after a restart", resumed)
 
     def __call__(self) -> None:
-        """Lanes for every PACS with queued rows, each taking rows for up to :data:`BUDGET`
-        seconds; returns when all have finished."""
-        deadline = time.monotonic() + BUDGET
-        lanes = []
+        """Start lanes for every PACS with queued rows that may be asked now, up to its
+        ``max_associations`` with those still running, and return: a lane takes rows until
+        there is none it may take (so the job's ticks never wait for a row)."""
+        if self._stop.is_set():
+            return
+        with self._lock:
+            self._lanes = [(name, t) for name, t in self._lanes if t.is_alive()]
+            running = Counter(name for name, _ in self._lanes)
         for name in self.store.pacs_with_queued():
             pacs = self.site.pacs_named(name)
             if pacs is None:
                 self._fail_rows_of(name)
                 continue
-            for n in range(pacs.limits.max_associations):
+            with self._lock:
+                if not self._may_ask(pacs):
+                    continue
+            for n in range(running[name], pacs.limits.max_associations):
                 lane = threading.Thread(
-                    target=self._lane,
-                    args=(pacs, deadline),
-                    name=f"retrieve-{name}-{n + 1}",
-                    daemon=True,
+                    target=self._lane, args=(pacs,), name=f"retrieve-{name}-{n + 1}", daemon=True
                 )
+                with self._lock:
+                    self._lanes.append((name, lane))
                 lane.start()
-                lanes.append(lane)
-        for lane in lanes:
-            lane.join()
+
+    def drain(self) -> None:
+        """Wait until every lane has run out of rows it may take."""
+        while True:
+            with self._lock:
+                alive = [t for _, t in self._lanes if t.is_alive()]
+            if not alive:
+                return
+            for lane in alive:
+                lane.join()
+
+    def close(self) -> None:
+        """Stop: lanes take no more rows, and a row under way is queued again after its
+        current request (the next start fetches only what is missing); waits for them."""
+        self._stop.set()
+        self.drain()
 
     def _fail_rows_of(self, name: str) -> None:
         while (row := self.store.next_queued(name)) is not None:
             self._end(row, RowState.FAILED, f"no PACS named {name} in the site config")
 
-    def _lane(self, pacs: PacsConfig, deadline: float) -> None:
+    def _lane(self, pacs: PacsConfig) -> None:
         lane = _Lane(self.site, pacs)
         try:
-            while time.monotonic() < deadline and (row := self._take(pacs)) is not None:
+            while not self._stop.is_set() and (row := self._take(pacs)) is not None:
                 try:
                     self.work(pacs, row, lane)
                 finally:
@@ -200,7 +230,9 @@ class RetrieveWorker:
         except AssociationBroken as exc:
             self._unreachable(pacs, row, str(exc))
             return
-        fetch = RowFetch(self.site, self.index, self.archive, pacs, method, self.clock)
+        fetch = RowFetch(
+            self.site, self.index, self.archive, pacs, method, self.clock, self._stop.is_set
+        )
         try:
             finished = fetch.run(assoc, row)
         except GetRefused as exc:
@@ -213,6 +245,10 @@ class RetrieveWorker:
         except AssociationBroken as exc:
             lane.drop()
             self._broken(pacs, row, f"PACS {pacs.name}: {exc}", lane.reused)
+            return
+        if finished is None and self._stop.is_set():
+            self.store.update(row.id, self.clock(), RowState.QUEUED)
+            log.info("retrieval job %d line %d: stopped, queued again", row.job, row.spec.line)
             return
         if finished is None:
             log.info("retrieval job %d line %d: cancelled", row.job, row.spec.line)
