@@ -292,7 +292,10 @@ def _start_jobs(
         from engine.retrieve.worker import RetrieveWorker
 
         scheduler.add_job(
-            once("retrieve", RetrieveWorker(store.site, store.index, store.archive)),
+            once(
+                "retrieve",
+                RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler),
+            ),
             "interval",
             seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",

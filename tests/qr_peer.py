@@ -41,6 +41,7 @@ class FlakyPacs:
     ae_title: str = "FLAKY"
     port: int = field(default_factory=free_port)
     moves: int = 0
+    image_finds: int = 0
     server: Any = None
 
     def start(self) -> FlakyPacs:
@@ -80,6 +81,7 @@ class FlakyPacs:
     def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         identifier = event.identifier
         level = str(identifier.QueryRetrieveLevel)
+        self.image_finds += level == "IMAGE"
         unique = _LEVEL_KEYS[level]
         seen: set[str] = set()
         for ds in self._matching(identifier):
@@ -90,7 +92,11 @@ class FlakyPacs:
             answer = Dataset()
             answer.QueryRetrieveLevel = level
             for elem in identifier:
-                if elem.keyword and elem.keyword != "QueryRetrieveLevel":
+                if elem.keyword == "NumberOfSeriesRelatedInstances":
+                    answer.NumberOfSeriesRelatedInstances = sum(
+                        str(d.SeriesInstanceUID) == key for d in self.datasets
+                    )
+                elif elem.keyword and elem.keyword != "QueryRetrieveLevel":
                     setattr(answer, elem.keyword, ds.get(elem.keyword, ""))
             yield 0xFF00, answer
         yield 0x0000, None

@@ -10,6 +10,7 @@ import pytest
 
 from engine.config.loader import ConfigError, load_site
 from engine.config.pacs import (
+    OnGetRefused,
     PacsConfig,
     PacsLimits,
     PacsTimeouts,
@@ -32,6 +33,7 @@ def test_pacs_entries_load_with_defaults(tmp_path: Path) -> None:
         "    port: 11112\n"
         "    calling_ae: FIONA_Q\n"
         "    retrieve: get\n"
+        "    on_get_refused: move\n"
         "    move_destination: FIONA_STORE\n"
         "    tls: {enabled: true, ca_file: ca.pem}\n"
         "    limits: {max_associations: 1, studies_per_hour: 30, windows: [Sat-Sun]}\n"
@@ -44,6 +46,8 @@ def test_pacs_entries_load_with_defaults(tmp_path: Path) -> None:
     assert clinical.move_destination_for(site.ae_title) == "RESEARCH"
     assert clinical.retrieve is RetrieveMethod.MOVE
     assert archive.retrieve is RetrieveMethod.GET
+    assert clinical.on_get_refused is OnGetRefused.FAIL  # C-MOVE needs the PACS's set-up
+    assert archive.on_get_refused is OnGetRefused.MOVE
     assert archive.calling_ae_for(site.ae_title) == "FIONA_Q"
     assert archive.move_destination_for(site.ae_title) == "FIONA_STORE"
     assert archive.tls == PacsTls(enabled=True, ca_file=tmp_path / "ca.pem")
@@ -112,6 +116,8 @@ def test_validate_warns_of_a_move_that_cannot_reach_fiona(
         "  - {name: local, ae_title: PACS, host: 127.0.0.1, port: 104}\n"
         "  - {name: clinical, ae_title: PACS, host: 10.0.0.5, port: 104}\n"
         "  - {name: getter, ae_title: PACS, host: 10.0.0.6, port: 104, retrieve: get}\n"
+        "  - {name: fallback, ae_title: PACS, host: 10.0.0.7, port: 104, retrieve: get,"
+        " on_get_refused: move}\n"
     )
     assert run_validate([], site_path=site_file) == 0
     out = capsys.readouterr().out
@@ -119,6 +125,11 @@ def test_validate_warns_of_a_move_that_cannot_reach_fiona(
         f"{site_file}:2 pacs[1].retrieve: warning: PACS clinical is to send C-MOVE results to"
         " fiona's port, but fiona listens on 127.0.0.1 only: set bind_address (and"
         " allowed_calling_aes), or retrieve: get"
+    )
+    assert out.splitlines()[1] == (
+        f"{site_file}:2 pacs[3].on_get_refused: warning: PACS fallback is to send C-MOVE"
+        " results to fiona's port when it refuses C-GET, but fiona listens on 127.0.0.1 only:"
+        " set bind_address (and allowed_calling_aes), or on_get_refused: fail"
     )
     assert "local" not in out and "getter" not in out
 

@@ -217,7 +217,8 @@ def test_retrieve_a_list(
         for line in f.read_text().splitlines()
     ]
     retrieved = [e for e in audit if e["event"] == "retrieved"]
-    assert [(e["line"], e["outcome"], len(e["studies"])) for e in retrieved] == [
+    # Rows run in parallel lanes (max_associations 2): they finish in any order.
+    assert sorted((e["line"], e["outcome"], len(e["studies"])) for e in retrieved) == [
         (2, "done", 1),
         (3, "done", 1),
         (4, "failed", 0),
@@ -278,6 +279,34 @@ def test_a_killed_retrieval_resumes_without_duplicates(
     assert index_rows(fiona, "SELECT claimed_by FROM retrieve_rows") == [(None,)]  # released
 
 
+def test_studies_per_hour_hold_with_rows_in_parallel(
+    peers: dict[str, tuple[str, int]],
+    fiona: FionaServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """studies_per_hour 1 with two lanes: a row under way counts, so the second lane does not
+    take the second row while the first is being fetched, nor after it (the hour is full)."""
+    site = site_with(tmp_path, *peers["orthanc"], fiona)
+    text = site.read_text().replace(
+        "retrieve: move", "retrieve: move, limits: {max_associations: 2, studies_per_hour: 1}"
+    )
+    site.write_text(text)
+    fiona.config = site
+    fiona.start()
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"study_uid\n{UID[1]}\n{UID[2]}\n")
+    job = queue(capsys, site, csv)
+    deadline = time.monotonic() + 60
+    while not any(r["state"] == "done" for r in status_rows(capsys, site, job)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2.0)  # four more ticks of the job
+    rows = status_rows(capsys, site, job)
+    assert sorted(r["state"] for r in rows) == ["done", "queued"], rows
+    assert held(fiona, UID[1]) + held(fiona, UID[2]) in (n_instances(1), n_instances(2))
+
+
 def test_bad_lists_are_not_queued(
     fiona: FionaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -329,9 +358,14 @@ def test_a_pacs_that_does_not_know_the_destination_fails_the_row(
     assert "PACS clinical answered the C-MOVE with status 0x" in row["reason"]
 
 
-def test_a_pacs_that_refuses_c_get_fails_the_row_with_its_reason(
-    tmp_path: Path, fiona: FionaServer, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("on_refused", ["fail", "move"])
+def test_a_pacs_that_refuses_c_get(
+    on_refused: str, tmp_path: Path, fiona: FionaServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Orthanc not allowing C-GET for fiona's AE aborts the association on the request.
+    on_get_refused: fail: the row fails (second try) saying what to check and what to set;
+    move: the same row is fetched by C-MOVE at once and ends done, the log and the row's audit
+    entry saying it fell back."""
     studies = tmp_path / "studies"
     synth.write_study(synth.make_study(SPECS[0], SERIES[1], size=16), studies)
     allowed = {"AET": "FIONA", "Host": "127.0.0.1", "Port": fiona.port, "AllowGet": False}
@@ -344,6 +378,10 @@ def test_a_pacs_that_refuses_c_get_fails_the_row_with_its_reason(
     try:
         DcmqrscpServer.load(orthanc.ae_title, orthanc.dicom_port, studies)
         site = site_with(tmp_path, orthanc.ae_title, orthanc.dicom_port, fiona, "get")
+        text = site.read_text().replace(
+            "retrieve: get", f"retrieve: get, on_get_refused: {on_refused}"
+        )
+        site.write_text(text)
         fiona.config = site
         fiona.start()
         csv = tmp_path / "list.csv"
@@ -351,11 +389,62 @@ def test_a_pacs_that_refuses_c_get_fails_the_row_with_its_reason(
         (row,) = finished(capsys, site, queue(capsys, site, csv))
     finally:
         orthanc.stop()
-    assert (row["state"], row["arrived"]) == ("failed", 0)
-    # Orthanc says no by aborting the association.
-    assert row["reason"] == (
-        "PACS clinical: the peer aborted the association (does the PACS allow C-GET from FIONA?)"
+    (entry,) = [
+        json.loads(line)
+        for f in sorted((fiona.data_dir / "audit").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+        if json.loads(line)["event"] == "retrieved"
+    ]
+    refused = "PACS clinical: the peer aborted the association"
+    if on_refused == "fail":
+        assert (row["state"], row["arrived"]) == ("failed", 0)
+        assert row["reason"] == (
+            f"{refused} (does the PACS allow C-GET from FIONA?; with on_get_refused: move"
+            " fiona retrieves by C-MOVE instead)"
+        )
+        assert "fallback" not in entry
+        return
+    assert (row["state"], row["arrived"], row["expected"]) == ("done", 15, 15), row
+    assert held(fiona, UID[1]) == 15
+    assert (entry["outcome"], entry["via"]) == ("done", "C-MOVE")
+    assert entry["fallback"] == f"C-GET refused: {refused}"
+    assert (
+        f"{refused}: retrieving from PACS clinical by C-MOVE from now on (on_get_refused: move)"
+        in fiona.log_text()
     )
+
+
+@pytest.mark.parametrize("on_refused", ["fail", "move"])
+def test_a_pacs_without_c_get(
+    on_refused: str, fiona: FionaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS that does not accept Study Root C-GET at all (its association takes FIND and
+    MOVE only): fail says so at once; move fetches the row by C-MOVE."""
+    pacs = FlakyPacs(synth.make_study(SPECS[0], SERIES[1], size=16), fiona.port).start()
+    try:
+        site = site_with(tmp_path, pacs.ae_title, pacs.port, fiona, "get")
+        text = site.read_text().replace(
+            "retrieve: get", f"retrieve: get, on_get_refused: {on_refused}"
+        )
+        site.write_text(text)
+        fiona.config = site
+        fiona.start()
+        csv = tmp_path / "list.csv"
+        csv.write_text(f"accession\n{SPECS[0].accession_number}\n")
+        (row,) = finished(capsys, site, queue(capsys, site, csv))
+    finally:
+        pacs.stop()
+    refused = "PACS clinical: the peer does not accept Study Root C-GET requests from us"
+    if on_refused == "fail":
+        assert (row["state"], row["attempts"]) == ("failed", 0)
+        assert (
+            row["reason"]
+            == f"{refused} (with on_get_refused: move fiona retrieves by C-MOVE instead)"
+        )
+        assert pacs.moves == 0
+        return
+    assert (row["state"], row["arrived"], row["expected"]) == ("done", 15, 15), row
+    assert pacs.moves == 2  # the study, then the instance its first C-MOVE left out
 
 
 @pytest.mark.parametrize(("mode", "state"), [("drop_first", "done"), ("lie", "failed")])
@@ -366,8 +455,9 @@ def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """drop_first: the first C-MOVE leaves one instance out and answers success; the next
-    round fetches it and the row ends done. lie: success with nothing sent is a failure."""
+    """drop_first: the first C-MOVE leaves one instance out and answers success; the series
+    that came up short against its count is listed, the next round fetches the missing
+    instance and the row ends done. lie: success with nothing sent is a failure."""
     pacs = FlakyPacs(synth.make_study(SPECS[0], SERIES[1], size=16), fiona.port, mode).start()
     try:
         site = site_with(tmp_path, pacs.ae_title, pacs.port, fiona)
@@ -381,7 +471,9 @@ def test_a_pacs_that_drops_an_instance_or_delivers_nothing(
     assert row["state"] == state, row
     if mode == "drop_first":
         assert (row["arrived"], row["expected"], row["attempts"]) == (15, 15, 2)
-        assert pacs.moves == 3  # one per series, then the dropped instance at image level
+        assert pacs.moves == 2  # the whole study, then the dropped instance at image level
+        # Both series counted (0020,1209), only the short one listed instance by instance.
+        assert pacs.image_finds == 1
     else:
         assert (row["arrived"], row["expected"], row["attempts"]) == (0, 15, 3)
         assert row["reason"].startswith(

@@ -220,6 +220,7 @@ def test_echo_and_list(capsys: pytest.CaptureFixture[str], pacs_site: Path) -> N
         "move",
         "FIONA",
     )
+    assert listed["on_get_refused"] == "fail"
 
 
 def test_refused_association(

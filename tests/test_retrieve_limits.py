@@ -42,7 +42,9 @@ def test_time_windows(tmp_path: Path, windows: str, when: dt.datetime, tried: bo
     index = open_index("", site.data_dir / "index.sqlite")
     store = RetrievalStore(index)
     job = store.create_job("clinical", "", "list.csv", [RowSpec(2, accession="A1")], "t", 0.0)
-    RetrieveWorker(site, index, local_now=lambda: when)()
+    worker = RetrieveWorker(site, index, local_now=lambda: when)
+    worker()
+    worker.drain()
     (row,) = store.rows(job)
     assert row.state is RowState.QUEUED
     assert row.attempts == (1 if tried else 0)
@@ -61,7 +63,9 @@ def test_studies_per_hour(tmp_path: Path, finished_ago: float, tried: bool) -> N
     done = store.rows(job)[0]
     # The first row retrieved two studies, finished_ago seconds ago.
     store.update(done.id, now - finished_ago, RowState.DONE, studies=2)
-    RetrieveWorker(site, index, clock=lambda: now, local_now=lambda: MONDAY_NOON)()
+    worker = RetrieveWorker(site, index, clock=lambda: now, local_now=lambda: MONDAY_NOON)
+    worker()
+    worker.drain()
     second = store.rows(job)[1]
     assert second.state is RowState.QUEUED
     assert second.attempts == (1 if tried else 0)

@@ -31,6 +31,13 @@ class RetrieveMethod(StrEnum):
     GET = "get"
 
 
+class OnGetRefused(StrEnum):
+    """What a ``retrieve: get`` row does when the PACS refuses C-GET: fail, or C-MOVE instead."""
+
+    FAIL = "fail"
+    MOVE = "move"
+
+
 @dataclass(frozen=True)
 class TimeWindow:
     """When retrieval may run: on ``days`` (0 = Monday), from ``start`` to ``end`` (minutes
@@ -118,6 +125,7 @@ class PacsConfig:
     port: int
     calling_ae: str | None = None
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
+    on_get_refused: OnGetRefused = OnGetRefused.FAIL
     move_destination: str | None = None
     tls: PacsTls = field(default_factory=PacsTls)
     limits: PacsLimits = field(default_factory=PacsLimits)
@@ -152,6 +160,7 @@ def _entry(doc: Mapping[str, Any], path_of: Callable[[str], Path]) -> PacsConfig
         port=int(doc["port"]),
         calling_ae=doc["calling_ae"],
         retrieve=RetrieveMethod(doc["retrieve"]),
+        on_get_refused=OnGetRefused(doc["on_get_refused"]),
         move_destination=doc["move_destination"],
         tls=PacsTls(
             enabled=bool(tls["enabled"]),

@@ -17,7 +17,7 @@ from engine.config.issues import ConfigError, ConfigIssue, format_path
 from engine.config.ldap import ldap_unknown_projects, ldap_validate
 from engine.config.loader import check_project_files, load_site, project_files
 from engine.config.model import ProjectConfig, SiteConfig
-from engine.config.pacs import RetrieveMethod
+from engine.config.pacs import OnGetRefused, RetrieveMethod
 from engine.config.rulesets import PROJECT_SUFFIXES, ruleset_files
 from engine.config.schema import load_schema
 from engine.config.sections import project_sections
@@ -151,20 +151,32 @@ def site_warnings(site: SiteConfig) -> list[ConfigIssue]:
 
 
 def _pacs_warnings(site: SiteConfig) -> list[ConfigIssue]:
-    """A PACS elsewhere that is to C-MOVE to a fiona listening on this machine only."""
+    """A PACS elsewhere that is to C-MOVE (or may fall back to C-MOVE) to a fiona listening on
+    this machine only."""
     if site.source is None or not _loopback(site.bind_address):
         return []
     found = []
+    only = f"fiona listens on {site.bind_address} only: set bind_address (and allowed_calling_aes)"
     for n, pacs in enumerate(site.pacs):
-        if pacs.retrieve is RetrieveMethod.MOVE and not _loopback(pacs.host):
+        if _loopback(pacs.host):
+            continue
+        if pacs.retrieve is RetrieveMethod.MOVE:
+            key = "retrieve"
             message = (
-                f"PACS {pacs.name} is to send C-MOVE results to fiona's port, but fiona listens"
-                f" on {site.bind_address} only: set bind_address (and allowed_calling_aes), or"
-                " retrieve: get"
+                f"PACS {pacs.name} is to send C-MOVE results to fiona's port, but {only},"
+                " or retrieve: get"
             )
-            where = format_path(("pacs", n, "retrieve"))
-            line = key_line(site.source, ("pacs",))
-            found.append(ConfigIssue(site.source, line, where, f"warning: {message}"))
+        elif pacs.on_get_refused is OnGetRefused.MOVE:
+            key = "on_get_refused"
+            message = (
+                f"PACS {pacs.name} is to send C-MOVE results to fiona's port when it refuses"
+                f" C-GET, but {only}, or on_get_refused: fail"
+            )
+        else:
+            continue
+        where = format_path(("pacs", n, key))
+        line = key_line(site.source, ("pacs",))
+        found.append(ConfigIssue(site.source, line, where, f"warning: {message}"))
     return found
 
 

@@ -22,6 +22,7 @@ import contextlib
 import io
 import itertools
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -142,6 +143,11 @@ class MoveResult:
 
 class AssociationBroken(Exception):
     """The association cannot go on (unreachable, rejected, aborted, timed out); no PHI."""
+
+
+class PeerClosed(AssociationBroken):
+    """The peer ended the association while we waited for its answer: an A-ABORT, or the
+    connection closed or reset (a peer refusing a request may answer so, not by a status)."""
 
 
 class _Unsendable(Exception):
@@ -305,7 +311,11 @@ class ScuAssociation:
             yield
         except TimeoutError as exc:
             raise AssociationBroken(f"timed out after {timeout:g} s {what}") from exc
-        except (OSError, EOFError) as exc:
+        except (EOFError, ConnectionResetError) as exc:
+            raise PeerClosed(
+                f"the peer closed the connection while {what} ({short_reason(exc)})"
+            ) from exc
+        except OSError as exc:
             raise AssociationBroken(
                 f"the connection broke off while {what} ({short_reason(exc)})"
             ) from exc
@@ -379,7 +389,7 @@ class ScuAssociation:
         while not self.pdvs:
             kind, body = self._read_pdu()
             if kind == 0x07:
-                raise AssociationBroken("the peer aborted the association")
+                raise PeerClosed("the peer aborted the association")
             if kind != 0x04:
                 raise AssociationBroken(f"unexpected PDU type 0x{kind:02X} from the peer")
             pos = 0
@@ -689,6 +699,16 @@ class ScuAssociation:
         if status != 0x0000:
             return f"the peer refused the Storage Commitment request ({_status_text(status)})"
         return None
+
+    def idle_closed(self) -> bool:
+        """Whether the peer has ended the association while it was idle (it sent something
+        unasked: an A-RELEASE-RQ, an A-ABORT, or closed the connection), so it cannot be
+        reused; checked without waiting."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable) or bool(self.pdvs)
 
     def release(self) -> None:
         """A-RELEASE; the peer's data and aborts after our request are of no interest."""

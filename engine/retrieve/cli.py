@@ -65,6 +65,7 @@ def _list(site: SiteConfig, as_json: bool) -> int:
             "tls": p.tls.enabled,
             "calling_ae": p.calling_ae_for(site.ae_title),
             "retrieve": str(p.retrieve),
+            "on_get_refused": str(p.on_get_refused),
             "move_destination": p.move_destination_for(site.ae_title),
             "max_associations": p.limits.max_associations,
             "studies_per_hour": p.limits.studies_per_hour,
@@ -94,9 +95,10 @@ def _list(site: SiteConfig, as_json: bool) -> int:
 
 
 def _retrieve_text(row: dict[str, object]) -> str:
+    move = f"C-MOVE to {row['move_destination']}"
     if row["retrieve"] == "move":
-        return f"C-MOVE to {row['move_destination']}"
-    return "C-GET"
+        return move
+    return f"C-GET (refused: {move})" if row["on_get_refused"] == "move" else "C-GET"
 
 
 def _limits_text(row: dict[str, object]) -> str:

@@ -1,48 +1,47 @@
-"""The retrieval job of ``fiona serve``: works through queued list rows, one at a time per PACS.
+"""The retrieval job of ``fiona serve``: works queued list rows, up to ``max_associations`` at
+once per PACS.
 
-For a row: C-FIND the studies it names (study level), their series (series level, filtered
-by the row's modality and series description) and their instances (image level): that is what
-must arrive. The studies are given to the row's project (an assigned route, as a coupling-list
-entry or ``fiona ingest --project`` gives them) before anything arrives. Then C-MOVE to
-fiona's own SCP what fiona does not hold yet (a whole series, or the missing instances of
-one), up to :data:`ROUNDS` times, counting what arrived in the index after each: a C-MOVE that
-answers success but delivers nothing is a failure, not a success. The row ends ``done`` (all
-arrived), ``partial`` or ``failed``, with a reason.
+Each call of the job (every half second) starts, for every PACS with queued rows that may be
+asked now, lanes up to its ``limits.max_associations`` (counting those still running) and
+returns at once. A lane is a thread with one association to the PACS, kept open from row to
+row (a new one when the PACS has ended it): it claims the PACS's next queued row, works it
+(:class:`engine.retrieve.row.RowFetch`: C-FIND, claim for the project, C-MOVE or C-GET what is
+missing, count arrivals) and takes the next one at once, for as long as the PACS may be asked:
+inside its time windows, below its studies per hour (a row under way counts as one), and not
+paused after it could not be reached. A claim is one conditional update in the index, so a
+row is worked once; a cancelled row stops between requests; when fiona stops (the scheduler's
+shutdown calls :meth:`RetrieveWorker.close`), a row under way is queued again after its
+current request, and rows a stopped (or killed) service left half-way are queued again when
+the worker starts: only what is missing is fetched.
 
-Limits: a PACS is only asked inside its time windows and below its studies per hour; one
-association at a time per PACS (within ``max_associations``). Log lines and reasons carry
-counts and the PACS's name, never a patient's or study's identifiers.
+``retrieve: get`` with ``on_get_refused: move``: once the PACS refuses C-GET, the lanes fetch
+by C-MOVE until fiona restarts (a log line; each row's audit entry says so). Log lines and
+reasons carry counts and the PACS's name, never a patient's or study's identifiers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from pydicom.dataset import Dataset
+from typing import Any
 
 from engine.config.model import SiteConfig
-from engine.config.pacs import PacsConfig, RetrieveMethod
-from engine.net.dimse import part10_header
-from engine.net.scu import AssociationBroken, MoveResult, ScuAssociation, StoreHandler
+from engine.config.pacs import OnGetRefused, PacsConfig, RetrieveMethod
+from engine.net.scu import AssociationBroken, ScuAssociation
 from engine.retrieve.peer import GET_ROLES, get_proposals, move_proposals, open_association
-from engine.retrieve.query import Filters, matches, series_identifier, study_identifier
-from engine.route.assign import assign_study
+from engine.retrieve.row import GetRefused, RowFailed, RowFetch
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
-from engine.store.index import Index, Origin
+from engine.store.index import Index
 from engine.store.leases import LeaseLost
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
 
-#: Seconds one call of the job works rows before it returns (a row under way is finished).
-BUDGET = 30.0
-#: C-MOVE rounds per row: the first, then retries of what is still missing.
-ROUNDS = 3
 #: Seconds a PACS that could not be reached is left alone before its rows are tried again.
 UNREACHABLE_PAUSE = 60.0
 #: Times a row is put back for an unreachable PACS before it fails.
@@ -51,23 +50,50 @@ MAX_UNREACHABLE = 5
 #: the pause in seconds before the next try.
 MAX_BROKEN = 2
 BROKEN_PAUSE = 5.0
-#: Instances named per image-level C-MOVE.
-IMAGE_BATCH = 100
 
 
-@dataclass
-class _Series:
-    study_uid: str
-    series_uid: str
-    instances: set[str] = field(default_factory=set)
+class _Lane:
+    """One association to a PACS, kept open from row to row."""
 
+    def __init__(self, site: SiteConfig, pacs: PacsConfig) -> None:
+        self.site = site
+        self.pacs = pacs
+        self.assoc: ScuAssociation | None = None
+        self.method = RetrieveMethod.MOVE
+        self.reused = False  # the association served an earlier row
 
-class RowFailed(Exception):
-    """The row cannot go on; the message is its reason (no PHI)."""
+    def open(self, method: RetrieveMethod) -> ScuAssociation:
+        """The lane's association for ``method``: the open one unless the PACS ended it (or
+        it was for the other method), else a new one (:class:`AssociationBroken`)."""
+        if self.assoc is not None and (self.method is not method or self.assoc.idle_closed()):
+            self.close()
+        self.reused = self.assoc is not None
+        if self.assoc is None:
+            if method is RetrieveMethod.GET:
+                self.assoc = open_association(self.site, self.pacs, get_proposals(), GET_ROLES)
+            else:
+                self.assoc = open_association(self.site, self.pacs, move_proposals())
+            self.method = method
+        return self.assoc
+
+    def drop(self) -> None:
+        """Abort the association (it broke off, or the PACS ended it)."""
+        if self.assoc is not None:
+            self.assoc.abort()
+            self.assoc = None
+
+    def close(self) -> None:
+        if self.assoc is None:
+            return
+        try:
+            self.assoc.release()
+        except AssociationBroken:
+            log.info("PACS %s did not release the association cleanly", self.pacs.name)
+        self.assoc = None
 
 
 class RetrieveWorker:
-    """The scheduler job: each call works one queued row per PACS that may be asked now."""
+    """The scheduler job: each call works the queued rows, in lanes per PACS."""
 
     def __init__(
         self,
@@ -77,7 +103,10 @@ class RetrieveWorker:
         *,
         clock: Callable[[], float] = time.time,
         local_now: Callable[[], dt.datetime] = dt.datetime.now,
+        scheduler: Any = None,
     ) -> None:
+        """``scheduler``: the APScheduler that calls the job; its shutdown stops the lanes
+        (:meth:`close`) before the index is closed."""
         self.site = site
         self.index = index
         self.archive = archive  # where C-GET files what it brings (C-MOVE: fiona's SCP)
@@ -85,30 +114,101 @@ class RetrieveWorker:
         self.audit = AuditLog(site.data_dir)
         self.clock = clock
         self.local_now = local_now
+        self._lock = threading.Lock()  # claims, and the dicts below
         self._paused: dict[str, float] = {}  # PACS name -> monotonic time it may be asked
-        self._studies: dict[int, list[str]] = {}  # row id -> its studies' UIDs, for the audit
+        self._busy: dict[int, str] = {}  # row id -> its PACS, for the rows under way
+        self._refused: dict[str, str] = {}  # PACS name -> how it refused C-GET (fallback)
+        self._stale: set[int] = set()  # rows put back once for a reused association's break
+        self._lanes: list[tuple[str, threading.Thread]] = []  # (PACS name, lane)
+        self._stop = threading.Event()
+        if scheduler is not None:
+            from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN
+
+            scheduler.add_listener(lambda _event: self.close(), EVENT_SCHEDULER_SHUTDOWN)
         resumed = self.store.take_back_own()
         if resumed:
             log.info("retrieval: %d rows taken up again after a restart", resumed)
 
     def __call__(self) -> None:
-        """Rows one after another, a row per PACS in turn, for up to :data:`BUDGET` seconds
-        (then the next call goes on), so a long list is not slowed by the job's interval."""
-        deadline = time.monotonic() + BUDGET
-        worked = True
-        while worked and time.monotonic() < deadline:
-            worked = False
-            for name in self.store.pacs_with_queued():
-                pacs = self.site.pacs_named(name)
-                row = self.store.next_queued(name)
-                if row is None:
+        """Start lanes for every PACS with queued rows that may be asked now, up to its
+        ``max_associations`` with those still running, and return: a lane takes rows until
+        there is none it may take (so the job's ticks never wait for a row)."""
+        if self._stop.is_set():
+            return
+        with self._lock:
+            self._lanes = [(name, t) for name, t in self._lanes if t.is_alive()]
+            running = Counter(name for name, _ in self._lanes)
+        for name in self.store.pacs_with_queued():
+            pacs = self.site.pacs_named(name)
+            if pacs is None:
+                self._fail_rows_of(name)
+                continue
+            with self._lock:
+                if not self._may_ask(pacs):
                     continue
-                if pacs is None:
-                    self._end(row, RowState.FAILED, f"no PACS named {name} in the site config")
-                    worked = True
-                elif self._may_ask(pacs):
-                    self.work(pacs, row)
-                    worked = True
+            for n in range(running[name], pacs.limits.max_associations):
+                lane = threading.Thread(
+                    target=self._lane, args=(pacs,), name=f"retrieve-{name}-{n + 1}", daemon=True
+                )
+                with self._lock:
+                    self._lanes.append((name, lane))
+                lane.start()
+
+    def drain(self) -> None:
+        """Wait until every lane has run out of rows it may take."""
+        while True:
+            with self._lock:
+                alive = [t for _, t in self._lanes if t.is_alive()]
+            if not alive:
+                return
+            for lane in alive:
+                lane.join()
+
+    def close(self) -> None:
+        """Stop: lanes take no more rows, and a row under way is queued again after its
+        current request (the next start fetches only what is missing); waits for them."""
+        self._stop.set()
+        self.drain()
+
+    def _fail_rows_of(self, name: str) -> None:
+        while (row := self.store.next_queued(name)) is not None:
+            self._end(row, RowState.FAILED, f"no PACS named {name} in the site config")
+
+    def _lane(self, pacs: PacsConfig) -> None:
+        lane = _Lane(self.site, pacs)
+        try:
+            while not self._stop.is_set() and (row := self._take(pacs)) is not None:
+                try:
+                    self.work(pacs, row, lane)
+                except LeaseLost:
+                    log.warning(
+                        "retrieval job %d line %d: another node holds it now",
+                        row.job,
+                        row.spec.line,
+                    )
+                finally:
+                    self.store.release(row.id)
+                    with self._lock:
+                        self._busy.pop(row.id, None)
+        except Exception:  # the guard: one lane's failure is logged, the job goes on
+            log.exception("retrieval from PACS %s: a lane stopped", pacs.name)
+            lane.drop()
+        finally:
+            lane.close()
+
+    def _take(self, pacs: PacsConfig) -> Row | None:
+        """Claim the PACS's next queued row if it may be asked now; None when not."""
+        with self._lock:
+            if not self._may_ask(pacs):
+                return None
+            for _ in range(3):  # a row cancelled between the two is passed over
+                row = self.store.next_queued(pacs.name)
+                if row is None:
+                    return None
+                if self.store.claim(row.id, self.clock()):
+                    self._busy[row.id] = pacs.name
+                    return row
+        return None
 
     def _may_ask(self, pacs: PacsConfig) -> bool:
         if time.monotonic() < self._paused.get(pacs.name, 0.0):
@@ -116,50 +216,82 @@ class RetrieveWorker:
         if not pacs.limits.open_at(self.local_now()):
             return False
         per_hour = pacs.limits.studies_per_hour
-        return not per_hour or self.store.studies_since(pacs.name, self.clock() - 3600) < per_hour
+        if not per_hour:
+            return True
+        under_way = sum(1 for name in self._busy.values() if name == pacs.name)
+        return self.store.studies_since(pacs.name, self.clock() - 3600) + under_way < per_hour
 
-    def work(self, pacs: PacsConfig, row: Row) -> None:
-        """Query, claim, move and check one row; its state says how it went."""
-        get = pacs.retrieve is RetrieveMethod.GET
-        if get and self.archive is None:
+    def method_for(self, pacs: PacsConfig) -> RetrieveMethod:
+        """C-MOVE for a ``get`` PACS that refused C-GET under ``on_get_refused: move``."""
+        if pacs.retrieve is RetrieveMethod.GET and pacs.name in self._refused:
+            return RetrieveMethod.MOVE
+        return pacs.retrieve
+
+    def work(self, pacs: PacsConfig, row: Row, lane: _Lane) -> None:
+        """Query, claim, fetch and check one claimed row; its state says how it went."""
+        method = self.method_for(pacs)
+        if method is RetrieveMethod.GET and self.archive is None:
             self._end(row, RowState.FAILED, "retrieve: get needs the archive of fiona serve")
             return
-        if not self.store.claim(row.id, self.clock()):
-            return  # cancelled since it was picked, or another node took it
         try:
-            self._claimed(pacs, row, get)
-        except LeaseLost:
-            log.warning(
-                "retrieval job %d line %d: another node holds it now", row.job, row.spec.line
-            )
-        finally:
-            self.store.release(row.id)
-
-    def _claimed(self, pacs: PacsConfig, row: Row, get: bool) -> None:
-        """Work a row this node claimed."""
-        try:
-            if get:
-                assoc = open_association(self.site, pacs, get_proposals(), GET_ROLES)
-            else:
-                assoc = open_association(self.site, pacs, move_proposals())
+            assoc = lane.open(method)
         except AssociationBroken as exc:
             self._unreachable(pacs, row, str(exc))
             return
+        fetch = RowFetch(
+            self.site, self.index, self.archive, pacs, method, self.clock, self._stop.is_set
+        )
         try:
-            self._work(pacs, row, assoc)
-        except RowFailed as exc:
-            self._end(row, RowState.FAILED, str(exc))
-        except AssociationBroken as exc:
-            assoc.abort()
-            self._broken(pacs, row, f"PACS {pacs.name}: {exc}")
+            finished = fetch.run(assoc, row)
+        except GetRefused as exc:
+            lane.drop()
+            self._get_refused(pacs, row, lane, exc)
             return
-        except LeaseLost:
-            assoc.abort()
-            raise
-        try:
-            assoc.release()
-        except AssociationBroken:
-            log.info("PACS %s did not release the association cleanly", pacs.name)
+        except RowFailed as exc:
+            self._end(row, RowState.FAILED, str(exc), studies=fetch.studies)
+            return
+        except AssociationBroken as exc:
+            lane.drop()
+            self._broken(pacs, row, f"PACS {pacs.name}: {exc}", lane.reused)
+            return
+        if finished is None and self._stop.is_set():
+            self.store.update(row.id, self.clock(), RowState.QUEUED)
+            log.info("retrieval job %d line %d: stopped, queued again", row.job, row.spec.line)
+            return
+        if finished is None:
+            log.info("retrieval job %d line %d: cancelled", row.job, row.spec.line)
+            return
+        self._end(
+            row,
+            finished.state,
+            finished.reason,
+            studies=fetch.studies,
+            via=fetch.verb,
+            arrived=finished.arrived,
+            attempts=row.attempts + finished.rounds,
+        )
+
+    def _get_refused(self, pacs: PacsConfig, row: Row, lane: _Lane, exc: GetRefused) -> None:
+        """Fall back to C-MOVE (``on_get_refused: move``: this row at once, and the rows after
+        it), or fail the row saying how to."""
+        why = str(exc)
+        if pacs.on_get_refused is OnGetRefused.MOVE:
+            with self._lock:
+                first = pacs.name not in self._refused
+                self._refused.setdefault(pacs.name, why)
+            if first:
+                log.warning(
+                    "%s: retrieving from PACS %s by C-MOVE from now on (on_get_refused: move)",
+                    why,
+                    pacs.name,
+                )
+            self.work(pacs, row, lane)
+            return
+        hint = "; with on_get_refused: move fiona retrieves by C-MOVE instead"
+        if exc.aborted:
+            self._broken(pacs, row, why, False, hint)
+        else:
+            self._end(row, RowState.FAILED, f"{why} ({hint[2:]})")
 
     def _unreachable(self, pacs: PacsConfig, row: Row, why: str) -> None:
         self._paused[pacs.name] = time.monotonic() + UNREACHABLE_PAUSE
@@ -170,154 +302,45 @@ class RetrieveWorker:
         log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
         self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
 
-    def _broken(self, pacs: PacsConfig, row: Row, why: str) -> None:
+    def _broken(self, pacs: PacsConfig, row: Row, why: str, reused: bool, hint: str = "") -> None:
         """The association broke off during the row's requests: a PACS that aborts a C-GET or
         C-MOVE it will not do says no this way, so the row fails the second time (after a
-        short pause, in case the PACS was only restarting)."""
+        short pause, in case the PACS was only restarting). On an association kept from an
+        earlier row, the PACS may have ended it meanwhile: the row is queued again once,
+        without counting a try."""
+        with self._lock:
+            stale = reused and row.id not in self._stale
+            self._stale.add(row.id)
+        if stale:
+            log.info("retrieval from PACS %s: a kept association broke off (%s)", pacs.name, why)
+            self.store.update(row.id, self.clock(), RowState.QUEUED)
+            return
         tries = row.attempts + 1
         if tries >= MAX_BROKEN:
-            verb = "C-GET" if pacs.retrieve is RetrieveMethod.GET else "C-MOVE"
-            hint = f" (does the PACS allow {verb} from {pacs.calling_ae_for(self.site.ae_title)}?)"
-            self._end(row, RowState.FAILED, why + hint, attempts=tries)
+            verb = "C-GET" if self.method_for(pacs) is RetrieveMethod.GET else "C-MOVE"
+            calling = pacs.calling_ae_for(self.site.ae_title)
+            question = f"does the PACS allow {verb} from {calling}?"
+            self._end(row, RowState.FAILED, f"{why} ({question}{hint})", attempts=tries)
             return
         self._paused[pacs.name] = time.monotonic() + BROKEN_PAUSE
         log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
         self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
 
-    def _work(self, pacs: PacsConfig, row: Row, assoc: ScuAssociation) -> None:
-        plan = self._plan(assoc, row)
-        studies = sorted({s.study_uid for s in plan})
-        self._studies[row.id] = studies
-        expected = {uid for s in plan for uid in s.instances}
-        project = row.spec.project
-        if project:
-            for study_uid in studies:
-                assign_study(
-                    self.index,
-                    study_uid,
-                    project,
-                    subject=row.spec.subject,
-                    event=row.spec.event,
-                    now=self.clock(),
-                )
-        held = self.store.held_instances(sorted(expected))
-        self.store.update(
-            row.id,
-            self.clock(),
-            RowState.RETRIEVING,
-            studies=len(studies),
-            expected=len(expected),
-            arrived=len(held),
-        )
-        reason = ""
-        rounds = 0
-        while len(held) < len(expected) and rounds < ROUNDS:
-            if self.store.cancelled(row.id):
-                log.info("retrieval job %d line %d: cancelled", row.job, row.spec.line)
-                return
-            rounds += 1
-            before = len(held)
-            reason = self._move(pacs, assoc, plan, held)
-            held = self.store.held_instances(sorted(expected))
-            if len(held) == before and not reason:
-                reason = f"PACS {pacs.name} answered with success but delivered nothing" + (
-                    ""
-                    if pacs.retrieve is RetrieveMethod.GET
-                    else f" (does it send {pacs.move_destination_for(self.site.ae_title)}"
-                    " to this fiona's host and port?)"
-                )
-            self.store.update(row.id, self.clock(), RowState.RETRIEVING, arrived=len(held))
-        missing = len(expected) - len(held)
-        if not missing:
-            self._end(row, RowState.DONE, "", arrived=len(held), attempts=row.attempts + rounds)
-            return
-        state = RowState.PARTIAL if held else RowState.FAILED
-        verb = "C-GET" if pacs.retrieve is RetrieveMethod.GET else "C-MOVE"
-        why = f"{missing} of {len(expected)} instances did not arrive after {rounds} {verb}s"
-        self._end(
-            row,
-            state,
-            f"{why}: {reason}" if reason else why,
-            arrived=len(held),
-            attempts=row.attempts + rounds,
-        )
-
-    def _plan(self, assoc: ScuAssociation, row: Row) -> list[_Series]:
-        """The row's series and their instances, as the PACS lists them."""
-        spec = row.spec
-        query = study_identifier(Filters(spec.patient_id, spec.accession, spec.study_date))
-        query.StudyInstanceUID = spec.study_uid
-        found = assoc.find(query)
-        if isinstance(found, str):
-            raise RowFailed(found)
-        study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for ds in found} - {""})
-        if not study_uids:
-            raise RowFailed("no study matched")
-        plan: list[_Series] = []
-        for study_uid in study_uids:
-            series = assoc.find(series_identifier(study_uid, spec.modality))
-            if isinstance(series, str):
-                raise RowFailed(series)
-            for ds in series:
-                uid = str(ds.get("SeriesInstanceUID", ""))
-                if not uid or not matches(spec.modality, str(ds.get("Modality", ""))):
-                    continue
-                if not matches(spec.series_description, str(ds.get("SeriesDescription", ""))):
-                    continue
-                instances = assoc.list_instances(study_uid, uid)
-                if isinstance(instances, str):
-                    raise RowFailed(instances)
-                plan.append(_Series(study_uid, uid, instances))
-        if not plan:
-            raise RowFailed("no series matched the row's modality and series description")
-        if not any(s.instances for s in plan):
-            raise RowFailed("the PACS listed no instances for the matching series")
-        return plan
-
-    def _move(
-        self, pacs: PacsConfig, assoc: ScuAssociation, plan: list[_Series], held: set[str]
-    ) -> str:
-        """C-MOVE (or C-GET) what is missing; '' when every one answered success, else why
-        not."""
-        destination = pacs.move_destination_for(self.site.ae_title)
-        get = pacs.retrieve is RetrieveMethod.GET
-        verb = "C-GET" if get else "C-MOVE"
-        problems = []
-        for series in plan:
-            missing = sorted(series.instances - held)
-            if not missing:
-                continue
-            for identifier in _identifiers(series, missing):
-                result: MoveResult | str
-                if get:
-                    result = assoc.get(identifier, self._filer(pacs))
-                else:
-                    result = assoc.move(identifier, destination)
-                if isinstance(result, str):
-                    raise RowFailed(result)
-                if not result.ok:
-                    problems.append(f"PACS {pacs.name} answered the {verb} with {result.detail}")
-                elif result.failed > 0:
-                    problems.append(f"PACS {pacs.name}: {result.failed} sub-operations failed")
-        return problems[0] if problems else ""
-
-    def _filer(self, pacs: PacsConfig) -> StoreHandler:
-        """Files each instance a C-GET brings as the receiver files a C-STORE (the archive
-        checks it holds the SOP class and instance the command names)."""
-        archive = self.archive
-        assert archive is not None
-        calling = pacs.calling_ae_for(self.site.ae_title)
-        origin = Origin("dimse", pacs.ae_title, calling, pacs.host)
-
-        def file(sop_class: str, sop_instance: str, syntax: str, data: bytes) -> int:
-            header = part10_header(sop_class, sop_instance, syntax, pacs.ae_title)
-            outcome = archive.receive(header + data, origin, (sop_class, sop_instance))
-            return int(outcome.status)
-
-        return file
-
-    def _end(self, row: Row, state: RowState, reason: str, **progress: int) -> None:
+    def _end(
+        self,
+        row: Row,
+        state: RowState,
+        reason: str,
+        *,
+        studies: list[str] | None = None,
+        via: str = "",
+        **progress: int,
+    ) -> None:
         self.store.update(row.id, self.clock(), state, reason=reason, **progress)
+        extra: dict[str, str] = {"via": via} if via else {}
+        fallback = self._refused.get(row.pacs)
+        if via == "C-MOVE" and fallback:
+            extra["fallback"] = f"C-GET refused: {fallback}"
         self.audit.try_write(
             "retrieved",
             job=row.job,
@@ -325,29 +348,10 @@ class RetrieveWorker:
             pacs=row.pacs,
             project=row.spec.project,
             outcome=str(state),
-            studies=[uid_token(s) for s in self._studies.pop(row.id, [])],
+            studies=[uid_token(s) for s in studies or []],
             reason=reason,
+            **extra,
             **progress,
         )
         suffix = f" ({reason})" if reason else ""
         log.info("retrieval job %d line %d: %s%s", row.job, row.spec.line, state, suffix)
-
-
-def _identifiers(series: _Series, missing: list[str]) -> list[Dataset]:
-    """A series-level identifier when the whole series is missing, else image-level ones
-    naming the missing SOP Instance UIDs (0008,0018) in batches."""
-    base = Dataset()
-    base.StudyInstanceUID = series.study_uid
-    base.SeriesInstanceUID = series.series_uid
-    if len(missing) == len(series.instances):
-        base.QueryRetrieveLevel = "SERIES"
-        return [base]
-    out = []
-    for start in range(0, len(missing), IMAGE_BATCH):
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "IMAGE"
-        ds.StudyInstanceUID = series.study_uid
-        ds.SeriesInstanceUID = series.series_uid
-        ds.SOPInstanceUID = missing[start : start + IMAGE_BATCH]
-        out.append(ds)
-    return out

@@ -291,3 +291,22 @@ class RetrievalStore:
                     )
                 )
         return found
+
+    def series_counts(self, series_uids: Sequence[str]) -> dict[str, int]:
+        """Instances the index holds in each of ``series_uids`` (Series Instance UID
+        (0020,000E)); a series it holds nothing of is left out."""
+        found: dict[str, int] = {}
+        with self.index.reading() as db:
+            for start in range(0, len(series_uids), 500):
+                chunk = list(series_uids[start : start + 500])
+                marks = ",".join("?" for _ in chunk)
+                found.update(
+                    (str(r[0]), int(r[1]))
+                    for r in db.execute(
+                        "SELECT s.series_uid, count(*) FROM series s"
+                        " JOIN instances i ON i.series_ref = s.id"
+                        f" WHERE s.series_uid IN ({marks}) GROUP BY s.series_uid",
+                        chunk,
+                    )
+                )
+        return found
