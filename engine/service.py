@@ -388,6 +388,9 @@ def join_cluster(store: Store) -> Node | None:
     set_this_node(node)
     nodes.register(node, __version__)
     log.info("node %s (lease %g s)", node.id, node.lease_seconds)
+    taken = nodes.take_over_dead_here(node)
+    if taken:
+        log.info("node: %d leases of nodes gone from this host taken over at once", taken)
     return node
 
 

@@ -41,8 +41,8 @@ class Clock:
 class Member:
     """One node: its own index connection, stores and clock."""
 
-    def __init__(self, path: Path, name: str) -> None:
-        self.node = Node(name, LEASE, host="test-host", pid=1)
+    def __init__(self, path: Path, name: str, host: str = "test-host", pid: int = 1) -> None:
+        self.node = Node(name, LEASE, host=host, pid=pid)
         self.index = SqliteIndex(path)
         self.clock = Clock()
         self.runs = RunStore(self.index, self.node)
@@ -66,8 +66,8 @@ def members(tmp_path: Path) -> Callable[[str], Member]:
     SqliteIndex(path).close()  # created and migrated once
     made: list[Member] = []
 
-    def member(name: str) -> Member:
-        made.append(Member(path, name))
+    def member(name: str, host: str = "test-host", pid: int = 1) -> Member:
+        made.append(Member(path, name, host, pid))
         return made[-1]
 
     yield member
@@ -82,8 +82,16 @@ def _runs(m: Member, n: int) -> list[int]:
 def _transfers(m: Member, n: int) -> list[int]:
     return [
         m.outbox.enqueue(
-            project="p", destination="d", study_uid=f"1.2.3.{i}", export_uid=f"1.2.3.{i}",
-            run_id=i + 1, follow_up=0, subject="S", event="", items=[], now=T0,
+            project="p",
+            destination="d",
+            study_uid=f"1.2.3.{i}",
+            export_uid=f"1.2.3.{i}",
+            run_id=i + 1,
+            follow_up=0,
+            subject="S",
+            event="",
+            items=[],
+            now=T0,
         )
         for i in range(n)
     ]
@@ -229,7 +237,7 @@ def test_the_renewer_renews_every_held_lease(members: Callable[[str], Member]) -
 
 
 def test_a_node_started_again_under_its_name_takes_its_leftovers_back_at_once(
-    members: Callable[[str], Member],
+    members: Callable[..., Member],
 ) -> None:
     first = members("fixed-name")
     [tid] = _transfers(first, 1)
@@ -242,6 +250,53 @@ def test_a_node_started_again_under_its_name_takes_its_leftovers_back_at_once(
     assert again.outbox.take_back_own() == 1
     assert other.outbox.claim_due(T0, {("p", "d"): 0}) == []
     assert [t.id for t in again.outbox.claim_due(T0, {("p", "d"): 1})] == [tid]
+
+
+def test_a_new_node_on_the_host_of_a_dead_one_takes_its_work_at_once(
+    members: Callable[..., Member],
+) -> None:
+    """An unnamed node killed and started again is a new ``<host>/<pid>``: the work its dead
+    process held on this host is free at once; a live process's and another host's wait."""
+    import socket
+    import subprocess
+
+    here = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        owners = {
+            "dead-here": (here, gone.pid),
+            "alive-here": (here, alive.pid),
+            "dead-elsewhere": ("other-host", gone.pid),
+        }
+        tids = {}
+        for i, (name, (host, pid)) in enumerate(owners.items()):
+            m = members(name, host, pid)
+            NodeStore(m.index).register(m.node, "test", now=T0)
+            tids[name] = m.outbox.enqueue(
+                project="p",
+                destination="d",
+                study_uid=f"1.2.4.{i}",
+                export_uid=f"1.2.4.{i}",
+                run_id=i + 1,
+                follow_up=0,
+                subject="S",
+                event="",
+                items=[],
+                now=T0,
+            )
+            assert [t.id for t in m.outbox.claim_due(T0, {("p", "d"): 3})] == [tids[name]]
+        newcomer = members("newcomer", here, alive.pid + 100000)
+        assert newcomer.outbox.claim_due(T0 + 1, {("p", "d"): 3}) == []  # all still leased
+        assert NodeStore(newcomer.index).take_over_dead_here(newcomer.node) == 1
+        taken = newcomer.outbox.claim_due(T0 + 1, {("p", "d"): 3})
+        assert [t.id for t in taken] == [tids["dead-here"]]
+        dead_row = NodeStore(newcomer.index).get("dead-here")
+        assert dead_row is not None and dead_row["stopped_at"] is not None
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_concurrency_of_a_destination_counts_every_nodes_transfers(

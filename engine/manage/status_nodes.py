@@ -9,25 +9,14 @@ clean stop.
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
 from engine.manage.heartbeat import iso
 from engine.store.index import Index
-from engine.store.nodes import NodeStore
+from engine.store.nodes import NodeStore, process_alive
 
 __all__ = ["node_lines", "node_rows"]
-
-
-def _alive_here(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def node_rows(index: Index, interval: float, stale_beats: int, now: float) -> list[dict[str, Any]]:
@@ -40,7 +29,7 @@ def node_rows(index: Index, interval: float, stale_beats: int, now: float) -> li
         age = now - n["last_heartbeat"]
         if n["stopped_at"] is not None:
             state = "stopped"
-        elif age > stale_beats * interval or (n["host"] == here and not _alive_here(n["pid"])):
+        elif age > stale_beats * interval or (n["host"] == here and not process_alive(n["pid"])):
             state = "stale"
         else:
             state = "running"
