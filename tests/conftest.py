@@ -9,7 +9,57 @@ from pathlib import Path
 import pytest
 
 import engine.projects  # noqa: F401  (registers every project section, as fiona's commands do)
+from engine.store.db import INDEX_URL_ENV
 from tests.peers import FionaServer, PeerMissing, dcmtk
+
+#: ``FIONA_TEST_INDEX=postgresql`` runs the suite with every index in PostgreSQL.
+TEST_INDEX = os.environ.get("FIONA_TEST_INDEX", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One throw-away PostgreSQL cluster for the session (tests/pg_server.py); skips locally
+    when the package is missing, fails under CI."""
+    from tests.pg_server import PgCluster, pg_bin
+
+    if pg_bin() is None:
+        message = "PostgreSQL is not installed (apt-get install -y postgresql)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On PostgreSQL, skip ``@pytest.mark.sqlite_only(reason)`` tests (SQLite by nature: its
+    file, PRAGMAs, old SQLite indexes) and ``@pytest.mark.pg_todo(reason)`` ones (not yet
+    passing on PostgreSQL: the list of what is left, each with its reason)."""
+    if TEST_INDEX != "postgresql":
+        return
+    for item in items:
+        for name in ("sqlite_only", "pg_todo"):
+            marker = item.get_closest_marker(name)
+            if marker is not None:
+                reason = marker.args[0] if marker.args else ""
+                item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
+
+
+@pytest.fixture(autouse=True)
+def index_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The index engine of the run: with ``FIONA_TEST_INDEX=postgresql`` each test gets a fresh
+    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit); on
+    SQLite (the default) no override at all."""
+    monkeypatch.delenv(INDEX_URL_ENV, raising=False)
+    if TEST_INDEX != "postgresql":
+        yield
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    name = cluster.new_database()
+    monkeypatch.setenv(INDEX_URL_ENV, cluster.url(name))
+    yield
+    cluster.drop_database(name)
 
 
 @pytest.fixture(autouse=True)

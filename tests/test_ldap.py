@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import urllib.parse
@@ -39,6 +38,7 @@ from engine.web.ldap import (
     escape_filter_value,
     grant_of,
 )
+from tests.dbutil import connect_index
 from tests.ldap_server import (
     PEOPLE,
     SERVICE_DN,
@@ -331,7 +331,7 @@ class Portal:
         )  # fmt: skip
 
     def user_row(self, name: str) -> tuple[Any, ...] | None:
-        with sqlite3.connect(self.root / "data" / "index.sqlite") as db:
+        with connect_index(self.root / "data" / "index.sqlite") as db:
             row = db.execute(
                 "SELECT role, phi, source, password_hash FROM users WHERE name = ?", (name,)
             ).fetchone()

@@ -1,9 +1,10 @@
 """``fiona db status`` and ``fiona db upgrade``: the index's schema version and its migrations.
 
 The index's schema is versioned by numbered SQL files (``engine/store/migrations/NNNN_*.sql``)
-and ``PRAGMA user_version``. ``fiona serve`` and ``fiona ingest`` apply pending migrations when
-they open the index (with a log line); every other command refuses an index older than the code
-and says to run ``fiona db upgrade``, so a command that only looks never changes the file.
+and ``PRAGMA user_version`` (SQLite) or the ``schema_version`` table (PostgreSQL). ``fiona
+serve`` and ``fiona ingest`` apply pending migrations when they open the index (with a log
+line); every other command refuses an index older than the code and says to run ``fiona db
+upgrade``, so a command that only looks never changes the file.
 """
 
 from __future__ import annotations
@@ -18,22 +19,23 @@ from engine.config.model import SiteConfig
 from engine.store.commands import load_site_or_exit
 from engine.store.index import (
     IndexUnusable,
-    SqliteIndex,
-    index_file,
+    index_location,
     latest_version,
+    open_index,
     pending_migrations,
-    read_schema_version,
+    read_index_version,
 )
 
 __all__ = ["db_status", "run_db"]
 
 
-def db_status(path: Path) -> dict[str, Any]:
-    """The index file, its schema version, this code's version and the pending migrations
-    (:class:`IndexUnusable` when there is no index)."""
-    version = read_schema_version(path)
+def db_status(url: str, default_path: Path) -> dict[str, Any]:
+    """The index (its file, or its PostgreSQL URL without a password), its schema version,
+    this code's version and the pending migrations (:class:`IndexUnusable` when there is no
+    index)."""
+    version = read_index_version(url, default_path)
     return {
-        "index": str(path),
+        "index": index_location(url, default_path),
         "schema_version": version,
         "code_version": latest_version(),
         "pending": [m.name for m in pending_migrations(version)],
@@ -56,19 +58,20 @@ def _render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _upgrade(path: Path) -> int:
-    before = read_schema_version(path)  # refuses a missing index: serve creates it
-    index = SqliteIndex(path, upgrade=True)  # IndexUnusable when a migration fails
+def _upgrade(url: str, default_path: Path) -> int:
+    before = read_index_version(url, default_path)  # refuses a missing index: serve creates it
+    index = open_index(url, default_path, upgrade=True)  # IndexUnusable when a migration fails
     try:
         after = index.schema_version
     finally:
         index.close()
+    where = index_location(url, default_path)
     if after == before:
-        print(f"index {path} is up to date (schema version {after})")
+        print(f"index {where} is up to date (schema version {after})")
     else:
         applied = [m.name for m in pending_migrations(before) if m.version <= after]
         print(
-            f"index {path} upgraded from schema version {before} to {after}: {', '.join(applied)}"
+            f"index {where} upgraded from schema version {before} to {after}: {', '.join(applied)}"
         )
     return 0
 
@@ -79,11 +82,11 @@ def run_db(args: argparse.Namespace) -> int:
     site: SiteConfig | None = load_site_or_exit(args)
     if site is None:
         return 2
-    path = index_file(site.index_url, site.data_dir / "index.sqlite")
+    default = site.data_dir / "index.sqlite"
     try:
         if args.action == "upgrade":
-            return _upgrade(path)
-        status = db_status(path)
+            return _upgrade(site.index_url, default)
+        status = db_status(site.index_url, default)
     except IndexUnusable as exc:
         print(f"fiona: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,6 @@ was held with ``reason``), ``failed`` (reserved for runs given up without a quar
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from engine.pipeline.context import SeriesInput
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
+from engine.store.db import Connection
 from engine.store.index import Index
 
 __all__ = ["RunRecord", "RunState", "RunStore", "StepRecord", "StepState"]
@@ -299,8 +299,10 @@ class RunStore:
             row = (kind, outcome.reason, f"retry in {outcome.after:g} s")
         with self.index.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
-                " finished_at) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
+                " finished_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT (run_id, idx) DO UPDATE SET"
+                " name=excluded.name, state=excluded.state, reason=excluded.reason,"
+                " detail=excluded.detail, finished_at=excluded.finished_at",
                 (run_id, idx, name, row[0].value, row[1], row[2], now),
             )
             self._apply(db, run_id, f"step {idx} ({name})", outcome, state, now)
@@ -311,7 +313,7 @@ class RunStore:
 
     @staticmethod
     def _apply(
-        db: sqlite3.Connection,
+        db: Connection,
         run_id: int,
         step: str,
         outcome: Outcome,

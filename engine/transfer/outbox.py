@@ -17,7 +17,6 @@ follow-up (series that arrived after the study was sent) reaches the peer after 
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from engine.store.db import Connection
 from engine.store.index import Index
 from engine.transfer.base import InstanceResult, OutgoingInstance, StudyBatch
 
@@ -182,14 +182,15 @@ class Outbox:
             )
             transfer_id = int(cur.lastrowid or 0)
             db.executemany(
-                "INSERT OR IGNORE INTO transfer_items (transfer_id, sop_instance_uid,"
+                "INSERT INTO transfer_items (transfer_id, sop_instance_uid,"
                 " sop_class_uid, transfer_syntax, series_uid, series_number, modality, path,"
-                " size, kind, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " size, kind, name, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 [
                     (transfer_id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax,
                      i.series_uid, i.series_number, i.modality, self._rel(i.path), i.size,
-                     i.kind, i.name)
-                    for i in items
+                     i.kind, i.name, seq)
+                    for seq, i in enumerate(items, 1)
                 ],
             )
         return transfer_id
@@ -246,7 +247,7 @@ class Outbox:
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, series_uid, path,"
                 " size, series_number, modality, kind, name FROM transfer_items"
                 " WHERE transfer_id = ?"
-                " ORDER BY rowid",
+                " ORDER BY seq, sop_instance_uid",
                 (record.id,),
             ).fetchall()
         instances = tuple(
@@ -388,7 +389,8 @@ class Outbox:
         with self.index.reading() as db:
             rows = db.execute(
                 "SELECT sop_instance_uid, series_uid, path, size, state, status, detail,"
-                " sent_at FROM transfer_items WHERE transfer_id = ? ORDER BY rowid",
+                " sent_at FROM transfer_items WHERE transfer_id = ?"
+                " ORDER BY seq, sop_instance_uid",
                 (transfer_id,),
             ).fetchall()
         return [TransferItem(*r) for r in rows]
@@ -437,7 +439,7 @@ class Outbox:
         return None if row is None else TransferState(row[0])
 
     @staticmethod
-    def _state(db: sqlite3.Connection, transfer_id: int) -> TransferState:
+    def _state(db: Connection, transfer_id: int) -> TransferState:
         row = db.execute("SELECT state FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if row is None:
             raise KeyError(f"no transfer {transfer_id}")
