@@ -46,13 +46,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def index_module_engine(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On PostgreSQL, one database for the module's wider-scoped fixtures (a ``fiona serve``
+    started once for the module, say) and the tests that use them."""
+    if TEST_INDEX != "postgresql":
+        yield
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    name = cluster.new_database()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(INDEX_URL_ENV, cluster.url(name))
+        yield
+    cluster.drop_database(name)
+
+
+def _uses_wider_fixtures(request: pytest.FixtureRequest) -> bool:
+    """Whether the test uses a module- or class-scoped fixture of the suite (which opened or
+    started something on the module's database)."""
+    info = request.node._fixtureinfo  # type: ignore[attr-defined]
+    for name in info.names_closure:
+        defs = info.name2fixturedefs.get(name)
+        if (
+            defs
+            and defs[-1].scope in ("module", "class", "package")
+            and name not in ("index_module_engine",)
+        ):
+            return True
+    return False
+
+
 @pytest.fixture(autouse=True)
 def index_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The index engine of the run: with ``FIONA_TEST_INDEX=postgresql`` each test gets a fresh
-    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit); on
-    SQLite (the default) no override at all."""
-    monkeypatch.delenv(INDEX_URL_ENV, raising=False)
+    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit), or the
+    module's when it uses a module-scoped fixture; on SQLite (the default) no override."""
     if TEST_INDEX != "postgresql":
+        monkeypatch.delenv(INDEX_URL_ENV, raising=False)
+        yield
+        return
+    if _uses_wider_fixtures(request):
         yield
         return
     cluster = request.getfixturevalue("pg_cluster")

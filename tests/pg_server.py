@@ -38,7 +38,9 @@ def _free_port() -> int:
 class PgCluster:
     """A running cluster: ``url(db)`` for a database on it, ``stop()`` and ``restart()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: commits are flushed as in production (benchmarks); the tests run
+        without fsync."""
         bindir = pg_bin()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install -y postgresql)")
@@ -66,11 +68,10 @@ class PgCluster:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.root}'",
             "max_connections": "300",
-            "fsync": "off",  # test data: durability of the cluster itself does not matter
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
             "shared_buffers": "64MB",
         }
+        if not durable:  # test data: durability of the cluster itself does not matter
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
         (self.data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")

@@ -157,6 +157,8 @@ def test_a_transaction_rolls_back_on_both(engine_url: str, tmp_path: Path) -> No
             rows = db.execute("SELECT key, value FROM engine_state WHERE value LIKE '%?'")
             assert rows.fetchall() == [("k", "it's ?")]
             assert db.execute("SELECT 1 WHERE 'ABC' LIKE 'abc'").fetchall() == [(1,)]
+            cast = db.execute("SELECT CAST(? / 2 AS INTEGER), CAST(-0.5 AS INTEGER)", (15.8,))
+            assert cast.fetchone() == (7, 0)  # truncated, as SQLite does, not rounded
     finally:
         index.close()
 
@@ -310,6 +312,10 @@ def test_an_unreachable_server_is_one_message(tmp_path: Path) -> None:
             'SELECT "user", t.user FROM x WHERE "user" = %s',
         ),
         ("BEGIN IMMEDIATE", "BEGIN"),
+        (
+            "SELECT CAST((t - ?) / 3600 AS INTEGER), CAST(x AS TEXT) FROM a",
+            "SELECT CAST(trunc((t - %s) / 3600) AS BIGINT), CAST(x AS TEXT) FROM a",
+        ),
         ("SELECT 1 WHERE a + 1 > 0 AND +r.state = ?", "SELECT 1 WHERE a + 1 > 0 AND r.state = %s"),
         (
             "SELECT 1 FROM a CROSS JOIN b r ON r.x = a.x CROSS JOIN c",

@@ -90,13 +90,14 @@ def _code(text: str) -> str:
     return text
 
 
-_FUNCTION = re.compile(r"(?<![\w.])(group_concat|max|min)\(", re.I)
+_FUNCTION = re.compile(r"(?<![\w.])(group_concat|max|min|CAST)\(", re.I)
 
 
 def _functions(sql: str) -> str:
     """SQLite's functions PostgreSQL names otherwise: ``group_concat(x[, sep])`` as
     ``string_agg(x, sep)`` (``','`` when no separator); ``max(a, b, ...)`` and ``min(...)``
-    with several arguments (SQLite's scalar forms) as ``GREATEST`` and ``LEAST``."""
+    with several arguments (SQLite's scalar forms) as ``GREATEST`` and ``LEAST``;
+    ``CAST(x AS INTEGER)`` truncated toward zero as SQLite does (PostgreSQL rounds)."""
     out, pos = [], 0
     for match in _FUNCTION.finditer(sql):
         if match.start() < pos:
@@ -107,7 +108,9 @@ def _functions(sql: str) -> str:
             commas += sql[i] == "," and depth == 1
             i += 1
         inner = _functions(sql[match.end() : i - 1])
-        if name == "group_concat":
+        if name == "cast" and inner.upper().endswith(" AS INTEGER"):  # SQLite truncates
+            call = f"CAST(trunc({inner[: -len(' AS INTEGER')]}) AS BIGINT)"
+        elif name == "group_concat":
             call = f"string_agg({inner})" if commas else f"string_agg({inner}, ',')"
         elif commas:
             call = f"{'GREATEST' if name == 'max' else 'LEAST'}({inner})"
