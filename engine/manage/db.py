@@ -1,4 +1,5 @@
-"""``fiona db status`` and ``fiona db upgrade``: the index's schema version and its migrations.
+"""``fiona db status``, ``upgrade`` and ``migrate --to``: the index's schema version, its
+migrations, and the copy of a SQLite index into PostgreSQL.
 
 The index's schema is versioned by numbered SQL files (``engine/store/migrations/NNNN_*.sql``)
 and ``PRAGMA user_version`` (SQLite) or the ``schema_version`` table (PostgreSQL). ``fiona
@@ -17,9 +18,11 @@ from typing import Any
 
 from engine.config.model import SiteConfig
 from engine.store.commands import load_site_or_exit
+from engine.store.db import redact_url
 from engine.store.index import (
     IndexUnusable,
     index_location,
+    is_postgresql,
     latest_version,
     open_index,
     pending_migrations,
@@ -76,6 +79,40 @@ def _upgrade(url: str, default_path: Path) -> int:
     return 0
 
 
+def _migrate_to(url: str, default_path: Path, target_url: str) -> int:
+    """Copy the site's SQLite index into the empty PostgreSQL database ``target_url``."""
+    from engine.store.copy import CopyError, copy_to_postgresql
+    from engine.store.index import PgIndex, SqliteIndex
+
+    if is_postgresql(url):
+        print("fiona: the site's index is PostgreSQL already: nothing to copy", file=sys.stderr)
+        return 2
+    if not is_postgresql(target_url):
+        print("fiona: --to takes a postgresql://USER@HOST:PORT/DB URL", file=sys.stderr)
+        return 2
+    source = open_index(url, default_path, upgrade=False, read_only=True)
+    try:
+        target = open_index(target_url, default_path, upgrade=True)
+        try:
+            assert isinstance(source, SqliteIndex) and isinstance(target, PgIndex)
+            counts = copy_to_postgresql(
+                source, target, lambda table, rows: print(f"  {table}: {rows} rows")
+            )
+        except CopyError as exc:
+            print(f"fiona: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            target.close()
+    finally:
+        source.close()
+    print(
+        f"copied {sum(counts.values())} rows in {len(counts)} tables from"
+        f" {index_location(url, default_path)} to {redact_url(target_url)}; every table's count"
+        " matches. Set index_url (or $FIONA_INDEX_URL) to it and start fiona serve."
+    )
+    return 0
+
+
 def run_db(args: argparse.Namespace) -> int:
     """``db status``: 0 when up to date, 1 when migrations are pending, 2 when the index is
     missing or newer than the code; ``db upgrade``: 0 when done."""
@@ -86,6 +123,8 @@ def run_db(args: argparse.Namespace) -> int:
     try:
         if args.action == "upgrade":
             return _upgrade(site.index_url, default)
+        if args.action == "migrate":
+            return _migrate_to(site.index_url, default, args.to)
         status = db_status(site.index_url, default)
     except IndexUnusable as exc:
         print(f"fiona: {exc}", file=sys.stderr)
