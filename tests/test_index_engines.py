@@ -276,6 +276,8 @@ def test_a_postgresql_restart_is_index_unavailable_then_recovered(
             db.execute("INSERT INTO engine_state (key, value) VALUES ('other', 'y')")
         index.add_instance(header("1.2"), "a/2.dcm", 10, ORIGIN)  # a new connection
         assert index.counts()["instances"] == 2
+        pg_cluster.restart()  # now while every pooled connection is idle: none is noticed
+        assert index.counts()["instances"] == 2
         with index.reading() as db:
             assert db.execute("SELECT count(*) FROM engine_state").fetchone()[0] == 0
     finally:
@@ -360,3 +362,35 @@ def test_a_password_never_shows_in_the_url_we_print() -> None:
         "postgresql://fiona:***@db:5432/fiona"
     )
     assert redact_url("postgresql://fiona@db/fiona") == "postgresql://fiona@db/fiona"
+
+
+# --------------------------------------------------------------------------- commands on PostgreSQL
+
+
+def test_commands_follow_the_url_from_the_environment_and_backup_says_pg_dump(
+    pg_cluster: PgCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from engine.cli import main
+
+    name = pg_cluster.new_database()
+    url = pg_cluster.url(name).replace("postgres@", "postgres:notused@")  # trust: any password
+    monkeypatch.setenv(dbmod.INDEX_URL_ENV, url)
+    data = tmp_path / "data"
+    data.mkdir()
+    try:
+        assert main(["db", "status", "--data", str(data)]) == 1  # empty: every migration pending
+        assert main(["db", "upgrade", "--data", str(data)]) == 0
+        assert main(["db", "status", "--data", str(data), "--json"]) == 0
+        shown = capsys.readouterr().out
+        assert f'"schema_version": {latest_version()}' in shown
+        assert "notused" not in shown and "postgres:***@" in shown
+        assert main(["backup", "--data", str(data), str(tmp_path / "backup")]) == 2
+        err = capsys.readouterr().err
+        assert "pg_dump" in err and "notused" not in err
+        assert not (tmp_path / "backup").exists()
+        assert not (data / "index.sqlite").exists()  # nothing went to a SQLite file
+    finally:
+        pg_cluster.drop_database(name)

@@ -7,9 +7,10 @@ IDENTITY PRIMARY KEY``, ``INTEGER`` -> ``BIGINT`` (byte counts and ids outgrow i
 ``REAL`` -> ``DOUBLE PRECISION`` (epoch seconds need more than float4), ``BLOB`` -> ``BYTEA``).
 
 Connections come from a ``psycopg_pool.ConnectionPool`` in autocommit mode: a transaction is
-the ``BEGIN``/``COMMIT`` the index writes, as on SQLite. A connection is checked when taken from
-the pool, so one broken by a server restart is replaced; a statement that fails because the
-server went away raises :class:`~engine.store.db.IndexUnavailable`.
+the ``BEGIN``/``COMMIT`` the index writes, as on SQLite. A statement that fails because the
+server went away raises :class:`~engine.store.db.IndexUnavailable`. Connections are not checked
+when taken from the pool (that is a round trip per block): one the server closed while it was
+idle fails at the first statement of a block, which then runs once more on a new connection.
 """
 
 from __future__ import annotations
@@ -196,7 +197,6 @@ def make_pool(url: str, *, max_size: int, read_only: bool) -> ConnectionPool:
         max_size=max_size,
         kwargs=kwargs,
         configure=_configure,
-        check=ConnectionPool.check_connection,
         open=False,
         name="fiona-index",
     )
@@ -295,7 +295,22 @@ class Lease:
         except PoolTimeout as exc:
             raise IndexUnavailable(f"no index database connection ({exc})") from None
         self._local.conn = conn
+        self._local.fresh = True
         return conn
+
+    def first_statement(self) -> bool:
+        """True once per ``with`` block: for the first statement run in it."""
+        fresh: bool = getattr(self._local, "fresh", False)
+        self._local.fresh = False
+        return fresh
+
+    def replace(self) -> None:
+        """Give back the (broken) connection held and take another from the pool."""
+        self.pool.putconn(self.current())
+        self._local.conn = None
+        self.pool.check()  # the other idle ones are likely broken too: replaced now
+        self.__enter__()
+        self._local.fresh = False
 
     def __exit__(
         self,
@@ -319,6 +334,15 @@ class LeasedConnection:
         self._lease = lease
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        first = self._lease.first_statement()
+        try:
+            return PgConnection(self._lease.current()).execute(sql, parameters)
+        except IndexUnavailable:
+            if not first:
+                raise
+        # A pooled connection the server closed while it was idle (a restart): nothing ran
+        # on it in this block, so the statement runs again on a new one.
+        self._lease.replace()
         return PgConnection(self._lease.current()).execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> PgCursor:
