@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import engine.projects  # noqa: F401  (registers every project section, as fiona's commands do)
@@ -47,48 +48,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def index_module_engine(request: pytest.FixtureRequest) -> Iterator[None]:
+def index_module_engine(request: pytest.FixtureRequest) -> Iterator[str]:
     """On PostgreSQL, one database for the module's wider-scoped fixtures (a ``fiona serve``
-    started once for the module, say) and the tests that use them."""
+    started once for the module, say) and the tests that use them; its name ('' on SQLite)."""
     if TEST_INDEX != "postgresql":
-        yield
+        yield ""
         return
     cluster = request.getfixturevalue("pg_cluster")
     name = cluster.new_database()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(INDEX_URL_ENV, cluster.url(name))
-        yield
+        yield name
     cluster.drop_database(name)
 
 
-def _uses_wider_fixtures(request: pytest.FixtureRequest) -> bool:
-    """Whether the test uses a module- or class-scoped fixture of the suite (which opened or
-    started something on the module's database)."""
-    info = request.node._fixtureinfo  # type: ignore[attr-defined]
-    for name in info.names_closure:
-        defs = info.name2fixturedefs.get(name)
-        if (
-            defs
-            and defs[-1].scope in ("module", "class", "package")
-            and name not in ("index_module_engine",)
-        ):
-            return True
-    return False
-
-
 @pytest.fixture(autouse=True)
-def index_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def index_engine(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, index_module_engine: str
+) -> Iterator[None]:
     """The index engine of the run: with ``FIONA_TEST_INDEX=postgresql`` each test gets a fresh
-    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit), or the
-    module's when it uses a module-scoped fixture; on SQLite (the default) no override."""
+    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit), unless a
+    module-scoped fixture has made an index in the module's database already (then the test
+    works on that one); on SQLite (the default) no override."""
     if TEST_INDEX != "postgresql":
         monkeypatch.delenv(INDEX_URL_ENV, raising=False)
         yield
         return
-    if _uses_wider_fixtures(request):
+    cluster = request.getfixturevalue("pg_cluster")
+    with psycopg.connect(cluster.url(index_module_engine), autocommit=True) as conn:
+        in_use = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    if in_use and in_use[0] is not None:
+        monkeypatch.setenv(INDEX_URL_ENV, cluster.url(index_module_engine))
         yield
         return
-    cluster = request.getfixturevalue("pg_cluster")
     name = cluster.new_database()
     monkeypatch.setenv(INDEX_URL_ENV, cluster.url(name))
     yield

@@ -64,6 +64,7 @@ def _get(port: int, path: str) -> tuple[str, bytes]:
 def test_heartbeat_records_a_dead_scp_and_status_exits_1(tmp_path: Path) -> None:
     data, projects = tmp_path / "data", tmp_path / "projects"
     projects.mkdir()
+    data.mkdir()
     site = load_site(
         None, {"data_dir": str(data), "port": free_port(), "bind_address": "127.0.0.1"}
     )
@@ -86,6 +87,7 @@ def test_heartbeat_records_a_dead_scp_and_status_exits_1(tmp_path: Path) -> None
 
 def test_heartbeat_keeps_the_last_n_rows(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir()
     site = load_site(None, {"data_dir": str(data), "port": free_port()})
     site = type(site)(**{**site.__dict__, "heartbeat": type(site.heartbeat)(keep=3)})
     index = open_index("", data / "index.sqlite")
