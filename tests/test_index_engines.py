@@ -362,6 +362,9 @@ def test_a_password_never_shows_in_the_url_we_print() -> None:
         "postgresql://fiona:***@db:5432/fiona"
     )
     assert redact_url("postgresql://fiona@db/fiona") == "postgresql://fiona@db/fiona"
+    assert redact_url("postgresql://db/fiona?sslmode=require&password=s3cret") == (
+        "postgresql://db/fiona?sslmode=require&password=***"
+    )
 
 
 # --------------------------------------------------------------------------- commands on PostgreSQL

@@ -96,10 +96,11 @@ def engine_of(url: str) -> str:
 def redact_url(url: str) -> str:
     """``url`` fit for a log line or a message: any password replaced by ``***``."""
     parts = urlsplit(url)
+    query = re.sub(r"(?i)(^|&)password=[^&]*", r"\1password=***", parts.query)
     if parts.password is None:
-        return url
+        return urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
