@@ -285,8 +285,12 @@ def test_a_postgresql_restart_is_index_unavailable_then_recovered(
         pg_cluster.drop_database(name)
 
 
-def test_an_unreachable_server_is_one_message(tmp_path: Path) -> None:
+def test_an_unreachable_server_is_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from engine.store.index import IndexUnusable
+
+    monkeypatch.delenv(dbmod.INDEX_URL_ENV, raising=False)
 
     with pytest.raises(IndexUnusable, match=r"cannot open the index postgresql://fiona:\*\*\*@"):
         open_index("postgresql://fiona:secret@127.0.0.1:1/fiona", tmp_path / "x")
