@@ -3,7 +3,8 @@
     python bench/index.py [--n 2000] [--url postgresql://...] [--runs 3]
 
 Each run adds ``n`` instances (20 series of one study per 1,000, as a CT arrives) to a fresh
-index, one after another from one thread, and prints the median microseconds per instance:
+index, from one thread (``--threads N``: N at once, as concurrent associations add), and prints
+the median wall-clock microseconds per instance:
 the SQLite file in a temporary folder (``synchronous=FULL``, as ``fiona serve`` runs it) and,
 with ``--url`` (an empty database, or a throw-away cluster started from Debian's
 ``postgresql`` package with ``--start-postgresql``), PostgreSQL. Synthetic headers only.
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,13 +44,22 @@ def header(run: int, i: int) -> InstanceHeader:
     )
 
 
-def one_run(url: str, folder: Path, run: int, n: int) -> float:
-    """Microseconds per add_instance over ``n`` instances into a fresh index."""
+def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> float:
+    """Wall-clock microseconds per add_instance over ``n`` instances into a fresh index,
+    added by ``threads`` threads at once (as concurrent associations do)."""
     index = open_index(url, folder / f"index-{run}.sqlite")
+
+    def add(part: int) -> None:
+        for i in range(part, n, threads):
+            index.add_instance(header(run, i), f"archive/{run}/{i}.dcm", 500_000, ORIGIN)
+
     try:
         start = time.perf_counter()
-        for i in range(n):
-            index.add_instance(header(run, i), f"archive/{run}/{i}.dcm", 500_000, ORIGIN)
+        workers = [threading.Thread(target=add, args=(p,)) for p in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
         return (time.perf_counter() - start) / n * 1e6
     finally:
         index.close()
@@ -58,6 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="adding at once (default 1)")
     parser.add_argument("--url", default="", help="a PostgreSQL database (empty)")
     parser.add_argument("--start-postgresql", action="store_true")
     args = parser.parse_args()
@@ -78,9 +90,10 @@ def main() -> int:
                 for run in range(args.runs):
                     if engine == "postgresql":
                         _clear(url)
-                    times.append(one_run(url, Path(tmp), run, args.n))
+                    times.append(one_run(url, Path(tmp), run, args.n, args.threads))
                 print(
-                    f"{engine:10s} add_instance: {statistics.median(times):7.0f} us/instance"
+                    f"{engine:10s} add_instance x{args.threads}:"
+                    f" {statistics.median(times):7.0f} us/instance"
                     f" (runs: {', '.join(f'{t:.0f}' for t in times)})"
                 )
     finally:
