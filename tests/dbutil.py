@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.store.db import INDEX_URL_ENV, engine_of
 
-__all__ = ["connect_index", "index_exists", "on_postgresql"]
+__all__ = ["connect_index", "index_exists", "on_postgresql", "separate_index"]
 
 
 def on_postgresql() -> bool:
@@ -56,6 +56,14 @@ class _PgTestConnection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def separate_index(request: Any, monkeypatch: Any) -> None:
+    """For a test that starts a second fiona with a data folder of its own beside a module's
+    one: on PostgreSQL, a fresh database of its own from here on (SQLite: its own file)."""
+    if on_postgresql():
+        cluster = request.getfixturevalue("pg_cluster")
+        monkeypatch.setenv(INDEX_URL_ENV, cluster.url(cluster.new_database()))
 
 
 def index_exists(path: Path) -> bool:

@@ -30,7 +30,7 @@ from engine.store.index import open_index
 from engine.store.sessions import SessionStore
 from tests import synth
 from tests.conftest import need_peer
-from tests.dbutil import connect_index
+from tests.dbutil import connect_index, separate_index
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_tls import tls_files  # noqa: F401  (the fixture)
 from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait, explain_file, multipart
@@ -519,7 +519,11 @@ def test_a_file_too_large_or_not_dicom_gets_one_clear_message(site: Site) -> Non
 
 
 def test_forwarded_headers_are_believed_only_from_a_trusted_proxy(
-    site: Site, tmp_path: Path, empty_projects: Path
+    site: Site,
+    tmp_path: Path,
+    empty_projects: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     b = Browser(site, follow=False)
@@ -528,6 +532,7 @@ def test_forwarded_headers_are_believed_only_from_a_trusted_proxy(
     assert cookie.startswith("fiona_session=") and "Secure" not in cookie
     logins = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "login"]
     assert logins[-1]["address"] == "127.0.0.1"
+    separate_index(request, monkeypatch)  # the second fiona below has its own index
     port = free_port()
     config = tmp_path / "site.yaml"
     web = {"enabled": True, "port": port, "trusted_proxies": ["127.0.0.1"]}
