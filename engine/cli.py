@@ -219,7 +219,9 @@ def _add_ops_parsers(sub: Any) -> None:
         action="store_true",
         help="overwrite a non-empty data folder and config files that differ",
     )
-    db = sub.add_parser("db", help="the index's schema: status, upgrade (apply migrations)")
+    db = sub.add_parser(
+        "db", help="the index's schema: status, upgrade (apply migrations), migrate --to PostgreSQL"
+    )
     actions = db.add_subparsers(dest="action", required=True)
     status = actions.add_parser(
         "status", help="schema version and pending migrations; exit 1 when some are pending"
@@ -228,6 +230,17 @@ def _add_ops_parsers(sub: Any) -> None:
     status.add_argument("--json", action="store_true", help="JSON instead of text")
     upgrade = actions.add_parser("upgrade", help="apply pending migrations (back up first)")
     _add_site_args(upgrade)
+    migrate = actions.add_parser(
+        "migrate",
+        help="copy the SQLite index into an empty PostgreSQL database (fiona serve stopped)",
+    )
+    _add_site_args(migrate)
+    migrate.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB (the password from PGPASSWORD or ~/.pgpass)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

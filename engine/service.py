@@ -117,11 +117,11 @@ def open_store(site: SiteConfig) -> Store:
     except sqlite3.Error as exc:
         raise IndexUnusable(f"cannot open the index in {site.data_dir}: {exc}") from None
     if index.upgraded_from == 0:
-        log.info("index %s created (schema version %d)", index.path, index.schema_version)
+        log.info("index %s created (schema version %d)", index.location, index.schema_version)
     elif index.upgraded_from is not None:
         log.info(
             "index %s upgraded from schema version %d to %d",
-            index.path,
+            index.location,
             index.upgraded_from,
             index.schema_version,
         )

@@ -6,10 +6,85 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import engine.projects  # noqa: F401  (registers every project section, as fiona's commands do)
+from engine.store.db import INDEX_URL_ENV
 from tests.peers import FionaServer, PeerMissing, dcmtk
+
+#: ``FIONA_TEST_INDEX=postgresql`` runs the suite with every index in PostgreSQL.
+TEST_INDEX = os.environ.get("FIONA_TEST_INDEX", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One throw-away PostgreSQL cluster for the session (tests/pg_server.py); skips locally
+    when the package is missing, fails under CI."""
+    from tests.pg_server import PgCluster, pg_bin
+
+    if pg_bin() is None:
+        message = "PostgreSQL is not installed (apt-get install -y postgresql)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On PostgreSQL, skip ``@pytest.mark.sqlite_only(reason)`` tests (SQLite by nature: its
+    file, PRAGMAs, old SQLite indexes) and ``@pytest.mark.pg_todo(reason)`` ones (not yet
+    passing on PostgreSQL: the list of what is left, each with its reason)."""
+    if TEST_INDEX != "postgresql":
+        return
+    for item in items:
+        for name in ("sqlite_only", "pg_todo"):
+            marker = item.get_closest_marker(name)
+            if marker is not None:
+                reason = marker.args[0] if marker.args else ""
+                item.add_marker(pytest.mark.skip(reason=f"{name}: {reason}"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def index_module_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """On PostgreSQL, one database for the module's wider-scoped fixtures (a ``fiona serve``
+    started once for the module, say) and the tests that use them; its name ('' on SQLite)."""
+    if TEST_INDEX != "postgresql":
+        yield ""
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    name = cluster.new_database()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(INDEX_URL_ENV, cluster.url(name))
+        yield name
+    cluster.drop_database(name)
+
+
+@pytest.fixture(autouse=True)
+def index_engine(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, index_module_engine: str
+) -> Iterator[None]:
+    """The index engine of the run: with ``FIONA_TEST_INDEX=postgresql`` each test gets a fresh
+    database through ``$FIONA_INDEX_URL`` (which ``fiona serve`` subprocesses inherit), unless a
+    module-scoped fixture has made an index in the module's database already (then the test
+    works on that one); on SQLite (the default) no override."""
+    if TEST_INDEX != "postgresql":
+        monkeypatch.delenv(INDEX_URL_ENV, raising=False)
+        yield
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    with psycopg.connect(cluster.url(index_module_engine), autocommit=True) as conn:
+        in_use = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    if in_use and in_use[0] is not None:
+        monkeypatch.setenv(INDEX_URL_ENV, cluster.url(index_module_engine))
+        yield
+        return
+    name = cluster.new_database()
+    monkeypatch.setenv(INDEX_URL_ENV, cluster.url(name))
+    yield
+    cluster.drop_database(name)
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,10 @@ from engine.store.index import SqliteIndex, latest_version, open_index
 from engine.store.pseudonyms import PseudonymTable, reidentify
 from tests.test_cli import old_index
 
+pytestmark = pytest.mark.sqlite_only(
+    "fiona backup copies a SQLite index; a PostgreSQL one is refused (test_index_engines.py)"
+)
+
 
 class Site:
     """A site config, a project with a secret outside the data folder, a populated data

@@ -9,10 +9,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import need_peer
 from tests.peers import REPO
 
 
+@pytest.mark.sqlite_only("bench/web.py builds its synthetic index as a SQLite file")
 def test_the_web_benchmark_runs_in_its_quick_size() -> None:
     need_peer("storescu")
     done = subprocess.run(

@@ -85,7 +85,7 @@ def test_top_level_help_is_written_for_users(capsys: pytest.CaptureFixture[str])
 def test_output_cut_short_by_head_ends_quietly(tmp_path: Path) -> None:
     data = tmp_path / "data"
     open_index("", data / "index.sqlite").close()
-    (data / "audit").mkdir()
+    (data / "audit").mkdir(parents=True)
     entry = {"at": "2026-01-01T00:00:00Z", "event": "received", "study": "t" * 16}
     lines = "".join(json.dumps({**entry, "n": n}) + "\n" for n in range(20000))
     (data / "audit" / "audit-202601.jsonl").write_text(lines)
@@ -135,6 +135,7 @@ def test_reidentify_says_what_is_wrong_with_a_short_reason(
         ["explain", "1.2.3.4"],
     ],
 )
+@pytest.mark.sqlite_only("a data folder without an index file")
 def test_commands_on_a_folder_without_index_say_so_and_create_none(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
@@ -168,6 +169,7 @@ def old(tmp_path: Path) -> Iterator[Path]:
         ["reidentify", "--project", "p", "--reason", "TICKET-1", "SUBJ0001"],
     ],
 )
+@pytest.mark.sqlite_only("an old SQLite index file, byte for byte")
 def test_commands_never_migrate_an_old_index(
     old: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
@@ -180,6 +182,7 @@ def test_commands_never_migrate_an_old_index(
     assert digest(old / "index.sqlite") == before
 
 
+@pytest.mark.sqlite_only("an old SQLite index file (PostgreSQL: tests/test_index_engines.py)")
 def test_db_status_reports_pending_migrations_and_upgrade_applies_them(
     old: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -203,6 +206,7 @@ def test_db_status_reports_pending_migrations_and_upgrade_applies_them(
     assert main(["quarantine", "list", "--data", str(old)]) == 0  # usable now
 
 
+@pytest.mark.sqlite_only("a SQLite index file at schema version 1")
 def test_an_index_from_the_first_version_upgrades_with_its_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,6 +229,7 @@ def test_an_index_from_the_first_version_upgrades_with_its_records(
     assert main(["transfers", "list", "--data", str(path.parent)]) == 0
 
 
+@pytest.mark.sqlite_only("a damaged SQLite file")
 @pytest.mark.parametrize("command", [["status"], ["transfers", "retry", "1"], ["db", "upgrade"]])
 def test_a_damaged_index_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
@@ -237,6 +242,7 @@ def test_a_damaged_index_is_one_message(
     )
 
 
+@pytest.mark.sqlite_only("SQLite's user_version")
 def test_an_index_newer_than_the_code_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -252,6 +258,7 @@ def test_an_index_newer_than_the_code_is_refused(
     assert user_version(path) == latest_version() + 1
 
 
+@pytest.mark.sqlite_only("an old SQLite index file")
 def test_serve_upgrades_an_old_index_at_start_with_a_log_line(
     old: Path, empty_projects: Path
 ) -> None:
@@ -274,6 +281,7 @@ def test_serve_refuses_a_read_only_data_folder_with_one_message(tmp_path: Path) 
     """A data folder the service cannot write: exit 2 and one line, before the port opens.
     Root writes through file modes, so as root the folder is made immutable (chattr +i)."""
     data = tmp_path / "data"
+    data.mkdir()
     open_index("", data / "index.sqlite").close()
     (tmp_path / "projects").mkdir()
     root = os.geteuid() == 0

@@ -473,6 +473,7 @@ def three_sites(tmp_path: Path) -> dict[str, Path]:
     "command",
     [["status"], ["audit"], ["quarantine", "list"], ["transfers", "list"], ["db", "status"]],
 )
+@pytest.mark.sqlite_only("seen through the index file each command looks for")
 def test_every_command_finds_the_site_config_the_same_way(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -31,6 +31,7 @@ from engine.deid.burned_in import BurnedInPolicy
 from engine.deid.export import Exported, Exporter, Held
 from engine.deid.ocr import OcrPolicy, find_text, tesseract_problem
 from tests.compressed import CODECS, compress
+from tests.dbutil import connect_index
 from tests.ocr_images import Case, clean, dose, hard, line_found, screenshot, ultrasound
 from tests.peers import FionaServer
 from tests.test_receive import store
@@ -341,7 +342,7 @@ def test_fiona_anonymize_ocr_redacts_and_holds(tmp_path: Path) -> None:
 
 def _runs(data: Path) -> list[str]:
     try:
-        with sqlite3.connect(data / "index.sqlite") as db:
+        with connect_index(data / "index.sqlite") as db:
             return [row[0] for row in db.execute("SELECT state FROM pipeline_runs")]
     except sqlite3.Error:  # not created yet
         return []

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import FionaServer, OrthancServer, PeerMissing
 from tests.sshd import SshServer
 from tests.test_receive import store
@@ -56,7 +56,7 @@ class Site:
     ssh: SshServer | None
 
     def index(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.server.data_dir / "index.sqlite") as db:
+        with connect_index(self.server.data_dir / "index.sqlite") as db:
             return db.execute(sql, args).fetchall()
 
     def transfers(self) -> list[tuple[Any, ...]]:

@@ -11,7 +11,6 @@ import http.client
 import io
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +23,7 @@ import yaml
 from engine.store.audit import AuditLog
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_convert import _validate, _validator
 from tests.test_ldap import Client
@@ -52,7 +52,7 @@ def _get(port: int, path: str, token: str) -> tuple[int, bytes, dict[str, str]]:
 
 
 def _runs_done(data: Path) -> bool:
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         states = [r[0] for r in db.execute("SELECT state FROM pipeline_runs")]
     return states == ["done"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import REPO, archived_path
 
 
@@ -74,7 +74,7 @@ def test_ingest_a_cd_copy(tmp_path: Path, empty_projects: Path) -> None:
     assert "2 quarantined" in first.stdout
     assert str(garbage) in first.stdout and "unparseable" in first.stdout
 
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         uids = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
         vias = {r[0] for r in db.execute("SELECT DISTINCT via FROM instances")}
     assert uids == {str(ds.SOPInstanceUID) for ds in [*study, extra]}
@@ -172,7 +172,7 @@ def test_ingest_called_ae_routes_like_network_receipt(tmp_path: Path) -> None:
     extra = ("--config", str(site), "--called-ae", "CDIMPORT")
     result = run_ingest(data, projects, cd, extra=extra)
     assert result.returncode == 0, result.stdout + result.stderr
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         origins = set(db.execute("SELECT via, calling_ae, called_ae, peer_ip FROM instances"))
     assert origins == {("ingest", "", "CDIMPORT", "")}
     assert _scan(site, 200) == [("cd", "", "", 0, "", "", "done")]
@@ -182,7 +182,7 @@ def test_ingest_called_ae_routes_like_network_receipt(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     routes = _scan(site, 400)
     assert sorted(r[0] for r in routes) == ["cd", "main"]
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         assert ("ingest", "USB1", "FIONA", "") in set(
             db.execute("SELECT via, calling_ae, called_ae, peer_ip FROM instances")
         )
@@ -204,7 +204,7 @@ def test_ingest_project_assigns_studies_its_rules_would_not_claim(tmp_path: Path
     # 'main' would claim it by its called AE (FIONA, the default); 'cd' would not. Assigned:
     # only 'cd' gets it, with the subject and event, and nothing is held as ambiguous.
     assert _scan(site, 200) == [("cd", "S01", "baseline", 1, "S01", "baseline", "done")]
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
     explain = subprocess.run(
         [sys.executable, "-m", "engine.cli", "explain", uid, "--config", str(site)],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import urllib.parse
@@ -39,6 +38,7 @@ from engine.web.ldap import (
     escape_filter_value,
     grant_of,
 )
+from tests.dbutil import connect_index, on_postgresql
 from tests.ldap_server import (
     PEOPLE,
     SERVICE_DN,
@@ -331,7 +331,7 @@ class Portal:
         )  # fmt: skip
 
     def user_row(self, name: str) -> tuple[Any, ...] | None:
-        with sqlite3.connect(self.root / "data" / "index.sqlite") as db:
+        with connect_index(self.root / "data" / "index.sqlite") as db:
             row = db.execute(
                 "SELECT role, phi, source, password_hash FROM users WHERE name = ?", (name,)
             ).fetchone()
@@ -351,8 +351,13 @@ class Portal:
         texts = [
             *(f.read_text() for f in (self.root / "data" / "audit").glob("*.jsonl")),
             self.server.log_text(),
-            (self.root / "data" / "index.sqlite").read_bytes().decode("latin-1"),
         ]
+        if on_postgresql():  # every text the users' and sessions' rows hold
+            with connect_index(self.root / "data" / "index.sqlite") as db:
+                for table in ("users", "web_sessions", "login_failures", "api_tokens"):
+                    texts += [repr(r) for r in db.execute(f"SELECT * FROM {table}")]
+        else:
+            texts.append((self.root / "data" / "index.sqlite").read_bytes().decode("latin-1"))
         secrets = [*PEOPLE.values(), SERVICE_PASSWORD]
         return [s for s in secrets if any(s in t for t in texts)]
 

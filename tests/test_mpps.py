@@ -8,7 +8,6 @@ MPPS step, not by the quiet-time rule; assertions are on the index's state.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pynetdicom.association import Association
 from engine.cli import main
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import FionaServer, nodelay_env
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -112,7 +112,7 @@ def send(site: FionaServer, paths: list[Path]) -> None:
 
 
 def index(site: FionaServer, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(f"file:{site.data_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
+    db = connect_index(site.data_dir / 'index.sqlite', read_only=True, timeout=30)
     try:
         return db.execute(sql, args).fetchall()
     finally:

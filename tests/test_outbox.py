@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from engine.store.audit import AuditLog
-from engine.store.index import SqliteIndex
+from engine.store.index import open_index
 from engine.store.quarantine import Quarantine
 from engine.transfer.base import OutgoingInstance
 from engine.transfer.folder import FolderDestination
@@ -33,7 +33,7 @@ class Rig:
     def __init__(self, tmp: Path, *, max_attempts: int = 3, concurrency: int = 1) -> None:
         self.data = tmp / "data"
         self.data.mkdir()
-        self.index = SqliteIndex(self.data / "index.sqlite")
+        self.index = open_index("", self.data / "index.sqlite")
         self.outbox = Outbox(self.index, self.data)
         self.share = tmp / "share"
         self.project_file = tmp / "projects" / "neuro.yaml"

@@ -4,7 +4,6 @@ SCU of engine.net; and ``fiona retrieve`` jobs over it."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from engine.config.loader import load_site
 from engine.retrieve.peer import move_proposals, open_association
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import DcmqrscpServer, FionaServer, OrthancServer, PeerMissing, free_port
 from tests.qr_peer import FlakyPacs
 from tests.test_pacs_query import SERIES, SPECS, UID
@@ -90,7 +90,7 @@ def site_with(
 
 
 def index_rows(fiona: FionaServer, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    db = sqlite3.connect(f"file:{fiona.data_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
+    db = connect_index(fiona.data_dir / 'index.sqlite', read_only=True, timeout=30)
     try:
         return db.execute(sql, args).fetchall()
     finally:
@@ -261,7 +261,7 @@ def test_a_killed_retrieval_resumes_without_duplicates(
     csv = tmp_path / "list.csv"
     csv.write_text(f"study_uid\n{UID[1]}\n")
     job = queue(capsys, site, csv)
-    with sqlite3.connect(fiona.data_dir / "index.sqlite") as db:
+    with connect_index(fiona.data_dir / "index.sqlite") as db:
         # Held by a node that died: its lease ran out, any node takes the row over.
         db.execute(
             "UPDATE retrieve_rows SET state='retrieving', claimed_by='gone/1', lease_until=0"

@@ -137,6 +137,7 @@ def test_create_run_is_idempotent_and_series_come_from_the_index(world: World) -
     ]
 
 
+@pytest.mark.sqlite_only("a SQLite index file left at schema version 1")
 def test_migrations_apply_on_a_version_1_database(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite"
     sql = (resources.files("engine.store.migrations") / "0001_initial.sql").read_text()
@@ -148,7 +149,7 @@ def test_migrations_apply_on_a_version_1_database(tmp_path: Path) -> None:
             " VALUES ('1.2.3', 1, 0, 0)"
         )
         db.execute("PRAGMA user_version=1")
-    index = SqliteIndex(path)
+    index = open_index("", path)
     try:
         assert index.schema_version >= 2
         with index.reading() as db:

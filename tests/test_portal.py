@@ -11,7 +11,6 @@ import http.cookiejar
 import os
 import re
 import shutil
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from engine.store.index import open_index
 from engine.store.sessions import SessionStore
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index, separate_index
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_tls import tls_files  # noqa: F401  (the fixture)
 from tests.test_web import PASSWORD, Site, _alpha_qid, _held, _wait, explain_file, multipart
@@ -106,7 +106,7 @@ def test_a_login_sets_a_strict_httponly_cookie_and_the_pages_carry_a_csp(site: S
     assert cookie.startswith("fiona_session=") and "HttpOnly" in cookie
     assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
     session_id = cookie.split(";")[0].split("=", 1)[1]
-    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+    with connect_index(site.root / "data" / "index.sqlite") as db:
         stored = [r[0] for r in db.execute("SELECT id_hash FROM web_sessions")]
     assert stored and session_id not in stored  # kept hashed only
     entries = AuditLog(site.root / "data").entries()
@@ -306,7 +306,7 @@ def test_the_dashboard_charts_the_last_day_and_shows_disk_and_jobs(
     d: object = chrome
     _login(d, site, "viewer")
     d.get(f"http://127.0.0.1:{site.web_port}/")  # type: ignore[attr-defined]
-    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+    with connect_index(site.root / "data" / "index.sqlite") as db:
         received = [r[0] for r in db.execute("SELECT received_at FROM instances")]
     hour = time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(received[-1]))
     in_hour = sum(time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(t)) == hour for t in received)
@@ -384,7 +384,7 @@ def test_an_unrouted_study_assigned_in_the_browser_is_routed_and_run(
 
     _wait("beta's run of the assigned study", run_done)
     assert not [h for h in _held(site.root / "data") if h[1] == "unrouted"]
-    with sqlite3.connect(site.root / "data" / "index.sqlite") as db:
+    with connect_index(site.root / "data" / "index.sqlite") as db:
         route = db.execute(
             "SELECT subject, event, assigned FROM study_routes WHERE study_uid=? AND project=?",
             (uid, "beta"),
@@ -519,7 +519,11 @@ def test_a_file_too_large_or_not_dicom_gets_one_clear_message(site: Site) -> Non
 
 
 def test_forwarded_headers_are_believed_only_from_a_trusted_proxy(
-    site: Site, tmp_path: Path, empty_projects: Path
+    site: Site,
+    tmp_path: Path,
+    empty_projects: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     b = Browser(site, follow=False)
@@ -528,6 +532,7 @@ def test_forwarded_headers_are_believed_only_from_a_trusted_proxy(
     assert cookie.startswith("fiona_session=") and "Secure" not in cookie
     logins = [e for e in AuditLog(site.root / "data").entries() if e["event"] == "login"]
     assert logins[-1]["address"] == "127.0.0.1"
+    separate_index(request, monkeypatch)  # the second fiona below has its own index
     port = free_port()
     config = tmp_path / "site.yaml"
     web = {"enabled": True, "port": port, "trusted_proxies": ["127.0.0.1"]}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from engine.store.quarantine_policy import (
 )
 from engine.workflow import Workflow
 from tests import synth
+from tests.dbutil import connect_index, index_exists
 from tests.peers import REPO, FionaServer, nodelay_env
 
 MR = synth.MR_SERIES
@@ -404,8 +404,8 @@ def _wait_for_held(data: Path, n: int, timeout: float = 90.0) -> list[tuple[Any,
     deadline = time.monotonic() + timeout
     rows: list[tuple[Any, ...]] = []
     while time.monotonic() < deadline:
-        if (data / "index.sqlite").exists():
-            with sqlite3.connect(data / "index.sqlite") as db:
+        if index_exists(data / "index.sqlite"):
+            with connect_index(data / "index.sqlite") as db:
                 rows = db.execute(
                     "SELECT qid, reason, study_uid FROM quarantine WHERE state='held' ORDER BY id"
                 ).fetchall()
@@ -580,7 +580,7 @@ def test_items_are_listed_a_page_at_a_time_and_only_of_the_given_projects(
     from engine.manage.release import find_items
     from engine.store.index import QuarantineRecord
 
-    index = SqliteIndex(tmp_path / "index.sqlite")
+    index = open_index("", tmp_path / "index.sqlite")
     projects = ["a", "b", "", "a", "a", "b"]
     for n, project in enumerate(projects):
         index.add_quarantine(QuarantineRecord(

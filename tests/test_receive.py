@@ -7,7 +7,6 @@ through a pynetdicom client that puts the bytes on the wire as they are.
 from __future__ import annotations
 
 import socket
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import (
     REPO,
     FionaServer,
@@ -60,7 +60,7 @@ def store(
 
 
 def index_rows(server: FionaServer, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(server.data_dir / "index.sqlite") as db:
+    with connect_index(server.data_dir / "index.sqlite") as db:
         return db.execute(sql).fetchall()
 
 

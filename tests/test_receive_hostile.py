@@ -9,7 +9,6 @@ still be served.
 from __future__ import annotations
 
 import socket
-import sqlite3
 import ssl
 import struct
 import threading
@@ -20,6 +19,7 @@ import pydicom
 import pytest
 
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import FionaServer, dataset_part, free_port, send_raw_c_store
 from tests.test_header import nest_sequences
 from tests.test_metrics import scrape, value
@@ -31,7 +31,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def index_rows(server: FionaServer, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(server.data_dir / "index.sqlite") as db:
+    with connect_index(server.data_dir / "index.sqlite") as db:
         return db.execute(sql).fetchall()
 
 

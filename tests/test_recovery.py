@@ -13,7 +13,6 @@ import random
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pydicom
 
 from engine.store.recovery import RUN_DIR, WriterMark
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import FionaServer, archived_path, nodelay_env
 from tests.test_receive import store
 from tests.test_workflow import wait_for
@@ -30,7 +30,7 @@ TEMP = re.compile(r"^\.tmp-\d+-\d+$")
 
 
 def _rows(data: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         return db.execute(sql, args).fetchall()
 
 

@@ -319,11 +319,11 @@ def _plant(db: Any, received: list[float], sent: list[float], done: list[float])
 
 def test_received_and_sent_are_counted_in_their_hour_of_the_last_day(tmp_path: Path) -> None:
     from engine.store.activity import hourly_activity
-    from engine.store.index import SqliteIndex
+    from engine.store.index import open_index
 
     now = 497_222 * 3600.0 + 1800  # half past an hour (UTC)
     this_hour = now - 1800
-    index = SqliteIndex(tmp_path / "index.sqlite")
+    index = open_index("", tmp_path / "index.sqlite")
     ago = [1, 1800, 1801, 5 * 3600, 30 * 3600, -3600]  # seconds before now
     with index.transaction() as db:
         _plant(

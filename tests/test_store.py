@@ -14,7 +14,7 @@ import pytest
 from engine.config.model import DuplicatePolicy
 from engine.dicom.uids import is_valid_uid
 from engine.store.archive import Archive, Status, safe_component
-from engine.store.index import Origin, SqliteIndex
+from engine.store.index import Origin, SqliteIndex, open_index
 from engine.store.summary import summary_path, write_pending_summaries
 from tests import synth
 from tests.peers import archived_path
@@ -35,7 +35,7 @@ def study() -> list[pydicom.Dataset]:
 
 
 def open_archive(data: Path, **kw: object) -> Archive:
-    return Archive(data, SqliteIndex(data / "index.sqlite"), **kw)  # type: ignore[arg-type]
+    return Archive(data, open_index("", data / "index.sqlite"), **kw)  # type: ignore[arg-type]
 
 
 def test_stores_every_instance_byte_identical_with_index_rows_and_views(

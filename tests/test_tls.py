@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import REPO, FionaServer, nodelay_env
 from tests.test_workflow import wait_for
 
@@ -116,7 +116,7 @@ def test_tls_association(
             env=nodelay_env(),
         )
         assert sent.returncode == 0, sent.stderr
-        with sqlite3.connect(server.data_dir / "index.sqlite") as db:
+        with connect_index(server.data_dir / "index.sqlite") as db:
             assert db.execute("SELECT count(*) FROM instances").fetchone() == (len(files),)
         assert server.alive()
         assert_status_healthy(server, site)

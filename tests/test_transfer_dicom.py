@@ -35,7 +35,7 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
-from engine.store.index import SqliteIndex
+from engine.store.index import open_index
 from engine.transfer import DESTINATIONS
 from engine.transfer.base import (
     DeliveryError,
@@ -575,7 +575,7 @@ def test_a_study_the_peer_lost_part_of_completes_through_the_outbox(tmp_path: Pa
     paths = study(tmp_path, seed=26)
     data = tmp_path / "data"
     data.mkdir()
-    index = SqliteIndex(data / "index.sqlite")
+    index = open_index("", data / "index.sqlite")
     outbox = Outbox(index, data)
     held: list[str] = []
     with orthanc_with(tmp_path, DROP.replace("{limit}", "1")) as server:

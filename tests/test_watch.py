@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,8 +27,9 @@ from engine.manage.heartbeat import beat, write_status_file
 from engine.manage.retention import evict, expire, finished_studies
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
-from engine.store.index import Origin, SqliteIndex
+from engine.store.index import Origin, SqliteIndex, open_index
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import REPO, FionaServer, free_port
 from tests.test_receive import store
 from tests.test_workflow import wait_for
@@ -64,10 +64,11 @@ def _get(port: int, path: str) -> tuple[str, bytes]:
 def test_heartbeat_records_a_dead_scp_and_status_exits_1(tmp_path: Path) -> None:
     data, projects = tmp_path / "data", tmp_path / "projects"
     projects.mkdir()
+    data.mkdir()
     site = load_site(
         None, {"data_dir": str(data), "port": free_port(), "bind_address": "127.0.0.1"}
     )
-    index = SqliteIndex(data / "index.sqlite")
+    index = open_index("", data / "index.sqlite")
     try:
         report = beat(site, index)  # nothing listens on the port
         write_status_file(data, report, [{"id": "heartbeat", "name": "x", "next_run_time": None}])
@@ -86,9 +87,10 @@ def test_heartbeat_records_a_dead_scp_and_status_exits_1(tmp_path: Path) -> None
 
 def test_heartbeat_keeps_the_last_n_rows(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir()
     site = load_site(None, {"data_dir": str(data), "port": free_port()})
     site = type(site)(**{**site.__dict__, "heartbeat": type(site.heartbeat)(keep=3)})
-    index = SqliteIndex(data / "index.sqlite")
+    index = open_index("", data / "index.sqlite")
     from engine.manage.heartbeat import EchoResult
 
     try:
@@ -100,7 +102,7 @@ def test_heartbeat_keeps_the_last_n_rows(tmp_path: Path) -> None:
 
 
 def index_rows(data: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         return db.execute(sql, args).fetchall()
 
 
@@ -301,7 +303,7 @@ def _finish(index: SqliteIndex, uid: str, project: str, at: float, transfer: str
 @pytest.fixture
 def four_sent_one_unsent(tmp_path: Path) -> Iterator[tuple[SqliteIndex, Path, list[str], str]]:
     data = tmp_path / "data"
-    index = SqliteIndex(data / "index.sqlite")
+    index = open_index("", data / "index.sqlite")
     archive = Archive(data, index)
     now = time.time()
     # Sent oldest first: seeds 10..13 finished 4, 3, 2, 1 days ago; seed 14 (oldest of all)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 from engine.store.audit import AuditLog
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import REPO, FionaServer, free_port, nodelay_env, wait_for_port
 from tests.test_tls import tls_files  # noqa: F401  (the fixture)
 
@@ -103,7 +103,7 @@ def _wait(what: str, check: Any, timeout: float = 120.0) -> Any:
 
 
 def _held(data: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         return db.execute(
             "SELECT qid, reason, project FROM quarantine WHERE state='held'"
         ).fetchall()
@@ -549,7 +549,7 @@ def test_a_held_study_released_through_the_api_is_delivered(site: Site) -> None:
 
 def _per_hour(data: Path, sql: str) -> dict[str, int]:
     """Rows of the index by their UTC hour (``2026-01-31T12:00Z``): ``sql`` selects times."""
-    with sqlite3.connect(data / "index.sqlite") as db:
+    with connect_index(data / "index.sqlite") as db:
         times = [r[0] for r in db.execute(sql)]
     out: dict[str, int] = {}
     for at in times:

@@ -9,7 +9,6 @@ again for that series only.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import FionaServer
 from tests.test_receive import store
 
@@ -109,7 +109,7 @@ def _series_folders(root: Path) -> dict[str, list[str]]:
 
 
 def _index(server: FionaServer, sql: str, *args: object) -> list[tuple[object, ...]]:
-    with sqlite3.connect(server.data_dir / "index.sqlite") as db:
+    with connect_index(server.data_dir / "index.sqlite") as db:
         return db.execute(sql, args).fetchall()
 
 

@@ -235,7 +235,9 @@ class SiteConfig:
     ``allowed_calling_aes``: empty means every calling AE title is accepted.
     ``max_pdu``: the maximum PDU length (bytes) advertised to peers and enforced (a longer
     PDU aborts the association); 0 means unlimited.
-    ``index_url``: ``sqlite:///PATH`` or empty for ``<data_dir>/index.sqlite``.
+    ``index_url``: ``sqlite:///PATH``, empty for ``<data_dir>/index.sqlite``, or
+    ``postgresql://USER@HOST:PORT/DB`` (``$FIONA_INDEX_URL`` overrides it where the index is
+    opened, :func:`engine.store.db.resolve_index_url`).
     ``reuse_port``: the SCP's port may be shared with other fiona processes (``SO_REUSEPORT``).
     ``pacs``: the remote PACS fiona queries and retrieves from (:mod:`engine.config.pacs`).
     """

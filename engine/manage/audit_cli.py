@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.store.audit import AuditLog, uid_token
 from engine.store.commands import load_site_or_exit
-from engine.store.index import IndexMissing, index_file
+from engine.store.index import IndexMissing, index_file, is_postgresql
 
 __all__ = ["matching", "run_audit"]
 
@@ -60,10 +60,11 @@ def run_audit(args: argparse.Namespace) -> int:
     site = load_site_or_exit(args)
     if site is None:
         return 2
-    index = index_file(site.index_url, site.data_dir / "index.sqlite")
-    if not index.is_file():  # the audit log sits beside the index of the same data folder
-        print(f"fiona: {IndexMissing(index)}", file=sys.stderr)
-        return 2
+    if not is_postgresql(site.index_url):
+        index = index_file(site.index_url, site.data_dir / "index.sqlite")
+        if not index.is_file():  # the audit log sits beside the index of the same data folder
+            print(f"fiona: {IndexMissing(index)}", file=sys.stderr)
+            return 2
     if args.since and (len(args.since) != 10 or args.since[4] != "-" or args.since[7] != "-"):
         print("fiona: --since takes a day, YYYY-MM-DD", file=sys.stderr)
         return 2

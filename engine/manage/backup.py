@@ -48,7 +48,14 @@ from engine.config.model import SiteConfig
 from engine.deid.keys import DATA_DIR_FIELD
 from engine.store.commands import load_site_or_exit
 from engine.store.fsio import ensure_dir, fsync_dir
-from engine.store.index import IndexMissing, index_file, latest_version, read_schema_version
+from engine.store.index import (
+    IndexMissing,
+    index_file,
+    index_location,
+    is_postgresql,
+    latest_version,
+    read_schema_version,
+)
 
 __all__ = ["BackupError", "Entry", "make_backup", "restore_backup", "run_backup", "run_restore"]
 
@@ -201,6 +208,12 @@ def make_backup(site: SiteConfig, dest: Path, *, now: float | None = None) -> di
     projects folder and the files they name into ``dest`` (new or empty); the manifest."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} is not empty: back up into a new folder")
+    if is_postgresql(site.index_url):
+        raise BackupError(
+            f"the index is the PostgreSQL database {index_location(site.index_url, dest)}:"
+            " back it up with PostgreSQL's own tools (pg_dump -Fc, or the server's base"
+            " backups); fiona backup copies a SQLite index only"
+        )
     index = index_file(site.index_url, site.data_dir / "index.sqlite")
     if not index.is_file():
         raise BackupError(str(IndexMissing(index)))

@@ -19,7 +19,6 @@ it stops working on it.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from engine.pipeline.context import SeriesInput
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
+from engine.store.db import Connection
 from engine.store.index import Index
 from engine.store.leases import Leases, claimable, skip_locked
 from engine.store.nodes import Node
@@ -383,8 +383,10 @@ class RunStore:
                 )
                 self.leases.check(db, cur.rowcount, run_id)
             db.execute(
-                "INSERT OR REPLACE INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
-                " finished_at) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO pipeline_steps(run_id, idx, name, state, reason, detail,"
+                " finished_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT (run_id, idx) DO UPDATE SET"
+                " name=excluded.name, state=excluded.state, reason=excluded.reason,"
+                " detail=excluded.detail, finished_at=excluded.finished_at",
                 (run_id, idx, name, row[0].value, row[1], row[2], now),
             )
             self._apply(db, run_id, f"step {idx} ({name})", outcome, state, now)
@@ -395,7 +397,7 @@ class RunStore:
 
     @staticmethod
     def _apply(
-        db: sqlite3.Connection,
+        db: Connection,
         run_id: int,
         step: str,
         outcome: Outcome,

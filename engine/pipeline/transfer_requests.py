@@ -246,7 +246,8 @@ class TransferRequests:
                 " opened_at, completed_at, runs, done_upto)"
                 " VALUES (?,?,?,?,'[\"redcap request\"]','complete',?,?,1,?)"
                 " ON CONFLICT(study_uid, project) DO UPDATE SET state='complete',"
-                " completed_at=excluded.completed_at, runs=runs+1, done_upto=excluded.done_upto",
+                " completed_at=excluded.completed_at, runs=study_routes.runs+1,"
+                " done_upto=excluded.done_upto",
                 (study_uid, project, subject, event, now, now, int(upto)),
             )
             db.execute(

@@ -13,9 +13,9 @@ The route is written before the study's first instance is archived, so a scan ru
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 
+from engine.store.db import Connection
 from engine.store.index import Index
 
 __all__ = ["ASSIGNED_REASON", "assign_study", "is_assigned"]
@@ -44,13 +44,15 @@ def assign_study(
             "INSERT INTO study_routes(study_uid, project, subject, event, reasons, opened_at,"
             " assigned) VALUES (?,?,?,?,?,?,1) ON CONFLICT(study_uid, project) DO UPDATE SET"
             " assigned=1, reasons=excluded.reasons,"
-            " subject=CASE WHEN excluded.subject != '' THEN excluded.subject ELSE subject END,"
-            " event=CASE WHEN excluded.event != '' THEN excluded.event ELSE event END",
+            " subject=CASE WHEN excluded.subject != '' THEN excluded.subject"
+            " ELSE study_routes.subject END,"
+            " event=CASE WHEN excluded.event != '' THEN excluded.event"
+            " ELSE study_routes.event END",
             (study_uid, project, subject, event, json.dumps([ASSIGNED_REASON]), now),
         )
 
 
-def is_assigned(db: sqlite3.Connection, study_uid: str) -> bool:
+def is_assigned(db: Connection, study_uid: str) -> bool:
     """Whether the study has an assigned route (``db``: the index connection, held)."""
     row = db.execute(
         "SELECT 1 FROM study_routes WHERE study_uid=? AND assigned=1 LIMIT 1", (study_uid,)

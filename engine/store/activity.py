@@ -51,8 +51,8 @@ def hourly_activity(index: Index, now: float) -> list[dict[str, Any]]:
 #: Per project: each query one pass over one index of migration 0012. SQLite has no statistics
 #: here (fiona never runs ANALYZE), so CROSS JOIN keeps it on those indexes.
 _PROJECT_COUNTS = {
-    ("received", "complete"): "SELECT project, count(*), sum(state = 'complete')"
-    " FROM study_routes GROUP BY project",
+    ("received", "complete"): "SELECT project, count(*),"
+    " sum(CASE WHEN state = 'complete' THEN 1 ELSE 0 END) FROM study_routes GROUP BY project",
     ("in_pipeline",): "SELECT project, count(DISTINCT study_uid) FROM pipeline_runs"
     " WHERE state IN ('pending','running') GROUP BY project",
     ("quarantined",): "SELECT project, count(DISTINCT study_uid) FROM quarantine"
@@ -66,7 +66,7 @@ _KEYS = ("received", "complete", "in_pipeline", "sent", "quarantined", "deleted"
 # and all of them are done (grouped in the index's order, no sort).
 _SENT = (
     "SELECT count(*) FROM (SELECT 1 FROM transfers WHERE project = ? GROUP BY study_uid"
-    " HAVING sum(state != 'done') = 0)"
+    " HAVING sum(CASE WHEN state != 'done' THEN 1 ELSE 0 END) = 0) AS sent"
 )
 # The newest study routed to the project: read newest first, stopping at the first match.
 _LAST_RECEIPT = (

@@ -1,8 +1,10 @@
-"""The index of everything received: SQLite (stdlib, WAL) behind one small interface.
+"""The index of everything received: SQLite (stdlib, WAL) or PostgreSQL behind one interface.
 
-Callers use :class:`Index` only, so a PostgreSQL implementation can be added behind
-:func:`open_index` without touching them. Schema changes are numbered SQL files in
-``migrations/``, applied in order and recorded in ``PRAGMA user_version``.
+Callers use :class:`Index` only; :func:`open_index` picks the engine from the site's
+``index_url`` (``$FIONA_INDEX_URL`` overrides it). Both engines run the same statements, written
+in the portable subset described in :mod:`engine.store.db`. Schema changes are numbered SQL files
+in ``migrations/``, applied in order and recorded in ``PRAGMA user_version`` (SQLite) or the
+``schema_version`` table (PostgreSQL, DDL types translated by :mod:`engine.store.pg`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from engine.dicom.header import InstanceHeader
+from engine.store.db import Connection, IndexUnavailable, engine_of, redact_url, resolve_index_url
 from engine.store.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
@@ -123,9 +126,9 @@ class Index(Protocol):
 
     def counts(self) -> dict[str, int]: ...
 
-    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]: ...
 
-    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+    def reading(self) -> contextlib.AbstractContextManager[Connection]: ...
 
     def close(self) -> None: ...
 
@@ -175,15 +178,16 @@ class IndexUnusable(Exception):
 class IndexMissing(IndexUnusable):
     """A command that only reads (or changes existing records) found no index file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
-        super().__init__(f"no fiona index in {path.parent}: wrong --data, or nothing received yet")
+        where = path.parent if isinstance(path, Path) else path
+        super().__init__(f"no fiona index in {where}: wrong --data, or nothing received yet")
 
 
 class IndexOutdated(IndexUnusable):
     """The index's schema is older than the code; only an upgrade may change it."""
 
-    def __init__(self, path: Path, version: int) -> None:
+    def __init__(self, path: Path | str, version: int) -> None:
         self.path, self.version = path, version
         pending = len(pending_migrations(version))
         super().__init__(
@@ -195,7 +199,7 @@ class IndexOutdated(IndexUnusable):
 class IndexTooNew(IndexUnusable):
     """The index was written by a newer fiona: this code must not read or change it."""
 
-    def __init__(self, path: Path, version: int) -> None:
+    def __init__(self, path: Path | str, version: int) -> None:
         self.path, self.version = path, version
         super().__init__(
             f"the index {path} is at schema version {version}, newer than this fiona knows"
@@ -244,7 +248,12 @@ class SqliteIndex:
     anyway, and a single connection keeps the commit path short. Instances are added through a
     :class:`~engine.store.group_commit.GroupCommit`: adds that arrive while a commit runs are
     committed together in the next transaction, one flush for all of them.
+    :class:`PgIndex` shares every statement below; there ``_lock`` lends the thread a pooled
+    connection and ``_db`` is it.
     """
+
+    _lock: contextlib.AbstractContextManager[Any]
+    _db: Any  # sqlite3.Connection here; engine.store.pg.LeasedConnection in PgIndex
 
     #: Instance adds queued for the group commit at most, and per transaction at most.
     MAX_PENDING_ADDS = 256
@@ -268,6 +277,7 @@ class SqliteIndex:
         (:class:`IndexTooNew`); one SQLite cannot open or migrate is :class:`IndexUnusable`.
         """
         self.path = path
+        self.location = str(path)
         self.upgraded_from: int | None = None
         self._lock = threading.Lock()
         self.adds: GroupCommit[_Add, AddResult] = GroupCommit(
@@ -359,7 +369,7 @@ class SqliteIndex:
             " ON CONFLICT (patient_id, patient_name, birth_date) DO NOTHING",
             (*key, h.sex),
         )
-        if cur.rowcount == 0:  # another writer's row, committed since the look-up
+        if cur.rowcount != 1:  # another writer's row, committed since the look-up
             return self._patient_ref(h)
         return int(cur.lastrowid or 0)
 
@@ -392,7 +402,7 @@ class SqliteIndex:
         if rows:
             return int(rows[0][0]), False
         cur = self._db.execute(f"{insert} ON CONFLICT ({uid_column}) DO NOTHING", values())
-        if cur.rowcount == 0:  # another writer's row, committed since the update: count in it
+        if cur.rowcount != 1:  # another writer's row, committed since the update: count in it
             return self._touch_or_insert(table, uid_column, uid, now, insert, values)
         return int(cur.lastrowid or 0), True
 
@@ -512,7 +522,7 @@ class SqliteIndex:
 
     def _rollback(self) -> None:
         """Roll back the open transaction, if SQLite has not already (it does on some errors)."""
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(Exception):  # sqlite3's, or a PostgreSQL connection gone
             self._db.execute("ROLLBACK")
 
     def _insert(self, add: _Add) -> AddResult:
@@ -691,7 +701,7 @@ class SqliteIndex:
             }
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """The shared connection inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
 
         For the other stores of the engine (pipeline runs, routes) that keep their tables in the
@@ -707,7 +717,7 @@ class SqliteIndex:
                 raise
 
     @contextlib.contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[Connection]:
         """The shared connection under the lock, for reads (autocommit, no transaction)."""
         with self._lock:
             yield self._db
@@ -767,16 +777,154 @@ def read_schema_version(path: Path) -> int:
 
 
 def index_file(url: str, default_path: Path) -> Path:
-    """The file of the index named by ``url`` (``sqlite:///PATH``; empty: ``default_path``)."""
-    if url and not url.startswith("sqlite:///"):
-        raise ValueError(
-            f"unsupported index URL scheme in {url.split(':', 1)[0]!r}; use sqlite:///"
-        )
+    """The file of the SQLite index named by ``url`` (``sqlite:///PATH``; empty:
+    ``default_path``; ``$FIONA_INDEX_URL`` first); ValueError for a PostgreSQL index."""
+    url = resolve_index_url(url)
+    if engine_of(url) != "sqlite":
+        raise ValueError(f"the index {redact_url(url)} is not a file (PostgreSQL)")
     return Path(url[len("sqlite:///") :]) if url else default_path
+
+
+def is_postgresql(url: str) -> bool:
+    """Whether the index in force for the site's ``url`` is a PostgreSQL database."""
+    return engine_of(resolve_index_url(url)) == "postgresql"
+
+
+def index_location(url: str, default_path: Path) -> str:
+    """Where the index in force is, for messages: its file, or its URL without a password."""
+    url = resolve_index_url(url)
+    return redact_url(url) if is_postgresql(url) else str(index_file(url, default_path))
 
 
 def open_index(
     url: str, default_path: Path, *, upgrade: bool = True, read_only: bool = False
 ) -> SqliteIndex:
-    """Open the index named by ``url`` (see :func:`index_file` and :class:`SqliteIndex`)."""
+    """Open the index named by ``url`` (``$FIONA_INDEX_URL`` overrides it): a SQLite file
+    (:func:`index_file`, :class:`SqliteIndex`) or a PostgreSQL database (:class:`PgIndex`)."""
+    url = resolve_index_url(url)
+    try:
+        engine = engine_of(url)
+    except ValueError as exc:
+        raise IndexUnusable(str(exc)) from None
+    if engine == "postgresql":
+        return PgIndex(url, upgrade=upgrade, read_only=read_only)
     return SqliteIndex(index_file(url, default_path), upgrade=upgrade, read_only=read_only)
+
+
+def read_index_version(url: str, default_path: Path) -> int:
+    """The schema version of the index in force, read without changing it (see
+    :func:`read_schema_version`; for PostgreSQL :class:`IndexMissing` when no fiona schema)."""
+    url = resolve_index_url(url)
+    if not is_postgresql(url):
+        return read_schema_version(index_file(url, default_path))
+    index = PgIndex(url, upgrade=False, read_only=True, check_version=False)
+    try:
+        return index.schema_version
+    finally:
+        index.close()
+
+
+#: The advisory lock key under which a PostgreSQL index is migrated (one node at a time).
+_MIGRATION_LOCK = 0x46494F4E41  # 'FIONA'
+
+
+class PgIndex(SqliteIndex):
+    """:class:`Index` on a PostgreSQL database: every statement of :class:`SqliteIndex`, run on
+    the connection a pool lends the calling thread for the ``with`` block (psycopg 3).
+
+    Unlike SQLite's one connection under a lock, threads run concurrently, each on its own
+    connection; ``BEGIN`` ... ``COMMIT`` blocks are PostgreSQL transactions (READ COMMITTED).
+    The schema version is the one row of the ``schema_version`` table.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        upgrade: bool = True,
+        read_only: bool = False,
+        pool_size: int = 8,
+        check_version: bool = True,
+    ) -> None:
+        from engine.store import pg
+
+        self.path = Path("postgresql")  # no file: see ``location``
+        self.location = redact_url(url)
+        self.upgraded_from = None
+        # Adds of concurrent associations share transactions here too: a PostgreSQL commit
+        # (a WAL flush and a round trip) costs more than SQLite's.
+        self.adds = GroupCommit(
+            self._add_batch, max_pending=self.MAX_PENDING_ADDS, max_batch=self.MAX_BATCH
+        )
+        self._writer_fd = -1  # the server orders writers; no lock file
+        try:
+            pool = pg.make_pool(url, max_size=pool_size, read_only=read_only)
+        except Exception as exc:  # psycopg's own errors (bad URL, refused login) too
+            raise IndexUnusable(
+                f"cannot open the index {self.location}: {str(exc).strip()}"
+            ) from None
+        self._lock = pg.Lease(pool)
+        self._db = pg.LeasedConnection(self._lock)
+        if not check_version:
+            return
+        try:
+            self._configure_pg(read_only, upgrade)
+        except BaseException:
+            pool.close()
+            raise
+
+    def _configure_pg(self, read_only: bool, upgrade: bool) -> None:
+        version = self.schema_version
+        if version == 0 and not upgrade:
+            raise IndexMissing(self.location)
+        if version > latest_version():
+            raise IndexTooNew(self.location, version)
+        if version < latest_version() and (read_only or not upgrade):
+            raise IndexOutdated(self.location, version)
+        if version < latest_version():
+            self._migrate()
+            self.upgraded_from = version
+
+    def _migrate(self) -> None:
+        from engine.store.pg import translate_ddl
+
+        with self._lock:
+            for migration in migrations():
+                self._db.execute("BEGIN")
+                try:
+                    self._db.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+                    self._db.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                    )
+                    if self._read_version() >= migration.version:  # another node did it
+                        self._db.execute("COMMIT")
+                        continue
+                    for statement in _split_sql(migration.sql):
+                        self._db.execute(translate_ddl(statement))
+                    self._db.execute("DELETE FROM schema_version")
+                    self._db.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (migration.version,)
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    def _read_version(self) -> int:
+        if self._db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    @property
+    def schema_version(self) -> int:
+        try:
+            with self._lock:
+                return self._read_version()
+        except IndexUnavailable as exc:
+            raise IndexUnusable(f"cannot read the index {self.location}: {exc}") from None
+
+    def close(self) -> None:
+        if not self.adds.wait_idle(10.0):
+            log.warning("index closed with instance adds still queued: they are not answered")
+        self._db.close()

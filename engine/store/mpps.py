@@ -9,12 +9,12 @@ the audit show the steps.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from engine.store.audit import uid_token
+from engine.store.db import Connection, IntegrityError
 from engine.store.index import Index
 
 
@@ -82,7 +82,7 @@ class MppsStore:
                     " VALUES (?,?,?,?,?)",
                     (uid, str(update.status or StepStatus.IN_PROGRESS), calling_ae, now, now),
                 )
-            except sqlite3.IntegrityError as exc:
+            except IntegrityError as exc:
                 raise StepError(DUPLICATE, "the step exists already") from exc
             self._replace(db, int(cur.lastrowid or 0), update)
 
@@ -107,18 +107,18 @@ class MppsStore:
         return status
 
     @staticmethod
-    def _replace(db: sqlite3.Connection, step_id: int, update: StepUpdate) -> None:
+    def _replace(db: Connection, step_id: int, update: StepUpdate) -> None:
         if update.studies is not None:
             db.execute("DELETE FROM mpps_studies WHERE mpps_ref=?", (step_id,))
             db.executemany(
-                "INSERT OR IGNORE INTO mpps_studies(mpps_ref, study_uid) VALUES (?,?)",
+                "INSERT INTO mpps_studies(mpps_ref, study_uid) VALUES (?,?) ON CONFLICT DO NOTHING",
                 [(step_id, uid) for uid in update.studies],
             )
         if update.instances is not None:
             db.execute("DELETE FROM mpps_instances WHERE mpps_ref=?", (step_id,))
             db.executemany(
-                "INSERT OR IGNORE INTO mpps_instances(mpps_ref, series_uid, sop_instance_uid)"
-                " VALUES (?,?,?)",
+                "INSERT INTO mpps_instances(mpps_ref, series_uid, sop_instance_uid)"
+                " VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 [(step_id, series, sop) for series, sop in update.instances],
             )
 
@@ -145,7 +145,7 @@ class MppsStore:
             return None if row is None else self._step(db, row)
 
     @staticmethod
-    def _step(db: sqlite3.Connection, row: tuple[object, ...]) -> Step:
+    def _step(db: Connection, row: tuple[object, ...]) -> Step:
         studies = tuple(
             str(r[0])
             for r in db.execute(

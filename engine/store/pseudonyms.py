@@ -8,10 +8,10 @@ way (re-identification) is only offered through :func:`reidentify`, which the CL
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 
+from engine.store.db import Connection
 from engine.store.index import Index
 
 
@@ -53,7 +53,7 @@ class PseudonymTable:
             )
             return chosen
 
-    def _taken(self, db: sqlite3.Connection, pseudonym: str) -> bool:
+    def _taken(self, db: Connection, pseudonym: str) -> bool:
         row = db.execute(
             "SELECT 1 FROM pseudonyms WHERE project=? AND pseudonym=?", (self.project, pseudonym)
         ).fetchone()

@@ -143,8 +143,10 @@ class SessionStore:
                 if n >= FREE_FAILURES:
                     lock = now + min(LONGEST_LOCK, FIRST_LOCK * 2 ** (n - FREE_FAILURES))
                 db.execute(
-                    "INSERT OR REPLACE INTO login_failures (key, failures, last_at, locked_until)"
-                    " VALUES (?, ?, ?, ?)",
+                    "INSERT INTO login_failures (key, failures, last_at, locked_until)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " failures=excluded.failures, last_at=excluded.last_at,"
+                    " locked_until=excluded.locked_until",
                     (key, n, now, lock),
                 )
                 most = max(most, n)

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from enum import StrEnum
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from engine.store.db import IntegrityError
 from engine.store.index import Index
 
 __all__ = [
@@ -160,7 +160,7 @@ class UserStore:
                     "INSERT INTO user_projects (user, project) VALUES (?, ?)",
                     [(name, p) for p in granted],
                 )
-        except sqlite3.IntegrityError as exc:
+        except IntegrityError as exc:
             raise UserError(f"user {name!r} exists already (fiona user list)") from exc
         return User(name, role, phi, granted, now)
 

@@ -18,7 +18,6 @@ after the study was sent) reaches the peer after the study.
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from engine.store.db import Connection
 from engine.store.index import Index
 from engine.store.leases import Leases, claimable, skip_locked
 from engine.store.nodes import Node
@@ -187,14 +187,15 @@ class Outbox:
             )
             transfer_id = int(cur.lastrowid or 0)
             db.executemany(
-                "INSERT OR IGNORE INTO transfer_items (transfer_id, sop_instance_uid,"
+                "INSERT INTO transfer_items (transfer_id, sop_instance_uid,"
                 " sop_class_uid, transfer_syntax, series_uid, series_number, modality, path,"
-                " size, kind, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " size, kind, name, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 [
                     (transfer_id, i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax,
                      i.series_uid, i.series_number, i.modality, self._rel(i.path), i.size,
-                     i.kind, i.name)
-                    for i in items
+                     i.kind, i.name, seq)
+                    for seq, i in enumerate(items, 1)
                 ],
             )
         return transfer_id
@@ -268,7 +269,7 @@ class Outbox:
                 "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, series_uid, path,"
                 " size, series_number, modality, kind, name FROM transfer_items"
                 " WHERE transfer_id = ?"
-                " ORDER BY rowid",
+                " ORDER BY seq, sop_instance_uid",
                 (record.id,),
             ).fetchall()
         instances = tuple(
@@ -381,7 +382,7 @@ class Outbox:
         self.leases.released(transfer_id)
         return state
 
-    def _check_held(self, db: sqlite3.Connection, transfer_id: int) -> None:
+    def _check_held(self, db: Connection, transfer_id: int) -> None:
         """Raise :class:`~engine.store.leases.LeaseLost` (in ``db``'s transaction, so nothing
         is written) when this node claimed the transfer and another node holds it now."""
         if self.leases.guard(transfer_id)[0]:
@@ -427,7 +428,8 @@ class Outbox:
         with self.index.reading() as db:
             rows = db.execute(
                 "SELECT sop_instance_uid, series_uid, path, size, state, status, detail,"
-                " sent_at FROM transfer_items WHERE transfer_id = ? ORDER BY rowid",
+                " sent_at FROM transfer_items WHERE transfer_id = ?"
+                " ORDER BY seq, sop_instance_uid",
                 (transfer_id,),
             ).fetchall()
         return [TransferItem(*r) for r in rows]
@@ -476,7 +478,7 @@ class Outbox:
         return None if row is None else TransferState(row[0])
 
     @staticmethod
-    def _state(db: sqlite3.Connection, transfer_id: int) -> TransferState:
+    def _state(db: Connection, transfer_id: int) -> TransferState:
         row = db.execute("SELECT state FROM transfers WHERE id = ?", (transfer_id,)).fetchone()
         if row is None:
             raise KeyError(f"no transfer {transfer_id}")
