@@ -18,7 +18,7 @@ from engine.manage.metrics import render
 from engine.manage.status_nodes import node_lines, node_rows
 from engine.pipeline.outcome import Done
 from engine.pipeline.store import RunState, RunStore
-from engine.store.index import SqliteIndex
+from engine.store.index import open_index
 from engine.store.leases import ClusterLocks, LeaseLost, OncePerCluster, Renewer
 from engine.store.nodes import Node, NodeStore
 from engine.store.retrievals import RetrievalStore, RowSpec, RowState
@@ -43,7 +43,7 @@ class Member:
 
     def __init__(self, path: Path, name: str, host: str = "test-host", pid: int = 1) -> None:
         self.node = Node(name, LEASE, host=host, pid=pid)
-        self.index = SqliteIndex(path)
+        self.index = open_index("", path)  # this test's engine (FIONA_TEST_INDEX)
         self.clock = Clock()
         self.runs = RunStore(self.index, self.node)
         self.outbox = Outbox(self.index, path.parent, self.node)
@@ -63,7 +63,7 @@ class Member:
 def members(tmp_path: Path) -> Callable[[str], Member]:
     path = tmp_path / "data" / "index.sqlite"
     path.parent.mkdir()
-    SqliteIndex(path).close()  # created and migrated once
+    open_index("", path).close()  # created and migrated once
     made: list[Member] = []
 
     def member(name: str, host: str = "test-host", pid: int = 1) -> Member:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -25,6 +24,7 @@ import yaml
 
 from tests import synth
 from tests.conftest import need_peer
+from tests.dbutil import connect_index
 from tests.peers import REPO, FionaServer, StorescpServer
 from tests.test_receive import store
 from tests.test_workflow import wait_for
@@ -51,15 +51,29 @@ def _project(projects: Path, out: Path | dict[str, Any]) -> None:
 
 
 def _index(data: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(data / "index.sqlite", timeout=30) as db:
+    with connect_index(data / "index.sqlite") as db:
         return db.execute(sql, args).fetchall()
 
 
 def _status(site: Path, data: Path, projects: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "status", "--json", "--config", str(site),
-         "--data", str(data), "--projects", str(projects)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "status",
+            "--json",
+            "--config",
+            str(site),
+            "--data",
+            str(data),
+            "--projects",
+            str(projects),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     doc: dict[str, Any] = json.loads(done.stdout)
     return doc
@@ -140,14 +154,26 @@ def test_a_node_killed_mid_transfer_is_taken_over_after_its_lease(
     peer = StorescpServer(tmp_path / "peer", ("-v", "--sleep-during", "1")).start()
     # Concurrency 2: a free slot beside the running transfer, so only its lease keeps the
     # other node off it.
-    _project(projects, {"type": "dicom", "host": "127.0.0.1", "port": peer.port,
-                        "ae_title": "PEER", "concurrency": 2})
+    _project(
+        projects,
+        {
+            "type": "dicom",
+            "host": "127.0.0.1",
+            "port": peer.port,
+            "ae_title": "PEER",
+            "concurrency": 2,
+        },
+    )
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({
-        "scan_interval_seconds": 0.3,
-        "heartbeat": {"interval_seconds": 2},
-        "node": {"lease_seconds": 5},
-    }))
+    site.write_text(
+        yaml.safe_dump(
+            {
+                "scan_interval_seconds": 0.3,
+                "heartbeat": {"interval_seconds": 2},
+                "node": {"lease_seconds": 5},
+            }
+        )
+    )
     nodes = [FionaServer(data, projects, config=site).start() for _ in range(2)]
     try:
         spec = synth.make_study_spec(7)
@@ -157,11 +183,13 @@ def test_a_node_killed_mid_transfer_is_taken_over_after_its_lease(
         assert store(storescu, nodes[0], files, aet="SCANNER").returncode == 0
 
         def some_confirmed() -> bool:
-            return bool(_index(
-                data,
-                "SELECT 1 FROM transfers t WHERE t.state='sending' AND (SELECT count(*)"
-                " FROM transfer_items i WHERE i.transfer_id=t.id AND i.state='sent') >= 2",
-            ))
+            return bool(
+                _index(
+                    data,
+                    "SELECT 1 FROM transfers t WHERE t.state='sending' AND (SELECT count(*)"
+                    " FROM transfer_items i WHERE i.transfer_id=t.id AND i.state='sent') >= 2",
+                )
+            )
 
         wait_for("two instances confirmed", some_confirmed, timeout=90, server=nodes[0])
         [(holder, before)] = _index(

@@ -109,9 +109,17 @@ def test_a_duplicate_instance_is_one_integrity_error_on_both(
     index = open_index(engine_url, tmp_path / "unused")
     try:
         index.add_instance(header("1.1"), "a/1.dcm", 10, ORIGIN)
-        with pytest.raises(IntegrityError):
-            index.add_instance(header("1.1"), "a/1b.dcm", 10, ORIGIN)
-        assert index.counts()["instances"] == 1  # the failed add left nothing behind
+        # Indexed meanwhile (another receiver): a duplicate, its counts rolled back.
+        again = index.add_instance(header("1.1"), "a/1b.dcm", 10, ORIGIN)
+        assert again.duplicate and not again.new_study and not again.new_series
+        assert index.counts()["instances"] == 1
+        with pytest.raises(IntegrityError), index.transaction() as db:
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_ref, path, size,"
+                " received_at, via) SELECT sop_instance_uid, sop_class_uid, series_ref, path, size,"
+                " received_at, via FROM instances"
+            )
+        assert index.counts()["instances"] == 1  # the failed insert left nothing behind
         assert issubclass(IntegrityError, sqlite3.IntegrityError)
         index.record_duplicate("1.1", True, "ignored", ORIGIN)
         with index.reading() as db:

@@ -8,7 +8,6 @@ the test must know which instances were answered Success before the receiver die
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from tests import synth
+from tests.dbutil import connect_index
 from tests.peers import FionaServer, free_port, nodelay_env
 
 
@@ -31,7 +31,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def index_rows(data: Path, sql: str) -> list[tuple[object, ...]]:
-    db = sqlite3.connect(data / "index.sqlite")
+    db = connect_index(data / "index.sqlite")
     try:
         return db.execute(sql).fetchall()
     finally:

@@ -6,7 +6,6 @@ their current request, cleanly."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from tests.dbutil import connect_index
 from tests.peers import DcmqrscpServer, FionaServer, OrthancServer, PeerMissing, free_port
 from tests.synth import make_corpus
 from tests.test_pacs_move import finished, queue
@@ -55,7 +55,7 @@ def fiona_port() -> int:
 
 
 def _count(data: Path, sql: str) -> Any:
-    db = sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
+    db = connect_index(data / "index.sqlite")
     try:
         return db.execute(sql).fetchone()[0]
     finally:
