@@ -294,13 +294,29 @@ class RetrieveWorker:
             self._end(row, RowState.FAILED, f"{why} ({hint[2:]})")
 
     def _unreachable(self, pacs: PacsConfig, row: Row, why: str) -> None:
-        self._paused[pacs.name] = time.monotonic() + UNREACHABLE_PAUSE
         tries = row.attempts + 1
         if tries >= MAX_UNREACHABLE:
+            self._pause(pacs, UNREACHABLE_PAUSE)
             self._end(row, RowState.FAILED, why, attempts=tries)
             return
         log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
-        self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
+        self._pause(pacs, UNREACHABLE_PAUSE, row, why, tries)
+
+    def _pause(
+        self,
+        pacs: PacsConfig,
+        seconds: float,
+        row: Row | None = None,
+        why: str = "",
+        tries: int = 0,
+    ) -> None:
+        """Pause the PACS and queue ``row`` again, both under the lock :meth:`_take` holds from
+        its check to its claim: another lane must not see the row queued before the pause and
+        try it at once (one more attempt counted against an unreachable PACS)."""
+        with self._lock:
+            self._paused[pacs.name] = time.monotonic() + seconds
+            if row is not None:
+                self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
 
     def _broken(self, pacs: PacsConfig, row: Row, why: str, reused: bool, hint: str = "") -> None:
         """The association broke off during the row's requests: a PACS that aborts a C-GET or
@@ -322,9 +338,8 @@ class RetrieveWorker:
             question = f"does the PACS allow {verb} from {calling}?"
             self._end(row, RowState.FAILED, f"{why} ({question}{hint})", attempts=tries)
             return
-        self._paused[pacs.name] = time.monotonic() + BROKEN_PAUSE
         log.warning("retrieval from PACS %s paused: %s", pacs.name, why)
-        self.store.update(row.id, self.clock(), RowState.QUEUED, reason=why, attempts=tries)
+        self._pause(pacs, BROKEN_PAUSE, row, why, tries)
 
     def _end(
         self,

@@ -49,6 +49,7 @@ from pathlib import Path
 from engine.store.archive import Archive
 from engine.store.fsio import write_durable
 from engine.store.index import Index, Origin
+from engine.store.nodes import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def _dead_mark(mark: Path) -> bool:
     if not number.isdigit() or (host and host != socket.gethostname()):
         return False
     pid = int(number)
-    if not _running(pid):
+    if not process_alive(pid):
         return True
     try:
         started = mark.read_text().strip()
@@ -215,7 +216,7 @@ def _sweep(archive: Archive, grace: float) -> RecoveryReport:
         time.sleep(min(wait, grace))
     own = os.getpid()
     for path, pid in found.temps:
-        if pid != own and _running(pid):
+        if pid != own and process_alive(pid):
             report.temp_in_use += 1
             continue
         with contextlib.suppress(FileNotFoundError):
@@ -254,17 +255,6 @@ def _walk(data_dir: Path, index: Index) -> _Found:
                 for name in orphans:
                     found.saw(os.path.join(folder, name))
     return found
-
-
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` exists (a temp file of a live writer must stay)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _indexed_paths(index: Index, series_uid: str) -> set[str]:
