@@ -16,19 +16,26 @@ Receivers:
 - ``fiona x2``: two ``fiona serve`` on one port (``reuse_port: true``, SO_REUSEPORT), one data
   folder and one index; the kernel spreads the associations over them.
 
-After each fiona round the index is checked to hold every file once; the log's group-commit
-line gives the mean instances per index transaction. ``--index-url`` gives fiona another
-index (PostgreSQL once the engine takes it); the default is SQLite in the data folder.
-``--receivers`` picks some of ``storescp,fiona1,fiona2``; ``--baseline DIR`` adds one fiona
-process of another checkout (``baseline1``, e.g. before group commit) to the same rounds.
+- ``fiona1-pg``, ``fiona2-pg``: the same with the index in PostgreSQL, each round on a fresh,
+  empty database of one server: a throw-away cluster the bench starts from Debian's
+  ``postgresql`` package (fsync and ``synchronous_commit`` on, as in production; it lives for
+  the whole run, so every round pays the same), or ``--pg-url`` (a server where the URL's
+  user may create databases).
 
-Targets (issue 18): fiona x2 at least 1.6x fiona x1 on this 2-core machine; fiona with 4
-senders at least 0.5x storescp --fork.
+After each fiona round the index is checked to hold every file once; the log's group-commit
+line gives the mean instances per index transaction. ``--receivers`` picks some of
+``storescp,fiona1,fiona2,fiona1-pg,fiona2-pg`` (default: all; the ``-pg`` ones only when
+PostgreSQL is installed or ``--pg-url`` is given); ``--baseline DIR`` adds one fiona process of
+another checkout (``baseline1``, e.g. before group commit) to the same rounds.
+
+Targets (issue 18): fiona x2 at least 1.6x fiona x1 on this 2-core machine; PostgreSQL within
+20% of SQLite for one process; fiona with 4 senders at least 0.5x storescp --fork.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sqlite3
@@ -46,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.dicom.header import InstanceHeader, parse_header  # noqa: E402
-from engine.store.index import Origin, SqliteIndex  # noqa: E402
+from engine.store.db import INDEX_URL_ENV  # noqa: E402
+from engine.store.index import Origin, SqliteIndex, open_index  # noqa: E402
 from tests.peers import FionaServer, dcmtk, free_port, wait_for_port  # noqa: E402
 from tests.synth import make_corpus  # noqa: E402
 
@@ -113,6 +121,7 @@ class FionaGroup:
 
     def __init__(self, work: Path, n: int, index_url: str, repo: Path = REPO) -> None:
         self.data = work / "data"
+        self.index_url = index_url
         projects = work / "projects"
         projects.mkdir(parents=True)
         site = work / "site.yaml"
@@ -157,23 +166,73 @@ class FionaGroup:
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def indexed(self) -> tuple[int, int]:
-        """(instance rows, distinct SOP Instance UIDs) in the SQLite index."""
-        db = sqlite3.connect(self.data / "index.sqlite")
-        try:
-            row = db.execute("SELECT count(*), count(DISTINCT sop_instance_uid) FROM instances")
-            n, distinct = row.fetchone()
-            return int(n), int(distinct)
-        finally:
-            db.close()
+        """(instance rows, distinct SOP Instance UIDs) in the index (SQLite or PostgreSQL)."""
+        query = "SELECT count(*), count(DISTINCT sop_instance_uid) FROM instances"
+        if self.index_url.startswith("postgresql"):
+            import psycopg
+
+            with psycopg.connect(self.index_url) as conn:
+                row = conn.execute(query).fetchone()
+        else:
+            db = sqlite3.connect(self.data / "index.sqlite")
+            try:
+                row = db.execute(query).fetchone()
+            finally:
+                db.close()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+class PgServer:
+    """Where the ``-pg`` rounds' databases are made: a throw-away cluster started here
+    (tests/pg_server.py, durable), or a server given by URL. One per run; a fresh database
+    per round (:meth:`new_database`), dropped after it."""
+
+    def __init__(self, url: str = "") -> None:
+        self._cluster = None
+        if url:
+            self._admin = url
+        else:
+            from tests.pg_server import PgCluster
+
+            self._cluster = PgCluster(durable=True)
+            self._admin = self._cluster.url()
+        self._counter = 0
+
+    def url(self, database: str) -> str:
+        base, _, _ = self._admin.rpartition("/")
+        return f"{base}/{database}"
+
+    def _execute(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self._admin, autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]  # a name made here, not input
+
+    def new_database(self) -> str:
+        self._counter += 1
+        name = f"fiona_scale_{os.getpid()}_{self._counter}"
+        self._execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 Round = Callable[[Path], float]
 
 
-def index_adds(headers: list[InstanceHeader], work: Path, threads: int, batch: int) -> float:
-    """Adds per second into a fresh SQLite index from ``threads`` threads at once, through
-    the receiver's add path, with at most ``batch`` adds per transaction (1: a commit each)."""
-    index = SqliteIndex(work / f"index-{batch}-{time.monotonic_ns()}.sqlite")
+def index_adds(
+    headers: list[InstanceHeader], work: Path, threads: int, batch: int, url: str = ""
+) -> float:
+    """Adds per second into a fresh index (SQLite in ``work``, or the empty PostgreSQL
+    database ``url``) from ``threads`` threads at once, through the receiver's add path, with
+    at most ``batch`` adds per transaction (1: a commit each)."""
+    index = open_index(url, work / f"index-{batch}-{time.monotonic_ns()}.sqlite")
     index.adds.max_batch = batch
     origin = Origin("dimse", AE, "FIONA", "127.0.0.1")
 
@@ -204,6 +263,9 @@ def run_rounds(
     return times
 
 
+ALL_RECEIVERS = "storescp,fiona1,fiona2,fiona1-pg,fiona2-pg"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=800, help="files in the corpus")
@@ -217,8 +279,13 @@ def main() -> int:
         help="files per association (each sender sends its share in associations of this"
         " many, one after the other); default: one association per sender",
     )
-    parser.add_argument("--index-url", default="", help="fiona's index (default: SQLite)")
-    parser.add_argument("--receivers", default="storescp,fiona1,fiona2")
+    parser.add_argument(
+        "--pg-url",
+        default="",
+        help="a PostgreSQL server for the -pg rounds (a URL whose user may create databases;"
+        " each round gets a fresh one); default: a throw-away cluster started here",
+    )
+    parser.add_argument("--receivers", default=ALL_RECEIVERS)
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -230,95 +297,149 @@ def main() -> int:
     if args.quick:
         args.files, args.repeat, args.size = 80, 1, 16
     wanted = args.receivers.split(",")
-    with tempfile.TemporaryDirectory(prefix="fiona-scale-", dir=os.environ.get("BENCH_TMP")) as t:
-        tmp = Path(t)
-        files = make_corpus(tmp / "corpus", args.files, args.size, seed=args.size)
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        # Per fiona round: mean instances per index commit, associations per process.
-        notes: dict[str, list[tuple[float, str]]] = {}
-
-        def fiona(n: int, name: str, repo: Path = REPO) -> Round:
-            def one_round(work: Path) -> float:
-                group = FionaGroup(work, n, args.index_url, repo)
-                group.start()
-                try:
-                    seconds = send_all(files, group.port, args.senders, args.per_association)
-                finally:
-                    group.stop()
-                rows, distinct = group.indexed()
-                if _FAILURES or rows != len(files) or distinct != len(files):
-                    problems = [
-                        line
-                        for s in group.servers
-                        for line in s.log_text().splitlines()
-                        if " WARNING " in line or " ERROR " in line
-                    ]
-                    raise RuntimeError(
-                        f"{name}: index {rows} rows, {distinct} UIDs, not {len(files)};"
-                        f" storescu: {_FAILURES[:1]}; fiona: {problems[:20]}"
-                    )
-                items, batches = group.batches()
-                spread = "+".join(map(str, group.spread()))
-                notes.setdefault(name, []).append((items / batches if batches else -1.0, spread))
-                return seconds
-
-            return one_round
-
-        def with_storescp(work: Path) -> float:
-            with storescp(work) as port:
-                return send_all(files, port, args.senders, args.per_association)
-
-        table: dict[str, Round] = {
-            "storescp": with_storescp,
-            "fiona1": fiona(1, "fiona1"),
-            "fiona2": fiona(2, "fiona2"),
-        }
-        if args.baseline:
-            table["baseline1"] = fiona(1, "baseline1", args.baseline.resolve())
-            wanted.append("baseline1")
-        receivers = {name: table[name] for name in wanted}
-        load_before = os.getloadavg()[0]
-        times = run_rounds(receivers, tmp, args.repeat)
-        load_after = os.getloadavg()[0]
-        if _FAILURES:
-            raise RuntimeError(f"storescu failed: {_FAILURES[0]}")
-        medians = {name: statistics.median(v) for name, v in times.items()}
-        rates = {name: len(files) / s for name, s in medians.items()}
-        each = f"{args.per_association} files" if args.per_association else "all its files"
-        print(
-            f"{len(files)} files of {args.size}x{args.size} ({mb:.1f} MB), {args.senders} senders"
-            f" ({each} per association), median of {args.repeat};"
-            f" index {args.index_url or 'SQLite'}; load average {load_before:.1f} before,"
-            f" {load_after:.1f} after on {os.cpu_count()} cores"
+    if args.receivers == ALL_RECEIVERS and not args.pg_url and not _have_postgresql():
+        wanted = [w for w in wanted if not w.endswith("-pg")]
+        print("PostgreSQL is not installed: the -pg rounds are left out", file=sys.stderr)
+    os.environ.pop(INDEX_URL_ENV, None)  # each round names its own index in its site.yaml
+    with contextlib.ExitStack() as stack:
+        t = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fiona-scale-", dir=os.environ.get("BENCH_TMP"))
         )
-        print(f"{'receiver':>10} {'files/s':>9} {'MB/s':>7}  notes")
-        for name, rate in rates.items():
-            rounds = notes.get(name, [])
-            per = [r[0] for r in rounds if r[0] >= 0]  # an older checkout logs no counts
-            note = (
-                (f"{statistics.mean(per):.1f} instances/commit; " if per else "")
-                + f"associations per process {', '.join(r[1] for r in rounds)}"
-                if rounds
-                else ""
+        pg = None
+        if any(w.endswith("-pg") for w in wanted):
+            pg = PgServer(args.pg_url)
+            stack.callback(pg.close)
+        return _run(args, wanted, Path(t), pg)
+    return 0
+
+
+def _have_postgresql() -> bool:
+    from tests.pg_server import pg_bin
+
+    return pg_bin() is not None
+
+
+def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | None) -> int:
+    files = make_corpus(tmp / "corpus", args.files, args.size, seed=args.size)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    # Per fiona round: mean instances per index commit, associations per process.
+    notes: dict[str, list[tuple[float, str]]] = {}
+
+    def fiona(n: int, name: str, repo: Path = REPO, on_pg: bool = False) -> Round:
+        def one_round(work: Path) -> float:
+            database = pg.new_database() if on_pg and pg else ""
+            try:
+                return _fiona_round(work, n, name, repo, pg.url(database) if database else "")
+            finally:
+                if database and pg:
+                    pg.drop_database(database)
+
+        return one_round
+
+    def _fiona_round(work: Path, n: int, name: str, repo: Path, url: str) -> float:
+        group = FionaGroup(work, n, url, repo)
+        group.start()
+        try:
+            seconds = send_all(files, group.port, args.senders, args.per_association)
+        finally:
+            group.stop()
+        rows, distinct = group.indexed()
+        if _FAILURES or rows != len(files) or distinct != len(files):
+            problems = [
+                line
+                for s in group.servers
+                for line in s.log_text().splitlines()
+                if " WARNING " in line or " ERROR " in line
+            ]
+            raise RuntimeError(
+                f"{name}: index {rows} rows, {distinct} UIDs, not {len(files)};"
+                f" storescu: {_FAILURES[:1]}; fiona: {problems[:20]}"
             )
-            print(f"{name:>10} {rate:9.0f} {rate * mb / len(files):7.1f}  {note}", flush=True)
-        if "fiona1" in rates and "fiona2" in rates:
-            print(f"fiona x2 / fiona x1: {rates['fiona2'] / rates['fiona1']:.2f} (target >= 1.6)")
-        for name in ("fiona1", "fiona2"):
-            if name in rates and "storescp" in rates:
-                ratio = rates[name] / rates["storescp"]
-                print(f"{name} / storescp --fork: {ratio:.2f} (target >= 0.5)")
-        headers = [parse_header(f.read_bytes()) for f in files]
+        items, batches = group.batches()
+        spread = "+".join(map(str, group.spread()))
+        notes.setdefault(name, []).append((items / batches if batches else -1.0, spread))
+        return seconds
+
+    def with_storescp(work: Path) -> float:
+        with storescp(work) as port:
+            return send_all(files, port, args.senders, args.per_association)
+
+    table: dict[str, Round] = {
+        "storescp": with_storescp,
+        "fiona1": fiona(1, "fiona1"),
+        "fiona2": fiona(2, "fiona2"),
+        "fiona1-pg": fiona(1, "fiona1-pg", on_pg=True),
+        "fiona2-pg": fiona(2, "fiona2-pg", on_pg=True),
+    }
+    if args.baseline:
+        table["baseline1"] = fiona(1, "baseline1", args.baseline.resolve())
+        wanted.append("baseline1")
+    receivers = {name: table[name] for name in wanted}
+    load_before = os.getloadavg()[0]
+    times = run_rounds(receivers, tmp, args.repeat)
+    load_after = os.getloadavg()[0]
+    if _FAILURES:
+        raise RuntimeError(f"storescu failed: {_FAILURES[0]}")
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    rates = {name: len(files) / s for name, s in medians.items()}
+    each = f"{args.per_association} files" if args.per_association else "all its files"
+    print(
+        f"{len(files)} files of {args.size}x{args.size} ({mb:.1f} MB), {args.senders} senders"
+        f" ({each} per association), median of {args.repeat}; load average"
+        f" {load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores"
+    )
+    print(f"{'receiver':>10} {'files/s':>9} {'MB/s':>7}  notes")
+    for name, rate in rates.items():
+        rounds = notes.get(name, [])
+        per = [r[0] for r in rounds if r[0] >= 0]  # an older checkout logs no counts
+        note = (
+            (f"{statistics.mean(per):.1f} instances/commit; " if per else "")
+            + f"associations per process {', '.join(r[1] for r in rounds)}"
+            if rounds
+            else ""
+        )
+        print(f"{name:>10} {rate:9.0f} {rate * mb / len(files):7.1f}  {note}", flush=True)
+    _ratios(rates)
+    headers = [parse_header(f.read_bytes()) for f in files]
+    _add_path(headers, tmp, args, pg)
+    return 0
+
+
+def _ratios(rates: dict[str, float]) -> None:
+    """The issue's targets as ratios of the receivers measured."""
+
+    def ratio(a: str, b: str, label: str, target: str) -> None:
+        if a in rates and b in rates:
+            print(f"{label}: {rates[a] / rates[b]:.2f}" + (f" (target {target})" if target else ""))
+
+    for suffix, engine in (("", "SQLite"), ("-pg", "PostgreSQL")):
+        ratio(f"fiona2{suffix}", f"fiona1{suffix}", f"fiona x2 / fiona x1 ({engine})", ">= 1.6")
+    ratio("fiona1-pg", "fiona1", "PostgreSQL / SQLite, fiona x1", ">= 0.8")
+    ratio("fiona2-pg", "fiona2", "PostgreSQL / SQLite, fiona x2", "")
+    for name in ("fiona1", "fiona2", "fiona1-pg", "fiona2-pg"):
+        ratio(name, "storescp", f"{name} / storescp --fork", ">= 0.5")
+
+
+def _add_path(
+    headers: list[InstanceHeader], tmp: Path, args: argparse.Namespace, pg: PgServer | None
+) -> None:
+    """The index add path alone: group commit against a commit each, per engine."""
+    engines: list[tuple[str, Callable[[], str]]] = [("SQLite", lambda: "")]
+    if pg is not None:
+        engines.append(("PostgreSQL", lambda: pg.url(pg.new_database())))
+    for engine, make_url in engines:
         grouped, alone = [], []
         for _ in range(args.repeat):
-            grouped.append(index_adds(headers, tmp, args.senders, SqliteIndex.MAX_BATCH))
-            alone.append(index_adds(headers, tmp, args.senders, 1))
+            for batch, out in ((SqliteIndex.MAX_BATCH, grouped), (1, alone)):
+                url = make_url()
+                out.append(index_adds(headers, tmp, args.senders, batch, url))
+                if url and pg is not None:
+                    pg.drop_database(url.rpartition("/")[2])
         print(
-            f"index add path alone, {args.senders} threads: group commit"
+            f"index add path alone ({engine}), {args.senders} threads: group commit"
             f" {statistics.median(grouped):.0f} adds/s, a commit each"
             f" {statistics.median(alone):.0f} adds/s"
         )
-    return 0
 
 
 if __name__ == "__main__":

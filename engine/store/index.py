@@ -927,4 +927,10 @@ class PgIndex(SqliteIndex):
     def close(self) -> None:
         if not self.adds.wait_idle(10.0):
             log.warning("index closed with instance adds still queued: they are not answered")
+        if self.adds.items:
+            log.info(
+                "index: %d instances added in %d transactions (group commit)",
+                self.adds.items,
+                self.adds.batches,
+            )
         self._db.close()
