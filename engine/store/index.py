@@ -924,6 +924,100 @@ class PgIndex(SqliteIndex):
         except IndexUnavailable as exc:
             raise IndexUnusable(f"cannot read the index {self.location}: {exc}") from None
 
+    def _add_batch(self, adds: Sequence[_Add]) -> list[AddResult | BaseException]:
+        """Commit ``adds`` in one transaction in two round trips when their series exist:
+        BEGIN and every add's three statements pipelined (:meth:`_pipelined`), then COMMIT.
+        Otherwise, or when an add fails or is a duplicate, as on SQLite (each alone)."""
+        with self._lock:
+            together = self._add_pipelined(adds)
+            if together is not None:
+                return together
+            return [self._add_alone(add) for add in adds]
+
+    def _add_pipelined(self, adds: Sequence[_Add]) -> list[AddResult | BaseException] | None:
+        """One transaction for all; None when an add failed or was indexed already (rolled
+        back: retried one by one); a failure to commit is every add's."""
+        try:
+            results = self._pipelined(adds)
+        except Exception:
+            self._rollback()
+            return None
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            return [exc] * len(adds)
+        return list(results)
+
+    def _pipelined(self, adds: Sequence[_Add]) -> list[AddResult]:
+        """The rows of ``adds`` inside a new transaction, left open. One round trip: BEGIN,
+        then per add the study's and the series' counter updates and the instance row
+        inserted under the series found by its UID (nothing when it is new). An add whose
+        study or series is new then finishes with :class:`SqliteIndex`'s statements;
+        :class:`_AlreadyIndexed` when an instance is."""
+        statements: list[tuple[str, Sequence[Any]]] = [("BEGIN", ())]
+        for add in adds:
+            h = add.header
+            statements += [
+                (
+                    "UPDATE studies SET last_received_at=?, n_instances=n_instances+1"
+                    " WHERE study_uid=? RETURNING id",
+                    (add.now, h.study_uid),
+                ),
+                (
+                    "UPDATE series SET last_received_at=?, n_instances=n_instances+1"
+                    " WHERE series_uid=? RETURNING id",
+                    (add.now, h.series_uid),
+                ),
+                (
+                    f"INSERT INTO instances(sop_instance_uid, series_ref, {', '.join(_FIELDS)})"
+                    f" SELECT ?, id, {','.join('?' * len(_FIELDS))} FROM series"
+                    " WHERE series_uid=? ON CONFLICT (sop_instance_uid) DO NOTHING",
+                    (
+                        h.sop_instance_uid,
+                        *_values(h, add.path, add.size, add.now, add.origin),
+                        h.series_uid,
+                    ),
+                ),
+            ]
+        cursors = self._db.pipeline(statements)[1:]
+        results = []
+        for k, add in enumerate(adds):
+            study, series, instance = cursors[3 * k : 3 * k + 3]
+            study_row, series_row = study.fetchone(), series.fetchone()
+            if series_row is not None and instance.rowcount != 1:
+                raise _AlreadyIndexed
+            if study_row is None:  # a new study: its patient and row (counted once)
+                study_ref, new_study = self._study_ref(add.header, add.now)
+            else:
+                study_ref, new_study = int(study_row[0]), False
+            if series_row is None:  # a new series: its row, then the instance's
+                results.append(self._insert_in_series(add, study_ref, new_study))
+            else:
+                results.append(AddResult(new_study=new_study, new_series=False))
+        return results
+
+    def _insert_in_series(self, add: _Add, study_ref: int, new_study: bool) -> AddResult:
+        """An add whose series was not found by :meth:`_pipelined`: the series row (or one
+        counted in, inserted meanwhile), the instance row."""
+        series_ref, new_series = self._series_ref(add.header, study_ref, add.now)
+        cur = self._db.execute(
+            f"INSERT INTO instances(sop_instance_uid, series_ref, {', '.join(_FIELDS)})"
+            f" VALUES (?,?,{','.join('?' * len(_FIELDS))})"
+            " ON CONFLICT (sop_instance_uid) DO NOTHING",
+            (
+                add.header.sop_instance_uid,
+                series_ref,
+                *_values(add.header, add.path, add.size, add.now, add.origin),
+            ),
+        )
+        if cur.rowcount == 0:
+            raise _AlreadyIndexed
+        return AddResult(new_study=new_study, new_series=new_series)
+
     def close(self) -> None:
         if not self.adds.wait_idle(10.0):
             log.warning("index closed with instance adds still queued: they are not answered")

@@ -266,6 +266,27 @@ class PgConnection:
             raise _unavailable(self.raw, exc) from None
         return PgCursor(cursor, None)
 
+    def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[PgCursor]:
+        """Run ``statements`` (portable SQL, parameters) in order in one round trip: psycopg's
+        pipeline mode sends them all, then one Sync, and reads every result. A statement
+        that fails raises (those after it are skipped by the server); ``lastrowid`` is not
+        read (no ``RETURNING id`` is added)."""
+        cursors = []
+        try:
+            with self.raw.pipeline():
+                for sql, parameters in statements:
+                    text, returning = translate(sql)
+                    if returning:
+                        text = text.removesuffix(" RETURNING id")
+                    cursor = self.raw.cursor()
+                    cursor.execute(text, tuple(parameters))
+                    cursors.append(cursor)
+        except psycopg.IntegrityError as exc:
+            raise IntegrityError(str(exc).splitlines()[0]) from None
+        except psycopg.OperationalError as exc:
+            raise _unavailable(self.raw, exc) from None
+        return [PgCursor(c, None) for c in cursors]
+
     def close(self) -> None:
         self.raw.close()
 
@@ -351,6 +372,18 @@ class LeasedConnection:
 
     def executemany(self, sql: str, parameters: Any, /) -> PgCursor:
         return PgConnection(self._lease.current()).executemany(sql, parameters)
+
+    def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[PgCursor]:
+        """:meth:`PgConnection.pipeline` on the held connection (run again on a new one when
+        it is the block's first use and the server had closed the connection)."""
+        first = self._lease.first_statement()
+        try:
+            return PgConnection(self._lease.current()).pipeline(statements)
+        except IndexUnavailable:
+            if not first:
+                raise
+        self._lease.replace()
+        return PgConnection(self._lease.current()).pipeline(statements)
 
     def close(self) -> None:
         self._lease.pool.close()
