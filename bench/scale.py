@@ -119,13 +119,22 @@ def storescp(work: Path) -> Iterator[int]:
 class FionaGroup:
     """``n`` fiona serve processes on one port and one data folder (``reuse_port`` when 2+)."""
 
-    def __init__(self, work: Path, n: int, index_url: str, repo: Path = REPO) -> None:
+    def __init__(
+        self,
+        work: Path,
+        n: int,
+        index_url: str,
+        repo: Path = REPO,
+        site_lines: tuple[str, ...] = (),
+    ) -> None:
+        """``site_lines``: more lines of the processes' site.yaml (bench/e2e.py's scan)."""
         self.data = work / "data"
         self.index_url = index_url
-        projects = work / "projects"
+        self.projects = projects = work / "projects"
         projects.mkdir(parents=True)
         site = work / "site.yaml"
         lines = ["reuse_port: true"] if n > 1 else []  # an older checkout has no such key
+        lines += site_lines
         if index_url:
             lines.append(f"index_url: {index_url!r}")
         site.write_text("\n".join(lines) + "\n")
