@@ -1,10 +1,12 @@
 """The receive path's index cost: ``Index.add_instance`` per instance, SQLite and PostgreSQL.
 
-    python bench/index.py [--n 2000] [--url postgresql://...] [--runs 3]
+    python bench/index.py [--n 2000] [--url postgresql://...] [--runs 3] [--threads 1,4]
 
 Each run adds ``n`` instances (20 series of one study per 1,000, as a CT arrives) to a fresh
-index, from one thread (``--threads N``: N at once, as concurrent associations add), and prints
-the median wall-clock microseconds per instance:
+index, from one thread (``--threads N``: N at once, as concurrent associations add; several
+counts separated by commas are measured in turn), and prints the median wall-clock microseconds
+per instance and the mean instances per index transaction (group commit). The engines and
+thread counts take turns within each run (this VM's disk has slow spells; turns spread them):
 the SQLite file in a temporary folder (``synchronous=FULL``, as ``fiona serve`` runs it) and,
 with ``--url`` (an empty database, or a throw-away cluster started from Debian's
 ``postgresql`` package with ``--start-postgresql``), PostgreSQL. Synthetic headers only.
@@ -44,10 +46,11 @@ def header(run: int, i: int) -> InstanceHeader:
     )
 
 
-def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> float:
+def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> tuple[float, float]:
     """Wall-clock microseconds per add_instance over ``n`` instances into a fresh index,
-    added by ``threads`` threads at once (as concurrent associations do)."""
-    index = open_index(url, folder / f"index-{run}.sqlite")
+    added by ``threads`` threads at once (as concurrent associations do), and the mean
+    instances per transaction."""
+    index = open_index(url, folder / f"index-{run}-{threads}.sqlite")
 
     def add(part: int) -> None:
         for i in range(part, n, threads):
@@ -60,7 +63,7 @@ def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> float
             w.start()
         for w in workers:
             w.join()
-        return (time.perf_counter() - start) / n * 1e6
+        return (time.perf_counter() - start) / n * 1e6, index.adds.items / index.adds.batches
     finally:
         index.close()
 
@@ -69,33 +72,48 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="adding at once (default 1)")
+    parser.add_argument(
+        "--threads", default="1", help="adding at once (default 1; 1,4: each in turn)"
+    )
     parser.add_argument("--url", default="", help="a PostgreSQL database (empty)")
     parser.add_argument("--start-postgresql", action="store_true")
+    parser.add_argument(
+        "--no-flush",
+        action="store_true",
+        help="the statements' cost alone: SQLite in /dev/shm, the cluster started with fsync"
+        " and synchronous_commit off (not how fiona runs)",
+    )
     args = parser.parse_args()
+    counts = [int(t) for t in str(args.threads).split(",")]
     cluster = None
     urls = {"sqlite": ""}
     if args.start_postgresql:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.pg_server import PgCluster
 
-        cluster = PgCluster(durable=True)
+        cluster = PgCluster(durable=not args.no_flush)
         urls["postgresql"] = cluster.url(cluster.new_database())
     elif args.url:
         urls["postgresql"] = args.url
+    times: dict[tuple[str, int], list[float]] = {(e, t): [] for e in urls for t in counts}
+    grouped: dict[tuple[str, int], list[float]] = {key: [] for key in times}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for engine, url in urls.items():
-                times = []
-                for run in range(args.runs):
+        with tempfile.TemporaryDirectory(dir="/dev/shm" if args.no_flush else None) as tmp:
+            for run in range(args.runs):
+                for (engine, threads), out in times.items():
+                    url = urls[engine]
                     if engine == "postgresql":
                         _clear(url)
-                    times.append(one_run(url, Path(tmp), run, args.n, args.threads))
-                print(
-                    f"{engine:10s} add_instance x{args.threads}:"
-                    f" {statistics.median(times):7.0f} us/instance"
-                    f" (runs: {', '.join(f'{t:.0f}' for t in times)})"
-                )
+                    took, per_commit = one_run(url, Path(tmp), run, args.n, threads)
+                    out.append(took)
+                    grouped[(engine, threads)].append(per_commit)
+        for (engine, threads), runs in times.items():
+            print(
+                f"{engine:10s} add_instance x{threads}:"
+                f" {statistics.median(runs):7.0f} us/instance"
+                f" (runs: {', '.join(f'{t:.0f}' for t in runs)});"
+                f" {statistics.mean(grouped[(engine, threads)]):.1f} instances/transaction"
+            )
     finally:
         if cluster is not None:
             cluster.close()

@@ -26,7 +26,8 @@ After each fiona round the index is checked to hold every file once; the log's g
 line gives the mean instances per index transaction. ``--receivers`` picks some of
 ``storescp,fiona1,fiona2,fiona1-pg,fiona2-pg`` (default: all; the ``-pg`` ones only when
 PostgreSQL is installed or ``--pg-url`` is given); ``--baseline DIR`` adds one fiona process of
-another checkout (``baseline1``, e.g. before group commit) to the same rounds.
+another checkout (``baseline1``, e.g. before group commit; ``baseline1-pg`` too when PostgreSQL
+rounds run) to the same rounds.
 
 Targets (issue 18): fiona x2 at least 1.6x fiona x1 on this 2-core machine; PostgreSQL within
 20% of SQLite for one process; fiona with 4 senders at least 0.5x storescp --fork.
@@ -164,6 +165,10 @@ class FionaGroup:
         for server in self.servers:
             server.stop()
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU seconds the processes have used so far (Linux /proc)."""
+        return sum(_proc_cpu(s.proc.pid) for s in self.servers if s.proc is not None)
+
     def spread(self) -> list[int]:
         """Associations each process accepted."""
         return [s.log_text().count(f"association from {AE} ") for s in self.servers]
@@ -192,6 +197,19 @@ class FionaGroup:
         return int(row[0]), int(row[1])
 
 
+def _proc_cpu(pid: int, children: bool = False) -> float:
+    """CPU seconds of process ``pid`` (user + system; with ``children``, also of its children
+    it has reaped); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class PgServer:
     """Where the ``-pg`` rounds' databases are made: a throw-away cluster started here
     (tests/pg_server.py, durable), or a server given by URL. One per run; a fresh database
@@ -207,6 +225,24 @@ class PgServer:
             self._cluster = PgCluster(durable=True)
             self._admin = self._cluster.url()
         self._counter = 0
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the cluster started here has used so far: its postmaster, the live
+        server processes and the backends that have exited; 0 for a server given by URL."""
+        if self._cluster is None:
+            return 0.0
+        try:
+            postmaster = int((self._cluster.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        total = _proc_cpu(postmaster, children=True)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    total += _proc_cpu(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     def url(self, database: str) -> str:
         base, _, _ = self._admin.rpartition("/")
@@ -333,6 +369,9 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
     mb = sum(f.stat().st_size for f in files) / 1e6
     # Per fiona round: mean instances per index commit, associations per process.
     notes: dict[str, list[tuple[float, str]]] = {}
+    # Per fiona round: CPU seconds of the fiona processes and of the PostgreSQL server (0 when
+    # unknown) while the corpus was sent.
+    cpu: dict[str, list[tuple[float, float]]] = {}
 
     def fiona(n: int, name: str, repo: Path = REPO, on_pg: bool = False) -> Round:
         def one_round(work: Path) -> float:
@@ -348,10 +387,17 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
     def _fiona_round(work: Path, n: int, name: str, repo: Path, url: str) -> float:
         group = FionaGroup(work, n, url, repo)
         group.start()
+        server_cpu = pg.cpu_seconds() if pg and url else 0.0
         try:
+            fiona_cpu = group.cpu_seconds()
             seconds = send_all(files, group.port, args.senders, args.per_association)
+            fiona_cpu = group.cpu_seconds() - fiona_cpu
         finally:
             group.stop()
+        if pg and url:
+            time.sleep(0.5)  # the backends of the closed connections exit and are reaped
+            server_cpu = pg.cpu_seconds() - server_cpu
+        cpu[name] = [*cpu.get(name, []), (fiona_cpu, server_cpu)]
         rows, distinct = group.indexed()
         if _FAILURES or rows != len(files) or distinct != len(files):
             problems = [
@@ -383,6 +429,9 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
     if args.baseline:
         table["baseline1"] = fiona(1, "baseline1", args.baseline.resolve())
         wanted.append("baseline1")
+        if pg is not None:
+            table["baseline1-pg"] = fiona(1, "baseline1-pg", args.baseline.resolve(), on_pg=True)
+            wanted.append("baseline1-pg")
     receivers = {name: table[name] for name in wanted}
     load_before = os.getloadavg()[0]
     times = run_rounds(receivers, tmp, args.repeat)
@@ -397,21 +446,32 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
         f" ({each} per association), median of {args.repeat}; load average"
         f" {load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores"
     )
-    print(f"{'receiver':>10} {'files/s':>9} {'MB/s':>7}  notes")
+    print(f"{'receiver':>12} {'files/s':>9} {'MB/s':>7}  notes")
     for name, rate in rates.items():
         rounds = notes.get(name, [])
         per = [r[0] for r in rounds if r[0] >= 0]  # an older checkout logs no counts
         note = (
             (f"{statistics.mean(per):.1f} instances/commit; " if per else "")
+            + _cpu_note(cpu.get(name, []), len(files))
             + f"associations per process {', '.join(r[1] for r in rounds)}"
             if rounds
             else ""
         )
-        print(f"{name:>10} {rate:9.0f} {rate * mb / len(files):7.1f}  {note}", flush=True)
+        print(f"{name:>12} {rate:9.0f} {rate * mb / len(files):7.1f}  {note}", flush=True)
     _ratios(rates)
     headers = [parse_header(f.read_bytes()) for f in files]
     _add_path(headers, tmp, args, pg)
     return 0
+
+
+def _cpu_note(rounds: list[tuple[float, float]], files: int) -> str:
+    """CPU milliseconds per file of fiona (and of the PostgreSQL server), mean of rounds."""
+    if not rounds:
+        return ""
+    fiona = statistics.mean(r[0] for r in rounds) / files * 1000
+    server = statistics.mean(r[1] for r in rounds) / files * 1000
+    pg = f", PostgreSQL {server:.2f} ms" if server else ""
+    return f"CPU/file fiona {fiona:.2f} ms{pg}; "
 
 
 def _ratios(rates: dict[str, float]) -> None:
