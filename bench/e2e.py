@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -57,6 +58,7 @@ from tests import synth  # noqa: E402
 from tests.peers import OrthancServer, dcmtk, nodelay_env  # noqa: E402
 
 AE = "BENCH"
+_RUN_DONE = re.compile(r"run \d+ \(project bench\): done")
 ALL_RECEIVERS = "orthanc,fiona1,fiona2,fiona1-pg,fiona2-pg"
 
 Round = Callable[[Path], float]
@@ -252,7 +254,8 @@ def _run_rounds(
                 raise RuntimeError(f"{name}: {exc}; fiona: {problems[:20]}") from None
             seconds = time.perf_counter() - start
             check_delivered(orthanc, len(studies), original_ids, name)
-            spread.setdefault(name, []).append("+".join(map(str, group.spread())))
+            runs = "+".join(str(len(_RUN_DONE.findall(s.log_text()))) for s in group.servers)
+            spread.setdefault(name, []).append(f"{'+'.join(map(str, group.spread()))}, runs {runs}")
             return seconds
         finally:
             group.stop()
@@ -284,7 +287,7 @@ def _run_rounds(
     print(f"{'receiver':>10} {'studies/min':>12} {'seconds':>8} {'minus quiet':>12}  notes")
     for name, rate in per_minute.items():
         quiet = "" if name == "orthanc" else f"{medians[name] - args.quiet:12.1f}"
-        note = f"associations per process {', '.join(spread[name])}" if name in spread else ""
+        note = f"associations, runs per process {'; '.join(spread[name])}" if name in spread else ""
         print(f"{name:>10} {rate:12.1f} {medians[name]:8.1f} {quiet:>12}  {note}", flush=True)
 
     def ratio(a: str, b: str, label: str) -> None:
