@@ -16,7 +16,8 @@ Receivers:
 - ``fiona1``: one ``fiona serve`` with a project that claims the senders' studies, waits for
   each study to be quiet for ``--quiet`` seconds (its completeness rule), de-identifies it with
   the shipped default profile (the ``anonymize`` step) and sends it to Orthanc (the ``send``
-  step, a ``dicom`` destination); the scan runs every 0.5 s;
+  step, a ``dicom`` destination with ``--concurrency`` transfers at once, default 1 as
+  fiona's); the scan runs every 0.5 s, the outbox ticks every second (fiona's own cadence);
 - ``fiona2``: two such processes on one port (``reuse_port``), one data folder and one index:
   each receives some associations, and runs and transfers go to whichever node claims them
   (leases, see README "Several nodes");
@@ -126,8 +127,11 @@ def wait_for_orthanc(server: OrthancServer, total: int, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def write_project(projects: Path, orthanc: OrthancServer, quiet: float) -> None:
-    """A project claiming the senders' studies: anonymize (default profile), send to Orthanc."""
+def write_project(
+    projects: Path, orthanc: OrthancServer, quiet: float, concurrency: int = 1
+) -> None:
+    """A project claiming the senders' studies: anonymize (default profile), send to Orthanc
+    (``concurrency`` transfers at once)."""
     key = projects / "bench.key"
     key.write_bytes(os.urandom(48))
     key.chmod(0o600)
@@ -141,6 +145,7 @@ def write_project(projects: Path, orthanc: OrthancServer, quiet: float) -> None:
                 "host": "127.0.0.1",
                 "port": orthanc.dicom_port,
                 "ae_title": orthanc.ae_title,
+                "concurrency": concurrency,
             }
         },
         "pipeline": [
@@ -173,6 +178,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds (median)")
     parser.add_argument(
         "--quiet", type=float, default=2.0, help="the project's study_quiet_seconds"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="the Orthanc destination's concurrency (default 1, as fiona's)",
     )
     parser.add_argument("--pg-url", default="", help="a PostgreSQL server (see bench/scale.py)")
     parser.add_argument("--receivers", default=ALL_RECEIVERS)
@@ -235,7 +246,7 @@ def _run_rounds(
     def _fiona_round(work: Path, n: int, name: str, url: str) -> float:
         orthanc = OrthancServer(work / "orthanc").start()
         group = FionaGroup(work, n, url, site_lines=("scan_interval_seconds: 0.5",))
-        write_project(group.projects, orthanc, args.quiet)
+        write_project(group.projects, orthanc, args.quiet, args.concurrency)
         try:
             group.start()
             start = time.perf_counter()
@@ -281,6 +292,7 @@ def _run_rounds(
     print(
         f"{len(studies)} studies of {args.instances} instances {args.size}x{args.size}"
         f" ({total} files), {args.senders} senders, study_quiet_seconds {args.quiet:g},"
+        f" destination concurrency {args.concurrency},"
         f" median of {args.repeat}; load average {load_before:.1f} before,"
         f" {load_after:.1f} after on {os.cpu_count()} cores"
     )

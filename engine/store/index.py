@@ -943,9 +943,9 @@ class PgIndex(SqliteIndex):
             raise IndexUnusable(f"cannot read the index {self.location}: {exc}") from None
 
     def _add_batch(self, adds: Sequence[_Add]) -> list[AddResult | BaseException]:
-        """Commit ``adds`` in one transaction in two round trips when their series exist:
-        BEGIN and every add's three statements pipelined (:meth:`_pipelined`), then COMMIT.
-        Otherwise, or when an add fails or is a duplicate, as on SQLite (each alone)."""
+        """Commit ``adds`` in one transaction in two round trips: BEGIN and one statement per
+        add pipelined (:meth:`_pipelined`), then COMMIT. When an add fails or is a duplicate,
+        as on SQLite (each alone)."""
         with self._lock:
             together = self._add_pipelined(adds)
             if together is not None:

@@ -267,10 +267,10 @@ class PgConnection:
         return PgCursor(cursor, None)
 
     def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[PgCursor]:
-        """Run ``statements`` (portable SQL, parameters) in order in one round trip: psycopg's
-        pipeline mode sends them all, then one Sync, and reads every result. A statement
-        that fails raises (those after it are skipped by the server); ``lastrowid`` is not
-        read (no ``RETURNING id`` is added)."""
+        """Run ``statements`` (SQL as :meth:`execute` takes it, parameters) in order in one
+        round trip: psycopg's pipeline mode sends them all, then one Sync, and reads every
+        result. A statement that fails raises (those after it are skipped by the server);
+        ``lastrowid`` is not read (no ``RETURNING id`` is added)."""
         cursors = []
         try:
             with self.raw.pipeline():
