@@ -104,7 +104,10 @@ def _run(cmd: list[str]) -> str | None:
     import subprocess
 
     done = subprocess.run(cmd, env=nodelay_env(), capture_output=True)
-    return None if done.returncode == 0 else done.stderr.decode(errors="replace")[-2000:]
+    if done.returncode == 0:
+        return None
+    said = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+    return f"exit status {done.returncode}: {said}"
 
 
 def orthanc_get(server: OrthancServer, path: str) -> object:

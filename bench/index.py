@@ -5,8 +5,9 @@
 Each run adds ``n`` instances (20 series of one study per 1,000, as a CT arrives) to a fresh
 index, from one thread (``--threads N``: N at once, as concurrent associations add; several
 counts separated by commas are measured in turn), and prints the median wall-clock microseconds
-per instance and the mean instances per index transaction (group commit). The engines and
-thread counts take turns within each run (this VM's disk has slow spells; turns spread them):
+per instance, the mean instances per index transaction (group commit) and the CPU this process
+spent per instance (for PostgreSQL, the client's side: psycopg; the server's is not counted).
+The engines and thread counts take turns within each run (this VM's disk has slow spells):
 the SQLite file in a temporary folder (``synchronous=FULL``, as ``fiona serve`` runs it) and,
 with ``--url`` (an empty database, or a throw-away cluster started from Debian's
 ``postgresql`` package with ``--start-postgresql``), PostgreSQL. Synthetic headers only.
@@ -46,10 +47,13 @@ def header(run: int, i: int) -> InstanceHeader:
     )
 
 
-def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> tuple[float, float]:
+def one_run(
+    url: str, folder: Path, run: int, n: int, threads: int = 1
+) -> tuple[float, float, float]:
     """Wall-clock microseconds per add_instance over ``n`` instances into a fresh index,
-    added by ``threads`` threads at once (as concurrent associations do), and the mean
-    instances per transaction."""
+    added by ``threads`` threads at once (as concurrent associations do), the mean
+    instances per transaction, and this process's CPU microseconds per add (the server's
+    not included)."""
     index = open_index(url, folder / f"index-{run}-{threads}.sqlite")
 
     def add(part: int) -> None:
@@ -57,13 +61,17 @@ def one_run(url: str, folder: Path, run: int, n: int, threads: int = 1) -> tuple
             index.add_instance(header(run, i), f"archive/{run}/{i}.dcm", 500_000, ORIGIN)
 
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         workers = [threading.Thread(target=add, args=(p,)) for p in range(threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-        return (time.perf_counter() - start) / n * 1e6, index.adds.items / index.adds.batches
+        return (
+            (time.perf_counter() - start) / n * 1e6,
+            index.adds.items / index.adds.batches,
+            (time.process_time() - cpu) / n * 1e6,
+        )
     finally:
         index.close()
 
@@ -97,6 +105,7 @@ def main() -> int:
         urls["postgresql"] = args.url
     times: dict[tuple[str, int], list[float]] = {(e, t): [] for e in urls for t in counts}
     grouped: dict[tuple[str, int], list[float]] = {key: [] for key in times}
+    client: dict[tuple[str, int], list[float]] = {key: [] for key in times}
     try:
         with tempfile.TemporaryDirectory(dir="/dev/shm" if args.no_flush else None) as tmp:
             for run in range(args.runs):
@@ -104,15 +113,17 @@ def main() -> int:
                     url = urls[engine]
                     if engine == "postgresql":
                         _clear(url)
-                    took, per_commit = one_run(url, Path(tmp), run, args.n, threads)
+                    took, per_commit, cpu = one_run(url, Path(tmp), run, args.n, threads)
                     out.append(took)
                     grouped[(engine, threads)].append(per_commit)
+                    client[(engine, threads)].append(cpu)
         for (engine, threads), runs in times.items():
             print(
                 f"{engine:10s} add_instance x{threads}:"
                 f" {statistics.median(runs):7.0f} us/instance"
                 f" (runs: {', '.join(f'{t:.0f}' for t in runs)});"
-                f" {statistics.mean(grouped[(engine, threads)]):.1f} instances/transaction"
+                f" {statistics.mean(grouped[(engine, threads)]):.1f} instances/transaction;"
+                f" fiona's CPU {statistics.median(client[(engine, threads)]):.0f} us/instance"
             )
     finally:
         if cluster is not None:
