@@ -20,6 +20,9 @@ from tests.peers import REPO
 from tests.pg_server import PgCluster
 
 
+@pytest.mark.sqlite_only(
+    "runs its own rounds on both engines; once per CI is enough (the SQLite run)"
+)
 @pytest.mark.slow
 def test_the_end_to_end_benchmark_runs_in_its_quick_size(pg_cluster: PgCluster) -> None:
     need_peer("storescu")

@@ -11,11 +11,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import need_peer
 from tests.peers import REPO
 from tests.pg_server import PgCluster
 
 
+@pytest.mark.sqlite_only(
+    "runs its own rounds on both engines; once per CI is enough (the SQLite run)"
+)
 def test_the_scale_benchmark_runs_in_its_quick_size(pg_cluster: PgCluster) -> None:
     need_peer("storescu")
     need_peer("storescp")
