@@ -28,6 +28,7 @@ from typing import Any
 
 from engine.config.model import SiteConfig
 from engine.store.activity import project_last_times
+from engine.store.db import IndexUnavailable
 from engine.store.fsio import write_durable
 from engine.store.index import Index
 from engine.store.nodes import Node, NodeStore, this_node
@@ -294,6 +295,8 @@ class HeartbeatJob:
         try:
             self.last = beat(self.site, self.index)
             write_status_file(self.site.data_dir, self.last, scheduler_jobs(self.scheduler))
+        except IndexUnavailable:
+            raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("heartbeat failed; trying again next interval")
             return
