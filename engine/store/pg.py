@@ -330,7 +330,8 @@ class Lease:
         (stopped, restarting): the caller is not kept waiting for the pool's timeout. When it
         does, the pool is only busy, and the caller waits on."""
         try:
-            psycopg.connect(self.pool.conninfo, connect_timeout=2).close()
+            info = self.pool.conninfo
+            psycopg.connect(info if isinstance(info, str) else info(), connect_timeout=2).close()
         except psycopg.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
             raise IndexUnavailable(f"the index database does not answer ({reason})") from None
