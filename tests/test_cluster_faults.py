@@ -94,6 +94,8 @@ class Streamer:
     host: str
     port: int
     folder: Path
+    #: The first synthetic study's seed (senders beside each other send different studies).
+    base: int = 5000
     statuses: dict[str, int] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -109,7 +111,7 @@ class Streamer:
         while not self.stop.is_set():
             seed += 1
             datasets = synth.make_study(
-                synth.make_study_spec(5000 + seed), [synth.MR_SERIES["localizer"]], size=16
+                synth.make_study_spec(self.base + seed), [synth.MR_SERIES["localizer"]], size=16
             )
             files = synth.write_study(datasets, self.folder / f"s{seed}")
             uids = {f: str(ds.SOPInstanceUID) for f, ds in zip(files, datasets, strict=True)}
