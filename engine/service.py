@@ -452,7 +452,7 @@ def run_serve(args: argparse.Namespace) -> int:
         NodeStore(store.index).stopped(node)
         store.close()
         return 1
-    write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
+    write_pid_file(site.data_dir, node=node.id)  # `fiona status` checks this process is alive
     scheduler.resume()
     status_page = start_status_port(site)  # deprecated: the web serves the same
     web = start_web(site, load_enabled_projects)
@@ -482,8 +482,8 @@ def run_serve(args: argparse.Namespace) -> int:
         status_page.stop()
     if web is not None:
         web.stop()
-    mark_stopped(site.data_dir)
-    remove_pid_file(site.data_dir)
+    mark_stopped(site.data_dir, node.id)
+    remove_pid_file(site.data_dir, node.id)
     outbox.worker.close()
     write_pending_summaries(store.index, site.data_dir, 0.0)
     Renewer.shared().stop()

@@ -245,9 +245,7 @@ def test_a_study_spread_over_three_nodes_reaches_orthanc_once_through_two_kills(
 
         # Mid-pipeline: the run's node waits for REDCap in its consent step.
         wait_for("a node in the consent step", lambda: redcap.arrived.wait(0.1), timeout=90)
-        [(run_id, holder, state)] = cluster.rows(
-            "SELECT id, claimed_by, state FROM pipeline_runs"
-        )
+        [(run_id, holder, state)] = cluster.rows("SELECT id, claimed_by, state FROM pipeline_runs")
         first = nodes[int(str(holder).removeprefix("node"))]
         _kill(first)
         redcap.gate.set()
