@@ -485,8 +485,13 @@ def run_serve(args: argparse.Namespace) -> int:
     mark_stopped(site.data_dir, node.id)
     remove_pid_file(site.data_dir, node.id)
     outbox.worker.close()
-    write_pending_summaries(store.index, site.data_dir, 0.0)
     Renewer.shared().stop()
-    NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
+    try:
+        write_pending_summaries(store.index, site.data_dir, 0.0)
+        NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
+    except IndexUnavailable:
+        log.warning(
+            "index unavailable at shutdown: what this node held is free once its leases run out"
+        )
     store.close()
     return 0

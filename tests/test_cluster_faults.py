@@ -8,6 +8,7 @@ engine, so it runs once: in the PostgreSQL run of scripts/test.sh (``postgresql_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -54,7 +55,8 @@ def own_pg(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PgCluster, str]]:
         monkeypatch.setenv(INDEX_URL_ENV, cluster.url(name))
         yield cluster, name
     finally:
-        cluster.close()
+        with contextlib.suppress(subprocess.CalledProcessError):  # stopped by the test
+            cluster.close()
 
 
 _SENDING = re.compile(r"Sending file: (\S+)")
@@ -194,4 +196,31 @@ def test_serve_rides_out_a_postgresql_restart(
     text = node.log_text()
     assert text.count("index unavailable") == 1, text
     assert text.count("index available again") == 1, text
+    assert "Traceback" not in text
+
+
+def test_serve_stops_cleanly_while_the_index_is_away(
+    tmp_path: Path, own_pg: tuple[PgCluster, str]
+) -> None:
+    """SIGTERM while PostgreSQL is stopped: the node exits 0, saying that its leases run out
+    instead of being released, with no traceback."""
+    cluster, _ = own_pg
+    data, projects = tmp_path / "data", tmp_path / "projects"
+    projects.mkdir()
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"heartbeat": {"interval_seconds": 1}}))
+    node = FionaServer(data, projects, config=site).start()
+    try:
+        cluster.stop()
+        wait_for(
+            "the node to notice",
+            lambda: "index unavailable" in node.log_text(),
+            timeout=60,
+            server=node,
+        )
+        assert node.stop() == 0
+    finally:
+        node.stop()
+    text = node.log_text()
+    assert "index unavailable at shutdown" in text
     assert "Traceback" not in text
