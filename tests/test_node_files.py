@@ -60,6 +60,8 @@ def test_two_nodes_on_one_data_folder_keep_their_own_files(tmp_path: Path) -> No
         for name, node in zip(names, nodes, strict=True):
             folder = node_dir(data, name)
             assert node.proc is not None
+            # Written once the port listens: a moment after the test sees it listen.
+            wait_for("its pid file", (folder / "serve.pid").is_file, 30, node)
             assert (folder / "serve.pid").read_text().strip() == str(node.proc.pid)
             assert serve_process(data, name).running
             wait_for("its status file", (folder / "status.json").is_file, 30, node)

@@ -71,9 +71,9 @@ def write_pid_file(data_dir: Path, pid: int | None = None, node: str | None = No
     """Record ``pid`` (default: this process) as the folder's service, durably; with ``node``,
     in that node's folder too."""
     value = f"{os.getpid() if pid is None else pid}\n".encode()
+    write_durable(data_dir / PID_FILE, value, mode=0o644)
     if node is not None:
         write_durable(node_dir(data_dir, node) / PID_FILE, value, mode=0o644)
-    write_durable(data_dir / PID_FILE, value, mode=0o644)
 
 
 def remove_pid_file(data_dir: Path, node: str | None = None) -> None:
