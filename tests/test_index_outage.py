@@ -5,18 +5,22 @@ tests/test_cluster_faults.py and tests/test_cluster_netns.py)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.daemon import WaitsForIndex
 from engine.pipeline.context import RunContext
-from engine.pipeline.outcome import Outcome
+from engine.pipeline.outcome import Done, Outcome
 from engine.pipeline.steps.base import Step
 from engine.pipeline.store import RunState
 from engine.store.db import IndexUnavailable
+from engine.store.index import open_index
+from engine.store.leases import LeaseLost, Renewer
 from engine.store.outage import OUTAGE, Backoff
+from tests.test_cluster import LEASE, T0, Member, _runs
 from tests.test_pipeline import NOW, Record, World, _one_run
 
 
@@ -117,3 +121,110 @@ def test_an_index_outage_in_a_step_is_no_attempt_of_the_step(world_: World) -> N
 @pytest.fixture
 def world_(tmp_path: Path) -> World:
     return World(tmp_path)
+
+
+# --------------------------------------------------------------------------- leases
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> Iterator[Callable[[str], Member]]:
+    """Nodes on one index, as tests/test_cluster.py makes them."""
+    path = tmp_path / "data" / "index.sqlite"
+    path.parent.mkdir()
+    open_index("", path).close()
+    made: list[Member] = []
+
+    def member(name: str) -> Member:
+        made.append(Member(path, name))
+        return made[-1]
+
+    yield member
+    for m in made:
+        m.close()
+
+
+class Away:
+    """An index that is away while ``down`` (every block raises IndexUnavailable)."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.down = True
+
+    def transaction(self) -> Any:
+        if self.down:
+            raise IndexUnavailable("the index database went away")
+        return self.index.transaction()
+
+    def reading(self) -> Any:
+        if self.down:
+            raise IndexUnavailable("the index database went away")
+        return self.index.reading()
+
+
+def test_leases_are_not_lost_while_the_index_is_away(
+    members: Callable[[str], Member], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The renewer finds the index away past the lease's end: nothing is marked lost, one
+    warning; back, and nobody having claimed the run meanwhile, the node still holds it and
+    its outcome is written."""
+    a = members("a")
+    [run_id] = _runs(a, 1)
+    assert a.runs.claim_next(T0, ["p"]) is not None
+    away = Away(a.runs.leases.index)
+    a.runs.leases.index = away
+    a.clock.at = T0 + LEASE + 5  # the lease ran out during the outage
+    for _ in range(3):
+        Renewer.shared().renew_all()
+    assert a.runs.leases.holds(run_id) and not a.runs.leases.lost(run_id)
+    assert [r.getMessage()[:17] for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "index unavailable"
+    ]
+    away.down = False
+    assert a.runs.leases.renew() == set()
+    a.runs.record_step(run_id, 0, "anonymize", Done("x"), now=T0)
+    a.runs.finish(run_id, RunState.DONE, now=T0)
+    record = a.runs.get(run_id)
+    assert record is not None and record.state is RunState.DONE
+
+
+def test_a_lease_another_node_took_during_the_outage_is_lost_on_return(
+    members: Callable[[str], Member],
+) -> None:
+    """Another node reached the index first and claimed the run whose lease ran out: this
+    node's renewal on return finds it lost, and its outcome is refused, nothing written."""
+    a, b = members("a"), members("b")
+    [run_id] = _runs(a, 1)
+    assert a.runs.claim_next(T0, ["p"]) is not None
+    away = Away(a.runs.leases.index)
+    a.runs.leases.index = away
+    a.clock.at = T0 + LEASE + 5
+    Renewer.shared().renew_all()
+    b.clock.at = T0 + LEASE + 5
+    taken = b.runs.claim_next(T0, ["p"])
+    assert taken is not None and taken.id == run_id
+    away.down = False
+    assert a.runs.leases.renew() == {run_id}
+    with pytest.raises(LeaseLost):
+        a.runs.record_step(run_id, 0, "anonymize", Done("x"), now=T0)
+    assert a.runs.steps(run_id) == []
+
+
+def test_a_release_the_index_cannot_take_lets_the_lease_run_out(
+    members: Callable[[str], Member],
+) -> None:
+    """A release during the outage is not renewed afterwards (before, the renewer kept the
+    run for ever): once its lease has run out, any node claims it."""
+    a, b = members("a"), members("b")
+    [run_id] = _runs(a, 1)
+    assert a.runs.claim_next(T0, ["p"]) is not None
+    away = Away(a.runs.leases.index)
+    a.runs.leases.index = away
+    with pytest.raises(IndexUnavailable):
+        a.runs.release(run_id)
+    assert not a.runs.leases.holds(run_id)
+    away.down = False
+    a.clock.at = T0 + LEASE - 1
+    Renewer.shared().renew_all()  # renews nothing of it
+    b.clock.at = T0 + LEASE + 1
+    taken = b.runs.claim_next(T0, ["p"])
+    assert taken is not None and taken.id == run_id
