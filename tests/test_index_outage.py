@@ -20,7 +20,10 @@ from engine.store.db import IndexUnavailable
 from engine.store.index import open_index
 from engine.store.leases import LeaseLost, Renewer
 from engine.store.outage import OUTAGE, Backoff
+from engine.transfer.outbox import TransferState
 from tests.test_cluster import LEASE, T0, Member, _runs
+from tests.test_outbox import T0 as T0_OUTBOX
+from tests.test_outbox import Rig
 from tests.test_pipeline import NOW, Record, World, _one_run
 
 
@@ -228,3 +231,52 @@ def test_a_release_the_index_cannot_take_lets_the_lease_run_out(
     b.clock.at = T0 + LEASE + 1
     taken = b.runs.claim_next(T0, ["p"])
     assert taken is not None and taken.id == run_id
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def test_an_index_outage_mid_transfer_is_no_attempt_and_sends_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The index goes away while a transfer records what the peer confirmed: the transfer
+    stops there, stays sending (no failed attempt, no dead letter, no traceback) and, once the
+    index is back, goes on without sending the instances confirmed before again."""
+    rig = Rig(tmp_path)
+    try:
+        rig.share.mkdir()
+        tid = rig.enqueue()
+        confirm = rig.outbox.confirm
+        calls = {"n": 0}
+
+        def confirm_until_away(*args: Any, **kwargs: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise IndexUnavailable("the index database went away")
+            confirm(*args, **kwargs)
+
+        monkeypatch.setattr(rig.outbox, "confirm", confirm_until_away)
+        assert rig.run_due(T0_OUTBOX) == 1
+        record = rig.outbox.get(tid)
+        assert record is not None
+        assert (record.state, record.attempts, record.last_error) == (
+            TransferState.SENDING,
+            0,
+            "",
+        )
+        assert record.n_sent == 2
+        assert all(r.exc_info is None for r in caplog.records)
+        first_two = {
+            p.name: p.stat().st_mtime_ns
+            for p in rig.delivered()
+            if p.stem in {i.sop_instance_uid for i in rig.outbox.items(tid) if i.state == "sent"}
+        }
+        assert len(first_two) == 2
+        monkeypatch.setattr(rig.outbox, "confirm", confirm)  # the index is back
+        rig.run_due(T0_OUTBOX)
+        record = rig.outbox.get(tid)
+        assert record is not None and record.state is TransferState.DONE, record.last_error
+        again = {p.name: p.stat().st_mtime_ns for p in rig.delivered() if p.name in first_two}
+        assert again == first_two  # not written again
+    finally:
+        rig.close()
