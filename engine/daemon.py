@@ -112,14 +112,15 @@ class WaitsForIndex:
     def __call__(self) -> None:
         if not self.backoff.due():
             return
+        started = OUTAGE.now()
         try:
             self.job()
         except IndexUnavailable as exc:
-            OUTAGE.went_away(exc)
+            OUTAGE.went_away(exc, started)
             log.debug("index unavailable: next try in %g s", self.backoff.failed())
             return
         self.backoff.succeeded()
-        OUTAGE.is_back()
+        OUTAGE.is_back(started)
 
 
 class BusyJobChatter(logging.Filter):

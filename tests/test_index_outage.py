@@ -19,7 +19,7 @@ from engine.pipeline.store import RunState
 from engine.store.db import IndexUnavailable
 from engine.store.index import open_index
 from engine.store.leases import LeaseLost, Renewer
-from engine.store.outage import OUTAGE, Backoff
+from engine.store.outage import OUTAGE, Backoff, IndexOutage
 from engine.transfer.outbox import TransferState
 from tests.test_cluster import LEASE, T0, Member, _runs
 from tests.test_outbox import T0 as T0_OUTBOX
@@ -37,9 +37,9 @@ class Clock:
 
 @pytest.fixture(autouse=True)
 def fresh_outage() -> Iterator[None]:
-    OUTAGE.since = None
+    OUTAGE.since, OUTAGE.back_at = None, float("-inf")
     yield
-    OUTAGE.since = None
+    OUTAGE.since, OUTAGE.back_at = None, float("-inf")
 
 
 def test_the_backoff_doubles_from_one_second_to_thirty() -> None:
@@ -81,6 +81,29 @@ def test_a_job_waits_for_the_index_with_one_line_each_way(
         "index available again",
     ]
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_calls_begun_before_a_change_do_not_say_the_index_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call begun before the outage was noticed that returns after it says nothing of the
+    index now; a call begun before it came back that fails late is of the outage that ended."""
+    clock = Clock()
+    outage = IndexOutage(clock)
+    early = outage.now()
+    clock.now += 1
+    outage.went_away(IndexUnavailable("gone"))
+    outage.is_back(early)  # began before: no word on the index now
+    assert outage.away
+    clock.now += 1
+    during = outage.now()
+    clock.now += 1
+    outage.is_back(outage.now())
+    assert not outage.away
+    outage.went_away(IndexUnavailable("gone"), during)  # a late failure of the old outage
+    assert not outage.away
+    lines = [r.getMessage()[:22] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == ["index unavailable (gon", "index available again "]
 
 
 def test_the_wrapper_passes_the_jobs_attributes_through() -> None:

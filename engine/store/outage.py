@@ -29,15 +29,19 @@ class IndexOutage:
         self._lock = threading.Lock()
         #: Monotonic seconds when the outage began; None while the index answers.
         self.since: float | None = None
+        #: When the last outage ended (a failure of a call begun before it is an old one).
+        self.back_at = float("-inf")
 
     @property
     def away(self) -> bool:
         return self.since is not None
 
-    def went_away(self, exc: BaseException) -> None:
-        """A caller found the index unavailable (logged once per outage)."""
+    def went_away(self, exc: BaseException, started: float | None = None) -> None:
+        """A caller found the index unavailable (logged once per outage). ``started``
+        (:meth:`now` when the caller began): a call begun before the index was last back
+        failed in the outage that ended, and is ignored."""
         with self._lock:
-            if self.since is not None:
+            if self.since is not None or (started is not None and started < self.back_at):
                 return
             self.since = self._clock()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -47,15 +51,23 @@ class IndexOutage:
             reason,
         )
 
-    def is_back(self) -> None:
-        """A caller used the index again (logged once, when it was away). Cheap when it was
-        not: one attribute read."""
+    def now(self) -> float:
+        """The clock :meth:`is_back` compares ``started`` with (monotonic seconds)."""
+        return self._clock()
+
+    def is_back(self, started: float | None = None) -> None:
+        """A caller used the index again (logged once, when it was away). ``started``
+        (:meth:`now` when the caller began): a call begun before the outage was noticed says
+        nothing of the index now, and is ignored. Cheap when the index was not away: one
+        attribute read."""
         if self.since is None:
             return
         with self._lock:
+            if self.since is None or (started is not None and started < self.since):
+                return
             since, self.since = self.since, None
-        if since is not None:
-            log.warning("index available again after %.1f s; resuming", self._clock() - since)
+            self.back_at = self._clock()
+        log.warning("index available again after %.1f s; resuming", self._clock() - since)
 
 
 #: This process's view of its index.
