@@ -16,6 +16,8 @@ from typing import Any
 
 from engine.config.model import SiteConfig
 from engine.deid.keys import SecretError, load_secret
+from engine.store.db import IndexUnavailable
+from engine.store.outage import OUTAGE, Backoff
 from engine.store.secrets import ensure_install_secret
 
 log = logging.getLogger("fiona")
@@ -23,7 +25,14 @@ log = logging.getLogger("fiona")
 #: Seconds the main thread sleeps at most between looks at the signal flags.
 WAKE_SECONDS = 0.5
 
-__all__ = ["HeartbeatChatter", "Signals", "prepare_install_secret", "quiet_heartbeat_associations"]
+__all__ = [
+    "BusyJobChatter",
+    "HeartbeatChatter",
+    "Signals",
+    "WaitsForIndex",
+    "prepare_install_secret",
+    "quiet_heartbeat_associations",
+]
 
 
 def prepare_install_secret(site: SiteConfig) -> bool:
@@ -84,6 +93,45 @@ def quiet_heartbeat_associations(site: SiteConfig) -> None:
     """Install :class:`HeartbeatChatter` on the receiver's logger for the heartbeat's AE."""
     calling_ae = site.heartbeat.calling_ae or site.ae_title
     logging.getLogger("engine.net.upper").addFilter(HeartbeatChatter(calling_ae))
+
+
+class WaitsForIndex:
+    """A scheduled job that rides out an index outage: when the job raises
+    :class:`IndexUnavailable`, the outage is logged once (:data:`OUTAGE`) and the job's next
+    ticks are skipped for 1 s, then doubling up to 30 s (:class:`Backoff`); its first tick that
+    returns says the index is back. Attributes the service reads of the job (``interval``,
+    ``request_reload``) are the wrapped job's."""
+
+    def __init__(self, job: Callable[[], object], backoff: Backoff | None = None) -> None:
+        self.job = job
+        self.backoff = Backoff() if backoff is None else backoff
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.job, name)
+
+    def __call__(self) -> None:
+        if not self.backoff.due():
+            return
+        started = OUTAGE.now()
+        try:
+            self.job()
+        except IndexUnavailable as exc:
+            OUTAGE.went_away(exc, started)
+            log.debug("index unavailable: next try in %g s", self.backoff.failed())
+            return
+        self.backoff.succeeded()
+        OUTAGE.is_back(started)
+
+
+class BusyJobChatter(logging.Filter):
+    """APScheduler's warning that a tick was skipped because the job still runs, at DEBUG: a
+    job waiting for the index (or a long pipeline) would repeat it every tick."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "maximum number of running instances reached" in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 class Signals:

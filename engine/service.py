@@ -14,7 +14,13 @@ from typing import Any
 from engine.config.loader import project_files
 from engine.config.model import LogFile, ProjectConfig, SiteConfig
 from engine.config.validate import open_to_any_sender, status_http_deprecated, web_in_clear
-from engine.daemon import Signals, prepare_install_secret, quiet_heartbeat_associations
+from engine.daemon import (
+    BusyJobChatter,
+    Signals,
+    WaitsForIndex,
+    prepare_install_secret,
+    quiet_heartbeat_associations,
+)
 from engine.deid.verify import set_date_languages
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
 from engine.manage.pidfile import remove_pid_file, write_pid_file
@@ -25,6 +31,7 @@ from engine.projects import load_enabled_projects
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog
 from engine.store.commands import load_site_or_exit
+from engine.store.db import IndexUnavailable
 from engine.store.index import IndexUnusable, SqliteIndex, open_index
 from engine.store.leases import ClusterLocks, OncePerCluster, Renewer
 from engine.store.nodes import Node, NodeStore, node_id, set_this_node
@@ -70,6 +77,10 @@ def setup_logging(level: str, log_file: LogFile | None = None) -> None:
     # (with remote paths at DEBUG); their warnings and errors are what operators need.
     for noisy in ("pynetdicom", "apscheduler", "paramiko"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # psycopg's pool warns at every reconnection attempt while PostgreSQL is away: the index
+    # outage is said once by engine.store.outage instead.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger("apscheduler.scheduler").addFilter(BusyJobChatter())
 
 
 @dataclass
@@ -225,6 +236,8 @@ class OutboxJob:
     def __call__(self) -> None:
         try:
             self.worker.tick()
+        except IndexUnavailable:
+            raise  # WaitsForIndex waits for it
         except Exception:
             log.exception("outbox scan failed; retrying next scan")
 
@@ -242,8 +255,8 @@ def _start_jobs(
     outbox = OutboxJob(store, projects)
     locks = ClusterLocks(store.index)
 
-    def once(name: str, job: Any) -> OncePerCluster:
-        return OncePerCluster(name, job, locks)
+    def once(name: str, job: Any) -> WaitsForIndex:
+        return WaitsForIndex(OncePerCluster(name, job, locks))
 
     reloaded: queue.SimpleQueue[list[ProjectConfig]] = queue.SimpleQueue()
 
@@ -262,7 +275,7 @@ def _start_jobs(
             add_redcap_jobs(scheduler, store.index, store.site.data_dir, latest, once)
 
     scheduler.add_job(
-        WorkflowJob(store, projects, reload, locks),
+        WaitsForIndex(WorkflowJob(store, projects, reload, locks)),
         "interval",
         seconds=store.site.scan_interval,
         id="workflow",
@@ -280,7 +293,7 @@ def _start_jobs(
         coalesce=True,
     )
     scheduler.add_job(
-        outbox,
+        WaitsForIndex(outbox),
         "interval",
         seconds=1,
         id="outbox",
@@ -310,7 +323,7 @@ def _start_jobs(
 
 
 def _add_watch_jobs(
-    scheduler: Any, store: Store, once: Callable[[str, Any], OncePerCluster]
+    scheduler: Any, store: Store, once: Callable[[str, Any], WaitsForIndex]
 ) -> None:
     """The service watching itself: the node's heartbeat (first beat at once, so the status
     file exists from the start) and retention (once per cluster)."""
@@ -318,7 +331,7 @@ def _add_watch_jobs(
 
     site = store.site
     scheduler.add_job(
-        HeartbeatJob(site, store.index, scheduler),
+        WaitsForIndex(HeartbeatJob(site, store.index, scheduler)),
         "interval",
         seconds=site.heartbeat.interval,
         next_run_time=datetime.now(UTC),
@@ -439,7 +452,7 @@ def run_serve(args: argparse.Namespace) -> int:
         NodeStore(store.index).stopped(node)
         store.close()
         return 1
-    write_pid_file(site.data_dir)  # `fiona status` checks this process is alive
+    write_pid_file(site.data_dir, node=node.id)  # `fiona status` checks this process is alive
     scheduler.resume()
     status_page = start_status_port(site)  # deprecated: the web serves the same
     web = start_web(site, load_enabled_projects)
@@ -469,11 +482,16 @@ def run_serve(args: argparse.Namespace) -> int:
         status_page.stop()
     if web is not None:
         web.stop()
-    mark_stopped(site.data_dir)
-    remove_pid_file(site.data_dir)
+    mark_stopped(site.data_dir, node.id)
+    remove_pid_file(site.data_dir, node.id)
     outbox.worker.close()
-    write_pending_summaries(store.index, site.data_dir, 0.0)
     Renewer.shared().stop()
-    NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
+    try:
+        write_pending_summaries(store.index, site.data_dir, 0.0)
+        NodeStore(store.index).stopped(node)  # what it still held is free for the other nodes
+    except IndexUnavailable:
+        log.warning(
+            "index unavailable at shutdown: what this node held is free once its leases run out"
+        )
     store.close()
     return 0

@@ -20,6 +20,7 @@ from engine.pipeline.validate import build_pipeline
 from engine.route.tracker import Tracker, site_labeller
 from engine.rules import RuleSet
 from engine.store.audit import AuditLog
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.leases import ClusterLocks
 from engine.store.quarantine import Quarantine
@@ -78,9 +79,13 @@ class Workflow:
                 self.tracker.scan(now)
             elif not self.locks.run("tracker", lambda: self.tracker.scan(now)):
                 log.debug("tracker: another node runs it; skipped")
+        except IndexUnavailable:
+            raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("routing and completeness scan failed; retrying next scan")
         try:
             self.runner.run_pending(now)
+        except IndexUnavailable:
+            raise
         except Exception:
             log.exception("pipeline scan failed; retrying next scan")

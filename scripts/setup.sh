@@ -10,7 +10,7 @@ want_test=0
 # Debian packages the test suite talks to as real peers.
 DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools openssl orthanc openssh-server systemd chromium chromium-driver
   slapd ldap-utils dcm2niix nodejs npm
-  tesseract-ocr tesseract-ocr-eng fonts-dejavu-core fonts-liberation postgresql)
+  tesseract-ocr tesseract-ocr-eng fonts-dejavu-core fonts-liberation postgresql iproute2)
 # The BIDS validator the convert tests run (npm; the legacy 1.x line runs on plain node, offline).
 BIDS_VALIDATOR_VERSION=1.15.0
 

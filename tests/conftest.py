@@ -36,8 +36,15 @@ def pg_cluster() -> Iterator[object]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """On PostgreSQL, skip ``@pytest.mark.sqlite_only(reason)`` tests (SQLite by nature: its
     file, PRAGMAs, old SQLite indexes) and ``@pytest.mark.pg_todo(reason)`` ones (not yet
-    passing on PostgreSQL: the list of what is left, each with its reason)."""
+    passing on PostgreSQL: the list of what is left, each with its reason). On SQLite, skip
+    ``@pytest.mark.postgresql_run(reason)`` ones (they make their own PostgreSQL whatever the
+    run: once, in the PostgreSQL run, is enough)."""
     if TEST_INDEX != "postgresql":
+        for item in items:
+            marker = item.get_closest_marker("postgresql_run")
+            if marker is not None:
+                reason = marker.args[0] if marker.args else ""
+                item.add_marker(pytest.mark.skip(reason=f"postgresql_run: {reason}"))
         return
     for item in items:
         for name in ("sqlite_only", "pg_todo"):

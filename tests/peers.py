@@ -52,14 +52,17 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    port: int,
+    timeout: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with status {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -89,6 +92,9 @@ class FionaServer:
     log_path: Path | None = None
     #: The checkout whose ``engine`` runs (bench/scale.py's ``--baseline`` runs an older one).
     repo: Path = REPO
+    #: Words run before the command (tests/netns.py: ``ip netns exec NAME``, which execs it:
+    #: the process is fiona's own).
+    prefix: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 30.0) -> FionaServer:
         args = [
@@ -115,8 +121,11 @@ class FionaServer:
         if self.log_path is None:  # two servers on one port and data dir set their own
             self.log_path = self.data_dir.parent / f"fiona-serve-{self.port}.log"
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, cwd=self.repo, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout, self.proc)
+        self.proc = subprocess.Popen(
+            [*self.prefix, *args], cwd=self.repo, stdout=log, stderr=subprocess.STDOUT
+        )
+        host = self.bind if self.bind not in ("0.0.0.0", "") else "127.0.0.1"
+        wait_for_port(self.port, timeout, self.proc, host)
         return self
 
     def log_text(self) -> str:

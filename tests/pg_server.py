@@ -38,9 +38,10 @@ def _free_port() -> int:
 class PgCluster:
     """A running cluster: ``url(db)`` for a database on it, ``stop()`` and ``restart()``."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(self, *, durable: bool = False, listen: tuple[str, ...] = ()) -> None:
         """``durable``: commits are flushed as in production (benchmarks); the tests run
-        without fsync."""
+        without fsync. ``listen``: addresses besides 127.0.0.1 to listen on, each trusted
+        from its /24 (tests/netns.py: the namespaces' bridge)."""
         bindir = pg_bin()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install -y postgresql)")
@@ -64,7 +65,7 @@ class PgCluster:
             "--no-sync",
         )
         settings = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": "'" + ",".join(("127.0.0.1", *listen)) + "'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.root}'",
             "max_connections": "300",
@@ -74,7 +75,10 @@ class PgCluster:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
-        (self.data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+        nets = [f"{a.rsplit('.', 1)[0]}.0/24" for a in listen]
+        (self.data / "pg_hba.conf").write_text(
+            "".join(f"host all all {n} trust\n" for n in ("127.0.0.1/32", *nets))
+        )
         self.start()
         self._counter = 0
 
@@ -95,8 +99,8 @@ class PgCluster:
         log = str(self.root / "log")
         self._run("pg_ctl", "-D", str(self.data), "-l", log, "-m", "fast", "-w", "restart")
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://postgres@{host}:{self.port}/{database}"
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.url(), autocommit=True)

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.model import SiteConfig
+from engine.manage.pidfile import node_dir
 from engine.store.activity import project_last_times
+from engine.store.db import IndexUnavailable
 from engine.store.fsio import write_durable
 from engine.store.index import Index
 from engine.store.nodes import Node, NodeStore, this_node
@@ -227,9 +229,17 @@ def beat(
 
 
 def write_status_file(
-    data_dir: Path, report: dict[str, Any], jobs: list[dict[str, Any]], *, running: bool = True
+    data_dir: Path,
+    report: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    *,
+    running: bool = True,
+    shared: bool = True,
 ) -> None:
-    """``<data_dir>/status.json``: the last heartbeat and the scheduler's jobs, atomically."""
+    """``<data_dir>/status.json``: the last heartbeat and the scheduler's jobs, atomically; the
+    same in the folder of the report's node (``nodes/<node>/status.json``, see
+    :func:`engine.manage.pidfile.node_dir`): the folder's file is the last node's to write
+    (not written when ``shared`` is False)."""
     doc = {
         "written_at": iso(time.time()),
         "running": running,
@@ -237,7 +247,12 @@ def write_status_file(
         "heartbeat": report,
         "jobs": jobs,
     }
-    write_durable(data_dir / STATUS_FILE, json.dumps(doc, indent=2, sort_keys=True).encode())
+    body = json.dumps(doc, indent=2, sort_keys=True).encode()
+    node = report.get("node")
+    if isinstance(node, str) and node:
+        write_durable(node_dir(data_dir, node) / STATUS_FILE, body)
+    if shared:
+        write_durable(data_dir / STATUS_FILE, body)
 
 
 def post(url: str, report: dict[str, Any], timeout: float) -> None:
@@ -294,6 +309,8 @@ class HeartbeatJob:
         try:
             self.last = beat(self.site, self.index)
             write_status_file(self.site.data_dir, self.last, scheduler_jobs(self.scheduler))
+        except IndexUnavailable:
+            raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("heartbeat failed; trying again next interval")
             return
@@ -301,12 +318,22 @@ class HeartbeatJob:
             post(self.site.heartbeat.url, self.last, self.site.heartbeat.url_timeout)
 
 
-def mark_stopped(data_dir: Path) -> None:
-    """Rewrite the status file as written by a stopped service (``fiona serve`` at shutdown), so
-    ``fiona status`` says so at once instead of after three intervals."""
-    path = data_dir / STATUS_FILE
+def _written_by_me(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("pid") == os.getpid())
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def mark_stopped(data_dir: Path, node: str | None = None) -> None:
+    """Rewrite the status file (``node``'s own when given) as written by a stopped service
+    (``fiona serve`` at shutdown), so ``fiona status`` says so at once instead of after three
+    intervals."""
+    path = (data_dir if node is None else node_dir(data_dir, node)) / STATUS_FILE
     try:
         doc = json.loads(path.read_text())
-        write_status_file(data_dir, doc.get("heartbeat", {}), [], running=False)
+        # The folder's file too, unless another node has written it since (it runs on).
+        shared = node is None or _written_by_me(data_dir / STATUS_FILE)
+        write_status_file(data_dir, doc.get("heartbeat", {}), [], running=False, shared=shared)
     except (OSError, ValueError) as exc:
         log.warning("could not mark the status file stopped: %s", type(exc).__name__)

@@ -1,7 +1,10 @@
 """``<data_dir>/serve.pid``: which process serves a data folder, and whether it still runs.
 
 ``fiona serve`` writes its process id once its port listens and removes the file when it stops
-cleanly. A killed or crashed service leaves the file behind; :func:`serve_process` then finds
+cleanly. Several nodes may share one data folder (README, "Several nodes"): each also writes
+its own ``<data_dir>/nodes/<node>/serve.pid`` (:func:`node_dir`), while the folder's
+``serve.pid`` names the node started last (what single-node tools read). A killed or crashed
+service leaves the file behind; :func:`serve_process` then finds
 the process gone (or a different program under a reused id) at once, without waiting for the
 heartbeat to grow old. On Linux the process must be alive (not a zombie) and its command line
 must be ``fiona serve`` (``.../fiona serve`` or ``python -m engine.cli serve``); elsewhere, alive
@@ -10,17 +13,49 @@ is all that is checked.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.store.fsio import write_durable
 
-__all__ = ["PID_FILE", "ServeProcess", "remove_pid_file", "serve_process", "write_pid_file"]
+__all__ = [
+    "NODES_DIR",
+    "PID_FILE",
+    "ServeProcess",
+    "node_dir",
+    "remove_pid_file",
+    "safe_node_name",
+    "serve_process",
+    "write_pid_file",
+]
 
-#: The pid file's name in the data folder.
+#: The pid file's name in the data folder (and in each node's folder).
 PID_FILE = "serve.pid"
+#: The folder of the data folder holding one folder per node.
+NODES_DIR = "nodes"
 _PROC = Path("/proc")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
+
+
+def safe_node_name(node_id: str) -> str:
+    """``node_id`` as one safe file name: letters, digits and ``._@-`` kept, anything else
+    (``/`` of ``<host>/<pid>``, ``:``) made ``_``, never starting with a dot (no ``..``, no
+    hidden file), at most 64 characters; when anything was changed, 8 hex digits of the id's
+    SHA-256 follow, so two ids never share a folder."""
+    name = _UNSAFE.sub("_", node_id)[:64]
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if name != node_id or not name:
+        name = f"{name}-{hashlib.sha256(node_id.encode()).hexdigest()[:8]}"
+    return name
+
+
+def node_dir(data_dir: Path, node_id: str) -> Path:
+    """The folder of node ``node_id``'s own files: ``<data_dir>/nodes/<safe name>``."""
+    return data_dir / NODES_DIR / safe_node_name(node_id)
 
 
 @dataclass(frozen=True)
@@ -32,20 +67,27 @@ class ServeProcess:
     why: str = ""
 
 
-def write_pid_file(data_dir: Path, pid: int | None = None) -> None:
-    """Record ``pid`` (default: this process) as the folder's service, durably."""
-    value = os.getpid() if pid is None else pid
-    write_durable(data_dir / PID_FILE, f"{value}\n".encode(), mode=0o644)
+def write_pid_file(data_dir: Path, pid: int | None = None, node: str | None = None) -> None:
+    """Record ``pid`` (default: this process) as the folder's service, durably; with ``node``,
+    in that node's folder too."""
+    value = f"{os.getpid() if pid is None else pid}\n".encode()
+    write_durable(data_dir / PID_FILE, value, mode=0o644)
+    if node is not None:
+        write_durable(node_dir(data_dir, node) / PID_FILE, value, mode=0o644)
 
 
-def remove_pid_file(data_dir: Path) -> None:
-    """Remove the pid file when it names this process (a clean stop); never raises."""
-    path = data_dir / PID_FILE
-    try:
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
+def remove_pid_file(data_dir: Path, node: str | None = None) -> None:
+    """Remove the pid file (and ``node``'s) when it names this process (a clean stop); never
+    raises."""
+    paths = [data_dir / PID_FILE]
+    if node is not None:
+        paths.append(node_dir(data_dir, node) / PID_FILE)
+    for path in paths:
+        try:
+            if int(path.read_text().strip()) == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -75,10 +117,12 @@ def _is_fiona_serve(pid: int) -> bool | None:
     return program and "serve" in args
 
 
-def serve_process(data_dir: Path) -> ServeProcess:
-    """Whether a ``fiona serve`` process serves ``data_dir`` right now (see the module doc)."""
+def serve_process(data_dir: Path, node: str | None = None) -> ServeProcess:
+    """Whether a ``fiona serve`` process serves ``data_dir`` right now (see the module doc); with
+    ``node``, whether that node's process does (its own pid file)."""
+    folder = data_dir if node is None else node_dir(data_dir, node)
     try:
-        text = (data_dir / PID_FILE).read_text().strip()
+        text = (folder / PID_FILE).read_text().strip()
     except FileNotFoundError:
         return ServeProcess(False, None, f"no {PID_FILE}: not started, or stopped")
     except OSError as exc:

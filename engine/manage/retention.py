@@ -35,6 +35,7 @@ from engine.manage.heartbeat import disk_usage
 from engine.projects import load_projects
 from engine.store.archive import safe_component
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.fsio import fsync_dir
 from engine.store.index import Index
 from engine.store.quarantine_policy import expired_items, policies_of, purge
@@ -294,5 +295,7 @@ class RetentionJob:
             expire(self.index, self.data_dir, self.audit, keep_days_of(projects))
             evict(self.index, self.data_dir, self.audit, self.min_free_percent, self._free_percent)
             self._purge_quarantine(projects)
+        except IndexUnavailable:
+            raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("retention run failed; trying again next interval")

@@ -37,7 +37,7 @@ from typing import Any
 from engine.config.model import SiteConfig
 from engine.manage.attention import attention, quarantine_summary
 from engine.manage.heartbeat import STATUS_FILE, disk_usage, iso
-from engine.manage.pidfile import ServeProcess, serve_process
+from engine.manage.pidfile import ServeProcess, node_dir, serve_process
 from engine.manage.status_nodes import node_lines, node_rows
 from engine.store.activity import hourly_activity, project_counts, project_last_times
 from engine.store.commands import run_with_index
@@ -119,16 +119,19 @@ def _last_heartbeat(index: Index, now: float) -> dict[str, Any] | None:
 def _service(data_dir: Path, nodes: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether ``fiona serve`` runs (its pid file names a live ``fiona serve`` process, or a
     node sharing the index runs: several nodes share one data folder, and the pid file names
-    the last one started) and, when it does, its jobs from the status file."""
+    the last one started) and, when it does, its jobs from the status file (the running
+    node's own, ``nodes/<node>/status.json``, when the pid file names a process gone)."""
     process = serve_process(data_dir)
+    folder = data_dir
     running = [n for n in nodes if n["state"] == "running"]
     if not process.running and running:
         process = ServeProcess(True, running[0]["pid"])
+        folder = node_dir(data_dir, running[0]["id"])
     jobs: list[dict[str, Any]] = []
     written = None
     if process.running:
         try:
-            doc = json.loads((data_dir / STATUS_FILE).read_text())
+            doc = json.loads((folder / STATUS_FILE).read_text())
             jobs, written = doc.get("jobs", []), doc.get("written_at")
         except (OSError, ValueError):
             pass

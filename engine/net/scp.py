@@ -33,6 +33,7 @@ from engine.store.archive import Archive, Status
 from engine.store.audit import AuditLog
 from engine.store.index import Origin
 from engine.store.mpps import MppsStore
+from engine.store.outage import OUTAGE
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,14 @@ class StorageHandler:
             return self.mpps.on_message(peer, context, command, dataset)
         if command.command_field != C_STORE_RQ or dataset is None:
             return UNRECOGNIZED_OPERATION
+        started = OUTAGE.now()
         try:
             status = int(self._store(peer, context, command, dataset))
         except Exception:  # the guard: a handler failure is a status, not a crash
             log.exception("C-STORE handler failed")
             status = int(Status.OUT_OF_RESOURCES)
+        if status == Status.SUCCESS:
+            OUTAGE.is_back(started)  # one attribute read unless the index was away
         return metrics.instance_received(status, sum(part.nbytes for part in dataset))
 
     def _store(

@@ -35,6 +35,7 @@ from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry, is_outcom
 from engine.pipeline.steps import Step
 from engine.pipeline.store import RunRecord, RunState, RunStore
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.leases import LeaseLost
 from engine.store.quarantine import Reason
@@ -108,6 +109,8 @@ class PipelineRunner:
                     run.id,
                     run.project,
                 )
+            except IndexUnavailable:
+                raise  # the run stays runnable; the scan waits for the index
             except Exception as exc:  # the store failed: the run stays runnable
                 log.error(
                     "run %d (project %s): could not record progress (%s); retrying next scan",
@@ -122,6 +125,8 @@ class PipelineRunner:
     def _release(self, run: RunRecord) -> None:
         try:
             self.store.release(run.id)
+        except IndexUnavailable:
+            pass  # its lease runs out instead (said once by the scan's wait)
         except Exception as exc:  # its lease runs out instead
             log.error("run %d: could not release it (%s)", run.id, type(exc).__name__)
 
@@ -189,6 +194,8 @@ class PipelineRunner:
                     f"step {step.name} returned {type(outcome).__name__}, not an outcome"
                 )
             json.dumps(ctx.state)  # the state must stay JSON
+        except IndexUnavailable:
+            raise  # not the step's failure: no attempt is counted, the run waits for the index
         except Exception as exc:
             ctx.state.clear()
             ctx.state.update(json.loads(saved))

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from engine.config.model import DuplicatePolicy
 from engine.dicom.header import HeaderError, InstanceHeader, parse_header
+from engine.store.db import IndexUnavailable
 from engine.store.fsio import ensure_dir, write_durable
 from engine.store.index import Index, Origin
+from engine.store.outage import OUTAGE
 from engine.store.quarantine import Quarantine, Reason
 from engine.store.uid_locks import UidLocks
 
@@ -127,6 +129,11 @@ class Archive:
             log.error("could not store instance: %s", _os_error_text(exc))
             return StoreOutcome(
                 "rejected", Status.OUT_OF_RESOURCES, "out_of_resources", _os_error_text(exc)
+            )
+        except IndexUnavailable as exc:  # nothing committed, the file removed: try again later
+            OUTAGE.went_away(exc)
+            return StoreOutcome(
+                "rejected", Status.OUT_OF_RESOURCES, "index_unavailable", "index unavailable"
             )
         except Exception as exc:
             log.exception("could not index instance")

@@ -30,8 +30,10 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.nodes import Node, this_node
+from engine.store.outage import OUTAGE
 
 __all__ = [
     "LEASED_TABLES",
@@ -172,12 +174,16 @@ class Leases:
         self._forget(key, lost=False)
 
     def release(self, key: Any) -> None:
-        """Release a held row in a transaction of its own."""
+        """Release a held row in a transaction of its own. When the index cannot be written
+        (it is away), the lease is no longer renewed: it runs out and the row is claimable
+        again (by this node too) once the index is back."""
         if not self.holds(key):
             return
-        with self.index.transaction() as db:
-            db.execute(self.release_sql(), (key, self.node.id))
-        self.released(key)
+        try:
+            with self.index.transaction() as db:
+                db.execute(self.release_sql(), (key, self.node.id))
+        finally:
+            self.released(key)
 
     def renew(self) -> set[Any]:
         """Push the lease of every held row out by a lease; the rows found held by another node
@@ -272,7 +278,12 @@ class Renewer:
         for leases in watched:
             try:
                 leases.renew()
-            except Exception as exc:  # the index is away: try again next period
+            except IndexUnavailable as exc:
+                # Nothing is marked lost: the rows are checked again when the index is back
+                # (a lease that ran out meanwhile and another node took is lost then).
+                OUTAGE.went_away(exc)
+                return
+            except Exception as exc:
                 log.warning(
                     "could not renew the leases on %s (%s)", leases.table, type(exc).__name__
                 )
@@ -367,6 +378,8 @@ class OncePerCluster:
     def __call__(self) -> None:
         try:
             mine = self.locks.acquire(self.name)
+        except IndexUnavailable:
+            raise  # the service's WaitsForIndex waits for it
         except Exception as exc:
             log.warning("job %s: cannot take its cluster lock (%s)", self.name, type(exc).__name__)
             return

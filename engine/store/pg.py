@@ -19,6 +19,7 @@ import contextlib
 import functools
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from types import TracebackType
@@ -159,6 +160,15 @@ def translate_ddl(statement: str) -> str:
     return statement
 
 
+#: Seconds the pool keeps retrying one lost connection (backing off 1, 2, 4 s) before it gives
+#: up; the next caller waiting for a connection starts a new series at once. psycopg_pool's
+#: default (5 min, doubling) would leave a restarted server unused for up to a minute.
+RECONNECT_SECONDS = 8.0
+#: Seconds one request for a pooled connection waits before it checks that the server answers
+#: and asks again (see Lease).
+GETCONN_SECONDS = 2.0
+
+
 class _IntFromBool(Dumper):
     """Python booleans as 0/1 integers (the index's booleans are INTEGER columns)."""
 
@@ -199,6 +209,7 @@ def make_pool(url: str, *, max_size: int, read_only: bool) -> ConnectionPool:
         configure=_configure,
         open=False,
         name="fiona-index",
+        reconnect_timeout=RECONNECT_SECONDS,
     )
     try:
         pool.open(wait=True, timeout=10.0)
@@ -312,14 +323,39 @@ class Lease:
             raise RuntimeError("no index connection held by this thread")
         return conn
 
+    def holding(self) -> bool:
+        """Whether the current thread holds a connection (not after a failed replace)."""
+        return getattr(self._local, "conn", None) is not None
+
     def __enter__(self) -> psycopg.Connection[Any]:
-        try:
-            conn = self.pool.getconn(timeout=self._timeout)
-        except PoolTimeout as exc:
-            raise IndexUnavailable(f"no index database connection ({exc})") from None
+        # Asked again every GETCONN_SECONDS: a waiting request does not restart the pool's
+        # reconnection once it gave up (RECONNECT_SECONDS), a new request does.
+        deadline = time.monotonic() + self._timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                conn = self.pool.getconn(timeout=max(0.01, min(GETCONN_SECONDS, left)))
+                break
+            except PoolTimeout:
+                if left <= GETCONN_SECONDS:
+                    raise IndexUnavailable(
+                        f"no index database connection within {self._timeout:g} s"
+                    ) from None
+                self._check_server()
         self._local.conn = conn
         self._local.fresh = True
         return conn
+
+    def _check_server(self) -> None:
+        """Raise :class:`IndexUnavailable` at once when the server does not take a connection
+        (stopped, restarting): the caller is not kept waiting for the pool's timeout. When it
+        does, the pool is only busy, and the caller waits on."""
+        try:
+            info = self.pool.conninfo
+            psycopg.connect(info if isinstance(info, str) else info(), connect_timeout=2).close()
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no answer"
+            raise IndexUnavailable(f"the index database does not answer ({reason})") from None
 
     def first_statement(self) -> bool:
         """True once per ``with`` block: for the first statement run in it."""
@@ -341,6 +377,8 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if not self.holding():  # replace() found no new connection: nothing to give back
+            return
         conn = self.current()
         self._local.conn = None
         if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
@@ -359,6 +397,10 @@ class LeasedConnection:
         self._lease = lease
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        if not self._lease.holding():
+            if sql == "ROLLBACK":  # the block lost its connection: nothing to roll back
+                return PgCursor(None, None)
+            raise IndexUnavailable("no index database connection")
         first = self._lease.first_statement()
         try:
             return PgConnection(self._lease.current()).execute(sql, parameters)
@@ -371,6 +413,8 @@ class LeasedConnection:
         return PgConnection(self._lease.current()).execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> PgCursor:
+        if not self._lease.holding():
+            raise IndexUnavailable("no index database connection")
         return PgConnection(self._lease.current()).executemany(sql, parameters)
 
     def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[PgCursor]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.store.db import IndexUnavailable
 from engine.store.fsio import write_durable
 from engine.store.index import Index
 
@@ -107,6 +108,8 @@ def write_pending_summaries(index: Index, data_dir: Path, quiet_seconds: float =
         try:
             write_summary(index, data_dir, series_uid)
             n += 1
+        except IndexUnavailable:
+            raise
         except Exception:
             log.exception("could not write a series summary")
     return n

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 from engine import metrics
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.leases import LeaseLost
+from engine.store.outage import OUTAGE
 from engine.transfer.base import DeliveryError, Destination, InstanceResult
 from engine.transfer.outbox import Outbox, RetryPolicy, TransferRecord, TransferState
 
@@ -105,6 +107,12 @@ class OutboxWorker:
         except LeaseLost:
             log.warning("transfer %d: another node holds it now; stopped here", record.id)
             return TransferState.SENDING
+        except IndexUnavailable as exc:
+            # Not the peer's failure: no attempt counted. The transfer stays sending; its lease
+            # runs out and it is claimed again (here or elsewhere) once the index is back;
+            # what the peer confirmed and was recorded is not sent again.
+            OUTAGE.went_away(exc)
+            return TransferState.SENDING
         except Exception as exc:  # a bug, not the peer: counted as a failed attempt all the same
             log.exception("transfer %d to %s failed unexpectedly", record.id, record.destination)
             try:
@@ -114,6 +122,8 @@ class OutboxWorker:
         finally:
             try:
                 self.outbox.release(record.id)
+            except IndexUnavailable:
+                pass  # its lease runs out instead
             except Exception as exc:  # its lease runs out instead
                 log.error("transfer %d: could not release it (%s)", record.id, type(exc).__name__)
 
