@@ -420,6 +420,8 @@ class LeasedConnection:
     def pipeline(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[PgCursor]:
         """:meth:`PgConnection.pipeline` on the held connection (run again on a new one when
         it is the block's first use and the server had closed the connection)."""
+        if not self._lease.holding():
+            raise IndexUnavailable("no index database connection")
         first = self._lease.first_statement()
         try:
             return PgConnection(self._lease.current()).pipeline(statements)
