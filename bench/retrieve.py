@@ -25,6 +25,7 @@ instance arriving.
 from __future__ import annotations
 
 import argparse
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -49,6 +50,8 @@ from tests.peers import (  # noqa: E402
     nodelay_env,
 )
 from tests.synth import make_corpus  # noqa: E402
+
+_ROW_DONE = re.compile(r"retrieval job \d+ line \d+: done")
 
 
 def _study_uids(files: list[Path]) -> list[str]:
@@ -122,11 +125,12 @@ def _fiona(
         finally:
             db.close()
         spread = [s.log_text().count("association from ") for s in servers]
+        worked = [len(_ROW_DONE.findall(s.log_text())) for s in servers]
         print(
             f"  fiona {method} x{lanes} on {nodes} node(s){'' if repo == REPO else ' (baseline)'}:"
             f" first instance {first - wall:.2f} s after queueing, {n} arrived in"
             f" {last - first:.2f} s ({n / max(last - first, 1e-6):.0f} files/s while arriving);"
-            f" associations accepted per node {spread}"
+            f" associations accepted per node {spread}, rows worked per node {worked}"
         )
         return seconds
     finally:
