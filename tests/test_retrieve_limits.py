@@ -14,7 +14,7 @@ from engine.config.pacs import RetrieveMethod
 from engine.retrieve.row import GetRefused
 from engine.retrieve.worker import GET_RETRY_SECONDS, RetrieveWorker
 from engine.store.index import open_index
-from engine.store.nodes import Node
+from engine.store.nodes import Node, NodeStore, this_node
 from engine.store.retrievals import RetrievalStore, RowSpec, RowState
 from tests.peers import free_port
 
@@ -111,6 +111,32 @@ def test_the_worker_starts_no_lane_while_other_nodes_fill_the_limit(tmp_path: Pa
     worker()
     worker.drain()
     assert RetrievalStore(index).rows(job)[1].attempts == 1  # tried now (it cannot be reached)
+    index.close()
+
+
+def test_each_running_node_takes_its_share_of_the_associations(tmp_path: Path) -> None:
+    """Every node runs the retrieval job; with two running, each starts lanes for half of a
+    PACS's max_associations (rounded up), so C-GET's filing spreads over both processes."""
+    site = load_site(_site(tmp_path, "{max_associations: 3}"))
+    (pacs,) = site.pacs
+    index = open_index("", site.data_dir / "index.sqlite")
+    now = 1_800_000_000.0
+    worker = RetrieveWorker(site, index, clock=lambda: now, local_now=lambda: MONDAY_NOON)
+    nodes = NodeStore(index)
+    nodes.register(this_node(), "test", now)
+    assert worker._share(pacs) == 3
+    nodes.register(Node("elsewhere", 60.0, host="h", pid=2), "test", now - 10)
+    assert worker._share(pacs) == 2  # 3 over 2 nodes, rounded up
+    nodes.register(Node("gone", 60.0, host="h", pid=3), "test", now - 4 * 60)  # stale
+    nodes.register(Node("stopped", 60.0, host="h", pid=4), "test", now)
+    nodes.stopped(Node("stopped", 60.0, host="h", pid=4), now)
+    assert worker._share(pacs) == 2
+    store = RetrievalStore(index)
+    specs = [RowSpec(i, accession=f"A{i}") for i in range(2, 6)]
+    store.create_job("clinical", "", "list.csv", specs, "t", now)
+    worker()
+    assert len(worker._lanes) == 2  # its share, not the PACS's three
+    worker.drain()
     index.close()
 
 

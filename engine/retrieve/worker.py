@@ -3,9 +3,10 @@ once per PACS.
 
 Each call of the job (every half second) starts, for every PACS with queued rows that may be
 asked now, lanes up to its ``limits.max_associations`` (counting those still running, and the
-rows other nodes sharing the index are working: the limit is the cluster's) and returns at
-once. A lane is a thread with one association to the PACS, kept open from row to
-row (a new one when the PACS has ended it): it claims the PACS's next queued row, works it
+rows other nodes sharing the index are working: the limit is the cluster's; every node runs
+the job and starts at most its share, the limit over the nodes running) and returns at once.
+A lane is a thread with one association to the PACS, kept open from row to row (a new one when
+the PACS has ended it): it claims the PACS's next queued row, works it
 (:class:`engine.retrieve.row.RowFetch`: C-FIND, claim for the project, C-MOVE or C-GET what is
 missing, count arrivals) and takes the next one at once, for as long as the PACS may be asked:
 inside its time windows, below its studies per hour (a row under way counts as one), and not
@@ -42,6 +43,7 @@ from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.leases import LeaseLost
+from engine.store.nodes import NodeStore
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ MAX_UNREACHABLE = 5
 #: the pause in seconds before the next try.
 MAX_BROKEN = 2
 BROKEN_PAUSE = 5.0
+#: Heartbeat intervals after which a node no longer counts as running (as ``fiona status``).
+STALE_BEATS = 3
 #: Seconds after a PACS refused C-GET (``on_get_refused: move``) before C-GET is tried again
 #: within the same job.
 GET_RETRY_SECONDS = 3600.0
@@ -162,11 +166,12 @@ class RetrieveWorker:
             with self._lock:
                 if not self._may_ask(pacs):
                     continue
-            # The PACS's limit is the cluster's: other nodes' rows under way count against it.
+            # The PACS's limit is the cluster's: other nodes' rows under way count against it,
+            # and this node takes its share of it (see _share).
             with self._lock:
                 here = sum(1 for busy in self._busy.values() if busy == name)
-            elsewhere = self.store.under_way(name) - here
-            for n in range(running[name], pacs.limits.max_associations - elsewhere):
+            room = pacs.limits.max_associations - (self.store.under_way(name) - here)
+            for n in range(running[name], min(room, self._share(pacs))):
                 lane = threading.Thread(
                     target=self._lane, args=(pacs,), name=f"retrieve-{name}-{n + 1}", daemon=True
                 )
@@ -222,6 +227,8 @@ class RetrieveWorker:
             if not self._may_ask(pacs):
                 return None
             limit = pacs.limits.max_associations
+            if sum(1 for busy in self._busy.values() if busy == pacs.name) >= self._share(pacs):
+                return None  # this node's share of the PACS's associations is in use
             for _ in range(3):  # a row cancelled between the two is passed over
                 row = self.store.next_queued(pacs.name)
                 if row is None:
@@ -241,8 +248,17 @@ class RetrieveWorker:
         per_hour = pacs.limits.studies_per_hour
         if not per_hour:
             return True
-        under_way = sum(1 for name in self._busy.values() if name == pacs.name)
+        under_way = self.store.under_way(pacs.name)  # on every node
         return self.store.studies_since(pacs.name, self.clock() - 3600) + under_way < per_hour
+
+    def _share(self, pacs: PacsConfig) -> int:
+        """This node's share of the PACS's ``max_associations``: the limit over the nodes
+        running (every node works the queued rows; a node whose heartbeat is older than
+        :data:`STALE_BEATS` intervals, or that stopped, does not count), rounded up: so the
+        lanes, and the instances a C-GET brings, spread over the nodes."""
+        since = self.clock() - STALE_BEATS * self.site.heartbeat.interval
+        nodes = max(NodeStore(self.index).running(since), 1)
+        return -(-pacs.limits.max_associations // nodes)
 
     def method_for(self, pacs: PacsConfig, job: int | None = None) -> RetrieveMethod:
         """C-MOVE for a ``get`` PACS that refused C-GET under ``on_get_refused: move``, for
