@@ -304,11 +304,10 @@ def _start_jobs(
     if store.site.pacs:
         from engine.retrieve.worker import RetrieveWorker
 
+        # On every node: rows are claimed under leases, and a PACS's limits count the rows
+        # under way on every node (the worker's share), so lanes and C-GET filing spread.
         scheduler.add_job(
-            once(
-                "retrieve",
-                RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler),
-            ),
+            RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler),
             "interval",
             seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",

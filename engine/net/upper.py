@@ -18,6 +18,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -149,16 +150,105 @@ class _Connection:
         self.sock.sendall(data)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What an A-ASSOCIATE-RQ is answered with, under one :class:`AcceptorConfig`: the AE
+    titles it names, the contexts accepted (by ID) and the encoded A-ASSOCIATE-AC, with the
+    number of contexts proposed (for the log)."""
+
+    calling_ae: str
+    called_ae: str
+    contexts: dict[int, PresentationContext]
+    ac: bytes
+    proposed: int
+
+
+class Negotiations:
+    """Answers to A-ASSOCIATE-RQs, kept by the request's bytes.
+
+    A PACS or modality sends the same request for every association (a C-MOVE opens one per
+    request), and decoding it and negotiating its presentation contexts with pynetdicom costs
+    a few milliseconds of the interpreter per hundred contexts: the answer depends on nothing
+    but the request and the acceptor's config, so it is worked out once. At most
+    :data:`SIZE` requests of up to :data:`MAX_KEY` bytes are kept (the oldest dropped first).
+    """
+
+    SIZE = 32
+    MAX_KEY = 1 << 16
+
+    def __init__(self, config: AcceptorConfig) -> None:
+        self.config = config
+        self._kept: OrderedDict[bytes, _Answer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def answer(self, body: bytes) -> _Answer:
+        """The answer to the A-ASSOCIATE-RQ whose PDU body is ``body``."""
+        with self._lock:
+            kept = self._kept.get(body)
+            if kept is not None:
+                self._kept.move_to_end(body)
+                return kept
+        answer = self._work_out(body)
+        if len(body) <= self.MAX_KEY:
+            with self._lock:
+                self._kept[body] = answer
+                while len(self._kept) > self.SIZE:
+                    self._kept.popitem(last=False)
+        return answer
+
+    def _work_out(self, body: bytes) -> _Answer:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(PDU_HEADER.pack(0x01, len(body)) + body)
+        request = rq.to_primitive()
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in request.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
+        }
+        results, role_items = negotiate_as_acceptor(
+            request.presentation_context_definition_list,
+            list(self.config.contexts),
+            roles or None,
+        )
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT
+        primitive.calling_ae_title = request.calling_ae_title
+        primitive.called_ae_title = request.called_ae_title
+        primitive.result = 0x00
+        primitive.result_source = 0x01
+        primitive.presentation_context_definition_results_list = results
+        primitive.user_information = [*our_user_items(self.config.max_pdu), *role_items]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(primitive)
+        return _Answer(
+            calling_ae=str(request.calling_ae_title).strip(),
+            called_ae=str(request.called_ae_title).strip(),
+            contexts={
+                cx.context_id: cx
+                for cx in results
+                if cx.result == 0x00 and cx.context_id is not None
+            },
+            ac=ac.encode(),
+            proposed=len(results),
+        )
+
+
 class Association:
     """Runs one association from A-ASSOCIATE-RQ to release or abort."""
 
     def __init__(
-        self, conn: _Connection, address: str, config: AcceptorConfig, handler: MessageHandler
+        self,
+        conn: _Connection,
+        address: str,
+        config: AcceptorConfig,
+        handler: MessageHandler,
+        negotiations: Negotiations | None = None,
     ) -> None:
         self.conn = conn
         self.address = address
         self.config = config
         self.handler = handler
+        self.negotiations = negotiations or Negotiations(config)
         self.contexts: dict[int, PresentationContext] = {}
         self.peer = Peer("", "", address)
 
@@ -174,14 +264,8 @@ class Association:
             self.conn.reader.deadline = None
         if pdu_type != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
-        request = rq.to_primitive()
-        self.peer = Peer(
-            calling_ae=str(request.calling_ae_title).strip(),
-            called_ae=str(request.called_ae_title).strip(),
-            address=self.address,
-        )
+        answer = self.negotiations.answer(bytes(body))
+        self.peer = Peer(answer.calling_ae, answer.called_ae, self.address)
         allowed = self.config.allowed_calling_aes
         if allowed and self.peer.calling_ae not in allowed:
             log.warning(
@@ -189,12 +273,21 @@ class Association:
                 self.peer.calling_ae,
                 self.address,
             )
-            self._reject(request, result=0x01, source=0x01, diagnostic=0x03)
+            self._reject(result=0x01, source=0x01, diagnostic=0x03)
             return False
-        self._accept(request)
+        self.contexts = dict(answer.contexts)
+        self.conn.send(answer.ac)
+        log.info(
+            "association from %s (%s) to %s: %d of %d contexts accepted",
+            self.peer.calling_ae,
+            self.address,
+            self.peer.called_ae,
+            len(self.contexts),
+            answer.proposed,
+        )
         return True
 
-    def _reject(self, request: A_ASSOCIATE, *, result: int, source: int, diagnostic: int) -> None:
+    def _reject(self, *, result: int, source: int, diagnostic: int) -> None:
         primitive = A_ASSOCIATE()
         primitive.result = result
         primitive.result_source = source
@@ -202,40 +295,6 @@ class Association:
         rj = A_ASSOCIATE_RJ()
         rj.from_primitive(primitive)
         self.conn.send(rj.encode())
-
-    def _accept(self, request: A_ASSOCIATE) -> None:
-        roles = {
-            item.sop_class_uid: (item.scu_role, item.scp_role)
-            for item in request.user_information
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
-        }
-        results, role_items = negotiate_as_acceptor(
-            request.presentation_context_definition_list,
-            list(self.config.contexts),
-            roles or None,
-        )
-        self.contexts = {
-            cx.context_id: cx for cx in results if cx.result == 0x00 and cx.context_id is not None
-        }
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT
-        primitive.calling_ae_title = request.calling_ae_title
-        primitive.called_ae_title = request.called_ae_title
-        primitive.result = 0x00
-        primitive.result_source = 0x01
-        primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [*our_user_items(self.config.max_pdu), *role_items]
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(primitive)
-        self.conn.send(ac.encode())
-        log.info(
-            "association from %s (%s) to %s: %d of %d contexts accepted",
-            self.peer.calling_ae,
-            self.address,
-            self.peer.called_ae,
-            len(self.contexts),
-            len(results),
-        )
 
     # -- data transfer ----------------------------------------------------------------------
 
@@ -362,6 +421,7 @@ class AssociationServer:
         connections over the listeners."""
         self.config = config
         self.handler = handler
+        self.negotiations = Negotiations(config)
         self.socket = socket.create_server(address, reuse_port=reuse_port, backlog=64)
         self._active = 0
         self._per_peer: dict[str, int] = {}
@@ -439,7 +499,9 @@ class AssociationServer:
         established = False
         try:
             sock = self._wrap(sock, deadline)
-            association = Association(_Connection(sock), address, self.config, self.handler)
+            association = Association(
+                _Connection(sock), address, self.config, self.handler, self.negotiations
+            )
             if association.negotiate(deadline):
                 established = True
                 association.serve()

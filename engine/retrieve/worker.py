@@ -2,9 +2,11 @@
 once per PACS.
 
 Each call of the job (every half second) starts, for every PACS with queued rows that may be
-asked now, lanes up to its ``limits.max_associations`` (counting those still running) and
-returns at once. A lane is a thread with one association to the PACS, kept open from row to
-row (a new one when the PACS has ended it): it claims the PACS's next queued row, works it
+asked now, lanes up to its ``limits.max_associations`` (counting those still running, and the
+rows other nodes sharing the index are working: the limit is the cluster's; every node runs
+the job and starts at most its share, the limit over the nodes running) and returns at once.
+A lane is a thread with one association to the PACS, kept open from row to row (a new one when
+the PACS has ended it): it claims the PACS's next queued row, works it
 (:class:`engine.retrieve.row.RowFetch`: C-FIND, claim for the project, C-MOVE or C-GET what is
 missing, count arrivals) and takes the next one at once, for as long as the PACS may be asked:
 inside its time windows, below its studies per hour (a row under way counts as one), and not
@@ -15,7 +17,9 @@ current request, and rows a stopped (or killed) service left half-way are queued
 the worker starts: only what is missing is fetched.
 
 ``retrieve: get`` with ``on_get_refused: move``: once the PACS refuses C-GET, the lanes fetch
-by C-MOVE until fiona restarts (a log line; each row's audit entry says so). Log lines and
+by C-MOVE (a log line; each row's audit entry says so) until a row of another job comes, or
+:data:`GET_RETRY_SECONDS` have passed, or fiona restarts: then C-GET is tried again (its
+administrator may have allowed it meanwhile), which costs one refused request if not. Log lines and
 reasons carry counts and the PACS's name, never a patient's or study's identifiers.
 """
 
@@ -27,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from engine.config.model import SiteConfig
@@ -38,6 +43,7 @@ from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
 from engine.store.index import Index
 from engine.store.leases import LeaseLost
+from engine.store.nodes import NodeStore
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,20 @@ MAX_UNREACHABLE = 5
 #: the pause in seconds before the next try.
 MAX_BROKEN = 2
 BROKEN_PAUSE = 5.0
+#: Heartbeat intervals after which a node no longer counts as running (as ``fiona status``).
+STALE_BEATS = 3
+#: Seconds after a PACS refused C-GET (``on_get_refused: move``) before C-GET is tried again
+#: within the same job.
+GET_RETRY_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """How a PACS refused C-GET (no PHI), in which job, and when (the worker's clock)."""
+
+    why: str
+    job: int
+    at: float
 
 
 class _Lane:
@@ -117,7 +137,7 @@ class RetrieveWorker:
         self._lock = threading.Lock()  # claims, and the dicts below
         self._paused: dict[str, float] = {}  # PACS name -> monotonic time it may be asked
         self._busy: dict[int, str] = {}  # row id -> its PACS, for the rows under way
-        self._refused: dict[str, str] = {}  # PACS name -> how it refused C-GET (fallback)
+        self._refused: dict[str, _Refusal] = {}  # PACS name -> its C-GET refusal (fallback)
         self._stale: set[int] = set()  # rows put back once for a reused association's break
         self._lanes: list[tuple[str, threading.Thread]] = []  # (PACS name, lane)
         self._stop = threading.Event()
@@ -146,7 +166,12 @@ class RetrieveWorker:
             with self._lock:
                 if not self._may_ask(pacs):
                     continue
-            for n in range(running[name], pacs.limits.max_associations):
+            # The PACS's limit is the cluster's: other nodes' rows under way count against it,
+            # and this node takes its share of it (see _share).
+            with self._lock:
+                here = sum(1 for busy in self._busy.values() if busy == name)
+            room = pacs.limits.max_associations - (self.store.under_way(name) - here)
+            for n in range(running[name], min(room, self._share(pacs))):
                 lane = threading.Thread(
                     target=self._lane, args=(pacs,), name=f"retrieve-{name}-{n + 1}", daemon=True
                 )
@@ -201,13 +226,18 @@ class RetrieveWorker:
         with self._lock:
             if not self._may_ask(pacs):
                 return None
+            limit = pacs.limits.max_associations
+            if sum(1 for busy in self._busy.values() if busy == pacs.name) >= self._share(pacs):
+                return None  # this node's share of the PACS's associations is in use
             for _ in range(3):  # a row cancelled between the two is passed over
                 row = self.store.next_queued(pacs.name)
                 if row is None:
                     return None
-                if self.store.claim(row.id, self.clock()):
+                if self.store.claim(row.id, self.clock(), pacs.name, limit):
                     self._busy[row.id] = pacs.name
                     return row
+                if self.store.under_way(pacs.name) >= limit:
+                    return None  # other nodes' lanes fill the PACS's limit
         return None
 
     def _may_ask(self, pacs: PacsConfig) -> bool:
@@ -218,18 +248,40 @@ class RetrieveWorker:
         per_hour = pacs.limits.studies_per_hour
         if not per_hour:
             return True
-        under_way = sum(1 for name in self._busy.values() if name == pacs.name)
+        under_way = self.store.under_way(pacs.name)  # on every node
         return self.store.studies_since(pacs.name, self.clock() - 3600) + under_way < per_hour
 
-    def method_for(self, pacs: PacsConfig) -> RetrieveMethod:
-        """C-MOVE for a ``get`` PACS that refused C-GET under ``on_get_refused: move``."""
-        if pacs.retrieve is RetrieveMethod.GET and pacs.name in self._refused:
-            return RetrieveMethod.MOVE
-        return pacs.retrieve
+    def _share(self, pacs: PacsConfig) -> int:
+        """This node's share of the PACS's ``max_associations``: the limit over the nodes
+        running (every node works the queued rows; a node whose heartbeat is older than
+        :data:`STALE_BEATS` intervals, or that stopped, does not count), rounded up: so the
+        lanes, and the instances a C-GET brings, spread over the nodes."""
+        since = self.clock() - STALE_BEATS * self.site.heartbeat.interval
+        nodes = max(NodeStore(self.index).running(since), 1)
+        return -(-pacs.limits.max_associations // nodes)
 
-    def work(self, pacs: PacsConfig, row: Row, lane: _Lane) -> None:
-        """Query, claim, fetch and check one claimed row; its state says how it went."""
-        method = self.method_for(pacs)
+    def method_for(self, pacs: PacsConfig, job: int | None = None) -> RetrieveMethod:
+        """C-MOVE for a ``get`` PACS that refused C-GET under ``on_get_refused: move``, for
+        the rest of that job (``job``: the row's; None: the method in force) and at most
+        :data:`GET_RETRY_SECONDS`; then C-GET again."""
+        if pacs.retrieve is not RetrieveMethod.GET:
+            return pacs.retrieve
+        with self._lock:
+            refusal = self._refused.get(pacs.name)
+            if refusal is None:
+                return RetrieveMethod.GET
+            if self.clock() - refusal.at < GET_RETRY_SECONDS and job in (None, refusal.job):
+                return RetrieveMethod.MOVE
+            del self._refused[pacs.name]
+        log.info("retrieval from PACS %s: trying C-GET again (refused earlier)", pacs.name)
+        return RetrieveMethod.GET
+
+    def work(
+        self, pacs: PacsConfig, row: Row, lane: _Lane, method: RetrieveMethod | None = None
+    ) -> None:
+        """Query, claim, fetch and check one claimed row (by ``method``, else the PACS's
+        method in force); its state says how it went."""
+        method = method or self.method_for(pacs, row.job)
         if method is RetrieveMethod.GET and self.archive is None:
             self._end(row, RowState.FAILED, "retrieve: get needs the archive of fiona serve")
             return
@@ -278,14 +330,14 @@ class RetrieveWorker:
         if pacs.on_get_refused is OnGetRefused.MOVE:
             with self._lock:
                 first = pacs.name not in self._refused
-                self._refused.setdefault(pacs.name, why)
+                self._refused[pacs.name] = _Refusal(why, row.job, self.clock())
             if first:
                 log.warning(
                     "%s: retrieving from PACS %s by C-MOVE from now on (on_get_refused: move)",
                     why,
                     pacs.name,
                 )
-            self.work(pacs, row, lane)
+            self.work(pacs, row, lane, RetrieveMethod.MOVE)
             return
         hint = "; with on_get_refused: move fiona retrieves by C-MOVE instead"
         if exc.aborted:
@@ -353,9 +405,10 @@ class RetrieveWorker:
     ) -> None:
         self.store.update(row.id, self.clock(), state, reason=reason, **progress)
         extra: dict[str, str] = {"via": via} if via else {}
-        fallback = self._refused.get(row.pacs)
-        if via == "C-MOVE" and fallback:
-            extra["fallback"] = f"C-GET refused: {fallback}"
+        with self._lock:
+            fallback = self._refused.get(row.pacs)
+        if via == "C-MOVE" and fallback is not None:
+            extra["fallback"] = f"C-GET refused: {fallback.why}"
         self.audit.try_write(
             "retrieved",
             job=row.job,

@@ -108,6 +108,15 @@ class NodeStore:
                 (node.id, node.host, node.pid, version, now, now),
             )
 
+    def running(self, since: float) -> int:
+        """Nodes not stopped whose last heartbeat is at or after ``since`` (epoch seconds)."""
+        with self.index.reading() as db:
+            row = db.execute(
+                "SELECT count(*) FROM nodes WHERE stopped_at IS NULL AND last_heartbeat >= ?",
+                (since,),
+            ).fetchone()
+        return int(row[0])
+
     def get(self, node_id_: str) -> dict[str, Any] | None:
         """One node's row (see :meth:`nodes`), or None."""
         return next((n for n in self.nodes() if n["id"] == node_id_), None)

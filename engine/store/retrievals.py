@@ -182,11 +182,21 @@ class RetrievalStore:
         if release:
             self.leases.released(row_id)
 
-    def claim(self, row_id: int, now: float) -> bool:
-        """Start a row (``querying``), leased to this node, in one statement; False when it is
-        no longer open (cancelled) or another node holds it."""
+    def under_way(self, pacs: str) -> int:
+        """Rows of ``pacs`` being worked in the whole cluster (held under a lease not run
+        out): each is one association with the PACS."""
+        with self.index.reading() as db:
+            return _under_way(db, pacs, self.leases.clock())
+
+    def claim(self, row_id: int, now: float, pacs: str = "", limit: int = 0) -> bool:
+        """Start a row (``querying``), leased to this node; False when it is no longer open
+        (cancelled), another node holds it, or (``limit`` > 0) ``limit`` rows of ``pacs`` are
+        under way in the cluster already (the count and the claim share one transaction: on
+        SQLite nodes take turns, on PostgreSQL two claims at the same instant may both pass)."""
         leases = self.leases
         with self.index.transaction() as db:
+            if limit and _under_way(db, pacs, leases.clock()) >= limit:
+                return False
             cur = db.execute(
                 "UPDATE retrieve_rows SET state='querying', claimed_by=?, lease_until=?,"
                 " updated_at=? WHERE id=? AND state IN ('queued', 'querying', 'retrieving')"
@@ -310,3 +320,14 @@ class RetrievalStore:
                     )
                 )
         return found
+
+
+def _under_way(db: Any, pacs: str, now: float) -> int:
+    """Rows of ``pacs`` held by a node whose lease has not run out at ``now``."""
+    row = db.execute(
+        "SELECT count(*) FROM retrieve_rows r JOIN retrieve_jobs j ON j.id = r.job_ref"
+        " WHERE j.pacs = ? AND r.state IN ('querying', 'retrieving')"
+        " AND r.claimed_by IS NOT NULL AND r.lease_until >= ?",
+        (pacs, now),
+    ).fetchone()
+    return int(row[0])
