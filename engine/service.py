@@ -307,7 +307,9 @@ def _start_jobs(
         # On every node: rows are claimed under leases, and a PACS's limits count the rows
         # under way on every node (the worker's share), so lanes and C-GET filing spread.
         scheduler.add_job(
-            RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler),
+            WaitsForIndex(
+                RetrieveWorker(store.site, store.index, store.archive, scheduler=scheduler)
+            ),
             "interval",
             seconds=0.5,  # a queued list starts at once; an idle tick is one index query
             id="retrieve",

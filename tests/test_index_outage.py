@@ -16,12 +16,15 @@ from engine.pipeline.context import RunContext
 from engine.pipeline.outcome import Done, Outcome
 from engine.pipeline.steps.base import Step
 from engine.pipeline.store import RunState
+from engine.store.archive import Archive
 from engine.store.db import IndexUnavailable
-from engine.store.index import open_index
+from engine.store.index import SqliteIndex, open_index
 from engine.store.leases import LeaseLost, Renewer
 from engine.store.outage import OUTAGE, Backoff, IndexOutage
 from engine.transfer.outbox import TransferState
+from tests import synth
 from tests.test_cluster import LEASE, T0, Member, _runs
+from tests.test_group_commit import ORIGIN, part10
 from tests.test_outbox import T0 as T0_OUTBOX
 from tests.test_outbox import Rig
 from tests.test_pipeline import NOW, Record, World, _one_run
@@ -303,3 +306,34 @@ def test_an_index_outage_mid_transfer_is_no_attempt_and_sends_nothing_twice(
         assert again == first_two  # not written again
     finally:
         rig.close()
+
+
+class _CommitAnswerLost(SqliteIndex):
+    """A real index whose first add commits, then reports the connection lost: what a
+    PostgreSQL connection that breaks while the COMMIT's answer is on its way looks like."""
+
+    lost = False
+
+    def add_instance(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().add_instance(*args, **kwargs)
+        if not self.lost:
+            self.lost = True
+            raise IndexUnavailable("connection lost during COMMIT")
+        return result
+
+
+def test_an_add_whose_commit_answer_is_lost_keeps_its_file(tmp_path: Path) -> None:
+    """Refused (0xA700: the sender tries again) but the file stays: when the row was committed
+    the index never names a file that is gone; the retry is then a duplicate, answered
+    Success."""
+    ds = synth.make_study(synth.make_study_spec(5), [synth.MR_SERIES["t2_tse"]], size=8)[0]
+    index = _CommitAnswerLost(tmp_path / "index.sqlite")
+    archive = Archive(tmp_path, index)
+    first = archive.receive(part10(ds), ORIGIN)
+    assert first.status == 0xA700
+    found = index.find_instance(str(ds.SOPInstanceUID))
+    assert found is not None and (tmp_path / found.path).is_file()
+    again = archive.receive(part10(ds), ORIGIN)
+    assert again.status == 0x0000
+    assert (tmp_path / found.path).is_file()
+    index.close()

@@ -41,9 +41,11 @@ from engine.retrieve.peer import GET_ROLES, get_proposals, move_proposals, open_
 from engine.retrieve.row import GetRefused, RowFailed, RowFetch
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.leases import LeaseLost
 from engine.store.nodes import NodeStore
+from engine.store.outage import OUTAGE
 from engine.store.retrievals import RetrievalStore, Row, RowState
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,9 @@ class RetrieveWorker:
                     self.store.release(row.id)
                     with self._lock:
                         self._busy.pop(row.id, None)
+        except IndexUnavailable as exc:  # logged once for the process; the job's ticks wait
+            OUTAGE.went_away(exc)
+            lane.drop()
         except Exception:  # the guard: one lane's failure is logged, the job goes on
             log.exception("retrieval from PACS %s: a lane stopped", pacs.name)
             lane.drop()

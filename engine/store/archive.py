@@ -130,7 +130,7 @@ class Archive:
             return StoreOutcome(
                 "rejected", Status.OUT_OF_RESOURCES, "out_of_resources", _os_error_text(exc)
             )
-        except IndexUnavailable as exc:  # nothing committed, the file removed: try again later
+        except IndexUnavailable as exc:  # not acknowledged (the file stays, see _file): try again
             OUTAGE.went_away(exc)
             return StoreOutcome(
                 "rejected", Status.OUT_OF_RESOURCES, "index_unavailable", "index unavailable"
@@ -182,6 +182,11 @@ class Archive:
         write_durable(path, data)
         try:
             added = self.index.add_instance(header, rel, len(data), origin)
+        except IndexUnavailable:
+            # The connection may have broken during the COMMIT, so the row may be there: the
+            # file stays. When it is not, the sender's retry writes it again, or the start-up
+            # sweep indexes it (engine.store.recovery): never a row without its file.
+            raise
         except BaseException:
             # Not indexed means not acknowledged: remove the file so a retry starts clean.
             with contextlib.suppress(FileNotFoundError):
