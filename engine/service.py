@@ -226,7 +226,9 @@ class OutboxJob:
         resumed = outbox.take_back_own()
         if resumed:
             log.info("taking back %d transfers this node left unfinished", resumed)
-        self.worker = OutboxWorker(outbox, destinations_of(projects), hold, AuditLog(data_dir))
+        self.worker = OutboxWorker(
+            outbox, destinations_of(projects), hold, AuditLog(data_dir), follow_on=True
+        )
 
     def configure(self, projects: list[ProjectConfig]) -> None:
 

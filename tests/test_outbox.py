@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,6 +200,44 @@ def test_concurrency_limits_transfers_per_destination(tmp_path: Path) -> None:
             )
         assert len(rig.outbox.claim_due(T0, {("neuro", "share"): 1})) == 1
         assert rig.outbox.claim_due(T0, {("neuro", "other"): 5}) == []  # not configured
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("follow_on", [True, False])
+def test_a_finished_transfer_starts_the_next_at_once_with_follow_on(
+    tmp_path: Path, follow_on: bool
+) -> None:
+    """The service's worker (``follow_on``) does not leave a destination's one slot idle until
+    the next tick: one tick delivers three queued studies one after the other."""
+    rig = Rig(tmp_path, concurrency=1)
+    rig.worker.follow_on = follow_on
+    rig.share.mkdir()
+    try:
+        ids = []
+        for seed in (6, 7, 8):
+            datasets = synth.make_study(
+                synth.make_study_spec(seed), [synth.MR_SERIES["flair"]], size=8
+            )
+            files = synth.write_study(datasets, rig.data / "work" / f"study{seed}")
+            uid = str(datasets[0].StudyInstanceUID)
+            ids.append(
+                rig.outbox.enqueue(
+                    project="neuro", destination="share", study_uid=uid, export_uid=uid,
+                    run_id=seed, follow_up=0, subject="S", event="", items=rig.items(files),
+                    now=T0,
+                )
+            )  # fmt: skip
+        (first,) = rig.worker.tick(T0)
+        assert first.result(timeout=60) is TransferState.DONE
+
+        def done() -> list[bool]:
+            return [rig.outbox.state_of(i) is TransferState.DONE for i in ids]
+
+        deadline = time.monotonic() + 60  # the followers run in the worker's threads
+        while follow_on and not all(done()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done() == ([True, True, True] if follow_on else [True, False, False])
     finally:
         rig.close()
 

@@ -6,6 +6,8 @@ the cluster) and starts them; it never waits for a send. A claim is a lease
 (:mod:`engine.store.leases`): when another node took the transfer over (this node's lease ran
 out), the send stops at its next confirmed instance and nothing of its outcome is written.
 :meth:`OutboxWorker.run_due` does the same and waits, for commands and tests.
+In the service (``follow_on``), a transfer that ends ``done`` also starts the next due ones at
+once, so a destination's slot is not left idle until the next tick.
 
 A transfer ends ``done`` only when its destination confirmed every instance and its ``verify``
 passed. Anything else is a failed attempt (retried with backoff, a dead letter at the limit,
@@ -57,7 +59,14 @@ class OutboxWorker:
         audit: AuditLog | None = None,
         max_threads: int = 8,
         clock: Callable[[], float] = time.time,
+        follow_on: bool = False,
     ) -> None:
+        """``follow_on`` (the service): a transfer that ends ``done`` starts the next due ones
+        at once instead of at the next tick (with a destination's ``concurrency`` of 1 and a
+        tick a second, one node delivered at most a study a second; bench/e2e.py). A failed
+        one does not, so a dead destination is not retried faster than the ticks."""
+        self.follow_on = follow_on
+        self._closed = False
         self.outbox = outbox
         #: Seconds since the epoch; the outbox's schedule follows it (tests set their own).
         self.clock = clock
@@ -91,6 +100,7 @@ class OutboxWorker:
         return len(futures)
 
     def close(self, wait_for: bool = True) -> None:
+        self._closed = True
         self._pool.shutdown(wait=wait_for, cancel_futures=True)
         for entry in self._destinations.values():
             try:
@@ -101,6 +111,24 @@ class OutboxWorker:
     # -- one transfer ---------------------------------------------------------------------------
 
     def _run(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
+        state = self._run_once(record, entry)
+        if self.follow_on and state is TransferState.DONE:
+            self._start_next()
+        return state
+
+    def _start_next(self) -> None:
+        """Start the due transfers a slot is free for now (see ``follow_on``)."""
+        if self._closed:
+            return
+        try:
+            self.tick()
+        except IndexUnavailable as exc:  # the scheduled tick waits for the index
+            OUTAGE.went_away(exc)
+        except RuntimeError:  # the pool was shut down meanwhile (the service stops)
+            if not self._closed:
+                raise
+
+    def _run_once(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
         metrics.transfer_attempt(record.project, record.destination, entry.destination.type)
         try:
             return self._attempt(record, entry)
