@@ -470,8 +470,16 @@ class SqliteIndex:
             self._db.execute("BEGIN IMMEDIATE")
         except Exception as exc:
             return [exc] * len(adds)
+        return self._commit_together(adds, lambda: [self._insert(add) for add in adds])
+
+    def _commit_together(
+        self, adds: Sequence[_Add], rows: Callable[[], Sequence[AddResult]]
+    ) -> list[AddResult | BaseException] | None:
+        """Write the rows of ``adds`` (``rows``, in the transaction begun) and commit: None
+        when writing failed (rolled back, for the adds to be retried one by one); a failure
+        to commit is every add's."""
         try:
-            results: list[AddResult | BaseException] = [self._insert(add) for add in adds]
+            results: list[AddResult | BaseException] = list(rows())
         except Exception:
             self._rollback()
             return None
@@ -955,20 +963,7 @@ class PgIndex(SqliteIndex):
     def _add_pipelined(self, adds: Sequence[_Add]) -> list[AddResult | BaseException] | None:
         """One transaction for all; None when an add failed or was indexed already (rolled
         back: retried one by one); a failure to commit is every add's."""
-        try:
-            results = self._pipelined(adds)
-        except Exception:
-            self._rollback()
-            return None
-        except BaseException:
-            self._rollback()
-            raise
-        try:
-            self._db.execute("COMMIT")
-        except Exception as exc:
-            self._rollback()
-            return [exc] * len(adds)
-        return list(results)
+        return self._commit_together(adds, lambda: self._pipelined(adds))
 
     def _pipelined(self, adds: Sequence[_Add]) -> list[AddResult]:
         """The rows of ``adds`` inside a new transaction, left open. One round trip: BEGIN,
