@@ -105,7 +105,7 @@ def _build(path: Path | str, data: bytes, keep: frozenset[int] | None = None) ->
         raise _CutShort from exc
     dataset = Dataset(elements)
     if keep is not None:  # FileDataset's set-up (a stat, many attributes) is half the cost
-        dataset.file_meta = FileMetaDataset(Dataset(meta))
+        dataset.file_meta = FileMetaDataset(meta)
         dataset.set_original_encoding(implicit, True, dataset._character_set)
         return dataset
     ds = FileDataset(
@@ -166,6 +166,9 @@ def _elements(
             end = start + length
             if end > size:
                 raise _CutShort
+            if keep is not None and tag not in keep:
+                pos = end  # not asked for: walked over, its value never copied
+                continue
             value = data[start:end] if length else empty_value_for_VR(vr, raw=True)
         if keep is None or tag in keep:
             key = BaseTag(tag)
