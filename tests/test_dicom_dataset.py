@@ -162,3 +162,42 @@ def test_a_file_without_meta_is_read_by_dcmread(tmp_path: Path) -> None:
     path.write_bytes(buf.getvalue())
     with pytest.raises(pydicom.errors.InvalidDicomError):
         fast.read_header_dataset(path)
+
+
+#: Tags a selective read asks for: text, numbers, a sequence, private elements and their
+#: creator, 'US or SS' (SmallestImagePixelValue), one absent (ContrastBolusAgent), file meta.
+_WANTED = (0x00080008, 0x0008103E, 0x00180081, 0x00082218, 0x00100010, 0x00190010, 0x00191010)
+_WANTED += (0x00191011, 0x00191200, 0x00280106, 0x00180010, 0x00020010)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_selective_read_keeps_only_the_named_tags_each_as_read_whole(
+    case: str, tmp_path: Path
+) -> None:
+    ds, syntax = CASES[case]()
+    ds.SmallestImagePixelValue = 7
+    path = _write(ds, tmp_path / "in.dcm", syntax)
+    whole = fast.read_header_dataset(path)
+    ours = fast.read_header_dataset(path, _WANTED)
+    kept = set(_WANTED) | fast.DECODING_TAGS
+    if case in FALLBACK:
+        assert [e.tag for e in ours] == [e.tag for e in whole]
+    else:
+        assert {e.tag for e in ours} == {e.tag for e in whole if e.tag in kept}
+        assert len(ours) < len(whole)
+    assert ours.to_json_dict() == Dataset({e.tag: e for e in whole if e.tag in ours}).to_json_dict()
+    assert ours.file_meta.to_json_dict() == whole.file_meta.to_json_dict()
+    assert ours.original_encoding == whole.original_encoding
+    assert ours.original_character_set == whole.original_character_set
+
+
+def test_a_selective_read_decodes_us_or_ss_by_the_pixel_representation(tmp_path: Path) -> None:
+    """Implicit VR: SmallestImagePixelValue is SS because PixelRepresentation (not asked
+    for) is 1; the selective read keeps it to decode the same."""
+    ds = _instance()
+    ds.PixelRepresentation = 1
+    ds.SmallestImagePixelValue = -5
+    path = _write(ds, tmp_path / "in.dcm", ImplicitVRLittleEndian)
+    ours = fast.read_header_dataset(path, [0x00280106])
+    assert ours.SmallestImagePixelValue == -5
+    assert ours["SmallestImagePixelValue"].VR == "SS"

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from engine.cli import main as cli_main
 from engine.config.loader import ConfigError, LineLoader
 from engine.config.validate import run_validate
+from engine.dicom.dataset import read_header_dataset
 from engine.rules import (
     OPERATORS,
     RuleInput,
@@ -770,3 +771,57 @@ def test_memo_key_tells_apart_equal_bytes_under_different_vrs() -> None:
     signed = dataset(Modality="MR", private=[(0x00190010, "LO", "ACME"), (0x00191001, "SS", -1)])
     assert ruleset.classify(reread(unsigned)) == frozenset()  # the same two bytes, ff ff
     assert ruleset.classify(reread(signed)) == {"negative"}
+
+
+# --------------------------------------------------------------------------- header tags
+
+
+def _part10(ds: Dataset, path: Path, implicit: bool) -> Path:
+    """``ds`` as a Part 10 file, as the archive holds it."""
+    copy = Dataset(ds)
+    copy.file_meta = FileMetaDataset()
+    copy.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    copy.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.4")
+    copy.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "1.2.3.4")
+    copy.preamble = b"\0" * 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        copy.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return path
+
+
+def test_header_tags_classify_as_the_whole_header(tmp_path: Path) -> None:
+    """Every golden case and synthetic series, read for the rule set's header_tags only,
+    gets the labels (and rule names) of the whole header, explicit and implicit VR."""
+    work: list[tuple[RuleSet, Dataset, dict[str, Any]]] = []
+    for case_file in _case_files():
+        ruleset = load_ruleset(
+            case_file.parent.with_name(case_file.parent.name.removesuffix(".cases") + ".yaml")
+        )
+        case = load_case(case_file)
+        work += [(ruleset, ds, dict(case.summary or {})) for ds in case.instances]
+    classify = load_rulesets(ruleset_files(CLASSIFY))
+    work += [(classify, ds, {"num_files": 10}) for ds in _synthetic()]
+    smaller = 0
+    for n, (ruleset, ds, summary) in enumerate(work):
+        assert ruleset.header_tags is not None
+        for implicit in (False, True):
+            path = _part10(ds, tmp_path / f"{n}-{implicit}.dcm", implicit)
+            whole = read_header_dataset(path)
+            part = read_header_dataset(path, ruleset.header_tags)
+            smaller += len(part) < len(whole)
+            for reader in (ruleset.classify, ruleset.matching):
+                assert reader(RuleInput(part, summary)) == reader(RuleInput(whole, summary))
+    assert smaller > len(work)  # most reads were selective
+
+
+def test_header_tags_are_none_when_a_rule_reads_the_whole_header() -> None:
+    plain = rules({"echo": {"conditions": [{"attr": "EchoTime", "op": ">", "value": 2}]}})
+    assert plain.header_tags is not None and 0x00180081 in plain.header_tags
+    dynamic = rules(
+        {
+            "t": {"internal": True, "conditions": [{"jmespath": '"00180081".Value[0]'}]},
+            "x": {"conditions": [{"rule": "t"}, {"attr": "EchoTime", "op": "exists"}]},
+        }
+    )
+    assert dynamic.header_tags is None

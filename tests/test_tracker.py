@@ -17,6 +17,7 @@ import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+import engine.route.tracker as tracker_module
 from engine.config.loader import load_project, load_site
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.pipeline.store import RunStore
@@ -276,3 +277,50 @@ def test_log_lines_name_the_run_ids_of_the_index(
     ids = [row[0] for row in world.rows("SELECT id FROM pipeline_runs ORDER BY id")]
     assert len(ids) == 2
     assert sorted(logged) == ids  # before: the follow-up number, 0 for both
+
+
+class _Reads:
+    """Records the tracker's header reads; the real reader reads (whole, with ``whole``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, whole: bool = False) -> None:
+        self.tags: list[frozenset[int] | None] = []
+        real = tracker_module.read_header_dataset
+
+        def recording(path: Path, tags: frozenset[int] | None = None) -> Dataset:
+            self.tags.append(tags)
+            return real(path, None if whole else tags)
+
+        monkeypatch.setattr(tracker_module, "read_header_dataset", recording)
+
+
+def test_labelling_reads_only_the_tags_its_rules_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each series' first instance is read whole (routing reads any attribute); every other
+    one only for the labelling rules' tags, with the labels whole headers give."""
+    study = _study(1, [MR["localizer"], MR["t1_mprage"], MR["flair"], MR["dwi"]])
+    labels = []
+    for whole in (False, True):
+        (tmp_path / str(whole)).mkdir()
+        world = World(tmp_path / str(whole), [_neuro()], {})
+        reads = _Reads(monkeypatch, whole=whole)
+        world.send(study)
+        world.tracker.scan(settled())
+        assert world.labeller is not None and world.labeller.header_tags is not None
+        assert len(reads.tags) == len(study)
+        assert reads.tags.count(None) == 4  # the first of each series, for routing
+        assert set(reads.tags) == {None, world.labeller.header_tags}
+        labels.append(world.rows("SELECT series_uid, labels, label_state FROM series ORDER BY 1"))
+    assert labels[0] == labels[1]
+    assert all(json.loads(text) for _, text, _ in labels[0])
+
+
+def test_without_labelling_only_the_first_of_each_series_is_read(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _Reads(monkeypatch)
+    world.tracker.labeller = None
+    world.send(_study(2, [MR["t1_mprage"], MR["flair"]]))
+    world.tracker.scan(settled())
+    assert reads.tags == [None, None]
+    assert world.rows("SELECT count(*) FROM study_routes") == [(1,)]

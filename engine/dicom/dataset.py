@@ -17,6 +17,7 @@ unknown VR, an undefined length that is not a sequence, a file that does not wal
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,20 @@ from engine.dicom.walk import (
     Walker,
 )
 
-__all__ = ["read_header_dataset"]
+__all__ = ["DECODING_TAGS", "read_header_dataset"]
 
 #: Bytes read first: a header is rarely longer; a longer one costs one more read.
 _FIRST_READ = 1 << 16
 _VR_NAMES = {vr.value.encode("ascii"): vr.value for vr in VR}  # b"CS" -> "CS"
 _META_START = 132  # 128-byte preamble + b"DICM"
+
+#: What pydicom consults to decode other elements, kept in every selective read so each kept
+#: element reads as in the whole header: Specific Character Set (0008,0005) for text; Bits
+#: Allocated (0028,0100), Pixel Representation (0028,0103), LUT Descriptor (0028,3002) and
+#: Waveform Bits Allocated (5400,1004) for the VR of 'US or SS' / 'OB or OW' elements.
+DECODING_TAGS: frozenset[int] = frozenset(
+    (0x00080005, 0x00280100, 0x00280103, 0x00283002, 0x54001004)
+)
 
 
 class _NotCommon(Exception):
@@ -54,16 +63,24 @@ class _CutShort(_NotCommon):
     """The bytes end inside the header: maybe only the first read was too short."""
 
 
-def read_header_dataset(path: Path | str) -> Dataset:
-    """``pydicom.dcmread(path, stop_before_pixels=True)``, built faster for common files."""
+def read_header_dataset(path: Path | str, tags: Collection[int] | None = None) -> Dataset:
+    """``pydicom.dcmread(path, stop_before_pixels=True)``, built faster for common files.
+
+    With ``tags`` (top-level tags, as ints), the dataset of a common file keeps only those
+    elements, those of :data:`DECODING_TAGS` and the file meta group; each kept element reads
+    exactly as in the whole header, and the rest (most of a header) costs only the walk over
+    it. The result is then a plain Dataset with ``file_meta``, not a FileDataset. A file off
+    the common road is read whole with ``dcmread``, which keeps every element anyway.
+    """
+    keep = None if tags is None else frozenset(tags) | DECODING_TAGS
     with open(path, "rb") as fp:
         data = fp.read(_FIRST_READ)
         try:
-            return _build(path, data)
+            return _build(path, data, keep)
         except _CutShort:
             if len(data) == _FIRST_READ:  # the header goes on: read the rest, once
                 try:
-                    return _build(path, data + fp.read())
+                    return _build(path, data + fp.read(), keep)
                 except _NotCommon:
                     pass
         except _NotCommon:
@@ -71,7 +88,7 @@ def read_header_dataset(path: Path | str) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _build(path: Path | str, data: bytes) -> FileDataset:
+def _build(path: Path | str, data: bytes, keep: frozenset[int] | None = None) -> Dataset:
     if data[128:132] != b"DICM":
         raise _NotCommon
     try:
@@ -83,10 +100,14 @@ def _build(path: Path | str, data: bytes) -> FileDataset:
         if syntax in (EXPLICIT_BIG, DEFLATED):
             raise _NotCommon
         implicit = syntax == IMPLICIT_LITTLE
-        elements, _ = _elements(data, pos, implicit=implicit, meta=False)
+        elements, _ = _elements(data, pos, implicit=implicit, meta=False, keep=keep)
     except HeaderError as exc:  # the walk ran off the end of the bytes
         raise _CutShort from exc
     dataset = Dataset(elements)
+    if keep is not None:  # FileDataset's set-up (a stat, many attributes) is half the cost
+        dataset.file_meta = FileMetaDataset(meta)
+        dataset.set_original_encoding(implicit, True, dataset._character_set)
+        return dataset
     ds = FileDataset(
         os.fspath(path), dataset, data[:128], FileMetaDataset(Dataset(meta)), implicit, True
     )
@@ -95,10 +116,11 @@ def _build(path: Path | str, data: bytes) -> FileDataset:
 
 
 def _elements(
-    data: bytes, pos: int, *, implicit: bool, meta: bool
+    data: bytes, pos: int, *, implicit: bool, meta: bool, keep: frozenset[int] | None = None
 ) -> tuple[dict[BaseTag, DataElement | RawDataElement], int]:
     """Raw top-level elements from ``pos``: the file meta group (``meta``), or the dataset up
-    to its pixel data; and where they end."""
+    to its pixel data (only the tags in ``keep``, when given: the walk still checks every
+    element as before); and where they end."""
     walker = Walker(data, little=True)
     size = walker.size
     found: dict[BaseTag, DataElement | RawDataElement] = {}
@@ -144,8 +166,12 @@ def _elements(
             end = start + length
             if end > size:
                 raise _CutShort
+            if keep is not None and tag not in keep:
+                pos = end  # not asked for: walked over, its value never copied
+                continue
             value = data[start:end] if length else empty_value_for_VR(vr, raw=True)
-        key = BaseTag(tag)
-        found[key] = RawDataElement(key, vr, length, value, start, implicit, True)
+        if keep is None or tag in keep:
+            key = BaseTag(tag)
+            found[key] = RawDataElement(key, vr, length, value, start, implicit, True)
         pos = end
     return found, pos

@@ -96,6 +96,12 @@ class RuleSet:
         )
         self.sources: tuple[Path, ...] = tuple(dict.fromkeys(r.source.file for r in self.rules))
         self._evaluator = Evaluator([self])
+        #: The top-level tags :meth:`classify` reads (private creators and (0008,0005)
+        #: included), or None when a rule reads the whole header (JMESPath): a dataset holding
+        #: only these elements is classified as the whole header is.
+        self.header_tags: frozenset[int] | None = (
+            None if self.dynamic else frozenset(self._evaluator.tags)
+        )
         self._labels: dict[frozenset[int], frozenset[str]] = {}
         self._names: dict[frozenset[int], frozenset[str]] = {}
 
