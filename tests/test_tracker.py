@@ -26,6 +26,7 @@ from engine.store.archive import Archive
 from engine.store.index import Origin, SqliteIndex, open_index
 from engine.workflow import site_labeller
 from tests import synth
+from tests.dbutil import separate_index
 
 MR = synth.MR_SERIES
 
@@ -294,13 +295,15 @@ class _Reads:
 
 
 def test_labelling_reads_only_the_tags_its_rules_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """Each series' first instance is read whole (routing reads any attribute); every other
     one only for the labelling rules' tags, with the labels whole headers give."""
     study = _study(1, [MR["localizer"], MR["t1_mprage"], MR["flair"], MR["dwi"]])
     labels = []
     for whole in (False, True):
+        if whole:  # a second world, with an index of its own (PostgreSQL: a new database)
+            separate_index(request, monkeypatch)
         (tmp_path / str(whole)).mkdir()
         world = World(tmp_path / str(whole), [_neuro()], {})
         reads = _Reads(monkeypatch, whole=whole)
