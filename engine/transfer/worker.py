@@ -124,9 +124,9 @@ class OutboxWorker:
             self.tick()
         except IndexUnavailable as exc:  # the scheduled tick waits for the index
             OUTAGE.went_away(exc)
-        except RuntimeError:  # the pool was shut down meanwhile (the service stops)
-            if not self._closed:
-                raise
+        except Exception:  # in a pool thread nobody waits on: said here, the tick tries again
+            if not self._closed:  # else the pool was shut down meanwhile (the service stops)
+                log.exception("starting the next transfer failed; the next tick tries again")
 
     def _run_once(self, record: TransferRecord, entry: DestinationEntry) -> TransferState:
         metrics.transfer_attempt(record.project, record.destination, entry.destination.type)
