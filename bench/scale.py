@@ -23,11 +23,15 @@ Receivers:
   user may create databases).
 
 After each fiona round the index is checked to hold every file once; the log's group-commit
-line gives the mean instances per index transaction. ``--receivers`` picks some of
-``storescp,fiona1,fiona2,fiona1-pg,fiona2-pg`` (default: all; the ``-pg`` ones only when
-PostgreSQL is installed or ``--pg-url`` is given); ``--baseline DIR`` adds one fiona process of
-another checkout (``baseline1``, e.g. before group commit; ``baseline1-pg`` too when PostgreSQL
-rounds run) to the same rounds.
+line gives the mean instances per index transaction. Each row also shows how busy the whole
+machine was (all cores) and how many cores the fiona processes kept busy; the run ends with the
+durable-write floor: plain Python threads doing only fiona's file writes and one SQLite commit
+per file, no network and no DICOM, as a ceiling for any durable receiver on this disk.
+
+``--receivers`` picks some of ``storescp,fiona1,fiona2,fiona1-pg,fiona2-pg`` (default:
+all; the ``-pg`` ones only when PostgreSQL is installed or ``--pg-url`` is given).
+``--baseline DIR`` adds one fiona process of another checkout (``baseline1``, e.g. before
+group commit; ``baseline1-pg`` too when PostgreSQL rounds run) to the same rounds.
 
 Targets (issue 18): fiona x2 at least 1.6x fiona x1 on this 2-core machine; PostgreSQL within
 20% of SQLite for one process; fiona with 4 senders at least 0.5x storescp --fork.
@@ -55,6 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.dicom.header import InstanceHeader, parse_header  # noqa: E402
 from engine.store.db import INDEX_URL_ENV  # noqa: E402
+from engine.store.fsio import write_durable  # noqa: E402
 from engine.store.index import Origin, SqliteIndex, open_index  # noqa: E402
 from tests.peers import FionaServer, dcmtk, free_port, wait_for_port  # noqa: E402
 from tests.synth import make_corpus  # noqa: E402
@@ -208,6 +213,57 @@ def _proc_cpu(pid: int, children: bool = False) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(all, idle) CPU time of the whole machine so far, in clock ticks (Linux /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
+@contextmanager
+def machine_load(out: list[float]) -> Iterator[None]:
+    """Append to ``out`` the share of the machine's CPU time (all cores) that was busy while
+    the block ran: 1.0 when every core was busy throughout."""
+    total, idle = machine_jiffies()
+    yield
+    total2, idle2 = machine_jiffies()
+    out.append(1.0 - (idle2 - idle) / max(total2 - total, 1))
+
+
+def durable_floor(work: Path, threads: int, files: int, size: int) -> float:
+    """Files per second that ``threads`` threads of plain Python achieve when each file is
+    only written the way fiona writes an instance (temp file, fsync, rename, fsync of the
+    folder) and one row is committed for it (SQLite, WAL, ``synchronous=FULL``): no network,
+    no DICOM, no index logic. What this disk allows any durable receiver, for the ratios."""
+    folder = work / "floor"
+    folder.mkdir(parents=True)
+    db = sqlite3.connect(folder / "floor.sqlite", check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE files(name TEXT PRIMARY KEY)")
+    lock = threading.Lock()
+    data = os.urandom(size)
+
+    def write(tag: int, count: int) -> None:
+        for k in range(count):
+            name = f"{tag}-{k}"
+            write_durable(folder / name, data)
+            with lock:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT INTO files VALUES (?)", (name,))
+                db.execute("COMMIT")
+
+    share = max(files // threads, 1)
+    workers = [threading.Thread(target=write, args=(t, share)) for t in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    db.close()
+    return share * threads / elapsed
 
 
 class PgServer:
@@ -371,7 +427,9 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
     notes: dict[str, list[tuple[float, str]]] = {}
     # Per fiona round: CPU seconds of the fiona processes and of the PostgreSQL server (0 when
     # unknown) while the corpus was sent.
-    cpu: dict[str, list[tuple[float, float]]] = {}
+    cpu: dict[str, list[tuple[float, float, float]]] = {}
+    # Per round of every receiver: (share of the machine's CPU busy, seconds) while sending.
+    busy: dict[str, list[float]] = {}
 
     def fiona(n: int, name: str, repo: Path = REPO, on_pg: bool = False) -> Round:
         def one_round(work: Path) -> float:
@@ -390,14 +448,15 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
         server_cpu = pg.cpu_seconds() if pg and url else 0.0
         try:
             fiona_cpu = group.cpu_seconds()
-            seconds = send_all(files, group.port, args.senders, args.per_association)
+            with machine_load(busy.setdefault(name, [])):
+                seconds = send_all(files, group.port, args.senders, args.per_association)
             fiona_cpu = group.cpu_seconds() - fiona_cpu
         finally:
             group.stop()
         if pg and url:
             time.sleep(0.5)  # the backends of the closed connections exit and are reaped
             server_cpu = pg.cpu_seconds() - server_cpu
-        cpu[name] = [*cpu.get(name, []), (fiona_cpu, server_cpu)]
+        cpu[name] = [*cpu.get(name, []), (fiona_cpu, server_cpu, seconds)]
         rows, distinct = group.indexed()
         if _FAILURES or rows != len(files) or distinct != len(files):
             problems = [
@@ -416,7 +475,7 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
         return seconds
 
     def with_storescp(work: Path) -> float:
-        with storescp(work) as port:
+        with storescp(work) as port, machine_load(busy.setdefault("storescp", [])):
             return send_all(files, port, args.senders, args.per_association)
 
     table: dict[str, Round] = {
@@ -453,25 +512,37 @@ def _run(args: argparse.Namespace, wanted: list[str], tmp: Path, pg: PgServer | 
         note = (
             (f"{statistics.mean(per):.1f} instances/commit; " if per else "")
             + _cpu_note(cpu.get(name, []), len(files))
-            + f"associations per process {', '.join(r[1] for r in rounds)}"
+            + f"associations per process {', '.join(r[1] for r in rounds)}; "
             if rounds
             else ""
-        )
+        ) + (f"machine busy {100 * statistics.mean(busy[name]):.0f}%" if busy.get(name) else "")
         print(f"{name:>12} {rate:9.0f} {rate * mb / len(files):7.1f}  {note}", flush=True)
     _ratios(rates)
+    floor = statistics.median(
+        durable_floor(tmp / f"floor-{k}", args.senders, len(files), int(mb * 1e6 / len(files)))
+        for k in range(args.repeat)
+    )
+    print(
+        f"durable-write floor, {args.senders} threads of plain Python (each file written and"
+        f" fsynced as fiona does, one SQLite row committed; no network, no DICOM):"
+        f" {floor:.0f} files/s"
+        + (f", {floor / rates['storescp']:.2f}x storescp --fork" if "storescp" in rates else "")
+    )
     headers = [parse_header(f.read_bytes()) for f in files]
     _add_path(headers, tmp, args, pg)
     return 0
 
 
-def _cpu_note(rounds: list[tuple[float, float]], files: int) -> str:
-    """CPU milliseconds per file of fiona (and of the PostgreSQL server), mean of rounds."""
+def _cpu_note(rounds: list[tuple[float, float, float]], files: int) -> str:
+    """CPU milliseconds per file of fiona (and of the PostgreSQL server), and the cores the
+    fiona processes kept busy, means of rounds."""
     if not rounds:
         return ""
     fiona = statistics.mean(r[0] for r in rounds) / files * 1000
     server = statistics.mean(r[1] for r in rounds) / files * 1000
+    cores = statistics.mean(r[0] / r[2] for r in rounds if r[2] > 0)
     pg = f", PostgreSQL {server:.2f} ms" if server else ""
-    return f"CPU/file fiona {fiona:.2f} ms{pg}; "
+    return f"CPU/file fiona {fiona:.2f} ms{pg}; fiona cores {cores:.2f}; "
 
 
 def _ratios(rates: dict[str, float]) -> None:
