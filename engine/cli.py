@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. Output cut short by a closed pipe (``| head``) ends
     quietly with 141 (as a command killed by SIGPIPE); an unusable index or data folder is one
     message and 2."""
+    from engine.store.db import IndexUnavailable
     from engine.store.index import IndexUnusable
 
     try:
@@ -374,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except IndexUnusable as exc:
         print(f"fiona: {exc}", file=sys.stderr)
+        return 2
+    except IndexUnavailable as exc:  # the database server went away while the command ran
+        print(
+            f"fiona: the index is unavailable ({exc}); try again when it is back",
+            file=sys.stderr,
+        )
         return 2
     return status
 

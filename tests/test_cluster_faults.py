@@ -9,10 +9,14 @@ engine, so it runs once: in the PostgreSQL run of scripts/test.sh (``postgresql_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
+import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,7 @@ import yaml
 
 from engine.store.db import INDEX_URL_ENV
 from tests import synth
-from tests.peers import FionaServer, nodelay_env
+from tests.peers import REPO, FionaServer, free_port, nodelay_env
 from tests.pg_server import PgCluster, pg_bin
 from tests.test_workflow import wait_for
 
@@ -224,3 +228,79 @@ def test_serve_stops_cleanly_while_the_index_is_away(
     text = node.log_text()
     assert "index unavailable at shutdown" in text
     assert "Traceback" not in text
+
+
+def _get(port: int, path: str, token: str = "", cookie: str = "") -> tuple[int, str, str]:
+    """(status, Content-Type, body) of one GET to the web port (with a bearer ``token``, a
+    ``cookie``)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if cookie:
+        request.add_header("Cookie", cookie)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _status_code(port: int) -> int:
+    """The status of ``GET /status.json``; 0 while the web port does not answer yet."""
+    try:
+        return _get(port, "/status.json")[0]
+    except urllib.error.URLError:
+        return 0
+
+
+def test_status_and_the_web_say_the_index_is_unavailable(
+    tmp_path: Path, own_pg: tuple[PgCluster, str]
+) -> None:
+    """PostgreSQL stopped under a running node: ``fiona status`` reports it unhealthy (exit
+    1) with the one reason; the web answers 503 with Retry-After: ``/status.json`` with the
+    health verdict, the API a JSON error, the portal a page; no traceback anywhere. Started
+    again, the status is served as before."""
+    cluster, _ = own_pg
+    data, projects = tmp_path / "data", tmp_path / "projects"
+    projects.mkdir()
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"heartbeat": {"interval_seconds": 1}}))
+    web = free_port()
+    node = FionaServer(data, projects, config=site, web_port=web).start()
+    where = ["--config", str(site), "--data", str(data), "--projects", str(projects)]
+
+    def status(*more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine.cli", "status", *more, *where],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    try:
+        wait_for("the status page", lambda: _status_code(web) == 200, timeout=60)
+        cluster.stop()
+        try:
+            text = status()
+            assert text.returncode == 1, text.stderr
+            assert "UNHEALTHY" in text.stdout and "! index unavailable: " in text.stdout
+            assert "Traceback" not in text.stdout + text.stderr
+            doc = json.loads(status("--json").stdout)
+            assert doc["healthy"] is False and doc["index"]["available"] is False
+            assert doc["problems"][0].startswith("index unavailable: postgresql://")
+            code, kind, body = _get(web, "/status.json")
+            assert (code, kind) == (503, "application/json")
+            assert json.loads(body)["healthy"] is False
+            # Checking a well-formed token needs the index (a missing one is 401 at once).
+            code, kind, body = _get(web, "/api/v1/studies", token="0123456789ab." + "x" * 40)
+            assert (code, kind) == (503, "application/json")
+            assert json.loads(body)["error"] == "index unavailable"
+            # A browser with a session: looking it up needs the index.
+            code, kind, body = _get(web, "/", cookie="fiona_session=" + "y" * 43)
+            assert code == 503 and kind.startswith("text/html")
+            assert "The index is unavailable" in body
+        finally:
+            cluster.start()
+        wait_for("the status page again", lambda: _status_code(web) == 200, timeout=60)
+        assert status().returncode in (0, 1, 3)  # answered from the index again
+    finally:
+        node.stop()
+    assert "Traceback" not in node.log_text()

@@ -41,6 +41,7 @@ from engine.manage.pidfile import ServeProcess, node_dir, serve_process
 from engine.manage.status_nodes import node_lines, node_rows
 from engine.store.activity import hourly_activity, project_counts, project_last_times
 from engine.store.commands import run_with_index
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.mpps import MppsStore
 
@@ -336,11 +337,46 @@ def render_text(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_status(args: argparse.Namespace) -> int:
-    """``fiona status``: print the status; exit as :func:`exit_code` (2 on a bad site config)."""
-    def command(site: SiteConfig, index: Index) -> int:
-        status = collect_status(site, index)
-        print(json.dumps(status, indent=2, sort_keys=True) if args.json else render_text(status))
-        return exit_code(status)
+def index_away_status(site: SiteConfig, error: str, now: float | None = None) -> dict[str, Any]:
+    """The status while the index cannot be used (its database server stopped or out of
+    reach): unhealthy, with the one problem; nothing else can be read. ``error`` names the
+    index by its redacted location, never a password."""
+    now = time.time() if now is None else now
+    return {
+        "generated_at": iso(now),
+        "healthy": False,
+        "problems": [f"index unavailable: {error}"],
+        "ae_title": site.ae_title,
+        "index": {"available": False, "error": error},
+    }
 
-    return run_with_index(args, command, read_only=True)
+
+def run_status(args: argparse.Namespace) -> int:
+    """``fiona status``: print the status; exit as :func:`exit_code` (2 on a bad site config,
+    or an index missing, damaged or of another version). An index database that cannot be
+    reached is a health problem like any other: one line, exit 1 (unhealthy), so that
+    monitoring says so."""
+
+    def command(site: SiteConfig, index: Index) -> int:
+        try:
+            status = collect_status(site, index)
+        except IndexUnavailable as exc:  # went away since it was opened
+            status = index_away_status(site, f"{index.location}: {exc}")
+        return _print_status(args, status)
+
+    def unreachable(site: SiteConfig, why: str) -> int:
+        return _print_status(args, index_away_status(site, why))
+
+    return run_with_index(args, command, read_only=True, unreachable=unreachable)
+
+
+def _print_status(args: argparse.Namespace, status: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    elif "index" in status:
+        print(f"fiona {status['ae_title']}: UNHEALTHY")
+        print("\n".join(f"  ! {p}" for p in status["problems"]))
+        print("  a running fiona waits for it and resumes by itself; nothing else can be shown")
+    else:
+        print(render_text(status))
+    return exit_code(status)

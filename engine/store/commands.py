@@ -16,7 +16,8 @@ from pathlib import Path
 from engine.config.issues import ConfigError
 from engine.config.loader import find_site_config, load_site
 from engine.config.model import SiteConfig
-from engine.store.index import IndexUnusable, SqliteIndex, open_index
+from engine.store.db import IndexUnavailable
+from engine.store.index import IndexUnreachable, IndexUnusable, SqliteIndex, open_index
 
 __all__ = ["load_site_or_exit", "run_with_index", "site_overrides"]
 
@@ -48,12 +49,15 @@ def run_with_index(
     command: Callable[[SiteConfig, SqliteIndex], int],
     *,
     read_only: bool = False,
+    unreachable: Callable[[SiteConfig, str], int] | None = None,
 ) -> int:
     """For commands on the site's index: load the site config, open the existing, current
     index (read-only when ``read_only``), run ``command`` on both, close the index.
 
     Exit status 2, with one message, when the config is invalid or the index is missing,
-    older or newer than the code: such commands never create or upgrade an index.
+    older or newer than the code: such commands never create or upgrade an index. An index
+    database that does not take a connection is the same, or with ``unreachable``, what it
+    returns (given the site and why).
     """
     site = load_site_or_exit(args)
     if site is None:
@@ -62,6 +66,11 @@ def run_with_index(
         index = open_index(
             site.index_url, site.data_dir / "index.sqlite", upgrade=False, read_only=read_only
         )
+    except (IndexUnreachable, IndexUnavailable) as exc:
+        if unreachable is None:
+            print(f"fiona: {exc}", file=sys.stderr)
+            return 2
+        return unreachable(site, str(exc).removeprefix("cannot open the index ").strip())
     except IndexUnusable as exc:
         print(f"fiona: {exc}", file=sys.stderr)
         return 2

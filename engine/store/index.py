@@ -100,6 +100,9 @@ class QuarantineRecord:
 class Index(Protocol):
     """The storage interface the rest of the engine uses."""
 
+    #: Where the index is, for messages: a file path, or a URL without its password.
+    location: str
+
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None: ...
 
     def add_instance(
@@ -173,6 +176,11 @@ def pending_migrations(version: int) -> list[Migration]:
 
 class IndexUnusable(Exception):
     """The index cannot be opened as asked; the message says what to do. CLI exit status 2."""
+
+
+class IndexUnreachable(IndexUnusable):
+    """The index's database server does not take a connection (stopped, out of reach, or
+    refusing the login): for ``fiona status``, a health problem like any other."""
 
 
 class IndexMissing(IndexUnusable):
@@ -886,9 +894,8 @@ class PgIndex(SqliteIndex):
         try:
             pool = pg.make_pool(url, max_size=pool_size, read_only=read_only)
         except Exception as exc:  # psycopg's own errors (bad URL, refused login) too
-            raise IndexUnusable(
-                f"cannot open the index {self.location}: {str(exc).strip()}"
-            ) from None
+            kind = IndexUnreachable if isinstance(exc, IndexUnavailable) else IndexUnusable
+            raise kind(f"cannot open the index {self.location}: {str(exc).strip()}") from None
         self._lock = pg.Lease(pool)
         self._db = pg.LeasedConnection(self._lock)
         if not check_version:

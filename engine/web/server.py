@@ -27,8 +27,9 @@ from starlette.routing import Route as StarletteRoute
 from engine.config.model import ProjectConfig, SiteConfig
 from engine.manage.attention import projects_signature
 from engine.manage.metrics import render
-from engine.manage.status import collect_status
+from engine.manage.status import collect_status, index_away_status
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index, IndexUnusable, SqliteIndex, open_index
 from engine.store.users import UserStore
 from engine.web.api import ROUTES, Call, Route
@@ -127,7 +128,10 @@ def status_routes(site: SiteConfig, index: Index) -> list[StarletteRoute]:
     names only."""
 
     def status_json(request: Request) -> Response:
-        return _json(collect_status(site, index))
+        try:
+            return _json(collect_status(site, index))
+        except IndexUnavailable as exc:  # monitoring gets the health verdict, not an error
+            return _json(index_away_status(site, f"{index.location}: {exc}"), 503)
 
     def metrics(request: Request) -> Response:
         body, content_type = render(site, index, request.headers.get("accept", ""))
@@ -163,13 +167,41 @@ def build_app(
             code,
         )
 
+    async def index_away(request: Request, exc: Exception) -> Response:
+        return index_away_response(request.url.path)
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.error("web: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
         return _json({"error": "internal error", "fix": "see the fiona log; try again"}, 500)
 
     return Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}
+        routes=routes,
+        exception_handlers={
+            HTTPException: http_error,
+            IndexUnavailable: index_away,
+            Exception: server_error,
+        },
     )
+
+
+_AWAY_FIX = "fiona waits for its index database and resumes by itself; try again in a minute"
+_AWAY_PAGE = (
+    "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+    "<title>fiona: index unavailable</title></head><body>"
+    "<h1>The index is unavailable</h1><p>fiona cannot reach its index database just now (it was"
+    " restarted, or the network to it is down). Nothing received is lost.</p>"
+    f"<p>{_AWAY_FIX}.</p></body></html>"
+)
+
+
+def index_away_response(path: str) -> Response:
+    """503 while the index database cannot be reached: JSON for the API, a page for people
+    (no login either: the sessions are in the index). ``Retry-After`` for clients."""
+    headers = {**_HEADERS, "Retry-After": "30"}
+    if path.startswith("/api/") or path in ("/status.json", "/metrics"):
+        body = json.dumps({"error": "index unavailable", "fix": _AWAY_FIX}, sort_keys=True)
+        return Response(body, 503, headers=headers, media_type="application/json")
+    return Response(_AWAY_PAGE, 503, headers=headers, media_type="text/html")
 
 
 class WebServer:

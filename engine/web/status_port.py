@@ -19,8 +19,16 @@ from starlette.routing import Route as StarletteRoute
 
 from engine.config.model import SiteConfig
 from engine.manage.status import collect_status, render_text
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
-from engine.web.server import WebServer, listen, own_index, status_routes, uvicorn_config
+from engine.web.server import (
+    WebServer,
+    index_away_response,
+    listen,
+    own_index,
+    status_routes,
+    uvicorn_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,13 @@ def status_app(site: SiteConfig, index: Index) -> Starlette:
     def text(request: Request) -> Response:
         return PlainTextResponse(render_text(collect_status(site, index)) + "\n", headers=_HEADERS)
 
-    return Starlette(routes=[*status_routes(site, index), StarletteRoute("/", text)])
+    async def index_away(request: Request, exc: Exception) -> Response:
+        return index_away_response(request.url.path)
+
+    return Starlette(
+        routes=[*status_routes(site, index), StarletteRoute("/", text)],
+        exception_handlers={IndexUnavailable: index_away},
+    )
 
 
 def start_status_port(site: SiteConfig) -> WebServer | None:
