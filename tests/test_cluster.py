@@ -125,6 +125,37 @@ def _race(members: list[Member], claim: Callable[[Member], list[int]]) -> list[l
     return got
 
 
+def test_racing_nodes_never_send_more_than_a_destinations_concurrency(
+    members: Callable[[str], Member],
+) -> None:
+    """Four nodes claim due transfers of one destination (concurrency 1) at the same instant,
+    round after round: one transfer is sending each time. On PostgreSQL the claims take turns
+    on an advisory lock; without it two nodes could both count none sending and both claim."""
+    nodes = [members(f"node-{i}") for i in range(4)]
+    for attempt in range(10):
+        for i in range(4):
+            nodes[0].outbox.enqueue(
+                project="p", destination="d", study_uid=f"1.2.{attempt}.{i}",
+                export_uid=f"1.2.{attempt}.{i}", run_id=10 * attempt + i + 1, follow_up=0,
+                subject="S", event="", items=[], now=T0,
+            )  # fmt: skip
+        start = threading.Barrier(len(nodes))
+        claimed: list[int] = []
+
+        def claim(m: Member, start: threading.Barrier = start, out: list[int] = claimed) -> None:
+            start.wait()
+            out.extend(t.id for t in m.outbox.claim_due(T0, {("p", "d"): 1}))
+
+        threads = [threading.Thread(target=claim, args=(m,)) for m in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(claimed) == 1, f"round {attempt}: {claimed}"
+        with nodes[0].index.transaction() as db:  # every transfer of the round ends
+            db.execute("UPDATE transfers SET state = 'done', claimed_by = NULL")
+
+
 def test_every_run_transfer_and_row_is_claimed_exactly_once_by_racing_nodes(
     members: Callable[[str], Member],
 ) -> None:

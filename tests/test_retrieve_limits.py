@@ -5,6 +5,7 @@ the worker tried it), and tries C-GET again some time after a PACS refused it.""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,41 @@ class _NoLane:
 
     def drop(self) -> None:
         pass
+
+
+def _claim_at_once(nodes: list[RetrievalStore], rows: list[int], limit: int) -> list[bool]:
+    """Each node claims its row of PACS ``clinical`` in its own thread, all at one instant."""
+    start = threading.Barrier(len(nodes))
+    won: list[bool] = []
+
+    def claim(store: RetrievalStore, row: int) -> None:
+        start.wait()
+        won.append(store.claim(row, 1.0, "clinical", limit))
+
+    threads = [
+        threading.Thread(target=claim, args=(node, row))
+        for node, row in zip(nodes, rows, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
+def test_claims_at_the_same_instant_never_pass_the_limit(tmp_path: Path) -> None:
+    """Four nodes claim a row of one PACS (limit 1) at once, many times over: one gets it each
+    time. On PostgreSQL the claims of a PACS take turns on an advisory lock; without it two
+    transactions could both count none under way and both claim."""
+    index = open_index("", tmp_path / "index.sqlite")
+    nodes = [RetrievalStore(index, Node(f"node-{k}", 60.0, host="h", pid=k + 1)) for k in range(4)]
+    for attempt in range(12):
+        specs = [RowSpec(k + 2, accession=f"A{attempt}-{k}") for k in range(len(nodes))]
+        job = nodes[0].create_job("clinical", "", "list.csv", specs, "t", 0.0)
+        rows = [r.id for r in nodes[0].rows(job)]
+        won = _claim_at_once(nodes, rows, 1)
+        assert won.count(True) == 1, f"attempt {attempt}: {won}"
+        assert nodes[0].under_way("clinical") == 1
+        for node, row in zip(nodes, rows, strict=True):
+            node.update(row, 2.0, RowState.DONE)  # only its holder's write counts
+    index.close()

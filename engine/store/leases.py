@@ -77,6 +77,16 @@ def skip_locked(db: Any) -> str:
     return " FOR UPDATE SKIP LOCKED" if engine.startswith(("postgres", "psycopg")) else ""
 
 
+def one_at_a_time(db: Any, name: str) -> None:
+    """In the transaction begun on connection ``db``: wait until no other transaction of the
+    cluster holds ``name``, and hold it until this one ends. For a check and a claim that must
+    not interleave with another node's (a limit counted across the nodes): on PostgreSQL a
+    transaction-scoped advisory lock (READ COMMITTED: what the other committed is seen after
+    it); nothing on SQLite, where ``BEGIN IMMEDIATE`` already lets one writer in at a time."""
+    if skip_locked(db):  # the engine test of skip_locked: PostgreSQL
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from engine.store.index import Index
-from engine.store.leases import Leases, claimable
+from engine.store.leases import Leases, claimable, one_at_a_time
 from engine.store.nodes import Node
 
 
@@ -191,12 +191,14 @@ class RetrievalStore:
     def claim(self, row_id: int, now: float, pacs: str = "", limit: int = 0) -> bool:
         """Start a row (``querying``), leased to this node; False when it is no longer open
         (cancelled), another node holds it, or (``limit`` > 0) ``limit`` rows of ``pacs`` are
-        under way in the cluster already (the count and the claim share one transaction: on
-        SQLite nodes take turns, on PostgreSQL two claims at the same instant may both pass)."""
+        under way in the cluster already (the count and the claim share one transaction, and
+        the claims of one PACS take turns: see :func:`one_at_a_time`)."""
         leases = self.leases
         with self.index.transaction() as db:
-            if limit and _under_way(db, pacs, leases.clock()) >= limit:
-                return False
+            if limit:
+                one_at_a_time(db, f"retrieve-claim:{pacs}")
+                if _under_way(db, pacs, leases.clock()) >= limit:
+                    return False
             cur = db.execute(
                 "UPDATE retrieve_rows SET state='querying', claimed_by=?, lease_until=?,"
                 " updated_at=? WHERE id=? AND state IN ('queued', 'querying', 'retrieving')"

@@ -27,7 +27,7 @@ from typing import Any
 
 from engine.store.db import Connection
 from engine.store.index import Index
-from engine.store.leases import Leases, claimable, skip_locked
+from engine.store.leases import Leases, claimable, one_at_a_time, skip_locked
 from engine.store.nodes import Node
 from engine.transfer.base import InstanceResult, OutgoingInstance, StudyBatch
 
@@ -220,6 +220,9 @@ class Outbox:
         lease_now = leases.clock()
         claimed: list[int] = []
         with self.index.transaction() as db:
+            # The count and the claims of two nodes must not interleave, or both could fill
+            # the same free slot.
+            one_at_a_time(db, "outbox-claim")
             busy = {
                 (str(p), str(d)): int(n)
                 for p, d, n in db.execute(
