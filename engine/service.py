@@ -23,7 +23,7 @@ from engine.daemon import (
 )
 from engine.deid.verify import set_date_languages
 from engine.manage.heartbeat import HeartbeatJob, mark_stopped
-from engine.manage.pidfile import remove_pid_file, write_pid_file
+from engine.manage.pidfile import prune_node_dirs, remove_pid_file, write_pid_file
 from engine.manage.retention import RetentionJob
 from engine.net.scp import start_scp
 from engine.pipeline.redcap_jobs import add_redcap_jobs
@@ -456,6 +456,7 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         return 1
     write_pid_file(site.data_dir, node=node.id)  # `fiona status` checks this process is alive
+    prune_node_dirs(site.data_dir, keep=node.id)
     scheduler.resume()
     status_page = start_status_port(site)  # deprecated: the web serves the same
     web = start_web(site, load_enabled_projects)

@@ -4,12 +4,14 @@ data folder's (the node started last), with node names made safe file names firs
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from engine.manage.pidfile import node_dir, safe_node_name, serve_process
+from engine.manage.pidfile import node_dir, prune_node_dirs, safe_node_name, serve_process
 from tests.peers import FionaServer
 from tests.test_cluster_serve import _status
 from tests.test_workflow import wait_for
@@ -81,3 +83,45 @@ def test_two_nodes_on_one_data_folder_keep_their_own_files(tmp_path: Path) -> No
     finally:
         for node in nodes:
             node.stop()
+
+
+def _node_folder(data: Path, node_id: str, age_days: float, now: float) -> Path:
+    """A node's folder with a status.json (and a pid file) last changed ``age_days`` ago."""
+    folder = node_dir(data, node_id)
+    folder.mkdir(parents=True)
+    for name in ("status.json", "serve.pid"):
+        (folder / name).write_text("{}")
+        os.utime(folder / name, (now - age_days * 86400,) * 2)
+    os.utime(folder, (now - age_days * 86400,) * 2)
+    return folder
+
+
+def test_folders_of_nodes_gone_for_a_week_are_pruned(tmp_path: Path) -> None:
+    """Unnamed nodes (``<host>/<pid>``) get a new folder at every start: those untouched for a
+    week go when a node starts; the starting node's own, a recent one, and anything that is
+    not a plain folder of plain files stay."""
+    data, now = tmp_path / "data", time.time()
+    gone = _node_folder(data, "host/100", 8, now)
+    recent = _node_folder(data, "host/200", 2, now)
+    own = _node_folder(data, "host/300", 30, now)
+    odd = _node_folder(data, "host/400", 30, now)
+    (odd / "inner").mkdir()
+    os.utime(odd, (now - 30 * 86400,) * 2)
+    (data / "nodes" / "link").symlink_to(tmp_path)
+    assert prune_node_dirs(data, keep="host/300", now=now) == 1
+    assert not gone.exists()
+    assert recent.is_dir() and own.is_dir() and odd.is_dir()
+    assert (data / "nodes" / "link").is_symlink() and tmp_path.is_dir()
+    assert prune_node_dirs(tmp_path / "elsewhere", keep="x", now=now) == 0  # no nodes folder
+
+
+def test_a_starting_node_prunes_the_folders_of_nodes_long_gone(tmp_path: Path) -> None:
+    data, projects = tmp_path / "data", tmp_path / "projects"
+    projects.mkdir()
+    gone = _node_folder(data, "old-host/4242", 10, time.time())
+    node = FionaServer(data, projects).start()
+    try:
+        wait_for("the old node's folder to go", lambda: not gone.exists(), 30, node)
+    finally:
+        node.stop()
+    assert "removed 1 node folders untouched for 7 days or more (nodes gone)" in node.log_text()

@@ -14,8 +14,11 @@ is all that is checked.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ __all__ = [
     "PID_FILE",
     "ServeProcess",
     "node_dir",
+    "prune_node_dirs",
     "remove_pid_file",
     "safe_node_name",
     "serve_process",
@@ -37,6 +41,11 @@ PID_FILE = "serve.pid"
 #: The folder of the data folder holding one folder per node.
 NODES_DIR = "nodes"
 _PROC = Path("/proc")
+#: Seconds: a node folder none of whose files changed for this long is a node gone for good
+#: (a running node writes its status.json every heartbeat, pausing only while the index is
+#: away), removed when another node starts.
+STALE_NODE_SECONDS = 7 * 86400
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@-]")
 
 
@@ -56,6 +65,40 @@ def safe_node_name(node_id: str) -> str:
 def node_dir(data_dir: Path, node_id: str) -> Path:
     """The folder of node ``node_id``'s own files: ``<data_dir>/nodes/<safe name>``."""
     return data_dir / NODES_DIR / safe_node_name(node_id)
+
+
+def prune_node_dirs(
+    data_dir: Path, keep: str, older_than: float = STALE_NODE_SECONDS, now: float | None = None
+) -> int:
+    """Remove the folders under ``<data_dir>/nodes`` of nodes gone for good: none of their
+    files changed for ``older_than`` seconds (an unnamed node, ``<host>/<pid>``, has a new
+    folder at every start). The folder of node ``keep`` (this one) stays; so does anything
+    that is not a plain folder of plain files. Returns how many were removed; never raises."""
+    now = time.time() if now is None else now
+    own = safe_node_name(keep)
+    removed = 0
+    try:
+        folders = [p for p in (data_dir / NODES_DIR).iterdir() if p.name != own]
+    except OSError:
+        return 0
+    for folder in folders:
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            files = list(folder.iterdir())
+            if any(f.is_symlink() or not f.is_file() for f in files):
+                continue
+            newest = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in files)])
+            if now - newest < older_than:
+                continue
+            shutil.rmtree(folder)
+            removed += 1
+        except OSError as exc:
+            log.warning("could not remove the stale node folder %s: %s", folder.name, exc.strerror)
+    if removed:
+        days = older_than / 86400
+        log.info("removed %d node folders untouched for %.0f days or more (nodes gone)", removed, days)
+    return removed
 
 
 @dataclass(frozen=True)
