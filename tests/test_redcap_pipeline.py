@@ -29,6 +29,7 @@ from engine.pipeline.transfer_requests import transfer_requests_job
 from engine.pipeline.validate import build_pipeline
 from engine.store.archive import Archive
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.index import Origin, SqliteIndex, open_index
 from engine.store.quarantine import Quarantine
 from tests import synth
@@ -508,3 +509,30 @@ def test_logs_and_details_carry_no_phi_or_token(
     text = caplog.text + world.run(run_id).detail + str(world.quarantine_rows())
     assert "redcap_unavailable" in caplog.text or "unavailable" in caplog.text
     assert patient_id(1) not in text and world.redcap.token not in text
+
+
+def test_the_redcap_jobs_leave_an_index_outage_to_their_wrapper(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The index away during a REDCap job: the job raises IndexUnavailable (the service's
+    wrapper says so once and waits) instead of logging a traceback per project per tick, and
+    the project is looked at again as soon as the index is back, not a whole interval later."""
+    world.redcap.put([{"record_id": "7", "mrn": patient_id(1), "consent": "0"}])
+    project = world.write_project([CONSENT], requests=REQUESTS)
+    recheck = consent_recheck_job(world.index, world.data, [project])
+    requests = transfer_requests_job(world.index, [project])
+    assert recheck is not None and requests is not None
+
+    def away(*_: object) -> int:
+        raise IndexUnavailable("the index database does not answer")
+
+    for job, method in ((recheck, "recheck"), (requests, "poll")):
+        real = getattr(job, method)
+        setattr(job, method, away)
+        with pytest.raises(IndexUnavailable):
+            job(NOW)
+        calls: list[object] = []
+        setattr(job, method, lambda *a, real=real, calls=calls: calls.append(a) or real(*a))
+        job(NOW + 1)  # back a second later: done now, not after the job's interval
+        assert len(calls) == 1, method
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

@@ -97,7 +97,9 @@ def prune_node_dirs(
             log.warning("could not remove the stale node folder %s: %s", folder.name, exc.strerror)
     if removed:
         days = older_than / 86400
-        log.info("removed %d node folders untouched for %.0f days or more (nodes gone)", removed, days)
+        log.info(
+            "removed %d node folders untouched for %.0f days or more (nodes gone)", removed, days
+        )
     return removed
 
 

@@ -24,6 +24,7 @@ from engine.pipeline.validate import step_options
 from engine.redcap.client import RedcapError
 from engine.redcap.settings import RecordKey, RedcapSettings, connection, settings_of
 from engine.store.audit import AuditLog, uid_token
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 from engine.store.quarantine import Reason
 
@@ -92,6 +93,9 @@ class ConsentRecheck:
             self._last[check.project] = now
             try:
                 released += self.recheck(check)
+            except IndexUnavailable:  # for the job's wrapper: one line, then it waits
+                del self._last[check.project]  # looked at as soon as the index is back
+                raise
             except RedcapError as exc:  # an outage: the studies stay held, tried next time
                 log.warning("consent re-check of project %s: %s", check.project, exc)
             except Exception:

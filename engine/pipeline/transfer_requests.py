@@ -30,6 +30,7 @@ from engine.config.model import ProjectConfig
 from engine.pipeline.store import RunState, RunStore
 from engine.redcap.client import RedcapError
 from engine.redcap.settings import RedcapSettings, RequestFields, connection, settings_of
+from engine.store.db import IndexUnavailable
 from engine.store.index import Index
 
 __all__ = ["RequestSource", "Status", "TransferRequests", "transfer_requests_job"]
@@ -121,6 +122,9 @@ class TransferRequests:
             self._last[source.project] = now
             try:
                 written += self.poll(source, now)
+            except IndexUnavailable:  # for the job's wrapper: one line, then it waits
+                del self._last[source.project]  # polled as soon as the index is back
+                raise
             except RedcapError as exc:  # an outage: the requests wait for the next poll
                 log.warning("transfer requests of project %s: %s", source.project, exc)
             except Exception:
