@@ -53,7 +53,13 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.scale import FionaGroup, PgServer, _have_postgresql  # noqa: E402
+from bench.scale import (  # noqa: E402
+    FionaGroup,
+    PgServer,
+    _have_postgresql,
+    _proc_cpu,
+    machine_load,
+)
 from engine.store.db import INDEX_URL_ENV  # noqa: E402
 from tests import synth  # noqa: E402
 from tests.peers import OrthancServer, dcmtk, nodelay_env  # noqa: E402
@@ -252,28 +258,42 @@ def _run_rounds(
         write_project(group.projects, orthanc, args.quiet, args.concurrency)
         try:
             group.start()
-            start = time.perf_counter()
-            failures = send_studies(studies, group.port, "FIONA", args.senders)
-            if failures:
-                raise RuntimeError(f"{name}: storescu failed: {failures[0]}")
-            try:
-                wait_for_orthanc(orthanc, total, args.timeout)
-            except RuntimeError as exc:
-                problems = [
-                    line
-                    for s in group.servers
-                    for line in s.log_text().splitlines()
-                    if " WARNING " in line or " ERROR " in line
-                ]
-                raise RuntimeError(f"{name}: {exc}; fiona: {problems[:20]}") from None
-            seconds = time.perf_counter() - start
+            busy: list[float] = []
+            assert orthanc.proc is not None
+            cpu = (group.cpu_seconds(), _proc_cpu(orthanc.proc.pid))
+            with machine_load(busy):
+                seconds = _fiona_sends(group, orthanc, name)
+            fiona_cpu = group.cpu_seconds() - cpu[0]
+            orthanc_cpu = _proc_cpu(orthanc.proc.pid) - cpu[1]
             check_delivered(orthanc, len(studies), original_ids, name)
             runs = "+".join(str(len(_RUN_DONE.findall(s.log_text()))) for s in group.servers)
-            spread.setdefault(name, []).append(f"{'+'.join(map(str, group.spread()))}, runs {runs}")
+            spread.setdefault(name, []).append(
+                f"{'+'.join(map(str, group.spread()))}, runs {runs}; cores: fiona"
+                f" {fiona_cpu / seconds:.2f}, Orthanc {orthanc_cpu / seconds:.2f}, machine busy"
+                f" {100 * busy[0]:.0f}%"
+            )
             return seconds
         finally:
             group.stop()
             orthanc.stop()
+
+    def _fiona_sends(group: FionaGroup, orthanc: OrthancServer, name: str) -> float:
+        """Send the studies into ``group``; seconds until Orthanc has every instance."""
+        start = time.perf_counter()
+        failures = send_studies(studies, group.port, "FIONA", args.senders)
+        if failures:
+            raise RuntimeError(f"{name}: storescu failed: {failures[0]}")
+        try:
+            wait_for_orthanc(orthanc, total, args.timeout)
+        except RuntimeError as exc:
+            problems = [
+                line
+                for s in group.servers
+                for line in s.log_text().splitlines()
+                if " WARNING " in line or " ERROR " in line
+            ]
+            raise RuntimeError(f"{name}: {exc}; fiona: {problems[:20]}") from None
+        return time.perf_counter() - start
 
     table: dict[str, Round] = {
         "orthanc": direct,
@@ -302,7 +322,7 @@ def _run_rounds(
     print(f"{'receiver':>10} {'studies/min':>12} {'seconds':>8} {'minus quiet':>12}  notes")
     for name, rate in per_minute.items():
         quiet = "" if name == "orthanc" else f"{medians[name] - args.quiet:12.1f}"
-        note = f"associations, runs per process {'; '.join(spread[name])}" if name in spread else ""
+        note = f"associations per process {' | '.join(spread[name])}" if name in spread else ""
         print(f"{name:>10} {rate:12.1f} {medians[name]:8.1f} {quiet:>12}  {note}", flush=True)
 
     def ratio(a: str, b: str, label: str) -> None:

@@ -46,6 +46,8 @@ class Workflow:
         self.index = index
         self.locks = locks
         self.data_dir = site.data_dir
+        self.scan_interval = site.scan_interval
+        self._tracked_at = float("-inf")
         self.quarantine = Quarantine(site.data_dir, index)
         self.runs = RunStore(index)
         enabled = [p for p in projects if p.enabled]
@@ -72,8 +74,26 @@ class Workflow:
         return self.holder.hold(run.study_uid, reason, detail, run.project)
 
     def scan(self, now: float | None = None) -> None:
-        """One pass: route, label and complete; then run what is runnable."""
+        """One pass: route, label and complete; then run what is runnable.
+
+        On the clock (``now`` not given, as ``fiona serve`` calls it), the tracker also runs
+        between two runs once ``scan_interval`` has passed since it last ran: while this node
+        works through a long queue of runs, studies still complete on time and their runs
+        are there for the other nodes to take. Before, completeness waited for the whole
+        queue, and other nodes waited with it."""
+        live = now is None
         now = time.time() if now is None else now
+        self._track(now)
+        try:
+            self.runner.run_pending(now, between=self._track_if_due if live else None)
+        except IndexUnavailable:
+            raise
+        except Exception:
+            log.exception("pipeline scan failed; retrying next scan")
+
+    def _track(self, now: float) -> None:
+        """The tracker's pass (on the node holding its lock, in a cluster)."""
+        self._tracked_at = time.monotonic()
         try:
             if self.locks is None:
                 self.tracker.scan(now)
@@ -83,9 +103,7 @@ class Workflow:
             raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("routing and completeness scan failed; retrying next scan")
-        try:
-            self.runner.run_pending(now)
-        except IndexUnavailable:
-            raise
-        except Exception:
-            log.exception("pipeline scan failed; retrying next scan")
+
+    def _track_if_due(self) -> None:
+        if time.monotonic() - self._tracked_at >= self.scan_interval:
+            self._track(time.time())

@@ -554,9 +554,7 @@ class _Matcher:
             if kind.value not in allow_kinds and run not in allowed
         }
         self.empty = not words and not self.digits
-        pattern = _trie(words) if words else "(?!)"
-        self.text = re.compile(pattern, re.IGNORECASE)
-        self.upper = re.compile(pattern)  # for upper-cased text: 4x faster than IGNORECASE
+        self._pattern = _trie(words) if words else "(?!)"
         # Bytes: each token in UTF-8 and latin-1; non-ASCII ones also in lower and title case
         # (IGNORECASE on bytes folds ASCII only). Built as latin-1 text, then encoded.
         byte_words: dict[str, tuple[str, str]] = {}
@@ -569,6 +567,19 @@ class _Matcher:
                     self.byte_kinds[raw.upper()] = self.kinds[token]
         byte_pattern = _trie(byte_words) if byte_words else "(?!)"
         self.bytes = re.compile(byte_pattern.encode("latin-1"), re.IGNORECASE)
+
+    # The text searches are compiled when first used: the common check of a written file
+    # needs only the bytes one, and compiling a study's expression costs milliseconds.
+
+    @functools.cached_property
+    def text(self) -> re.Pattern[str]:
+        """The tokens in text, in any case."""
+        return re.compile(self._pattern, re.IGNORECASE)
+
+    @functools.cached_property
+    def upper(self) -> re.Pattern[str]:
+        """The tokens in upper-cased text: 4x faster than ``text``."""
+        return re.compile(self._pattern)
 
     def kind(self, found: str) -> str:
         """The kind of the token ``found`` matched (case-insensitively)."""

@@ -85,9 +85,12 @@ class PipelineRunner:
         self.audit = audit
         self._waiting: set[int] = set()  # runs of unknown projects, logged once
 
-    def run_pending(self, now: float | None = None) -> int:
+    def run_pending(
+        self, now: float | None = None, between: Callable[[], None] | None = None
+    ) -> int:
         """Work through every runnable run, claiming one at a time (other nodes claim the
-        others); the number of runs worked on."""
+        others); the number of runs worked on. ``between`` is called after each run (the
+        workflow's tracker, when due)."""
         now = time.time() if now is None else now
         names = sorted(self.pipelines)
         for other in self.store.waiting(now, names):
@@ -120,6 +123,8 @@ class PipelineRunner:
                 )
             finally:
                 self._release(run)
+            if between is not None:
+                between()
         return count
 
     def _release(self, run: RunRecord) -> None:

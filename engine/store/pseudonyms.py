@@ -30,6 +30,15 @@ class PseudonymTable:
         ``preferred`` (a research ID from a coupling list or REDCap) is used for a new entry
         when no other original holds it already.
         """
+        # A pseudonym never changes once given: one that exists is read without taking the
+        # index's write turn (the receiver's commits would wait on it, and it on them).
+        with self.index.reading() as db:
+            row = db.execute(
+                "SELECT pseudonym FROM pseudonyms WHERE project=? AND original=?",
+                (self.project, original),
+            ).fetchone()
+        if row:
+            return str(row[0])
         with self.index.transaction() as db:
             row = db.execute(
                 "SELECT pseudonym FROM pseudonyms WHERE project=? AND original=?",

@@ -51,9 +51,16 @@ class TablePseudonyms:
     def __init__(self, table: PseudonymTable, preferred: str = "") -> None:
         self.table = table
         self.preferred = preferred
+        # For the run (one study, mostly one patient): the table is asked once per patient,
+        # not once per file; a pseudonym, once given, never changes.
+        self._given: dict[str, str] = {}
 
     def pseudonym(self, patient_id: str, patient_name: str) -> Pseudonym:
-        value = self.table.pseudonym_for(patient_id, preferred=self.preferred)
+        value = self._given.get(patient_id)
+        if value is None:
+            value = self._given[patient_id] = self.table.pseudonym_for(
+                patient_id, preferred=self.preferred
+            )
         return Pseudonym(value, value)
 
 
