@@ -33,19 +33,13 @@ class PseudonymTable:
         # A pseudonym never changes once given: one that exists is read without taking the
         # index's write turn (the receiver's commits would wait on it, and it on them).
         with self.index.reading() as db:
-            row = db.execute(
-                "SELECT pseudonym FROM pseudonyms WHERE project=? AND original=?",
-                (self.project, original),
-            ).fetchone()
-        if row:
-            return str(row[0])
+            found = self._existing(db, original)
+        if found is not None:
+            return found
         with self.index.transaction() as db:
-            row = db.execute(
-                "SELECT pseudonym FROM pseudonyms WHERE project=? AND original=?",
-                (self.project, original),
-            ).fetchone()
-            if row:
-                return str(row[0])
+            found = self._existing(db, original)  # given meanwhile by another thread or node
+            if found is not None:
+                return found
             chosen = preferred if preferred and not self._taken(db, preferred) else ""
             if not chosen:
                 count = db.execute(
@@ -61,6 +55,13 @@ class PseudonymTable:
                 (self.project, original, chosen, time.time()),
             )
             return chosen
+
+    def _existing(self, db: Connection, original: str) -> str | None:
+        row = db.execute(
+            "SELECT pseudonym FROM pseudonyms WHERE project=? AND original=?",
+            (self.project, original),
+        ).fetchone()
+        return str(row[0]) if row else None
 
     def _taken(self, db: Connection, pseudonym: str) -> bool:
         row = db.execute(
