@@ -39,7 +39,8 @@ def test_the_end_to_end_benchmark_runs_in_its_quick_size(pg_cluster: PgCluster) 
     out = done.stdout
     for receiver in ("orthanc", "fiona1", "fiona2", "fiona1-pg", "fiona2-pg"):
         assert f" {receiver} " in out, out
-    assert "studies/min" in out and out.count("associations, runs per process") == 4, out
+    assert "studies/min" in out and out.count("associations per process") == 4, out
+    assert out.count("machine busy") == 4 and out.count("cores: fiona") == 4, out
     for ratio in (
         "fiona x2 / fiona x1 (SQLite)",
         "fiona x2 / fiona x1 (PostgreSQL)",
