@@ -256,14 +256,19 @@ def durable_floor(work: Path, threads: int, files: int, size: int) -> float:
 
     share = max(files // threads, 1)
     workers = [threading.Thread(target=write, args=(t, share)) for t in range(threads)]
+    elapsed = timed_threads(workers)
+    db.close()
+    return share * threads / elapsed
+
+
+def timed_threads(workers: list[threading.Thread]) -> float:
+    """Seconds from starting ``workers`` together to the last one's end."""
     start = time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    elapsed = time.perf_counter() - start
-    db.close()
-    return share * threads / elapsed
+    return time.perf_counter() - start
 
 
 class PgServer:
@@ -342,12 +347,7 @@ def index_adds(
             index.add_instance(h, f"archive/{h.sop_instance_uid}.dcm", 1000, origin)
 
     workers = [threading.Thread(target=add, args=(headers[i::threads],)) for i in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = timed_threads(workers)
     index.close()
     return len(headers) / elapsed
 
