@@ -40,8 +40,20 @@ def test_preferred_research_id_is_used_unless_taken(tmp_path: Path) -> None:
 def test_concurrent_first_use_gives_one_pseudonym(tmp_path: Path) -> None:
     table = PseudonymTable(open_index("", tmp_path / "index.sqlite"), "p")
     with ThreadPoolExecutor(8) as pool:
-        got = set(pool.map(lambda _: table.pseudonym_for("SAME"), range(32)))
-    assert got == {"SUBJ0001"}
+        for round_ in range(10):  # the race is narrow: several rounds make it show
+            got = set(pool.map(table.pseudonym_for, [f"SAME{round_}"] * 16))
+            assert got == {f"SUBJ{round_ + 1:04d}"}
+
+
+def test_concurrent_first_use_of_different_patients_gives_different_pseudonyms(
+    tmp_path: Path,
+) -> None:
+    table = PseudonymTable(open_index("", tmp_path / "index.sqlite"), "p")
+    originals = [f"PAT{n}" for n in range(48)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(table.pseudonym_for, originals))
+    assert sorted(got) == [f"SUBJ{n:04d}" for n in range(1, 49)]
+    assert [table.pseudonym_for(o) for o in originals] == got  # and each one stays
 
 
 def test_reidentify_is_audited_without_the_original(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from engine.store.db import Connection
 from engine.store.index import Index
+from engine.store.leases import one_at_a_time
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class PseudonymTable:
         if found is not None:
             return found
         with self.index.transaction() as db:
+            # On PostgreSQL two nodes' transactions would both find nothing and both number
+            # the same next pseudonym: the project's allocations take turns across the cluster.
+            one_at_a_time(db, f"pseudonyms:{self.project}")
             found = self._existing(db, original)  # given meanwhile by another thread or node
             if found is not None:
                 return found
