@@ -90,7 +90,9 @@ def send_studies(studies: list[list[Path]], port: int, ae: str, senders: int) ->
     failures: list[str] = []
 
     def sender(share: list[list[Path]]) -> None:
-        base = [dcmtk("storescu"), "-aec", ae, "-aet", AE, "127.0.0.1", str(port)]
+        # Timeouts (s): a receiver that stops answering fails the round, not hangs it.
+        timeouts = ["-to", "60", "-ta", "60", "-td", "60"]
+        base = [dcmtk("storescu"), *timeouts, "-aec", ae, "-aet", AE, "127.0.0.1", str(port)]
         for files in share:
             done = _run([*base, *map(str, files)])
             if done is not None:
@@ -109,7 +111,10 @@ def send_studies(studies: list[list[Path]], port: int, ae: str, senders: int) ->
 def _run(cmd: list[str]) -> str | None:
     import subprocess
 
-    done = subprocess.run(cmd, env=nodelay_env(), capture_output=True)
+    try:
+        done = subprocess.run(cmd, env=nodelay_env(), capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "no answer in 300 s"
     if done.returncode == 0:
         return None
     said = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
