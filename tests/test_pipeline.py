@@ -110,6 +110,23 @@ def _new_run(world: World, datasets: list[Dataset], follow_up: int = 0) -> int:
 # --------------------------------------------------------------------------- run store
 
 
+def test_runs_added_at_once_each_get_their_own_follow_up_number(world: World) -> None:
+    """The tracker, a REDCap transfer request and an operator's release may add a run of one
+    study at the same instant (on PostgreSQL, on different nodes): each gets its own number,
+    after the runs already there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    world.store.create_run("1.2.3", "p", "", "", 0, ["1.2.3.4"])
+
+    def add(_: int) -> int:
+        with world.index.transaction() as db:
+            return RunStore.add_next_run(db, "1.2.3", "p", "", "", ["1.2.3.4"])[1]
+
+    with ThreadPoolExecutor(6) as pool:
+        got = sorted(pool.map(add, range(24)))
+    assert got == list(range(1, 25))
+
+
 def test_create_run_is_idempotent_and_series_come_from_the_index(world: World) -> None:
     datasets = _study()
     world.receive(datasets, Origin("dimse", "MR1", "FIONA", "10.0.0.9"))

@@ -205,6 +205,69 @@ def test_release_of_a_transfer_failed_study_retries_its_transfers(
     assert world.held() == []
 
 
+def test_release_of_a_series_that_failed_conversion_converts_it_again_with_the_current_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.pipeline.nifti import dcm2niix_path
+    from engine.service import OutboxJob, Store
+
+    if dcm2niix_path() is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("dcm2niix is not installed (scripts/setup.sh --test)")
+        pytest.skip("dcm2niix is not installed")
+    share = tmp_path / "share"
+    share.mkdir()
+
+    def project(timeout: float) -> dict[str, Any]:
+        return _project(
+            "p",
+            [
+                {"step": "anonymize", "secret_file": "p.key"},
+                {"step": "convert", "format": "nifti", "timeout_seconds": timeout},
+                {"step": "send", "to": "share"},
+            ],
+            destinations={"share": {"type": "folder", "path": str(share)}},
+        )
+
+    _key(tmp_path)
+    # A timeout no dcm2niix meets: every series of the study is held, the run goes on.
+    world = World(tmp_path, [project(0.001)], {})
+    datasets = _study(9)
+    world.send(datasets)
+    world.scan()
+    held = {path.rsplit("/", 1)[1]: qid for qid, path in world.rows(
+        "SELECT qid, path FROM quarantine WHERE state='held' AND reason='conversion_failed'"
+    )}  # fmt: skip
+    t2 = next(d for d in datasets if d.SeriesDescription == MR["t2_tse"].series_description)
+    t2_uid = str(t2.SeriesInstanceUID)
+    assert len(held) == 2 and t2_uid in held
+    assert world.rows("SELECT follow_up, state FROM pipeline_runs") == [(0, "done")]
+    # The coordinator gives dcm2niix time; the service reloads; the operator releases one.
+    world.write_project(project(600))
+    world.reload()
+    code, text = world.cli(capsys, "quarantine", "release", held[t2_uid], "--yes")
+    assert code == 0 and "run 2 (follow-up 1) made for this series alone" in text, text
+    world.scan()
+    runs = world.rows("SELECT follow_up, series, state FROM pipeline_runs ORDER BY id")
+    assert runs[1] == (1, json.dumps([t2_uid]), "done"), runs
+    worker = OutboxJob(Store(world.site, world.index, world.archive), world.loaded()).worker
+    try:
+        while worker.run_due(time.time() + 1, timeout=60):
+            pass
+    finally:
+        worker.close()
+    assert world.rows("SELECT state FROM transfers WHERE run_id=2") == [("done",)]
+    converted = sorted(p.name for p in share.rglob("*.nii.gz"))
+    assert len(converted) == 1 and converted[0].startswith(f"series-{t2.SeriesNumber:03d}")
+    # The other series stays held; the released one is released, and a new scan makes no
+    # other run (the route counts the released series' run).
+    assert [q for q, r, _ in world.held()] == [q for u, q in held.items() if u != t2_uid]
+    world.scan()
+    assert len(world.rows("SELECT id FROM pipeline_runs")) == 2
+    code, text = world.cli(capsys, "quarantine", "release", held[t2_uid], "--yes")
+    assert code == 1 and "is released, not held" in text
+
+
 def test_release_of_an_unrouted_study_routes_it_with_the_current_projects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

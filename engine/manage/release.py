@@ -174,6 +174,7 @@ class Releaser:
         * ``unrouted`` / ``ambiguous``: the study's routing is reset, so the next scan labels
           and routes it with the current projects;
         * ``transfer_failed``: the study's failed transfers for the project are queued again;
+        * ``conversion_failed`` (one series): a follow-up run for that series alone;
         * any other study hold (a pipeline run stopped it): the study's held runs for the
           project are reopened at the step that stopped them, with the current config.
         """
@@ -196,6 +197,8 @@ class Releaser:
             return self._route_again(item.study_uid)
         if item.reason == Reason.TRANSFER_FAILED:
             return self._retry_transfers(item.study_uid, item.project)
+        if item.reason == Reason.CONVERSION_FAILED:
+            return self._run_series_again(item)
         return self._reopen_runs(item.study_uid, item.project)
 
     def _receive_again(self, item: Item) -> tuple[bool, str]:
@@ -261,6 +264,35 @@ class Releaser:
             outbox.retry(transfer.id)
         ids = ", ".join(str(t.id) for t in failed)
         return True, f"transfer(s) {ids} queued again"
+
+    def _run_series_again(self, item: Item) -> tuple[bool, str]:
+        """A series the ``convert`` step could not convert (its run went on without it): a
+        follow-up run of the project's pipeline on that series alone, with the current config
+        (a longer timeout, a newer dcm2niix). Failing again, it is held again as a new item."""
+        assert item.study_uid is not None
+        series_uid = Path(item.path).name  # archive/<study>/<series>, validated on receipt
+        if Path(item.path).parent.name != item.study_uid or series_uid == item.study_uid:
+            return False, "the item names no series of the study"
+        if not (self.data_dir / item.path).is_dir():
+            return False, "the series' files are no longer in the archive"
+        with self.index.transaction() as db:
+            route = db.execute(
+                "SELECT subject, event FROM study_routes WHERE study_uid=? AND project=?",
+                (item.study_uid, item.project),
+            ).fetchone()
+            if route is None:
+                return False, f"the study is not routed to project {item.project!r}"
+            run_id, follow_up = self.runs.add_next_run(
+                db, item.study_uid, item.project, str(route[0]), str(route[1]), [series_uid]
+            )
+            db.execute(
+                "UPDATE study_routes SET runs=? WHERE study_uid=? AND project=?",
+                (follow_up + 1, item.study_uid, item.project),
+            )
+        return True, (
+            f"run {run_id} (follow-up {follow_up}) made for this series alone; the next scan"
+            " runs the project's pipeline on it with the current config"
+        )
 
     def _reopen_runs(self, study_uid: str, project: str) -> tuple[bool, str]:
         held = [

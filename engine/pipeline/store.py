@@ -30,7 +30,7 @@ from engine.pipeline.context import SeriesInput
 from engine.pipeline.outcome import Done, Outcome, Quarantined, Retry
 from engine.store.db import Connection
 from engine.store.index import Index
-from engine.store.leases import Leases, claimable, skip_locked
+from engine.store.leases import Leases, claimable, one_at_a_time, skip_locked
 from engine.store.nodes import Node
 
 __all__ = ["RunRecord", "RunState", "RunStore", "StepRecord", "StepState"]
@@ -164,6 +164,42 @@ class RunStore:
                 (study_uid, project, follow_up),
             ).fetchone()
         return int(row[0])
+
+    @staticmethod
+    def add_next_run(
+        db: Connection,
+        study_uid: str,
+        project: str,
+        subject: str,
+        event: str,
+        series_uids: Sequence[str],
+    ) -> tuple[int, int]:
+        """In the caller's transaction on ``db``: a pending run of the study for ``project``
+        with the next follow-up number (after the route's count of runs, ``study_routes.runs``,
+        and after every run already there); (its id, that number). The caller sets the route's
+        count to the number plus one in the same transaction. Whoever adds a run (the tracker,
+        a REDCap transfer request, an operator's release) takes the study's turn first, so two
+        of them never take one number."""
+        one_at_a_time(db, f"runs:{study_uid}")
+        route = db.execute(
+            "SELECT runs FROM study_routes WHERE study_uid=? AND project=?", (study_uid, project)
+        ).fetchone()
+        last = db.execute(
+            "SELECT max(follow_up) FROM pipeline_runs WHERE study_uid=? AND project=?",
+            (study_uid, project),
+        ).fetchone()
+        follow_up = max(int(route[0]) if route else 0, -1 if last[0] is None else last[0] + 1)
+        now = time.time()
+        db.execute(
+            "INSERT INTO pipeline_runs(study_uid, project, subject, event, follow_up, series,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            (study_uid, project, subject, event, follow_up, _json(list(series_uids)), now, now),
+        )
+        row = db.execute(
+            "SELECT id FROM pipeline_runs WHERE study_uid=? AND project=? AND follow_up=?",
+            (study_uid, project, follow_up),
+        ).fetchone()
+        return int(row[0]), follow_up
 
     def get(self, run_id: int) -> RunRecord | None:
         """One run, or None."""

@@ -221,8 +221,7 @@ class TransferRequests:
         now: float,
     ) -> int:
         """Route the study to ``project`` and create its run, as the tracker does for a complete
-        study: the run is created first (a crash before the route is marked creates the same
-        run again, which ``create_run`` ignores), then the route and the request are noted."""
+        study: the run, the route and the request in one transaction."""
         with self.index.reading() as db:
             series = [
                 str(r[0])
@@ -238,21 +237,18 @@ class TransferRequests:
                 " WHERE st.study_uid=?",
                 (study_uid,),
             ).fetchone()[0]
-            route = db.execute(
-                "SELECT runs FROM study_routes WHERE study_uid=? AND project=?",
-                (study_uid, project),
-            ).fetchone()
-        follow_up = int(route[0]) if route else 0
-        run_id = self.runs.create_run(study_uid, project, subject, event, follow_up, series)
         with self.index.transaction() as db:
+            run_id, follow_up = self.runs.add_next_run(
+                db, study_uid, project, subject, event, series
+            )
             db.execute(
                 "INSERT INTO study_routes(study_uid, project, subject, event, reasons, state,"
                 " opened_at, completed_at, runs, done_upto)"
-                " VALUES (?,?,?,?,'[\"redcap request\"]','complete',?,?,1,?)"
+                " VALUES (?,?,?,?,'[\"redcap request\"]','complete',?,?,?,?)"
                 " ON CONFLICT(study_uid, project) DO UPDATE SET state='complete',"
-                " completed_at=excluded.completed_at, runs=study_routes.runs+1,"
+                " completed_at=excluded.completed_at, runs=excluded.runs,"
                 " done_upto=excluded.done_upto",
-                (study_uid, project, subject, event, now, now, int(upto)),
+                (study_uid, project, subject, event, now, now, follow_up + 1, int(upto)),
             )
             db.execute(
                 "INSERT INTO redcap_requests(source, record, event, instrument, instance,"

@@ -307,7 +307,7 @@ class Tracker:
             ).fetchall()
         held: set[str] = set()
         for row in rows:
-            study_uid, project, subject, event, opened_at, runs, done_upto = row[:7]
+            study_uid, project, subject, event, opened_at, _, done_upto = row[:7]
             if study_uid in held:
                 continue
             first_at, last_at, study_id, n_routes, assigned, seen_upto = row[7:]
@@ -330,15 +330,15 @@ class Tracker:
                 self._hold_ambiguous(study_uid, study_id, now)
                 held.add(study_uid)
                 continue
-            run_id = self._start_run(
-                study_uid, project, subject, event, runs, done_upto, study_id, now, why
+            run_id, follow_up = self._start_run(
+                study_uid, project, subject, event, done_upto, study_id, now, why
             )
             log.info(
                 "study complete for project %s (%s); run %d created (follow-up %d)",
                 project,
                 why,
                 run_id,
-                runs,
+                follow_up,
             )
 
     def _why_complete(
@@ -390,14 +390,13 @@ class Tracker:
         project: str,
         subject: str,
         event: str,
-        runs: int,
         done_upto: int,
         study_id: int,
         now: float,
         why: str = "",
-    ) -> int:
-        """Create the pipeline run of the completed route (follow-up ``runs``); its id, as
-        the index and the runner's log lines name it. ``why`` (the rule that completed it)
+    ) -> tuple[int, int]:
+        """Create the pipeline run of the completed route: its id, as the index and the
+        runner's log lines name it, and its follow-up number. ``why`` (the rule that completed it)
         goes into the audit entry."""
         with self.index.reading() as db:
             series = [
@@ -416,24 +415,25 @@ class Tracker:
                     (study_id,),
                 ).fetchone()[0]
             )
-        # The run is created before the route is marked: a crash in between creates the
-        # same run again, which create_run ignores (it is unique per study, project, run).
-        run_id = self.runs.create_run(study_uid, project, subject, event, runs, series)
+        # The run and the route's mark in one transaction: both or neither.
         with self.index.transaction() as db:
+            run_id, follow_up = self.runs.add_next_run(
+                db, study_uid, project, subject, event, series
+            )
             db.execute(
-                "UPDATE study_routes SET state='complete', completed_at=?, runs=runs+1,"
+                "UPDATE study_routes SET state='complete', completed_at=?, runs=?,"
                 " done_upto=? WHERE study_uid=? AND project=?",
-                (now, upto, study_uid, project),
+                (now, follow_up + 1, upto, study_uid, project),
             )
         self.audit.try_write(
             "completed",
             study=uid_token(study_uid),
             project=project,
-            follow_up=runs,
+            follow_up=follow_up,
             series=len(series),
             **({"why": why} if why else {}),
         )
-        return run_id
+        return run_id, follow_up
 
     def _hold_ambiguous(self, study_uid: str, study_id: int, now: float) -> None:
         with self.index.reading() as db:
