@@ -140,9 +140,11 @@ def _add_pacs_parsers(sub: Any) -> None:
 
 
 def _add_user_parser(sub: Any) -> None:
-    """``user add|list|set|password|token|revoke-token|remove``: the web's users (audited)."""
+    """``user add|list|set|password|token|revoke-token|disable|enable|remove``: the web's users
+    (audited)."""
     user = sub.add_parser(
-        "user", help="web users and tokens: add, list, set, password, token, remove"
+        "user",
+        help="web users and tokens: add, list, set, password, token, disable, enable, remove",
     )
     actions = user.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="a new user (asks for the password twice)")
@@ -161,6 +163,13 @@ def _add_user_parser(sub: Any) -> None:
     revoke = actions.add_parser("revoke-token", help="revoke an API token by its id")
     _add_site_args(revoke)
     revoke.add_argument("token_id", help="the token's id (fiona user list)")
+    for action, said in (
+        ("disable", "stop a user logging in or using its tokens (kept for the record)"),
+        ("enable", "let a disabled user in again"),
+    ):
+        toggle = actions.add_parser(action, help=said)
+        _add_site_args(toggle)
+        toggle.add_argument("name")
     remove = actions.add_parser("remove", help="delete a user and its tokens")
     _add_site_args(remove)
     remove.add_argument("name")

@@ -544,6 +544,22 @@ def test_a_local_user_is_checked_here_even_when_the_directory_knows_the_name(
     assert portal.slapd.log_text().count("(uid=alpha1)") == searches  # never asked
 
 
+def test_a_directory_user_disabled_here_is_refused_without_asking_the_directory(
+    portal: Portal,
+) -> None:
+    assert Client(portal.web_port, source="127.0.0.7").login("dora", PEOPLE["dora"])[0] == 303
+    off = portal.fiona("user", "disable", "dora")
+    assert off.returncode == 0, off.stderr
+    binds = portal.slapd.log_text().count(f'BIND dn="{person_dn("dora")}"')
+    status, html = Client(portal.web_port, source="127.0.0.7").login("dora", PEOPLE["dora"])
+    assert status == 401 and "wrong user name or password" in html  # her groups still say yes
+    assert portal.slapd.log_text().count(f'BIND dn="{person_dn("dora")}"') == binds
+    refused = [e for e in portal.audit() if e["event"] == "login_refused"][-1]
+    assert (refused["user"], refused["why"]) == ("dora", "disabled")
+    assert portal.fiona("user", "enable", "dora").returncode == 0
+    assert Client(portal.web_port, source="127.0.0.7").login("dora", PEOPLE["dora"])[0] == 303
+
+
 def test_throttling_counts_directory_logins_too(portal: Portal) -> None:
     c = Client(portal.web_port, source="127.0.0.5")
     for _ in range(5):

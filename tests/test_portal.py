@@ -7,6 +7,7 @@ that need the held item, login throttling last (it locks the client address for 
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import os
 import re
@@ -482,6 +483,55 @@ def test_an_admin_changes_a_users_grants_password_and_removes_them_on_the_page(
     assert events == ["user_add", "user_change", "user_change", "user_password", "login",
                       "user_remove"]  # fmt: skip
     assert other not in str(AuditLog(site.root / "data").entries())
+
+
+def _login_from(source: str, site: Site, name: str) -> tuple[int, str]:
+    """A login with the right password from loopback address ``source``."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", site.web_port, timeout=60, source_address=(source, 0)
+    )
+    form = urllib.parse.urlencode({"name": name, "password": PASSWORD, "next": "/"})
+    headers = {"Origin": f"http://127.0.0.1:{site.web_port}",
+               "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
+    try:
+        conn.request("POST", "/login", form, headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_a_user_disabled_on_the_page_is_logged_out_and_refused_until_enabled(
+    site: Site,
+) -> None:
+    assert site.fiona("user", "add", "lena", "--role", "viewer", "--password-file",
+                      str(site.root / "pw.txt")).returncode == 0  # fmt: skip
+    lena = Browser(site)
+    lena.login("lena")
+    assert 'id="logout"' in lena.go("/")[1]
+    a = Browser(site)
+    a.login("admin")
+    status, html = a.go("/users/lena")
+    assert status == 200 and 'id="disable-user"' in html
+    status, html = a.go("/users/lena/disable", {"csrf": _csrf(html)})
+    assert status == 200 and "user lena: disabled" in html, html
+    status, html = lena.go("/")  # the session she had has ended
+    assert 'id="login"' in html and 'id="logout"' not in html
+    # From an address of its own: the failure must not count against the other tests' logins.
+    status, html = _login_from("127.0.0.9", site, "lena")
+    assert status == 401 and "wrong user name or password" in html
+    status, html = a.go("/users")
+    assert re.search(r'id="u-lena">.*?disabled \S', html, re.S), html
+    status, html = a.go("/users/lena")
+    assert 'id="disabled"' in html and 'id="enable-user"' in html
+    status, html = a.go("/users/lena/enable", {"csrf": _csrf(html)})
+    assert status == 200 and "user lena: enabled again" in html
+    assert Browser(site).login("lena")[0] == 200
+    entries = [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "lena"]
+    assert [e["event"] for e in entries] == ["user_add", "login", "user_disable",
+                                             "login_refused", "user_enable", "login"]  # fmt: skip
+    assert entries[3]["why"] == "disabled"
+    assert site.fiona("user", "remove", "lena").returncode == 0
 
 
 def test_a_token_made_on_the_users_page_works_and_is_not_shown_again(site: Site) -> None:

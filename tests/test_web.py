@@ -452,6 +452,38 @@ def test_a_removed_user_is_refused(site: Site) -> None:
     assert site.call("GET", "/api/v1/status", token=token)[0] == 401
 
 
+def test_a_disabled_user_is_refused_until_enabled_and_keeps_its_grants(site: Site) -> None:
+    pw = str(site.root / "pw.txt")
+    made = site.fiona("user", "add", "kim", "--role", "coordinator", "--project", "alpha",
+                      "--password-file", pw)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = site.fiona("user", "token", "kim").stdout.strip()
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 200
+    off = site.fiona("user", "disable", "kim")
+    assert off.returncode == 0 and "kim: disabled" in off.stdout, off.stderr
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 401
+    listed = site.fiona("user", "list").stdout
+    assert "DISABLED since" in listed and token.split(".")[0] in listed  # kept, for the record
+    shown = site.json("GET", "/api/v1/users/kim", "admin")
+    assert shown["disabled_at"] is not None and shown["projects"] == ["alpha"]
+    on = site.json("POST", "/api/v1/users/kim/enable", "admin")
+    assert on["disabled_at"] is None and on["projects"] == ["alpha"]
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 200  # the same token again
+    site.json("POST", "/api/v1/users/kim/disable", "admin")
+    assert site.call("GET", "/api/v1/projects", token=token)[0] == 401
+    site.json("POST", "/api/v1/users/kim/disable", "coord_a", code=403)
+    site.json("POST", "/api/v1/users/nobody/disable", "admin", code=404)
+    # The last enabled admin cannot be disabled (nobody could manage the portal then).
+    refused = site.json("POST", "/api/v1/users/admin/disable", "admin", code=409)
+    assert "last admin" in refused["error"]
+    assert site.fiona("user", "disable", "admin").returncode == 1
+    entries = [e for e in AuditLog(site.root / "data").entries() if e.get("user") == "kim"]
+    assert [(e["event"], e["operator"].startswith("web:")) for e in entries[-3:]] == [
+        ("user_disable", False), ("user_enable", True), ("user_disable", True)
+    ]  # fmt: skip
+    assert site.fiona("user", "remove", "kim").returncode == 0
+
+
 def test_only_admins_reach_the_users_api(site: Site) -> None:
     for user in ("coord_a", "viewer"):
         body = site.json("GET", "/api/v1/users", user, code=403)

@@ -1,12 +1,12 @@
 """What an admin does to users, from ``fiona user`` or the portal's users page: add, change,
-reset a password, remove, make and revoke API tokens. Each change writes its audit entry
-(the acting operator and the user's name, never a password or a token's secret) before it is
-made, so an audit log that cannot be written leaves everything as it was (``OSError``).
+reset a password, disable and enable, remove, make and revoke API tokens. Each change writes
+its audit entry (the acting operator and the user's name, never a password or a token's
+secret) before it is made, so an audit log that cannot be written leaves everything as it was
+(``OSError``).
 
-The last admin stays an admin: removing or demoting them is refused, so the portal always
-has someone who can manage it.
+The last enabled admin stays an admin: removing, disabling or demoting them is refused, so the
+portal always has someone who can manage it.
 """
-
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -47,6 +47,7 @@ def user_json(store: UserStore, user: User) -> dict[str, Any]:
         "phi_grant": user.phi,
         "source": str(getattr(user, "source", "") or "local"),
         "created_at": user.created_at,
+        "disabled_at": user.disabled_at,
         "tokens": [_token_json(t) for t in store.tokens(user.name)],
     }
 
@@ -77,9 +78,9 @@ class UserAdmin:
         return user
 
     def _keep_an_admin(self, user: User, what: str) -> None:
-        """UserError when ``user`` is the only admin (``what`` would leave none)."""
-        admins = [u for u in self.store.all() if u.role is Role.ADMIN]
-        if user.role is Role.ADMIN and len(admins) <= 1:
+        """UserError when ``user`` is the only enabled admin (``what`` would leave none)."""
+        admins = [u for u in self.store.all() if u.role is Role.ADMIN and not u.disabled]
+        if user.role is Role.ADMIN and not user.disabled and len(admins) <= 1:
             raise Conflict(
                 f"user {user.name!r} is the last admin: cannot {what} them;"
                 " make another admin first"
@@ -136,6 +137,19 @@ class UserAdmin:
         self._keep_an_admin(self.existing(name), "remove")
         self.audit.write("user_remove", operator=self.operator, user=name)
         self.store.remove(name)
+
+    def disable(self, name: str) -> User:
+        """Stop a user from logging in or using its tokens (its sessions end); its row,
+        grants and tokens stay, for the record and for :meth:`enable`."""
+        self._keep_an_admin(self.existing(name), "disable")
+        self.audit.write("user_disable", operator=self.operator, user=name)
+        return self.store.set_disabled(name, True)
+
+    def enable(self, name: str) -> User:
+        """Let a disabled user in again, with the grants and tokens it had."""
+        self.existing(name)
+        self.audit.write("user_enable", operator=self.operator, user=name)
+        return self.store.set_disabled(name, False)
 
     def make_token(self, name: str, label: str = "") -> tuple[TokenInfo, str]:
         """A new API token for ``name``: its row and the token (to show once)."""

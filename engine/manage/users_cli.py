@@ -1,5 +1,5 @@
-"""``fiona user add|list|set|password|token|revoke-token|remove``: the web's users, on the
-server.
+"""``fiona user add|list|set|password|token|revoke-token|disable|enable|remove``: the web's
+users, on the server.
 
 The first admin is made here (``fiona user add NAME --role admin``); there is no default
 password. A password is read from ``--password-file`` (its first line) or asked twice on a
@@ -66,7 +66,8 @@ def _describe(user: User) -> str:
     if user.role == "coordinator" and not user.projects:
         where = "no project yet"
     source = ", from the directory (LDAP)" if user.source is Source.LDAP else ""
-    return f"{user.role.value}, {where}{', sees PHI' if user.phi else ''}{source}"
+    off = f"; DISABLED since {_when(user.disabled_at)}" if user.disabled else ""
+    return f"{user.role.value}, {where}{', sees PHI' if user.phi else ''}{source}{off}"
 
 
 def _when(seconds: float | None) -> str:
@@ -129,6 +130,21 @@ def _set_password(admin: UserAdmin, args: argparse.Namespace) -> int:
     return 0
 
 
+def _disable(admin: UserAdmin, args: argparse.Namespace) -> int:
+    user = admin.disable(args.name)
+    print(
+        f"user {user.name}: disabled (its sessions ended; its password and tokens no longer let"
+        f" it in; fiona user enable {user.name} lets it in again)"
+    )
+    return 0
+
+
+def _enable(admin: UserAdmin, args: argparse.Namespace) -> int:
+    user = admin.enable(args.name)
+    print(f"user {user.name}: enabled ({_describe(user)})")
+    return 0
+
+
 def _remove(admin: UserAdmin, args: argparse.Namespace) -> int:
     admin.remove(args.name)
     print(f"user {args.name}: removed, with its tokens")
@@ -152,6 +168,10 @@ def run_user(args: argparse.Namespace) -> int:
                 return _set(admin, args)
             if args.action == "password":
                 return _set_password(admin, args)
+            if args.action == "disable":
+                return _disable(admin, args)
+            if args.action == "enable":
+                return _enable(admin, args)
             return _remove(admin, args)
         except UserError as exc:
             print(f"fiona: {exc}", file=sys.stderr)

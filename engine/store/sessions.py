@@ -98,7 +98,7 @@ class SessionStore:
             with self.index.transaction() as db:
                 db.execute("UPDATE web_sessions SET seen_at = ? WHERE id_hash = ?", (now, key))
         user = UserStore(self.index).get(str(row[0]))
-        return None if user is None else Session(user, str(row[1]))
+        return None if user is None or user.disabled else Session(user, str(row[1]))
 
     def purge(self, idle: float, most: float, now: float | None = None) -> int:
         """Delete the sessions expired (``idle``, ``most``: seconds, as :meth:`find`); how

@@ -77,6 +77,13 @@ class User:
     projects: tuple[str, ...]
     created_at: float
     source: Source = Source.LOCAL
+    #: When an admin disabled the user (seconds since the epoch, UTC); None: enabled.
+    disabled_at: float | None = None
+
+    @property
+    def disabled(self) -> bool:
+        """Whether no password, token or session lets the user in (``fiona user disable``)."""
+        return self.disabled_at is not None
 
     def sees_project(self, project: str) -> bool:
         """Whether the user may see ``project``'s items: an admin every project, anyone else
@@ -174,9 +181,13 @@ class UserStore:
         granted = tuple(sorted(set(projects)))
         now = time.time()
         with self.index.transaction() as db:
-            row = db.execute("SELECT source FROM users WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT source, disabled_at FROM users WHERE name = ?", (name,)
+            ).fetchone()
             if row is not None and row[0] != Source.LDAP.value:
                 raise UserError(f"{name!r} is a local user: the directory cannot log it in")
+            if row is not None and row[1] is not None:
+                raise UserError(f"{name!r} is disabled here (fiona user enable {name})")
             if row is None:
                 db.execute(
                     "INSERT INTO users (name, role, phi, password_hash, created_at, source)"
@@ -207,7 +218,9 @@ class UserStore:
     def get(self, name: str) -> User | None:
         with self.index.reading() as db:
             row = db.execute(
-                "SELECT name, role, phi, created_at, source FROM users WHERE name = ?", (name,)
+                "SELECT name, role, phi, created_at, source, disabled_at FROM users"
+                " WHERE name = ?",
+                (name,),
             ).fetchone()
             if row is None:
                 return None
@@ -218,8 +231,9 @@ class UserStore:
                 )
             ]
         return User(
-            str(row[0]), Role(row[1]), bool(row[2]), tuple(projects), float(row[3]), Source(row[4])
-        )
+            str(row[0]), Role(row[1]), bool(row[2]), tuple(projects), float(row[3]),
+            Source(row[4]), None if row[5] is None else float(row[5]),
+        )  # fmt: skip
 
     def all(self) -> list[User]:
         with self.index.reading() as db:
@@ -270,6 +284,26 @@ class UserStore:
                 )
             raise UserError(f"no user {name!r} (fiona user list)")
 
+    def set_disabled(self, name: str, disabled: bool) -> User:
+        """Disable a user (its web sessions end at once; its tokens and password stop letting
+        it in) or enable it again; :class:`UserError` when there is no such user. Disabling a
+        disabled user keeps the first time."""
+        with self.index.transaction() as db:
+            if disabled:
+                changed = db.execute(
+                    "UPDATE users SET disabled_at = coalesce(disabled_at, ?) WHERE name = ?",
+                    (time.time(), name),
+                ).rowcount
+                db.execute("DELETE FROM web_sessions WHERE user = ?", (name,))
+            else:
+                changed = db.execute(
+                    "UPDATE users SET disabled_at = NULL WHERE name = ?", (name,)
+                ).rowcount
+        found = self.get(name) if changed else None
+        if found is None:
+            raise UserError(f"no user {name!r} (fiona user list)")
+        return found
+
     def remove(self, name: str) -> None:
         """Delete a user and its tokens; :class:`UserError` when there is none."""
         with self.index.transaction() as db:
@@ -290,7 +324,8 @@ class UserStore:
             _HASHER.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return None
-        return self.get(name) if row else None
+        user = self.get(name) if row else None
+        return None if user is None or user.disabled else user
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -358,9 +393,12 @@ class UserStore:
             ).fetchone()
         if row is None or not hmac.compare_digest(str(row[1]), _digest(secret)):
             return None
+        user = self.get(str(row[0]))
+        if user is None or user.disabled:
+            return None
         now = time.time()
         if row[2] is None or now - float(row[2]) >= LAST_USED_RESOLUTION:
             # At most one write a minute per token: a poller must not load the receiver's index.
             with self.index.transaction() as db:
                 db.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
-        return self.get(str(row[0]))
+        return user

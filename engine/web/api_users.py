@@ -115,6 +115,16 @@ def _remove(call: Call) -> dict[str, Any]:
     return {"name": name, "removed": True}
 
 
+def _disable(call: Call) -> dict[str, Any]:
+    name = _target(call).name
+    return user_json(UserStore(call.index), _doing(call, lambda: _admin(call).disable(name)))
+
+
+def _enable(call: Call) -> dict[str, Any]:
+    name = _target(call).name
+    return user_json(UserStore(call.index), _doing(call, lambda: _admin(call).enable(name)))
+
+
 def _make_token(call: Call) -> dict[str, Any]:
     name = _target(call).name
     info, token = _doing(call, lambda: _admin(call).make_token(name, call.body.get("label", "")))
@@ -140,6 +150,11 @@ USER_ROUTES: tuple[Route, ...] = (
           body=("role", "projects", "phi_grant")),
     Route("POST", "/users/{name}/password", Need.ADMIN, "Set a user's password (audited)",
           _password, body=("password",)),
+    Route("POST", "/users/{name}/disable", Need.ADMIN,
+          "Disable a user: its sessions end, its password and tokens no longer let it in"
+          " (audited; never the last admin)", _disable),
+    Route("POST", "/users/{name}/enable", Need.ADMIN, "Enable a disabled user (audited)",
+          _enable),
     Route("POST", "/users/{name}/remove", Need.ADMIN,
           "Remove a user with its tokens (audited; never the last admin)", _remove),
     Route("POST", "/users/{name}/tokens", Need.ADMIN,

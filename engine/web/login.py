@@ -57,6 +57,9 @@ def check_login(users: UserStore, directory: Directory | None, name: str, passwo
     if not name or not password:
         return Refused()
     known = users.get(name)
+    if known is not None and known.disabled:
+        users.check_password(name, password)  # the same time as any refusal: one hash
+        return Refused("disabled", known.name)  # the directory is not asked
     if directory is None or (known is not None and known.source is Source.LOCAL):
         user = users.check_password(name, password)
         return Refused() if user is None else LoggedIn(user)
@@ -69,6 +72,8 @@ def check_login(users: UserStore, directory: Directory | None, name: str, passwo
     known = users.get(name)
     if known is not None and known.source is Source.LOCAL:
         return Refused()  # a local user's name in other case: never the directory's
+    if known is not None and known.disabled:
+        return Refused("disabled", known.name)
     answer = directory.authenticate(name, password)
     if isinstance(answer, Unavailable):
         log.warning("a portal login through the directory was not possible: %s", answer.why)

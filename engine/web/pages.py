@@ -319,6 +319,19 @@ def _user_password(call: Call, form: Form) -> View:
     return _user_done(name, f"user {name}: new password set")
 
 
+def _user_access(action: str) -> Callable[[Call, Form], View]:
+    """``disable`` or ``enable`` the user of the page."""
+
+    def change(call: Call, form: Form) -> View:
+        name = call.params["name"]
+        _api(call, "POST", f"/users/{{name}}/{action}", name=name)
+        said = {"disable": "disabled: its sessions ended, its password and tokens no longer"
+                " let it in", "enable": "enabled again"}[action]  # fmt: skip
+        return _user_done(name, f"user {name}: {said}")
+
+    return change
+
+
 def _user_remove(call: Call, form: Form) -> View:
     name = call.params["name"]
     if form.get("confirm") != ["yes"]:
@@ -368,6 +381,8 @@ PAGES: tuple[Page, ...] = (
     Page("GET", "/users/{name}", Need.ADMIN, _user),
     Page("POST", "/users/{name}", Need.ADMIN, _user_change),
     Page("POST", "/users/{name}/password", Need.ADMIN, _user_password),
+    Page("POST", "/users/{name}/disable", Need.ADMIN, _user_access("disable")),
+    Page("POST", "/users/{name}/enable", Need.ADMIN, _user_access("enable")),
     Page("POST", "/users/{name}/remove", Need.ADMIN, _user_remove),
     Page("POST", "/users/{name}/tokens", Need.ADMIN, _token_make),
     Page("POST", "/users/{name}/tokens/{token_id}/revoke", Need.ADMIN, _token_revoke),
