@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine.store.audit import AuditLog, uid_token
@@ -23,6 +23,30 @@ __all__ = ["matching", "run_audit"]
 _SHOWN_FIRST = {"at": 20, "event": 14, "project": 14, "study": 16}
 
 
+def matcher(
+    *,
+    study_uid: str | None = None,
+    project: str | None = None,
+    events: Iterable[str] = (),
+    since: str | None = None,
+) -> Callable[[dict[str, Any]], bool]:
+    """Whether an entry is for a study (by UID), project, event(s) and from a day
+    (``YYYY-MM-DD``) on."""
+    token = uid_token(study_uid) if study_uid else None
+    wanted = set(events)
+
+    def keep(e: dict[str, Any]) -> bool:
+        if token and e.get("study") != token:
+            return False
+        if project and e.get("project") != project and project not in e.get("projects", ()):
+            return False
+        if wanted and e.get("event") not in wanted:
+            return False
+        return not (since and str(e.get("at", "")) < since)
+
+    return keep
+
+
 def matching(
     entries: Iterable[dict[str, Any]],
     *,
@@ -32,20 +56,8 @@ def matching(
     since: str | None = None,
 ) -> list[dict[str, Any]]:
     """Entries for a study (by UID), project, event(s) and from a day (``YYYY-MM-DD``) on."""
-    token = uid_token(study_uid) if study_uid else None
-    wanted = set(events)
-    out = []
-    for e in entries:
-        if token and e.get("study") != token:
-            continue
-        if project and e.get("project") != project and project not in e.get("projects", ()):
-            continue
-        if wanted and e.get("event") not in wanted:
-            continue
-        if since and str(e.get("at", "")) < since:
-            continue
-        out.append(e)
-    return out
+    keep = matcher(study_uid=study_uid, project=project, events=events, since=since)
+    return [e for e in entries if keep(e)]
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -69,7 +81,7 @@ def run_audit(args: argparse.Namespace) -> int:
         print("fiona: --since takes a day, YYYY-MM-DD", file=sys.stderr)
         return 2
     found = matching(
-        AuditLog(site.data_dir).entries(),
+        AuditLog(site.data_dir).entries(args.study_uid, since=args.since),
         study_uid=args.study_uid,
         project=args.project,
         events=args.event or (),

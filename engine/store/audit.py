@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,66 @@ class AuditLog:
             return False
         return True
 
-    def entries(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+    def entries(
+        self, study_uid: str | None = None, since: str | None = None
+    ) -> list[dict[str, Any]]:
         """Every entry, oldest first; with ``study_uid``, only those naming the study (its
         :func:`uid_token` as ``study``), found in the bytes before any line is parsed (a
-        study's page reads a year of entries in milliseconds)."""
+        study's page reads a year of entries in milliseconds); with ``since`` (a day,
+        ``YYYY-MM-DD``), the months before it are not read (the caller filters the days)."""
         out: list[dict[str, Any]] = []
-        for path in sorted(self.folder.glob("audit-*.jsonl")):
+        for path in self._files(since):
             raw = path.read_bytes()
             if study_uid is None:
                 lines = raw.splitlines()
             else:
                 lines = list(_lines_with(raw, f'"study":"{uid_token(study_uid)}"'.encode()))
-            out += [json.loads(line) for line in lines if line.strip()]
+            out += _parsed(path, lines)
         return out
+
+    def latest(
+        self, limit: int, keep: Callable[[dict[str, Any]], bool], since: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries that ``keep`` accepts, oldest first. Read from the
+        newest month back, stopping once there are enough: the API's default answer (the last
+        500) costs the last month, not the whole history."""
+        found: list[dict[str, Any]] = []
+        for path in reversed(self._files(since)):
+            for entry in reversed(_parsed(path, path.read_bytes().splitlines())):
+                if keep(entry):
+                    found.append(entry)
+                    if len(found) >= limit:
+                        return found[::-1]
+        return found[::-1]
+
+    def _files(self, since: str | None) -> list[Path]:
+        """The monthly files, oldest first; from the month of day ``since`` on."""
+        files = sorted(self.folder.glob("audit-*.jsonl"))
+        if since:
+            first = f"audit-{since[:4]}{since[5:7]}"
+            files = [f for f in files if f.stem >= first]
+        return files
+
+
+def _parsed(path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
+    """The entries of ``lines``; a line that is not a JSON object (torn by a crash mid-write,
+    or damaged) is left out and said in the log by file and count, never by content."""
+    out: list[dict[str, Any]] = []
+    bad = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict):
+            out.append(entry)
+        else:
+            bad += 1
+    if bad:
+        log.warning("audit file %s: %d line(s) that are not JSON objects left out", path.name, bad)
+    return out
 
 
 def _lines_with(raw: bytes, mark: bytes) -> Iterator[bytes]:

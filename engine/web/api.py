@@ -12,7 +12,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from engine.manage.assign import AssignError, assign
-from engine.manage.audit_cli import matching
+from engine.manage.audit_cli import matcher
 from engine.manage.explain_file import NotDicom, explain_upload
 from engine.manage.export import FORMATS, ExportError, export_files, zip_stream
 from engine.manage.overview import project_overview, study_detail
@@ -137,20 +137,23 @@ def _audit(call: Call) -> list[dict[str, Any]]:
     since = call.query.get("since")
     if since and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
         raise ApiError(400, "since takes a day, YYYY-MM-DD", "give e.g. since=2026-01-31")
-    found = matching(
-        AuditLog(call.site.data_dir).entries(),
+    asked = matcher(
         study_uid=call.query.get("study_uid"),
         project=call.query.get("project"),
         events=call.query.getlist("event"),
         since=since,
     )
     shown = call.visible()
-    if shown is not None:
-        found = [
-            e for e in found if e.get("project") in shown or set(e.get("projects", ())) & set(shown)
-        ]
+
+    def keep(e: dict[str, Any]) -> bool:
+        if shown is not None and not (
+            e.get("project") in shown or set(e.get("projects", ())) & set(shown)
+        ):
+            return False
+        return asked(e)
+
     limit = call.int_query("limit", 500, 10_000)
-    return found[-limit:]
+    return AuditLog(call.site.data_dir).latest(limit, keep, since=since)
 
 
 def _studies(call: Call) -> dict[str, Any]:
