@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -253,6 +254,16 @@ def _status_code(port: int) -> int:
         return 0
 
 
+def _away_beat(data: Path) -> dict[str, Any] | None:
+    """The heartbeat in ``<data>/status.json`` when it says the index is unavailable."""
+    try:
+        beat = json.loads((data / "status.json").read_text())["heartbeat"]
+    except (OSError, ValueError, KeyError):
+        return None
+    away = isinstance(beat, dict) and beat.get("index", {}).get("available") is False
+    return beat if away else None
+
+
 def test_status_and_the_web_say_the_index_is_unavailable(
     tmp_path: Path, own_pg: tuple[PgCluster, str]
 ) -> None:
@@ -297,6 +308,12 @@ def test_status_and_the_web_say_the_index_is_unavailable(
             code, kind, body = _get(web, "/", cookie="fiona_session=" + "y" * 43)
             assert code == 503 and kind.startswith("text/html")
             assert "The index is unavailable" in body
+            # The heartbeat goes on: the status file says the index is away, and the SCP
+            # still answers its C-ECHO.
+            wait_for("the status file to say so", lambda: _away_beat(data) is not None, 60)
+            beat = _away_beat(data)
+            assert beat is not None and beat["index"]["error"].startswith("postgresql://")
+            assert beat["echo"]["ok"] is True and "queues" not in beat
         finally:
             cluster.start()
         wait_for("the status page again", lambda: _status_code(web) == 200, timeout=60)

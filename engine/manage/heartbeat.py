@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STATUS_FILE",
     "HeartbeatJob",
+    "away_report",
     "beat",
     "disk_usage",
     "echo_self",
@@ -309,13 +310,45 @@ class HeartbeatJob:
         try:
             self.last = beat(self.site, self.index)
             write_status_file(self.site.data_dir, self.last, scheduler_jobs(self.scheduler))
-        except IndexUnavailable:
+        except IndexUnavailable as exc:
+            self._index_away(f"{self.index.location}: {exc}")
             raise  # fiona serve's WaitsForIndex waits for it, quietly
         except Exception:
             log.exception("heartbeat failed; trying again next interval")
             return
         if self.site.heartbeat.url:
             post(self.site.heartbeat.url, self.last, self.site.heartbeat.url_timeout)
+
+
+    def _index_away(self, error: str) -> None:
+        """While the index cannot be used: the status file and the monitoring POST still say
+        that this node runs, what its C-ECHO and disk say, and that the index is unavailable
+        (``index.available`` false), instead of falling silent until it is back."""
+        try:
+            report = away_report(self.site, error)
+            write_status_file(self.site.data_dir, report, scheduler_jobs(self.scheduler))
+        except Exception as exc:  # the outage is what matters; it is logged by the wrapper
+            log.warning("heartbeat: could not write the status file: %s", type(exc).__name__)
+            return
+        if self.site.heartbeat.url:
+            post(self.site.heartbeat.url, report, self.site.heartbeat.url_timeout)
+
+
+def away_report(
+    site: SiteConfig, error: str, now: float | None = None, echo: EchoResult | None = None
+) -> dict[str, Any]:
+    """A heartbeat taken while the index is unavailable: the C-ECHO and the disk, no queues
+    or projects (they are in the index), and ``index`` saying why (``error`` names the index
+    by its redacted location, never a password)."""
+    now = time.time() if now is None else now
+    result = echo_self(site) if echo is None else echo
+    return {
+        "at": iso(now),
+        "node": this_node().id,
+        "echo": asdict(result),
+        "disk": asdict(disk_usage(site.data_dir)),
+        "index": {"available": False, "error": error},
+    }
 
 
 def _written_by_me(path: Path) -> bool:
