@@ -6,6 +6,9 @@ is no default password. A user from an LDAP directory (:class:`Source`) has no p
 row is made at its first portal login and its role and grants refreshed at each login
 (:meth:`UserStore.record_ldap`); it gets no API tokens.
 
+A user can be disabled (``disabled_at``): its row, grants and tokens stay, but no password,
+token, session or directory login lets it in until it is enabled again.
+
 An API token is ``<id>.<secret>``: the id (12 hex digits) is stored as it is to find the row,
 the secret (32 random bytes, URL-safe base64) only as its SHA-256, so the token is shown once,
 when it is made, and never again.

@@ -42,7 +42,7 @@ UNAUTHENTICATED = ApiError(
     401,
     "no valid API token",
     "send 'Authorization: Bearer TOKEN' with a token made by 'fiona user token NAME'"
-    " (a revoked token no longer works)",
+    " (a revoked token, or a disabled user's, no longer works)",
 )
 
 
