@@ -34,10 +34,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
+    SecondaryCaptureImageStorage,
 )
 
 from engine.deid import Deidentifier, load_profile
 from engine.deid.export import Exported, Exporter, Held
+from engine.deid.pixels import load_pixel_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"r" * 48
@@ -213,6 +215,28 @@ def test_the_original_file_preamble_is_copied_to_the_output(
     assert _leaked(result, "ROTHWELL", PID) == []
 
 
+def test_the_preamble_is_copied_when_a_pixel_rule_cleans_the_image() -> None:
+    """The pixel-rule path (Exporter._cleaned -> _deidentified) writes the cleaned dataset
+    with ``save_as``, which writes the original ``ds.preamble``; in a Japanese study the gate
+    compares parsed elements only and never sees the preamble. Explicit VR Little Endian, the
+    shipped dose screen rule (Siemens CT patient protocol page)."""
+    rules = load_pixel_rules([ROOT / "rulesets" / "pixels" / "dose_screens.yaml"])
+    deid = Deidentifier(load_profile("basic"), SECRET, project="redteam")
+    ds = _instance(
+        Modality="CT",
+        Manufacturer="SIEMENS",
+        ManufacturerModelName="SOMATOM Force",
+        SOPClassUID=SecondaryCaptureImageStorage,
+        SpecificCharacterSet=["", "ISO 2022 IR 87"],
+    )
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = np.zeros((512, 512), dtype=np.uint16).tobytes()
+    preamble = (f"{NAME} {PID}".encode() + b"\0" * 128)[:128]
+    result = Exporter(deid, pixel_rules=rules).export(_bytes(ds, preamble=preamble))
+    assert _leaked(result, "ROTHWELL", PID) == []
+
+
 # --------------------------------------------------------------- 3. Code Meaning
 
 
@@ -308,6 +332,14 @@ FREE_TEXT = [
         "study_date_month_name",
         {"SeriesDescription": "post-op 14 Mar 2024"},
         ("14 Mar 2024",),
+    ),
+    (
+        "address_part",
+        {
+            "PatientAddress": "12 Rosebud Lane, Springfield",
+            "StudyDescription": "pt from Rosebud Lane Springfield",
+        },
+        ("Rosebud", "Springfield"),
     ),
     (
         "institution_name_part",
