@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -172,13 +173,39 @@ def _leaked(result: Exported | Held, *values: str) -> list[str]:
 
 
 @pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian], ids=["deflated"])
-def test_deflated_output_is_not_searched_by_the_verification_gate(syntax: str) -> None:
-    """The gate's byte scan runs on the deflated output as it is (compressed), so nothing in
-    the data set can match: a name and MRN that the gate holds in every other transfer syntax
-    (see test_kept_text_is_held_in_uncompressed_syntaxes) leave in a deflated file."""
+def test_deflated_output_is_searched_by_the_verification_gate(syntax: str) -> None:
+    """Was a leak: the gate's byte scan ran on the deflated output as it is (compressed), so
+    nothing in the data set could match. The gate now searches the inflated data set: a name
+    and MRN are held as in every other transfer syntax (see
+    test_kept_text_is_held_in_uncompressed_syntaxes)."""
     ds = _instance(WindowCenterWidthExplanation=f"ROTHWELL {PID}")
     result = _exporter().export(_bytes(ds, syntax))
     assert _leaked(result, "ROTHWELL", PID) == []
+    assert isinstance(result, Held) and result.reason == "verification_failed"
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+     DeflatedExplicitVRLittleEndian],
+)  # fmt: skip
+def test_an_original_uid_in_kept_text_is_held_in_every_syntax(syntax: str) -> None:
+    """The gate's search for original UIDs reads the deflated original and output inflated."""
+    ds = _instance(WindowCenterWidthExplanation=f"see {UID_ROOT}9222222")
+    result = _exporter().export(_bytes(ds, syntax))
+    assert isinstance(result, Held) and result.reason == "verification_failed"
+    assert "original_uid" in result.detail
+
+
+def test_a_clean_deflated_file_leaves_with_its_pixels() -> None:
+    """Searching the inflated data set holds nothing clean: the pixel data is not searched."""
+    ds = _instance()
+    ds.PixelData = (PID.encode() * 2)[:32]  # pixel values that spell an ID are signal
+    result = _exporter().export(_bytes(ds, DeflatedExplicitVRLittleEndian))
+    assert isinstance(result, Exported)
+    assert result.data[:128] == b"\0" * 128
+    out = pydicom.dcmread(io.BytesIO(result.data))
+    assert out.PixelData == ds.PixelData and "PatientID" in out and out.PatientID != PID
 
 
 # --------------------------------------------------------------- 2. the original preamble
@@ -201,25 +228,27 @@ def test_deflated_output_is_not_searched_by_the_verification_gate(syntax: str) -
         "bigendian-utf16",
     ],
 )
-def test_the_original_file_preamble_is_copied_to_the_output(
+def test_the_original_file_preamble_is_never_copied_to_the_output(
     syntax: str, charset: object, encoding: str
 ) -> None:
-    """The 128-byte preamble (application-defined, e.g. a TIFF header) is zeroed on the byte
-    path but copied as it was by the pydicom path (deflated, big endian; also the pixel-rule
-    and OCR paths, which write with ``save_as``). The gate sees it only as latin-1/UTF-8
-    bytes and not at all when the study's character set needs decoding."""
+    """Was a leak: the 128-byte preamble (application-defined, e.g. a TIFF header) was zeroed
+    on the byte path but copied as it was by the pydicom path (deflated, big endian; also the
+    pixel-rule and OCR paths, which write with ``save_as``), and the gate saw it only as
+    latin-1/UTF-8 bytes and not at all when the study's character set needs decoding. Every
+    path now writes zeros, and the gate holds any output whose preamble is not."""
     text = f"{NAME} {PID} {BIRTH}"
     preamble = (text.encode(encoding) + b"\0" * 128)[:128]
     ds = _instance(SpecificCharacterSet=charset)
     result = _exporter().export(_bytes(ds, syntax, preamble))
     assert _leaked(result, "ROTHWELL", PID) == []
+    assert isinstance(result, Exported) and result.data[:128] == b"\0" * 128
 
 
-def test_the_preamble_is_copied_when_a_pixel_rule_cleans_the_image() -> None:
-    """The pixel-rule path (Exporter._cleaned -> _deidentified) writes the cleaned dataset
-    with ``save_as``, which writes the original ``ds.preamble``; in a Japanese study the gate
-    compares parsed elements only and never sees the preamble. Explicit VR Little Endian, the
-    shipped dose screen rule (Siemens CT patient protocol page)."""
+def test_the_preamble_is_zeroed_when_a_pixel_rule_cleans_the_image() -> None:
+    """Was a leak: the pixel-rule path (Exporter._cleaned -> _deidentified) wrote the cleaned
+    dataset with ``save_as``, which writes the original ``ds.preamble``, and in a Japanese
+    study the gate compared parsed elements only and never saw the preamble. Explicit VR
+    Little Endian, the shipped dose screen rule (Siemens CT patient protocol page)."""
     rules = load_pixel_rules([ROOT / "rulesets" / "pixels" / "dose_screens.yaml"])
     deid = Deidentifier(load_profile("basic"), SECRET, project="redteam")
     ds = _instance(
@@ -235,6 +264,25 @@ def test_the_preamble_is_copied_when_a_pixel_rule_cleans_the_image() -> None:
     preamble = (f"{NAME} {PID}".encode() + b"\0" * 128)[:128]
     result = Exporter(deid, pixel_rules=rules).export(_bytes(ds, preamble=preamble))
     assert _leaked(result, "ROTHWELL", PID) == []
+    assert isinstance(result, Exported) and result.data[:128] == b"\0" * 128
+
+
+def test_the_gate_holds_an_output_with_a_preamble_or_file_meta_it_did_not_write() -> None:
+    """What lies outside the data set is checked on its own (the searches compare values, and
+    a decoded comparison never sees the preamble): zeros, ``DICM`` and the rebuilt meta only."""
+    from engine.deid.export import _outside_data_set
+
+    out = _exporter().export(_bytes(_instance()))
+    assert isinstance(out, Exported)
+    header = bytes(out.header)
+    assert _outside_data_set(header) is None
+    dirty = _outside_data_set(b"\x49\x49\x2a\x00" + header[4:])  # a TIFF header
+    assert dirty is not None and dirty.reason == "verification_failed"
+    ds = _instance()
+    ds.file_meta.SourceApplicationEntityTitle = "WORKSTATION1"
+    extra = _bytes(ds)
+    held = _outside_data_set(b"\0" * 128 + extra[128:])
+    assert held is not None and "(0002,0016)" in held.detail
 
 
 # --------------------------------------------------------------- 3. Code Meaning

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from engine.deid.burned_in import (
     Verdict,
     check_burned_in,
 )
-from engine.deid.deidentifier import Deidentifier, Result
+from engine.deid.deidentifier import ZERO_PREAMBLE, Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
 from engine.deid.ocr import ocr_pixels
@@ -58,7 +59,7 @@ from engine.deid.video import VIDEO_SYNTAXES, user_data
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
-from engine.dicom.walk import DEFLATED, Scan, scan
+from engine.dicom.walk import DEFLATED, PIXEL_TAGS, Scan, Walker, read_meta, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
 OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
@@ -224,8 +225,15 @@ class Exporter:
         self, original: HeaderFields, source_header: bytes, out_header: bytes
     ) -> Held | None:
         """Search the output header for the original's identifying values (see the module)."""
+        outside = _outside_data_set(out_header)
+        if outside is not None:
+            return outside
         values = self._study_values(original, source_header)
         matcher = values.matcher((), self.allow_kinds)
+        try:  # a deflated data set is searched inflated (the parsed checks read either)
+            source_plain, out_plain = _searchable(source_header), _searchable(out_header)
+        except (HeaderError, zlib.error):
+            return Held(VERIFICATION_FAILED, "output could not be inflated to verify it")
         leaks: list[object] = []
         if values.needs_decoding and not matcher.empty:  # compare in Unicode, not bytes
             try:
@@ -236,19 +244,19 @@ class Exporter:
         elif not matcher.empty:
             leaks = [
                 _Leak(m.start(), matcher.byte_kind(m.group()))
-                for m in matcher.bytes.finditer(out_header)
+                for m in matcher.bytes.finditer(out_plain)
             ]
-            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_header)]
-            if not leaks and _LATIN_LETTER.search(out_header):  # accents: compare folded text
+            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_plain)]
+            if not leaks and _LATIN_LETTER.search(out_plain):  # accents: compare folded text
                 leaks = [
                     _Leak(m.start(), matcher.kind(m.group()))
-                    for text in _folded_texts(out_header)
+                    for text in _folded_texts(out_plain)
                     for m in matcher.text.finditer(text)
                 ]
         if not leaks and "original_uid" not in self.allow_kinds:
-            leaks = _uid_leaks(source_header, out_header)
+            leaks = _uid_leaks(source_plain, out_plain)
             if leaks:  # rare: UIDs the profile keeps on purpose are not leaks
-                leaks = _uid_leaks(source_header, out_header, self._kept_uids(source_header))
+                leaks = _uid_leaks(source_plain, out_plain, self._kept_uids(source_header))
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
@@ -373,6 +381,55 @@ def _folded_texts(header: bytes) -> list[str]:
         ascii_fold("\0".join(p.decode(codec, "ignore") for p in parts), drop=True)
         for codec in ("latin-1", "utf-8")
     ]
+
+
+#: The file meta elements fiona writes (Deidentifier._rebuild_meta): group length, version,
+#: Media Storage SOP Class and Instance UID, Transfer Syntax UID, Implementation Class UID and
+#: Version Name.
+_OUTPUT_META = frozenset(
+    (0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+)
+
+
+def _outside_data_set(out_header: bytes) -> Held | None:
+    """Held unless what precedes the data set is what fiona writes: a zero preamble, ``DICM``
+    and only the rebuilt file meta elements (whose values the searches cover)."""
+    if out_header[:128] != ZERO_PREAMBLE or out_header[128:132] != b"DICM":
+        return Held(VERIFICATION_FAILED, "output preamble is not zeros")
+    walker = Walker(out_header, little=True)
+    pos = 132
+    try:
+        while out_header[pos : pos + 2] == b"\x02\x00":
+            tag, _, length, start = walker.header(pos, implicit=False)
+            if tag not in _OUTPUT_META:
+                return Held(VERIFICATION_FAILED, f"output file meta has {_tag_text(tag)}")
+            pos = walker.after_value(start, length, implicit=False)
+    except HeaderError:
+        return Held(VERIFICATION_FAILED, "output file meta could not be read to verify it")
+    return None
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _searchable(data: bytes) -> bytes:
+    """What the byte scans search of a Part 10 file (or its header): as it is, but for a
+    deflated one the preamble and meta followed by the inflated data set without its pixel
+    data element. Raises HeaderError or zlib.error when it cannot be read."""
+    pos, syntax = read_meta(data)
+    if syntax != DEFLATED:
+        return data
+    inflated = zlib.decompress(data[pos:], -zlib.MAX_WBITS)
+    walker = Walker(inflated, little=True)
+    at = 0
+    while at < len(inflated):
+        tag, vr, length, start = walker.header(at, implicit=False)
+        end = walker.after_value(start, length, vr == b"UN")
+        if tag in PIXEL_TAGS:  # signal, not text (burned-in text is the other gate's)
+            return b"".join((data[:pos], inflated[:at], b"\0", inflated[end:]))
+        at = end
+    return data[:pos] + inflated
 
 
 def _header_size(data: bytes) -> int:
