@@ -415,11 +415,11 @@ def test_recommended_profile_free_text_leaks(
 # --------------------------------------------------------------- 5. the gate's study cache
 
 
-def test_a_later_file_is_verified_against_the_first_files_values_only() -> None:
-    """The gate compiles a study's identifying values from its first file and reuses them
-    for every later file of the same study and patient. A later series acquired on another
-    day writes that day in its description: alone the file is held, after the first file it
-    leaves."""
+def test_a_later_file_is_verified_against_its_own_values_too() -> None:
+    """Was a leak: the gate compiled a study's identifying values from its first file and
+    reused them for every later file of the same study and patient. A later series acquired
+    on another day writes that day in its description: alone the file is held, and now also
+    after the first file (each file's values are added to the study's)."""
     first = _instance()
     later = _instance(
         SOPInstanceUID=UID_ROOT + "9111111.2",
@@ -435,6 +435,60 @@ def test_a_later_file_is_verified_against_the_first_files_values_only() -> None:
     exporter.export(_bytes(first))
     result = exporter.export(_bytes(later))
     assert _leaked(result, "16.03.2024") == []
+    assert isinstance(result, Held) and result.reason == "verification_failed"
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+     DeflatedExplicitVRLittleEndian],
+)  # fmt: skip
+def test_a_later_files_operator_is_hunted_in_every_syntax(syntax: str) -> None:
+    """The default profile: a later file's own person name (an operator the first file did
+    not name, in a sequence item) written in kept text is held, whatever its syntax."""
+    exporter = _exporter()
+    assert isinstance(exporter.export(_bytes(_instance(), syntax)), Exported)
+    later = _instance(
+        SOPInstanceUID=UID_ROOT + "9111111.2", WindowCenterWidthExplanation="KOWALSKI PIOTR"
+    )
+    item = Dataset()
+    item.PersonName = "KOWALSKI^PIOTR"
+    later.PersonIdentificationCodeSequence = Sequence([item])
+    later.OperatorIdentificationSequence = Sequence([item])
+    result = exporter.export(_bytes(later, syntax))
+    assert _leaked(result, "KOWALSKI") == []
+    assert isinstance(result, Held) and result.reason == "verification_failed"
+
+
+def test_files_with_the_study_s_values_reuse_its_compiled_search() -> None:
+    """The common case stays fast: a file whose names, IDs and dates the study has seen
+    (other UIDs, numbers and times) neither re-collects nor recompiles the study's values."""
+    exporter = _exporter()
+    assert isinstance(exporter.export(_bytes(_instance())), Exported)
+    (study,) = exporter._studies.values()
+    matcher = study.values.matcher((), exporter.allow_kinds)
+    for n in range(2, 5):
+        ds = _instance(SOPInstanceUID=f"{UID_ROOT}9111111.{n}", InstanceNumber=n,
+                       ContentTime=f"10151{n}", SliceLocation=n * 1.5)  # fmt: skip
+        assert isinstance(exporter.export(_bytes(ds)), Exported)
+    assert study.values.matcher((), exporter.allow_kinds) is matcher
+
+
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+def test_the_compared_texts_reach_into_sequences(syntax: str) -> None:
+    from engine.deid.study_texts import raw_texts
+
+    ds = _instance()
+    other = Dataset()
+    other.PatientID = "RTOTHER9"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    texts = raw_texts(_bytes(ds, syntax))
+    assert texts is not None
+    values = {bytes(v).rstrip(b"\0 ") for _, v in texts if isinstance(v, bytes)}
+    assert {b"RTOTHER9", PID.encode(), b"ROTHWELL^MARGARET"} <= values
+    assert not any(tag == 0x00080018 for tag, _ in texts)  # UIDs are searched per file
 
 
 # --------------------------------------------------------------- 6. the log of fiona anonymize

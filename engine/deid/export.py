@@ -12,11 +12,13 @@ call for every file. It returns either the de-identified bytes with their new UI
    are searched for the original identifying values; a hit is held as
    ``verification_failed`` with the element paths where they were found.
 
-Compiling a study's values into one search costs milliseconds, so it is done once per study
-and patient (the values of its first file) and kept for the next files; what differs from file
-to file, the instance's own UIDs and those it references, is searched for separately: every
-UID-shaped token of the original header that is not a UID the standard defines must not appear
-in the output header.
+Compiling a study's values into one search costs milliseconds, so it is kept per study and
+patient and compiled again only when a file brings a value the study's earlier files did not (a
+later series' date, operator or device); what differs from file to file, the instance's own
+UIDs and those it references, is searched for separately: every UID-shaped token of the
+original header that is not a UID the standard defines must not appear in the output header.
+A deflated data set is searched inflated; the preamble must be zeros and the file meta only
+what fiona writes.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from engine.deid.overlays import WANTED as OVERLAY_WANTED
 from engine.deid.overlays import EmbeddedOverlay, PixelBits, bits_of
 from engine.deid.pixels import CleanFailed, HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
+from engine.deid.study_texts import Texts, dataset_texts, raw_texts
 from engine.deid.verify import (
     KEPT_UID_KEYWORDS,
     IdentifyingValues,
+    LeakKind,
     ascii_fold,
     find_leaks,
     leak_reason,
@@ -107,7 +111,7 @@ class Exporter:
         for option in deidentifier.profile.options:
             allowed.update(OPTION_ALLOWS.get(option, ()))
         self.allow_kinds = frozenset(allowed)
-        self._studies: OrderedDict[tuple[str, str], IdentifyingValues] = OrderedDict()
+        self._studies: OrderedDict[tuple[str, str], _Study] = OrderedDict()
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
@@ -142,11 +146,14 @@ class Exporter:
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
             return result
-        held = self._verify(original, data[: result.source_header_size], result.header)
+        source_header = data[: result.source_header_size]
+        try:
+            values = self._study_values(original, source_header)
+        except Exception:
+            return Held(VERIFICATION_FAILED, "original header could not be read to verify")
+        held = self._verify(values, source_header, result.header)
         if held is None:
-            held = self._verify_pixel_text(
-                original, data, result.pixels, _syntax(scanned, original)
-            )
+            held = self._verify_pixel_text(values, result.pixels, _syntax(scanned, original))
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
@@ -208,27 +215,37 @@ class Exporter:
         return self.deid.finish_pixels(result, data, str(full.file_meta.TransferSyntaxUID))
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
-        """The identifying values of the file's study, compiled once per study and patient
-        (from the whole header of the study's first file)."""
+        """The identifying values of the file's study and patient so far: those of every file
+        of it seen yet, this one's included (a later series brings its own date, operator,
+        device...). Its UIDs are left out after the first file (:func:`_uid_leaks` searches
+        each file's own), so the compiled search is rebuilt only for a file with a new value."""
         key = (str(original.get("StudyInstanceUID", "")), str(original.get("PatientID", "")))
-        found = self._studies.get(key)
-        if found is None:
-            full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            found = self._studies[key] = IdentifyingValues.from_dataset(full)
+        study = self._studies.get(key)
+        texts = raw_texts(data)
+        if study is not None and texts is not None and texts <= study.texts:
+            self._studies.move_to_end(key)  # the common case: nothing new, nothing parsed
+            return study.values
+        full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if texts is None:  # deflated: compared as pydicom reads it
+            texts = dataset_texts(full)
+        if study is None:
+            study = self._studies[key] = _Study(IdentifyingValues.from_dataset(full), texts)
             if len(self._studies) > _STUDIES_KEPT:
                 self._studies.popitem(last=False)
-        else:
-            self._studies.move_to_end(key)
-        return found
+        elif not texts <= study.texts:
+            own = IdentifyingValues.from_dataset(full)
+            study.values.absorb(own, skip=(LeakKind.ORIGINAL_UID,))
+            study.texts |= texts
+        self._studies.move_to_end(key)
+        return study.values
 
     def _verify(
-        self, original: HeaderFields, source_header: bytes, out_header: bytes
+        self, values: IdentifyingValues, source_header: bytes, out_header: bytes
     ) -> Held | None:
-        """Search the output header for the original's identifying values (see the module)."""
+        """Search the output header for the study's identifying ``values`` (see the module)."""
         outside = _outside_data_set(out_header)
         if outside is not None:
             return outside
-        values = self._study_values(original, source_header)
         matcher = values.matcher((), self.allow_kinds)
         try:  # a deflated data set is searched inflated (the parsed checks read either)
             source_plain, out_plain = _searchable(source_header), _searchable(out_header)
@@ -294,7 +311,7 @@ class Exporter:
         return frozenset(kept)
 
     def _verify_pixel_text(
-        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview, syntax: str
+        self, values: IdentifyingValues, pixels: bytes | memoryview, syntax: str
     ) -> Held | None:
         """Search what is left of the comment and application segments of compressed frames
         (:func:`engine.deid.encapsulated.text_segments`) and of a video's user data
@@ -305,7 +322,6 @@ class Exporter:
         segments = user_data(pixels, syntax) if video else text_segments(pixels)
         if not segments:
             return None
-        values = self._study_values(original, data)
         matcher = values.matcher((), self.allow_kinds)
         kinds = sorted(
             {matcher.byte_kind(m.group()) for s in segments for m in matcher.bytes.finditer(s)}
@@ -315,6 +331,15 @@ class Exporter:
         part = "video user data" if video else "frame segment"
         where = ", ".join(f"PixelData {part} ({kind})" for kind in kinds)
         return Held(VERIFICATION_FAILED, f"original identifying values found in {where}")
+
+
+@dataclass
+class _Study:
+    """The identifying values of a study's files seen so far, and the raw text elements they
+    were collected from (a file with none new brings no new value)."""
+
+    values: IdentifyingValues
+    texts: Texts
 
 
 #: What the burned-in gate and the study cache read of an original (see :func:`gate_fields`).
