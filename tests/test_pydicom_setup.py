@@ -77,3 +77,54 @@ def test_entry_points_set_pydicom_up(module: str) -> None:
     )
     assert run.stdout.strip() == str(config.IGNORE)
     assert "19610203" not in run.stderr
+
+
+def test_fiona_serve_log_never_quotes_a_received_invalid_uid(
+    tmp_path: Path, storescu: str, empty_projects: Path
+) -> None:
+    """A received instance whose Series Instance UID embeds a birth date and an MRN (invalid:
+    a component with a leading zero) goes through routing and the anonymize step of a running
+    ``fiona serve``; its log never shows the UID."""
+    import os
+    import time
+
+    import yaml
+
+    from tests import synth
+    from tests.peers import FionaServer, nodelay_env
+
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"scan_interval_seconds": 0.5}))
+    key = empty_projects / "p.key"
+    key.write_bytes(os.urandom(40))
+    os.chmod(key, 0o600)
+    out = tmp_path / "out"
+    project = {
+        "name": "p",
+        "routing": {"calling_ae": ["MR1"]},
+        "completeness": {"study_quiet_seconds": 1},
+        "pipeline": [
+            {"step": "anonymize", "secret_file": "p.key"},
+            {"step": "copy", "to": str(out)},
+        ],
+    }
+    (empty_projects / "p.yaml").write_text(yaml.safe_dump(project))
+    spec = synth.make_study_spec(7)
+    [ds] = synth.make_study(spec, [synth.MR_SERIES["localizer"]], size=8)[:1]
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7.19610203.00123456"
+    [path] = synth.write_study([ds], tmp_path / "send")
+    server = FionaServer(tmp_path / "data", empty_projects, config=site).start()
+    try:
+        sent = subprocess.run(
+            [storescu, "-aet", "MR1", "-aec", "FIONA", "127.0.0.1", str(server.port), str(path)],
+            capture_output=True, text=True, timeout=120, env=nodelay_env(),
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(out.rglob("*.dcm")):
+            time.sleep(0.3)
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert any(out.rglob("*.dcm")), log
+    assert "19610203" not in log and "00123456" not in log
