@@ -151,7 +151,8 @@ class Exporter:
             values = self._study_values(original, source_header)
         except Exception:
             return Held(VERIFICATION_FAILED, "original header could not be read to verify")
-        held = self._verify(values, source_header, result.header)
+        # A walked file is not deflated (the walk cannot read one): searched as it is.
+        held = self._verify(values, source_header, result.header, walked=scanned is not None)
         if held is None:
             held = self._verify_pixel_text(values, result.pixels, _syntax(scanned, original))
         if held is not None:
@@ -240,17 +241,25 @@ class Exporter:
         return study.values
 
     def _verify(
-        self, values: IdentifyingValues, source_header: bytes, out_header: bytes
+        self,
+        values: IdentifyingValues,
+        source_header: bytes,
+        out_header: bytes,
+        *,
+        walked: bool = False,
     ) -> Held | None:
-        """Search the output header for the study's identifying ``values`` (see the module)."""
+        """Search the output header for the study's identifying ``values`` (see the module);
+        ``walked``: the original was walked, so neither it nor the output is deflated."""
         outside = _outside_data_set(out_header)
         if outside is not None:
             return outside
         matcher = values.matcher((), self.allow_kinds)
-        try:  # a deflated data set is searched inflated (the parsed checks read either)
-            source_plain, out_plain = _searchable(source_header), _searchable(out_header)
-        except (HeaderError, zlib.error):
-            return Held(VERIFICATION_FAILED, "output could not be inflated to verify it")
+        source_plain, out_plain = source_header, out_header
+        if not walked:  # a deflated data set is searched inflated (the parsed checks read either)
+            try:
+                source_plain, out_plain = _searchable(source_header), _searchable(out_header)
+            except zlib.error:
+                return Held(VERIFICATION_FAILED, "data set could not be inflated to verify it")
         leaks: list[object] = []
         if values.needs_decoding and not matcher.empty:  # compare in Unicode, not bytes
             try:
@@ -441,19 +450,25 @@ def _tag_text(tag: int) -> str:
 def _searchable(data: bytes) -> bytes:
     """What the byte scans search of a Part 10 file (or its header): as it is, but for a
     deflated one the preamble and meta followed by the inflated data set without its pixel
-    data element. Raises HeaderError or zlib.error when it cannot be read."""
-    pos, syntax = read_meta(data)
+    data element. Raises zlib.error when a deflated one cannot be inflated."""
+    try:
+        pos, syntax = read_meta(data)
+    except HeaderError:  # no meta to read: searched as it is
+        return data
     if syntax != DEFLATED:
         return data
     inflated = zlib.decompress(data[pos:], -zlib.MAX_WBITS)
     walker = Walker(inflated, little=True)
     at = 0
-    while at < len(inflated):
-        tag, vr, length, start = walker.header(at, implicit=False)
-        end = walker.after_value(start, length, vr == b"UN")
-        if tag in PIXEL_TAGS:  # signal, not text (burned-in text is the other gate's)
-            return b"".join((data[:pos], inflated[:at], b"\0", inflated[end:]))
-        at = end
+    try:
+        while at < len(inflated):
+            tag, vr, length, start = walker.header(at, implicit=False)
+            end = walker.after_value(start, length, vr == b"UN")
+            if tag in PIXEL_TAGS:  # signal, not text (burned-in text is the other gate's)
+                return b"".join((data[:pos], inflated[:at], b"\0", inflated[end:]))
+            at = end
+    except HeaderError:  # searched whole: more to search, never less
+        pass
     return data[:pos] + inflated
 
 
