@@ -267,6 +267,16 @@ def test_the_preamble_is_zeroed_when_a_pixel_rule_cleans_the_image() -> None:
     assert isinstance(result, Exported) and result.data[:128] == b"\0" * 128
 
 
+def test_the_dataset_writer_of_the_ocr_and_pixel_rule_paths_writes_a_zero_preamble() -> None:
+    """Exporter._deidentified writes what OCR blacked out (and what a pixel rule cleaned) from
+    a dataset read with its preamble: zeros are written."""
+    data = _bytes(_instance(), preamble=(f"{NAME} {PID}".encode() + b"\0" * 128)[:128])
+    full = pydicom.dcmread(io.BytesIO(data))
+    assert full.preamble[:8] == b"ROTHWELL"
+    result = _exporter()._deidentified(full, data, "", "")
+    assert result.header[:132] == b"\0" * 128 + b"DICM"
+
+
 def test_the_gate_holds_an_output_with_a_preamble_or_file_meta_it_did_not_write() -> None:
     """What lies outside the data set is checked on its own (the searches compare values, and
     a decoded comparison never sees the preamble): zeros, ``DICM`` and the rebuilt meta only."""
