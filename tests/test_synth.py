@@ -224,9 +224,13 @@ def test_bad_uid_and_missing(tmp_path: Path) -> None:
     assert "/" in str(bad.SOPInstanceUID) and ".." in str(bad.SOPInstanceUID)
     assert bad.file_meta.MediaStorageSOPInstanceUID == bad.SOPInstanceUID
     assert _valid_uid(ds.SOPInstanceUID)  # original untouched
-    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
-        back = pydicom.dcmread(write_dataset(bad, tmp_path / "bad.dcm"))
-        assert "/" in str(back.SOPInstanceUID)
+    back = pydicom.dcmread(write_dataset(bad, tmp_path / "bad.dcm"))
+    # fiona reads with pydicom's validation off (engine.dicom.pydicom_setup); strictly, invalid
+    strict = pydicom.config.strict_reading()
+    with strict, pytest.raises(ValueError, match="Invalid value for VR UI"):
+        _ = back.SOPInstanceUID
+    back = pydicom.dcmread(tmp_path / "bad.dcm")
+    assert "/" in str(back.SOPInstanceUID)
     other = dataset_with_bad_uid(ds, which="StudyInstanceUID", value="1.2.x")
     assert other.StudyInstanceUID == "1.2.x"
 

@@ -9,6 +9,7 @@ Public API::
     out_bytes = deid.deidentify_file(in_bytes)
 """
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
 from engine.deid.deidentifier import Deidentifier, Result
 from engine.deid.keys import (
     DateShifter,

@@ -13,7 +13,8 @@ Method Code Sequence (0012,0064) (CID 7050, scheme DCM) and Longitudinal Tempora
 Modified (0028,0303). The file meta is rebuilt: Media Storage SOP Class/Instance UID (0002,0002),
 (0002,0003) from the cleaned dataset, the same Transfer Syntax UID (0002,0010), fiona's
 Implementation Class UID (0002,0012) and Version Name (0002,0013); nothing else (no Source
-Application Entity Title (0002,0016), no private meta).
+Application Entity Title (0002,0016), no private meta). The 128-byte preamble is zeros on every
+path (the input's, application-defined, is never copied).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def _conformer() -> Conformer:
 #: The same Implementation Class UID (0002,0012) as the receiver (engine.net.dimse).
 IMPLEMENTATION_CLASS_UID = "2.25.21208680153880756234421539763416735043"
 IMPLEMENTATION_VERSION_NAME = f"FIONA_{__version__}"[:16]
+#: The preamble of every output file (PS3.10 7.1): the input's is never copied.
+ZERO_PREAMBLE = bytes(128)
 _LONGITUDINAL = {"full": "UNMODIFIED", "modified": "MODIFIED", "removed": "REMOVED"}
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _STUDY, _SERIES = 0x0020000D, 0x0020000E
@@ -230,6 +233,9 @@ class Deidentifier:
         meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         ds.file_meta = meta
+        # The 128-byte preamble is the writer's to fill (a TIFF header, say) and pydicom
+        # writes the one it read: an original's preamble could carry anything.
+        ds.preamble = ZERO_PREAMBLE
 
     # ------------------------------------------------------------------ files
 

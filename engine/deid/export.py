@@ -12,17 +12,20 @@ call for every file. It returns either the de-identified bytes with their new UI
    are searched for the original identifying values; a hit is held as
    ``verification_failed`` with the element paths where they were found.
 
-Compiling a study's values into one search costs milliseconds, so it is done once per study
-and patient (the values of its first file) and kept for the next files; what differs from file
-to file, the instance's own UIDs and those it references, is searched for separately: every
-UID-shaped token of the original header that is not a UID the standard defines must not appear
-in the output header.
+Compiling a study's values into one search costs milliseconds, so it is kept per study and
+patient and compiled again only when a file brings a value the study's earlier files did not (a
+later series' date, operator or device); what differs from file to file, the instance's own
+UIDs and those it references, is searched for separately: every UID-shaped token of the
+original header that is not a UID the standard defines must not appear in the output header.
+A deflated data set is searched inflated; the preamble must be zeros and the file meta only
+what fiona writes.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ from engine.deid.burned_in import (
     Verdict,
     check_burned_in,
 )
-from engine.deid.deidentifier import Deidentifier, Result
+from engine.deid.deidentifier import ZERO_PREAMBLE, Deidentifier, Result
 from engine.deid.encapsulated import BadBitstream, text_segments
 from engine.deid.keys import is_well_known_uid
 from engine.deid.ocr import ocr_pixels
@@ -47,9 +50,11 @@ from engine.deid.overlays import WANTED as OVERLAY_WANTED
 from engine.deid.overlays import EmbeddedOverlay, PixelBits, bits_of
 from engine.deid.pixels import CleanFailed, HeaderFields, PixelRuleSet, clean_pixels
 from engine.deid.rawfile import split_pixels
+from engine.deid.study_texts import Texts, dataset_texts, raw_texts
 from engine.deid.verify import (
     KEPT_UID_KEYWORDS,
     IdentifyingValues,
+    LeakKind,
     ascii_fold,
     find_leaks,
     leak_reason,
@@ -58,7 +63,7 @@ from engine.deid.video import VIDEO_SYNTAXES, user_data
 from engine.dicom.errors import HeaderError
 from engine.dicom.uids import is_valid_uid
 from engine.dicom.values import SPECIFIC_CHARACTER_SET, decode_fields
-from engine.dicom.walk import DEFLATED, Scan, scan
+from engine.dicom.walk import DEFLATED, PIXEL_TAGS, Scan, Walker, read_meta, scan
 
 #: Verification kinds a profile option deliberately keeps (PS3.15 option -> verify.LeakKind).
 OPTION_ALLOWS: dict[str, tuple[str, ...]] = {
@@ -106,7 +111,7 @@ class Exporter:
         for option in deidentifier.profile.options:
             allowed.update(OPTION_ALLOWS.get(option, ()))
         self.allow_kinds = frozenset(allowed)
-        self._studies: OrderedDict[tuple[str, str], IdentifyingValues] = OrderedDict()
+        self._studies: OrderedDict[tuple[str, str], _Study] = OrderedDict()
 
     def export(self, data: bytes, *, subject: str = "", event: str = "") -> Exported | Held:
         """De-identify one Part 10 file held in memory, or say why it is held."""
@@ -141,11 +146,15 @@ class Exporter:
             return Held("deidentification_failed", f"{type(exc).__name__} while de-identifying")
         if isinstance(result, Held):
             return result
-        held = self._verify(original, data[: result.source_header_size], result.header)
+        source_header = data[: result.source_header_size]
+        try:
+            values = self._study_values(original, source_header)
+        except Exception:
+            return Held(VERIFICATION_FAILED, "original header could not be read to verify")
+        # A walked file is not deflated (the walk cannot read one): searched as it is.
+        held = self._verify(values, source_header, result.header, walked=scanned is not None)
         if held is None:
-            held = self._verify_pixel_text(
-                original, data, result.pixels, _syntax(scanned, original)
-            )
+            held = self._verify_pixel_text(values, result.pixels, _syntax(scanned, original))
         if held is not None:
             return held
         uids = (result.study_uid, result.series_uid, result.sop_instance_uid)
@@ -207,25 +216,50 @@ class Exporter:
         return self.deid.finish_pixels(result, data, str(full.file_meta.TransferSyntaxUID))
 
     def _study_values(self, original: HeaderFields, data: bytes) -> IdentifyingValues:
-        """The identifying values of the file's study, compiled once per study and patient
-        (from the whole header of the study's first file)."""
+        """The identifying values of the file's study and patient so far: those of every file
+        of it seen yet, this one's included (a later series brings its own date, operator,
+        device...). Its UIDs are left out after the first file (:func:`_uid_leaks` searches
+        each file's own), so the compiled search is rebuilt only for a file with a new value."""
         key = (str(original.get("StudyInstanceUID", "")), str(original.get("PatientID", "")))
-        found = self._studies.get(key)
-        if found is None:
-            full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            found = self._studies[key] = IdentifyingValues.from_dataset(full)
+        study = self._studies.get(key)
+        texts = raw_texts(data)
+        if study is not None and texts is not None and texts <= study.texts:
+            self._studies.move_to_end(key)  # the common case: nothing new, nothing parsed
+            return study.values
+        full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if texts is None:  # deflated: compared as pydicom reads it
+            texts = dataset_texts(full)
+        if study is None:
+            study = self._studies[key] = _Study(IdentifyingValues.from_dataset(full), texts)
             if len(self._studies) > _STUDIES_KEPT:
                 self._studies.popitem(last=False)
-        else:
-            self._studies.move_to_end(key)
-        return found
+        elif not texts <= study.texts:
+            own = IdentifyingValues.from_dataset(full)
+            study.values.absorb(own, skip=(LeakKind.ORIGINAL_UID,))
+            study.texts |= texts
+        self._studies.move_to_end(key)
+        return study.values
 
     def _verify(
-        self, original: HeaderFields, source_header: bytes, out_header: bytes
+        self,
+        values: IdentifyingValues,
+        source_header: bytes,
+        out_header: bytes,
+        *,
+        walked: bool = False,
     ) -> Held | None:
-        """Search the output header for the original's identifying values (see the module)."""
-        values = self._study_values(original, source_header)
+        """Search the output header for the study's identifying ``values`` (see the module);
+        ``walked``: the original was walked, so neither it nor the output is deflated."""
+        outside = _outside_data_set(out_header)
+        if outside is not None:
+            return outside
         matcher = values.matcher((), self.allow_kinds)
+        source_plain, out_plain = source_header, out_header
+        if not walked:  # a deflated data set is searched inflated (the parsed checks read either)
+            try:
+                source_plain, out_plain = _searchable(source_header), _searchable(out_header)
+            except zlib.error:
+                return Held(VERIFICATION_FAILED, "data set could not be inflated to verify it")
         leaks: list[object] = []
         if values.needs_decoding and not matcher.empty:  # compare in Unicode, not bytes
             try:
@@ -236,19 +270,19 @@ class Exporter:
         elif not matcher.empty:
             leaks = [
                 _Leak(m.start(), matcher.byte_kind(m.group()))
-                for m in matcher.bytes.finditer(out_header)
+                for m in matcher.bytes.finditer(out_plain)
             ]
-            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_header)]
-            if not leaks and _LATIN_LETTER.search(out_header):  # accents: compare folded text
+            leaks += [_Leak(-1, f"{k}, digits") for k in matcher.digit_kinds(out_plain)]
+            if not leaks and _LATIN_LETTER.search(out_plain):  # accents: compare folded text
                 leaks = [
                     _Leak(m.start(), matcher.kind(m.group()))
-                    for text in _folded_texts(out_header)
+                    for text in _folded_texts(out_plain)
                     for m in matcher.text.finditer(text)
                 ]
         if not leaks and "original_uid" not in self.allow_kinds:
-            leaks = _uid_leaks(source_header, out_header)
+            leaks = _uid_leaks(source_plain, out_plain)
             if leaks:  # rare: UIDs the profile keeps on purpose are not leaks
-                leaks = _uid_leaks(source_header, out_header, self._kept_uids(source_header))
+                leaks = _uid_leaks(source_plain, out_plain, self._kept_uids(source_header))
         if not leaks:
             return None
         # Rare: name the element paths (the byte scans only know offsets).
@@ -286,7 +320,7 @@ class Exporter:
         return frozenset(kept)
 
     def _verify_pixel_text(
-        self, original: HeaderFields, data: bytes, pixels: bytes | memoryview, syntax: str
+        self, values: IdentifyingValues, pixels: bytes | memoryview, syntax: str
     ) -> Held | None:
         """Search what is left of the comment and application segments of compressed frames
         (:func:`engine.deid.encapsulated.text_segments`) and of a video's user data
@@ -297,7 +331,6 @@ class Exporter:
         segments = user_data(pixels, syntax) if video else text_segments(pixels)
         if not segments:
             return None
-        values = self._study_values(original, data)
         matcher = values.matcher((), self.allow_kinds)
         kinds = sorted(
             {matcher.byte_kind(m.group()) for s in segments for m in matcher.bytes.finditer(s)}
@@ -307,6 +340,15 @@ class Exporter:
         part = "video user data" if video else "frame segment"
         where = ", ".join(f"PixelData {part} ({kind})" for kind in kinds)
         return Held(VERIFICATION_FAILED, f"original identifying values found in {where}")
+
+
+@dataclass
+class _Study:
+    """The identifying values of a study's files seen so far, and the raw text elements they
+    were collected from (a file with none new brings no new value)."""
+
+    values: IdentifyingValues
+    texts: Texts
 
 
 #: What the burned-in gate and the study cache read of an original (see :func:`gate_fields`).
@@ -373,6 +415,61 @@ def _folded_texts(header: bytes) -> list[str]:
         ascii_fold("\0".join(p.decode(codec, "ignore") for p in parts), drop=True)
         for codec in ("latin-1", "utf-8")
     ]
+
+
+#: The file meta elements fiona writes (Deidentifier._rebuild_meta): group length, version,
+#: Media Storage SOP Class and Instance UID, Transfer Syntax UID, Implementation Class UID and
+#: Version Name.
+_OUTPUT_META = frozenset(
+    (0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+)
+
+
+def _outside_data_set(out_header: bytes) -> Held | None:
+    """Held unless what precedes the data set is what fiona writes: a zero preamble, ``DICM``
+    and only the rebuilt file meta elements (whose values the searches cover)."""
+    if out_header[:128] != ZERO_PREAMBLE or out_header[128:132] != b"DICM":
+        return Held(VERIFICATION_FAILED, "output preamble is not zeros")
+    walker = Walker(out_header, little=True)
+    pos = 132
+    try:
+        while out_header[pos : pos + 2] == b"\x02\x00":
+            tag, _, length, start = walker.header(pos, implicit=False)
+            if tag not in _OUTPUT_META:
+                return Held(VERIFICATION_FAILED, f"output file meta has {_tag_text(tag)}")
+            pos = walker.after_value(start, length, implicit=False)
+    except HeaderError:
+        return Held(VERIFICATION_FAILED, "output file meta could not be read to verify it")
+    return None
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _searchable(data: bytes) -> bytes:
+    """What the byte scans search of a Part 10 file (or its header): as it is, but for a
+    deflated one the preamble and meta followed by the inflated data set without its pixel
+    data element. Raises zlib.error when a deflated one cannot be inflated."""
+    try:
+        pos, syntax = read_meta(data)
+    except HeaderError:  # no meta to read: searched as it is
+        return data
+    if syntax != DEFLATED:
+        return data
+    inflated = zlib.decompress(data[pos:], -zlib.MAX_WBITS)
+    walker = Walker(inflated, little=True)
+    at = 0
+    try:
+        while at < len(inflated):
+            tag, vr, length, start = walker.header(at, implicit=False)
+            end = walker.after_value(start, length, vr == b"UN")
+            if tag in PIXEL_TAGS:  # signal, not text (burned-in text is the other gate's)
+                return b"".join((data[:pos], inflated[:at], b"\0", inflated[end:]))
+            at = end
+    except HeaderError:  # searched whole: more to search, never less
+        pass
+    return data[:pos] + inflated
 
 
 def _header_size(data: bytes) -> int:

@@ -463,6 +463,35 @@ class IdentifyingValues:
                     if len(v) >= _MIN_UID and v not in UID_dictionary:
                         self._put(LeakKind.ORIGINAL_UID, v)
 
+    def absorb(self, other: IdentifyingValues, skip: Collection[LeakKind] = ()) -> bool:
+        """Add ``other``'s values (those of another instance of the study), less the kinds in
+        ``skip``; whether any was new. The compiled searches are dropped only then, so a study
+        whose files share their values compiles once."""
+        new = False
+        for kind, tokens in other._tokens.items():
+            mine = self._tokens.setdefault(kind, set())
+            if kind not in skip and not tokens <= mine:
+                mine |= tokens
+                new = True
+        for kind, dates in other._compact_dates.items():
+            mine = self._compact_dates.setdefault(kind, set())
+            if kind not in skip and not dates <= mine:
+                mine |= dates
+                new = True
+        for run, kind in other._digits.items():
+            if kind not in skip and run not in self._digits:
+                self._digits[run] = kind
+                new = True
+        if not other._vocabulary <= self._vocabulary:
+            self._vocabulary |= other._vocabulary
+            new = True
+        if not other._encodings <= self._encodings:
+            self._encodings |= other._encodings
+            new = True
+        if new:
+            self._cache.clear()
+        return new
+
     def matcher(self, allow: Collection[str] = (), allow_kinds: Collection[str] = ()) -> _Matcher:
         """The compiled search for these values less the allowed ones (cached per allow set)."""
         key = (frozenset(a.upper() for a in allow), frozenset(str(k) for k in allow_kinds))

@@ -22,6 +22,8 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
+
 __all__ = ["DecodeFailed", "can_decode", "decompress", "is_compressed"]
 
 #: Syntaxes whose every image went through lossy compression, with the Lossy Image Compression

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.valuerep import VR
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
 from engine.dicom.errors import HeaderError
 from engine.dicom.values import dictionary_vr
 from engine.dicom.walk import (

@@ -17,6 +17,7 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.valuerep import PN_DELIMS, TEXT_VR_DELIMS
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
 from engine.dicom.walk import RawElement, Scan
 
 SPECIFIC_CHARACTER_SET = 0x00080005

@@ -33,6 +33,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
 from engine import metrics
 from engine.net.dimse import (
     C_STORE_RQ,

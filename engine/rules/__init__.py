@@ -22,6 +22,7 @@ Public API::
     RuleSetGroup({name: RuleSet}).matching(instance) -> dict[str, frozenset[str]]
 """
 
+import engine.dicom.pydicom_setup  # noqa: F401  (pydicom's settings: no value in any log)
 from engine.rules.attributes import SUMMARY_FIELDS
 from engine.rules.compiler import Rule, Source
 from engine.rules.instance import RuleInput
