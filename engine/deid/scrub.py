@@ -24,7 +24,13 @@ from collections.abc import Iterable
 
 from pydicom.datadict import tag_for_keyword
 
-from engine.deid.verify import date_spellings, name_words, place_words, spellings
+from engine.deid.verify import (
+    date_languages,
+    date_spellings,
+    name_words,
+    place_words,
+    spellings,
+)
 
 _DIGITS = r"\d{5,}"
 _SPLIT = re.compile(r"[\^=\\]+")
@@ -56,7 +62,7 @@ class Scrubber:
         self._regex = None
         if vr in ("DA", "DT"):
             for date in _SPLIT.split(value):
-                self._dates.update(f.lower() for f in date_spellings(date.strip()[:8]))
+                self._dates.update(_date_terms(date.strip()[:8], date_languages()))
         parts: Iterable[str] = _SPLIT.split(value)
         if vr == "PN":
             parts = [w for p in parts for w in [*p.split(), *name_words(p)]]
@@ -72,6 +78,13 @@ class Scrubber:
         if self._regex is None:
             self._regex = _compiled(frozenset(self._terms), frozenset(self._dates))
         return self._regex.sub("*", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _date_terms(value: str, languages: tuple[str, ...]) -> frozenset[str]:
+    """The renderings of one date in the gate's ``languages``, lower-case (the same dates
+    recur in every instance)."""
+    return frozenset(f.lower() for f in date_spellings(value))
 
 
 def _spelt(term: str) -> set[str]:

@@ -12,7 +12,10 @@ kind                values
 ==================  =========================================================================
 patient_name        PatientName as written (``DOE^JANE``), ``DOE JANE``, ``JANE DOE``,
                     ``DOE, JANE``; its family and given name alone when >= 3 characters and
-                    not a common particle or title (``VAN``, ``MRS``...). Middle names,
+                    not a common particle or title (``VAN``, ``MRS``...), split on hyphens
+                    and apostrophes and joined (``O'DONNELL``: ``DONNELL``, ``ODONNELL``);
+                    all of them also as typed on another keyboard (:func:`spellings`:
+                    ``MÜLLER`` as ``MUELLER``, ``MULLER``; ``MUELLER`` as ``MÜLLER``). Middle names,
                     prefixes and suffixes only as part of the whole name. Also
                     OtherPatientNames, PatientBirthName, PatientMotherBirthName (whole forms).
 person_name         every other PN value of the original (physicians, operators, observers,
@@ -23,7 +26,11 @@ accession_number    AccessionNumber; study_id: StudyID; other_id: admission, req
                     digits; placeholders (``ANONYMOUS``, ``UNKNOWN``...) are ignored.
 birth_date          PatientBirthDate as YYYYMMDD (also at the start of a DT) and as
                     YYYY-MM-DD, YYYY.MM.DD, YYYY/MM/DD, DD.MM.YYYY, DD/MM/YYYY, DD-MM-YYYY,
-                    MM/DD/YYYY. Only full, valid 8-digit dates count.
+                    MM/DD/YYYY, and written (:func:`_written_dates`: two-digit years, no
+                    leading zeros, YY-MM-DD, ordinal days, month names). Only full, valid
+                    8-digit dates count. Forms other than YYYYMMDD match as whole tokens
+                    (not after a digit or dot, not before a digit or a separator and digit),
+                    so ``1.2.14.03.24.5`` is no date.
 original_date       Study, Series, Acquisition and Content Date (and the date of
                     AcquisitionDateTime), rendered the same ways.
 original_uid        every UI value at any level that is not a well-known UID of the
@@ -31,9 +38,16 @@ original_uid        every UI value at any level that is not a well-known UID of 
                     implementation UIDs (they name software, not people); >= 10 characters.
                     A UID matches when not preceded or followed by a digit, so a kept UID
                     with the original as prefix (``<uid>.1``) is a hit too.
-institution         InstitutionName, InstitutionAddress (whole values, >= 4 characters).
+institution         InstitutionName, InstitutionAddress (whole values, >= 4 characters,
+                    and word by word: :func:`place_words`).
 device_serial       DeviceSerialNumber (>= 4 characters).
+patient_contact     Addresses, telephones and the like (whole values >= 6 characters, digit
+                    runs; addresses also word by word).
 ==================  =========================================================================
+
+Names, institution and address words made only of kept vocabulary (Manufacturer, model,
+software versions, Code Meanings of standard coding schemes: :data:`STANDARD_SCHEMES`) are
+not hunted; a local scheme's Code Meaning lends no words.
 
 Text tokens match on word boundaries (letters and digits); dates and UIDs on digit
 boundaries. All values of a study are compiled into one regular expression (a prefix trie per
@@ -509,7 +523,7 @@ class IdentifyingValues:
         folded = ascii_fold(token)
         if folded != token and folded.isascii():  # Latin letters only: kana keep their marks
             tokens.add(folded.upper())
-        if kind in _NAME_KINDS:  # names and places as typed on another keyboard too
+        if kind in _NAME_KINDS and "\u3000" not in token:  # as typed on other keyboards
             tokens.update(t for t in spellings(token) if len(t) >= 3)
         self._cache.clear()
 
