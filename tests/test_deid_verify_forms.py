@@ -53,6 +53,12 @@ def _comment(text: str, **more: object) -> Edit:
     return edit
 
 
+def _codes(scheme: str, meaning: str) -> list[Dataset]:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "C1", scheme, meaning
+    return [item]
+
+
 LEAKS = [
     ("folded_name", _comment("seen by Sorensen", PatientName="SØRENSEN^ÅSA"), "patient_name"),
     ("accented_name", _comment("Sørensen Åsa", PatientName="SORENSEN^ASA"), "patient_name"),
@@ -105,6 +111,12 @@ LEAKS = [
             CodingSchemeDesignator="SCT",
             CodeMeaning="Rothwell Margaret",
         ),
+        "patient_name",
+    ),
+    (
+        "removed_standard_code_meaning",
+        _comment("seen White", PatientName="WHITE^JOHN",
+                 ReasonForRequestedProcedureCodeSequence=_codes("SCT", "White matter lesion")),
         "patient_name",
     ),
     (
@@ -169,6 +181,11 @@ CLEAN = [
             CodingSchemeDesignator="SCT",
             CodeMeaning="White matter",
         ),
+    ),
+    (
+        "kept_standard_code_meaning_in_a_sequence",
+        _comment("White matter", PatientName="WHITE^JOHN",
+                 AnatomicRegionSequence=_codes("SCT", "White matter")),
     ),
     ("generic_place_words", _comment("Royal Lane Hospital", InstitutionName="ROYAL HOSPITAL")),
     ("short_numbers", _comment("TR 4500 TE 120 slice 12")),

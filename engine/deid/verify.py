@@ -47,7 +47,7 @@ patient_contact     Addresses, telephones and the like (whole values >= 6 charac
 
 Names, institution and address words made only of kept vocabulary (Manufacturer, model,
 software versions, Code Meanings of standard coding schemes: :data:`STANDARD_SCHEMES`) are
-not hunted; a local scheme's Code Meaning lends no words.
+not hunted; a local scheme's Code Meaning lends no words, nor one the basic profile removes.
 
 Text tokens match on word boundaries (letters and digits); dates and UIDs on digit
 boundaries. All values of a study are compiled into one regular expression (a prefix trie per
@@ -79,6 +79,8 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
 from engine.config.rulesets import rulesets_dir
+from engine.deid.ops import Op
+from engine.deid.profile import Profile, load_profile
 
 __all__ = [
     "ByteLeak",
@@ -594,13 +596,16 @@ class IdentifyingValues:
                         self._put(kind, word)
                         self._name_words.update(spellings(word))
 
-    def _walk(self, ds: Dataset) -> None:
+    def _walk(self, ds: Dataset, kept: bool = True) -> None:
+        """Collect the values of ``ds`` and its items; ``kept``: whether ``ds`` is still in
+        the output (as far as the basic profile tells, :func:`_kept`)."""
         for elem in ds:
             keyword = elem.keyword
             vr = elem.VR
             if vr == "SQ":
+                inner = kept and _kept(int(elem.tag), "SQ")
                 for item in elem.value or ():
-                    self._walk(item)
+                    self._walk(item, inner)
                 continue
             if keyword in _PLACES:
                 self._add_place(_PLACES[keyword], elem.value)
@@ -619,7 +624,8 @@ class IdentifyingValues:
                     self._vocabulary.update(w.upper() for w in _WORD.findall(v))
                     self._cache.clear()
             elif keyword == "CodeMeaning":
-                self._add_meaning(ds, elem.value)
+                if kept and _kept(int(elem.tag), str(vr)):  # a removed one exempts nothing
+                    self._add_meaning(ds, elem.value)
             elif vr == "UI" and keyword not in KEPT_UID_KEYWORDS and "ClassUID" not in keyword:
                 for v in _strings(elem.value):
                     v = v.strip().rstrip("\x00")
@@ -653,6 +659,25 @@ class IdentifyingValues:
         if found is None:
             found = self._cache[key] = _Matcher(self, *key)
         return found
+
+
+@functools.cache
+def _basic_profile() -> Profile:
+    return load_profile("basic")
+
+
+def _kept(tag: int, vr: str) -> bool:
+    """Whether the basic profile keeps element ``tag`` (or walks its items): the Code
+    Meanings of a sequence it removes lend the gate no vocabulary, so a name there does not
+    exempt the same name elsewhere. A project that keeps more (an option, an override) only
+    makes the gate stricter; private sequences count as removed."""
+    if tag & 0x10000:
+        return False
+    profile = _basic_profile()
+    op = profile.ops.get(tag)
+    if op is None:
+        op = profile.op(tag, vr)
+    return op in (Op.KEEP, Op.RECURSE, Op.CLEAN)
 
 
 def _strings(value: object) -> list[str]:
