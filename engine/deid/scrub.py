@@ -30,6 +30,7 @@ from engine.deid.verify import (
     name_words,
     place_words,
     spellings,
+    trie,
 )
 
 _DIGITS = r"\d{5,}"
@@ -52,6 +53,7 @@ class Scrubber:
         self._terms: set[str] = set()
         self._dates: set[str] = set()
         self._regex: re.Pattern[str] | None = None
+        self._date_regex: re.Pattern[str] | None = None
 
     def add(self, value: str, vr: str, tag: int = 0) -> None:
         """Remember ``value`` (of element ``tag`` with VR ``vr``, being removed or replaced)
@@ -60,9 +62,10 @@ class Scrubber:
         if not value:
             return
         self._regex = None
-        if vr in ("DA", "DT"):
+        if vr in ("DA", "DT"):  # its digits are a run of 5 or more: cut whatever the time
             for date in _SPLIT.split(value):
                 self._dates.update(_date_terms(date.strip()[:8], date_languages()))
+            return
         parts: Iterable[str] = _SPLIT.split(value)
         if vr == "PN":
             parts = [w for p in parts for w in [*p.split(), *name_words(p)]]
@@ -74,9 +77,12 @@ class Scrubber:
                 self._terms.update(t.lower() for t in _spelt(part) if len(t) >= 2)
 
     def clean(self, text: str) -> str:
-        """``text`` with every known term and long digit run replaced by ``*``."""
+        """``text`` with every known date, term and long digit run replaced by ``*``."""
         if self._regex is None:
-            self._regex = _compiled(frozenset(self._terms), frozenset(self._dates))
+            self._regex = _compiled(frozenset(self._terms))
+            self._date_regex = _compiled_dates(frozenset(self._dates)) if self._dates else None
+        if self._date_regex is not None:
+            text = self._date_regex.sub("*", text)
         return self._regex.sub("*", text)
 
 
@@ -96,15 +102,17 @@ def _spelt(term: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(terms: frozenset[str], dates: frozenset[str]) -> re.Pattern[str]:
-    """One expression for ``terms`` and ``dates`` (an instance's, often the same for every
-    instance of a series: compiled once)."""
-    alternatives = []
-    for term in sorted(terms | dates, key=len, reverse=True):
-        escaped = re.escape(term)
-        if term in dates:  # a whole date, not digits inside a longer number
-            alternatives.append(rf"(?<![0-9]){escaped}(?![0-9])")
-        else:  # short terms only as whole words, so 'LEE' does not eat 'SLEEP'
-            alternatives.append(escaped if len(term) > 4 else rf"(?<!\w){escaped}(?!\w)")
-    alternatives.append(_DIGITS)
-    return re.compile("|".join(alternatives), re.IGNORECASE)
+def _compiled(terms: frozenset[str]) -> re.Pattern[str]:
+    """One expression for ``terms`` (and long digit runs), factored as a prefix trie
+    (:func:`engine.deid.verify.trie`) so a text costs one pass whatever the number of terms.
+    Short terms only as whole words (``LEE`` does not eat ``SLEEP``)."""
+    words = {term: ("none", "none") if len(term) > 4 else ("word", "word") for term in terms}
+    pattern = trie(words) if words else "(?!)"
+    return re.compile(f"{pattern}|{_DIGITS}", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_dates(dates: frozenset[str]) -> re.Pattern[str]:
+    """One expression for the renderings of a few dates (hundreds of them: compiled once per
+    set, which is the same for the instances of a study), each not inside a longer number."""
+    return re.compile(trie(dict.fromkeys(dates, ("digit", "digit"))), re.IGNORECASE)

@@ -706,9 +706,9 @@ _TAIL = {
 _Node = dict[str, "_Node"]
 
 
-def _trie(words: dict[str, tuple[str, str]]) -> str:
-    """A regular expression matching any of ``words`` (token -> (lead, tail) boundary kind),
-    factored as a prefix trie.
+def trie(words: dict[str, tuple[str, str]]) -> str:
+    """A regular expression matching any of ``words`` (token -> (lead, tail) boundary kind:
+    ``word``, ``digit``, ``date`` or ``none``), factored as a prefix trie.
 
     Boundaries are asserted at the end of each token (the leading one as a fixed-width
     lookbehind), so the expression starts with literal characters and the regex engine can
@@ -727,7 +727,8 @@ def _trie(words: dict[str, tuple[str, str]]) -> str:
         ]
         if "" in node:  # a token ends here; longer tokens are tried first
             lead, tail = words[prefix]
-            alternatives.append(f"(?<!{_LEAD[lead]}[\\s\\S]{{{len(prefix)}}}){_TAIL[tail]}")
+            behind = "" if lead == "none" else f"(?<!{_LEAD[lead]}[\\s\\S]{{{len(prefix)}}})"
+            alternatives.append(behind + _TAIL[tail])
         return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
 
     return emit(root, "")
@@ -770,7 +771,7 @@ class _Matcher:
             if kind.value not in allow_kinds and run not in allowed
         }
         self.empty = not words and not self.digits
-        self._pattern = _trie(words) if words else "(?!)"
+        self._pattern = trie(words) if words else "(?!)"
         # Bytes: each token in UTF-8 and latin-1; non-ASCII ones also in lower and title case
         # (IGNORECASE on bytes folds ASCII only). Built as latin-1 text, then encoded.
         byte_words: dict[str, tuple[str, str]] = {}
@@ -781,7 +782,7 @@ class _Matcher:
                 for raw in _encoded(variant, values._encodings):
                     byte_words[raw.decode("latin-1")] = bounds
                     self.byte_kinds[raw.upper()] = self.kinds[token]
-        byte_pattern = _trie(byte_words) if byte_words else "(?!)"
+        byte_pattern = trie(byte_words) if byte_words else "(?!)"
         self.bytes = re.compile(byte_pattern.encode("latin-1"), re.IGNORECASE)
 
     # The text searches are compiled when first used: the common check of a written file
