@@ -698,7 +698,7 @@ _LEAD = {"word": "[A-Za-z0-9]", "digit": "[0-9]", "date": "[0-9.]"}
 _TAIL = {
     "word": "(?![A-Za-z0-9])",
     "digit": "(?![0-9])",
-    "date": "(?![0-9]|[-./][0-9])",
+    "date": "(?![-./]?[0-9])",
     "none": "",
 }
 
@@ -722,9 +722,15 @@ def trie(words: dict[str, tuple[str, str]]) -> str:
         node[""] = {}
 
     def emit(node: _Node, prefix: str) -> str:
-        alternatives = [
-            re.escape(ch) + emit(sub, prefix + ch) for ch, sub in sorted(node.items()) if ch
-        ]
+        alternatives = []
+        for ch, sub in sorted(node.items()):
+            if not ch:
+                continue
+            run = ch  # a chain of single children is one literal
+            while len(sub) == 1 and "" not in sub:
+                ((more, sub),) = sub.items()
+                run += more
+            alternatives.append(re.escape(run) + emit(sub, prefix + run))
         if "" in node:  # a token ends here; longer tokens are tried first
             lead, tail = words[prefix]
             behind = "" if lead == "none" else f"(?<!{_LEAD[lead]}[\\s\\S]{{{len(prefix)}}})"
