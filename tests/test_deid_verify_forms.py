@@ -53,6 +53,12 @@ def _comment(text: str, **more: object) -> Edit:
     return edit
 
 
+def _codes(scheme: str, meaning: str) -> list[Dataset]:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "C1", scheme, meaning
+    return [item]
+
+
 LEAKS = [
     ("folded_name", _comment("seen by Sorensen", PatientName="SØRENSEN^ÅSA"), "patient_name"),
     ("accented_name", _comment("Sørensen Åsa", PatientName="SORENSEN^ASA"), "patient_name"),
@@ -68,6 +74,51 @@ LEAKS = [
     ("address", _comment("lives at 12 ROSEBUD LANE, SPRINGFIELD"), "patient_contact"),
     ("telephone_digits", _comment("call 044-123-45-67"), "patient_contact"),
     ("mother_birth_name", _comment("mother Kowalska Marta"), "patient_name"),
+    ("name_spelt_out", _comment("MRT Mueller", PatientName="MÜLLER^JÜRGEN"), "patient_name"),
+    ("name_spelt_back", _comment("MRT Müller", PatientName="MUELLER^JUERGEN"), "patient_name"),
+    ("nordic_spelt_out", _comment("Soerensen", PatientName="SØRENSEN^ÅSE"), "patient_name"),
+    ("hyphen_part", _comment("Mrs Smythe", PatientName="ROTHWELL-SMYTHE^M"), "patient_name"),
+    ("apostrophe_joined", _comment("ODonnell FU", PatientName="O'DONNELL^S"), "patient_name"),
+    ("birth_ordinal", _comment("DOB 3rd April 1968"), "birth_date"),
+    ("birth_ordinal_month_first", _comment("born Apr 3rd, 1968"), "birth_date"),
+    ("birth_iso_unpadded", _comment("DOB 1968-4-3"), "birth_date"),
+    ("birth_yy_mm_dd", _comment("DOB 68-04-03"), "birth_date"),
+    ("study_two_digit_year", _comment("FU 14.03.24", StudyDate="20240314"), "original_date"),
+    ("study_month_name", _comment("on 14 Mar 2024", StudyDate="20240314"), "original_date"),
+    ("address_word", _comment("pt from Springfield"), "patient_contact"),
+    (
+        "institution_word",
+        _comment("ext from Kingsbridge", InstitutionName="KINGSBRIDGE ROYAL INFIRMARY"),
+        "institution",
+    ),
+    (
+        "local_code_meaning",
+        _comment(
+            "seen Rothwell",
+            PatientName="ROTHWELL^MARGARET",
+            CodeValue="MRB",
+            CodingSchemeDesignator="99RIS",
+            CodeMeaning="MR head Rothwell",
+        ),
+        "patient_name",
+    ),
+    (
+        "standard_designator_on_a_name",
+        _comment(
+            "Rothwell",
+            PatientName="ROTHWELL^MARGARET",
+            CodeValue="1",
+            CodingSchemeDesignator="SCT",
+            CodeMeaning="Rothwell Margaret",
+        ),
+        "patient_name",
+    ),
+    (
+        "removed_standard_code_meaning",
+        _comment("seen White", PatientName="WHITE^JOHN",
+                 ReasonForRequestedProcedureCodeSequence=_codes("SCT", "White matter lesion")),
+        "patient_name",
+    ),
     (
         "japanese_ideographic",
         _comment(
@@ -113,8 +164,30 @@ CLEAN = [
     ),
     (
         "code_meaning_word",
-        _comment("Brain", PatientName="BRAIN^QUINTUS", CodeMeaning="Brain"),
+        _comment(
+            "Brain",
+            PatientName="BRAIN^QUINTUS",
+            CodeValue="T-A0100",
+            CodingSchemeDesignator="SRT",
+            CodeMeaning="Brain",
+        ),
     ),
+    (
+        "standard_code_meaning_word",
+        _comment(
+            "White matter",
+            PatientName="WHITE^JOHN",
+            CodeValue="389080007",
+            CodingSchemeDesignator="SCT",
+            CodeMeaning="White matter",
+        ),
+    ),
+    (
+        "kept_standard_code_meaning_in_a_sequence",
+        _comment("White matter", PatientName="WHITE^JOHN",
+                 AnatomicRegionSequence=_codes("SCT", "White matter")),
+    ),
+    ("generic_place_words", _comment("Royal Lane Hospital", InstitutionName="ROYAL HOSPITAL")),
     ("short_numbers", _comment("TR 4500 TE 120 slice 12")),
     ("other_digits", _comment("ref 123-457")),
 ]
@@ -136,6 +209,16 @@ def test_a_private_coding_scheme_uid_the_profile_keeps_is_not_a_leak() -> None:
     result = _export(edit)
     assert isinstance(result, Exported), result
     assert b"1.2.826.0.1.3680043.99.1234.5" in result.data
+
+
+def test_a_short_date_form_matches_as_a_whole_token_only() -> None:
+    ds = Dataset()
+    ds.StudyDate = "20240314"
+    values = verify.IdentifyingValues.from_dataset(ds)
+    for text in ("1.2.14.03.24.5", "v14.03.245", "114.03.24", "14.03.24.1"):
+        assert verify.find_text_leaks([("x", text)], values) == [], text
+    for text in ("FU 14.03.24.", "(14/03/24)", "14-3-24 post-op", "2024-3-14"):
+        assert verify.find_text_leaks([("x", text)], values), text
 
 
 def test_folding_and_digit_runs() -> None:

@@ -234,7 +234,7 @@ class Cleaner:
             elif op in CHANGING and (vr in COLLECT_VRS or (vr == "UN" and tag & 0x10000)):
                 value = text_of(ds[tag].value)
                 if value.isprintable():
-                    scrubber.add(value, vr)
+                    scrubber.add(value, vr, tag)
 
 
 def start_run(ds: Dataset, subject: str = "", event: str = "") -> Run:

@@ -361,7 +361,7 @@ class _Walk:
             if op in CHANGING and (vr in COLLECT_VRS or (vr == "UN" and tag & 0x10000)):
                 text = self._text(tag, vr, value, charset, creators)
                 if text.isprintable():
-                    scrubber.add(text, vr)
+                    scrubber.add(text, vr, tag)
             pos = end
         return pos
 

@@ -12,7 +12,10 @@ kind                values
 ==================  =========================================================================
 patient_name        PatientName as written (``DOE^JANE``), ``DOE JANE``, ``JANE DOE``,
                     ``DOE, JANE``; its family and given name alone when >= 3 characters and
-                    not a common particle or title (``VAN``, ``MRS``...). Middle names,
+                    not a common particle or title (``VAN``, ``MRS``...), split on hyphens
+                    and apostrophes and joined (``O'DONNELL``: ``DONNELL``, ``ODONNELL``);
+                    all of them also as typed on another keyboard (:func:`spellings`:
+                    ``MÜLLER`` as ``MUELLER``, ``MULLER``; ``MUELLER`` as ``MÜLLER``). Middle names,
                     prefixes and suffixes only as part of the whole name. Also
                     OtherPatientNames, PatientBirthName, PatientMotherBirthName (whole forms).
 person_name         every other PN value of the original (physicians, operators, observers,
@@ -23,7 +26,11 @@ accession_number    AccessionNumber; study_id: StudyID; other_id: admission, req
                     digits; placeholders (``ANONYMOUS``, ``UNKNOWN``...) are ignored.
 birth_date          PatientBirthDate as YYYYMMDD (also at the start of a DT) and as
                     YYYY-MM-DD, YYYY.MM.DD, YYYY/MM/DD, DD.MM.YYYY, DD/MM/YYYY, DD-MM-YYYY,
-                    MM/DD/YYYY. Only full, valid 8-digit dates count.
+                    MM/DD/YYYY, and written (:func:`_written_dates`: two-digit years, no
+                    leading zeros, YY-MM-DD, ordinal days, month names). Only full, valid
+                    8-digit dates count. Forms other than YYYYMMDD match as whole tokens
+                    (not after a digit or dot, not before a digit or a separator and digit),
+                    so ``1.2.14.03.24.5`` is no date.
 original_date       Study, Series, Acquisition and Content Date (and the date of
                     AcquisitionDateTime), rendered the same ways.
 original_uid        every UI value at any level that is not a well-known UID of the
@@ -31,9 +38,16 @@ original_uid        every UI value at any level that is not a well-known UID of 
                     implementation UIDs (they name software, not people); >= 10 characters.
                     A UID matches when not preceded or followed by a digit, so a kept UID
                     with the original as prefix (``<uid>.1``) is a hit too.
-institution         InstitutionName, InstitutionAddress (whole values, >= 4 characters).
+institution         InstitutionName, InstitutionAddress (whole values, >= 4 characters,
+                    and word by word: :func:`place_words`).
 device_serial       DeviceSerialNumber (>= 4 characters).
+patient_contact     Addresses, telephones and the like (whole values >= 6 characters, digit
+                    runs; addresses also word by word).
 ==================  =========================================================================
+
+Names, institution and address words made only of kept vocabulary (Manufacturer, model,
+software versions, Code Meanings of standard coding schemes: :data:`STANDARD_SCHEMES`) are
+not hunted; a local scheme's Code Meaning lends no words, nor one the basic profile removes.
 
 Text tokens match on word boundaries (letters and digits); dates and UIDs on digit
 boundaries. All values of a study are compiled into one regular expression (a prefix trie per
@@ -65,6 +79,8 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
 from engine.config.rulesets import rulesets_dir
+from engine.deid.ops import Op
+from engine.deid.profile import Profile, load_profile
 
 __all__ = [
     "ByteLeak",
@@ -182,12 +198,24 @@ _MIN_DIGITS = 6
 #: A run of digits with separators between them (``-``, ``.``, ``/``, space, ``_``, brackets).
 _DIGIT_RUN = re.compile(r"[0-9](?:[-./ _()]*[0-9])*")
 _DIGIT_RUN_BYTES = re.compile(rb"[0-9](?:[-./ _()]*[0-9])*")
-#: Vocabulary kept on purpose (device and coded-concept words): a name or institution token
-#: made only of such words never counts as a leak (``SIEMENS`` as institution and manufacturer).
-_VOCABULARY = frozenset(
-    ("Manufacturer", "ManufacturerModelName", "CodeMeaning", "SoftwareVersions")
-)
-_NAME_KINDS = frozenset((LeakKind.PATIENT_NAME, LeakKind.PERSON_NAME, LeakKind.INSTITUTION))
+#: Vocabulary kept on purpose (device words): a name, institution or address token made only
+#: of such words, or of the words of a standard Code Meaning, never counts as a leak
+#: (``SIEMENS`` as institution and manufacturer, ``WHITE`` as a family name and in "White
+#: matter").
+_VOCABULARY = frozenset(("Manufacturer", "ManufacturerModelName", "SoftwareVersions"))
+#: Coding Scheme Designators of PS3.16 Table 8-1 (and their usual aliases) whose Code Meanings
+#: are dictionary text. Any other scheme (``99...``, ``L``, ``LOCAL``, a RIS's own) is local:
+#: its meanings are free text a site typed, and lend the gate no vocabulary.
+STANDARD_SCHEMES = frozenset((
+    "DCM", "SCT", "SRT", "SNM3", "LN", "UCUM", "RADLEX", "FMA", "NCIT", "MDC", "UMLS", "ACR",
+    "I9", "I9C", "I10", "I10P", "ICD10", "ICD10PCS", "ICD10CM", "ICD9CM", "NICIP", "C4", "C5",
+    "CD2", "HPC", "DC", "NEU", "UBERON", "MGI", "NCBI", "ITIS_TSN", "PUBCHEM_CID", "ISO639_1",
+    "ISO639_2", "ISO3166_1", "RFC5646", "RFC3066", "UNS", "UPC", "ATC", "RXNORM", "DCMUID",
+    "CHEBI", "HGNC", "NDC", "UNII", "SNOMED", "LOINC", "MSH", "MESH",
+))  # fmt: skip
+_NAME_KINDS = frozenset((
+    LeakKind.PATIENT_NAME, LeakKind.PERSON_NAME, LeakKind.INSTITUTION, LeakKind.PATIENT_CONTACT,
+))  # fmt: skip
 _WORD = re.compile(r"[^\W_]+")
 #: Letters NFKD does not take apart (ASCII folding beyond accents).
 _FOLD = str.maketrans({
@@ -241,11 +269,104 @@ def ascii_fold(text: str, drop: bool = False) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
+#: Transliterations a person writes for a letter their keyboard lacks (``Müller`` as
+#: ``Mueller``, ``Sørensen`` as ``Soerensen``), on upper-case text; and back (:func:`spellings`).
+_SPELL_OUT = str.maketrans({
+    "Ü": "UE", "Ö": "OE", "Ä": "AE", "Ø": "OE", "Å": "AA", "Æ": "AE", "ẞ": "SS", "ß": "SS",
+})  # fmt: skip
+_SPELL_IN = (
+    (("UE", "Ü"), ("OE", "Ö"), ("AE", "Ä"), ("AA", "Å")),
+    (("OE", "Ø"), ("AE", "Æ"), ("SS", "ß")),
+)
+
+
+def spellings(text: str) -> set[str]:
+    """``text`` (upper-cased) as it is also written: ASCII-folded (``MULLER``), with umlauts
+    and Nordic letters spelt out (``MUELLER``, ``SOERENSEN``, ``AASE``), and spelt back
+    (``MUELLER`` -> ``MÜLLER``, ``SOERENSEN`` -> ``SØRENSEN``), so a name typed on another
+    keyboard is still found."""
+    upper = text.upper()
+    out = {upper, upper.translate(_SPELL_OUT)}
+    for table in _SPELL_IN:
+        spelt = upper
+        for plain, letter in table:
+            spelt = spelt.replace(plain, letter)
+        out.add(spelt)
+    folded = {ascii_fold(v).upper() for v in out}
+    return out | {f for f in folded if f.isascii()}
+
+
+#: Words of an address or an institution's name that say what, not where or who: not hunted
+#: alone (English, German, French, Spanish, Italian, Dutch, Nordic).
+_PLACE_STOP = frozenset((
+    "STREET", "ROAD", "LANE", "AVENUE", "DRIVE", "PLACE", "COURT", "SQUARE", "CLOSE", "HOUSE",
+    "FLAT", "FLOOR", "SUITE", "BUILDING", "NORTH", "SOUTH", "EAST", "WEST", "UPPER", "LOWER",
+    "GREAT", "LITTLE", "SAINT", "PARK", "HILL", "GROVE", "GARDENS", "TERRACE", "CRESCENT",
+    "APARTMENT", "UNIT", "GATE", "WALK", "VIEW", "ROUTE", "HIGHWAY", "BOULEVARD", "MAIN",
+    "HOSPITAL", "HOSPITALS", "ROYAL", "UNIVERSITY", "CLINIC", "CLINICS", "CLINICAL", "CENTER",
+    "CENTRE", "MEDICAL", "MEDICINE", "HEALTH", "HEALTHCARE", "CARE", "GENERAL", "INFIRMARY",
+    "COUNTY", "CITY", "DISTRICT", "REGIONAL", "REGION", "NATIONAL", "INSTITUTE", "FOUNDATION",
+    "TRUST", "SERVICE", "SERVICES", "DEPARTMENT", "RADIOLOGY", "IMAGING", "DIAGNOSTIC",
+    "DIAGNOSTICS", "CHILDREN", "CHILDRENS", "WOMEN", "WOMENS", "MEMORIAL", "COMMUNITY",
+    "SCHOOL", "COLLEGE", "FACULTY", "TEACHING", "PRIVATE", "PRACTICE", "GROUP", "NETWORK",
+    "SYSTEM", "PARTNERS", "ASSOCIATES", "LIMITED", "RESEARCH", "SCIENCE", "SCIENCES",
+    "STRASSE", "STRAßE", "GASSE", "PLATZ", "ALLEE", "KLINIK", "KLINIKUM", "KLINIKEN",
+    "UNIVERSITÄT", "UNIVERSITAT", "UNIVERSITAETS", "UNIVERSITÄTS", "KRANKENHAUS", "SPITAL",
+    "ZENTRUM", "INSTITUT", "PRAXIS", "RADIOLOGIE", "ABTEILUNG", "HOPITAL", "HÔPITAL",
+    "CLINIQUE", "HOSPITALIER", "UNIVERSITAIRE", "AVENIDA", "CALLE", "CLINICA",
+    "CLÍNICA", "CENTRO", "HOSPITALARIO", "UNIVERSIDAD", "INSTITUTO", "OSPEDALE", "PIAZZA",
+    "POLICLINICO", "AZIENDA", "UNIVERSITÀ", "ZIEKENHUIS", "STRAAT", "PLEIN", "GATAN", "VÄGEN",
+    "VEIEN", "SYGEHUS", "SJUKHUS", "SYKEHUS", "SAIRAALA", "HOSPITALET", "UNIVERSITETS",
+))  # fmt: skip
+_MIN_PLACE_WORD = 4
+
+
+def place_words(value: str) -> list[str]:
+    """The distinctive words of an address or an institution's name (``Rosebud``,
+    ``Springfield`` of "12 Rosebud Lane, Springfield"): letters only, at least 4 of them, not
+    a generic word (:data:`_PLACE_STOP`) or a title or placeholder."""
+    words = []
+    for word in _WORD.findall(value):
+        upper = word.upper()
+        if len(word) < _MIN_PLACE_WORD or not word.isalpha():
+            continue
+        if upper in _PLACE_STOP or upper in _NAME_STOP or upper in _ID_STOP:
+            continue
+        words.append(word)
+    return words
+
+
+def name_words(component: str) -> list[str]:
+    """The words of one name component as hunted alone (>= 3 characters, not a particle or
+    title): split on spaces, commas, hyphens and apostrophes, and joined too (``O'DONNELL``
+    -> ``DONNELL``, ``ODONNELL``; ``ROTHWELL-SMYTHE`` -> ``ROTHWELL``, ``SMYTHE``,
+    ``ROTHWELLSMYTHE``)."""
+    out: list[str] = []
+    for chunk in re.split(r"[\s,]+", component.strip()):
+        pieces = [p for p in _NAME_JOINS.split(chunk) if p]
+        candidates = [*pieces, "".join(pieces)] if len(pieces) > 1 else pieces
+        for word in candidates:
+            if len(word) >= 3 and word.upper() not in _NAME_STOP and word not in out:
+                out.append(word)
+    return out
+
+
+_NAME_JOINS = re.compile(r"[-'\u2019\u2018`\u00b4.]+")
+
+
 def digit_run(text: str) -> str:
     """The digits of ``text`` in order, without leading zeros."""
     return "".join(c for c in text if c.isascii() and c.isdigit()).lstrip("0")
 
 
+#: Addresses and institution names, also hunted word by word (:func:`place_words`).
+_PLACES = {
+    "PatientAddress": LeakKind.PATIENT_CONTACT,
+    "PersonAddress": LeakKind.PATIENT_CONTACT,
+    "ReferringPhysicianAddress": LeakKind.PATIENT_CONTACT,
+    "InstitutionName": LeakKind.INSTITUTION,
+    "InstitutionAddress": LeakKind.INSTITUTION,
+}
 _DATES = {
     "PatientBirthDate": LeakKind.BIRTH_DATE,
     "StudyDate": LeakKind.ORIGINAL_DATE,
@@ -277,29 +398,55 @@ def _date_forms(value: str) -> list[tuple[str, bool]]:
     return [(text, True)] + [(s, False) for s in seps]
 
 
+def _ordinal(day: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``... ``11th``, ``21st``."""
+    if 10 <= day % 100 <= 20:
+        return f"{day}th"
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+    return f"{day}{suffix}"
+
+
 def _written_dates(value: str) -> list[str]:
-    """More written forms of a birth date: two-digit years (``03.04.68``, ``04/03/68``), no
-    leading zeros (``3.4.1968``), and month names (``3 Apr 1968``, ``03-APR-68``, ``April 3,
+    """More written forms of a date: two-digit years (``03.04.68``, ``04/03/68``,
+    ``68-04-03``), no leading zeros (``3.4.1968``, ``1968-4-3``), ordinal days, and month
+    names (``3 Apr 1968``, ``03-APR-68``, ``April 3, 1968``, ``3rd of April 1968``, ``Apr 3rd,
     1968``, ``3. april 1968``) in English and the :func:`date_languages`; [] unless a valid
     date."""
     if not _date_forms(value):
         return []
-    text = value.strip()[:8]
+    return sorted(_spelt_dates(value.strip()[:8], _date_languages))
+
+
+@functools.lru_cache(maxsize=256)
+def _spelt_dates(text: str, languages: tuple[str, ...]) -> frozenset[str]:
     y, m, d = text[:4], text[4:6], text[6:]
     yy, mn, dn = y[2:], str(int(m)), str(int(d))
     forms = set()
     for sep in ".-/":
         forms |= {f"{d}{sep}{m}{sep}{yy}", f"{dn}{sep}{mn}{sep}{y}", f"{dn}{sep}{mn}{sep}{yy}"}
+        forms |= {f"{y}{sep}{mn}{sep}{dn}", f"{yy}{sep}{m}{sep}{d}"}
     forms |= {f"{m}/{d}/{yy}", f"{mn}/{dn}/{y}", f"{mn}/{dn}/{yy}"}
     table = month_names()
-    names = set().union(*(table[code][int(m) - 1] for code in _date_languages))
+    names = set().union(*(table[code][int(m) - 1] for code in languages))
+    nth = _ordinal(int(d))
     for name in names:
         for day in {d, dn}:
             forms |= {f"{day} {name} {y}", f"{day}-{name}-{y}", f"{day}-{name}-{yy}"}
             forms |= {f"{day} {name} {yy}", f"{day}{name}{y}", f"{day}. {name} {y}"}
             forms |= {f"{day} {name}. {y}", f"{day}. {name}. {y}", f"{day} de {name} de {y}"}
-            forms |= {f"{name} {day}, {y}", f"{name} {day} {y}"}
-    return sorted(forms)
+            forms |= {f"{name} {day}, {y}", f"{name} {day} {y}", f"{day} {name}, {y}"}
+            forms |= {f"{name}. {day}, {y}", f"{name}. {day} {y}"}
+        forms |= {f"{nth} {name} {y}", f"{nth} {name}, {y}", f"{nth} of {name} {y}"}
+        forms |= {f"{nth} of {name}, {y}", f"{name} {nth}, {y}", f"{name} {nth} {y}"}
+        forms |= {f"{name}. {nth}, {y}", f"{nth} {name} {yy}", f"{nth} {name}. {y}"}
+    return frozenset(forms)
+
+
+def date_spellings(value: str) -> list[str]:
+    """Every rendering of one DA (or the date of a DT) the gate hunts: compact, separated
+    and written (:func:`_date_forms`, :func:`_written_dates`); [] unless a valid date. The
+    scrubber cuts the same ones (:mod:`engine.deid.scrub`)."""
+    return [form for form, _ in _date_forms(value)] + _written_dates(value)
 
 
 def _name_forms(value: str) -> list[str]:
@@ -333,7 +480,9 @@ class IdentifyingValues:
         self._tokens: dict[LeakKind, set[str]] = {}
         self._compact_dates: dict[LeakKind, set[str]] = {}
         self._digits: dict[str, LeakKind] = {}  # digit run -> kind
-        self._vocabulary: set[str] = set()  # upper-case words of kept vocabulary
+        self._vocabulary: set[str] = set()  # upper-case words of kept device vocabulary
+        self._meanings: set[frozenset[str]] = set()  # words of each standard Code Meaning
+        self._name_words: set[str] = set()  # the patient's name words, upper-case
         self._encodings: set[tuple[str, ...]] = set()  # Python codecs of the study's charsets
         self._cache: dict[tuple[frozenset[str], frozenset[str]], _Matcher] = {}
 
@@ -376,6 +525,8 @@ class IdentifyingValues:
         folded = ascii_fold(token)
         if folded != token and folded.isascii():  # Latin letters only: kana keep their marks
             tokens.add(folded.upper())
+        if kind in _NAME_KINDS and "\u3000" not in token:  # as typed on other keyboards
+            tokens.update(t for t in spellings(token) if len(t) >= 3)
         self._cache.clear()
 
     def _put_digits(self, kind: LeakKind, value: str) -> None:
@@ -414,15 +565,23 @@ class IdentifyingValues:
                 self._put(LeakKind.PATIENT_CONTACT, v)
             self._put_digits(LeakKind.PATIENT_CONTACT, v)
 
+    def _add_place(self, kind: LeakKind, value: object) -> None:
+        """An address or institution word by word (:func:`place_words`): "Rosebud Lane
+        Springfield" and "Kingsbridge" give the place away without the whole value."""
+        for v in _strings(value):
+            for word in place_words(v):
+                self._put(kind, word)
+
     def _add_date(self, kind: LeakKind, value: object) -> None:
+        """Every original date (birth, study, series, acquisition, content) in all its
+        renderings: a date a person types is as telling as the birth date."""
         for v in _strings(value):
             for form, compact in _date_forms(v):
                 self._put(kind, form)
                 if compact:
                     self._compact_dates.setdefault(kind, set()).add(form)
-            if kind is LeakKind.BIRTH_DATE:
-                for form in _written_dates(v):
-                    self._put(kind, form)
+            for form in _written_dates(v):
+                self._put(kind, form)
 
     def _add_name(self, kind: LeakKind, value: object, parts: bool) -> None:
         for v in _strings(value):
@@ -431,18 +590,25 @@ class IdentifyingValues:
                     self._put(kind, form)
             if parts:
                 groups = v.split("=")
-                words = [p for g in groups for p in g.split("^")[:2]]
-                for part in words:
-                    for word in re.split(r"[\s,]+", part.strip()):
-                        if len(word) >= 3 and word.upper() not in _NAME_STOP:
-                            self._put(kind, word)
+                components = [p for g in groups for p in g.split("^")[:2]]
+                for component in components:
+                    for word in name_words(component):
+                        self._put(kind, word)
+                        self._name_words.update(spellings(word))
 
-    def _walk(self, ds: Dataset) -> None:
-        for elem in ds.iterall():
+    def _walk(self, ds: Dataset, kept: bool = True) -> None:
+        """Collect the values of ``ds`` and its items; ``kept``: whether ``ds`` is still in
+        the output (as far as the basic profile tells, :func:`_kept`)."""
+        for elem in ds:
             keyword = elem.keyword
             vr = elem.VR
             if vr == "SQ":
+                inner = kept and _kept(int(elem.tag), "SQ")
+                for item in elem.value or ():
+                    self._walk(item, inner)
                 continue
+            if keyword in _PLACES:
+                self._add_place(_PLACES[keyword], elem.value)
             if keyword in _PATIENT_NAMES:
                 self._add_name(LeakKind.PATIENT_NAME, elem.value, _PATIENT_NAMES[keyword])
             elif vr == "PN":
@@ -457,11 +623,34 @@ class IdentifyingValues:
                 for v in _strings(elem.value):
                     self._vocabulary.update(w.upper() for w in _WORD.findall(v))
                     self._cache.clear()
+            elif keyword == "CodeMeaning":
+                if kept and _kept(int(elem.tag), str(vr)):  # a removed one exempts nothing
+                    self._add_meaning(ds, elem.value)
             elif vr == "UI" and keyword not in KEPT_UID_KEYWORDS and "ClassUID" not in keyword:
                 for v in _strings(elem.value):
                     v = v.strip().rstrip("\x00")
                     if len(v) >= _MIN_UID and v not in UID_dictionary:
                         self._put(LeakKind.ORIGINAL_UID, v)
+
+    def _add_meaning(self, item: Dataset, value: object) -> None:
+        """Remember the words of a Code Meaning of a standard coding scheme (dictionary text
+        the output keeps on purpose); a local scheme's meaning is free text and lends none."""
+        scheme = item.get("CodingSchemeDesignator")
+        if str(scheme or "").strip().upper() not in STANDARD_SCHEMES:
+            return
+        for v in _strings(value):
+            self._meanings.add(frozenset(w.upper() for w in _WORD.findall(v)))
+            self._cache.clear()
+
+    def vocabulary(self) -> set[str]:
+        """The words kept on purpose: device words, and the words of standard Code Meanings
+        except those that carry two or more of the patient's name words (a RIS that labels
+        its own codes with a standard designator)."""
+        words = set(self._vocabulary)
+        for meaning in self._meanings:
+            if len(meaning & self._name_words) < 2:
+                words |= meaning
+        return words
 
     def absorb(self, other: IdentifyingValues, skip: Collection[LeakKind] = ()) -> bool:
         """Add ``other``'s values (those of another instance of the study), less the kinds in
@@ -485,6 +674,12 @@ class IdentifyingValues:
         if not other._vocabulary <= self._vocabulary:
             self._vocabulary |= other._vocabulary
             new = True
+        if not other._meanings <= self._meanings:
+            self._meanings |= other._meanings
+            new = True
+        if not other._name_words <= self._name_words:  # a name word takes its meanings' words back
+            self._name_words |= other._name_words
+            new = True
         if not other._encodings <= self._encodings:
             self._encodings |= other._encodings
             new = True
@@ -501,6 +696,25 @@ class IdentifyingValues:
         return found
 
 
+@functools.cache
+def _basic_profile() -> Profile:
+    return load_profile("basic")
+
+
+def _kept(tag: int, vr: str) -> bool:
+    """Whether the basic profile keeps element ``tag`` (or walks its items): the Code
+    Meanings of a sequence it removes lend the gate no vocabulary, so a name there does not
+    exempt the same name elsewhere. A project that keeps more (an option, an override) only
+    makes the gate stricter; private sequences count as removed."""
+    if tag & 0x10000:
+        return False
+    profile = _basic_profile()
+    op = profile.ops.get(tag)
+    if op is None:
+        op = profile.op(tag, vr)
+    return op in (Op.KEEP, Op.RECURSE, Op.CLEAN)
+
+
 def _strings(value: object) -> list[str]:
     if value is None:
         return []
@@ -515,16 +729,21 @@ def _strings(value: object) -> list[str]:
 # --------------------------------------------------------------------------- matching
 
 
-_LEAD = {"word": "[A-Za-z0-9]", "digit": "[0-9]"}
-_TAIL = {"word": "(?![A-Za-z0-9])", "digit": "(?![0-9])", "none": ""}
+_LEAD = {"word": "[A-Za-z0-9]", "digit": "[0-9]", "date": "[0-9.]"}
+_TAIL = {
+    "word": "(?![A-Za-z0-9])",
+    "digit": "(?![0-9])",
+    "date": "(?![-./]?[0-9])",
+    "none": "",
+}
 
 
 _Node = dict[str, "_Node"]
 
 
-def _trie(words: dict[str, tuple[str, str]]) -> str:
-    """A regular expression matching any of ``words`` (token -> (lead, tail) boundary kind),
-    factored as a prefix trie.
+def trie(words: dict[str, tuple[str, str]]) -> str:
+    """A regular expression matching any of ``words`` (token -> (lead, tail) boundary kind:
+    ``word``, ``digit``, ``date`` or ``none``), factored as a prefix trie.
 
     Boundaries are asserted at the end of each token (the leading one as a fixed-width
     lookbehind), so the expression starts with literal characters and the regex engine can
@@ -538,12 +757,19 @@ def _trie(words: dict[str, tuple[str, str]]) -> str:
         node[""] = {}
 
     def emit(node: _Node, prefix: str) -> str:
-        alternatives = [
-            re.escape(ch) + emit(sub, prefix + ch) for ch, sub in sorted(node.items()) if ch
-        ]
+        alternatives = []
+        for ch, sub in sorted(node.items()):
+            if not ch:
+                continue
+            run = ch  # a chain of single children is one literal
+            while len(sub) == 1 and "" not in sub:
+                ((more, sub),) = sub.items()
+                run += more
+            alternatives.append(re.escape(run) + emit(sub, prefix + run))
         if "" in node:  # a token ends here; longer tokens are tried first
             lead, tail = words[prefix]
-            alternatives.append(f"(?<!{_LEAD[lead]}[\\s\\S]{{{len(prefix)}}}){_TAIL[tail]}")
+            behind = "" if lead == "none" else f"(?<!{_LEAD[lead]}[\\s\\S]{{{len(prefix)}}})"
+            alternatives.append(behind + _TAIL[tail])
         return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
 
     return emit(root, "")
@@ -557,10 +783,10 @@ class _Matcher:
     ) -> None:
         allowed = set(allow)
         for a in allow:  # an allowed date is allowed in every rendering
-            allowed |= {form.upper() for form, _ in _date_forms(a)}
+            allowed |= {form.upper() for form in date_spellings(a)}
         words: dict[str, tuple[str, str]] = {}
         self.kinds: dict[str, str] = {}
-        vocabulary = values._vocabulary
+        vocabulary = values.vocabulary()
         for kind, tokens in sorted(values._tokens.items()):
             if kind.value in allow_kinds:
                 continue
@@ -573,7 +799,10 @@ class _Matcher:
                 if kind is LeakKind.ORIGINAL_UID:
                     words[token] = ("digit", "digit")
                 elif kind in (LeakKind.BIRTH_DATE, LeakKind.ORIGINAL_DATE):
-                    words[token] = ("digit", "none" if token in compact else "digit")
+                    if token in compact:
+                        words[token] = ("digit", "none")
+                    else:  # a whole date: not inside a UID or version (1.2.14.03.24.5)
+                        words[token] = ("date" if token[0].isdigit() else "word", "date")
                 else:
                     words[token] = ("word", "word")
                 self.kinds[token] = kind.value
@@ -583,7 +812,7 @@ class _Matcher:
             if kind.value not in allow_kinds and run not in allowed
         }
         self.empty = not words and not self.digits
-        self._pattern = _trie(words) if words else "(?!)"
+        self._pattern = trie(words) if words else "(?!)"
         # Bytes: each token in UTF-8 and latin-1; non-ASCII ones also in lower and title case
         # (IGNORECASE on bytes folds ASCII only). Built as latin-1 text, then encoded.
         byte_words: dict[str, tuple[str, str]] = {}
@@ -594,7 +823,7 @@ class _Matcher:
                 for raw in _encoded(variant, values._encodings):
                     byte_words[raw.decode("latin-1")] = bounds
                     self.byte_kinds[raw.upper()] = self.kinds[token]
-        byte_pattern = _trie(byte_words) if byte_words else "(?!)"
+        byte_pattern = trie(byte_words) if byte_words else "(?!)"
         self.bytes = re.compile(byte_pattern.encode("latin-1"), re.IGNORECASE)
 
     # The text searches are compiled when first used: the common check of a written file
