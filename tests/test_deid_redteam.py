@@ -41,6 +41,7 @@ from pydicom.uid import (
 from engine.deid import Deidentifier, load_profile
 from engine.deid.export import Exported, Exporter, Held
 from engine.deid.pixels import load_pixel_rules
+from tests.deid_phi import _code
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"r" * 48
@@ -92,14 +93,6 @@ def _instance(**values: object) -> Dataset:
     return ds
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
 def _bytes(
     ds: Dataset, syntax: str = ExplicitVRLittleEndian, preamble: bytes | None = None
 ) -> bytes:
@@ -118,27 +111,15 @@ def _exporter(options: tuple[str, ...] = ()) -> Exporter:
 
 
 def _inflated(data: bytes) -> bytes:
-    """``data`` and, for a Deflated Explicit VR Little Endian file, its inflated data set."""
-    if len(data) < 132 or data[128:132] != b"DICM":
+    """``data`` and, for a Deflated Explicit VR Little Endian file, its inflated data set: the
+    file meta ends where its group length (0002,0000), the first element, says."""
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
         return data
-    pos, syntax = 132, b""
-    while pos + 8 <= len(data):
-        group, element = struct.unpack("<HH", data[pos : pos + 4])
-        if group != 0x0002:
-            break
-        vr = data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            (length,) = struct.unpack("<L", data[pos + 8 : pos + 12])
-            value = pos + 12
-        else:
-            (length,) = struct.unpack("<H", data[pos + 6 : pos + 8])
-            value = pos + 8
-        if element == 0x0010:
-            syntax = data[value : value + length].rstrip(b"\0 ")
-        pos = value + length
-    if syntax != DeflatedExplicitVRLittleEndian.encode():
+    (meta_length,) = struct.unpack("<L", data[140:144])
+    end = 144 + meta_length
+    if DeflatedExplicitVRLittleEndian.encode() not in data[132:end]:
         return data
-    return data + b"\n" + zlib.decompress(data[pos:], -zlib.MAX_WBITS)
+    return data + b"\n" + zlib.decompress(data[end:], -zlib.MAX_WBITS)
 
 
 def _forms(value: str) -> set[bytes]:

@@ -159,11 +159,7 @@ class RunStore:
                 " ON CONFLICT(study_uid, project, follow_up) DO NOTHING",
                 (study_uid, project, subject, event, follow_up, _json(list(series_uids)), now, now),
             )
-            row = db.execute(
-                "SELECT id FROM pipeline_runs WHERE study_uid=? AND project=? AND follow_up=?",
-                (study_uid, project, follow_up),
-            ).fetchone()
-        return int(row[0])
+            return _run_id(db, study_uid, project, follow_up)
 
     @staticmethod
     def add_next_run(
@@ -195,11 +191,7 @@ class RunStore:
             " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
             (study_uid, project, subject, event, follow_up, _json(list(series_uids)), now, now),
         )
-        row = db.execute(
-            "SELECT id FROM pipeline_runs WHERE study_uid=? AND project=? AND follow_up=?",
-            (study_uid, project, follow_up),
-        ).fetchone()
-        return int(row[0]), follow_up
+        return _run_id(db, study_uid, project, follow_up), follow_up
 
     def get(self, run_id: int) -> RunRecord | None:
         """One run, or None."""
@@ -496,3 +488,12 @@ class RunStore:
                     )
                 )
         return tuple(out)
+
+
+def _run_id(db: Connection, study_uid: str, project: str, follow_up: int) -> int:
+    """The id of the run of (study, project, follow-up), which exists."""
+    row = db.execute(
+        "SELECT id FROM pipeline_runs WHERE study_uid=? AND project=? AND follow_up=?",
+        (study_uid, project, follow_up),
+    ).fetchone()
+    return int(row[0])
