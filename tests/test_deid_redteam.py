@@ -48,6 +48,9 @@ SECRET = b"r" * 48
 #: The shipped example project's profile (projects/example.yaml), the one the README recommends.
 RECOMMENDED = ("clean_descriptors", "retain_longitudinal_modified_dates")
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
+#: The transfer syntaxes whose data set fiona reads and writes as such (not encapsulated).
+EVERY_SYNTAX = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                DeflatedExplicitVRLittleEndian]  # fmt: skip
 
 NAME = "ROTHWELL^MARGARET"
 PID = "RT123456"
@@ -165,11 +168,7 @@ def test_deflated_output_is_searched_by_the_verification_gate(syntax: str) -> No
     assert isinstance(result, Held) and result.reason == "verification_failed"
 
 
-@pytest.mark.parametrize(
-    "syntax",
-    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-     DeflatedExplicitVRLittleEndian],
-)  # fmt: skip
+@pytest.mark.parametrize("syntax", EVERY_SYNTAX)
 def test_an_original_uid_in_kept_text_is_held_in_every_syntax(syntax: str) -> None:
     """The gate's search for original UIDs reads the deflated original and output inflated."""
     ds = _instance(WindowCenterWidthExplanation=f"see {UID_ROOT}9222222")
@@ -433,11 +432,7 @@ def test_a_later_file_is_verified_against_its_own_values_too() -> None:
     assert isinstance(result, Held) and result.reason == "verification_failed"
 
 
-@pytest.mark.parametrize(
-    "syntax",
-    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-     DeflatedExplicitVRLittleEndian],
-)  # fmt: skip
+@pytest.mark.parametrize("syntax", EVERY_SYNTAX)
 def test_a_later_files_operator_is_hunted_in_every_syntax(syntax: str) -> None:
     """The default profile: a later file's own person name (an operator the first file did
     not name, in a sequence item) written in kept text is held, whatever its syntax."""
@@ -544,11 +539,7 @@ def test_the_byte_path_writes_a_zero_preamble(syntax: str, encoding: str) -> Non
     assert result.data[:128] == b"\0" * 128
 
 
-@pytest.mark.parametrize(
-    "syntax",
-    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-     DeflatedExplicitVRLittleEndian],
-)  # fmt: skip
+@pytest.mark.parametrize("syntax", EVERY_SYNTAX)
 def test_file_meta_identity_is_dropped_on_every_path(syntax: str) -> None:
     ds = _instance()
     ds.file_meta.SourceApplicationEntityTitle = "ROTHWELLPC"
