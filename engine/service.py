@@ -478,7 +478,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     signals.serve(scheduler, apply_reloads)
     log.info("shutting down")
-    # No new job runs from here on: a heartbeat would record the SCP we are stopping as down.
+    # No new job runs from here on: a heartbeat would record the SCP we are stopping as down;
+    # retrieval lanes stop after their current request (the worker listens for the pause).
     scheduler.pause()
     server.shutdown()
     scheduler.shutdown(wait=True)

@@ -127,8 +127,9 @@ class RetrieveWorker:
         local_now: Callable[[], dt.datetime] = dt.datetime.now,
         scheduler: Any = None,
     ) -> None:
-        """``scheduler``: the APScheduler that calls the job; its shutdown stops the lanes
-        (:meth:`close`) before the index is closed."""
+        """``scheduler``: the APScheduler that calls the job; its pause (the start of fiona
+        serve's stop) tells the lanes to stop, its shutdown waits for them (:meth:`close`)
+        before the index is closed."""
         self.site = site
         self.index = index
         self.archive = archive  # where C-GET files what it brings (C-MOVE: fiona's SCP)
@@ -144,8 +145,12 @@ class RetrieveWorker:
         self._lanes: list[tuple[str, threading.Thread]] = []  # (PACS name, lane)
         self._stop = threading.Event()
         if scheduler is not None:
-            from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN
+            from apscheduler.events import EVENT_SCHEDULER_PAUSED, EVENT_SCHEDULER_SHUTDOWN
 
+            # fiona serve pauses the scheduler first thing when it stops: lanes stop after
+            # their current request at once, not once the other jobs have finished (a lane
+            # would go on fetching rows meanwhile). Nothing else pauses it.
+            scheduler.add_listener(lambda _event: self._stop.set(), EVENT_SCHEDULER_PAUSED)
             scheduler.add_listener(lambda _event: self.close(), EVENT_SCHEDULER_SHUTDOWN)
         resumed = self.store.take_back_own()
         if resumed:
