@@ -13,10 +13,10 @@ data) and UIDs, which the gate searches for file by file.
 
 from __future__ import annotations
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from engine.dicom.errors import HeaderError
+from engine.dicom.values import dictionary_vr
 from engine.dicom.walk import (
     DEFLATED,
     EXPLICIT_BIG,
@@ -71,7 +71,7 @@ def _elements(walker: Walker, pos: int, end: int, implicit: bool, out: Texts, de
             return start
         if tag in PIXEL_TAGS:
             return end
-        vr = vr_bytes.decode("ascii") if vr_bytes else _dictionary_vr(tag)
+        vr = vr_bytes.decode("ascii") if vr_bytes else dictionary_vr(tag)
         if vr == "SQ" or length == UNDEFINED_LENGTH:
             pos = _items(walker, start, length, implicit or vr == "UN", out, depth + 1)
             continue
@@ -114,7 +114,7 @@ def dataset_texts(ds: Dataset) -> Texts:
     while stack:
         item = stack.pop()
         for tag, elem in item.items():
-            vr = elem.VR or _dictionary_vr(int(tag))
+            vr = elem.VR or dictionary_vr(int(tag))
             if vr == "SQ":
                 stack.extend(item[tag].value or ())
             elif vr not in NOT_COLLECTED:
@@ -122,9 +122,3 @@ def dataset_texts(ds: Dataset) -> Texts:
                 out.add((int(tag), value if isinstance(value, bytes) else str(value)))
     return out
 
-
-def _dictionary_vr(tag: int) -> str:
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
